@@ -1,0 +1,332 @@
+"""Header field values that are not addresses: Via, CSeq, parameters and scalars.
+
+RFC 3261 §25.1 allows linear white space around the separators of these fields (``/`` in the
+sent-protocol, ``;`` and ``=`` of parameters), which the torture tests of RFC 4475 §3.1.1.1
+exercise; the parsers here accept it and the serialisers write the compact canonical form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from sbc.sip.errors import ParseError
+
+Params = tuple[tuple[str, str | None], ...]
+
+# RFC 3261 §25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+# RFC 3261 §25.1: a generic-param value is a token, a host or a quoted string. Unquoted values
+# are accepted more loosely (any visible character but the separators ; , " < >) because peers
+# put '@' or '/' in them and rejecting a whole request for that helps nobody.
+_GEN_VALUE_RE = re.compile(r'[^\x00-\x20\x7f;,"<>]+')
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_\-.]*[A-Za-z0-9_.])?")
+_IPV6_RE = re.compile(r"\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._~\-]+)?\]")
+_LWS = " \t"
+
+MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less than 2**31.
+MAX_INT_HEADER = 2**32 - 1  # RFC 3261 §20.19/§20.14/§20.22: delta-seconds, octet counts.
+
+
+def is_token(text: str) -> bool:
+    """True when ``text`` is a non-empty RFC 3261 token."""
+    return _TOKEN_RE.fullmatch(text) is not None
+
+
+def quote_string(text: str) -> str:
+    """Wrap ``text`` in double quotes, escaping ``"`` and ``\\`` (RFC 3261 §25.1 quoted-pair)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unquote_string(text: str) -> str:
+    """Inverse of :func:`quote_string`; raises :class:`ParseError` when not one quoted string."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        raise ParseError(f"not a quoted string: {text!r}")
+    inner = text[1:-1]
+    if "\\" not in inner:
+        if '"' in inner:
+            raise ParseError(f"unescaped quote inside {text!r}")
+        return inner
+    out: list[str] = []
+    i = 0
+    n = len(inner)
+    while i < n:
+        ch = inner[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise ParseError(f"dangling backslash in {text!r}")
+            out.append(inner[i + 1])
+            i += 2
+            continue
+        if ch == '"':
+            raise ParseError(f"unescaped quote inside {text!r}")
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _split_semicolons(text: str) -> list[str]:
+    """Split at ``;`` outside double quotes."""
+    if '"' not in text:
+        return text.split(";")
+    parts: list[str] = []
+    start = 0
+    in_quotes = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if in_quotes:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_quotes = False
+        elif ch == '"':
+            in_quotes = True
+        elif ch == ";":
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    if in_quotes:
+        raise ParseError(f"unterminated quoted string in parameters {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def parse_params(text: str) -> Params:
+    """Parse ``;name=value;flag`` (a leading ``;`` optional; LWS around ``;`` and ``=``).
+
+    Values are kept as written, quoted strings with their quotes; valueless parameters get
+    ``None``. Empty parameters (``;;``), non-token names and malformed values raise ParseError.
+    """
+    text = text.strip(_LWS)
+    if not text:
+        return ()
+    if text[0] == ";":
+        text = text[1:]
+    out: list[tuple[str, str | None]] = []
+    for item in _split_semicolons(text):
+        name, eq, value = item.partition("=")
+        name = name.strip(_LWS)
+        if _TOKEN_RE.fullmatch(name) is None:
+            raise ParseError(f"bad parameter name {name!r}")
+        if not eq:
+            out.append((name, None))
+            continue
+        value = value.strip(_LWS)
+        if value.startswith('"'):
+            unquote_string(value)  # validates
+        elif _GEN_VALUE_RE.fullmatch(value) is None:
+            raise ParseError(f"bad value for parameter {name!r}: {value!r}")
+        out.append((name, value))
+    return tuple(out)
+
+
+def format_params(params: Params) -> str:
+    """``;name=value;flag`` for ``params`` (empty string for none)."""
+    return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+
+
+def _find(params: Params, name: str) -> int:
+    key = name.lower()
+    for i, (n, _) in enumerate(params):
+        if n.lower() == key:
+            return i
+    return -1
+
+
+def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> int:
+    """A non-negative decimal header value (Max-Forwards, Expires, Content-Length, Min-Expires).
+
+    Raises ParseError for anything but ASCII digits or for a value above ``maximum``
+    (RFC 4475 §3.1.2.4: overlarge scalars are malformed).
+    """
+    text = value.strip(_LWS)
+    if not (text.isascii() and text.isdigit()):
+        raise ParseError(f"{name}: not a non-negative integer: {value!r}")
+    # Leading zeros are legal (RFC 4475 §3.1.1.1 has "0068"); bound the length before int().
+    stripped = text.lstrip("0")
+    if len(stripped) > len(str(maximum)) or int(text) > maximum:
+        raise ParseError(f"{name}: value too large: {value!r}")
+    return int(text)
+
+
+def parse_host_port(text: str) -> tuple[str, int | None]:
+    """Split ``host[:port]`` (IPv6 references keep their brackets); validates both parts."""
+    if text.startswith("["):
+        end = text.find("]")
+        host = text[: end + 1]
+        if end < 0 or _IPV6_RE.fullmatch(host) is None:
+            raise ParseError(f"bad IPv6 reference in {text!r}")
+        rest = text[end + 1 :]
+        if not rest:
+            return host, None
+        if rest[0] != ":":
+            raise ParseError(f"junk after IPv6 reference in {text!r}")
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.partition(":")
+        if _HOSTNAME_RE.fullmatch(host) is None:
+            raise ParseError(f"bad host in {text!r}")
+        if not colon:
+            return host, None
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ParseError(f"bad port in {text!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ParseError(f"port out of range in {text!r}")
+    return host, port
+
+
+def format_host_port(host: str, port: int | None) -> str:
+    return host if port is None else f"{host}:{port}"
+
+
+# -- Via (RFC 3261 §20.42, §18.2.1) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """One Via element: ``SIP/2.0/<transport> <host>[:<port>];params``."""
+
+    transport: str
+    host: str
+    port: int | None = None
+    params: Params = ()
+
+    def param(self, name: str) -> str | None:
+        i = _find(self.params, name)
+        return None if i < 0 else self.params[i][1]
+
+    def has_param(self, name: str) -> bool:
+        return _find(self.params, name) >= 0
+
+    def with_param(self, name: str, value: str | None = None) -> Via:
+        """Set ``name`` (replacing an existing one in place, else appending)."""
+        i = _find(self.params, name)
+        if i < 0:
+            params = (*self.params, (name, value))
+        else:
+            params = (*self.params[:i], (self.params[i][0], value), *self.params[i + 1 :])
+        return dataclasses.replace(self, params=params)
+
+    def without_param(self, name: str) -> Via:
+        key = name.lower()
+        return dataclasses.replace(
+            self, params=tuple(p for p in self.params if p[0].lower() != key)
+        )
+
+    @property
+    def branch(self) -> str | None:
+        return self.param("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.param("received")
+
+    @property
+    def maddr(self) -> str | None:
+        return self.param("maddr")
+
+    @property
+    def has_rport(self) -> bool:
+        """True when ``rport`` is present, with or without value (RFC 3581 §3)."""
+        return self.has_param("rport")
+
+    @property
+    def rport(self) -> int | None:
+        """The ``rport`` value (RFC 3581 §4); None when absent or valueless."""
+        value = self.param("rport")
+        return None if value is None else parse_int_header(value, "rport", 65535)
+
+    @property
+    def ttl(self) -> int | None:
+        value = self.param("ttl")
+        return None if value is None else parse_int_header(value, "ttl", 255)
+
+    @property
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host, self.port
+
+    def __str__(self) -> str:
+        return f"SIP/2.0/{self.transport} {format_host_port(self.host, self.port)}" + (
+            format_params(self.params)
+        )
+
+
+def _check_via_params(params: Params) -> None:
+    for name, value in params:
+        key = name.lower()
+        if value is None:
+            continue
+        if key == "rport":
+            parse_int_header(value, "rport", 65535)
+        elif key == "ttl":
+            parse_int_header(value, "ttl", 255)
+
+
+def parse_via(text: str) -> Via:
+    """Parse one Via element (split a Via line with ``Headers.values`` first).
+
+    RFC 3261 §25.1 allows LWS around ``/`` (SLASH = SWS "/" SWS) and between the
+    sent-protocol and sent-by; RFC 4475 §3.1.1.1 uses both.
+    """
+    text = text.strip(_LWS)
+    if text.startswith("SIP/2.0/"):
+        # Fast path for the ordinary spelling.
+        rest = text[8:]
+        cut = 0
+        n = len(rest)
+        while cut < n and rest[cut] not in " \t":
+            cut += 1
+        transport = rest[:cut]
+        rest = rest[cut:]
+    else:
+        parts = text.split("/", 2)
+        if len(parts) != 3:
+            raise ParseError(f"bad Via sent-protocol in {text!r}")
+        name = parts[0].strip(_LWS)
+        version = parts[1].strip(_LWS)
+        if name.upper() != "SIP" or version != "2.0":
+            raise ParseError(f"unsupported Via protocol in {text!r}")
+        rest = parts[2].lstrip(_LWS)
+        cut = 0
+        n = len(rest)
+        while cut < n and rest[cut] not in " \t":
+            cut += 1
+        transport = rest[:cut]
+        rest = rest[cut:]
+    if _TOKEN_RE.fullmatch(transport) is None:
+        raise ParseError(f"bad Via transport in {text!r}")
+    if not rest or rest[0] not in " \t":
+        raise ParseError(f"missing sent-by in Via {text!r}")
+    rest = rest.lstrip(_LWS)
+    sent_by, semi, param_text = rest.partition(";")
+    host, port = parse_host_port(sent_by.rstrip(_LWS))
+    params = parse_params(param_text) if semi else ()
+    _check_via_params(params)
+    return Via(transport.upper(), host, port, params)
+
+
+# -- CSeq (RFC 3261 §20.16) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CSeq:
+    seq: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.method}"
+
+
+def parse_cseq(text: str) -> CSeq:
+    """Parse ``<seq> <method>``; seq must be below 2**31 (RFC 3261 §8.1.1.5)."""
+    parts = text.split()
+    if len(parts) != 2:
+        raise ParseError(f"bad CSeq {text!r}")
+    seq = parse_int_header(parts[0], "CSeq", MAX_CSEQ)
+    if _TOKEN_RE.fullmatch(parts[1]) is None:
+        raise ParseError(f"bad CSeq method {text!r}")
+    return CSeq(seq, parts[1])

@@ -1,0 +1,328 @@
+"""Ordered, case-insensitive, multi-valued SIP header fields (RFC 3261 §7.3).
+
+A :class:`Headers` is immutable: every change returns a new instance, so a message can be
+shared between a transaction and a dialog without copies going stale. Names are normalised on
+the way in: compact forms expand to their long names (RFC 3261 §7.3.3) and well-known names get
+their canonical spelling, so ``v``, ``VIA`` and ``Via`` are one header. Values are kept as the
+text that followed the colon, folded lines joined by one space and surrounding whitespace
+stripped; interpreting them is the job of the accessors in :mod:`sbc.sip.message`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+# RFC 3261 §7.3.3 and the IANA registry's compact forms.
+COMPACT_FORMS: dict[str, str] = {
+    "a": "Accept-Contact",
+    "b": "Referred-By",
+    "c": "Content-Type",
+    "d": "Request-Disposition",
+    "e": "Content-Encoding",
+    "f": "From",
+    "i": "Call-ID",
+    "j": "Reject-Contact",
+    "k": "Supported",
+    "l": "Content-Length",
+    "m": "Contact",
+    "n": "Identity-Info",
+    "o": "Event",
+    "r": "Refer-To",
+    "s": "Subject",
+    "t": "To",
+    "u": "Allow-Events",
+    "v": "Via",
+    "x": "Session-Expires",
+    "y": "Identity",
+}
+
+_CANONICAL_NAMES = (
+    "Accept",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Alert-Info",
+    "Allow",
+    "Allow-Events",
+    "Authentication-Info",
+    "Authorization",
+    "Call-ID",
+    "Call-Info",
+    "Contact",
+    "Content-Disposition",
+    "Content-Encoding",
+    "Content-Language",
+    "Content-Length",
+    "Content-Type",
+    "CSeq",
+    "Date",
+    "Error-Info",
+    "Event",
+    "Expires",
+    "From",
+    "In-Reply-To",
+    "Max-Forwards",
+    "Min-Expires",
+    "Min-SE",
+    "MIME-Version",
+    "Organization",
+    "P-Asserted-Identity",
+    "P-Preferred-Identity",
+    "Priority",
+    "Privacy",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Require",
+    "RAck",
+    "Reason",
+    "Record-Route",
+    "Refer-To",
+    "Referred-By",
+    "Remote-Party-ID",
+    "Replaces",
+    "Reply-To",
+    "Require",
+    "Retry-After",
+    "Route",
+    "RSeq",
+    "Server",
+    "Session-Expires",
+    "Subject",
+    "Subscription-State",
+    "Supported",
+    "Timestamp",
+    "To",
+    "Unsupported",
+    "User-Agent",
+    "Via",
+    "Warning",
+    "WWW-Authenticate",
+)
+_CANONICAL: dict[str, str] = {name.lower(): name for name in _CANONICAL_NAMES}
+_CANONICAL.update({short: long for short, long in COMPACT_FORMS.items()})
+
+# Headers whose grammar is a comma-separated list (RFC 3261 §7.3.1), so that several values on
+# one line mean the same as one value per line. Authorization-style headers are not lists.
+LIST_HEADERS = frozenset(
+    {
+        "Accept",
+        "Accept-Encoding",
+        "Accept-Language",
+        "Alert-Info",
+        "Allow",
+        "Allow-Events",
+        "Call-Info",
+        "Contact",
+        "Content-Encoding",
+        "Content-Language",
+        "Error-Info",
+        "In-Reply-To",
+        "P-Asserted-Identity",
+        "P-Preferred-Identity",
+        "Privacy",
+        "Proxy-Require",
+        "Reason",
+        "Record-Route",
+        "Reply-To",
+        "Require",
+        "Route",
+        "Supported",
+        "Unsupported",
+        "Via",
+        "Warning",
+    }
+)
+
+
+def canonical_name(name: str) -> str:
+    """The spelling a header is stored and written under (compact forms expanded)."""
+    return _CANONICAL.get(name.lower(), name)
+
+
+# Lookup keys (lower-cased canonical names) of the names callers ask for; bounded.
+_LOOKUP_KEYS: dict[str, str] = {}
+
+
+def _lookup_key(name: str) -> str:
+    key = _LOOKUP_KEYS.get(name)
+    if key is None:
+        key = canonical_name(name).lower()
+        if len(_LOOKUP_KEYS) < 1024:
+            _LOOKUP_KEYS[name] = key
+    return key
+
+
+def split_list(value: str) -> list[str]:
+    """Split a list header value at top-level commas.
+
+    Commas inside double quotes (with backslash escapes) or angle brackets do not split, so a
+    display name such as ``"Doe, John" <sip:j@x>`` stays whole. Empty elements are dropped.
+    """
+    if "," not in value:
+        stripped = value.strip()
+        return [stripped] if stripped else []
+    parts: list[str] = []
+    start = 0
+    in_quotes = False
+    in_angle = False
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if in_quotes:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_quotes = False
+        elif ch == '"':
+            in_quotes = True
+        elif ch == "<":
+            in_angle = True
+        elif ch == ">":
+            in_angle = False
+        elif ch == "," and not in_angle:
+            part = value[start:i].strip()
+            if part:
+                parts.append(part)
+            start = i + 1
+        i += 1
+    part = value[start:].strip()
+    if part:
+        parts.append(part)
+    return parts
+
+
+class Headers:
+    """An immutable ordered list of ``(name, value)`` pairs with case-insensitive lookup."""
+
+    __slots__ = ("_items", "_keys")
+
+    _items: tuple[tuple[str, str], ...]
+    _keys: tuple[str, ...] | None  # lower-cased names, computed on the first lookup
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items = tuple((canonical_name(name), value) for name, value in items)
+        self._keys = None
+
+    @classmethod
+    def _trusted(cls, items: tuple[tuple[str, str], ...]) -> Headers:
+        """Build from pairs whose names are already canonical (the parser's fast path)."""
+        obj = cls.__new__(cls)
+        obj._items = items
+        obj._keys = None
+        return obj
+
+    def _lower_keys(self) -> tuple[str, ...]:
+        keys = self._keys
+        if keys is None:
+            keys = tuple(n.lower() for n, _ in self._items)
+            self._keys = keys
+        return keys
+
+    # -- reading ---------------------------------------------------------------------------
+    def items(self) -> tuple[tuple[str, str], ...]:
+        return self._items
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        return _lookup_key(name) in self._lower_keys()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Headers):
+            return NotImplemented
+        return self._items == other._items
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self._items)!r})"
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The value of the first field called ``name``, or ``default``."""
+        try:
+            return self._items[self._lower_keys().index(_lookup_key(name))][1]
+        except ValueError:
+            return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every field line called ``name``, in order, each value as written (not split)."""
+        key = _lookup_key(name)
+        items = self._items
+        return [items[i][1] for i, k in enumerate(self._lower_keys()) if k == key]
+
+    def values(self, name: str) -> list[str]:
+        """Every element of a list header, across all its lines, split at top-level commas."""
+        out: list[str] = []
+        for v in self.get_all(name):
+            out.extend(split_list(v))
+        return out
+
+    def count(self, name: str) -> int:
+        return self._lower_keys().count(_lookup_key(name))
+
+    # -- changing (each returns a new Headers) ---------------------------------------------
+    def add(self, name: str, value: str) -> Headers:
+        """Append a field at the end."""
+        return Headers._trusted((*self._items, (canonical_name(name), value)))
+
+    def prepend(self, name: str, value: str) -> Headers:
+        """Insert a field before the first field of the same name (or at the top).
+
+        This is how a Via or Record-Route is pushed (RFC 3261 §16.6 step 8, §8.1.1.7).
+        """
+        cname = canonical_name(name)
+        key = cname.lower()
+        items = list(self._items)
+        for i, (n, _) in enumerate(items):
+            if n.lower() == key:
+                items.insert(i, (cname, value))
+                break
+        else:
+            items.insert(0, (cname, value))
+        return Headers._trusted(tuple(items))
+
+    def remove(self, name: str) -> Headers:
+        """Drop every field called ``name``."""
+        key = canonical_name(name).lower()
+        return Headers._trusted(tuple((n, v) for n, v in self._items if n.lower() != key))
+
+    def set(self, name: str, value: str) -> Headers:
+        """Replace every field called ``name`` by one, where the first of them stood."""
+        cname = canonical_name(name)
+        key = cname.lower()
+        items: list[tuple[str, str]] = []
+        placed = False
+        for n, v in self._items:
+            if n.lower() == key:
+                if not placed:
+                    items.append((cname, value))
+                    placed = True
+            else:
+                items.append((n, v))
+        if not placed:
+            items.append((cname, value))
+        return Headers._trusted(tuple(items))
+
+    def remove_first(self, name: str) -> Headers:
+        """Drop the first element of a list header (the top Via, say).
+
+        When the first line holds several comma-separated values only the first goes.
+        """
+        key = canonical_name(name).lower()
+        items = list(self._items)
+        for i, (n, v) in enumerate(items):
+            if n.lower() == key:
+                rest = split_list(v)[1:]
+                if rest:
+                    items[i] = (n, ", ".join(rest))
+                else:
+                    del items[i]
+                break
+        return Headers._trusted(tuple(items))

@@ -1,0 +1,304 @@
+"""Bytes to :class:`Request` / :class:`Response` (RFC 3261 §7, §18.3), without I/O.
+
+:func:`parse_message` takes one UDP datagram; :class:`StreamParser` frames messages out of a
+TCP or TLS byte stream by Content-Length. Only the start line (and the Request-URI) and the
+header framing are checked here; header values stay text, interpreted on demand by the
+accessors of :mod:`sbc.sip.message` and checked as a whole by :mod:`sbc.sip.validate`.
+
+Errors: malformed input raises :class:`ParseError` (400) and nothing else. A request whose
+SIP version is well-formed but not 2.0 parses (``Request.version`` holds it) so that the caller
+can answer it; :func:`sbc.sip.validate.validate_request` then raises ``VersionNotSupported``
+(505, RFC 4475 §3.1.2.16). Requests that frame correctly but carry malformed or semantically
+wrong fields (a bad From, a CSeq overflow, a missing Call-ID...) also parse, so that the shell
+holds a Request to answer 400 to; ``validate_request`` finds them.
+A ``SIP/...`` start line that is not a valid version is malformed.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sbc.sip.errors import MessageTooLarge, ParseError
+from sbc.sip.fields import parse_int_header
+from sbc.sip.headers import Headers, canonical_name
+from sbc.sip.message import SIP_VERSION, Request, Response
+from sbc.sip.uri import Uri, parse_uri
+
+Message = Request | Response
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_VERSION_RE = re.compile(r"SIP/[0-9]+\.[0-9]+", re.IGNORECASE)
+_CRLF = b"\r\n"
+_END_OF_HEAD = b"\r\n\r\n"
+
+DEFAULT_MAX_MESSAGE_SIZE = 16384
+
+# Raw header names as written (before the colon, trailing LWS included) mapped to their
+# canonical spelling once validated. Bounded so that hostile input cannot grow it forever.
+_NAME_CACHE: dict[str, str] = {}
+_NAME_CACHE_LIMIT = 1024
+
+
+def _header_name(raw: str) -> str:
+    cached = _NAME_CACHE.get(raw)
+    if cached is not None:
+        return cached
+    # RFC 3261 §7.3.1: LWS is allowed between the field name and the colon.
+    name = raw.rstrip(" \t")
+    if _TOKEN_RE.fullmatch(name) is None:
+        raise ParseError(f"bad header field name {raw!r}")
+    canonical = canonical_name(name)
+    if len(_NAME_CACHE) < _NAME_CACHE_LIMIT:
+        _NAME_CACHE[raw] = canonical
+    return canonical
+
+
+def _version(text: str) -> str:
+    if text == SIP_VERSION:
+        return text
+    if _VERSION_RE.fullmatch(text) is None:
+        raise ParseError(f"bad SIP version {text!r}")
+    return text.upper()
+
+
+class _Head:
+    """A parsed start line and header block, waiting for its body."""
+
+    __slots__ = ("content_lengths", "items", "method", "reason", "status", "uri", "version")
+
+    def __init__(self, text: str) -> None:
+        # RFC 3261 §7: lines end in CRLF; a bare CR or LF is malformed (and an injection risk).
+        n_crlf = text.count("\r\n")
+        if text.count("\n") != n_crlf or text.count("\r") != n_crlf:
+            raise ParseError("bare CR or LF in the header block")
+        lines = text.split("\r\n")
+        start = lines[0]
+        self.method: str = ""
+        self.uri: Uri | None = None
+        self.status: int = 0
+        self.reason: str = ""
+        self.version: str
+        if start[:4].upper() == "SIP/":
+            # RFC 3261 §7.2: Status-Line = SIP-Version SP Status-Code SP Reason-Phrase
+            parts = start.split(" ", 2)
+            if len(parts) < 2:
+                raise ParseError(f"bad status line {start!r}")
+            self.version = _version(parts[0])
+            code = parts[1]
+            # RFC 3261 §21: status codes run from 100 to 699 (RFC 4475 §3.1.2.19).
+            if len(code) != 3 or not (code.isascii() and code.isdigit()) or code[0] not in "123456":
+                raise ParseError(f"bad status code in {start!r}")
+            self.status = int(code)
+            self.reason = parts[2] if len(parts) == 3 else ""
+        else:
+            # RFC 3261 §7.1: Request-Line = Method SP Request-URI SP SIP-Version CRLF, with
+            # exactly one SP between elements (RFC 4475 §3.1.2.8-§3.1.2.10).
+            parts = start.split(" ")
+            if len(parts) != 3:
+                raise ParseError(f"bad request line {start!r}")
+            method, uri_text, version = parts
+            if _TOKEN_RE.fullmatch(method) is None:
+                raise ParseError(f"bad method in {start!r}")
+            self.method = method
+            self.version = _version(version)
+            self.uri = parse_uri(uri_text)
+        items: list[tuple[str, str]] = []
+        content_lengths: list[str] = []
+        for line in lines[1:]:
+            first = line[:1]
+            if first == " " or first == "\t":
+                # RFC 3261 §7.3.1: a line starting with LWS continues the previous field;
+                # the fold is replaced by a single space.
+                if not items:
+                    raise ParseError("continuation line before the first header field")
+                name, value = items[-1]
+                more = line.strip(" \t")
+                items[-1] = (name, f"{value} {more}" if value and more else value or more)
+                continue
+            raw, colon, value = line.partition(":")
+            if not colon:
+                raise ParseError(f"header line without colon: {line[:40]!r}")
+            items.append((_header_name(raw), value.strip(" \t")))
+        for name, value in items:
+            if name == "Content-Length":
+                content_lengths.append(value)
+        self.items = tuple(items)
+        self.content_lengths = content_lengths
+
+    def body_length(self) -> int | None:
+        """The declared body length; None when no Content-Length was given.
+
+        Several Content-Length fields that agree count as one; disagreeing ones raise (a
+        stream cannot be framed; for UDP the caller falls back, see :func:`parse_message`).
+        """
+        values = self.content_lengths
+        if not values:
+            return None
+        first = parse_int_header(values[0], "Content-Length")
+        for other in values[1:]:
+            if parse_int_header(other, "Content-Length") != first:
+                raise ParseError("conflicting Content-Length values")
+        return first
+
+    def build(self, body: bytes) -> Message:
+        headers = Headers._trusted(self.items)
+        if self.uri is not None:
+            return Request(self.method, self.uri, headers, body, self.version)
+        return Response(self.status, self.reason, headers, body, self.version)
+
+
+def _decode(head: bytes) -> str:
+    # RFC 3261 §7.3.1: header values are UTF-8; undecodable octets survive a round trip.
+    return head.decode("utf-8", "surrogateescape")
+
+
+def parse_message(data: bytes) -> Message:
+    """Parse one UDP datagram into a Request or Response.
+
+    Leading CRLFs are skipped (RFC 3261 §7.5). The body is exactly Content-Length octets;
+    octets beyond it are ignored (RFC 3261 §18.3, RFC 4475 §3.1.1.8). Without Content-Length,
+    or with several that disagree (left to :mod:`sbc.sip.validate` to answer 400, RFC 4475
+    §3.3.9), the body is the rest of the datagram. A Content-Length larger than the datagram
+    is malformed (RFC 3261 §18.3, RFC 4475 §3.1.2.2).
+    """
+    start = 0
+    while data.startswith(_CRLF, start):
+        start += 2
+    end = data.find(_END_OF_HEAD, start)
+    if end < 0:
+        raise ParseError("no empty line after the header fields")
+    head = _Head(_decode(data[start:end]))
+    body_start = end + 4
+    try:
+        length = head.body_length()
+    except ParseError:
+        if len(head.content_lengths) < 2:
+            raise
+        length = None
+        for value in head.content_lengths:
+            parse_int_header(value, "Content-Length")
+    if length is None:
+        return head.build(data[body_start:])
+    if body_start + length > len(data):
+        raise ParseError("Content-Length larger than the datagram")
+    return head.build(data[body_start : body_start + length])
+
+
+class StreamParser:
+    """Frames SIP messages out of a TCP/TLS byte stream (RFC 3261 §18.3).
+
+    :meth:`feed` accepts any chunking and returns the messages completed by that chunk.
+    Content-Length is mandatory on streams; a message larger than ``max_message_size`` raises
+    :class:`MessageTooLarge` (513). CRLFs between messages are skipped; each double CRLF is a
+    keep-alive ping (RFC 5626 §4.4.1) that the transport answers with a single CRLF pong: see
+    :attr:`pings_received` and :meth:`take_pongs`.
+
+    After :meth:`feed` raised (ParseError or MessageTooLarge) the stream cannot be resynchronised
+    and every further call raises again: the transport must close the connection.
+    """
+
+    __slots__ = (
+        "_broken",
+        "_buf",
+        "_crlf_run",
+        "_head",
+        "_head_end",
+        "_pongs_due",
+        "_scan_from",
+        "_total",
+        "max_message_size",
+        "pings_received",
+    )
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.max_message_size = max_message_size
+        self.pings_received = 0
+        self._buf = bytearray()
+        self._broken: ParseError | MessageTooLarge | None = None
+        self._crlf_run = 0  # CRLFs seen since the last message or ping
+        self._head: _Head | None = None
+        self._head_end = 0
+        self._total = 0
+        self._scan_from = 0
+        self._pongs_due = 0
+
+    @property
+    def buffered(self) -> int:
+        """Octets received and not yet returned as part of a message."""
+        return len(self._buf)
+
+    @property
+    def in_message(self) -> bool:
+        """True while part of a message has been received (the transport's read deadline)."""
+        return self._head is not None or (len(self._buf) > 0 and self._buf != b"\r")
+
+    def take_pongs(self) -> int:
+        """Number of CRLF pongs owed for pings received since the last call; resets it."""
+        due = self._pongs_due
+        self._pongs_due = 0
+        return due
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self._broken is not None:
+            raise type(self._broken)(f"stream unusable after an earlier error: {self._broken}")
+        self._buf += data
+        out: list[Message] = []
+        try:
+            while True:
+                msg = self._next()
+                if msg is None:
+                    return out
+                out.append(msg)
+        except (ParseError, MessageTooLarge) as exc:
+            self._broken = exc
+            raise
+
+    def _skip_crlfs(self) -> None:
+        buf = self._buf
+        i = 0
+        n = len(buf)
+        while i + 1 < n and buf[i] == 13 and buf[i + 1] == 10:
+            i += 2
+            self._crlf_run += 1
+            if self._crlf_run == 2:
+                # RFC 5626 §4.4.1: CRLFCRLF is a ping, answered by a CRLF pong.
+                self.pings_received += 1
+                self._pongs_due += 1
+                self._crlf_run = 0
+        if i:
+            del buf[:i]
+
+    def _next(self) -> Message | None:
+        buf = self._buf
+        if self._head is None:
+            self._skip_crlfs()
+            if not buf or buf == b"\r":
+                return None
+            self._crlf_run = 0
+            end = buf.find(_END_OF_HEAD, self._scan_from)
+            if end < 0:
+                if len(buf) > self.max_message_size:
+                    raise MessageTooLarge("header block exceeds the message size limit")
+                self._scan_from = max(0, len(buf) - 3)
+                return None
+            if end + 4 > self.max_message_size:
+                raise MessageTooLarge("header block exceeds the message size limit")
+            head = _Head(_decode(bytes(buf[:end])))
+            length = head.body_length()
+            if length is None:
+                # RFC 3261 §18.3: Content-Length MUST be used with stream transports.
+                raise ParseError("missing Content-Length on a stream transport")
+            total = end + 4 + length
+            if total > self.max_message_size:
+                raise MessageTooLarge(f"message of {total} octets exceeds the limit")
+            self._head = head
+            self._head_end = end + 4
+            self._total = total
+            self._scan_from = 0
+        if len(buf) < self._total:
+            return None
+        body = bytes(buf[self._head_end : self._total])
+        msg = self._head.build(body)
+        del buf[: self._total]
+        self._head = None
+        return msg

@@ -1,0 +1,41 @@
+"""Request / Response to bytes (RFC 3261 §7).
+
+Headers are written in order under their canonical names (``Headers`` stores them so) as
+``Name: value``. ``Content-Length`` is always recomputed from the body: it replaces the first
+given Content-Length where it stood (others are dropped), or is appended after the last header.
+Values are never folded. A CR or LF inside a start line, name or value raises ``ValueError``:
+that is a bug in whoever built the message (header injection), not a protocol error.
+"""
+
+from __future__ import annotations
+
+from sbc.sip.message import Request, Response
+
+Message = Request | Response
+
+
+def serialize(msg: Message) -> bytes:
+    if isinstance(msg, Request):
+        lines = [f"{msg.method} {msg.uri} {msg.version}"]
+    else:
+        lines = [f"{msg.version} {msg.status:03d} {msg.reason}"]
+    body = msg.body
+    length_line = f"Content-Length: {len(body)}"
+    placed = False
+    append = lines.append
+    for name, value in msg.headers.items():
+        if name == "Content-Length":
+            if not placed:
+                append(length_line)
+                placed = True
+            continue
+        append(f"{name}: {value}")
+    if not placed:
+        append(length_line)
+    append("")
+    append("")
+    text = "\r\n".join(lines)
+    n_breaks = len(lines) - 1
+    if text.count("\n") != n_breaks or text.count("\r") != n_breaks:
+        raise ValueError("CR or LF inside a start line, header name or header value")
+    return text.encode("utf-8", "surrogateescape") + body

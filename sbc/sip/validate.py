@@ -1,0 +1,238 @@
+"""Semantic checks of a parsed message, raising the error a UAS answers with (RFC 3261 §8.2).
+
+The parser checks framing only; these functions read the fields an element relies on (Via,
+From, To, Call-ID, CSeq, Max-Forwards, Contact, Route...) and raise the :class:`SipError`
+whose ``status`` (and ``headers``) the shell turns into the response. The order of the checks
+follows RFC 3261 §8.2 (version, then header inspection, Request-URI, extensions, content).
+
+Responses are only checked for being usable (RFC 3261 §18.1.2); whether the top Via's sent-by
+is ours (RFC 4475 §3.3.10, broadcast Via) is the transaction layer's decision, since only it
+knows the addresses it sent from.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sbc.sip.errors import (
+    BadExtension,
+    BadRequest,
+    NotAcceptable,
+    ParseError,
+    SipError,
+    TooManyHops,
+    UnsupportedMediaType,
+    UnsupportedUriScheme,
+    VersionNotSupported,
+)
+from sbc.sip.fields import is_token, parse_cseq, parse_int_header, parse_via
+from sbc.sip.headers import Headers, split_list
+from sbc.sip.message import SIP_VERSION, Request, Response
+from sbc.sip.uri import SipUri, is_wildcard_contact, parse_name_addr, parse_name_addr_list
+
+DEFAULT_SUPPORTED: frozenset[str] = frozenset({"replaces", "timer"})
+DEFAULT_ACCEPT: frozenset[str] = frozenset({"application/sdp"})
+DEFAULT_URI_SCHEMES: frozenset[str] = frozenset({"sip", "sips"})
+
+# RFC 3261 §8.1.1: every request carries these.
+_MANDATORY = ("To", "From", "Call-ID", "CSeq", "Via")
+# RFC 3261 §7.3.1 / RFC 4475 §3.3.8: fields that may appear at most once.
+_SINGLE_VALUE = (
+    "From",
+    "To",
+    "Call-ID",
+    "CSeq",
+    "Max-Forwards",
+    "Content-Length",
+    "Content-Type",
+)
+_ADDRESS_LISTS = ("Route", "Record-Route")
+# RFC 3261 §20.17 / RFC 1123: Date uses GMT only (RFC 4475 §3.1.2.12).
+_DATE_RE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} "
+    r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [0-9]{4} "
+    r"[0-9]{2}:[0-9]{2}:[0-9]{2} GMT"
+)
+# RFC 3261 §8.2.2.3: Require is not checked on these (ACK cannot be answered; CANCEL has none).
+_NO_REQUIRE_CHECK = frozenset({"ACK", "CANCEL"})
+
+
+def _check_single_values(headers: Headers, error: type[SipError]) -> None:
+    for name in _SINGLE_VALUE:
+        lines = headers.get_all(name)
+        if len(lines) > 1:
+            raise error(f"several {name} header fields")
+        if lines and name in ("From", "To", "Content-Type") and len(split_list(lines[0])) > 1:
+            raise error(f"several values in {name}")
+
+
+def _check_common(headers: Headers, error: type[SipError]) -> None:
+    """Fields shared by requests and responses; ParseError from the field parsers is 400."""
+    for name in _MANDATORY:
+        if name not in headers:
+            raise error(f"missing {name}")
+    _check_single_values(headers, error)
+    vias = headers.values("Via")
+    if not vias:
+        raise error("empty Via")
+    for value in vias:
+        parse_via(value)
+    parse_name_addr(headers.get("From") or "")
+    parse_name_addr(headers.get("To") or "")
+    call_id = headers.get("Call-ID") or ""
+    # RFC 3261 §25.1: callid = word ["@" word]; no whitespace.
+    if not call_id or len(call_id.split()) != 1:
+        raise error("bad Call-ID")
+    parse_cseq(headers.get("CSeq") or "")
+    content_length = headers.get("Content-Length")
+    if content_length is not None:
+        parse_int_header(content_length, "Content-Length")
+    for name in _ADDRESS_LISTS:
+        for value in headers.get_all(name):
+            parse_name_addr_list(value)
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.partition(";")[0].strip(" \t").lower()
+
+
+def _accepts(accept_values: list[str], media_type: str) -> bool:
+    major = media_type.partition("/")[0]
+    for value in accept_values:
+        offered = _media_type(value)
+        if offered in (media_type, "*/*", f"{major}/*"):
+            return True
+    return False
+
+
+def validate_request(
+    req: Request,
+    *,
+    supported: frozenset[str] = DEFAULT_SUPPORTED,
+    accept: frozenset[str] = DEFAULT_ACCEPT,
+    uri_schemes: frozenset[str] = DEFAULT_URI_SCHEMES,
+    allow_zero_max_forwards: bool | frozenset[str] = frozenset({"OPTIONS", "REGISTER"}),
+    require_max_forwards: bool = True,
+    check_proxy_require: bool = False,
+    check_date: bool = True,
+) -> None:
+    """Raise the SipError a UAS answers ``req`` with, or return when it may be processed.
+
+    ``supported``: option tags this element implements (Require check, 420 + Unsupported).
+    ``accept``: body media types understood (415 + Accept). ``uri_schemes``: Request-URI
+    schemes served (416). ``allow_zero_max_forwards``: True processes Max-Forwards 0 (a pure
+    UAS may, RFC 4475 §3.3.11), False answers it 483, a set of methods processes it for those
+    only (default OPTIONS and REGISTER, which the element answers itself, RFC 3261 §16.3).
+    ``require_max_forwards``: RFC 3261 §8.1.1 makes Max-Forwards mandatory, RFC 2543 peers
+    omit it (RFC 4475 §3.4.1). ``check_proxy_require``: also refuse unknown Proxy-Require
+    tags (a proxy's duty, RFC 3261 §16.3; a B2BUA is a UAS and may ignore them).
+    ``check_date``: refuse a Date not in RFC 1123 GMT form (RFC 4475 §3.1.2.12); an element
+    that never reads Date may skip it.
+
+    ACK cannot be answered (RFC 3261 §17.2.3): the caller drops an ACK that fails here.
+    """
+    headers = req.headers
+    # RFC 3261 §8.2 and RFC 4475 §3.1.2.16: an unknown version is answered 505 first.
+    if req.version != SIP_VERSION:
+        raise VersionNotSupported(f"SIP version {req.version} not supported")
+    try:
+        _check_common(headers, BadRequest)
+        if require_max_forwards and "Max-Forwards" not in headers:
+            raise BadRequest("missing Max-Forwards")
+        max_forwards_text = headers.get("Max-Forwards")
+        max_forwards = (
+            parse_int_header(max_forwards_text, "Max-Forwards", 255)
+            if max_forwards_text is not None
+            else None
+        )
+        cseq = parse_cseq(headers.get("CSeq") or "")
+        expires = headers.get("Expires")
+        if expires is not None:
+            parse_int_header(expires, "Expires")
+        date = headers.get("Date")
+        if check_date and date is not None and _DATE_RE.fullmatch(date) is None:
+            raise BadRequest(f"bad Date {date!r}")
+        for value in headers.get_all("Contact"):
+            if is_wildcard_contact(value):
+                # RFC 3261 §10.3 step 6: '*' only in REGISTER, alone, with Expires: 0.
+                if req.method != "REGISTER" or headers.count("Contact") != 1:
+                    raise BadRequest("Contact: * outside a REGISTER")
+                continue
+            for contact in parse_name_addr_list(value):
+                contact_expires = contact.param("expires")
+                if contact_expires is not None:
+                    parse_int_header(contact_expires, "Contact expires")
+    except ParseError as exc:
+        raise BadRequest(exc.detail) from exc
+    # RFC 3261 §8.1.1.5 / RFC 4475 §3.1.2.17: the CSeq method matches the request method.
+    if cseq.method != req.method:
+        raise BadRequest(f"CSeq method {cseq.method} does not match {req.method}")
+    # RFC 3261 §8.2.2.1: unknown Request-URI scheme is 416.
+    scheme = req.uri.scheme
+    if scheme not in uri_schemes:
+        raise UnsupportedUriScheme(f"Request-URI scheme {scheme!r} not supported")
+    # RFC 3261 §19.1.5: header components are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
+    if isinstance(req.uri, SipUri) and req.uri.headers:
+        raise BadRequest("header components in the Request-URI")
+    # RFC 3261 §16.3 step 3 (applied by a B2BUA before forwarding).
+    if max_forwards == 0:
+        if isinstance(allow_zero_max_forwards, bool):
+            allowed = allow_zero_max_forwards
+        else:
+            allowed = req.method in allow_zero_max_forwards
+        if not allowed:
+            raise TooManyHops("Max-Forwards is 0")
+    # RFC 3261 §8.2.2.3: option tags in Require that this element does not support.
+    if req.method not in _NO_REQUIRE_CHECK:
+        names = ("Require", "Proxy-Require") if check_proxy_require else ("Require",)
+        wanted = [tag for name in names for tag in headers.values(name)]
+        known = {tag.lower() for tag in supported}
+        unsupported = [tag for tag in wanted if tag.lower() not in known]
+        if unsupported:
+            raise BadExtension(
+                "unsupported extensions: " + ", ".join(unsupported),
+                headers=(("Unsupported", ", ".join(unsupported)),),
+            )
+    _check_content(req, accept)
+
+
+def _check_content(req: Request, accept: frozenset[str]) -> None:
+    headers = req.headers
+    accept_header = (("Accept", ", ".join(sorted(accept))),)
+    if req.body:
+        content_type = headers.get("Content-Type")
+        # RFC 3261 §20.15: a body MUST come with its Content-Type.
+        if content_type is None:
+            raise BadRequest("body without Content-Type")
+        media_type = _media_type(content_type)
+        if "/" not in media_type or not all(is_token(p) for p in media_type.split("/")):
+            raise BadRequest(f"bad Content-Type {content_type!r}")
+        # RFC 3261 §8.2.3: unsupported body type is 415 with Accept.
+        if media_type not in {a.lower() for a in accept}:
+            raise UnsupportedMediaType(
+                f"Content-Type {media_type} not accepted", headers=accept_header
+            )
+        for encoding in headers.values("Content-Encoding"):
+            if encoding.lower() != "identity":
+                raise UnsupportedMediaType(
+                    f"Content-Encoding {encoding} not supported",
+                    headers=(*accept_header, ("Accept-Encoding", "identity")),
+                )
+    # RFC 3261 §20.1 / RFC 4475 §3.3.15: the answer to an INVITE carries SDP; an Accept that
+    # rules it out cannot be satisfied.
+    if req.method == "INVITE" and "Accept" in headers:
+        accepted = headers.values("Accept")
+        if accepted and not _accepts(accepted, "application/sdp"):
+            raise NotAcceptable("Accept does not allow application/sdp", headers=accept_header)
+
+
+def validate_response(resp: Response) -> None:
+    """Raise :class:`ParseError` when ``resp`` must be dropped (RFC 3261 §18.1.2).
+
+    Covers a version other than 2.0, missing or repeated single-value fields and malformed
+    Via/From/To/CSeq (RFC 4475 §3.1.2.5). The sent-by check of the top Via (RFC 4475 §3.3.10)
+    is left to the transaction layer.
+    """
+    if resp.version != SIP_VERSION:
+        raise ParseError(f"response with SIP version {resp.version}")
+    _check_common(resp.headers, ParseError)
