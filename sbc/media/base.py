@@ -1,0 +1,252 @@
+"""The media interface the call layer uses; relay, passthrough and rtpengine implement it.
+
+A call has two legs, ``"pbx"`` (3CX) and ``"retell"``. The call layer hands every SDP it receives
+on a leg to the call's :class:`MediaSession` and sends what comes back on the *other* leg:
+
+* ``offer(leg, sdp)``: ``sdp`` is an offer received on ``leg``. Returns the offer to send on the
+  other leg: codecs filtered to the backend's list (:class:`~sbc.sdp.model.NoCommonCodec`, a
+  488, when none is left), and for a relaying backend every address and port replaced by the
+  relay's socket facing the other leg.
+* ``answer(leg, sdp)``: ``sdp`` is the answer received on ``leg`` to the offer that came from the
+  other leg. Returns the answer to send on the other leg, rewritten the same way.
+* ``reoffer(leg, sdp)``: a re-offer received on ``leg`` that the bridge answers itself (PBX hold,
+  resume, session refresh: never forwarded to Retell, PEERS.md). Returns the answer to send back
+  on ``leg``: negotiated codec kept, direction mirrored (RFC 3264 §6.1), address and port those
+  the bridge already gave ``leg``. It also learns any new media address of ``leg``.
+
+Direction is honoured: while the last SDP the bridge sent on a leg says ``recvonly`` or
+``inactive`` (e.g. its answer to a PBX hold), a relaying backend sends no RTP to that leg (RTCP
+still flows, RFC 3264 §5.1).
+
+Every SDP sent on a leg carries the bridge's own ``o=`` line for that leg (username ``sbc``, a
+session id per leg), whose version goes up by one exactly when the SDP differs from the previous
+one sent on that leg (RFC 3264 §8). ``close()`` releases everything and may be called any number
+of times; the session is unusable afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+from sbc.sdp.model import Origin, SessionDescription
+from sbc.sdp.offer_answer import answer_for_hold, filter_codecs
+from sbc.sip.errors import RequestPending
+
+Leg = Literal["pbx", "retell"]
+LEGS: tuple[Leg, Leg] = ("pbx", "retell")
+DEFAULT_CODECS: tuple[str, ...] = ("PCMU", "PCMA", "G722", "telephone-event")
+ORIGIN_USERNAME = "sbc"
+_SENDING = ("sendrecv", "sendonly")
+
+
+def other_leg(leg: Leg) -> Leg:
+    """The leg that is not ``leg``."""
+    return "retell" if leg == "pbx" else "pbx"
+
+
+def media_address(sd: SessionDescription) -> tuple[str, int] | None:
+    """``(address, port)`` of the first active audio stream, None when there is none or it is
+    on hold with RFC 2543's ``c=0.0.0.0`` (RFC 3264 §8.4)."""
+    m = sd.audio()
+    if m is None:
+        return None
+    conn = sd.connection_for(m)
+    if conn is None or conn.is_hold:
+        return None
+    return conn.address.split("/")[0], m.port
+
+
+def rtcp_address(sd: SessionDescription) -> tuple[str, int] | None:
+    """Where the sender of ``sd`` wants RTCP: RFC 3605 ``a=rtcp``, the RTP port with
+    ``a=rtcp-mux`` (RFC 5761 §5.1.1), else RTP port + 1 (RFC 3550 §11)."""
+    rtp = media_address(sd)
+    m = sd.audio()
+    if rtp is None or m is None:
+        return None
+    if m.rtcp_mux:
+        return rtp
+    attr = m.rtcp
+    if attr is None:
+        return rtp[0], rtp[1] + 1
+    return (attr.address or rtp[0]), attr.port
+
+
+class MediaSession(ABC):
+    """The media of one call (see the module docstring for the offer/answer semantics)."""
+
+    def __init__(self, call_id: str, *, codecs: Sequence[str] = DEFAULT_CODECS) -> None:
+        self.call_id = call_id
+        self.codecs = tuple(codecs)
+        self.closed = False
+        self._received: dict[Leg, SessionDescription] = {}
+        self._sent: dict[Leg, SessionDescription] = {}
+        self._origins: dict[Leg, Origin] = {}
+
+    # -- what backends implement -------------------------------------------------------------
+
+    @abstractmethod
+    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        """The offer to send on the other leg for ``sdp``, an offer received on ``leg``."""
+
+    @abstractmethod
+    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        """The answer to send on the other leg for ``sdp``, an answer received on ``leg``."""
+
+    @abstractmethod
+    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
+        """``(address, rtp port)`` the bridge gave ``leg`` to send its media to, None before
+        any SDP was sent on ``leg``."""
+
+    @abstractmethod
+    def last_activity(self, leg: Leg) -> float | None:
+        """``loop.time()`` of the last RTP/RTCP packet received from ``leg`` (the session's
+        creation time before the first one); None when the backend cannot see media, which
+        then never times out."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs and call records: ``{"backend", "call_id", "legs": {leg: {...}}}``."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release sockets and ports; idempotent."""
+
+    def _learn(self, leg: Leg, sdp: SessionDescription) -> None:
+        """Hook: ``sdp`` came from ``leg``; a relay updates where it sends that leg's media."""
+        self._received[leg] = sdp
+
+    # -- shared by every backend -------------------------------------------------------------
+
+    async def reoffer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        """Answer, at the bridge, a re-offer received on ``leg`` (hold, resume, refresh).
+
+        Raise :class:`~sbc.sip.errors.RequestPending` (491) when no SDP was exchanged on ``leg``
+        yet (RFC 3261 §14.2), :class:`~sbc.sdp.model.NoCommonCodec` (488) when the re-offer
+        dropped the negotiated codec.
+        """
+        previous = self._sent.get(leg)
+        endpoint = self.local_endpoint(leg)
+        if previous is None or endpoint is None:
+            raise RequestPending("re-offer before the first offer/answer completed")
+        answer = answer_for_hold(
+            sdp,
+            endpoint[0],
+            endpoint[1],
+            session_version=previous.origin.sess_version,
+            previous=previous,
+        )
+        self._learn(leg, sdp)
+        return self._stamp(leg, answer, previous.origin.address)
+
+    def filter(self, sdp: SessionDescription) -> SessionDescription:
+        """``sdp`` with only this session's codecs (488 when none is left)."""
+        return filter_codecs(sdp, self.codecs)
+
+    def _stamp(self, leg: Leg, sd: SessionDescription, address: str) -> SessionDescription:
+        """Put the bridge's ``o=`` line for ``leg`` on ``sd``, bumping the version only when
+        ``sd`` differs from the last SDP sent on ``leg`` (RFC 3264 §8)."""
+        origin = self._origins.get(leg)
+        if origin is None:
+            sess_id = random.randrange(1, 2**31)
+            addrtype = "IP6" if ":" in address else "IP4"
+            origin = Origin(ORIGIN_USERNAME, str(sess_id), sess_id, "IN", addrtype, address)
+        stamped = replace(sd, origin=origin)
+        previous = self._sent.get(leg)
+        if previous is not None and replace(previous, origin=origin) != stamped:
+            origin = replace(origin, sess_version=origin.sess_version + 1)
+            stamped = replace(sd, origin=origin)
+        self._origins[leg] = origin
+        self._sent[leg] = stamped
+        audio = stamped.audio()
+        # RFC 3264 §6.1: a stream we marked recvonly or inactive toward `leg` gets no RTP from us.
+        self._set_sending(leg, audio is not None and stamped.direction(audio) in _SENDING)
+        return stamped
+
+    def _set_sending(self, leg: Leg, allowed: bool) -> None:  # noqa: B027 - optional hook
+        """Hook: whether the bridge may send RTP to ``leg``, per the last SDP sent on it."""
+
+
+class MediaBackend(ABC):
+    """Creates one :class:`MediaSession` per call."""
+
+    @abstractmethod
+    async def allocate(self, call_id: str) -> MediaSession:
+        """A new session for ``call_id``; may raise ``PortsExhausted`` (503)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Stop the backend (sessions still open are closed by their owners)."""
+
+
+def _first_audio_index(sd: SessionDescription) -> int | None:
+    m = sd.audio()
+    return None if m is None else sd.media.index(m)
+
+
+def audio_ports(sd: SessionDescription, port: int) -> list[int]:
+    """m= ports for :func:`~sbc.sdp.offer_answer.rewrite_connection`: ``port`` for the first
+    active audio stream, 0 (disabled) for every other one."""
+    index = _first_audio_index(sd)
+    return [port if i == index else 0 for i in range(len(sd.media))]
+
+
+class PassthroughSession(MediaSession):
+    """SDP filtered to the codec list and re-stamped; media addresses untouched (RTP flows
+    directly between the PBX and Retell)."""
+
+    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        self._check_open()
+        filtered = self.filter(sdp)
+        self._learn(leg, filtered)
+        return self._stamp(other_leg(leg), filtered, sdp.origin.address)
+
+    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        self._check_open()
+        self._learn(leg, sdp)
+        return self._stamp(other_leg(leg), sdp, sdp.origin.address)
+
+    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
+        # Media goes straight to the other leg's peer: its address is what `leg` was given.
+        received = self._received.get(other_leg(leg))
+        return None if received is None else media_address(received)
+
+    def last_activity(self, leg: Leg) -> float | None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "passthrough", "call_id": self.call_id, "legs": {}}
+
+    async def close(self) -> None:
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("media session is closed")
+
+
+class PassthroughBackend(MediaBackend):
+    """No media handling at all: the SDP is only filtered to ``codecs``."""
+
+    def __init__(self, codecs: Sequence[str] = DEFAULT_CODECS) -> None:
+        self.codecs = tuple(codecs)
+
+    async def allocate(self, call_id: str) -> MediaSession:
+        return PassthroughSession(call_id, codecs=self.codecs)
+
+
+__all__ = [
+    "DEFAULT_CODECS",
+    "LEGS",
+    "Leg",
+    "MediaBackend",
+    "MediaSession",
+    "PassthroughBackend",
+    "PassthroughSession",
+    "audio_ports",
+    "media_address",
+    "other_leg",
+    "rtcp_address",
+]

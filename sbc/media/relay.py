@@ -1,0 +1,361 @@
+"""The built-in RTP relay: two RTP/RTCP socket pairs per call, one facing each leg.
+
+A packet that arrives on the socket facing a leg is sent, bytes untouched, out of the socket of
+the same kind (RTP or RTCP) facing the other leg, to that leg's remote address.
+
+Symmetric RTP latching (RFC 4961 gives the rule that makes it work: peers send from the port they
+receive on): a leg's remote address starts as the one its SDP names (``c=`` and ``m=``; RTCP from
+RFC 3605 ``a=rtcp`` or port + 1) and follows the source of the packets received on that leg's
+socket during ``learning_window`` seconds from the first one, so a PBX behind NAT that writes a
+private address in its SDP still gets audio. After the window, a packet from any other source is
+dropped and counted: this closes the "RTP Bleed" hole of relays that re-latch at any time. A new
+SDP address for the leg (re-INVITE) opens a new window. Nothing here logs per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from sbc.media.base import (
+    DEFAULT_CODECS,
+    LEGS,
+    Leg,
+    MediaBackend,
+    MediaSession,
+    audio_ports,
+    media_address,
+    other_leg,
+    rtcp_address,
+)
+from sbc.media.ports import BoundPair, PortPool
+from sbc.sdp.model import SessionDescription
+from sbc.sdp.offer_answer import rewrite_connection
+
+CLOSE_TIMEOUT = 1.0
+
+
+def _usable(address: tuple[str, int] | None) -> tuple[str, int] | None:
+    """An SDP address the relay can send to: an IP literal with a non-zero port."""
+    if address is None or address[1] == 0:
+        return None
+    try:
+        ipaddress.ip_address(address[0])
+    except ValueError:
+        return None  # a host name: wait for latching rather than resolve per packet
+    return address
+
+
+class RelaySocket(asyncio.DatagramProtocol):
+    """One relay socket facing ``leg`` for RTP or RTCP: latching state and counters."""
+
+    __slots__ = (
+        "_loop",
+        "_seq",
+        "_ssrc",
+        "bytes",
+        "dropped",
+        "errors",
+        "first_at",
+        "is_rtp",
+        "last",
+        "leg",
+        "lost",
+        "lost_future",
+        "muted",
+        "packets",
+        "peer",
+        "port",
+        "remote",
+        "sdp_remote",
+        "send_allowed",
+        "seq_gaps",
+        "sock",
+        "transport",
+        "unroutable",
+        "window",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        leg: Leg,
+        *,
+        is_rtp: bool,
+        sock: Any,
+        port: int,
+        window: float,
+    ) -> None:
+        self._loop = loop
+        self.leg = leg
+        self.is_rtp = is_rtp
+        self.sock = sock
+        self.port = port
+        self.window = window
+        self.transport: asyncio.DatagramTransport | None = None
+        self.peer: RelaySocket | None = None
+        self.remote: tuple[str, int] | None = None
+        self.sdp_remote: tuple[str, int] | None = None
+        self.first_at: float | None = None
+        self.send_allowed = True  # False while the SDP sent to `leg` is recvonly/inactive
+        self.lost_future: asyncio.Future[None] = loop.create_future()
+        self.packets = 0
+        self.bytes = 0
+        self.dropped = 0
+        self.unroutable = 0
+        self.muted = 0
+        self.errors = 0
+        self.seq_gaps = 0
+        self.lost = 0
+        self.last: float | None = None
+        self._seq = -1
+        self._ssrc = b""
+
+    # -- asyncio.DatagramProtocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Python 3.11's selector transport does not subclass DatagramTransport: cast, no check.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost_future.done():
+            self.lost_future.set_result(None)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors of earlier sendto() calls (port unreachable while a peer starts up).
+        self.errors += 1
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        now = self._loop.time()
+        remote = self.remote
+        if remote is None or addr[0] != remote[0] or addr[1] != remote[1]:
+            first = self.first_at
+            if first is not None and now - first > self.window:
+                self.dropped += 1  # RTP Bleed: only the latched source after the window
+                return
+            self.remote = (addr[0], addr[1])
+        if self.first_at is None:
+            self.first_at = now
+        self.packets += 1
+        self.bytes += len(data)
+        self.last = now
+        # RFC 5761 §4: RTCP muxed on the RTP port has packet type 192-223; not counted as RTP.
+        if self.is_rtp and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
+            self._count_sequence((data[2] << 8) | data[3], data[8:12])
+        peer = self.peer
+        if peer is None or peer.remote is None or peer.transport is None:
+            self.unroutable += 1
+            return
+        if not peer.send_allowed and not (len(data) > 1 and 192 <= data[1] <= 223):
+            self.muted += 1  # RFC 3264 §6.1: the other leg is on hold; its RTCP still flows
+            return
+        peer.transport.sendto(data, peer.remote)
+
+    # -- relay logic ----------------------------------------------------------------------------
+
+    def _count_sequence(self, seq: int, ssrc: bytes) -> None:
+        if ssrc != self._ssrc:
+            self._ssrc = ssrc
+            self._seq = seq
+            return
+        # RFC 3550 §A.1: 16-bit sequence numbers wrap; a delta of 2^15 or more is old/duplicate.
+        delta = (seq - self._seq) & 0xFFFF
+        if delta == 0 or delta >= 0x8000:
+            return
+        if delta > 1:
+            self.seq_gaps += 1
+            self.lost += delta - 1
+        self._seq = seq
+
+    def set_sdp_remote(self, address: tuple[str, int] | None) -> None:
+        """The leg's SDP names ``address``; a new one restarts latching, the same keeps it."""
+        address = _usable(address)
+        if address is None or address == self.sdp_remote:
+            return
+        self.sdp_remote = address
+        self.remote = address
+        self.first_at = None
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "dropped": self.dropped,
+            "unroutable": self.unroutable,
+            "muted": self.muted,
+            "errors": self.errors,
+            "seq_gaps": self.seq_gaps,
+            "lost": self.lost,
+            "last": self.last,
+            "remote": None if self.remote is None else f"{self.remote[0]}:{self.remote[1]}",
+        }
+
+
+def _factory(relay_socket: RelaySocket) -> Callable[[], RelaySocket]:
+    return lambda: relay_socket
+
+
+class RelaySession(MediaSession):
+    """One call's four relay sockets; created by :meth:`RelayBackend.allocate`."""
+
+    def __init__(
+        self,
+        call_id: str,
+        backend: RelayBackend,
+        pairs: dict[Leg, BoundPair],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(call_id, codecs=backend.codecs)
+        self._backend = backend
+        self._pairs = pairs
+        self._loop = loop
+        self.created = loop.time()
+        self.rtp: dict[Leg, RelaySocket] = {}
+        self.rtcp: dict[Leg, RelaySocket] = {}
+        for leg in LEGS:
+            pair = pairs[leg]
+            window = backend.learning_window
+            self.rtp[leg] = RelaySocket(
+                loop, leg, is_rtp=True, sock=pair.rtp, port=pair.port, window=window
+            )
+            self.rtcp[leg] = RelaySocket(
+                loop, leg, is_rtp=False, sock=pair.rtcp, port=pair.port + 1, window=window
+            )
+        for leg in LEGS:
+            self.rtp[leg].peer = self.rtp[other_leg(leg)]
+            self.rtcp[leg].peer = self.rtcp[other_leg(leg)]
+
+    def _sockets(self) -> list[RelaySocket]:
+        return [*self.rtp.values(), *self.rtcp.values()]
+
+    async def start(self) -> None:
+        for relay_socket in self._sockets():
+            await self._loop.create_datagram_endpoint(
+                _factory(relay_socket), sock=relay_socket.sock
+            )
+
+    def port(self, leg: Leg) -> int:
+        """The RTP port of the socket facing ``leg`` (RTCP is the next one)."""
+        return self._pairs[leg].port
+
+    # -- MediaSession ---------------------------------------------------------------------------
+
+    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        self._check_open()
+        filtered = self.filter(sdp)
+        self._learn(leg, filtered)
+        return self._forward(leg, filtered)
+
+    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        self._check_open()
+        self._learn(leg, sdp)
+        return self._forward(leg, sdp)
+
+    def _forward(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+        to = other_leg(leg)
+        address = self._backend.advertised_address
+        out = rewrite_connection(sdp, address, audio_ports(sdp, self.port(to)))
+        return self._stamp(to, out, address)
+
+    def _learn(self, leg: Leg, sdp: SessionDescription) -> None:
+        super()._learn(leg, sdp)
+        self.rtp[leg].set_sdp_remote(media_address(sdp))
+        self.rtcp[leg].set_sdp_remote(rtcp_address(sdp))
+
+    def _set_sending(self, leg: Leg, allowed: bool) -> None:
+        self.rtp[leg].send_allowed = allowed
+
+    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
+        return self._backend.advertised_address, self.port(leg)
+
+    def last_activity(self, leg: Leg) -> float | None:
+        times = [t for t in (self.rtp[leg].last, self.rtcp[leg].last) if t is not None]
+        return max(times, default=self.created)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": "relay",
+            "call_id": self.call_id,
+            "legs": {
+                leg: {
+                    "local_port": self.port(leg),
+                    "rtp": self.rtp[leg].counters(),
+                    "rtcp": self.rtcp[leg].counters(),
+                }
+                for leg in LEGS
+            },
+        }
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            waits: list[asyncio.Future[None]] = []
+            for relay_socket in self._sockets():
+                if relay_socket.transport is None:
+                    relay_socket.sock.close()
+                else:
+                    relay_socket.transport.close()
+                    waits.append(relay_socket.lost_future)
+            if waits:
+                # connection_lost runs on the next loop iteration and closes the socket first.
+                await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
+        finally:
+            for pair in self._pairs.values():
+                self._backend.pool.release(pair.port)
+            self._backend.sessions.discard(self)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("media session is closed")
+
+
+class RelayBackend(MediaBackend):
+    """Relays every call's media through ``pool`` ports bound on ``bind_host``.
+
+    ``advertised_address`` is what SDP sent to both legs names (the public address when
+    ``bind_host`` is a wildcard or behind 1:1 NAT).
+    """
+
+    def __init__(
+        self,
+        bind_host: str,
+        advertised_address: str,
+        pool: PortPool,
+        learning_window: float = 3.0,
+        *,
+        codecs: Sequence[str] = DEFAULT_CODECS,
+    ) -> None:
+        self.bind_host = bind_host
+        self.advertised_address = advertised_address
+        self.pool = pool
+        self.learning_window = learning_window
+        self.codecs = tuple(codecs)
+        self.sessions: set[RelaySession] = set()
+
+    async def allocate(self, call_id: str) -> RelaySession:
+        loop = asyncio.get_running_loop()
+        pairs: dict[Leg, BoundPair] = {}
+        try:
+            for leg in LEGS:
+                pairs[leg] = self.pool.bind_pair(self.bind_host)
+        except BaseException:
+            for pair in pairs.values():
+                pair.close()
+                self.pool.release(pair.port)
+            raise
+        session = RelaySession(call_id, self, pairs, loop)
+        self.sessions.add(session)
+        try:
+            await session.start()
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    async def close(self) -> None:
+        for session in list(self.sessions):
+            await session.close()

@@ -1,0 +1,268 @@
+"""Parse and serialize SDP bodies (RFC 8866 §5, §9).
+
+``parse_sdp`` raises :class:`SdpError` (and nothing else) on malformed input. It accepts LF-only
+line ends and ignores blank lines; ``serialize_sdp`` writes CRLF. Lines of types the model does
+not type are kept in order (RFC 8866 §5: unknown types are ignored, not rejected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sbc.sdp.model import (
+    Attribute,
+    Bandwidth,
+    Connection,
+    Line,
+    MediaDescription,
+    Origin,
+    SdpError,
+    SessionDescription,
+    Timing,
+)
+
+_TYPES = frozenset("abcdefghijklmnopqrstuvwxyz")
+
+
+def _split_line(raw: str) -> tuple[str, str]:
+    # RFC 8866 §5: <type>=<value>, type is exactly one case-significant letter, no spaces.
+    if len(raw) < 2 or raw[1] != "=" or raw[0] not in _TYPES:
+        raise SdpError(f"malformed SDP line {raw[:40]!r}")
+    if "\r" in raw or "\x00" in raw:
+        raise SdpError("CR or NUL inside an SDP line")
+    return raw[0], raw[2:]
+
+
+def _int(text: str, what: str, *, upper: int | None = None) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise SdpError(f"{what} is not a number: {text[:20]!r}")
+    value = int(text)
+    if upper is not None and value > upper:
+        raise SdpError(f"{what} out of range: {value}")
+    return value
+
+
+def _origin(value: str) -> Origin:
+    parts = value.split()
+    if len(parts) != 6:
+        raise SdpError("o= needs 6 fields")
+    version = _int(parts[2], "o= sess-version")
+    return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
+
+
+def _connection(value: str) -> Connection:
+    parts = value.split()
+    if len(parts) != 3:
+        raise SdpError("c= needs 3 fields")
+    return Connection(parts[0], parts[1], parts[2])
+
+
+def _bandwidth(value: str) -> Bandwidth:
+    bwtype, sep, amount = value.partition(":")
+    if not sep or not bwtype or " " in bwtype:
+        raise SdpError("malformed b= line")
+    return Bandwidth(bwtype, _int(amount, "b= bandwidth"))
+
+
+def _timing(value: str) -> Timing:
+    parts = value.split()
+    if len(parts) != 2:
+        raise SdpError("t= needs 2 fields")
+    return Timing(_int(parts[0], "t= start"), _int(parts[1], "t= stop"))
+
+
+def _attribute(value: str) -> Attribute:
+    name, sep, rest = value.partition(":")
+    if not name or " " in name:
+        raise SdpError("malformed a= line")
+    return (name, rest if sep else None)
+
+
+def _media(value: str) -> MediaDescription:
+    parts = value.split()
+    if len(parts) < 4:
+        # RFC 8866 §5.14: m=<media> <port> <proto> 1*(<fmt>)
+        raise SdpError("m= needs media, port, proto and at least one format")
+    port_text, slash, count_text = parts[1].partition("/")
+    port = _int(port_text, "m= port", upper=65535)
+    count = _int(count_text, "m= port count") if slash else None
+    media = MediaDescription(parts[0], port, parts[2], tuple(parts[3:]), port_count=count)
+    if media.is_rtp:
+        # RFC 3551 §3: RTP payload types are 0-127.
+        for fmt in media.formats:
+            _int(fmt, "RTP payload type", upper=127)
+    return media
+
+
+@dataclass(slots=True)
+class _MediaBuilder:
+    media: MediaDescription
+    connection: Connection | None = None
+    bandwidths: list[Bandwidth] = field(default_factory=list)
+    attributes: list[Attribute] = field(default_factory=list)
+    head: list[Line] = field(default_factory=list)
+    tail: list[Line] = field(default_factory=list)
+    past_head: bool = False
+
+    def add(self, kind: str, value: str) -> None:
+        if kind == "c":
+            if self.connection is not None:
+                raise SdpError("more than one c= line in a media section")
+            self.connection = _connection(value)
+            self.past_head = True
+        elif kind == "b":
+            self.bandwidths.append(_bandwidth(value))
+            self.past_head = True
+        elif kind == "a":
+            self.attributes.append(_attribute(value))
+        elif kind in "vostrz":
+            raise SdpError(f"{kind}= line inside a media section")
+        elif self.past_head:
+            self.tail.append((kind, value))
+        else:
+            self.head.append((kind, value))
+
+    def build(self) -> MediaDescription:
+        m = self.media
+        return MediaDescription(
+            m.media,
+            m.port,
+            m.proto,
+            m.formats,
+            port_count=m.port_count,
+            connection=self.connection,
+            bandwidths=tuple(self.bandwidths),
+            attributes=tuple(self.attributes),
+            extra_head=tuple(self.head),
+            extra_tail=tuple(self.tail),
+        )
+
+
+def _lines(body: bytes | str) -> list[str]:
+    if isinstance(body, bytes):
+        try:
+            # RFC 8866 §5: the default character set is UTF-8.
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SdpError("SDP body is not UTF-8") from exc
+    lines = [line[:-1] if line.endswith("\r") else line for line in body.split("\n")]
+    return [line for line in lines if line]
+
+
+def parse_sdp(body: bytes | str) -> SessionDescription:
+    """Parse an SDP body; raise :class:`SdpError` when it is not a valid description."""
+    lines = _lines(body)
+    if len(lines) < 3:
+        raise SdpError("SDP needs at least v=, o= and s= lines")
+    # RFC 8866 §5: v=, o= and s= come first, in that order.
+    kind, value = _split_line(lines[0])
+    if kind != "v" or value != "0":
+        raise SdpError("SDP must start with v=0")
+    kind, value = _split_line(lines[1])
+    if kind != "o":
+        raise SdpError("second SDP line must be o=")
+    origin = _origin(value)
+    kind, session_name = _split_line(lines[2])
+    if kind != "s":
+        raise SdpError("third SDP line must be s=")
+
+    connection: Connection | None = None
+    bandwidths: list[Bandwidth] = []
+    timings: list[Timing] = []
+    attributes: list[Attribute] = []
+    head: list[Line] = []
+    tail: list[Line] = []
+    media: list[MediaDescription] = []
+    current: _MediaBuilder | None = None
+    past_head = False
+
+    for raw in lines[3:]:
+        kind, value = _split_line(raw)
+        if kind == "m":
+            if current is not None:
+                media.append(current.build())
+            current = _MediaBuilder(_media(value))
+        elif current is not None:
+            current.add(kind, value)
+        elif kind == "c":
+            if connection is not None:
+                raise SdpError("more than one session-level c= line")
+            connection = _connection(value)
+            past_head = True
+        elif kind == "b":
+            bandwidths.append(_bandwidth(value))
+            past_head = True
+        elif kind == "t":
+            timings.append(_timing(value))
+            past_head = True
+        elif kind == "r":
+            if not timings:
+                raise SdpError("r= line before any t= line")
+            last = timings[-1]
+            timings[-1] = Timing(last.start, last.stop, (*last.repeats, value))
+        elif kind == "a":
+            attributes.append(_attribute(value))
+        elif kind in "vos":
+            raise SdpError(f"repeated {kind}= line")
+        elif past_head:
+            tail.append((kind, value))
+        else:
+            head.append((kind, value))
+    if current is not None:
+        media.append(current.build())
+
+    return SessionDescription(
+        origin=origin,
+        session_name=session_name,
+        connection=connection,
+        bandwidths=tuple(bandwidths),
+        timings=tuple(timings),
+        attributes=tuple(attributes),
+        media=tuple(media),
+        version=0,
+        extra_head=tuple(head),
+        extra_tail=tuple(tail),
+    )
+
+
+def _attribute_line(attribute: Attribute) -> str:
+    name, value = attribute
+    return f"a={name}" if value is None else f"a={name}:{value}"
+
+
+def _connection_line(conn: Connection) -> str:
+    return f"c={conn.nettype} {conn.addrtype} {conn.address}"
+
+
+def _media_lines(m: MediaDescription) -> list[str]:
+    port = f"{m.port}" if m.port_count is None else f"{m.port}/{m.port_count}"
+    out = [f"m={m.media} {port} {m.proto} {' '.join(m.formats)}"]
+    out.extend(f"{kind}={value}" for kind, value in m.extra_head)
+    if m.connection is not None:
+        out.append(_connection_line(m.connection))
+    out.extend(f"b={b.bwtype}:{b.bandwidth}" for b in m.bandwidths)
+    out.extend(f"{kind}={value}" for kind, value in m.extra_tail)
+    out.extend(_attribute_line(a) for a in m.attributes)
+    return out
+
+
+def serialize_sdp(sd: SessionDescription) -> bytes:
+    """The SDP body of ``sd``, CRLF line ends (RFC 8866 §5), UTF-8."""
+    o = sd.origin
+    out = [
+        f"v={sd.version}",
+        f"o={o.username} {o.sess_id} {o.sess_version} {o.nettype} {o.addrtype} {o.address}",
+        f"s={sd.session_name}",
+    ]
+    out.extend(f"{kind}={value}" for kind, value in sd.extra_head)
+    if sd.connection is not None:
+        out.append(_connection_line(sd.connection))
+    out.extend(f"b={b.bwtype}:{b.bandwidth}" for b in sd.bandwidths)
+    for t in sd.timings:
+        out.append(f"t={t.start} {t.stop}")
+        out.extend(f"r={r}" for r in t.repeats)
+    out.extend(f"{kind}={value}" for kind, value in sd.extra_tail)
+    out.extend(_attribute_line(a) for a in sd.attributes)
+    for m in sd.media:
+        out.extend(_media_lines(m))
+    return ("\r\n".join(out) + "\r\n").encode("utf-8")

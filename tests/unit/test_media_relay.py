@@ -1,0 +1,189 @@
+"""The relay's per-socket logic (latching, RTP Bleed defence, counters) on a fake clock.
+
+No sockets: a RelaySocket is fed datagrams directly and its peer has a recording transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sbc.media.relay import RelaySocket
+from sbc.media.rtp import RtpHeader, build_rtp
+
+PBX_SDP = ("10.0.0.2", 9000)
+NAT = ("203.0.113.9", 41000)
+OTHER = ("203.0.113.9", 41002)
+RETELL = ("198.51.100.7", 14000)
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def time(self) -> float:
+        return self.now
+
+    def create_future(self) -> Any:
+        return _Future()
+
+
+class _Future:
+    def __init__(self) -> None:
+        self.result: object = "pending"
+
+    def done(self) -> bool:
+        return self.result != "pending"
+
+    def set_result(self, value: object) -> None:
+        self.result = value
+
+
+class RecordingTransport(asyncio.DatagramTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append((bytes(data), addr))
+
+
+def pair(window: float = 3.0) -> tuple[FakeLoop, RelaySocket, RelaySocket, RecordingTransport]:
+    loop = FakeLoop()
+    facing_pbx = RelaySocket(loop, "pbx", is_rtp=True, sock=None, port=20000, window=window)  # type: ignore[arg-type]
+    facing_retell = RelaySocket(loop, "retell", is_rtp=True, sock=None, port=20002, window=window)  # type: ignore[arg-type]
+    facing_pbx.peer = facing_retell
+    facing_retell.peer = facing_pbx
+    out = RecordingTransport()
+    facing_retell.connection_made(out)
+    facing_pbx.connection_made(RecordingTransport())
+    facing_retell.set_sdp_remote(RETELL)
+    facing_pbx.set_sdp_remote(PBX_SDP)
+    return loop, facing_pbx, facing_retell, out
+
+
+def rtp(seq: int, ssrc: int = 1, payload: bytes = b"x" * 160) -> bytes:
+    return build_rtp(RtpHeader(0, seq & 0xFFFF, seq * 160, ssrc), payload)
+
+
+def test_packets_are_forwarded_to_the_other_legs_remote_untouched() -> None:
+    _, facing_pbx, _, out = pair()
+    packet = rtp(1)
+    facing_pbx.datagram_received(packet, PBX_SDP)
+    assert out.sent == [(packet, RETELL)]
+    assert (facing_pbx.packets, facing_pbx.bytes, facing_pbx.last) == (1, len(packet), 100.0)
+
+
+def test_nat_source_is_latched_within_the_window() -> None:
+    loop, facing_pbx, _, out = pair(window=0.2)
+    facing_pbx.datagram_received(rtp(1), NAT)
+    assert facing_pbx.remote == NAT
+    loop.now += 0.1
+    facing_pbx.datagram_received(rtp(2), OTHER)  # still learning: follows the newest source
+    assert facing_pbx.remote == OTHER
+    assert facing_pbx.dropped == 0
+    assert len(out.sent) == 2
+
+
+def test_after_the_window_other_sources_are_dropped_and_counted() -> None:
+    loop, facing_pbx, _, out = pair(window=0.2)
+    facing_pbx.datagram_received(rtp(1), NAT)
+    loop.now += 0.25
+    facing_pbx.datagram_received(rtp(2), OTHER)
+    facing_pbx.datagram_received(rtp(3), PBX_SDP)
+    assert facing_pbx.dropped == 2
+    assert facing_pbx.remote == NAT
+    facing_pbx.datagram_received(rtp(4), NAT)
+    assert [p for p, _ in out.sent] == [rtp(1), rtp(4)]
+    assert facing_pbx.packets == 2
+
+
+def test_new_sdp_address_restarts_learning_and_same_address_keeps_latch() -> None:
+    loop, facing_pbx, _, _ = pair(window=0.2)
+    facing_pbx.datagram_received(rtp(1), NAT)
+    loop.now += 1
+    facing_pbx.set_sdp_remote(PBX_SDP)  # refresh with the same SDP: latch kept
+    assert facing_pbx.remote == NAT
+    facing_pbx.set_sdp_remote(None)  # hold with c=0.0.0.0: nothing learnt
+    facing_pbx.set_sdp_remote(("pbx.example.com", 9000))  # no DNS per packet
+    facing_pbx.set_sdp_remote(("10.0.0.2", 0))
+    assert facing_pbx.remote == NAT
+    facing_pbx.set_sdp_remote(("10.0.0.3", 9002))
+    assert facing_pbx.remote == ("10.0.0.3", 9002)
+    facing_pbx.datagram_received(rtp(2), OTHER)
+    assert facing_pbx.remote == OTHER
+    assert facing_pbx.dropped == 0
+
+
+def test_unroutable_when_the_other_leg_has_no_address_yet() -> None:
+    loop = FakeLoop()
+    lone = RelaySocket(loop, "pbx", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
+    lone.datagram_received(rtp(1), NAT)
+    assert lone.unroutable == 1
+    peer = RelaySocket(loop, "retell", is_rtp=True, sock=None, port=3, window=1)  # type: ignore[arg-type]
+    lone.peer = peer
+    lone.datagram_received(rtp(2), NAT)
+    assert lone.unroutable == 2
+
+
+@pytest.mark.parametrize(
+    ("sequences", "gaps", "lost"),
+    [
+        ([1, 2, 3, 4], 0, 0),
+        ([1, 2, 5, 6], 1, 2),
+        ([65534, 65535, 0, 1], 0, 0),  # 16-bit wrap is no gap
+        ([65535, 2], 1, 2),
+        ([5, 4, 6], 0, 0),  # late packet ignored
+        ([5, 5, 6], 0, 0),  # duplicate
+        ([1, 3, 5], 2, 2),
+    ],
+)
+def test_sequence_gaps(sequences: list[int], gaps: int, lost: int) -> None:
+    _, facing_pbx, _, _ = pair()
+    for seq in sequences:
+        facing_pbx.datagram_received(rtp(seq), PBX_SDP)
+    assert (facing_pbx.seq_gaps, facing_pbx.lost) == (gaps, lost)
+
+
+def test_new_ssrc_restarts_sequence_tracking_and_rtcp_is_not_counted() -> None:
+    _, facing_pbx, _, out = pair()
+    facing_pbx.datagram_received(rtp(10, ssrc=1), PBX_SDP)
+    facing_pbx.datagram_received(rtp(500, ssrc=2), PBX_SDP)
+    facing_pbx.datagram_received(rtp(501, ssrc=2), PBX_SDP)
+    sender_report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    facing_pbx.datagram_received(sender_report, PBX_SDP)  # muxed RTCP
+    facing_pbx.datagram_received(b"\x00", PBX_SDP)  # not RTP at all: relayed, not parsed
+    assert (facing_pbx.seq_gaps, facing_pbx.packets) == (0, 5)
+    assert out.sent[-2][0] == sender_report
+
+
+def test_counters_and_lifecycle_callbacks() -> None:
+    _, facing_pbx, _, _ = pair()
+    facing_pbx.error_received(OSError("unreachable"))
+    facing_pbx.datagram_received(rtp(1), PBX_SDP)
+    counters = facing_pbx.counters()
+    assert counters["errors"] == 1
+    assert counters["packets"] == 1
+    assert counters["remote"] == "10.0.0.2:9000"
+    facing_pbx.connection_lost(None)
+    facing_pbx.connection_lost(None)
+    assert facing_pbx.lost_future.done()
+    loop = FakeLoop()
+    fresh = RelaySocket(loop, "pbx", is_rtp=False, sock=None, port=1, window=1)  # type: ignore[arg-type]
+    assert fresh.counters()["remote"] is None
+
+
+def test_rtp_toward_a_leg_on_hold_is_muted_but_rtcp_flows() -> None:
+    _, facing_pbx, facing_retell, out = pair()
+    facing_retell.send_allowed = False  # the last SDP sent to Retell was recvonly
+    facing_pbx.datagram_received(rtp(1), PBX_SDP)
+    sender_report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    facing_pbx.datagram_received(sender_report, PBX_SDP)
+    assert out.sent == [(sender_report, RETELL)]
+    assert facing_pbx.muted == 1
+    assert facing_pbx.counters()["muted"] == 1
+    facing_retell.send_allowed = True
+    facing_pbx.datagram_received(rtp(2), PBX_SDP)
+    assert out.sent[-1] == (rtp(2), RETELL)
