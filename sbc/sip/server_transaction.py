@@ -1,0 +1,331 @@
+"""Server transactions (RFC 3261 §17.2, Figures 7 and 8, with RFC 6026's "Accepted" state).
+
+A server transaction owns one received request: it absorbs retransmissions of it (answering
+them with the last response where the state says so), sends the TU's responses, retransmits a
+non-2xx final response to an INVITE until the ACK comes (Timer G), and sends ``100 Trying`` by
+itself when the TU is slow (§17.2.1). It does no I/O: it talks to its owner (the
+:class:`~sbc.sip.transaction.TransactionLayer`) through :class:`ServerOwner`.
+
+The two tables below are the state machines; an input with no entry raises ProtocolError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+from typing import Protocol
+
+from sbc.sip.errors import ProtocolError
+from sbc.sip.headers import Headers
+from sbc.sip.message import Request, Response, reason_phrase
+from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
+from sbc.sip.uri import parse_name_addr
+
+__all__ = [
+    "INVITE_SERVER_TABLE",
+    "NON_INVITE_SERVER_TABLE",
+    "ServerInput",
+    "ServerOwner",
+    "ServerState",
+    "ServerTransaction",
+    "build_response",
+    "build_trying",
+]
+
+
+class ServerState(Enum):
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"  # RFC 6026 §8.7
+    TERMINATED = "Terminated"
+
+
+class ServerInput(Enum):
+    REQUEST = "request retransmission"
+    ACK = "ACK"
+    TU_PROVISIONAL = "1xx from TU"
+    TU_SUCCESS = "2xx from TU"  # INVITE only
+    TU_FAILURE = "300-699 from TU"  # INVITE only
+    TU_FINAL = "200-699 from TU"  # non-INVITE
+    TIMER_G = "Timer G"
+    TIMER_H = "Timer H"
+    TIMER_I = "Timer I"
+    TIMER_J = "Timer J"
+    TIMER_L = "Timer L"
+    TIMER_TRYING = "Trying timer"
+    TRANSPORT_ERROR = "transport error"
+
+
+S = ServerState
+In = ServerInput
+
+# (state, input) -> (action method, next state or None to stay). RFC 3261 Figure 7 and
+# RFC 6026 Figure 5 (INVITE server transaction).
+INVITE_SERVER_TABLE: dict[tuple[ServerState, ServerInput], tuple[str, ServerState | None]] = {
+    # §17.2.3: an ACK before any final response acknowledges nothing: drop it.
+    (S.PROCEEDING, In.ACK): ("_absorb", None),
+    # §17.2.1: a retransmitted INVITE gets the last provisional response again.
+    (S.PROCEEDING, In.REQUEST): ("_resend_last", None),
+    (S.PROCEEDING, In.TIMER_TRYING): ("_send_trying", None),
+    (S.PROCEEDING, In.TU_PROVISIONAL): ("_send_provisional", None),
+    (S.PROCEEDING, In.TU_SUCCESS): ("_accept", S.ACCEPTED),
+    (S.PROCEEDING, In.TU_FAILURE): ("_complete_invite", S.COMPLETED),
+    (S.PROCEEDING, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+    (S.COMPLETED, In.REQUEST): ("_resend_last", None),
+    (S.COMPLETED, In.ACK): ("_confirm", S.CONFIRMED),
+    (S.COMPLETED, In.TIMER_G): ("_retransmit_final", None),
+    (S.COMPLETED, In.TIMER_H): ("_time_out", S.TERMINATED),
+    (S.COMPLETED, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+    # §17.2.1: Confirmed only absorbs ACKs (and late INVITE copies) until Timer I.
+    (S.CONFIRMED, In.ACK): ("_absorb", None),
+    (S.CONFIRMED, In.REQUEST): ("_absorb", None),
+    (S.CONFIRMED, In.TIMER_I): ("_absorb", S.TERMINATED),
+    (S.CONFIRMED, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+    # RFC 6026 §7.1: INVITE copies are absorbed, ACKs passed up, 2xx from the TU sent.
+    (S.ACCEPTED, In.REQUEST): ("_absorb", None),
+    (S.ACCEPTED, In.ACK): ("_pass_ack", None),
+    (S.ACCEPTED, In.TU_SUCCESS): ("_send", None),
+    (S.ACCEPTED, In.TIMER_L): ("_absorb", S.TERMINATED),
+    (S.ACCEPTED, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+}
+
+# RFC 3261 Figure 8 (non-INVITE server transaction).
+NON_INVITE_SERVER_TABLE: dict[tuple[ServerState, ServerInput], tuple[str, ServerState | None]] = {
+    (S.TRYING, In.REQUEST): ("_absorb", None),  # §17.2.2: discarded while Trying
+    (S.TRYING, In.TU_PROVISIONAL): ("_send_provisional", S.PROCEEDING),
+    (S.TRYING, In.TU_FINAL): ("_complete_non_invite", S.COMPLETED),
+    (S.TRYING, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+    (S.PROCEEDING, In.REQUEST): ("_resend_last", None),
+    (S.PROCEEDING, In.TU_PROVISIONAL): ("_send_provisional", None),
+    (S.PROCEEDING, In.TU_FINAL): ("_complete_non_invite", S.COMPLETED),
+    (S.PROCEEDING, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+    (S.COMPLETED, In.REQUEST): ("_resend_last", None),
+    (S.COMPLETED, In.TIMER_J): ("_absorb", S.TERMINATED),
+    (S.COMPLETED, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
+}
+
+_TIMER_INPUTS = {
+    Timer.G: In.TIMER_G,
+    Timer.H: In.TIMER_H,
+    Timer.I: In.TIMER_I,
+    Timer.J: In.TIMER_J,
+    Timer.L: In.TIMER_L,
+    Timer.TRYING: In.TIMER_TRYING,
+}
+
+
+class ServerOwner(Protocol):
+    """What a server transaction needs from the layer that holds it."""
+
+    def send(self, dest: object, message: Request | Response) -> None: ...
+
+    def schedule(self, tx: ServerTransaction, timer: Timer, deadline: float) -> int: ...
+
+    def ack_received(self, tx: ServerTransaction, ack: Request) -> None: ...
+
+    def timed_out(self, tx: ServerTransaction) -> None: ...
+
+    def terminated(self, tx: ServerTransaction) -> None: ...
+
+
+def build_response(
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> Response:
+    """A response to ``request`` (RFC 3261 §8.2.6).
+
+    Copies the Via fields (all, in order), From, To, Call-ID and CSeq; adds ``to_tag`` to the
+    To field when the request's To has none (§8.2.6.2), but never on a 100 (§8.2.6.1), which
+    copies Timestamp instead. ``headers`` are appended as given. Record-Route (to be copied
+    into dialog-creating responses, §12.1.1) and Contact are the TU's to add.
+    """
+    src = request.headers
+    items: list[tuple[str, str]] = [("Via", v) for v in src.get_all("Via")]
+    for name in ("From", "To", "Call-ID", "CSeq"):
+        value = src.get(name)
+        if value is None:
+            continue
+        if name == "To" and to_tag is not None and status != 100:
+            to = parse_name_addr(value)
+            if to.tag is None:
+                value = str(to.with_tag(to_tag))
+        items.append((name, value))
+    if status == 100:
+        timestamp = src.get("Timestamp")
+        if timestamp is not None:
+            items.append(("Timestamp", timestamp))
+    items.extend(headers)
+    return Response(status, reason or reason_phrase(status), Headers(items), body, request.version)
+
+
+def build_trying(request: Request) -> Response:
+    """``100 Trying`` for ``request`` (§8.2.6.1, sent by the transaction per §17.2.1)."""
+    return build_response(request, 100)
+
+
+class ServerTransaction:
+    """One server transaction; ``is_invite`` picks the table (Figure 7 or Figure 8)."""
+
+    __slots__ = (
+        "_interval",
+        "_owner",
+        "_table",
+        "config",
+        "is_invite",
+        "key",
+        "last_response",
+        "reliable",
+        "request",
+        "source",
+        "state",
+        "timers",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        request: Request,
+        *,
+        source: object,
+        reliable: bool,
+        config: TimerConfig,
+        owner: ServerOwner,
+    ) -> None:
+        self.key = key
+        self.request = request
+        self.source = source
+        self.reliable = reliable
+        self.config = config
+        self._owner = owner
+        self.is_invite = request.method == "INVITE"
+        self._table = INVITE_SERVER_TABLE if self.is_invite else NON_INVITE_SERVER_TABLE
+        # §17.2.1: an INVITE server transaction starts in Proceeding; Figure 8 in Trying.
+        self.state = S.PROCEEDING if self.is_invite else S.TRYING
+        self.timers: dict[Timer, int] = {}
+        self.last_response: Response | None = None
+        self._interval = config.t1
+
+    def __repr__(self) -> str:
+        return f"<ServerTransaction {self.key} {self.state.value}>"
+
+    # -- inputs from the layer ----------------------------------------------------------
+    def start(self, now: float) -> None:
+        if self.is_invite:
+            # §17.2.1: 100 Trying unless the TU sends a provisional response within 200 ms.
+            self._arm(Timer.TRYING, TRYING_DELAY, now)
+
+    def on_request(self, request: Request, now: float) -> None:
+        kind = In.ACK if request.method == "ACK" else In.REQUEST
+        self._dispatch(kind, request, now)
+
+    def on_response(self, response: Response, now: float) -> None:
+        """The TU's response (§17.2.1, §17.2.2)."""
+        status = response.status
+        if status < 200:
+            kind = In.TU_PROVISIONAL
+        elif not self.is_invite:
+            kind = In.TU_FINAL
+        elif status < 300:
+            kind = In.TU_SUCCESS
+        else:
+            kind = In.TU_FAILURE
+        self._dispatch(kind, response, now)
+
+    def on_timer(self, timer: Timer, now: float) -> None:
+        self.timers.pop(timer, None)
+        self._dispatch(_TIMER_INPUTS[timer], None, now)
+
+    def on_transport_error(self, now: float) -> None:
+        self._dispatch(In.TRANSPORT_ERROR, None, now)
+
+    # -- machinery ----------------------------------------------------------------------
+    def _dispatch(self, kind: ServerInput, message: Request | Response | None, now: float) -> None:
+        try:
+            action, next_state = self._table[(self.state, kind)]
+        except KeyError:
+            raise ProtocolError(
+                f"server transaction {self.key}: {kind.value} in state {self.state.value}"
+            ) from None
+        if next_state is not None:
+            self.state = next_state
+        getattr(self, action)(message, now)
+        if next_state is S.TERMINATED:
+            self.timers.clear()
+            self._owner.terminated(self)
+
+    def _arm(self, timer: Timer, duration: float, now: float) -> None:
+        if duration <= 0:
+            # RFC 3261 Table 4: a 0 s timer (reliable transports) fires at once.
+            self.on_timer(timer, now)
+            return
+        self.timers[timer] = self._owner.schedule(self, timer, now + duration)
+
+    def _disarm(self, *timers: Timer) -> None:
+        for timer in timers:
+            self.timers.pop(timer, None)
+
+    # -- actions ------------------------------------------------------------------------
+    def _absorb(self, message: Request | Response | None, now: float) -> None:
+        return None
+
+    def _send(self, message: Request | Response | None, now: float) -> None:
+        assert isinstance(message, Response)
+        self._disarm(Timer.TRYING)
+        self.last_response = message
+        self._owner.send(self.source, message)
+
+    def _resend_last(self, message: Request | Response | None, now: float) -> None:
+        if self.last_response is not None:
+            self._owner.send(self.source, self.last_response)
+
+    def _send_trying(self, message: Request | Response | None, now: float) -> None:
+        # Any response from the TU disarms this timer, so nothing was sent yet.
+        self._send(build_trying(self.request), now)
+
+    def _send_provisional(self, message: Request | Response | None, now: float) -> None:
+        self._send(message, now)
+
+    def _accept(self, message: Request | Response | None, now: float) -> None:
+        # RFC 6026 §7.1: after a 2xx the transaction waits Timer L, absorbing INVITE copies;
+        # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4).
+        self._send(message, now)
+        self._arm(Timer.L, self.config.initial(Timer.L, reliable=self.reliable), now)
+
+    def _complete_invite(self, message: Request | Response | None, now: float) -> None:
+        # §17.2.1: retransmit the final response (Timer G, unreliable only) until the ACK
+        # or Timer H.
+        self._send(message, now)
+        if not self.reliable:
+            self._arm(Timer.G, self.config.t1, now)
+        self._arm(Timer.H, self.config.initial(Timer.H, reliable=self.reliable), now)
+
+    def _retransmit_final(self, message: Request | Response | None, now: float) -> None:
+        self._resend_last(None, now)
+        self._interval = self.config.next_interval(Timer.G, self._interval)
+        self._arm(Timer.G, self._interval, now)
+
+    def _time_out(self, message: Request | Response | None, now: float) -> None:
+        # §17.2.1: Timer H: the ACK never came.
+        self._disarm(Timer.G)
+        self._owner.timed_out(self)
+
+    def _confirm(self, message: Request | Response | None, now: float) -> None:
+        # §17.2.1: the ACK stops retransmissions; wait Timer I for ACK copies.
+        self._disarm(Timer.G, Timer.H)
+        self._arm(Timer.I, self.config.initial(Timer.I, reliable=self.reliable), now)
+
+    def _pass_ack(self, message: Request | Response | None, now: float) -> None:
+        assert isinstance(message, Request)
+        self._owner.ack_received(self, message)
+
+    def _complete_non_invite(self, message: Request | Response | None, now: float) -> None:
+        # §17.2.2: Timer J absorbs request copies (0 s over reliable transports).
+        self._send(message, now)
+        self._arm(Timer.J, self.config.initial(Timer.J, reliable=self.reliable), now)

@@ -1,0 +1,74 @@
+"""SIP timer values (RFC 3261 §17 Table 4, RFC 6026 §8.11).
+
+The transaction layer keeps deadlines, never sleeps: a timer here is only a name and a
+duration. Durations depend on T1, T2 and T4, which are constructor arguments of the layer so
+that a deployment (or a test) can shorten them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["TRYING_DELAY", "Timer", "TimerConfig"]
+
+# RFC 3261 §17.2.1: the INVITE server transaction sends 100 Trying itself when the TU has not
+# sent a provisional response within 200 ms.
+TRYING_DELAY = 0.2
+
+# RFC 3261 Table 4: Timer D is "> 32 s" for unreliable transports.
+_TIMER_D_UNRELIABLE = 32.0
+
+
+class Timer(Enum):
+    """Timer names of RFC 3261 Table 4 and RFC 6026, plus the 100 Trying delay."""
+
+    A = "A"  # INVITE request retransmit interval, UDP only
+    B = "B"  # INVITE transaction timeout
+    D = "D"  # wait time for response retransmissions (INVITE client, Completed)
+    E = "E"  # non-INVITE request retransmit interval, UDP only
+    F = "F"  # non-INVITE transaction timeout
+    G = "G"  # INVITE response retransmit interval
+    H = "H"  # wait time for ACK receipt
+    I = "I"  # noqa: E741 - RFC 3261 name; wait time for ACK retransmissions
+    J = "J"  # wait time for non-INVITE request retransmissions
+    K = "K"  # wait time for response retransmissions (non-INVITE client, Completed)
+    L = "L"  # RFC 6026: INVITE server, wait time for accepted INVITE retransmissions
+    M = "M"  # RFC 6026: INVITE client, wait time for retransmitted 2xx
+    TRYING = "Trying"  # RFC 3261 §17.2.1: 200 ms before an automatic 100 Trying
+
+
+@dataclass(frozen=True, slots=True)
+class TimerConfig:
+    """T1, T2, T4 (RFC 3261 Table 4 defaults) and the timers derived from them."""
+
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+
+    def initial(self, timer: Timer, *, reliable: bool) -> float:
+        """The first duration of ``timer``; 0.0 means "fire at once" (reliable transports)."""
+        t1, t4 = self.t1, self.t4
+        match timer:
+            case Timer.A | Timer.E | Timer.G:
+                return t1
+            case Timer.B | Timer.F | Timer.H | Timer.L | Timer.M:
+                return 64 * t1
+            case Timer.D:
+                return 0.0 if reliable else max(_TIMER_D_UNRELIABLE, 64 * t1)
+            case Timer.I | Timer.K:
+                return 0.0 if reliable else t4
+            case Timer.J:
+                return 0.0 if reliable else 64 * t1
+            case _:  # Timer.TRYING
+                return TRYING_DELAY
+
+    def next_interval(self, timer: Timer, previous: float) -> float:
+        """The retransmission interval after ``previous`` for Timers A, E and G.
+
+        RFC 3261 §17.1.1.2: Timer A doubles without bound (Timer B ends it); §17.1.2.2 and
+        §17.2.1: Timers E and G double up to T2.
+        """
+        if timer is Timer.A:
+            return 2 * previous
+        return min(2 * previous, self.t2)

@@ -1,0 +1,422 @@
+"""The RFC 3261 §17 transaction layer, sans-I/O and pull-based (in the style of h11/aioquic).
+
+The shell feeds it what arrives (:meth:`TransactionLayer.receive`), what the TU wants to send
+(:meth:`~TransactionLayer.send_request`, :meth:`~TransactionLayer.respond`), timer ticks and
+transport failures, each with the current time; it then pulls datagrams
+(:meth:`~TransactionLayer.datagrams_to_send`), events (:meth:`~TransactionLayer.events`) and
+the next deadline (:meth:`~TransactionLayer.next_deadline`). Destinations and sources are
+opaque objects owned by the shell (an address, a connection).
+
+Matching follows §17.1.3 for responses (top Via branch and CSeq method) and §17.2.3 for
+requests (branch, sent-by and method, ACK matching its INVITE), with the RFC 2543 fallback for
+branches without the ``z9hG4bK`` cookie. CANCEL is handled here per §9.2: answered 200 when it
+matches an INVITE server transaction (the TU is told and must answer the INVITE 487) and 481
+when it matches nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+
+from sbc.sip.client_transaction import ClientState, ClientTransaction, build_ack
+from sbc.sip.errors import ProtocolError, SipError
+from sbc.sip.headers import Headers
+from sbc.sip.ids import BRANCH_COOKIE, make_branch
+from sbc.sip.message import Request, Response
+from sbc.sip.server_transaction import (
+    ServerState,
+    ServerTransaction,
+    build_response,
+    build_trying,
+)
+from sbc.sip.timers import Timer, TimerConfig
+
+__all__ = [
+    "AckReceived",
+    "CancelReceived",
+    "ClientState",
+    "Event",
+    "RequestReceived",
+    "ResponseReceived",
+    "ServerState",
+    "StrayResponse",
+    "TransactionLayer",
+    "TransactionTerminated",
+    "TransactionTimedOut",
+    "build_ack",
+    "build_cancel",
+    "build_response",
+    "build_trying",
+    "cancelled_key",
+    "client_key",
+    "make_branch",
+    "server_key",
+]
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A request that starts a new server transaction; answer it with ``respond(key, ...)``."""
+
+    key: str
+    request: Request
+    source: object
+
+
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    """An ACK outside any server transaction (the ACK of a 2xx, §17.2.3): the dialog's."""
+
+    request: Request
+    source: object
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReceived:
+    """A CANCEL matched INVITE transaction ``key``; it was answered 200 (§9.2).
+
+    The TU must now answer the INVITE with 487 (if it has not sent a final response yet).
+    """
+
+    key: str
+    cancel_key: str
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    """A response for client transaction ``key``; ``retransmission`` marks a repeated 2xx."""
+
+    key: str
+    response: Response
+    retransmission: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StrayResponse:
+    """A response that matches no client transaction (a late 2xx copy: the TU re-ACKs it)."""
+
+    response: Response
+    source: object
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTimedOut:
+    """Timer B, F or H fired. For a client transaction the TU treats it as 408 (§8.1.3.1)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionTerminated:
+    key: str
+
+
+Event = (
+    RequestReceived
+    | AckReceived
+    | CancelReceived
+    | ResponseReceived
+    | StrayResponse
+    | TransactionTimedOut
+    | TransactionTerminated
+)
+
+Message = Request | Response
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def build_cancel(invite: Request) -> Request:
+    """The CANCEL for ``invite`` (RFC 3261 §9.1).
+
+    Same Request-URI, Call-ID, From, To (tags included) and CSeq number as the INVITE, CSeq
+    method CANCEL, the INVITE's top Via only (same branch) and its Route fields. Send it with
+    :meth:`TransactionLayer.send_request` to the INVITE's destination, and only once a
+    provisional response has arrived (§9.1).
+    """
+    src = invite.headers
+    items: list[tuple[str, str]] = [("Via", src.values("Via")[0])]
+    items.append(("Max-Forwards", src.get("Max-Forwards") or "70"))
+    items.extend(("Route", value) for value in src.get_all("Route"))
+    for name in ("From", "To", "Call-ID"):
+        value = src.get(name)
+        if value is not None:
+            items.append((name, value))
+    items.append(("CSeq", f"{invite.cseq.seq} CANCEL"))
+    return Request("CANCEL", invite.uri, Headers(items), b"", invite.version)
+
+
+def client_key(branch: str, method: str) -> str:
+    """§17.1.3: a client transaction is its top Via branch plus CSeq method."""
+    return f"c|{branch}|{method}"
+
+
+def _sent_by(message: Message) -> str:
+    host, port = message.top_via.sent_by
+    return f"{host.lower()}:{port if port is not None else ''}"
+
+
+def server_key(request: Request) -> str:
+    """§17.2.3: the key of the server transaction ``request`` belongs to.
+
+    An ACK gets the key of its INVITE; a CANCEL its own (see :func:`cancelled_key` for the
+    INVITE it refers to). Without the magic cookie the RFC 2543 fields are used: Request-URI,
+    From tag, Call-ID, CSeq number and top Via (the To tag is checked apart, since an ACK
+    carries the tag of the response).
+    """
+    return _key(request, "INVITE" if request.method == "ACK" else request.method)
+
+
+def cancelled_key(cancel: Request) -> str:
+    """§9.2: the key of the INVITE server transaction a CANCEL refers to (method ignored)."""
+    return _key(cancel, "INVITE")
+
+
+def _key(request: Request, method: str) -> str:
+    via = request.top_via
+    branch = via.branch
+    if _is_rfc3261_branch(branch):
+        return f"s|{branch}|{_sent_by(request)}|{method}"
+    # §17.2.3: RFC 2543 fallback.
+    return (
+        f"s2543|{request.uri}|{request.from_tag}|{request.call_id}|{request.cseq.seq}|"
+        f"{via.without_param('branch')}|{branch}|{method}"
+    )
+
+
+# -- the layer -------------------------------------------------------------------------------
+
+
+class TransactionLayer:
+    """Client and server transactions of one SIP endpoint, keyed by their §17 identity."""
+
+    def __init__(self, *, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0) -> None:
+        self.config = TimerConfig(t1=t1, t2=t2, t4=t4)
+        self._clients: dict[str, ClientTransaction] = {}
+        self._servers: dict[str, ServerTransaction] = {}
+        self._outbox: list[tuple[object, Message]] = []
+        self._events: list[Event] = []
+        # (deadline, token, transaction, timer); stale entries are skipped when popped.
+        self._heap: list[tuple[float, int, ClientTransaction | ServerTransaction, Timer]] = []
+        self._tokens = itertools.count(1)
+
+    # -- client side -------------------------------------------------------------------
+    def send_request(self, request: Request, *, dest: object, reliable: bool, now: float) -> str:
+        """Start a client transaction for ``request`` (its top Via carries the branch).
+
+        Returns the transaction key. ACK is refused: the ACK of a 2xx goes through
+        :meth:`send_stateless`, that of a non-2xx is the transaction's own (§17.1.1.3).
+        """
+        if request.method == "ACK":
+            raise ProtocolError("ACK is not sent in a client transaction; use send_stateless")
+        branch = request.top_via.branch
+        if not branch:
+            raise ProtocolError("request has no Via branch")
+        key = client_key(branch, request.cseq.method)
+        if key in self._clients:
+            raise ProtocolError(f"client transaction {key} already exists")
+        tx = ClientTransaction(
+            key, request, dest=dest, reliable=reliable, config=self.config, owner=self
+        )
+        self._clients[key] = tx
+        tx.start(now)
+        if request.method == "CANCEL":
+            invite = self._clients.get(client_key(branch, "INVITE"))
+            if invite is not None:
+                # §9.1: without a final response 64*T1 after the CANCEL, the INVITE
+                # transaction times out (TransactionTimedOut, then TransactionTerminated).
+                invite.on_cancel_sent(now)
+        return key
+
+    def send_stateless(self, message: Message, *, dest: object) -> None:
+        """Queue ``message`` outside any transaction (the ACK of a 2xx, a 2xx copy)."""
+        self._outbox.append((dest, message))
+
+    # -- server side / input -----------------------------------------------------------
+    def receive(self, message: Message, *, source: object, reliable: bool, now: float) -> None:
+        """Feed a message that arrived from ``source``.
+
+        A request whose Via, CSeq, From or Call-ID cannot be read raises the
+        :class:`~sbc.sip.errors.SipError` of the accessor (the shell answers or drops it).
+        """
+        if isinstance(message, Response):
+            self._receive_response(message, source, now)
+        elif message.method == "ACK":
+            self._receive_ack(message, source, now)
+        elif message.method == "CANCEL":
+            self._receive_cancel(message, source, reliable, now)
+        else:
+            key = server_key(message)
+            tx = self._servers.get(key)
+            if tx is not None:
+                tx.on_request(message, now)
+                return
+            self._new_server(key, message, source, reliable, now)
+            self._events.append(RequestReceived(key, message, source))
+
+    def respond(self, server_key: str, response: Response, *, now: float) -> None:
+        """Send the TU's ``response`` in server transaction ``server_key``."""
+        tx = self._servers.get(server_key)
+        if tx is None:
+            raise ProtocolError(f"no server transaction {server_key}")
+        tx.on_response(response, now)
+
+    def transport_error(self, key: str, *, now: float) -> None:
+        """The shell could not send for transaction ``key`` (unknown keys are ignored)."""
+        client = self._clients.get(key)
+        if client is not None:
+            client.on_transport_error(now)
+            return
+        server = self._servers.get(key)
+        if server is not None:
+            server.on_transport_error(now)
+
+    # -- time --------------------------------------------------------------------------
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer whose deadline is ``now`` or earlier, in deadline order."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, token, tx, timer = heapq.heappop(heap)
+            if tx.timers.get(timer) == token:
+                tx.on_timer(timer, now)
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            _, token, tx, timer = heap[0]
+            if tx.timers.get(timer) == token:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    # -- output ------------------------------------------------------------------------
+    def datagrams_to_send(self) -> list[tuple[object, Message]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    # -- introspection (tests, metrics) ------------------------------------------------
+    def client_state(self, key: str) -> ClientState | None:
+        tx = self._clients.get(key)
+        return None if tx is None else tx.state
+
+    def server_state(self, key: str) -> ServerState | None:
+        tx = self._servers.get(key)
+        return None if tx is None else tx.state
+
+    def __len__(self) -> int:
+        return len(self._clients) + len(self._servers)
+
+    # -- owner callbacks (called by the transactions) ----------------------------------
+    def send(self, dest: object, message: Message) -> None:
+        self._outbox.append((dest, message))
+
+    def schedule(
+        self, tx: ClientTransaction | ServerTransaction, timer: Timer, deadline: float
+    ) -> int:
+        token = next(self._tokens)
+        heapq.heappush(self._heap, (deadline, token, tx, timer))
+        return token
+
+    def response_received(
+        self, tx: ClientTransaction, response: Response, *, retransmission: bool
+    ) -> None:
+        self._events.append(ResponseReceived(tx.key, response, retransmission))
+
+    def ack_received(self, tx: ServerTransaction, ack: Request) -> None:
+        self._events.append(AckReceived(ack, tx.source))
+
+    def timed_out(self, tx: ClientTransaction | ServerTransaction) -> None:
+        self._events.append(TransactionTimedOut(tx.key))
+
+    def transport_failed(self, tx: ClientTransaction) -> None:
+        # RFC 3261 §8.1.3.1: a transport error is reported to the TU as a 503.
+        synthetic = build_response(tx.request, 503, "Service Unavailable")
+        self._events.append(ResponseReceived(tx.key, synthetic))
+
+    def terminated(self, tx: ClientTransaction | ServerTransaction) -> None:
+        if isinstance(tx, ClientTransaction):
+            self._clients.pop(tx.key, None)
+        else:
+            self._servers.pop(tx.key, None)
+        self._events.append(TransactionTerminated(tx.key))
+
+    # -- matching --------------------------------------------------------------------------
+    def _new_server(
+        self, key: str, request: Request, source: object, reliable: bool, now: float
+    ) -> ServerTransaction:
+        tx = ServerTransaction(
+            key, request, source=source, reliable=reliable, config=self.config, owner=self
+        )
+        self._servers[key] = tx
+        tx.start(now)
+        return tx
+
+    def _receive_response(self, response: Response, source: object, now: float) -> None:
+        tx = None
+        # RFC 3261 §18.1.2: a response with more than one Via is not for us.
+        if len(response.headers.values("Via")) == 1:
+            try:
+                branch = response.top_via.branch
+                method = response.cseq.method
+            except SipError:
+                branch = None
+            if branch is not None:
+                tx = self._clients.get(client_key(branch, method))
+        if tx is None:
+            self._events.append(StrayResponse(response, source))
+            return
+        tx.on_response(response, now)
+
+    def _receive_ack(self, ack: Request, source: object, now: float) -> None:
+        tx = self._servers.get(server_key(ack))
+        if tx is not None and tx.is_invite and _ack_matches(tx, ack):
+            tx.on_request(ack, now)
+            return
+        # §17.2.3: the ACK of a 2xx matches no transaction; it belongs to the dialog.
+        self._events.append(AckReceived(ack, source))
+
+    def _receive_cancel(self, cancel: Request, source: object, reliable: bool, now: float) -> None:
+        own_key = server_key(cancel)
+        own = self._servers.get(own_key)
+        if own is not None:
+            own.on_request(cancel, now)  # a retransmitted CANCEL
+            return
+        invite_tx = self._servers.get(cancelled_key(cancel))
+        tx = self._new_server(own_key, cancel, source, reliable, now)
+        if invite_tx is None or not invite_tx.is_invite:
+            # §9.2: a CANCEL that matches no transaction is answered 481.
+            tx.on_response(build_response(cancel, 481, to_tag=None), now)
+            return
+        # §9.2: the CANCEL is answered 200 (its To tag is that of the INVITE's responses);
+        # the INVITE is the TU's to end with 487 while no final response has been sent.
+        to_tag = _response_to_tag(invite_tx)
+        tx.on_response(build_response(cancel, 200, to_tag=to_tag), now)
+        if invite_tx.state is ServerState.PROCEEDING:
+            self._events.append(CancelReceived(invite_tx.key, own_key, cancel))
+
+
+def _response_to_tag(tx: ServerTransaction) -> str | None:
+    return None if tx.last_response is None else tx.last_response.to_tag
+
+
+def _is_rfc3261_branch(branch: str | None) -> bool:
+    # RFC 3261 §17.2.3, RFC 4475 §3.2.1: the cookie alone identifies no transaction.
+    return branch is not None and branch.startswith(BRANCH_COOKIE) and branch != BRANCH_COOKIE
+
+
+def _ack_matches(tx: ServerTransaction, ack: Request) -> bool:
+    """RFC 3261 §17.2.3: an RFC 2543 ACK also needs the To tag of the response sent."""
+    if _is_rfc3261_branch(ack.top_via.branch):
+        return True
+    return tx.last_response is not None and ack.to_tag == tx.last_response.to_tag
