@@ -1,0 +1,694 @@
+"""The engine: asyncio transports and DNS around the sans-I/O transaction layer.
+
+Bytes from a transport become messages, which go into :class:`~sbc.sip.transaction.
+TransactionLayer` with the current time; the messages it wants sent and the events it raises are
+pulled out right after, and one timer per engine is re-armed at the layer's next deadline (the
+shape of aioquic's ``asyncio/protocol.py``). Everything above (the registration driver, the
+B2BUA) talks to the engine only:
+
+* ``handle = engine.send_request(request, target)`` starts a client transaction (DNS, failover to
+  the next destination with a new branch, RFC 3263 §4.3); ``async for response in handle`` yields
+  its responses up to the final one, ``await handle`` returns the final one. A timeout is a
+  synthetic 408, a transport failure a synthetic 503 (RFC 3261 §8.1.3.1).
+* ``engine.on_request`` receives an :class:`IncomingRequest` for each new server transaction;
+  ``IncomingRequest.respond`` answers it. OPTIONS outside a dialog is answered by the engine.
+* ``engine.send_ack`` sends an ACK for a 2xx (stateless), ``engine.cancel`` a CANCEL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import re
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from sbc.net.addresses import (
+    DEFAULT_PORTS,
+    VIA_TRANSPORT,
+    Destination,
+    TransportConfig,
+    ip_literal,
+    target_of_uri,
+)
+from sbc.net.dns import ResolutionFailed, Resolver
+from sbc.net.handles import (
+    ClientTransaction,
+    IncomingRequest,
+    RequestTarget,
+    error_response,
+    new_tag,
+)
+from sbc.net.transport import Transports
+from sbc.sip.errors import BadRequest, MessageTooLarge, SipError
+from sbc.sip.fields import parse_via
+from sbc.sip.headers import split_list
+from sbc.sip.ids import make_branch
+from sbc.sip.message import Request, Response
+from sbc.sip.transaction import (
+    AckReceived,
+    CancelReceived,
+    RequestReceived,
+    ResponseReceived,
+    StrayResponse,
+    TransactionLayer,
+    TransactionTerminated,
+    TransactionTimedOut,
+    build_cancel,
+    build_response,
+)
+from sbc.sip.uri import SipUri, parse_name_addr, parse_uri
+from sbc.sip.validate import DEFAULT_ACCEPT, DEFAULT_SUPPORTED, validate_request, validate_response
+
+log = structlog.get_logger(__name__)
+
+Message = Request | Response
+RequestHandler = Callable[[IncomingRequest], Awaitable[None] | None]
+
+DEFAULT_ALLOW = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER", "NOTIFY")
+
+__all__ = [
+    "DEFAULT_ALLOW",
+    "ClientTransaction",
+    "Destination",
+    "EngineStats",
+    "IncomingRequest",
+    "RequestHandler",
+    "RequestTarget",
+    "SipEngine",
+    "TransportConfig",
+    "error_response",
+    "stamp_via",
+]
+
+
+@dataclass(slots=True)
+class EngineStats:
+    requests_received: int = 0
+    responses_received: int = 0
+    requests_rejected: int = 0
+    responses_dropped: int = 0
+    handler_errors: int = 0
+    dns_failures: int = 0
+    failovers: int = 0
+
+
+class SipEngine:
+    """Owns the transaction layer, the transports, the resolver and the one timer."""
+
+    def __init__(
+        self,
+        config: TransportConfig,
+        *,
+        resolver: Resolver | None = None,
+        layer: TransactionLayer | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        server_ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.layer = layer or TransactionLayer(t1=config.t1, t2=config.t2, t4=config.t4)
+        ipv6 = ":" in config.bind
+        self.resolver = resolver or Resolver(
+            timeout=config.dns_timeout, address_types=("AAAA",) if ipv6 else ("A",)
+        )
+        self.transports = Transports(
+            config,
+            self._message_received,
+            self._send_failed,
+            client_ssl=client_ssl,
+            server_ssl=server_ssl,
+        )
+        self.transports.on_oversized = self._oversized
+        self.stats = EngineStats()
+        # Hooks for the layers above.
+        self.on_request: RequestHandler | None = None
+        self.on_ack: Callable[[Request, Destination], None] | None = None
+        self.on_cancel: Callable[[IncomingRequest, Request], None] | None = None
+        self.on_stray_response: Callable[[Response, Destination], None] | None = None
+        self.on_late_response: Callable[[ClientTransaction, Response], None] | None = None
+        # Capabilities announced in answers to OPTIONS and checked on requests.
+        self.answer_options = True
+        self.allow: tuple[str, ...] = DEFAULT_ALLOW
+        self.accept: frozenset[str] = DEFAULT_ACCEPT | {
+            "message/sipfrag",
+            "application/simple-message-summary",
+        }
+        self.supported: frozenset[str] = DEFAULT_SUPPORTED
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._pumping = False
+        self._clients: dict[str, ClientTransaction] = {}
+        self._finished: dict[str, ClientTransaction] = {}
+        self._branch_keys: dict[tuple[str, str], str] = {}
+        self._key_branches: dict[str, tuple[str, str]] = {}
+        self._incoming: dict[str, IncomingRequest] = {}
+        self._transport_failed: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handles: set[ClientTransaction] = set()
+        self._running = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.transports.start()
+        self._running = True
+        log.info(
+            "sip_engine_started",
+            udp=self.transports.udp_address,
+            tcp=self.transports.tcp_address,
+            tls=self.transports.tls_address,
+        )
+
+    async def stop(self) -> None:
+        """Close every socket, cancel every task; pending requests end with a synthetic 503."""
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for handle in list(self._handles):
+            handle._deliver(build_response(handle.request, 503, "Service Unavailable"))
+        self._handles.clear()
+        self._clients.clear()
+        await self.resolver.aclose()
+        await self.transports.stop()
+
+    def _now(self) -> float:
+        assert self._loop is not None, "engine not started"
+        return self._loop.time()
+
+    # -- client side ---------------------------------------------------------------------------
+    def make_via(self, transport: str) -> str:
+        """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
+        branch = make_branch(secrets.token_hex(12))
+        port = self.config.via_port(transport)
+        return (
+            f"SIP/2.0/{VIA_TRANSPORT[transport]} {self.config.via_host}:{port}"
+            f";branch={branch};rport"
+        )
+
+    def send_request(self, request: Request, target: RequestTarget = None) -> ClientTransaction:
+        """Start a client transaction for ``request``; returns its handle at once.
+
+        ``target`` is a Destination (no DNS), a SIP URI (object or text) resolved per RFC 3263,
+        or None for the request's own next hop (top Route with ``lr``, else Request-URI,
+        RFC 3261 §8.1.2). A request without Via gets one from :meth:`make_via` for each
+        attempt, so the engine may fail over to the next destination with a new branch; a
+        request that already carries a Via (a CANCEL) is sent as it is, to one destination.
+        """
+        owns_via = "Via" not in request.headers
+        handle = ClientTransaction(request, target, owns_via)
+        self._handles.add(handle)
+        self._spawn(self._start_client(handle))
+        return handle
+
+    def cancel(self, invite: ClientTransaction) -> ClientTransaction:
+        """CANCEL a pending INVITE (RFC 3261 §9.1): same Via, to the same destination."""
+        cancel = build_cancel(invite.request)
+        return self.send_request(cancel, invite.destination)
+
+    async def send_ack(self, ack: Request, target: RequestTarget = None) -> Request:
+        """Send an ACK for a 2xx statelessly (RFC 3261 §13.2.2.4); returns it as sent.
+
+        Send the returned ACK again (same Via) for each retransmitted 2xx.
+        """
+        destinations = await self._destinations(ack, target)
+        dest = destinations[0]
+        if "Via" not in ack.headers:
+            via = self.make_via(dest.transport)
+            ack = dataclasses.replace(ack, headers=ack.headers.prepend("Via", via))
+        self.layer.send_stateless(ack, dest=dest)
+        self._pump()
+        return ack
+
+    def send_stateless(self, message: Request | Response, dest: Destination) -> None:
+        """Send ``message`` outside any transaction (an ACK again for a retransmitted 2xx, a
+        2xx retransmitted by a UAS core, RFC 3261 §13.3.1.4). Responses are addressed per
+        RFC 3261 §18.2.2 from their top Via, like any other response."""
+        self.layer.send_stateless(message, dest=dest)
+        self._pump()
+
+    async def _start_client(self, handle: ClientTransaction) -> None:
+        try:
+            handle._destinations = await self._destinations(handle.request, handle.target)
+        except (ResolutionFailed, SipError) as exc:
+            self.stats.dns_failures += 1
+            log.info(
+                "request_target_unresolved",
+                call_id=handle.request.headers.get("Call-ID"),
+                target=str(handle.target),
+                error=str(exc),
+            )
+            self._finish(handle, build_response(handle.request, 503, "Service Unavailable"))
+            return
+        if not handle._owns_via:
+            handle._destinations = handle._destinations[:1]
+        try:
+            self._attempt(handle)
+        except Exception:
+            # A bug (ours or the core's) must still end the caller's wait.
+            log.exception("request_send_failed", call_id=handle.request.headers.get("Call-ID"))
+            self._finish(handle, build_response(handle.request, 500, "Server Internal Error"))
+
+    def _attempt(self, handle: ClientTransaction) -> None:
+        """Send to the next destination; the caller checked that one is left."""
+        dest = handle._destinations.pop(0)
+        request = handle.request
+        if handle._owns_via:
+            headers = request.headers
+            if handle.attempts:
+                headers = headers.remove_first("Via")
+            request = dataclasses.replace(
+                request, headers=headers.prepend("Via", self.make_via(dest.transport))
+            )
+        handle.request = request
+        handle.destination = dest
+        handle.attempts += 1
+        try:
+            key = self.layer.send_request(
+                request, dest=dest, reliable=dest.reliable, now=self._now()
+            )
+        except SipError as exc:
+            log.warning(
+                "request_refused_by_core", call_id=request.headers.get("Call-ID"), error=exc.detail
+            )
+            self._finish(handle, error_response(request, exc))
+            return
+        handle.key = key
+        self._clients[key] = handle
+        branch_key = (request.top_via.branch or "", request.method)
+        self._branch_keys[branch_key] = key
+        self._key_branches[key] = branch_key
+        if not handle._sent.done():
+            handle._sent.set_result(None)
+        self._pump()
+
+    def _finish(self, handle: ClientTransaction, response: Response) -> None:
+        handle._deliver(response)
+        self._handles.discard(handle)
+
+    async def _destinations(self, request: Request, target: RequestTarget) -> list[Destination]:
+        if isinstance(target, Destination):
+            return [target]
+        if target is None:
+            target = self._next_hop(request)
+        uri = parse_uri(target) if isinstance(target, str) else target
+        if not isinstance(uri, SipUri):
+            raise ResolutionFailed(f"cannot route to {uri}")
+        return await self.resolver.resolve(target_of_uri(uri))
+
+    @staticmethod
+    def _next_hop(request: Request) -> SipUri:
+        # RFC 3261 §8.1.2: the first Route entry when it is a loose router, else the R-URI.
+        routes = request.headers.values("Route")
+        if routes:
+            route = parse_name_addr(routes[0]).uri
+            if isinstance(route, SipUri) and route.has_param("lr"):
+                return route
+        if not isinstance(request.uri, SipUri):
+            raise ResolutionFailed(f"no SIP next hop for {request.uri}")
+        return request.uri
+
+    def _client_response(self, key: str, response: Response, retransmission: bool) -> None:
+        handle = self._clients.get(key)
+        if handle is None or handle.key != key:
+            handle = self._finished.get(key)
+            if handle is not None and self.on_late_response is not None:
+                # RFC 6026 §8.4: 2xx retransmissions (or other forks) reach the TU for an ACK.
+                self.on_late_response(handle, response)
+            return
+        if handle.final is not None:
+            if self.on_late_response is not None:
+                self.on_late_response(handle, response)
+            return
+        if response.status >= 200 and self._should_fail_over(handle, key, response):
+            self.stats.failovers += 1
+            log.info(
+                "request_failover",
+                call_id=response.headers.get("Call-ID"),
+                failed=str(handle.destination),
+                status=response.status,
+            )
+            self._clients.pop(key, None)
+            self._attempt(handle)
+            return
+        handle._deliver(response)
+        if response.status >= 200:
+            self._handles.discard(handle)
+            self._finished[key] = handle
+
+    def _should_fail_over(self, handle: ClientTransaction, key: str, response: Response) -> bool:
+        """RFC 3263 §4.3: a transport failure, a timeout or a 503 moves on to the next
+        destination, as long as nothing but 100 Trying came from this one."""
+        if not handle._destinations or not handle._owns_via:
+            return False
+        if any(r.status > 100 for r in handle.responses):
+            return False
+        return key in self._transport_failed or response.status in (408, 503)
+
+    def _timed_out(self, key: str) -> None:
+        handle = self._clients.get(key)
+        if handle is None or handle.final is not None:
+            return
+        # RFC 3261 §8.1.3.1: a transaction timeout is treated as a 408.
+        self._client_response(key, build_response(handle.request, 408, "Request Timeout"), False)
+
+    # -- server side ---------------------------------------------------------------------------
+    def respond(self, server_key: str, response: Response) -> None:
+        """Send a response through the server transaction ``server_key``."""
+        self.layer.respond(server_key, response, now=self._now())
+        self._pump()
+
+    def _cancel_received(self, event: CancelReceived) -> None:
+        """RFC 3261 §9.2: the layer answered the CANCEL 200; the INVITE still needs its 487."""
+        incoming = self._incoming.get(event.key)
+        if incoming is None:
+            return
+        incoming.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(incoming, event.request)
+        elif not incoming.final_sent:
+            incoming.respond(487)
+
+    def _answer_options(self, incoming: IncomingRequest) -> None:
+        incoming.respond(
+            200,
+            headers=(
+                ("Allow", ", ".join(self.allow)),
+                ("Accept", "application/sdp"),
+                ("Supported", ", ".join(sorted(self.supported))),
+                ("Server", self.config.user_agent),
+            ),
+        )
+
+    def _request_received(self, key: str, request: Request, source: Destination) -> None:
+        to_tag = request.to_tag
+        incoming = IncomingRequest(self, key, request, source, to_tag)
+        self._incoming[key] = incoming
+        if request.method == "OPTIONS" and self.answer_options and to_tag is None:
+            self._answer_options(incoming)
+            return
+        handler = self.on_request
+        if handler is None:
+            incoming.respond(405, headers=(("Allow", ", ".join(("OPTIONS",))),))
+            return
+        try:
+            result = handler(incoming)
+        except Exception:
+            self._handler_failed(incoming)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._await_handler(incoming, result))
+
+    async def _await_handler(self, incoming: IncomingRequest, awaitable: Awaitable[None]) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._handler_failed(incoming)
+
+    def _handler_failed(self, incoming: IncomingRequest) -> None:
+        """A bug in a handler: log it, answer 500 if nothing final went out, keep serving."""
+        self.stats.handler_errors += 1
+        request = incoming.request
+        log.exception(
+            "request_handler_failed",
+            call_id=request.headers.get("Call-ID"),
+            branch=_branch(request),
+            method=request.method,
+        )
+        if not incoming.final_sent and self._running:
+            try:
+                incoming.respond(500)
+            except SipError:
+                log.warning("request_handler_500_failed", call_id=request.headers.get("Call-ID"))
+
+    # -- input from the transports -------------------------------------------------------------
+    def _message_received(self, message: Message, source: Destination) -> None:
+        try:
+            if isinstance(message, Request):
+                self._incoming_request(message, source)
+            else:
+                self._incoming_response(message, source)
+        except Exception:
+            # A bug in the core or here must not take the listener down.
+            log.exception(
+                "message_processing_failed",
+                call_id=message.headers.get("Call-ID"),
+                source=str(source),
+            )
+        self._pump()
+
+    def _incoming_request(self, request: Request, source: Destination) -> None:
+        self.stats.requests_received += 1
+        try:
+            request = stamp_via(request, source)
+        except SipError:
+            # No usable top Via: there is nowhere to send an answer to (RFC 3261 §18.2.2).
+            self.stats.requests_rejected += 1
+            return
+        if request.method != "ACK":
+            try:
+                validate_request(request, supported=self.supported, accept=self.accept)
+            except SipError as exc:
+                self.stats.requests_rejected += 1
+                log.info(
+                    "request_rejected",
+                    call_id=request.headers.get("Call-ID"),
+                    status=exc.status,
+                    detail=exc.detail,
+                )
+                self._reject_stateless(request, source, exc)
+                return
+        self.layer.receive(request, source=source, reliable=source.reliable, now=self._now())
+
+    def _oversized(self, message: Message, source: Destination) -> None:
+        if not isinstance(message, Request) or message.method == "ACK":
+            return
+        try:
+            request = stamp_via(message, source)
+        except SipError:
+            return
+        self.stats.requests_rejected += 1
+        self._reject_stateless(request, source, MessageTooLarge("message too large"))
+        self._pump()
+
+    def _reject_stateless(self, request: Request, source: Destination, exc: SipError) -> None:
+        try:
+            response = error_response(
+                request, exc, to_tag=new_tag() if _to_tag(request) is None else None
+            )
+        except SipError:
+            return  # not even enough of a request to build an answer
+        self.layer.send_stateless(response, dest=source)
+
+    def _incoming_response(self, response: Response, source: Destination) -> None:
+        self.stats.responses_received += 1
+        try:
+            validate_response(response)
+            via = response.top_via
+        except SipError:
+            self.stats.responses_dropped += 1
+            return
+        # RFC 3261 §18.1.2: a response whose top Via is not ours is discarded.
+        if via.host.lower() != self.config.via_host.lower():
+            self.stats.responses_dropped += 1
+            log.debug("response_not_ours", sent_by=via.host, source=str(source))
+            return
+        self.layer.receive(response, source=source, reliable=source.reliable, now=self._now())
+
+    def _send_failed(self, dest: Destination, messages: list[Message], reason: str) -> None:
+        now = self._now()
+        for message in messages:
+            if isinstance(message, Request):
+                if message.method == "ACK":
+                    continue
+                key = self._branch_keys.get((_branch(message) or "", message.method))
+                if key is None:
+                    continue
+                self._transport_failed.add(key)
+                # RFC 3261 §8.1.3.1: a transport error is reported to the TU as a 503.
+                try:
+                    self.layer.transport_error(key, now=now)
+                except SipError as exc:
+                    log.warning("transport_error_refused", key=key, detail=exc.detail)
+            else:
+                log.info(
+                    "response_undeliverable",
+                    call_id=message.headers.get("Call-ID"),
+                    dest=str(dest),
+                    reason=reason,
+                )
+        self._pump()
+
+    # -- output and events ---------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Drain the layer's output and events, then re-arm the timer (re-entrant safe)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while True:
+                outgoing = self.layer.datagrams_to_send()
+                events = self.layer.events()
+                if not outgoing and not events:
+                    break
+                for dest, message in outgoing:
+                    self._transmit(dest, message)
+                for event in events:
+                    try:
+                        self._dispatch(event)
+                    except Exception:
+                        log.exception("event_dispatch_failed", event=type(event).__name__)
+        finally:
+            self._pumping = False
+        self._arm_timer()
+
+    def _transmit(self, dest: object, message: Message) -> None:
+        assert isinstance(dest, Destination)
+        if isinstance(message, Response):
+            dest = self._response_destination(dest, message)
+        self.transports.send(dest, message)
+
+    def _response_destination(self, source: Destination, response: Response) -> Destination:
+        """RFC 3261 §18.2.2 with RFC 3581 §4: where a response to a request from ``source`` goes."""
+        if (
+            source.transport != "udp"
+            and source.connection_id is not None
+            and self.transports.connection(source.connection_id) is not None
+        ):
+            return source  # back over the connection the request came on
+        first = response.headers.get("Via") or ""
+        if source.transport == "udp" and ";rport=" in first and "," not in first:
+            # RFC 3581 §4: the request had rport (stamp_via filled it): back to its source.
+            return source
+        try:
+            via = response.top_via
+        except SipError:
+            return source
+        host = via.received or via.host
+        if via.has_rport and via.rport is not None:
+            port = via.rport
+        else:
+            port = via.port or DEFAULT_PORTS[source.transport]
+        literal = ip_literal(host)
+        if literal is None:
+            return source
+        return Destination(source.transport, literal, port)
+
+    def _dispatch(self, event: object) -> None:
+        if isinstance(event, RequestReceived):
+            assert isinstance(event.source, Destination)
+            self._request_received(event.key, event.request, event.source)
+        elif isinstance(event, ResponseReceived):
+            self._client_response(event.key, event.response, event.retransmission)
+        elif isinstance(event, AckReceived):
+            if self.on_ack is not None:
+                assert isinstance(event.source, Destination)
+                self.on_ack(event.request, event.source)
+        elif isinstance(event, CancelReceived):
+            self._cancel_received(event)
+        elif isinstance(event, StrayResponse):
+            if self.on_stray_response is not None:
+                assert isinstance(event.source, Destination)
+                self.on_stray_response(event.response, event.source)
+        elif isinstance(event, TransactionTimedOut):
+            self._timed_out(event.key)
+        elif isinstance(event, TransactionTerminated):
+            self._terminated(event.key)
+
+    def _terminated(self, key: str) -> None:
+        self._incoming.pop(key, None)
+        handle = self._clients.pop(key, None)
+        self._finished.pop(key, None)
+        self._transport_failed.discard(key)
+        branch_key = self._key_branches.pop(key, None)
+        if branch_key is not None and self._branch_keys.get(branch_key) == key:
+            del self._branch_keys[branch_key]
+        if handle is not None and handle.final is None and handle.key == key:
+            # Terminated without a final response reaching the TU: treat as a timeout.
+            self._finish(handle, build_response(handle.request, 408, "Request Timeout"))
+
+    def _arm_timer(self) -> None:
+        deadline = self.layer.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None and self._loop is not None and self._running:
+            self._timer = self._loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            self.layer.handle_timer(self._now())
+        except Exception:
+            log.exception("timer_handling_failed")
+        self._pump()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def stamp_via(request: Request, source: Destination) -> Request:
+    """RFC 3261 §18.2.1 and RFC 3581 §4: record where a request really came from.
+
+    ``received`` is added when the sent-by host differs from the packet's source address;
+    a valueless ``rport`` is filled with the source port (and then ``received`` is always set).
+    Raises :class:`SipError` when there is no readable top Via.
+    """
+    first = request.headers.get("Via")
+    if first is None:
+        raise BadRequest("missing Via")
+    if "," in first:
+        first = split_list(first)[0]
+    via = parse_via(first)
+    host = via.host
+    if host.startswith("["):
+        host = host[1:-1]
+    if via.has_rport and via.param("rport") is None:
+        # RFC 3581 §4: rport gets the source port, and received is set even when equal.
+        text = _BARE_RPORT.sub(f";rport={source.port}", first, count=1)
+        text += f";received={source.host}"
+    elif host != source.host:
+        text = f"{first};received={source.host}"
+    else:
+        return request
+    headers = request.headers.remove_first("Via").prepend("Via", text)
+    return dataclasses.replace(request, headers=headers)
+
+
+# A valueless rport parameter of a Via (RFC 3581 §3), LWS allowed around ';' (RFC 3261 §25.1).
+_BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
+
+
+def _branch(message: Message) -> str | None:
+    try:
+        return message.top_via.branch
+    except SipError:
+        return None
+
+
+def _to_tag(request: Request) -> str | None:
+    try:
+        return request.to_tag
+    except SipError:
+        return None
