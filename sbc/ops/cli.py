@@ -1,0 +1,218 @@
+"""The ``sbc`` command.
+
+Subcommands::
+
+    sbc run [--config PATH]           run the bridge (PATH defaults to $SBC_CONFIG)
+    sbc check-config [--config PATH]  validate the configuration, print "config OK" or the problems
+    sbc demo [--config PATH]          run the bridge against local stand-ins of 3CX and Retell
+    sbc version                       print the version
+
+Without ``--config`` and without ``SBC_CONFIG`` the settings come from ``SBC_*`` environment
+variables alone. Exit status: see :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.resources
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import structlog
+
+from sbc import __version__
+from sbc.ops.logging import configure_logging
+from sbc.ops.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+
+__all__ = [
+    "EXIT_CODES",
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "demo_config_path",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the bridge stopped on an error, or a part of it is missing from this build
+EXIT_USAGE = 2  # bad command line (argparse)
+EXIT_INTERRUPTED = 130  # Ctrl-C before the bridge installed its own signal handling
+EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is unusable; do not restart
+EXIT_CODES = {
+    EXIT_OK: "success; for check-config: the configuration is valid",
+    EXIT_FAILURE: "the bridge stopped on an error, or a needed module is missing from this build",
+    EXIT_USAGE: "bad command line",
+    EXIT_CONFIG: "configuration error (missing file, TOML syntax, invalid value); one line each",
+    EXIT_INTERRUPTED: "interrupted by SIGINT before the bridge took over signal handling",
+}
+
+APP_MODULE = "sbc.b2bua.app"
+DEMO_MODULE = "sbc.b2bua.demo"
+
+log = structlog.get_logger("sbc.cli")
+
+
+def demo_config_path() -> Path:
+    """The demo's built-in configuration, shipped as package data of :mod:`sbc.ops`."""
+    return Path(str(importlib.resources.files("sbc.ops").joinpath("demo.toml")))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sbc`` console script and of ``python -m sbc``; returns the status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help exits 0, a usage error 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    command: Callable[[argparse.Namespace], int] = args.handler
+    return command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sbc",
+        description="SIP back-to-back user agent between a 3CX PBX and Retell AI.",
+        epilog="exit status: "
+        + "; ".join(f"{code} {text}" for code, text in sorted(EXIT_CODES.items())),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = f"TOML settings file (default: ${CONFIG_ENV}, else environment only)"
+
+    run = sub.add_parser("run", help="run the bridge")
+    run.add_argument("--config", type=Path, metavar="PATH", help=config_help)
+    run.set_defaults(handler=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate the settings and exit")
+    check.add_argument("--config", type=Path, metavar="PATH", help=config_help)
+    check.set_defaults(handler=_cmd_check_config)
+
+    demo = sub.add_parser("demo", help="run the bridge against local stand-ins of 3CX and Retell")
+    demo.add_argument(
+        "--config", type=Path, metavar="PATH", help="settings (default: the built-in demo.toml)"
+    )
+    demo.set_defaults(handler=_cmd_demo)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(handler=_cmd_version)
+    return parser
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return Path(args.config)
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else None
+
+
+def _load(path: Path | None) -> Settings | None:
+    """Settings, or None after printing one line per problem to stderr."""
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return None
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"sbc {__version__}")
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(_config_path(args))
+    if settings is None:
+        return EXIT_CONFIG
+    print("config OK")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    return _serve(APP_MODULE, path)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    path = Path(args.config) if args.config is not None else demo_config_path()
+    return _serve(DEMO_MODULE, path)
+
+
+def _serve(module_name: str, path: Path | None) -> int:
+    settings = _load(path)
+    if settings is None:
+        return EXIT_CONFIG
+    configure_logging(settings.log.level, settings.log.format)
+    module = _import_optional(module_name)
+    if module is None:
+        log.error(
+            "module_missing",
+            module=module_name,
+            detail=f"cannot start: {module_name} is not part of this build of sbc",
+        )
+        return EXIT_FAILURE
+    serve: Callable[[Settings], Awaitable[Any]] | None = getattr(module, "serve", None)
+    if serve is None:
+        log.error(
+            "serve_missing", module=module_name, detail="module has no serve(settings) coroutine"
+        )
+        return EXIT_FAILURE
+    log.info(
+        "sbc_starting",
+        version=__version__,
+        config=str(path) if path else None,
+        pbx=f"{settings.pbx.host}:{settings.pbx.port}/{settings.pbx.transport}",
+        retell=f"{settings.retell.host}:{settings.retell.port}/{settings.retell.transport}",
+        media=settings.media.mode,
+    )
+    return _run_coroutine(serve, settings)
+
+
+def _import_optional(name: str) -> ModuleType | None:
+    """Import ``name``; None if that very module does not exist (not if it fails inside)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run_coroutine(serve: Callable[[Settings], Awaitable[Any]], settings: Settings) -> int:
+    """Run ``serve(settings)`` to completion on uvloop when installed (asyncio's loop otherwise).
+
+    The bridge installs its own SIGTERM/SIGINT handlers and returns when it has shut down; its
+    return value, if an int, is the exit status.
+    """
+
+    async def _main() -> Any:
+        return await serve(settings)
+
+    factory = _loop_factory()
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            result = runner.run(_main())
+    except KeyboardInterrupt:
+        log.warning("sbc_interrupted")
+        return EXIT_INTERRUPTED
+    except Exception:
+        log.exception("sbc_crashed", detail="stopped on an unexpected error")
+        return EXIT_FAILURE
+    log.info("sbc_stopped")
+    return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK

@@ -1,0 +1,630 @@
+"""Operator settings: a TOML file overlaid by ``SBC_<SECTION>__<KEY>`` environment variables.
+
+Every section is a frozen pydantic model; the whole tree is handed to the code that needs it as a
+constructor argument (DESIGN.md rule 7), never kept in a global. :func:`load_settings` is the only
+entry point: it reads the file, overlays the environment (the environment wins), validates, and
+turns every problem into one readable line (:class:`ConfigError`). Secrets are ``SecretStr``: they
+print as ``**********`` in reprs, dumps and error messages.
+
+Environment values are strings; lists take JSON (``["a", "b"]``) or a comma-separated list;
+tables (``SBC_HEADERS``, ``SBC_TRANSFER__TARGETS``) take a JSON object, merged key by key over the
+file's table. ``SBC_CONFIG`` names the file and is not a setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sbc import __version__
+from sbc.b2bua import templates
+
+__all__ = [
+    "ENV_PREFIX",
+    "RETELL_SIGNALLING_NETWORKS",
+    "TEMPLATE_VARIABLES",
+    "AdminSettings",
+    "CallsSettings",
+    "ConfigError",
+    "LogSettings",
+    "MediaSettings",
+    "PbxSettings",
+    "RetellSettings",
+    "Settings",
+    "SipSettings",
+    "TransferSettings",
+    "load_settings",
+    "split_host_port",
+]
+
+ENV_PREFIX = "SBC_"
+CONFIG_ENV = "SBC_CONFIG"
+
+# Retell's published signalling source ranges (docs.retellai.com/deploy/custom-telephony).
+RETELL_SIGNALLING_NETWORKS = ("18.98.16.120/30", "143.223.88.0/21", "161.115.160.0/19")
+
+# Variables a [headers] template may use besides header[NAME] (sbc.b2bua.templates owns them).
+TEMPLATE_VARIABLES = templates.VARIABLES
+
+# RFC 3261 §25.1 token (codec names in SDP are tokens too).
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
+_E164 = re.compile(r"\+[1-9]\d{6,14}")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ValueError with a clear message."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"must be host:port or [v6-address]:port, got {value!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"must be host:port or [v6-address]:port, got {value!r}")
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"must be host:port with a port in 1-65535, got {value!r}")
+    return host, int(port_text)
+
+
+def _check_host(value: str) -> str:
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise ValueError(f"must be a host name or an IP address, got {value!r}")
+    return value
+
+
+def _check_host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _parse_network(value: object) -> IPv4Network | IPv6Network:
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a CIDR network like 10.0.0.0/8, got {value!r}")
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not a CIDR network: {value!r} ({exc})") from None
+
+
+def _check_header_name(value: str) -> str:
+    # templates.TemplateError is a ValueError: pydantic reports its message.
+    templates.check_header_name(value)
+    return value
+
+
+def _check_x_header(value: str) -> str:
+    # A name or a shell-style pattern (X-Customer-*), as sbc.b2bua.templates matches them.
+    printable = value.isascii() and value.isprintable() and not any(c.isspace() for c in value)
+    if not printable or not value.lower().startswith("x-"):
+        raise ValueError(f"must be an X- header name or pattern (X-Customer-*), got {value!r}")
+    return value
+
+
+_PROBE = "X-Template"
+
+
+def _check_template(value: str) -> str:
+    # Compiled here under a stand-in name so that the error lands on headers.<Name>; the whole
+    # table is compiled again under its real names by Settings._compile_headers.
+    try:
+        templates.compile_template(_PROBE, value)
+    except templates.TemplateError as exc:
+        raise ValueError(str(exc).removeprefix(f"{_PROBE}: ")) from None
+    return value
+
+
+def _compile_regex(value: object) -> re.Pattern[str]:
+    if isinstance(value, re.Pattern):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a regular expression string, got {value!r}")
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression {value!r}: {exc}") from None
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+Host = Annotated[str, AfterValidator(_check_host)]
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+Network = Annotated[IPv4Network | IPv6Network, PlainValidator(_parse_network)]
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+HeaderTemplate = Annotated[str, AfterValidator(_check_template)]
+XHeaderName = Annotated[str, AfterValidator(_check_x_header)]
+Regex = Annotated[re.Pattern[str], PlainValidator(_compile_regex)]
+Transport = Annotated[Literal["udp", "tcp", "tls"], BeforeValidator(_lower)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class SipSettings(_Section):
+    """[sip]: the listener and the SIP stack's timers and limits."""
+
+    # validate_default: the "required when tls_port is set" check must run when the key is absent
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    bind: Host = "0.0.0.0"
+    port: Port = 5060  # UDP and TCP on the same port
+    advertised_address: Host | None = None  # address written into Via/Contact/SDP; None: bind
+    tls_port: Port | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    user_agent: str = Field(default=f"sbc/{__version__}", min_length=1, max_length=200)
+    t1: Seconds = 0.5  # RFC 3261 §17.1.1.1 (RTT estimate)
+    t2: Seconds = 4.0  # RFC 3261 §17.1.2.2 (max non-INVITE retransmit interval)
+    t4: Seconds = 5.0  # RFC 3261 §17.1.2.2 (max time a message stays in the network)
+    max_message_size: int = Field(default=16384, ge=1024, le=1_048_576)
+    read_timeout: Seconds = 10.0
+    max_connections: int = Field(default=1024, ge=1)
+    max_connections_per_ip: int = Field(default=64, ge=1)
+    idle_timeout: Seconds = 120.0
+    keepalive_interval: Seconds = 25.0
+
+    @field_validator("t2")
+    @classmethod
+    def _t2_above_t1(cls, value: float, info: ValidationInfo) -> float:
+        t1 = info.data.get("t1")
+        if t1 is not None and value < t1:
+            raise ValueError(f"must be >= sip.t1 ({t1}), got {value}")
+        return value
+
+    @field_validator("tls_cert", "tls_key", mode="after")
+    @classmethod
+    def _tls_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if info.data.get("tls_port") is None:
+            return value
+        if value is None:
+            raise ValueError("required when sip.tls_port is set")
+        if not value.is_file():
+            raise ValueError(f"no such file: '{value}'")
+        return value
+
+
+class PbxSettings(_Section):
+    """[pbx]: the 3CX side, where sbc registers as an extension."""
+
+    host: Host
+    port: Port = 5060
+    transport: Transport = "udp"
+    domain: Host | None = None  # SIP domain of From/To/Request-URI; defaults to host
+    extension: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z*#+._-]+$")
+    auth_id: str = Field(default="", max_length=128)  # "": the extension (filled in at load)
+    password: SecretStr
+    register_expires: int = Field(default=300, ge=10, le=86400)
+    register_backoff_base: Seconds = 30.0
+    register_backoff_max: Seconds = 1800.0
+    trusted: tuple[Network, ...] = ()  # empty: pbx.host's resolved addresses only
+    keepalive: Annotated[Literal["options", "crlf", "off"], BeforeValidator(_lower)] = "options"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_extension(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("auth_id") in (None, "") and isinstance(data.get("extension"), str):
+                data["auth_id"] = data["extension"]
+        return data
+
+    @field_validator("register_backoff_max")
+    @classmethod
+    def _backoff_order(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("register_backoff_base")
+        if base is not None and value < base:
+            raise ValueError(f"must be >= pbx.register_backoff_base ({base}), got {value}")
+        return value
+
+    @property
+    def sip_domain(self) -> str:
+        return self.domain or self.host
+
+
+class RetellSettings(_Section):
+    """[retell]: the Retell side, reached as a SIP trunk (no registration)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    host: Host = "sip.retellai.com"
+    port: Port = 5060
+    transport: Transport = "tcp"
+    number: str  # the imported number in E.164; Request-URI and To user of every INVITE
+    trusted: tuple[Network, ...] = tuple(
+        ipaddress.ip_network(n) for n in RETELL_SIGNALLING_NETWORKS
+    )
+    auth_username: str | None = None  # digest credentials Retell uses toward sbc, if set
+    auth_password: SecretStr | None = None
+    answer_timeout: Seconds = 90.0  # keep the PBX leg ringing this long at most
+
+    @field_validator("number")
+    @classmethod
+    def _e164(cls, value: str) -> str:
+        if not _E164.fullmatch(value):
+            raise ValueError(f"must be E.164 like +14155550100, got {value!r}")
+        return value
+
+    @field_validator("auth_password")
+    @classmethod
+    def _auth_pair(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if "auth_username" not in info.data:
+            return value
+        has_user = bool(info.data["auth_username"])
+        if has_user and value is None:
+            raise ValueError("required when retell.auth_username is set")
+        if value is not None and not has_user:
+            raise ValueError("set retell.auth_username too, or neither")
+        return value
+
+
+class CallsSettings(_Section):
+    """[calls]: limits and number normalisation (PBX numbers -> E.164)."""
+
+    max_concurrent: int = Field(default=100, ge=1)
+    max_duration: Seconds = 7200.0
+    country_code: str = Field(default="1", pattern=r"^([1-9][0-9]{0,2})?$")  # "": none
+    national_prefix: str = Field(default="0", pattern=r"^[0-9]{0,4}$")  # "": none
+    international_prefix: str = Field(default="00", pattern=r"^[0-9]{1,4}$")
+    # Digit counts of numbers that arrive without any prefix yet are national numbers
+    # ([10] in NANP); empty: such numbers are left as they are.
+    national_lengths: tuple[Annotated[int, Field(ge=4, le=14)], ...] = ()
+    passthrough_x_headers: tuple[XHeaderName, ...] = ()
+
+
+class MediaSettings(_Section):
+    """[media]: how RTP crosses the bridge."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    mode: Annotated[Literal["relay", "passthrough", "rtpengine"], BeforeValidator(_lower)] = "relay"
+    rtp_port_min: int = Field(default=20000, ge=1024, le=65535)
+    rtp_port_max: int = Field(default=20999, ge=1024, le=65535)
+    rtpengine: HostPort | None = None  # NG control socket, host:port (UDP)
+    media_timeout: Seconds = 60.0
+    learning_window: Seconds = 3.0
+    codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722", "telephone-event")
+
+    @field_validator("rtp_port_min")
+    @classmethod
+    def _even_min(cls, value: int) -> int:
+        # RFC 3550 §11: RTP takes an even port, RTCP the next odd one.
+        if value % 2:
+            raise ValueError(f"must be even (RTP uses even ports), got {value}")
+        return value
+
+    @field_validator("rtp_port_max")
+    @classmethod
+    def _range(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("rtp_port_min")
+        if low is not None and value <= low:
+            raise ValueError(f"must be greater than media.rtp_port_min ({low}), got {value}")
+        return value
+
+    @field_validator("rtpengine")
+    @classmethod
+    def _rtpengine_needed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("mode") == "rtpengine" and not value:
+            raise ValueError("required when media.mode = 'rtpengine' (host:port of the NG socket)")
+        return value
+
+    @field_validator("codecs")
+    @classmethod
+    def _codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        for name in value:
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(f"not a codec name: {name!r}")
+            if name.lower() in seen:
+                raise ValueError(f"listed twice: {name!r}")
+            seen.add(name.lower())
+        if not seen - {"telephone-event"}:
+            raise ValueError("needs at least one audio codec (PCMU, PCMA, G722, ...)")
+        return value
+
+    @property
+    def rtpengine_address(self) -> tuple[str, int] | None:
+        return split_host_port(self.rtpengine) if self.rtpengine else None
+
+
+class TransferSettings(_Section):
+    """[transfer]: how a transfer asked for by Retell reaches the PBX."""
+
+    mode: Annotated[Literal["refer", "invite"], BeforeValidator(_lower)] = "refer"
+    allow: Regex = re.compile(r"^[0-9*#+]{1,32}$")  # a target must match it as a whole
+    targets: dict[str, str] = Field(default_factory=dict)  # name -> PBX number
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_allowed(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        allow = info.data.get("allow")
+        if allow is None:
+            return value
+        for name, number in value.items():
+            if not allow.fullmatch(number):
+                raise ValueError(
+                    f"target {name!r} = {number!r} does not match transfer.allow {allow.pattern!r}"
+                )
+        return value
+
+    def is_allowed(self, number: str) -> bool:
+        return self.allow.fullmatch(number) is not None
+
+
+class AdminSettings(_Section):
+    """[admin]: the HTTP endpoint for health, metrics and call state."""
+
+    listen: HostPort = "127.0.0.1:8081"
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+
+class LogSettings(_Section):
+    """[log]."""
+
+    level: Annotated[
+        Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
+    ] = "info"
+    format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings` (file + environment).
+
+    Constructed directly (``Settings(pbx=..., retell=...)``) it takes values from its arguments
+    only, never from the process environment, so tests stay independent of the machine.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    sip: SipSettings = Field(default_factory=SipSettings)
+    pbx: PbxSettings
+    retell: RetellSettings
+    headers: dict[HeaderName, HeaderTemplate] = Field(default_factory=dict)
+    calls: CallsSettings = Field(default_factory=CallsSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    transfer: TransferSettings = Field(default_factory=TransferSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @field_validator("headers")
+    @classmethod
+    def _compile_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # The real compile (names, duplicates differing only in case, line length).
+        templates.compile_headers(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() merges the file and an explicit environment mapping itself.
+        return (init_settings,)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_settings(path: Path | str | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (TOML; None: no file), overlay ``SBC_*`` variables of ``env`` (default:
+    ``os.environ``), validate. Raises :class:`ConfigError` listing every problem."""
+    environ = os.environ if env is None else env
+    data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
+    overrides, env_paths, problems = _env_overrides(environ)
+    if problems:
+        raise ConfigError(problems)
+    _deep_merge(data, overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, env_paths)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a TOML file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> None:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _is_container(annotation: Any) -> type | None:
+    """``list``/``dict``-shaped annotation (looking through Optional/Annotated) -> its origin."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_container(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _is_container(arg)
+            if found is not None:
+                return found
+        return None
+    kinds: tuple[type, ...] = (tuple, list, dict)
+    for kind in kinds:
+        if kind in (annotation, origin):
+            return kind
+    return None
+
+
+def _env_value(name: str, raw: str, annotation: Any) -> tuple[Any, str | None]:
+    kind = _is_container(annotation)
+    if kind is None:
+        return raw, None
+    text = raw.strip()
+    if kind is dict or text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return None, f"{name}: not valid JSON ({exc.msg} at column {exc.colno})"
+        expected = dict if kind is dict else list
+        if not isinstance(value, expected):
+            return None, f"{name}: must be a JSON {'object' if kind is dict else 'array'}"
+        return value, None
+    return [item.strip() for item in text.split(",") if item.strip()], None
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """``SBC_SECTION__KEY`` variables -> (nested dict, dotted path -> variable name, problems)."""
+    overrides: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    problems: list[str] = []
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        section = Settings.model_fields.get(parts[0])
+        if section is None or len(parts) > 2:
+            problems.append(f"{name}: unknown setting (expected SBC_<SECTION>__<KEY>)")
+            continue
+        if len(parts) == 1:
+            value, problem = _env_value(name, env[name], dict)
+            if problem is None:
+                overrides[parts[0]] = value
+                origins[parts[0]] = name
+            else:
+                problems.append(problem)
+            continue
+        model = section.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            problems.append(
+                f"{name}: set {parts[0]} as a JSON object in {ENV_PREFIX}{parts[0].upper()}"
+            )
+            continue
+        field = model.model_fields.get(parts[1])
+        if field is None:
+            problems.append(f"{name}: unknown setting {parts[0]}.{parts[1]}")
+            continue
+        value, problem = _env_value(name, env[name], field.annotation)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        overrides.setdefault(parts[0], {})[parts[1]] = value
+        origins[f"{parts[0]}.{parts[1]}"] = name
+    return overrides, origins, problems
+
+
+def _secret_paths() -> frozenset[str]:
+    paths = set()
+    for section_name, section in Settings.model_fields.items():
+        model = section.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, field in model.model_fields.items():
+                if "SecretStr" in repr(field.annotation):
+                    paths.add(f"{section_name}.{name}")
+    return frozenset(paths)
+
+
+def _loc_text(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if part == "[key]":
+            continue
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _describe(exc: ValidationError, env_paths: Mapping[str, str]) -> list[str]:
+    secrets = _secret_paths()
+    return list(_lines(exc, secrets, env_paths))
+
+
+def _lines(
+    exc: ValidationError, secrets: frozenset[str], env_paths: Mapping[str, str]
+) -> Iterator[str]:
+    for error in exc.errors(include_url=False):
+        path = _loc_text(error["loc"])
+        kind, msg = error["type"], error["msg"]
+        if kind == "missing":
+            text = "field required"
+        elif kind == "extra_forbidden":
+            text = "unknown key"
+        elif kind == "value_error":
+            text = msg.removeprefix("Value error, ")
+        else:
+            text = msg[:1].lower() + msg[1:]
+            value = error.get("input")
+            secret = any(path == s or path.startswith(s + ".") for s in secrets)
+            if not secret and isinstance(value, str | int | float):
+                text += f", got {value!r}"
+        origin = next(
+            (v for k, v in env_paths.items() if path == k or path.startswith(k + ".")), None
+        )
+        if origin is not None:
+            text += f" (from {origin})"
+        yield f"{path}: {text}"

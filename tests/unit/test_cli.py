@@ -1,0 +1,252 @@
+"""The sbc command, run in-process (main(argv)) and once as `python -m sbc`."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import structlog
+
+import sbc
+from sbc.ops import cli
+
+GOOD = """
+[pbx]
+host = "pbx.example.com"
+extension = "1000"
+password = "hunter2-secret"
+[retell]
+number = "+14155550100"
+[log]
+format = "json"
+"""
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "sbc.toml"
+    path.write_text(GOOD)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("SBC_CONFIG", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    # `run` and `demo` configure logging for the process; undo it for the tests that follow.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+def test_version(capsys):
+    assert cli.main(["version"]) == 0
+    assert capsys.readouterr().out == f"sbc {sbc.__version__}\n"
+
+
+def test_check_config_ok(good, capsys):
+    assert cli.main(["check-config", "--config", str(good)]) == cli.EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == "config OK\n"
+    assert captured.err == ""
+
+
+def test_check_config_reads_sbc_config(good, capsys, monkeypatch):
+    monkeypatch.setenv("SBC_CONFIG", str(good))
+    assert cli.main(["check-config"]) == 0
+    assert capsys.readouterr().out == "config OK\n"
+
+
+def test_check_config_one_line_per_problem(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        GOOD.replace('"+14155550100"', '"4155550100"').replace('password = "hunter2-secret"', "")
+        + '[headers]\nX-Foo = "{calller}"\n'
+    )
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert lines[0] == "pbx.password: field required"
+    assert lines[1] == "retell.number: must be E.164 like +14155550100, got '4155550100'"
+    assert lines[2].startswith("headers.X-Foo: unknown variable {calller} (known: ")
+    assert len(lines) == 3
+    assert "Traceback" not in captured.err
+
+
+def test_check_config_env_override_makes_it_valid(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "nopw.toml"
+    path.write_text(GOOD.replace('password = "hunter2-secret"', ""))
+    monkeypatch.setenv("SBC_PBX__PASSWORD", "from-env")
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+
+
+def test_check_config_never_prints_secrets(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "s.toml"
+    path.write_text(GOOD.replace("[log]", '[sip]\nport = "x"\n[log]'))
+    monkeypatch.setenv("SBC_PBX__PASSWORD", "env-hunter3")
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert captured.err.startswith("sip.port: input should be a valid integer")
+    assert "hunter" not in captured.out + captured.err
+
+
+def test_check_config_missing_file(tmp_path, capsys):
+    path = tmp_path / "nope.toml"
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    assert capsys.readouterr().err == f"{path}: no such file\n"
+
+
+def test_check_config_syntax_error(tmp_path, capsys):
+    path = tmp_path / "syntax.toml"
+    path.write_text('[pbx]\nhost = "unterminated\n')
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}: TOML syntax error: ")
+    assert err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    assert cli.main([]) == cli.EXIT_USAGE
+    assert cli.main(["frobnicate"]) == cli.EXIT_USAGE
+    assert "usage: sbc" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "check-config" in out and "78" in out
+
+
+def test_run_with_bad_config_exits_78_before_importing_the_app(tmp_path, capsys, monkeypatch):
+    imported: list[str] = []
+    monkeypatch.setattr(cli, "_import_optional", lambda name: imported.append(name))
+    assert cli.main(["run", "--config", str(tmp_path / "absent.toml")]) == cli.EXIT_CONFIG
+    assert imported == []
+
+
+def test_import_optional_distinguishes_missing_module_from_broken_one(monkeypatch):
+    assert cli._import_optional("sbc.ops.no_such_module_here") is None
+    assert cli._import_optional("sbc.ops.settings") is sys.modules["sbc.ops.settings"]
+
+    def broken(name: str) -> None:
+        raise ModuleNotFoundError("No module named 'dependency'", name="dependency")
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError):
+        cli._import_optional("sbc.b2bua.app")
+
+
+def test_run_without_app_module_logs_and_exits_1(good, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_import_optional", lambda name: None)
+    assert cli.main(["run", "--config", str(good)]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "sbc.b2bua.app is not part of this build" in err
+    assert '"level": "error"' in err  # the configured JSON logging
+
+
+def _fake_module(monkeypatch, result: object = None, exc: BaseException | None = None):
+    seen: list[object] = []
+
+    async def serve(settings: object) -> object:
+        seen.append(settings)
+        if exc is not None:
+            raise exc
+        return result
+
+    module = types.ModuleType("fake_app")
+    module.serve = serve  # type: ignore[attr-defined]
+    names: list[str] = []
+
+    def fake_import(name: str) -> types.ModuleType:
+        names.append(name)
+        return module
+
+    monkeypatch.setattr(cli, "_import_optional", fake_import)
+    return seen, names
+
+
+def test_run_calls_app_serve_with_settings(good, capsys, monkeypatch):
+    seen, names = _fake_module(monkeypatch)
+    assert cli.main(["run", "--config", str(good)]) == 0
+    assert names == ["sbc.b2bua.app"]
+    (settings,) = seen
+    assert settings.pbx.host == "pbx.example.com"
+    err = capsys.readouterr().err
+    assert "sbc_starting" in err and "sbc_stopped" in err
+    assert "hunter2" not in err
+
+
+def test_run_returns_serve_exit_status(good, monkeypatch):
+    _fake_module(monkeypatch, result=3)
+    assert cli.main(["run", "--config", str(good)]) == 3
+
+
+def test_run_logs_unexpected_error_and_exits_1(good, capsys, monkeypatch):
+    _fake_module(monkeypatch, exc=RuntimeError("kaputt"))
+    assert cli.main(["run", "--config", str(good)]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "sbc_crashed" in err and "kaputt" in err
+
+
+def test_run_interrupted(good, capsys, monkeypatch):
+    _fake_module(monkeypatch, exc=KeyboardInterrupt())
+    assert cli.main(["run", "--config", str(good)]) == cli.EXIT_INTERRUPTED
+
+
+def test_run_module_without_serve(good, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_import_optional", lambda name: types.ModuleType(name))
+    assert cli.main(["run", "--config", str(good)]) == cli.EXIT_FAILURE
+    assert "serve_missing" in capsys.readouterr().err
+
+
+def test_run_uses_asyncio_loop_when_uvloop_is_absent(good, monkeypatch):
+    monkeypatch.setattr(cli, "_loop_factory", lambda: None)
+    _fake_module(monkeypatch, result=0)
+    assert cli.main(["run", "--config", str(good)]) == 0
+
+
+def test_loop_factory_without_uvloop(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` raise ImportError
+    assert cli._loop_factory() is None
+
+
+def test_loop_factory_prefers_uvloop():
+    uvloop = pytest.importorskip("uvloop")
+    assert cli._loop_factory() is uvloop.new_event_loop
+
+
+def test_demo_uses_builtin_config_and_demo_module(monkeypatch, capsys):
+    seen, names = _fake_module(monkeypatch)
+    monkeypatch.setenv("SBC_LOG__FORMAT", "json")
+    assert cli.main(["demo"]) == 0
+    assert names == ["sbc.b2bua.demo"]
+    (settings,) = seen
+    assert settings.pbx.host.startswith("127.")
+
+
+def test_demo_config_file_is_shipped():
+    path = cli.demo_config_path()
+    assert path.name == "demo.toml" and path.is_file()
+
+
+def test_python_dash_m_sbc_version():
+    done = subprocess.run(
+        [sys.executable, "-m", "sbc", "version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"sbc {sbc.__version__}\n"

@@ -1,0 +1,137 @@
+"""configure_logging: JSON lines or console, structlog and standard logging alike."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+import structlog
+
+from sbc.ops.logging import configure_logging
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_line_holds_bound_context():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger("sbc.test").bind(call_id="abc@10.0.0.1", leg="pbx").info(
+        "call answered", status=200
+    )
+    (line,) = _lines(out)
+    assert line["event"] == "call answered"
+    assert line["call_id"] == "abc@10.0.0.1"
+    assert line["leg"] == "pbx"
+    assert line["status"] == 200
+    assert line["level"] == "info"
+    assert line["logger"] == "sbc.test"
+    stamp = datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00"))
+    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+
+
+def test_contextvars_are_merged():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    structlog.contextvars.bind_contextvars(call_id="ctx-1")
+    structlog.get_logger().warning("media timeout")
+    (line,) = _lines(out)
+    assert (line["call_id"], line["level"]) == ("ctx-1", "warning")
+
+
+def test_standard_logging_goes_through_the_same_renderer():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    logging.getLogger("aiohttp.server").error("bad %s", "request", extra={"peer": "127.0.0.1"})
+    (line,) = _lines(out)
+    assert line["event"] == "bad request"
+    assert line["logger"] == "aiohttp.server"
+    assert line["level"] == "error"
+    assert line["peer"] == "127.0.0.1"
+    assert "timestamp" in line
+
+
+def test_level_filters_both_paths():
+    out = io.StringIO()
+    configure_logging("warning", "json", stream=out)
+    structlog.get_logger().info("dropped")
+    logging.getLogger("x").info("dropped too")
+    structlog.get_logger().error("kept")
+    assert [line["event"] for line in _lines(out)] == ["kept"]
+
+
+def test_exception_is_rendered_inside_the_json_line():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        structlog.get_logger().exception("handler failed")
+    (line,) = _lines(out)
+    assert line["event"] == "handler failed"
+    assert "RuntimeError" in json.dumps(line["exception"])
+
+
+def test_auto_is_json_when_not_a_terminal():
+    out = io.StringIO()
+    configure_logging("info", "auto", stream=out)
+    structlog.get_logger().info("hello", n=1)
+    assert _lines(out)[0]["event"] == "hello"
+
+
+def test_auto_is_console_on_a_terminal():
+    out = _Tty()
+    configure_logging("info", "auto", stream=out)
+    structlog.get_logger().info("hello", call_id="c1")
+    text = out.getvalue()
+    assert "hello" in text and "call_id" in text and "c1" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text.splitlines()[0])
+
+
+def test_reconfiguring_replaces_the_handler():
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", "json", stream=first)
+    configure_logging("info", "json", stream=second)
+    structlog.get_logger().info("once")
+    assert first.getvalue() == ""
+    assert len(_lines(second)) == 1
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("loud", "json"), ("info", "xml")])
+def test_bad_arguments(level, fmt):
+    with pytest.raises(ValueError):
+        configure_logging(level, fmt, stream=io.StringIO())
+
+
+def test_closed_stream_counts_as_not_a_terminal():
+    out = io.StringIO()
+    out.close()  # isatty() now raises ValueError
+    configure_logging("info", "auto", stream=out)  # JSON chosen; nothing written yet
+    root = logging.getLogger()
+    (handler,) = [h for h in root.handlers if h.get_name() == "sbc"]
+    assert isinstance(handler.formatter, structlog.stdlib.ProcessorFormatter)
+    assert any(
+        isinstance(p, structlog.processors.JSONRenderer) for p in handler.formatter.processors
+    )
