@@ -1,0 +1,290 @@
+"""The registration driver: runs :class:`sbc.sip.registration.Registration` on the engine.
+
+One task owns the sans-I/O core. It hands every REGISTER the core produces to the engine, feeds
+the responses (and the engine's synthetic 408/503) back in, sleeps until the core's next
+deadline, and turns the core's events into log lines and metrics. A second task sends the
+keep-alives that hold NAT bindings open: CRLFCRLF on the TCP/TLS connection to 3CX (RFC 5626
+§4.4.1), and on UDP an OPTIONS (or, with ``keepalive = "crlf"``, a CRLF datagram where the
+transports can send one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+from typing import Protocol
+
+import structlog
+
+from sbc.net.addresses import Destination
+from sbc.net.engine import RequestTarget, SipEngine
+from sbc.sip.message import Request
+from sbc.sip.registration import (
+    BindingExpired,
+    ContactRewritten,
+    ExpiresRaised,
+    Output,
+    Registered,
+    Registration,
+    RegistrationConfig,
+    RegistrationFailed,
+    RequestReady,
+    Unregistered,
+)
+
+__all__ = ["RegistrationDriver", "RegistrationObserver"]
+
+log = structlog.get_logger(__name__)
+
+KEEPALIVE_MODES = ("options", "crlf", "off")
+CRLF_PING = b"\r\n\r\n"  # RFC 5626 §4.4.1: the client's keep-alive ping
+_TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+class RegistrationObserver(Protocol):
+    """What the driver reports to (``sbc.ops.metrics.Metrics`` implements it)."""
+
+    def set_registered(self, value: bool) -> None: ...
+
+    def register_attempted(self) -> None: ...
+
+    def register_failed(self, status: int | None, reason: str) -> None: ...
+
+
+def _token() -> str:
+    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(20))
+
+
+class RegistrationDriver:
+    """Keeps the extension registered with 3CX until :meth:`stop`.
+
+    ``target`` is where REGISTERs go (a SIP URI with the PBX's host, port and transport), or
+    None for the registrar URI itself. ``rng`` draws the backoff jitter (seed it in tests).
+    """
+
+    def __init__(
+        self,
+        engine: SipEngine,
+        config: RegistrationConfig,
+        *,
+        target: RequestTarget = None,
+        keepalive: str = "options",
+        keepalive_interval: float = 25.0,
+        observer: RegistrationObserver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if keepalive not in KEEPALIVE_MODES:
+            raise ValueError(f"keepalive must be one of {KEEPALIVE_MODES}, got {keepalive!r}")
+        if keepalive_interval <= 0:
+            raise ValueError("keepalive_interval must be positive")
+        self.engine = engine
+        self.config = config
+        self.target = target
+        self.keepalive = keepalive
+        self.keepalive_interval = keepalive_interval
+        self.observer = observer
+        self._rng = rng or random.Random()
+        self.core = Registration(config, token=_token, fraction=self._rng.random)
+        self._wake = asyncio.Event()
+        self._registered_event = asyncio.Event()
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        # Where the last REGISTER went: keep-alives follow it.
+        self._destination: Destination | None = None
+        self._warned_no_crlf = False
+        self.log = log.bind(call_id=self.core.call_id, aor=str(config.aor))
+
+    # -- public ------------------------------------------------------------------------------------
+    @property
+    def registered(self) -> bool:
+        return self.core.registered
+
+    @property
+    def destination(self) -> Destination | None:
+        return self._destination
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.core.start(loop.time())
+        self._task = asyncio.create_task(self._run(), name="registration")
+        if self.keepalive != "off":
+            self._keepalive_task = asyncio.create_task(self._keepalives(), name="keepalive")
+
+    async def wait_registered(self) -> None:
+        """Return once registered (for tests and start-up ordering)."""
+        await self._registered_event.wait()
+
+    async def stop(self, unregister_wait: float = 2.0) -> None:
+        """Unregister (Expires: 0) and wait up to ``unregister_wait`` seconds for the answer."""
+        if self._keepalive_task is not None:
+            self._keepalive_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive_task
+            self._keepalive_task = None
+        if self._task is None:
+            return
+        if not self.core.terminated:
+            self.core.stop(asyncio.get_running_loop().time())
+            self._wake.set()
+        try:
+            await asyncio.wait_for(self._done.wait(), unregister_wait)
+        except TimeoutError:
+            self.log.warning("unregister_unanswered", waited=unregister_wait)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        for task in list(self._sends):
+            task.cancel()
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
+        if self.observer is not None:
+            self.observer.set_registered(False)
+
+    # -- the core's loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self._step():
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug (a ProtocolError from the core, say). Silently losing the registration
+                # is the failure this driver exists to prevent: log it and keep going.
+                self.log.exception("registration_loop_failed")
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> bool:
+        """Handle the core's output, then wait for input or its deadline; True when done."""
+        loop = asyncio.get_running_loop()
+        self._flush()
+        if self.core.terminated:
+            self._done.set()
+            return True
+        deadline = self.core.next_deadline()
+        self._wake.clear()
+        if deadline is None:
+            await self._wake.wait()
+        else:
+            delay = deadline - loop.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            self.core.handle_timer(now)
+        return False
+
+    def _flush(self) -> None:
+        for output in self.core.take_outputs():
+            self._handle(output)
+        if self.observer is not None:
+            self.observer.set_registered(self.core.registered)
+        if self.core.registered:
+            self._registered_event.set()
+        else:
+            self._registered_event.clear()
+
+    def _handle(self, output: Output) -> None:
+        if isinstance(output, RequestReady):
+            if self.observer is not None and not output.unregister:
+                self.observer.register_attempted()
+            task = asyncio.create_task(self._send(output.request))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+        elif isinstance(output, Registered):
+            self.log.info(
+                "registration_refreshed" if output.refreshed else "registered",
+                contact=output.contact,
+                expires=output.expires,
+                refresh_in=round(output.refresh_at - output.expires_at + output.expires, 1),
+            )
+        elif isinstance(output, RegistrationFailed):
+            # Logged once per failure, with what the registrar said (DESIGN.md rule 8).
+            self.log.warning(
+                "registration_failed",
+                status=output.status,
+                reason=output.reason,
+                failures=output.failures,
+                retry_in=round(output.retry_in, 1),
+            )
+            if self.observer is not None:
+                self.observer.register_failed(output.status, output.reason)
+        elif isinstance(output, BindingExpired):
+            self.log.warning("registration_expired")
+        elif isinstance(output, ContactRewritten):
+            self.log.info("contact_rewritten", old=output.old, new=output.new)
+        elif isinstance(output, ExpiresRaised):
+            self.log.info(
+                "register_interval_too_brief",
+                requested=output.requested,
+                min_expires=output.min_expires,
+            )
+        elif isinstance(output, Unregistered):
+            self.log.info("unregistered", status=output.status, reason=output.reason)
+
+    async def _send(self, request: Request) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            handle = self.engine.send_request(request, self.target)
+            async for response in handle:
+                if handle.destination is not None:
+                    self._destination = handle.destination
+                self.core.receive_response(response, loop.time())
+                self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The engine reports transport trouble as a synthetic 503; anything raised here
+            # is unexpected, but must still count as a failed attempt, not kill the loop.
+            self.log.exception("register_send_failed")
+            if self.core.in_flight is request:
+                self.core.transport_failed(loop.time(), f"send failed: {exc}")
+                self._wake.set()
+
+    # -- keep-alives -------------------------------------------------------------------------------
+    async def _keepalives(self) -> None:
+        while not self.core.terminated:
+            await asyncio.sleep(self.keepalive_interval)
+            dest = self._destination
+            if dest is None or not self.core.registered:
+                continue
+            try:
+                if dest.transport != "udp":
+                    self._stream_ping(dest)
+                elif not (self.keepalive == "crlf" and self._datagram_ping(dest)):
+                    await self._options_ping()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("keepalive_failed", dest=str(dest))
+
+    def _stream_ping(self, dest: Destination) -> None:
+        conn = self.engine.transports.connection_to(dest.transport, dest.host, dest.port)
+        if conn is None or not conn.write(CRLF_PING):
+            # RFC 5626 §4.4.1: the flow is gone; register again over a new one.
+            self.log.info("registrar_connection_lost", dest=str(dest))
+            self.core.flow_lost(asyncio.get_running_loop().time())
+            self._wake.set()
+
+    def _datagram_ping(self, dest: Destination) -> bool:
+        send_raw = getattr(self.engine.transports, "send_raw", None)
+        if send_raw is None:
+            if not self._warned_no_crlf:
+                self._warned_no_crlf = True
+                self.log.warning("crlf_keepalive_unsupported_on_udp_using_options")
+            return False
+        send_raw(dest, CRLF_PING)
+        return True
+
+    async def _options_ping(self) -> None:
+        handle = self.engine.send_request(self.core.keepalive_options(), self.target)
+        response = await handle
+        if response.status >= 300 and response.status not in (405, 501):
+            # Any answer proves the path; only silence or a local failure is worth a line.
+            self.log.debug("keepalive_options_answer", status=response.status)
