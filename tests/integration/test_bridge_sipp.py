@@ -1,0 +1,515 @@
+"""The bridge end to end: SIPp as 3CX (registrar and caller) and SIPp as Retell (over TCP).
+
+Each test starts its own sbc (the app's :class:`~sbc.b2bua.app.Service`, in this process) on
+127.0.0.22, SIPp "3CX" on 127.0.0.21 and SIPp "Retell" on 127.0.0.23, so that the Retell side
+can check by address that nothing of the PBX leg reached it. The scenarios in
+``sip-fixtures/sipp`` do the checking on the wire (``check_it`` / ``check_it_inverse``); the
+tests assert both SIPp's exit status and their counts of successful and failed calls, and the
+bridge's own call records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import SIPP_SCENARIOS, _read_stats, free_port, require_binary
+
+from sbc.b2bua.app import Service
+from sbc.b2bua.calls import CallManager
+from sbc.ops.settings import (
+    AdminSettings,
+    CallsSettings,
+    MediaSettings,
+    PbxSettings,
+    RetellSettings,
+    Settings,
+    SipSettings,
+)
+
+pytestmark = pytest.mark.integration
+
+PBX = "127.0.0.21"
+SBC = "127.0.0.22"
+RETELL = "127.0.0.23"
+STRANGER = "127.0.0.24"
+EXTENSION = "101"
+RETELL_NUMBER = "+14155550100"
+
+HEADERS = {
+    "X-Caller-Number": "{caller_number}",
+    "X-Caller-Name": "{caller_name}",
+    "X-Called": "{called}",
+    "X-PBX-Call-ID": "{pbx_call_id}",
+    "X-Call-UUID": "{call_uuid}",
+    "X-Started": "{now}",
+    "X-PAI": "{header[P-Asserted-Identity]}",
+    "X-Queue": "queue={header[X-3CX-Queue]}",
+}
+
+
+@dataclass
+class Sipp:
+    """A SIPp process started by a test, and where its traces go."""
+
+    proc: asyncio.subprocess.Process
+    stat_file: Path
+    message_file: Path
+    error_file: Path
+    started: float
+
+    async def finish(self, limit: float) -> tuple[int, dict[str, str], float]:
+        """Wait for SIPp to exit: (exit status, last statistics row, seconds it ran)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self.proc.wait(), limit)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"SIPp still running after {limit} s") from None
+        return self.proc.returncode or 0, _read_stats(self.stat_file), loop.time() - self.started
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 3)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+    def messages(self) -> str:
+        return self.message_file.read_text(errors="replace") if self.message_file.exists() else ""
+
+    def errors(self) -> str:
+        return self.error_file.read_text(errors="replace") if self.error_file.exists() else ""
+
+
+async def start_sipp(
+    workdir: Path,
+    scenario: str,
+    *,
+    local_ip: str,
+    port: int,
+    transport: str = "u1",
+    remote: str | None = None,
+    calls: int = 1,
+    extra: Sequence[str] = (),
+    time_limit: int = 60,
+) -> Sipp:
+    sipp = require_binary("sipp")
+    name = f"{Path(scenario).stem}-{port}"
+    stat_file = workdir / f"{name}.csv"
+    message_file = workdir / f"{name}-messages.log"
+    error_file = workdir / f"{name}-errors.log"
+    args = [
+        sipp,
+        "-sf",
+        str(SIPP_SCENARIOS / scenario),
+        *([remote] if remote else []),
+        "-t",
+        transport,
+        "-i",
+        local_ip,
+        "-p",
+        str(port),
+        "-cp",
+        str(free_port("0.0.0.0")),  # SIPp binds its control socket on every address
+        "-m",
+        str(calls),
+        "-timeout",
+        f"{time_limit}s",
+        "-timeout_error",
+        "-trace_stat",
+        "-stf",
+        str(stat_file),
+        "-trace_msg",
+        "-message_file",
+        str(message_file),
+        "-trace_err",
+        "-error_file",
+        str(error_file),
+        "-nostdin",
+        *extra,
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=workdir,
+    )
+    return Sipp(proc, stat_file, message_file, error_file, asyncio.get_running_loop().time())
+
+
+def counts(stats: dict[str, str]) -> tuple[int, int]:
+    return int(stats.get("SuccessfulCall(C)", "0") or 0), int(stats.get("FailedCall(C)", "0") or 0)
+
+
+@dataclass
+class Bridge:
+    service: Service
+    port: int
+    retell_port: int
+
+    @property
+    def calls(self) -> CallManager:
+        bridge = self.service.bridge
+        assert isinstance(bridge, CallManager)
+        return bridge
+
+    async def settled(self, limit: float = 10.0) -> None:
+        """Wait until the bridge holds no call (every call task has finished)."""
+        async with asyncio.timeout(limit):
+            await self.calls.wait_idle()
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(
+    workdir: Path,
+    *,
+    answer_timeout: float = 30.0,
+    retell_port: int | None = None,
+    max_concurrent: int = 100,
+    max_duration: float = 7200.0,
+) -> AsyncIterator[Bridge]:
+    """SIPp registrar for 3CX, then sbc registered with it; both stopped at the end."""
+    registrar_port = free_port(PBX)
+    registrar = await start_sipp(
+        workdir, "pbx_registrar.xml", local_ip=PBX, port=registrar_port, time_limit=600
+    )
+    port = free_port(SBC)
+    retell_port = retell_port or free_port(RETELL)
+    settings = Settings(
+        sip=SipSettings(bind=SBC, port=port, t1=0.25, t2=2.0),
+        pbx=PbxSettings(
+            host=PBX,
+            port=registrar_port,
+            extension=EXTENSION,
+            auth_id="6001auth",
+            password="secret",  # type: ignore[arg-type]
+            trusted=(f"{PBX}/32",),  # type: ignore[arg-type]
+            keepalive="off",
+        ),
+        retell=RetellSettings(
+            host=RETELL,
+            port=retell_port,
+            transport="tcp",
+            number=RETELL_NUMBER,
+            answer_timeout=answer_timeout,
+        ),
+        headers=HEADERS,
+        calls=CallsSettings(
+            country_code="44",
+            national_prefix="0",
+            international_prefix="00",
+            passthrough_x_headers=("X-Customer-*",),
+            max_concurrent=max_concurrent,
+            max_duration=max_duration,
+        ),
+        media=MediaSettings(mode="passthrough"),
+        admin=AdminSettings(listen=f"{SBC}:{free_port(SBC)}"),
+    )
+    service = Service(settings)
+    try:
+        await service.start()
+        async with asyncio.timeout(10):
+            await service.registration.wait_registered()
+        yield Bridge(service, port, retell_port)
+    finally:
+        await service.stop()
+        await registrar.kill()
+
+
+async def pbx_call(
+    workdir: Path,
+    bridge: Bridge,
+    scenario: str,
+    *,
+    calls: int = 1,
+    extra: Sequence[str] = (),
+    local_ip: str = PBX,
+    extension: str = EXTENSION,
+) -> Sipp:
+    return await start_sipp(
+        workdir,
+        scenario,
+        local_ip=local_ip,
+        port=free_port(local_ip),
+        remote=f"{SBC}:{bridge.port}",
+        calls=calls,
+        extra=("-s", extension, *extra),
+    )
+
+
+async def retell(
+    workdir: Path, bridge: Bridge, scenario: str, *, calls: int = 1, extra: Sequence[str] = ()
+) -> Sipp:
+    sipp = await start_sipp(
+        workdir,
+        scenario,
+        local_ip=RETELL,
+        port=bridge.retell_port,
+        transport="t1",
+        calls=calls,
+        extra=extra,
+    )
+    await wait_listening(RETELL, bridge.retell_port)
+    return sipp
+
+
+async def wait_listening(host: str, port: int, limit: float = 5.0) -> None:
+    """Wait until a TCP socket listens on ``host:port`` (read from /proc/net/tcp, so that no
+    probe connection reaches the listener)."""
+    wanted = f"{_hex_ip(host)}:{port:04X}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while loop.time() < deadline:
+        table = _proc_net_tcp()
+        if any(
+            fields[1] == wanted and fields[3] == "0A"  # 0A: TCP_LISTEN
+            for fields in (line.split() for line in table.splitlines()[1:])
+        ):
+            return
+        await asyncio.sleep(0.01)  # polling kernel state, bounded by ``limit``
+    raise AssertionError(f"nothing listens on {host}:{port} after {limit} s")
+
+
+def _proc_net_tcp() -> str:
+    with open("/proc/net/tcp") as table:
+        return table.read()
+
+
+def _hex_ip(host: str) -> str:
+    """/proc/net/tcp's spelling of an IPv4 address: the 32-bit value in host byte order."""
+    return "".join(f"{int(part):02X}" for part in reversed(host.split(".")))
+
+
+def final_statuses(messages: str) -> list[int]:
+    """Statuses of the final responses a SIPp caller received (its message trace)."""
+    found = re.findall(r"message received[^\n]*\n\n?SIP/2\.0 ([2-6][0-9][0-9]) [^\n]*\n", messages)
+    return [int(s) for s in found]
+
+
+def assert_both_ends(
+    name: str, result: tuple[int, dict[str, str], float], sipp: Sipp, calls: int
+) -> None:
+    code, stats, _ = result
+    ok, failed = counts(stats)
+    assert (code, ok, failed) == (0, calls, 0), f"{name}: {stats}\n{sipp.errors()}"
+
+
+# -- the checks of the issue ---------------------------------------------------------------------
+
+
+async def test_fifty_calls_bridged_with_headers(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas.xml", calls=50)
+        near = await pbx_call(
+            tmp_path, bridge, "pbx_caller.xml", calls=50, extra=("-r", "10", "-d", "1000")
+        )
+        pbx_result = await near.finish(60)
+        retell_result = await far.finish(30)
+        assert_both_ends("3CX", pbx_result, near, 50)
+        assert_both_ends("Retell", retell_result, far, 50)
+        await bridge.settled()
+        records = bridge.calls.records
+        assert len(records) == 50
+        assert {r.pbx_status for r in records} == {200}
+        assert {r.retell_status for r in records} == {200}
+        assert {r.end_reason for r in records} == {"pbx_bye"}
+        assert all(r.caller == "+442071234567" and r.called == EXTENSION for r in records)
+        assert len({r.call_uuid for r in records}) == 50
+
+
+async def test_cancel_before_answer(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas_cancel.xml")
+        near = await pbx_call(tmp_path, bridge, "pbx_cancel.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert (record.pbx_status, record.retell_status) == (487, 487)
+        assert record.end_reason == "pbx_cancel"
+
+
+async def test_bye_from_retell_ends_the_pbx_leg(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas_bye.xml", extra=("-d", "500"))
+        near = await pbx_call(tmp_path, bridge, "pbx_wait_bye.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert record.end_reason == "retell_bye"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("retell_reject_486.xml", 486),
+        ("retell_reject_603.xml", 603),
+        ("retell_reject_404.xml", 480),
+    ],
+)
+async def test_retell_refusal_is_mapped(tmp_path: Path, scenario: str, expected: int) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        far = await retell(tmp_path, bridge, scenario)
+        near = await pbx_call(tmp_path, bridge, "pbx_rejected.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        assert final_statuses(near.messages()) == [expected]
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert record.pbx_status == expected
+
+
+async def test_retell_never_answering_gets_the_pbx_a_final_response(tmp_path: Path) -> None:
+    answer_timeout = 2.0
+    async with running_bridge(tmp_path, answer_timeout=answer_timeout) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas_cancel.xml")
+        near = await pbx_call(tmp_path, bridge, "pbx_rejected.xml")
+        result = await near.finish(20)
+        assert_both_ends("3CX", result, near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        assert final_statuses(near.messages()) == [480]
+        # The SIPp run covers INVITE to final response plus its own start and ACK.
+        assert answer_timeout - 0.1 <= result[2] <= answer_timeout + 1.0
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert record.end_reason == "answer_timeout"
+
+
+async def test_retell_unreachable_is_503_fast(tmp_path: Path) -> None:
+    closed_port = free_port(RETELL)  # nothing listens there: TCP connect is refused
+    async with running_bridge(tmp_path, retell_port=closed_port) as bridge:
+        near = await pbx_call(tmp_path, bridge, "pbx_rejected.xml")
+        result = await near.finish(20)
+        assert_both_ends("3CX", result, near, 1)
+        assert final_statuses(near.messages()) == [503]
+        assert result[2] < 2.0
+        await bridge.settled()
+
+
+async def test_hold_and_refresh_are_absorbed(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        # retell_uas.xml expects only ACK and BYE after its 200: a forwarded re-INVITE or
+        # UPDATE would fail its call.
+        far = await retell(tmp_path, bridge, "retell_uas.xml")
+        near = await pbx_call(tmp_path, bridge, "pbx_hold.xml", extra=("-d", "300"))
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        assert "UPDATE sip:" not in far.messages()
+        assert far.messages().count("INVITE sip:") == 1
+        await bridge.settled()
+
+
+async def test_untrusted_source_and_other_extension_create_nothing(tmp_path: Path) -> None:
+    connections: list[object] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    async with running_bridge(tmp_path) as bridge:
+        server = await asyncio.start_server(accept, RETELL, bridge.retell_port)
+        try:
+            stranger = await pbx_call(tmp_path, bridge, "pbx_rejected.xml", local_ip=STRANGER)
+            assert_both_ends("stranger", await stranger.finish(20), stranger, 1)
+            other = await pbx_call(tmp_path, bridge, "pbx_rejected.xml", extension="999")
+            assert_both_ends("other extension", await other.finish(20), other, 1)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert final_statuses(stranger.messages()) == [403]
+        assert final_statuses(other.messages()) == [404]
+        assert connections == []
+        assert bridge.calls.active == 0
+        assert bridge.calls.records == []
+
+
+async def test_no_common_codec_is_488_before_retell(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        near = await pbx_call(tmp_path, bridge, "pbx_g729.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert final_statuses(near.messages()) == [488]
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert (record.pbx_status, record.retell_status) == (488, None)
+
+
+async def test_bye_to_3cx_answers_its_challenge(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas_bye.xml", extra=("-d", "300"))
+        near = await pbx_call(tmp_path, bridge, "pbx_wait_bye_auth.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        byes = re.findall(r"\nBYE sip:[^\n]*\n(?:[^\n]+\n)*?CSeq: (\d+) BYE", near.messages())
+        assert len(byes) == 2 and int(byes[1]) == int(byes[0]) + 1
+
+
+async def test_max_duration_ends_both_legs(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path, max_duration=1.0) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas.xml")
+        near = await pbx_call(tmp_path, bridge, "pbx_wait_bye.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert record.end_reason == "max_duration"
+        assert record.answered is not None
+        assert 1.0 <= record.ended - record.answered < 2.5
+
+
+class FirstCall:
+    """A call observer that resolves ``started`` with the first call's uuid."""
+
+    def __init__(self, started: asyncio.Future[str]) -> None:
+        self.started = started
+
+    def call_started(self, call_uuid: str) -> None:
+        if not self.started.done():
+            self.started.set_result(call_uuid)
+
+    def call_ended(self, record: object) -> None:
+        pass
+
+    def call_refused(self, status: int) -> None:
+        pass
+
+
+async def test_over_capacity_is_503_with_retry_after(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path, max_concurrent=1) as bridge:
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        bridge.calls.observer = FirstCall(started)
+        far = await retell(tmp_path, bridge, "retell_uas_bye.xml", extra=("-d", "2000"))
+        first = await pbx_call(tmp_path, bridge, "pbx_wait_bye.xml")
+        async with asyncio.timeout(5):
+            call_uuid = await started
+            await bridge.calls.calls[call_uuid].up.wait()
+        second = await pbx_call(tmp_path, bridge, "pbx_rejected.xml")
+        assert_both_ends("second", await second.finish(20), second, 1)
+        assert final_statuses(second.messages()) == [503]
+        assert re.search(r"\nRetry-After: \d+", second.messages())
+        assert_both_ends("first", await first.finish(20), first, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        await bridge.settled()
+        assert len(bridge.calls.records) == 1
+
+
+async def test_cancel_crossing_retells_200_ends_with_ack_and_bye(tmp_path: Path) -> None:
+    async with running_bridge(tmp_path) as bridge:
+        far = await retell(tmp_path, bridge, "retell_uas_cancel_race.xml")
+        near = await pbx_call(tmp_path, bridge, "pbx_cancel.xml")
+        assert_both_ends("3CX", await near.finish(20), near, 1)
+        assert_both_ends("Retell", await far.finish(20), far, 1)
+        await bridge.settled()
+        (record,) = bridge.calls.records
+        assert (record.pbx_status, record.retell_status) == (487, 200)
+        assert record.end_reason == "pbx_cancel"
