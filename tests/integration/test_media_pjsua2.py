@@ -1,0 +1,399 @@
+"""Media end to end through sbc, relay mode: real RTP between real SIP phones.
+
+* pjsua2 (PJSIP) as 3CX's caller and as Retell's answerer (over TCP), each in a subprocess
+  (``pjsua_peer.py``): both receive the other's audio, and a DTMF digit sent as RFC 4733
+  telephone-event reaches the answerer;
+* the shipped stand-ins (:mod:`sbc.b2bua.standins`) where exact packets matter: every payload
+  byte and sequence number, telephone-event packets included, arrives as sent in both
+  directions; port exhaustion answers 503 without disturbing the call in progress; 1,000 calls
+  leave no port and no call behind; a call without media is torn down after media_timeout.
+
+sbc registers with the 3CX stand-in's registrar first; the pjsua2 caller sends its INVITE
+straight to sbc's address with ``sip:EXT@sbc`` as Request-URI, from the PBX's address (trusted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import struct
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from sbc.b2bua.app import Service
+from sbc.b2bua.calls import CallManager
+from sbc.b2bua.standins import PbxCall, PbxStandIn, RetellCall, RetellStandIn
+from sbc.ops.settings import (
+    AdminSettings,
+    CallsSettings,
+    MediaSettings,
+    PbxSettings,
+    RetellSettings,
+    Settings,
+    SipSettings,
+)
+
+pytestmark = pytest.mark.integration
+
+SBC, PBX, RETELL = "127.0.0.61", "127.0.0.62", "127.0.0.63"
+EXTENSION = "1000"
+NUMBER = "+14155550100"
+PEER = Path(__file__).with_name("pjsua_peer.py")
+HEADERS = {"X-Caller-Number": "{caller_number}", "X-Called": "{called}"}
+
+
+def require_pjsua2() -> None:
+    """pjsua2 from PyPI (pjsua2-python); its absence fails on CI, skips elsewhere."""
+    if importlib.util.find_spec("pjsua2") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("pjsua2 (pip install pjsua2-python) is required on CI but not installed")
+        pytest.skip("pjsua2 not installed")
+
+
+# -- the bridge between stand-ins -----------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    service: Service
+    settings: Settings
+    pbx: PbxStandIn
+    retell: RetellStandIn
+
+    @property
+    def manager(self) -> CallManager:
+        bridge = self.service.bridge
+        assert isinstance(bridge, CallManager)
+        return bridge
+
+    @property
+    def ports_in_use(self) -> int:
+        pool = getattr(self.manager.media, "pool", None)
+        assert pool is not None, "relay mode has a port pool"
+        return int(pool.in_use)
+
+    async def settled(self, limit: float = 10.0) -> None:
+        """Until sbc holds no call (the table has no event of its own: polled)."""
+        async with asyncio.timeout(limit):
+            while self.manager.active:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+    @property
+    def sbc_uri(self) -> str:
+        return f"sip:{EXTENSION}@{SBC}:{self.settings.sip.port}"
+
+
+def bridge_settings(
+    *, rtp_ports: int = 100, media_timeout: float = 60.0, max_concurrent: int = 20
+) -> Settings:
+    rtp_min = free_port(SBC) & ~1
+    return Settings(
+        sip=SipSettings(bind=SBC, port=free_port(SBC), t1=0.25, t2=2.0),
+        pbx=PbxSettings(
+            host=PBX,
+            port=free_port(PBX),
+            extension=EXTENSION,
+            auth_id="demo1000",
+            password="secret",  # type: ignore[arg-type]
+            keepalive="off",
+        ),
+        retell=RetellSettings(host=RETELL, port=free_port(RETELL), transport="tcp", number=NUMBER),
+        headers=HEADERS,
+        calls=CallsSettings(country_code="31", max_concurrent=max_concurrent),
+        media=MediaSettings(
+            mode="relay",
+            rtp_port_min=rtp_min,
+            rtp_port_max=rtp_min + rtp_ports - 1,
+            media_timeout=media_timeout,
+        ),
+        admin=AdminSettings(listen=f"{SBC}:{free_port(SBC, udp=False)}"),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(
+    settings: Settings, *, retell: bool = True, ring: float = 0.2, frames: list[bytes] | None = None
+) -> AsyncIterator[Rig]:
+    """The 3CX stand-in (registrar), optionally the Retell stand-in, and sbc registered."""
+    pbx = PbxStandIn(
+        PBX,
+        settings.pbx.port,
+        extension=EXTENSION,
+        auth_id=settings.pbx.auth_id,
+        password=settings.pbx.password.get_secret_value(),
+    )
+    retell_standin = RetellStandIn(RETELL, settings.retell.port, ring=ring, frames=frames)
+    service = Service(settings)
+    await pbx.start()
+    try:
+        if retell:
+            await retell_standin.start()
+        await service.start()
+        async with asyncio.timeout(10):
+            await pbx.registered.wait()
+        yield Rig(service, settings, pbx, retell_standin)
+    finally:
+        await service.stop()
+        if retell:
+            await retell_standin.stop()
+        await pbx.stop()
+
+
+def numbered(count: int, size: int = 160) -> list[bytes]:
+    """RTP payloads that differ packet by packet: the packet number, then filler."""
+    return [struct.pack("!I", n) + bytes([n % 251]) * (size - 4) for n in range(count)]
+
+
+def packets(stream: list[Any]) -> list[tuple[int, int, bytes]]:
+    return [(p.header.sequence, p.header.payload_type, p.payload) for p in stream]
+
+
+async def connected_call(rig: Rig, frames: list[bytes] | None = None) -> tuple[PbxCall, RetellCall]:
+    """3CX calls the extension; returns once both legs are up and Retell was ACKed."""
+    async with asyncio.timeout(10):
+        call = await rig.pbx.call(frames=frames)
+    assert call.final is not None and call.final.status == 200, call.statuses
+    retell_call = rig.retell.calls[next(reversed(rig.retell.calls))]
+    async with asyncio.timeout(5):
+        await retell_call.acked.wait()
+    return call, retell_call
+
+
+async def hang_up(rig: Rig, call: PbxCall, retell_call: RetellCall) -> None:
+    async with asyncio.timeout(10):
+        assert await rig.pbx.hang_up(call) == 200
+        await retell_call.ended.wait()
+    assert retell_call.bye_received
+
+
+# -- pjsua2 -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerProcess:
+    proc: asyncio.subprocess.Process
+    log: Path
+
+    async def result(self, limit: float) -> dict[str, Any]:
+        """The RESULT line, once the process has exited (killed after ``limit`` seconds)."""
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(limit):
+                out, err = await self.proc.communicate()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"pjsua2 peer still running after {limit} s") from None
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith("RESULT "):
+                parsed: dict[str, Any] = json.loads(line[len("RESULT ") :])
+                parsed["returncode"] = self.proc.returncode
+                return parsed
+        raise AssertionError(
+            f"no RESULT from the pjsua2 peer (exit {self.proc.returncode}):\n"
+            f"{err.decode(errors='replace')[-2000:]}\n{self.tail()}"
+        )
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def start_peer(tmp_path: Path, name: str, *args: str) -> PeerProcess:
+    """Start ``pjsua_peer.py`` and wait for its READY line (it listens from then on)."""
+    log = tmp_path / f"{name}.log"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(PEER),
+        *args,
+        "--log",
+        str(log),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    peer = PeerProcess(proc, log)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    raise AssertionError(f"pjsua2 {name} exited before READY:\n{peer.tail()}")
+                if line.strip() == b"READY":
+                    return peer
+    except BaseException:
+        await peer.kill()
+        raise
+
+
+async def test_pjsua2_caller_and_answerer_hear_each_other_through_the_relay(
+    tmp_path: Path,
+) -> None:
+    require_pjsua2()
+    settings = bridge_settings()
+    async with running_bridge(settings, retell=False) as rig:
+        answerer = await start_peer(
+            tmp_path,
+            "answerer",
+            *("--role", "answerer", "--bind", RETELL, "--port", str(settings.retell.port)),
+            *("--transport", "tcp", "--id-uri", f"sip:{NUMBER}@{RETELL}", "--tone", "660"),
+            *("--max-time", "30"),
+        )
+        try:
+            caller = await start_peer(
+                tmp_path,
+                "caller",
+                *("--role", "caller", "--bind", PBX, "--port", str(free_port(PBX))),
+                *("--id-uri", f'"Jane Doe" <sip:0201234567@{PBX}>', "--target", rig.sbc_uri),
+                *("--talk", "3", "--dtmf", "5", "--tone", "440", "--max-time", "30"),
+            )
+            try:
+                called = await caller.result(40)
+            finally:
+                await caller.kill()
+            answered = await answerer.result(15)
+        finally:
+            await answerer.kill()
+        await rig.settled()
+        ports_left = rig.ports_in_use
+        record = rig.manager.records[-1]
+
+    print("pjsua2 caller:", {k: v for k, v in called.items() if k != "invite"})
+    print("pjsua2 answerer:", {k: v for k, v in answered.items() if k != "invite"})
+    assert called["connected"] and called["hung_up_here"] and called["disconnected"], called
+    # The answerer's call ended by sbc's BYE after the caller hung up.
+    assert answered["connected"] and answered["disconnected"], answered
+    assert not answered["hung_up_here"], answered
+    # Three seconds of 20 ms packets is 150: at least 100 each way, at both ends.
+    for side in (called, answered):
+        assert side["tx_packets"] >= 100, side
+        assert side["rx_packets"] >= 100, side
+    # RFC 4733 telephone-event crossed the relay and was decoded by pjsua2.
+    assert answered["digits"] == ["5"], answered
+    invite = answered["invite"]
+    assert invite.startswith(f"INVITE sip:{NUMBER}@{RETELL}:{settings.retell.port};transport=tcp ")
+    assert "X-Caller-Number: +31201234567" in invite
+    assert "X-Called: 1000" in invite
+    assert PBX not in invite  # nothing of the 3CX leg, SDP included (relay mode)
+    assert ports_left == 0
+    assert record.end_reason == "pbx_bye" and record.pbx_status == 200, record
+
+
+# -- exact packets with the stand-ins -----------------------------------------------------------
+
+
+async def test_payloads_and_sequence_numbers_cross_unchanged_both_ways() -> None:
+    settings = bridge_settings()
+    async with running_bridge(settings, frames=numbered(500)) as rig:
+        call, retell_call = await connected_call(rig, frames=numbered(500))
+        a, b = call.rtp, retell_call.rtp
+        await asyncio.sleep(0.5)  # talk time, not synchronisation
+        a.send_dtmf("1")
+        b.send_dtmf("#")
+        await asyncio.sleep(1.5)
+        a.stop_sending()
+        b.stop_sending()
+        async with asyncio.timeout(3):
+            await a.wait_received(len(b.sent))
+            await b.wait_received(len(a.sent))
+        await hang_up(rig, call, retell_call)
+        await rig.settled()
+        assert rig.ports_in_use == 0
+    for sender, receiver in ((a, b), (b, a)):
+        assert len(sender.sent) >= 90
+        assert packets(receiver.received) == packets(sender.sent)
+        # Raw bytes too: the relay touches nothing (header fields, marker, SSRC).
+        assert receiver.received == sender.sent
+        events = [p for p in receiver.received if p.header.payload_type == 101]
+        assert len(events) == 7, len(events)  # 5 packets, the final one three times
+    # Both sides sent from the port they receive on, and heard only sbc's relay.
+    relay_ports = {port for _, port in a.sources | b.sources}
+    assert {host for host, _ in a.sources | b.sources} == {SBC}
+    assert len(relay_ports) == 2
+
+
+async def test_port_exhaustion_answers_503_and_spares_the_call_in_progress() -> None:
+    # Four ports: two RTP/RTCP pairs, which one call (one pair per leg) takes.
+    settings = bridge_settings(rtp_ports=4)
+    async with running_bridge(settings) as rig:
+        call, retell_call = await connected_call(rig)
+        assert rig.ports_in_use == 2
+        async with asyncio.timeout(10):
+            refused = await rig.pbx.call()
+        assert refused.final is not None and refused.final.status == 503, refused.statuses
+        assert len(rig.retell.calls) == 1  # the refused call never reached Retell
+        # The first call goes on: 25 more packets (half a second) arrive each way.
+        a, b = call.rtp, retell_call.rtp
+        async with asyncio.timeout(5):
+            await a.wait_received(len(a.received) + 25)
+            await b.wait_received(len(b.received) + 25)
+        await hang_up(rig, call, retell_call)
+        await rig.settled()
+        assert rig.ports_in_use == 0
+        assert rig.manager.active == 0
+
+
+async def test_a_thousand_calls_leave_no_port_and_no_call() -> None:
+    settings = bridge_settings(rtp_ports=200, max_concurrent=50)
+    total, width = 1000, 20
+    async with running_bridge(settings, ring=0) as rig:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answered = 0
+
+        async def one() -> None:
+            nonlocal answered
+            call, retell_call = await connected_call(rig)
+            await hang_up(rig, call, retell_call)
+            answered += 1
+            await call.rtp.close()
+            await retell_call.rtp.close()
+            rig.pbx.calls.pop(call.invite.call_id, None)
+            rig.retell.calls.pop(retell_call.invite.call_id, None)
+
+        async with asyncio.timeout(240):
+            for first in range(0, total, width):
+                await asyncio.gather(*(one() for _ in range(min(width, total - first))))
+        await rig.settled()
+        elapsed = loop.time() - started
+        print(f"{total} calls set up and torn down in {elapsed:.1f} s")
+        assert answered == total
+        assert rig.manager.active == 0
+        assert rig.ports_in_use == 0
+        assert all(r.end_reason == "pbx_bye" for r in rig.manager.records)
+
+
+async def test_media_timeout_ends_a_silent_call_and_frees_its_ports() -> None:
+    settings = bridge_settings(media_timeout=2.0)
+    async with running_bridge(settings) as rig:
+        call, retell_call = await connected_call(rig)
+        call.rtp.stop_sending()
+        retell_call.rtp.stop_sending()
+        # No RTP either way: after media_timeout sbc must hang up both legs itself.
+        try:
+            async with asyncio.timeout(settings.media.media_timeout + 5):
+                await call.ended.wait()
+                await retell_call.ended.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"sbc did not end a call without media within media_timeout"
+                f" ({settings.media.media_timeout:g} s) + 5 s: 3CX got BYE {call.bye_received},"
+                f" Retell got BYE {retell_call.bye_received}"
+            ) from None
+        assert call.bye_received and retell_call.bye_received
+        await rig.settled()
+        assert rig.ports_in_use == 0
