@@ -1,18 +1,21 @@
 """The call manager: which requests become calls, and which call an in-dialog request is for.
 
-Every new server transaction reaches :meth:`CallManager.handle_request` (the app's bridge hook):
+Every new server transaction reaches :meth:`CallManager.handle_request` (the engine's
+``on_request``, set by :class:`sbc.ops.service.Service`):
 
 * an INVITE without To tag is a new call only when it comes from a trusted PBX address and is
   for the registered extension; anything else is refused before any dialog or media exists
   (403 untrusted source, 404 another extension). Above ``max_concurrent`` calls it is 503 with
-  Retry-After (RFC 3261 §21.5.4). An accepted INVITE is answered 100 at once (§8.2.6.1) and
+  Retry-After (RFC 3261 §21.5.4), and so is a call the media layer has no ports for
+  (``PortsExhausted``). An accepted INVITE is answered 100 at once (§8.2.6.1) and
   handed to a new :class:`~sbc.b2bua.call.Call`, whose ``run`` is one task;
 * a request with a To tag is routed by dialog id (Call-ID, our tag) to its call and leg, or
   answered 481 (§12.2.2);
 * a NOTIFY outside a dialog is 3CX's voicemail summary: 200; other methods 405.
 
 ACKs of 2xx, CANCELs and late 2xx copies come from the engine's hooks, which
-:func:`create_bridge` points at this manager.
+:meth:`CallManager.attach` points at this manager. The settings are mapped onto
+:class:`~sbc.b2bua.legs.BridgeConfig` by :mod:`sbc.ops.service` (b2bua never imports ops).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,16 +31,14 @@ from typing import Any, Protocol
 import structlog
 
 from sbc.b2bua.call import Call
-from sbc.b2bua.legs import BridgeConfig, RetellTarget, uri_user
-from sbc.b2bua.numbers import NumberPlan
-from sbc.b2bua.templates import compile_headers
-from sbc.media.base import Leg, MediaBackend, PassthroughBackend
+from sbc.b2bua.legs import BridgeConfig, uri_user
+from sbc.media.base import Leg, MediaBackend, MediaSession
 from sbc.net.addresses import Destination
 from sbc.net.engine import ClientTransaction, IncomingRequest, SipEngine
-from sbc.sip.digest import Credentials
+from sbc.sip.errors import ServiceUnavailable
 from sbc.sip.message import Request, Response
 
-__all__ = ["CallManager", "CallObserver", "CallRecord", "bridge_config", "create_bridge"]
+__all__ = ["CallManager", "CallObserver", "CallRecord"]
 
 log = structlog.get_logger(__name__)
 
@@ -88,8 +88,30 @@ def record_of(call: Call) -> CallRecord:
     )
 
 
+class _RetryLater(MediaBackend):
+    """The backend calls get: a 503 from ``allocate`` (no free RTP ports) carries Retry-After."""
+
+    def __init__(self, backend: MediaBackend, retry_after: int) -> None:
+        self.backend = backend
+        self.retry_after = retry_after
+
+    async def allocate(self, call_id: str) -> MediaSession:
+        try:
+            return await self.backend.allocate(call_id)
+        except ServiceUnavailable as exc:
+            if any(name.lower() == "retry-after" for name, _ in exc.headers):
+                raise
+            # RFC 3261 §21.5.4: a temporary overload; the PBX may try again after this delay.
+            raise ServiceUnavailable(
+                exc.detail, headers=(*exc.headers, ("Retry-After", str(self.retry_after)))
+            ) from exc
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+
 class CallManager:
-    """All calls of one bridge, routed by dialog id; also the app's ``Bridge``."""
+    """All calls of one bridge, routed by dialog id."""
 
     def __init__(
         self,
@@ -104,6 +126,7 @@ class CallManager:
         self.engine = engine
         self.config = config
         self.media = media
+        self._call_media = _RetryLater(media, config.retry_after)
         self.observer = observer
         self._new_uuid = new_uuid
         self._wall = wall_clock
@@ -118,7 +141,8 @@ class CallManager:
         self._idle.set()
 
     def attach(self) -> None:
-        """Take the engine's ACK, CANCEL and late-response hooks (the app owns on_request)."""
+        """Take the engine's ACK, CANCEL and late-response hooks (the service sets on_request
+        to :meth:`handle_request`)."""
         self.engine.on_ack = self.handle_ack
         self.engine.on_cancel = self.handle_cancel
         self.engine.on_late_response = self.handle_late_response
@@ -134,7 +158,7 @@ class CallManager:
         """Return once no call is left (tests, graceful shutdown)."""
         await self._idle.wait()
 
-    # -- the app's Bridge protocol -------------------------------------------------------------
+    # -- requests from the engine -------------------------------------------------------------
     async def handle_request(self, incoming: IncomingRequest) -> None:
         request = incoming.request
         if request.to_tag is not None:
@@ -188,7 +212,7 @@ class CallManager:
             incoming,
             config=self.config,
             engine=self.engine,
-            media=self.media,
+            media=self._call_media,
             call_uuid=self._new_uuid(),
             **kwargs,
         )
@@ -273,103 +297,3 @@ class CallManager:
         call = self._retell_ids.get(response.call_id)
         if call is not None:
             call.retell_2xx_again(response)
-
-
-# -- wiring from the settings (the app calls create_bridge) ------------------------------------
-
-
-class _Settings(Protocol):
-    """The parts of ``sbc.ops.settings.Settings`` used here (b2bua does not import ops)."""
-
-    @property
-    def pbx(self) -> Any: ...
-
-    @property
-    def retell(self) -> Any: ...
-
-    @property
-    def calls(self) -> Any: ...
-
-    @property
-    def media(self) -> Any: ...
-
-    @property
-    def sip(self) -> Any: ...
-
-    @property
-    def headers(self) -> Any: ...
-
-
-def _pbx_networks(pbx: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """``pbx.trusted``, else the PBX host's own addresses (resolved once, at start)."""
-    if pbx.trusted:
-        return tuple(pbx.trusted)
-    try:
-        infos = socket.getaddrinfo(pbx.host, pbx.port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        # Not fatal: registration retries on its own; calls are refused (403) meanwhile.
-        log.warning("pbx_host_unresolved", host=pbx.host, error=str(exc))
-        return ()
-    hosts = {str(info[4][0]) for info in infos}
-    return tuple(ipaddress.ip_network(host) for host in sorted(hosts))
-
-
-def bridge_config(settings: _Settings) -> BridgeConfig:
-    """Map the settings to the bridge's plain config; raises TemplateError on a bad template."""
-    pbx, retell, calls, sip = settings.pbx, settings.retell, settings.calls, settings.sip
-    return BridgeConfig(
-        extension=pbx.extension,
-        retell=RetellTarget(retell.host, retell.port, retell.transport, retell.number),
-        trusted=_pbx_networks(pbx),
-        answer_timeout=retell.answer_timeout,
-        max_concurrent=calls.max_concurrent,
-        max_duration=calls.max_duration,
-        number_plan=NumberPlan(
-            country_code=calls.country_code,
-            national_prefix=calls.national_prefix,
-            international_prefix=calls.international_prefix,
-        ),
-        headers=compile_headers(settings.headers, calls.passthrough_x_headers),
-        user_agent=sip.user_agent,
-        pbx_credentials=Credentials(pbx.auth_id, pbx.password.get_secret_value()),
-        media_timeout=settings.media.media_timeout,
-        t1=sip.t1,
-        t2=sip.t2,
-    )
-
-
-def media_backend(settings: _Settings, advertised: str) -> MediaBackend:
-    """The media layer for ``[media] mode`` (passthrough, relay or rtpengine)."""
-    media = settings.media
-    if media.mode == "passthrough":
-        return PassthroughBackend(media.codecs)
-    if media.mode == "rtpengine":
-        from sbc.media.rtpengine import RtpengineBackend
-
-        return RtpengineBackend(media.rtpengine_address, codecs=media.codecs)
-    from sbc.media.ports import PortPool
-    from sbc.media.relay import RelayBackend
-
-    return RelayBackend(
-        settings.sip.bind,
-        advertised.strip("[]"),
-        PortPool(media.rtp_port_min, media.rtp_port_max),
-        media.learning_window,
-        codecs=media.codecs,
-    )
-
-
-def create_bridge(service: Any) -> CallManager:
-    """The app's hook (:data:`sbc.b2bua.app.BRIDGE_MODULE`): a manager on the service's engine."""
-    settings = service.settings
-    metrics = getattr(service, "metrics", None)
-    observer = (
-        metrics
-        if all(hasattr(metrics, name) for name in ("call_started", "call_ended", "call_refused"))
-        else None
-    )
-    engine: SipEngine = service.engine
-    media = media_backend(settings, engine.config.via_host)
-    manager = CallManager(engine, bridge_config(settings), media, observer=observer)
-    manager.attach()
-    return manager

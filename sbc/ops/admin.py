@@ -5,7 +5,7 @@
   503; the body lists each check as ``name: ok`` or ``name: failing``.
 * ``GET /metrics``: the Prometheus text exposition of :class:`~sbc.ops.metrics.Metrics`.
 
-Readiness checks are plain callables given by the app, so new ones (media, calls) can be added
+Readiness checks are plain callables given by the service, so new ones (media, calls) can be added
 without touching this module.
 """
 
@@ -49,7 +49,11 @@ class AdminServer:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()  # e.g. the port is taken: release what setup() made
+            raise
         self._runner = runner
         bound = runner.addresses
         self.address = (str(bound[0][0]), int(bound[0][1])) if bound else (self.host, self.port)

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import importlib.resources
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import structlog
 
@@ -42,20 +39,17 @@ __all__ = [
 ]
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # the bridge stopped on an error, or a part of it is missing from this build
+EXIT_FAILURE = 1  # the bridge could not start (port taken, rtpengine down) or stopped on an error
 EXIT_USAGE = 2  # bad command line (argparse)
 EXIT_INTERRUPTED = 130  # Ctrl-C before the bridge installed its own signal handling
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): the configuration is unusable; do not restart
 EXIT_CODES = {
     EXIT_OK: "success; for check-config: the configuration is valid",
-    EXIT_FAILURE: "the bridge stopped on an error, or a needed module is missing from this build",
+    EXIT_FAILURE: "the bridge could not start or stopped on an error (the log says why)",
     EXIT_USAGE: "bad command line",
     EXIT_CONFIG: "configuration error (missing file, TOML syntax, invalid value); one line each",
     EXIT_INTERRUPTED: "interrupted by SIGINT before the bridge took over signal handling",
 }
-
-APP_MODULE = "sbc.b2bua.app"
-DEMO_MODULE = "sbc.b2bua.demo"
 
 log = structlog.get_logger("sbc.cli")
 
@@ -135,35 +129,34 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The service and the demo are imported inside their commands: `check-config` and `version`
+# stay quick and never load the SIP stack, media or aiohttp.
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
-    return _serve(APP_MODULE, path)
+    settings = _load(path)
+    if settings is None:
+        return EXIT_CONFIG
+    from sbc.ops import service
+
+    return _serve(service.serve, settings, path)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config is not None else demo_config_path()
-    return _serve(DEMO_MODULE, path)
-
-
-def _serve(module_name: str, path: Path | None) -> int:
     settings = _load(path)
     if settings is None:
         return EXIT_CONFIG
+    from sbc.ops import demo
+
+    return _serve(demo.serve, settings, path)
+
+
+def _serve(
+    serve: Callable[[Settings], Awaitable[int]], settings: Settings, path: Path | None
+) -> int:
     configure_logging(settings.log.level, settings.log.format)
-    module = _import_optional(module_name)
-    if module is None:
-        log.error(
-            "module_missing",
-            module=module_name,
-            detail=f"cannot start: {module_name} is not part of this build of sbc",
-        )
-        return EXIT_FAILURE
-    serve: Callable[[Settings], Awaitable[Any]] | None = getattr(module, "serve", None)
-    if serve is None:
-        log.error(
-            "serve_missing", module=module_name, detail="module has no serve(settings) coroutine"
-        )
-        return EXIT_FAILURE
     log.info(
         "sbc_starting",
         version=__version__,
@@ -175,16 +168,6 @@ def _serve(module_name: str, path: Path | None) -> int:
     return _run_coroutine(serve, settings)
 
 
-def _import_optional(name: str) -> ModuleType | None:
-    """Import ``name``; None if that very module does not exist (not if it fails inside)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return None
-        raise
-
-
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
@@ -194,14 +177,14 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def _run_coroutine(serve: Callable[[Settings], Awaitable[Any]], settings: Settings) -> int:
+def _run_coroutine(serve: Callable[[Settings], Awaitable[int]], settings: Settings) -> int:
     """Run ``serve(settings)`` to completion on uvloop when installed (asyncio's loop otherwise).
 
     The bridge installs its own SIGTERM/SIGINT handlers and returns when it has shut down; its
-    return value, if an int, is the exit status.
+    return value is the exit status.
     """
 
-    async def _main() -> Any:
+    async def _main() -> int:
         return await serve(settings)
 
     factory = _loop_factory()
@@ -214,5 +197,5 @@ def _run_coroutine(serve: Callable[[Settings], Awaitable[Any]], settings: Settin
     except Exception:
         log.exception("sbc_crashed", detail="stopped on an unexpected error")
         return EXIT_FAILURE
-    log.info("sbc_stopped")
-    return result if isinstance(result, int) and not isinstance(result, bool) else EXIT_OK
+    log.info("sbc_stopped", status=result)
+    return result

@@ -2,18 +2,16 @@
 
 Every metric lives in the :class:`Metrics` object's own ``CollectorRegistry``: two bridges in one
 process (tests do that) never share a counter, and nothing is registered in prometheus-client's
-global default registry. The object is built once by the app and handed to whoever updates it.
+global default registry. The object is built once by the service (:mod:`sbc.ops.service`) and
+handed to whoever updates it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-if TYPE_CHECKING:
-    from sbc.b2bua.calls import CallRecord
+from sbc.b2bua.calls import CallRecord
 
 __all__ = ["CONTENT_TYPE", "Metrics", "failure_label"]
 
@@ -31,8 +29,8 @@ def failure_label(status: int | None, reason: str = "") -> str:
 
 
 class Metrics:
-    """The bridge's metrics; implements the registration driver's observer protocol and the
-    call manager's ``CallObserver``."""
+    """The bridge's metrics; implements the registration driver's ``RegistrationObserver`` and
+    the call manager's ``CallObserver`` (checked by mypy where :mod:`sbc.ops.service` passes it)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)

@@ -303,18 +303,45 @@ class RetellSettings(_Section):
         return value
 
 
+# The dialling plan a country code implies unless set: (national prefix, international prefix,
+# digit counts of prefix-less national numbers). NANP (+1): "1 415 555 0100", "011 44 ...", and
+# ten-digit numbers without prefix; most of the rest of the world: "0 20 ...", "00 44 ...".
+NANP_DIALLING = ("1", "011", (10,))
+DEFAULT_DIALLING = ("0", "00", ())
+
+
 class CallsSettings(_Section):
-    """[calls]: limits and number normalisation (PBX numbers -> E.164)."""
+    """[calls]: limits and number normalisation (PBX numbers -> E.164).
+
+    ``national_prefix``, ``international_prefix`` and ``national_lengths`` default from
+    ``country_code``: NANP's ``1`` / ``011`` / ``[10]`` for country code 1, else ``0`` / ``00`` /
+    ``[]``; set them for a country that differs.
+    """
 
     max_concurrent: int = Field(default=100, ge=1)
     max_duration: Seconds = 7200.0
+    # Seconds in the Retry-After of a 503 sent for overload (max_concurrent, no free RTP ports).
+    retry_after: int = Field(default=30, ge=1, le=86400)
     country_code: str = Field(default="1", pattern=r"^([1-9][0-9]{0,2})?$")  # "": none
-    national_prefix: str = Field(default="0", pattern=r"^[0-9]{0,4}$")  # "": none
-    international_prefix: str = Field(default="00", pattern=r"^[0-9]{1,4}$")
+    national_prefix: str = Field(default="1", pattern=r"^[0-9]{0,4}$")  # "": none
+    international_prefix: str = Field(default="011", pattern=r"^[0-9]{1,4}$")
     # Digit counts of numbers that arrive without any prefix yet are national numbers
     # ([10] in NANP); empty: such numbers are left as they are.
-    national_lengths: tuple[Annotated[int, Field(ge=4, le=14)], ...] = ()
+    national_lengths: tuple[Annotated[int, Field(ge=4, le=14)], ...] = (10,)
     passthrough_x_headers: tuple[XHeaderName, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dialling_from_country(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        country = data.get("country_code", "1")
+        national, international, lengths = NANP_DIALLING if country == "1" else DEFAULT_DIALLING
+        data = dict(data)
+        data.setdefault("national_prefix", national)
+        data.setdefault("international_prefix", international)
+        data.setdefault("national_lengths", lengths)
+        return data
 
 
 class MediaSettings(_Section):

@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 from conftest import free_port
 
-from sbc.b2bua.app import Service
 from sbc.b2bua.calls import CallManager
 from sbc.b2bua.standins import PbxCall, PbxStandIn, RetellCall, RetellStandIn
+from sbc.ops.service import Service
 from sbc.ops.settings import (
     AdminSettings,
     CallsSettings,

@@ -1,6 +1,6 @@
 """sbc registers to a SIPp registrar that behaves like 3CX (sip-fixtures/sipp/registrar_*.xml).
 
-sbc runs in-process (``app.serve``) or, for SIGTERM, as ``python -m sbc run``. SIPp records
+sbc runs in-process (``service.serve``) or, for SIGTERM, as ``python -m sbc run``. SIPp records
 every message (``-trace_msg``) and logs its credential verdicts; the assertions read them back.
 Readiness is observed the way an operator would: ``GET /readyz`` on the admin endpoint.
 """
@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from sipp_helpers import SippServer, TracedMessage, sipp_server
 
-from sbc.b2bua import app
+from sbc.ops import service
 from sbc.ops.settings import Settings
 from sbc.sip.digest import parse_authorization, parse_challenge
 from sbc.sip.message import Request, Response
@@ -138,7 +138,7 @@ async def running_sbc(values: dict[str, dict[str, object]]) -> AsyncIterator[Run
     ready, stop = asyncio.Event(), asyncio.Event()
     running = Running(settings)
     running.started_at = asyncio.get_running_loop().time()
-    task = asyncio.create_task(app.serve(settings, ready=ready, stop=stop))
+    task = asyncio.create_task(service.serve(settings, ready=ready, stop=stop))
     try:
         await asyncio.wait_for(ready.wait(), 5)
         yield running

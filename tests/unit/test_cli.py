@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -128,91 +127,96 @@ def test_help_exits_0(capsys):
     assert "check-config" in out and "78" in out
 
 
-def test_run_with_bad_config_exits_78_before_importing_the_app(tmp_path, capsys, monkeypatch):
-    imported: list[str] = []
-    monkeypatch.setattr(cli, "_import_optional", lambda name: imported.append(name))
-    assert cli.main(["run", "--config", str(tmp_path / "absent.toml")]) == cli.EXIT_CONFIG
-    assert imported == []
+def test_check_config_and_bad_run_never_load_the_service(tmp_path, good):
+    # `check-config` stays quick: the SIP stack, media and aiohttp are imported by `run` only,
+    # and `run` with an unusable configuration stops before importing them.
+    code = (
+        "import sys\n"
+        "from sbc.ops import cli\n"
+        f"assert cli.main(['check-config', '--config', {str(good)!r}]) == 0\n"
+        f"assert cli.main(['run', '--config', {str(tmp_path / 'absent.toml')!r}]) == 78\n"
+        "print(sorted(m for m in ('sbc.ops.service', 'sbc.ops.demo', 'sbc.net.engine',"
+        " 'sbc.media.relay', 'aiohttp') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
-def test_import_optional_distinguishes_missing_module_from_broken_one(monkeypatch):
-    assert cli._import_optional("sbc.ops.no_such_module_here") is None
-    assert cli._import_optional("sbc.ops.settings") is sys.modules["sbc.ops.settings"]
+def _fake_serve(monkeypatch, module: str, result: int = 0, exc: BaseException | None = None):
+    """Replace ``serve`` of sbc.ops.<module>; returns the settings it was called with."""
+    import importlib
 
-    def broken(name: str) -> None:
-        raise ModuleNotFoundError("No module named 'dependency'", name="dependency")
-
-    monkeypatch.setattr(cli.importlib, "import_module", broken)
-    with pytest.raises(ModuleNotFoundError):
-        cli._import_optional("sbc.b2bua.app")
-
-
-def test_run_without_app_module_logs_and_exits_1(good, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_import_optional", lambda name: None)
-    assert cli.main(["run", "--config", str(good)]) == cli.EXIT_FAILURE
-    err = capsys.readouterr().err
-    assert "sbc.b2bua.app is not part of this build" in err
-    assert '"level": "error"' in err  # the configured JSON logging
-
-
-def _fake_module(monkeypatch, result: object = None, exc: BaseException | None = None):
+    target = importlib.import_module(f"sbc.ops.{module}")
     seen: list[object] = []
 
-    async def serve(settings: object) -> object:
+    async def serve(settings: object) -> int:
         seen.append(settings)
         if exc is not None:
             raise exc
         return result
 
-    module = types.ModuleType("fake_app")
-    module.serve = serve  # type: ignore[attr-defined]
-    names: list[str] = []
-
-    def fake_import(name: str) -> types.ModuleType:
-        names.append(name)
-        return module
-
-    monkeypatch.setattr(cli, "_import_optional", fake_import)
-    return seen, names
+    monkeypatch.setattr(target, "serve", serve)
+    return seen
 
 
-def test_run_calls_app_serve_with_settings(good, capsys, monkeypatch):
-    seen, names = _fake_module(monkeypatch)
+def test_run_calls_service_serve_with_settings(good, capsys, monkeypatch):
+    seen = _fake_serve(monkeypatch, "service")
     assert cli.main(["run", "--config", str(good)]) == 0
-    assert names == ["sbc.b2bua.app"]
     (settings,) = seen
     assert settings.pbx.host == "pbx.example.com"
+    assert settings.pbx.password.get_secret_value() == "hunter2-secret"
     err = capsys.readouterr().err
     assert "sbc_starting" in err and "sbc_stopped" in err
     assert "hunter2" not in err
 
 
 def test_run_returns_serve_exit_status(good, monkeypatch):
-    _fake_module(monkeypatch, result=3)
+    _fake_serve(monkeypatch, "service", result=3)
     assert cli.main(["run", "--config", str(good)]) == 3
 
 
 def test_run_logs_unexpected_error_and_exits_1(good, capsys, monkeypatch):
-    _fake_module(monkeypatch, exc=RuntimeError("kaputt"))
+    _fake_serve(monkeypatch, "service", exc=RuntimeError("kaputt"))
     assert cli.main(["run", "--config", str(good)]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
     assert "sbc_crashed" in err and "kaputt" in err
 
 
 def test_run_interrupted(good, capsys, monkeypatch):
-    _fake_module(monkeypatch, exc=KeyboardInterrupt())
+    _fake_serve(monkeypatch, "service", exc=KeyboardInterrupt())
     assert cli.main(["run", "--config", str(good)]) == cli.EXIT_INTERRUPTED
 
 
-def test_run_module_without_serve(good, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_import_optional", lambda name: types.ModuleType(name))
-    assert cli.main(["run", "--config", str(good)]) == cli.EXIT_FAILURE
-    assert "serve_missing" in capsys.readouterr().err
+def test_run_that_cannot_start_exits_1_with_one_clear_line(tmp_path, capsys):
+    # The real service: its SIP port is taken, so it cannot start; no traceback, exit 1.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as admin:
+            admin.bind(("127.0.0.1", 0))
+            admin_port = admin.getsockname()[1]
+        path = tmp_path / "taken.toml"
+        path.write_text(
+            GOOD.replace('"pbx.example.com"', '"127.0.0.1"')
+            + f'[sip]\nbind = "127.0.0.1"\nport = {port}\n'
+            + f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+            + '[media]\nmode = "passthrough"\n'
+        )
+        assert cli.main(["run", "--config", str(path)]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "sbc_start_failed" in line]
+    assert f"cannot start SIP listener on 127.0.0.1:{port}" in line
+    assert "Traceback" not in err and "sbc_crashed" not in err
 
 
 def test_run_uses_asyncio_loop_when_uvloop_is_absent(good, monkeypatch):
     monkeypatch.setattr(cli, "_loop_factory", lambda: None)
-    _fake_module(monkeypatch, result=0)
+    _fake_serve(monkeypatch, "service", result=0)
     assert cli.main(["run", "--config", str(good)]) == 0
 
 
@@ -226,13 +230,18 @@ def test_loop_factory_prefers_uvloop():
     assert cli._loop_factory() is uvloop.new_event_loop
 
 
-def test_demo_uses_builtin_config_and_demo_module(monkeypatch, capsys):
-    seen, names = _fake_module(monkeypatch)
+def test_demo_uses_builtin_config_and_demo_serve(monkeypatch, capsys):
+    seen = _fake_serve(monkeypatch, "demo", result=1)
     monkeypatch.setenv("SBC_LOG__FORMAT", "json")
-    assert cli.main(["demo"]) == 0
-    assert names == ["sbc.b2bua.demo"]
+    assert cli.main(["demo"]) == 1  # the demo's own status (1: a check failed)
     (settings,) = seen
-    assert settings.pbx.host.startswith("127.")
+    assert settings.pbx.host == "127.0.0.21"
+    assert settings.calls.country_code == "31"
+
+
+def test_demo_with_bad_config_exits_78(tmp_path, capsys):
+    assert cli.main(["demo", "--config", str(tmp_path / "absent.toml")]) == cli.EXIT_CONFIG
+    assert capsys.readouterr().err == f"{tmp_path / 'absent.toml'}: no such file\n"
 
 
 def test_demo_config_file_is_shipped():

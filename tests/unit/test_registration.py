@@ -793,7 +793,7 @@ def test_password_is_not_in_the_config_repr() -> None:
     assert PASSWORD not in repr(make_config())
 
 
-# -- the config the app builds from the settings ------------------------------------------------
+# -- the config the service builds from the settings ---------------------------------------------
 
 
 def _settings(**pbx: object) -> Any:
@@ -813,22 +813,22 @@ def _settings(**pbx: object) -> Any:
     )
 
 
-def test_app_maps_settings_to_the_registration_config() -> None:
-    from sbc.b2bua import app
+def test_service_maps_settings_to_the_registration_config() -> None:
+    from sbc.ops import service
 
     settings = _settings(register_expires=120, register_backoff_base=10, register_backoff_max=60)
-    cfg = app.registration_config(settings, app.advertised_host(settings))
+    cfg = service.registration_config(settings, service.advertised_host(settings))
     assert str(cfg.registrar) == "sip:pbx.example.com:5060"
     assert str(cfg.aor) == "sip:101@pbx.example.com"
     assert str(cfg.contact) == "sip:101@192.0.2.10:5070"
     assert (cfg.username, cfg.password, cfg.expires) == ("auth101", PASSWORD, 120)
     assert (cfg.backoff_base, cfg.backoff_max) == (10, 60)
     assert cfg.rewrite_contact and cfg.request_timeout == 34.0
-    assert str(app.registrar_target(settings)) == "sip:pbx.example.com:5060"
+    assert str(service.registrar_target(settings)) == "sip:pbx.example.com:5060"
 
 
-def test_app_config_with_domain_tcp_and_advertised_address() -> None:
-    from sbc.b2bua import app
+def test_service_config_with_domain_tcp_and_advertised_address() -> None:
+    from sbc.ops import service
     from sbc.ops.settings import Settings, SipSettings
 
     base = _settings(domain="tenant.3cx.example", transport="tcp", port=5062)
@@ -837,22 +837,22 @@ def test_app_config_with_domain_tcp_and_advertised_address() -> None:
         pbx=base.pbx,
         retell=base.retell,
     )
-    assert app.advertised_host(settings) == "203.0.113.7"
-    cfg = app.registration_config(settings, "203.0.113.7")
+    assert service.advertised_host(settings) == "203.0.113.7"
+    cfg = service.registration_config(settings, "203.0.113.7")
     # RFC 3261 §10.2: the Request-URI names the domain; the host is only where it goes.
     assert str(cfg.registrar) == "sip:tenant.3cx.example;transport=tcp"
     assert str(cfg.aor) == "sip:101@tenant.3cx.example"
     assert str(cfg.contact) == "sip:101@203.0.113.7:5070;transport=tcp"
     assert not cfg.rewrite_contact and cfg.transport == "tcp"
-    assert str(app.registrar_target(settings)) == "sip:pbx.example.com:5062;transport=tcp"
+    assert str(service.registrar_target(settings)) == "sip:pbx.example.com:5062;transport=tcp"
 
 
-def test_app_finds_the_local_address_toward_the_pbx_when_bound_to_a_wildcard() -> None:
-    from sbc.b2bua import app
+def test_service_finds_the_local_address_toward_the_pbx_when_bound_to_a_wildcard() -> None:
+    from sbc.ops import service
     from sbc.ops.settings import Settings, SipSettings
 
     base = _settings(host="127.0.0.31")
     settings = Settings(sip=SipSettings(bind="0.0.0.0"), pbx=base.pbx, retell=base.retell)
-    assert app.advertised_host(settings) == "127.0.0.1"
+    assert service.advertised_host(settings) == "127.0.0.1"
     with pytest.raises(RuntimeError, match="advertised_address"):
-        app.local_address_toward("no-such-host.invalid", 5060)
+        service.local_address_toward("no-such-host.invalid", 5060)

@@ -108,7 +108,15 @@ def test_minimal_file_gets_documented_defaults(write):
     assert s.transfer.is_allowed("800") and not s.transfer.is_allowed("800;x")
     assert (s.admin.host, s.admin.port) == ("127.0.0.1", 8081)
     assert (s.log.level, s.log.format) == ("info", "auto")
-    assert (s.calls.max_concurrent, s.calls.max_duration) == (100, 7200)
+    assert (s.calls.max_concurrent, s.calls.max_duration, s.calls.retry_after) == (100, 7200, 30)
+    # NANP: country code 1, trunk prefix 1, exit code 011, ten-digit numbers are national.
+    calls = s.calls
+    assert (calls.country_code, calls.national_prefix, calls.international_prefix) == (
+        "1",
+        "1",
+        "011",
+    )
+    assert calls.national_lengths == (10,)
     assert s.headers == {}
 
 
@@ -536,6 +544,37 @@ def test_optional_fields_from_environment(write):
     assert s.sip.advertised_address == "203.0.113.10"
     assert s.media.rtpengine_address == ("127.0.0.1", 2223)
     assert s.calls.national_lengths == (10,)
+
+
+@pytest.mark.parametrize(
+    ("calls", "env", "expected"),
+    [
+        ({"country_code": "31"}, {}, ("31", "0", "00", ())),
+        ({"country_code": "44"}, {}, ("44", "0", "00", ())),
+        ({"country_code": ""}, {}, ("", "0", "00", ())),
+        # Set keys win over what the country code implies.
+        (
+            {"country_code": "7", "national_prefix": "8", "international_prefix": "810"},
+            {},
+            ("7", "8", "810", ()),
+        ),
+        ({"country_code": "1", "national_lengths": []}, {}, ("1", "1", "011", ())),
+        # The environment's country code picks the plan as the file's would.
+        ({}, {"SBC_CALLS__COUNTRY_CODE": "31"}, ("31", "0", "00", ())),
+        ({"country_code": "31"}, {"SBC_CALLS__COUNTRY_CODE": "1"}, ("1", "1", "011", (10,))),
+    ],
+)
+def test_dialling_plan_follows_the_country_code(write, calls, env, expected):
+    c = load_settings(write(_merged(calls=calls)), env).calls
+    assert (c.country_code, c.national_prefix, c.international_prefix, c.national_lengths) == (
+        expected
+    )
+
+
+def test_retry_after(write):
+    assert load_settings(write(_merged(calls={"retry_after": 120})), {}).calls.retry_after == 120
+    (problem,) = _problems(write(_merged(calls={"retry_after": 0})))
+    assert problem == "calls.retry_after: input should be greater than or equal to 1, got 0"
 
 
 def test_compiled_objects_accepted_when_constructed_directly():

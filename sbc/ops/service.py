@@ -3,46 +3,61 @@
 :func:`serve` is the whole life of the process, in order:
 
 1. build (:class:`Service`): metrics, the SIP engine (transports + transactions), the
-   registration driver, the admin HTTP endpoint, and the call handling ("the bridge");
-2. start them; set ``ready`` once SIP listens and the first REGISTER is on its way;
+   registration driver, the admin HTTP endpoint, the media backend and the call manager
+   (:class:`~sbc.b2bua.calls.CallManager`, "the bridge");
+2. start them (admin, media, SIP, registration); set ``ready`` once SIP listens and the first
+   REGISTER is on its way. A part that cannot start (port in use, rtpengine not answering) is a
+   :class:`StartupError` naming it; whatever had started is stopped again;
 3. wait for SIGTERM/SIGINT (or the ``stop`` event of a test);
-4. stop: unregister (Expires: 0, answer awaited ~2 s), stop the bridge, the engine, the admin
-   endpoint; return 0.
+4. stop: unregister (Expires: 0, answer awaited ~2 s), end the calls, stop the engine, the media
+   backend and the admin endpoint; return 0.
 
-The bridge plugs in through :data:`BRIDGE_MODULE`: when ``sbc.b2bua.calls`` exists it must offer
-``create_bridge(service: Service) -> Bridge``, where ``Bridge`` has
-``async def handle_request(incoming: IncomingRequest) -> None`` (every new server transaction
-that is not an out-of-dialog OPTIONS, which the engine answers) and ``async def stop() -> None``
-(ends calls at shutdown). Without it, :func:`answer_without_bridge` answers requests.
+This module is also where the pydantic settings become the plain frozen configs of the layers
+below (``TransportConfig``, ``RegistrationConfig``, ``BridgeConfig``, ``NumberPlan``, the media
+backend): ``sbc.b2bua`` and lower never import ``sbc.ops``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import ipaddress
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 
-from sbc.b2bua.registration import RegistrationDriver
+from sbc.b2bua.calls import CallManager, CallObserver
+from sbc.b2bua.legs import BridgeConfig, RetellTarget
+from sbc.b2bua.numbers import NumberPlan
+from sbc.b2bua.registration import RegistrationDriver, RegistrationObserver
+from sbc.b2bua.templates import compile_headers
+from sbc.media.base import MediaBackend, PassthroughBackend
+from sbc.media.ports import PortPool
+from sbc.media.relay import RelayBackend
+from sbc.media.rtpengine import RtpengineBackend, RtpengineError
 from sbc.net.addresses import TransportConfig
-from sbc.net.engine import IncomingRequest, SipEngine
+from sbc.net.engine import SipEngine
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
-from sbc.ops.settings import Settings
+from sbc.ops.settings import CallsSettings, PbxSettings, Settings
+from sbc.sip.digest import Credentials
 from sbc.sip.registration import RegistrationConfig
 from sbc.sip.uri import SipUri
 
 __all__ = [
-    "BRIDGE_MODULE",
-    "Bridge",
+    "RTPENGINE_POLL_INTERVAL",
     "Service",
-    "answer_without_bridge",
+    "StartupError",
+    "advertised_host",
+    "bridge_config",
+    "local_address_toward",
+    "media_backend",
+    "number_plan",
+    "pbx_networks",
+    "registrar_target",
     "registration_config",
     "run",
     "serve",
@@ -51,16 +66,17 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-BRIDGE_MODULE = "sbc.b2bua.calls"
 UNREGISTER_WAIT = 2.0  # seconds to wait for the answer to Expires: 0 at shutdown
+# How often rtpengine is asked for each call's packet counters: the media timeout (a call whose
+# legs sent no RTP for media.media_timeout seconds is ended) sees media no later than this.
+RTPENGINE_POLL_INTERVAL = 5.0
+EXIT_STARTUP_FAILED = 1
+
+Network = IPv4Network | IPv6Network
 
 
-class Bridge(Protocol):
-    """What :data:`BRIDGE_MODULE`'s ``create_bridge(service)`` returns."""
-
-    async def handle_request(self, incoming: IncomingRequest) -> None: ...
-
-    async def stop(self) -> None: ...
+class StartupError(Exception):
+    """A part of the service could not start; the message says which and why."""
 
 
 # -- settings -> the plain configs of the layers below -------------------------------------------
@@ -156,21 +172,74 @@ def registration_config(settings: Settings, contact_host: str) -> RegistrationCo
     )
 
 
-# -- requests when no bridge is installed ---------------------------------------------------------
+def pbx_networks(pbx: PbxSettings) -> tuple[Network, ...]:
+    """Where the PBX's INVITEs may come from: ``pbx.trusted``, else the PBX host's own
+    addresses (resolved once, at start)."""
+    if pbx.trusted:
+        return tuple(pbx.trusted)
+    try:
+        infos = socket.getaddrinfo(pbx.host, pbx.port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        # Not fatal: registration retries on its own; calls are refused (403) meanwhile.
+        log.warning("pbx_host_unresolved", host=pbx.host, error=str(exc))
+        return ()
+    hosts = {str(info[4][0]) for info in infos}
+    return tuple(ipaddress.ip_network(host) for host in sorted(hosts))
 
 
-async def answer_without_bridge(incoming: IncomingRequest) -> None:
-    """Answer what reaches the extension when call handling is not part of this build."""
-    method = incoming.method
-    if method == "NOTIFY":
-        # 3CX sends voicemail NOTIFYs (message-summary) outside any dialog: accept them.
-        incoming.respond(200)
-    elif method == "INVITE":
-        incoming.respond(480)
-    elif method in ("BYE", "CANCEL", "UPDATE", "INFO", "PRACK", "REFER"):
-        incoming.respond(481)  # RFC 3261 §12.2.2: no such dialog
-    else:
-        incoming.respond(405, headers=(("Allow", "OPTIONS, NOTIFY"),))
+def number_plan(calls: CallsSettings) -> NumberPlan:
+    return NumberPlan(
+        country_code=calls.country_code,
+        national_prefix=calls.national_prefix,
+        international_prefix=calls.international_prefix,
+        national_lengths=calls.national_lengths,
+    )
+
+
+def bridge_config(settings: Settings, trusted: tuple[Network, ...] | None = None) -> BridgeConfig:
+    """The call manager's plain config; ``trusted`` defaults to :func:`pbx_networks` (which may
+    resolve ``pbx.host``). Raises TemplateError on a bad header template."""
+    pbx, retell, calls, sip = settings.pbx, settings.retell, settings.calls, settings.sip
+    return BridgeConfig(
+        extension=pbx.extension,
+        retell=RetellTarget(retell.host, retell.port, retell.transport, retell.number),
+        trusted=pbx_networks(pbx) if trusted is None else trusted,
+        answer_timeout=retell.answer_timeout,
+        max_concurrent=calls.max_concurrent,
+        max_duration=calls.max_duration,
+        retry_after=calls.retry_after,
+        number_plan=number_plan(calls),
+        headers=compile_headers(settings.headers, calls.passthrough_x_headers),
+        user_agent=sip.user_agent,
+        pbx_credentials=Credentials(pbx.auth_id, pbx.password.get_secret_value()),
+        media_timeout=settings.media.media_timeout,
+        t1=sip.t1,
+        t2=sip.t2,
+    )
+
+
+def media_backend(settings: Settings, advertised: str) -> MediaBackend:
+    """The media layer for ``[media] mode``; ``advertised`` is the address SDP names in relay
+    mode. An rtpengine backend still has to be started (:meth:`RtpengineBackend.start`)."""
+    media = settings.media
+    if media.mode == "passthrough":
+        return PassthroughBackend(media.codecs)
+    if media.mode == "rtpengine":
+        address = media.rtpengine_address
+        if address is None:  # the settings refuse this; kept for a clear error anyway
+            raise StartupError("media.mode = 'rtpengine' needs media.rtpengine (host:port)")
+        return RtpengineBackend(
+            address,
+            codecs=media.codecs,
+            poll_interval=min(RTPENGINE_POLL_INTERVAL, media.media_timeout / 4),
+        )
+    return RelayBackend(
+        settings.sip.bind,
+        advertised.strip("[]"),
+        PortPool(media.rtp_port_min, media.rtp_port_max),
+        media.learning_window,
+        codecs=media.codecs,
+    )
 
 
 # -- the service ----------------------------------------------------------------------------------
@@ -184,13 +253,14 @@ class Service:
         self.metrics = Metrics()
         contact_host = advertised_host(settings)
         self.engine = SipEngine(transport_config(settings, contact_host))
+        registration_observer: RegistrationObserver = self.metrics
         self.registration = RegistrationDriver(
             self.engine,
             registration_config(settings, contact_host),
             target=registrar_target(settings),
             keepalive=settings.pbx.keepalive,
             keepalive_interval=settings.sip.keepalive_interval,
-            observer=self.metrics,
+            observer=registration_observer,
         )
         self.admin = AdminServer(
             settings.admin.host,
@@ -198,22 +268,39 @@ class Service:
             metrics=self.metrics,
             ready_checks={"registered": lambda: self.registration.registered},
         )
-        self.bridge: Bridge | None = None
+        self.media = media_backend(settings, self.engine.config.via_host)
+        call_observer: CallObserver = self.metrics
+        self.bridge = CallManager(
+            self.engine, bridge_config(settings), self.media, observer=call_observer
+        )
+        self.bridge.attach()
+        self.engine.on_request = self.bridge.handle_request
         self._started: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
-        """Start the parts in order; on failure, stop what was started and re-raise."""
+        """Start the parts in order; on failure, stop what was started and re-raise (a part
+        that cannot start raises :class:`StartupError`)."""
+        settings = self.settings
         try:
-            await self.admin.start()
-            self._started.append(self.admin.stop)
-            await self.engine.start()
-            self._started.append(self.engine.stop)
-            self.bridge = _create_bridge(self)
-            self.engine.on_request = (
-                self.bridge.handle_request if self.bridge is not None else answer_without_bridge
+            await _starting(
+                f"admin HTTP on {settings.admin.listen}", self.admin.start(), self.admin.stop
             )
-            if self.bridge is not None:
-                self._started.append(self.bridge.stop)
+            self._started.append(self.admin.stop)
+            if isinstance(self.media, RtpengineBackend):
+                await _starting(
+                    f"rtpengine at {settings.media.rtpengine} (NG control socket)",
+                    self.media.start(),
+                    self.media.close,
+                )
+                self._started.append(self.media.close)
+            await _starting(
+                f"SIP listener on {settings.sip.bind}:{settings.sip.port}",
+                self.engine.start(),
+                self.engine.stop,
+            )
+            self._started.append(self.engine.stop)
+            # Calls end (BYE, CANCEL) before the engine stops; this also closes the media.
+            self._started.append(self.bridge.stop)
             await self.registration.start()
             self._started.append(lambda: self.registration.stop(UNREGISTER_WAIT))
         except BaseException:
@@ -221,8 +308,8 @@ class Service:
             raise
 
     async def stop(self) -> None:
-        """Reverse order: unregister first (no new calls), then the bridge, the engine, and the
-        admin endpoint last."""
+        """Reverse order: unregister first (no new calls), then the calls, the engine, the
+        media backend and the admin endpoint last."""
         while self._started:
             stop = self._started.pop()
             try:
@@ -231,16 +318,17 @@ class Service:
                 log.exception("stop_failed", part=getattr(stop, "__qualname__", repr(stop)))
 
 
-def _create_bridge(service: Service) -> Bridge | None:
+async def _starting(
+    what: str, starting: Awaitable[None], undo: Callable[[], Awaitable[None]]
+) -> None:
+    """Await one part's start; its expected failures become a StartupError naming the part
+    (after ``undo`` released whatever that part had half opened)."""
     try:
-        module = importlib.import_module(BRIDGE_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != BRIDGE_MODULE:
-            raise
-        log.warning("call_handling_not_installed", module=BRIDGE_MODULE)
-        return None
-    factory: Callable[[Service], Bridge] = module.create_bridge
-    return factory(service)
+        await starting
+    except (OSError, RtpengineError) as exc:
+        with contextlib.suppress(Exception):
+            await undo()
+        raise StartupError(f"cannot start {what}: {exc}") from exc
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
@@ -272,12 +360,18 @@ async def serve(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    """Run the bridge until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status."""
+    """Run the bridge until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status:
+    0 after a clean stop, :data:`EXIT_STARTUP_FAILED` (logged as ``sbc_start_failed``) when a
+    part could not start."""
     stop_event = stop if stop is not None else asyncio.Event()
     service = Service(settings)
     remove_handlers = _install_signal_handlers(stop_event)
     try:
-        await service.start()
+        try:
+            await service.start()
+        except StartupError as exc:
+            log.error("sbc_start_failed", error=str(exc))
+            return EXIT_STARTUP_FAILED
         if ready is not None:
             ready.set()
         await stop_event.wait()
@@ -289,5 +383,4 @@ async def serve(
 
 def run(settings: Settings) -> int:
     """Blocking entry point (``sbc run`` uses the CLI's own runner around :func:`serve`)."""
-    result: Any = asyncio.run(serve(settings))
-    return int(result)
+    return asyncio.run(serve(settings))

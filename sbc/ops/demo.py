@@ -2,7 +2,7 @@
 
 Everything runs in this process on loopback (the addresses come from the demo settings, by
 default ``sbc/ops/demo.toml``): the 3CX stand-in registrar and caller, the Retell stand-in
-over TCP, and sbc itself, built exactly as ``sbc run`` builds it (:class:`sbc.b2bua.app.Service`).
+over TCP, and sbc itself, built exactly as ``sbc run`` builds it (:class:`sbc.ops.service.Service`).
 The call:
 
 1. sbc registers the extension; 3CX challenges with 407 and checks the digest;
@@ -24,9 +24,8 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from sbc.b2bua.app import Service
 from sbc.b2bua.standins import (
     REALM,
     PbxCall,
@@ -36,11 +35,11 @@ from sbc.b2bua.standins import (
     RtpStream,
     same_packets,
 )
+from sbc.media.relay import RelayBackend
 from sbc.media.rtp import parse_telephone_event
+from sbc.ops.service import Service
+from sbc.ops.settings import Settings
 from sbc.sip.uri import SipUri
-
-if TYPE_CHECKING:  # b2bua does not import ops at run time (DESIGN.md layers)
-    from sbc.ops.settings import Settings
 
 __all__ = ["DemoReport", "run_demo", "serve"]
 
@@ -356,22 +355,19 @@ def _rtp_line(report: DemoReport, direction: str, sender: RtpStream, receiver: R
 
 
 async def _released(report: DemoReport, service: Service) -> None:
-    manager: Any = service.bridge
-    if manager is None:
-        raise DemoFailed("sbc has no call handling in this build")
+    manager = service.bridge
     async with _step("the end of the call in sbc"):
         await _poll(lambda: not manager.calls)
-    records = list(getattr(manager, "records", []))
-    if records:
-        last = records[-1]
+    if manager.records:
+        last = manager.records[-1]
         report.detail(
             f"sbc's call record: {last.caller} -> {last.called}, ended by {last.end_reason},"
             f" 3CX {last.pbx_status}, Retell {last.retell_status}"
         )
-    pool = getattr(manager.media, "pool", None)
-    if pool is None:
+    if not isinstance(manager.media, RelayBackend):
         report.say(f"sbc: {len(manager.calls)} calls left ({type(manager.media).__name__} media)")
         return
+    pool = manager.media.pool
     report.say(
         f"sbc: {len(manager.calls)} calls left, RTP port pairs in use {pool.in_use}"
         f" of {pool.capacity}"

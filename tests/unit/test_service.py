@@ -1,0 +1,307 @@
+"""The service's wiring: settings -> the plain configs of the layers below, and the requests the
+call manager answers without a call (NOTIFY, overload) against a recording engine, no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+import pytest
+
+from sbc.b2bua.calls import CallManager
+from sbc.b2bua.numbers import normalise
+from sbc.media.base import MediaBackend, MediaSession, PassthroughBackend
+from sbc.media.ports import PortsExhausted
+from sbc.media.relay import RelayBackend
+from sbc.media.rtpengine import RtpengineBackend
+from sbc.net.addresses import Destination
+from sbc.net.engine import IncomingRequest
+from sbc.ops import service
+from sbc.ops.metrics import Metrics
+from sbc.ops.settings import load_settings
+from sbc.sip.errors import ServiceUnavailable
+from sbc.sip.headers import Headers
+from sbc.sip.message import Request, Response
+from sbc.sip.uri import parse_uri
+
+PBX = Destination("udp", "10.0.0.1", 5060)
+LIMIT = 2.0
+
+
+def settings(**sections: dict[str, Any]) -> Any:
+    env = {"SBC_PBX__PASSWORD": "secret"}
+    data: dict[str, dict[str, Any]] = {
+        "pbx": {"host": "10.0.0.1", "extension": "101", "trusted": '["10.0.0.0/24"]'},
+        "retell": {"number": "+14155550100"},
+        "sip": {"bind": "10.0.0.5"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    for name, values in data.items():
+        for key, value in values.items():
+            env[f"SBC_{name.upper()}__{key.upper()}"] = str(value)
+    return load_settings(None, env)
+
+
+# -- settings -> BridgeConfig ---------------------------------------------------------------------
+
+
+def test_bridge_config_maps_the_calls_section() -> None:
+    s = settings(calls={"max_concurrent": 7, "max_duration": 600, "retry_after": 45})
+    cfg = service.bridge_config(s)
+    assert cfg.extension == "101"
+    assert cfg.retell.number == "+14155550100" and cfg.retell.transport == "tcp"
+    assert cfg.trusted == (ipaddress.ip_network("10.0.0.0/24"),)
+    assert (cfg.max_concurrent, cfg.max_duration, cfg.retry_after) == (7, 600.0, 45)
+    assert cfg.pbx_credentials is not None and cfg.pbx_credentials.password == "secret"
+    assert cfg.media_timeout == 60.0
+
+
+def test_number_plan_carries_national_lengths() -> None:
+    plan = service.bridge_config(settings(calls={"national_lengths": "[9, 10]"})).number_plan
+    assert plan.national_lengths == (9, 10)
+
+
+@pytest.mark.parametrize(
+    ("number", "e164"),
+    [
+        ("4155550100", "+14155550100"),  # ten digits, no prefix: national
+        ("14155550100", "+14155550100"),  # NANP trunk prefix 1
+        ("+14155550100", "+14155550100"),
+        ("1 (415) 555-0100", "+14155550100"),
+        ("011442071234567", "+442071234567"),  # NANP international prefix 011
+        ("5550100", "5550100"),  # seven-digit local number: no area code, left alone
+        ("101", "101"),  # an extension
+    ],
+)
+def test_default_number_plan_is_nanp(number: str, e164: str) -> None:
+    plan = service.number_plan(settings().calls)
+    assert (plan.country_code, plan.national_prefix, plan.international_prefix) == ("1", "1", "011")
+    assert normalise(number, plan) == e164
+
+
+@pytest.mark.parametrize(
+    ("number", "e164"),
+    [
+        ("0201234567", "+31201234567"),
+        ("0031201234567", "+31201234567"),
+        ("+31 (0)20 123 4567", "+31201234567"),
+        ("201234567", "201234567"),  # no prefix-less national numbers outside NANP by default
+    ],
+)
+def test_country_code_brings_its_own_prefixes(number: str, e164: str) -> None:
+    # The demo's plan: country 31 alone implies trunk prefix 0 and international prefix 00.
+    demo = load_settings(service.__file__.replace("service.py", "demo.toml"), {})
+    plan = service.number_plan(demo.calls)
+    assert (plan.country_code, plan.national_prefix, plan.international_prefix) == ("31", "0", "00")
+    assert plan.national_lengths == ()
+    assert normalise(number, plan) == e164
+
+
+def test_pbx_networks_resolve_the_host_when_none_are_configured() -> None:
+    s = settings(pbx={"host": "127.0.0.1", "trusted": "[]"})
+    assert service.pbx_networks(s.pbx) == (ipaddress.ip_network("127.0.0.1/32"),)
+    unresolvable = settings(pbx={"host": "no-such-host.invalid", "trusted": "[]"})
+    assert service.pbx_networks(unresolvable.pbx) == ()
+
+
+# -- settings -> media backend --------------------------------------------------------------------
+
+
+def test_media_backend_per_mode() -> None:
+    relay = service.media_backend(
+        settings(media={"rtp_port_min": 30000, "rtp_port_max": 30099}), "[192.0.2.7]"
+    )
+    assert isinstance(relay, RelayBackend)
+    assert (relay.bind_host, relay.advertised_address) == ("10.0.0.5", "192.0.2.7")
+    assert relay.pool.capacity == 50
+    passthrough = service.media_backend(settings(media={"mode": "passthrough"}), "10.0.0.5")
+    assert isinstance(passthrough, PassthroughBackend)
+
+
+def test_rtpengine_backend_polls_so_media_timeouts_work() -> None:
+    backend = service.media_backend(
+        settings(media={"mode": "rtpengine", "rtpengine": "127.0.0.1:2223"}), "10.0.0.5"
+    )
+    assert isinstance(backend, RtpengineBackend)
+    assert backend.client.address == ("127.0.0.1", 2223)
+    assert backend.poll_interval == service.RTPENGINE_POLL_INTERVAL == 5.0
+    short = service.media_backend(
+        settings(media={"mode": "rtpengine", "rtpengine": "127.0.0.1:2223", "media_timeout": 8}),
+        "10.0.0.5",
+    )
+    assert isinstance(short, RtpengineBackend) and short.poll_interval == 2.0
+
+
+# -- requests the call manager answers itself ---------------------------------------------------
+
+
+class FakeConfig:
+    via_host = "10.0.0.5"
+
+    def via_port(self, transport: str) -> int:
+        return 5060
+
+
+class RecordingEngine:
+    """What the manager and its calls need of the engine; responses are recorded."""
+
+    def __init__(self) -> None:
+        self.config = FakeConfig()
+        self.accept: frozenset[str] = frozenset({"application/sdp"})
+        self.responses: list[Response] = []
+        self.sent = asyncio.Event()
+
+    def respond(self, key: str, response: Response) -> None:
+        self.responses.append(response)
+        self.sent.set()
+
+    async def final(self) -> Response:
+        async with asyncio.timeout(LIMIT):
+            while not any(r.status >= 200 for r in self.responses):
+                self.sent.clear()
+                await self.sent.wait()
+        return next(r for r in self.responses if r.status >= 200)
+
+
+class NoPorts(MediaBackend):
+    def __init__(self, error: ServiceUnavailable) -> None:
+        self.error = error
+        self.closed = False
+
+    async def allocate(self, call_id: str) -> MediaSession:
+        raise self.error
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Refusals(Metrics):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[int] = []
+
+    def call_refused(self, status: int) -> None:
+        super().call_refused(status)
+        self.refused.append(status)
+
+
+SDP = (
+    b"v=0\r\no=3cxPS 1 1 IN IP4 10.0.0.1\r\ns=3cxPS Audio call\r\nc=IN IP4 10.0.0.1\r\n"
+    b"t=0 0\r\nm=audio 9000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+    b"a=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
+)
+
+
+def request(method: str, *extra: tuple[str, str], body: bytes = b"", call_id: str = "") -> Request:
+    headers = [
+        ("Via", "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKpbx1;rport=5060"),
+        ("From", "<sip:101@10.0.0.1>;tag=pbxtag"),
+        ("To", "<sip:101@10.0.0.5>"),
+        ("Call-ID", call_id or f"pbx-{method.lower()}@10.0.0.1"),
+        ("CSeq", f"1 {method}"),
+        ("Contact", "<sip:3cx@10.0.0.1:5060>"),
+        *extra,
+    ]
+    if body:
+        headers.append(("Content-Type", "application/sdp"))
+    return Request(method, parse_uri("sip:101@10.0.0.5:5060"), Headers(headers), body)
+
+
+def manager(
+    media: MediaBackend | None = None, **calls: object
+) -> tuple[CallManager, RecordingEngine, Refusals]:
+    engine = RecordingEngine()
+    metrics = Refusals()
+    cfg = service.bridge_config(settings(calls=dict(calls)))
+    bridge = CallManager(
+        engine,  # type: ignore[arg-type]
+        cfg,
+        media or PassthroughBackend(),
+        observer=metrics,
+    )
+    return bridge, engine, metrics
+
+
+def incoming(engine: RecordingEngine, req: Request) -> IncomingRequest:
+    return IncomingRequest(engine, "key-" + req.call_id, req, PBX, req.to_tag)  # type: ignore[arg-type]
+
+
+async def test_voicemail_notify_outside_a_dialog_is_answered_200() -> None:
+    bridge, engine, _ = manager()
+    notify = request(
+        "NOTIFY",
+        ("Event", "message-summary"),
+        ("Content-Type", "application/simple-message-summary"),
+        body=b"Messages-Waiting: yes\r\nVoice-Message: 1/0\r\n",
+    )
+    await bridge.handle_request(incoming(engine, notify))
+    (response,) = engine.responses
+    assert response.status == 200
+    assert response.call_id == notify.call_id and response.to_tag is not None
+
+
+async def test_other_methods_outside_a_dialog_are_405_with_allow() -> None:
+    bridge, engine, _ = manager()
+    await bridge.handle_request(incoming(engine, request("MESSAGE")))
+    (response,) = engine.responses
+    assert response.status == 405
+    assert "INVITE" in response.headers.get("Allow", "")
+
+
+class SlowPorts(NoPorts):
+    """Holds every call in media allocation until ``release`` is set, then has no ports."""
+
+    def __init__(self) -> None:
+        super().__init__(PortsExhausted("no free RTP port pair"))
+        self.waiting = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def allocate(self, call_id: str) -> MediaSession:
+        self.waiting.set()
+        await self.release.wait()
+        raise self.error
+
+
+async def test_over_capacity_is_503_with_the_configured_retry_after() -> None:
+    media = SlowPorts()
+    bridge, engine, metrics = manager(media, max_concurrent=1, retry_after=45)
+    await bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    async with asyncio.timeout(LIMIT):
+        await media.waiting.wait()
+    assert bridge.active == 1
+    second = request("INVITE", body=SDP, call_id="second@10.0.0.1")
+    await bridge.handle_request(incoming(engine, second))
+    refused = [r for r in engine.responses if r.call_id == "second@10.0.0.1"]
+    assert [r.status for r in refused] == [503]
+    assert refused[0].headers.get("Retry-After") == "45"
+    assert metrics.refused == [503]
+    media.release.set()
+    async with asyncio.timeout(LIMIT):
+        await bridge.wait_idle()
+    await bridge.stop()
+
+
+async def test_no_free_rtp_ports_is_503_with_retry_after() -> None:
+    media = NoPorts(PortsExhausted("no free RTP port pair"))
+    bridge, engine, _ = manager(media, retry_after=12)
+    await bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    final = await engine.final()
+    assert [r.status for r in engine.responses] == [100, 503]
+    assert final.headers.get("Retry-After") == "12"
+    async with asyncio.timeout(LIMIT):
+        await bridge.wait_idle()
+    assert bridge.records[-1].pbx_status == 503
+    await bridge.stop()
+    assert media.closed  # the manager closes the backend it was given
+
+
+async def test_a_retry_after_from_the_media_layer_is_kept() -> None:
+    media = NoPorts(ServiceUnavailable("draining", headers=(("Retry-After", "300"),)))
+    bridge, engine, _ = manager(media, retry_after=12)
+    await bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    final = await engine.final()
+    assert final.status == 503
+    assert final.headers.get_all("Retry-After") == ["300"]
+    await bridge.stop()
