@@ -95,7 +95,6 @@ class RegistrationDriver:
         self._sends: set[asyncio.Task[None]] = set()
         # Where the last REGISTER went: keep-alives follow it.
         self._destination: Destination | None = None
-        self._warned_no_crlf = False
         self.log = log.bind(call_id=self.core.call_id, aor=str(config.aor))
 
     # -- public ------------------------------------------------------------------------------------
@@ -257,7 +256,9 @@ class RegistrationDriver:
             try:
                 if dest.transport != "udp":
                     self._stream_ping(dest)
-                elif not (self.keepalive == "crlf" and self._datagram_ping(dest)):
+                elif self.keepalive == "crlf":
+                    self._datagram_ping(dest)
+                else:
                     await self._options_ping()
             except asyncio.CancelledError:
                 raise
@@ -272,15 +273,10 @@ class RegistrationDriver:
             self.core.flow_lost(asyncio.get_running_loop().time())
             self._wake.set()
 
-    def _datagram_ping(self, dest: Destination) -> bool:
-        send_raw = getattr(self.engine.transports, "send_raw", None)
-        if send_raw is None:
-            if not self._warned_no_crlf:
-                self._warned_no_crlf = True
-                self.log.warning("crlf_keepalive_unsupported_on_udp_using_options")
-            return False
-        send_raw(dest, CRLF_PING)
-        return True
+    def _datagram_ping(self, dest: Destination) -> None:
+        # RFC 5626 §4.4.2 defines STUN for UDP flows; a bare CRLFCRLF datagram is what
+        # SIP phones send to hold a NAT binding open, and every SIP parser skips it.
+        self.engine.transports.send_raw(dest, CRLF_PING)
 
     async def _options_ping(self) -> None:
         handle = self.engine.send_request(self.core.keepalive_options(), self.target)

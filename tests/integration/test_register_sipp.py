@@ -25,7 +25,7 @@ from sbc.ops import service
 from sbc.ops.settings import Settings
 from sbc.sip.digest import parse_authorization, parse_challenge
 from sbc.sip.message import Request, Response
-from sbc.sip.parser import StreamParser
+from sbc.sip.parser import StreamParser, parse_message
 from sbc.sip.serializer import serialize
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import SipUri
@@ -442,6 +442,50 @@ async def test_crlf_keepalives_on_tcp_hold_the_connection(
         server.close()
         await server.wait_closed()
     assert pbx.registers[-1].headers.get("Expires") == "0"
+
+
+class UdpRegistrar(asyncio.DatagramProtocol):
+    """A bare registrar on UDP that grants every REGISTER and counts CRLFCRLF datagrams."""
+
+    def __init__(self) -> None:
+        self.registers: list[Request] = []
+        self.pings = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if data == b"\r\n\r\n":
+            self.pings += 1
+            return
+        message = parse_message(data)
+        if isinstance(message, Request) and message.method == "REGISTER":
+            self.registers.append(message)
+            granted = (("Contact", hdr(message, "Contact") + ";expires=300"),)
+            response = build_response(message, 200, to_tag="reg", headers=granted)
+            assert self.transport is not None
+            self.transport.sendto(serialize(response), addr)
+
+
+async def test_crlf_keepalives_on_udp_are_bare_datagrams(
+    free_port_factory: Callable[..., int],
+) -> None:
+    loop = asyncio.get_running_loop()
+    transport, pbx = await loop.create_datagram_endpoint(
+        UdpRegistrar, local_addr=(PBX_HOST, free_port_factory(PBX_HOST))
+    )
+    port = transport.get_extra_info("sockname")[1]
+    target = SippServer(PBX_HOST, port, "u1", Path("."))  # only host and port are read
+    values = settings_for(target, free_port_factory, keepalive="crlf", keepalive_interval=0.3)
+    try:
+        async with running_sbc(values) as sbc:
+            await sbc.wait_ready(within=2.0)
+            await wait_for(lambda: pbx.pings >= 3, within=3)
+            # The NAT binding is held by CRLF datagrams alone: no OPTIONS, no re-registration.
+            assert len(pbx.registers) == 1
+    finally:
+        transport.close()
 
 
 async def test_lost_tcp_connection_is_replaced_by_registering_again(
