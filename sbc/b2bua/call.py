@@ -676,14 +676,22 @@ class Call:
         return tuple(items)
 
     async def _dtmf_info(self, leg: Leg, incoming: IncomingRequest) -> None:
-        """SIP INFO DTMF: Retell takes none (PEERS.md), so a media layer that can send RFC 4733
-        events (``send_dtmf``) gets the digit for the Retell leg; otherwise it is logged."""
+        """SIP INFO DTMF from the PBX: Retell answers INFO 405 (PEERS.md), so the digit goes to
+        it as RFC 4733 events when the media layer can inject them; the INFO is answered 200
+        either way, and a digit that could not be relayed is logged."""
         incoming.respond(200)
         dtmf = parse_dtmf_info(incoming.request.body)
-        send = getattr(self.media, "send_dtmf", None)
-        self.log.info("dtmf_info", leg=leg, dtmf=dtmf, relayed=send is not None)
-        if dtmf is not None and send is not None and leg == "pbx":
-            await send("retell", *dtmf)
+        if dtmf is None or leg != "pbx" or self.media is None:
+            self.log.info("dtmf_info_ignored", leg=leg, body=len(incoming.request.body))
+            return
+        digit, duration = dtmf
+        try:
+            relayed = await self.media.send_dtmf("retell", digit, duration)
+        except SipError as exc:  # a media server that failed the request (rtpengine)
+            self.log.warning("dtmf_info_not_relayed", digit=digit, error=exc.detail)
+            return
+        event = "dtmf_info_relayed" if relayed else "dtmf_info_not_relayed"
+        self.log.info(event, digit=digit, duration=duration, backend=self.media.stats()["backend"])
 
     def _media_silent_at(self) -> float:
         """When the call counts as dead for want of media: ``media_timeout`` after the last RTP

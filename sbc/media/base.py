@@ -18,6 +18,11 @@ Direction is honoured: while the last SDP the bridge sent on a leg says ``recvon
 ``inactive`` (e.g. its answer to a PBX hold), a relaying backend sends no RTP to that leg (RTCP
 still flows, RFC 3264 §5.1).
 
+DTMF: ``send_dtmf(leg, digit, duration_ms)`` plays one digit toward ``leg`` as RFC 4733
+telephone-event packets (the bridge's SIP INFO to RFC 4733 conversion: Retell takes no INFO).
+It returns False, sending nothing, when the backend cannot inject media (passthrough) or ``leg``
+negotiated no telephone-event; the caller then only logs the digit.
+
 Every SDP sent on a leg carries the bridge's own ``o=`` line for that leg (username ``sbc``, a
 session id per leg), whose version goes up by one exactly when the SDP differs from the previous
 one sent on that leg (RFC 3264 §8). ``close()`` releases everything and may be called any number
@@ -39,6 +44,9 @@ from sbc.sip.errors import RequestPending
 Leg = Literal["pbx", "retell"]
 LEGS: tuple[Leg, Leg] = ("pbx", "retell")
 DEFAULT_CODECS: tuple[str, ...] = ("PCMU", "PCMA", "G722", "telephone-event")
+DTMF_MIN_MS = 40
+DTMF_MAX_MS = 5000
+DEFAULT_PTIME_MS = 20
 ORIGIN_USERNAME = "sbc"
 _SENDING = ("sendrecv", "sendonly")
 
@@ -73,6 +81,35 @@ def rtcp_address(sd: SessionDescription) -> tuple[str, int] | None:
     if attr is None:
         return rtp[0], rtp[1] + 1
     return (attr.address or rtp[0]), attr.port
+
+
+def telephone_event(sd: SessionDescription | None) -> tuple[int, int] | None:
+    """``(payload type, clock rate)`` of the telephone-event format in ``sd``'s first active
+    audio stream, None when it lists none.
+
+    RFC 4733 §7.1.1: the event clock rate is that of the audio it travels with, so a format whose
+    rate matches the stream's first audio codec is preferred (G.722 keeps an 8000 Hz RTP clock,
+    RFC 3551 §4.5.2).
+    """
+    m = None if sd is None else sd.audio()
+    if m is None or m.port == 0:
+        return None
+    events: list[tuple[int, int]] = []
+    audio_rate: int | None = None
+    for rm in m.codecs():
+        if rm.encoding.lower() == "telephone-event":
+            events.append((rm.payload_type, rm.clock_rate))
+        elif audio_rate is None:
+            audio_rate = rm.clock_rate
+    for pt, rate in events:
+        if rate == audio_rate:
+            return pt, rate
+    return events[0] if events else None
+
+
+def clamp_dtmf_duration(duration_ms: int) -> int:
+    """A SIP INFO duration bounded to what is sent: 40 ms to 5 s."""
+    return min(max(duration_ms, DTMF_MIN_MS), DTMF_MAX_MS)
 
 
 class MediaSession(ABC):
@@ -114,6 +151,12 @@ class MediaSession(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release sockets and ports; idempotent."""
+
+    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
+        """Play ``digit`` (``0``-``9``, ``*``, ``#``, ``A``-``D``) toward ``leg`` as RFC 4733
+        events lasting ``duration_ms`` (clamped to 40 ms - 5 s). True when it was scheduled;
+        False (nothing sent) when this backend cannot inject media, which is the default."""
+        return False
 
     def _learn(self, leg: Leg, sdp: SessionDescription) -> None:
         """Hook: ``sdp`` came from ``leg``; a relay updates where it sends that leg's media."""
@@ -239,6 +282,9 @@ class PassthroughBackend(MediaBackend):
 
 __all__ = [
     "DEFAULT_CODECS",
+    "DEFAULT_PTIME_MS",
+    "DTMF_MAX_MS",
+    "DTMF_MIN_MS",
     "LEGS",
     "Leg",
     "MediaBackend",
@@ -246,7 +292,9 @@ __all__ = [
     "PassthroughBackend",
     "PassthroughSession",
     "audio_ports",
+    "clamp_dtmf_duration",
     "media_address",
     "other_leg",
     "rtcp_address",
+    "telephone_event",
 ]

@@ -10,31 +10,50 @@ socket during ``learning_window`` seconds from the first one, so a PBX behind NA
 private address in its SDP still gets audio. After the window, a packet from any other source is
 dropped and counted: this closes the "RTP Bleed" hole of relays that re-latch at any time. A new
 SDP address for the leg (re-INVITE) opens a new window. Nothing here logs per packet.
+
+DTMF injection (:meth:`RelaySession.send_dtmf`, the SIP INFO to RFC 4733 conversion): the events
+go out of the RTP socket facing the leg, to its latched remote, inside the audio stream the relay
+forwards there (RFC 4733 §2.1: one RTP stream, so the SSRC of that audio, its timestamp clock and
+one sequence-number space). Injected packets need sequence numbers of their own, so from the first
+injection on that leg the relay numbers every RTP packet it sends there from a per-leg output
+counter (``seq_next``), forwarded audio and events alike. Chosen over adding an offset to the
+sender's numbers: an offset gives a late (reordered) audio packet from before an injection the
+number an injected packet already took, a counter cannot collide by construction. The price is
+that loss and reordering upstream no longer show as sequence gaps on that leg (timestamps are
+untouched, so playout is unaffected). Until a leg gets its first event, its packets are forwarded
+untouched; the per-packet cost of the feature is then one attribute test and one store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from sbc.media.base import (
     DEFAULT_CODECS,
+    DEFAULT_PTIME_MS,
     LEGS,
     Leg,
     MediaBackend,
     MediaSession,
     audio_ports,
+    clamp_dtmf_duration,
     media_address,
     other_leg,
     rtcp_address,
+    telephone_event,
 )
 from sbc.media.ports import BoundPair, PortPool
+from sbc.media.rtp import DTMF_EVENTS, dtmf_packets, read_timestamp, with_sequence
 from sbc.sdp.model import SessionDescription
 from sbc.sdp.offer_answer import rewrite_connection
 
 CLOSE_TIMEOUT = 1.0
+# RFC 4733 §2.5.1.2: event packets go at the audio packetization interval, 50 ms at most apart.
+_EVENT_INTERVAL_MS = (10, 50)
 
 
 def _usable(address: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -59,8 +78,10 @@ class RelaySocket(asyncio.DatagramProtocol):
         "dropped",
         "errors",
         "first_at",
+        "injected",
         "is_rtp",
         "last",
+        "last_rtp",
         "leg",
         "lost",
         "lost_future",
@@ -69,9 +90,11 @@ class RelaySocket(asyncio.DatagramProtocol):
         "peer",
         "port",
         "remote",
+        "renumber",
         "sdp_remote",
         "send_allowed",
         "seq_gaps",
+        "seq_next",
         "sock",
         "transport",
         "unroutable",
@@ -112,6 +135,10 @@ class RelaySocket(asyncio.DatagramProtocol):
         self.last: float | None = None
         self._seq = -1
         self._ssrc = b""
+        self.last_rtp: bytes | None = None  # the last RTP packet received (its SSRC, timestamp)
+        self.renumber = False  # True from the first injection toward this leg (module docstring)
+        self.seq_next = 0  # with renumber: the sequence number of the next packet sent
+        self.injected = 0
 
     # -- asyncio.DatagramProtocol ---------------------------------------------------------------
 
@@ -144,12 +171,21 @@ class RelaySocket(asyncio.DatagramProtocol):
         # RFC 5761 §4: RTCP muxed on the RTP port has packet type 192-223; not counted as RTP.
         if self.is_rtp and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
             self._count_sequence((data[2] << 8) | data[3], data[8:12])
+            self.last_rtp = data
         peer = self.peer
         if peer is None or peer.remote is None or peer.transport is None:
             self.unroutable += 1
             return
         if not peer.send_allowed and not (len(data) > 1 and 192 <= data[1] <= 223):
             self.muted += 1  # RFC 3264 §6.1: the other leg is on hold; its RTCP still flows
+            return
+        if peer.renumber and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
+            seq = peer.seq_next  # only after an injection toward that leg (module docstring)
+            peer.seq_next = (seq + 1) & 0xFFFF
+            renumbered = bytearray(data)
+            renumbered[2] = seq >> 8
+            renumbered[3] = seq & 0xFF
+            peer.transport.sendto(renumbered, peer.remote)
             return
         peer.transport.sendto(data, peer.remote)
 
@@ -168,6 +204,22 @@ class RelaySocket(asyncio.DatagramProtocol):
             self.seq_gaps += 1
             self.lost += delta - 1
         self._seq = seq
+
+    def next_sequence(self) -> int:
+        """The sequence number the next RTP packet received here will be forwarded with (before
+        renumbering starts on the other leg): one past the last in order, random before any."""
+        return (self._seq + 1) & 0xFFFF if self._seq >= 0 else random.randrange(0x10000)
+
+    def inject(self, packet: bytes) -> bool:
+        """Send ``packet`` (RTP) to this leg's remote with the leg's next output sequence number;
+        False when it cannot go (no remote yet, closed, or on hold: RFC 3264 §6.1)."""
+        if self.remote is None or self.transport is None or not self.send_allowed:
+            return False
+        seq = self.seq_next
+        self.seq_next = (seq + 1) & 0xFFFF
+        self.transport.sendto(with_sequence(packet, seq), self.remote)
+        self.injected += 1
+        return True
 
     def set_sdp_remote(self, address: tuple[str, int] | None) -> None:
         """The leg's SDP names ``address``; a new one restarts latching, the same keeps it."""
@@ -188,6 +240,7 @@ class RelaySocket(asyncio.DatagramProtocol):
             "errors": self.errors,
             "seq_gaps": self.seq_gaps,
             "lost": self.lost,
+            "injected": self.injected,
             "last": self.last,
             "remote": None if self.remote is None else f"{self.remote[0]}:{self.remote[1]}",
         }
@@ -226,6 +279,11 @@ class RelaySession(MediaSession):
         for leg in LEGS:
             self.rtp[leg].peer = self.rtp[other_leg(leg)]
             self.rtcp[leg].peer = self.rtcp[other_leg(leg)]
+        self._dtmf: dict[Leg, asyncio.Task[None]] = {}
+        self._dtmf_ssrc: dict[Leg, int] = {}
+        self._dtmf_end: dict[Leg, int] = {}  # RTP timestamp just past the last event sent
+        self.dtmf_events: dict[Leg, int] = dict.fromkeys(LEGS, 0)
+        self.dtmf_refused: dict[Leg, int] = dict.fromkeys(LEGS, 0)
 
     def _sockets(self) -> list[RelaySocket]:
         return [*self.rtp.values(), *self.rtcp.values()]
@@ -270,6 +328,79 @@ class RelaySession(MediaSession):
     def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
         return self._backend.advertised_address, self.port(leg)
 
+    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
+        """Schedule ``digit`` toward ``leg`` as RFC 4733 events in the payload type ``leg``
+        declared for telephone-event; a digit queues behind one still playing on that leg (two
+        DTMF tones never overlap). Audio keeps flowing meanwhile (RFC 4733 §2.5.1.6). False
+        when ``leg`` negotiated no telephone-event, has no address yet, is on hold, or ``digit``
+        is not DTMF."""
+        out = self.rtp[leg]
+        fmt = telephone_event(self._received.get(leg))
+        digit = digit.upper()
+        if (
+            self.closed
+            or fmt is None
+            or digit not in DTMF_EVENTS
+            or out.remote is None
+            or not out.send_allowed
+        ):
+            self.dtmf_refused[leg] += 1
+            return False
+        previous = self._dtmf.get(leg)
+        play = self._play_dtmf(leg, digit, clamp_dtmf_duration(duration_ms), fmt, previous)
+        self._dtmf[leg] = self._loop.create_task(play)
+        self.dtmf_events[leg] += 1
+        return True
+
+    async def _play_dtmf(
+        self,
+        leg: Leg,
+        digit: str,
+        duration_ms: int,
+        fmt: tuple[int, int],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        out, source = self.rtp[leg], self.rtp[other_leg(leg)]
+        payload_type, clock_rate = fmt
+        received = self._received[leg].audio()
+        ptime = (received.ptime if received is not None else None) or DEFAULT_PTIME_MS
+        interval = min(max(ptime, _EVENT_INTERVAL_MS[0]), _EVENT_INTERVAL_MS[1])
+        step = clock_rate * interval // 1000
+        last = source.last_rtp
+        if last is not None:
+            # RFC 4733 §2.5.1.2: the event timestamp is the media time the event starts at: that
+            # of the audio packet after the last one forwarded, in that audio's SSRC (§2.1).
+            ssrc = int.from_bytes(last[8:12], "big")
+            timestamp = (read_timestamp(last) + step) & 0xFFFFFFFF
+        else:
+            ssrc = self._dtmf_ssrc.setdefault(leg, random.randrange(1, 2**32))
+            timestamp = random.randrange(2**32)
+        end = self._dtmf_end.get(leg)
+        if end is not None and (timestamp - end) & 0xFFFFFFFF >= 0x80000000:
+            timestamp = end  # no audio since the last event: each event needs its own start time
+        packets = dtmf_packets(
+            digit,
+            payload_type=payload_type,
+            ssrc=ssrc,
+            first_sequence=0,  # renumbered as each goes out, between forwarded audio packets
+            timestamp=timestamp,
+            duration_ms=duration_ms,
+            packet_ms=interval,
+            clock_rate=clock_rate,
+        )
+        self._dtmf_end[leg] = (timestamp + clock_rate * duration_ms // 1000 + step) & 0xFFFFFFFF
+        if not out.renumber:
+            out.seq_next = source.next_sequence()
+            out.renumber = True
+        start = self._loop.time()
+        for index, packet in enumerate(packets):
+            delay = start + index * interval / 1000 - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # close() cancels the task here
+            out.inject(packet)
+
     def last_activity(self, leg: Leg) -> float | None:
         times = [t for t in (self.rtp[leg].last, self.rtcp[leg].last) if t is not None]
         return max(times, default=self.created)
@@ -283,6 +414,8 @@ class RelaySession(MediaSession):
                     "local_port": self.port(leg),
                     "rtp": self.rtp[leg].counters(),
                     "rtcp": self.rtcp[leg].counters(),
+                    "dtmf_events": self.dtmf_events[leg],
+                    "dtmf_refused": self.dtmf_refused[leg],
                 }
                 for leg in LEGS
             },
@@ -292,6 +425,8 @@ class RelaySession(MediaSession):
         if self.closed:
             return
         self.closed = True
+        for task in self._dtmf.values():
+            task.cancel()
         try:
             waits: list[asyncio.Future[None]] = []
             for relay_socket in self._sockets():

@@ -68,6 +68,19 @@ def read_sequence(data: bytes) -> tuple[int, int] | None:
     return (data[2] << 8) | data[3], int.from_bytes(data[8:12], "big")
 
 
+def read_timestamp(data: bytes) -> int:
+    """The RTP timestamp of a packet :func:`read_sequence` accepted."""
+    return int.from_bytes(data[4:8], "big")
+
+
+def with_sequence(data: bytes, sequence: int) -> bytes:
+    """``data`` with its RTP sequence number replaced (the relay's renumbering, RFC 3550 §5.1);
+    anything that is not RTP version 2, or is RTCP muxed on the RTP port, comes back as is."""
+    if len(data) < 12 or data[0] >> 6 != RTP_VERSION or 192 <= data[1] <= 223:
+        return data
+    return data[:2] + (sequence & 0xFFFF).to_bytes(2, "big") + data[4:]
+
+
 def parse_rtp(data: bytes) -> RtpPacket:
     """Parse an RTP packet; raise :class:`RtpFormatError` when it is not one."""
     if len(data) < _FIXED.size:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import pytest
+import structlog
 
 from sbc.b2bua.call import Call, CallState
 from sbc.b2bua.legs import BridgeConfig, RetellTarget
@@ -22,6 +23,7 @@ from sbc.media.base import Leg, MediaSession, PassthroughBackend, PassthroughSes
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest
 from sbc.sip.digest import Credentials
+from sbc.sip.errors import ServiceUnavailable
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.server_transaction import build_response
@@ -535,6 +537,109 @@ async def test_update_refresh_info_and_options_are_answered_here() -> None:
     await answer_bye(h.engine, 0)
     await answer_bye(h.engine, 1)
     await h.finished()
+
+
+# -- SIP INFO DTMF -------------------------------------------------------------------------------
+
+
+class DtmfSession(PassthroughSession):
+    """Pass-through media that records ``send_dtmf`` (what a relaying backend is asked)."""
+
+    def __init__(self, call_id: str, result: bool | Exception, engine: FakeEngine) -> None:
+        super().__init__(call_id)
+        self.result = result
+        self.engine = engine
+        self.digits: list[tuple[Leg, str, int, list[int]]] = []
+
+    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
+        answered = [r.status for r in self.engine.to_pbx if r.cseq.method == "INFO"]
+        self.digits.append((leg, digit, duration_ms, answered))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+class DtmfBackend(PassthroughBackend):
+    def __init__(self, result: bool | Exception, engine: FakeEngine) -> None:
+        super().__init__()
+        self.result = result
+        self.engine = engine
+        self.sessions: list[DtmfSession] = []
+
+    async def allocate(self, call_id: str) -> MediaSession:
+        session = DtmfSession(call_id, self.result, self.engine)
+        self.sessions.append(session)
+        return session
+
+
+def dtmf_info(h: Harness, seq: int, body: bytes, content_type: str) -> Request:
+    request = h.pbx_request("INFO", seq, body=body)
+    return dataclasses.replace(request, headers=request.headers.set("Content-Type", content_type))
+
+
+async def dtmf_call(result: bool | Exception) -> tuple[Harness, DtmfBackend]:
+    h = Harness()
+    backend = DtmfBackend(result, h.engine)
+    h.call.media_backend = backend
+    await h.connect()
+    return h, backend
+
+
+async def hang_up(h: Harness) -> None:
+    h.call.shutdown()
+    await answer_bye(h.engine, 0)
+    await answer_bye(h.engine, 1)
+    await h.finished()
+
+
+async def test_info_dtmf_from_the_pbx_is_answered_then_played_toward_retell() -> None:
+    with structlog.testing.capture_logs() as logs:
+        h, backend = await dtmf_call(True)
+        relay = dtmf_info(h, 2, b"Signal=5\r\nDuration=160\r\n", "application/dtmf-relay")
+        info = h.send_pbx(relay)
+        await h.engine.wait(lambda: info.final_sent and backend.sessions[0].digits)
+        bare = h.send_pbx(dtmf_info(h, 3, b"#", "application/dtmf"))
+        await h.engine.wait(lambda: bare.final_sent and len(backend.sessions[0].digits) == 2)
+        # 200 first (the INFO transaction does not wait for the tone), then the digit.
+        assert backend.sessions[0].digits == [
+            ("retell", "5", 160, [200]),
+            ("retell", "#", 100, [200, 200]),
+        ]
+        assert [x.request.method for x in h.engine.handles] == ["INVITE"]  # no INFO to Retell
+        await hang_up(h)
+    relayed = [e for e in logs if e["event"] == "dtmf_info_relayed"]
+    assert [(e["digit"], e["duration"]) for e in relayed] == [("5", 160), ("#", 100)]
+
+
+@pytest.mark.parametrize(
+    ("result", "event", "level"),
+    [
+        (False, "dtmf_info_not_relayed", "info"),  # passthrough, or Retell took no events
+        (ServiceUnavailable("rtpengine: no such call"), "dtmf_info_not_relayed", "warning"),
+    ],
+)
+async def test_info_dtmf_that_cannot_be_relayed_is_answered_200_and_logged(
+    result: bool | Exception, event: str, level: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        h, backend = await dtmf_call(result)
+        info = h.send_pbx(dtmf_info(h, 2, b"Signal=9\r\nDuration=250", "application/dtmf-relay"))
+        await h.engine.wait(lambda: info.final_sent and backend.sessions[0].digits)
+        assert h.engine.to_pbx[-1].status == 200
+        await hang_up(h)
+    [entry] = [e for e in logs if e["event"] == event]
+    assert (entry["digit"], entry["log_level"]) == ("9", level)
+
+
+async def test_info_without_a_digit_is_answered_200_and_ignored() -> None:
+    with structlog.testing.capture_logs() as logs:
+        h, backend = await dtmf_call(True)
+        info = h.send_pbx(dtmf_info(h, 2, b"Signal=Z\r\n", "application/dtmf-relay"))
+        await h.engine.wait(lambda: info.final_sent)
+        assert h.engine.to_pbx[-1].status == 200
+        await hang_up(h)
+    assert backend.sessions[0].digits == []
+    assert [e["event"] for e in logs if e["event"].startswith("dtmf")] == ["dtmf_info_ignored"]
 
 
 async def test_session_expiry_without_refresh_hangs_up() -> None:

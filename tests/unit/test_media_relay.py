@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from sbc.media.base import PassthroughSession, clamp_dtmf_duration, telephone_event
 from sbc.media.relay import RelaySocket
-from sbc.media.rtp import RtpHeader, build_rtp
+from sbc.media.rtp import RtpHeader, build_rtp, dtmf_packets, parse_rtp
+from sbc.sdp.parser import parse_sdp
 
 PBX_SDP = ("10.0.0.2", 9000)
 NAT = ("203.0.113.9", 41000)
@@ -187,3 +189,115 @@ def test_rtp_toward_a_leg_on_hold_is_muted_but_rtcp_flows() -> None:
     facing_retell.send_allowed = True
     facing_pbx.datagram_received(rtp(2), PBX_SDP)
     assert out.sent[-1] == (rtp(2), RETELL)
+
+
+# -- DTMF injection: per-leg output numbering ---------------------------------------------------
+
+
+def _event(first_sequence: int = 0) -> bytes:
+    return dtmf_packets("5", payload_type=101, ssrc=1, first_sequence=first_sequence, timestamp=0)[
+        0
+    ]
+
+
+def test_forwarded_audio_is_untouched_until_the_first_injection_then_renumbered() -> None:
+    _, facing_pbx, facing_retell, out = pair()
+    facing_pbx.datagram_received(rtp(100), PBX_SDP)
+    facing_pbx.datagram_received(rtp(101), PBX_SDP)
+    assert [p for p, _ in out.sent] == [rtp(100), rtp(101)]  # the same bytes: no rewrite
+    assert facing_pbx.last_rtp == rtp(101)
+    facing_retell.seq_next = facing_pbx.next_sequence()
+    facing_retell.renumber = True
+    assert facing_retell.inject(_event(first_sequence=9000))
+    facing_pbx.datagram_received(rtp(102), PBX_SDP)
+    facing_pbx.datagram_received(rtp(104), PBX_SDP)  # 103 lost upstream: no gap downstream
+    sender_report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    facing_pbx.datagram_received(sender_report, PBX_SDP)  # muxed RTCP: untouched, no number
+    facing_pbx.datagram_received(b"\x00\x01", PBX_SDP)  # junk: untouched
+    facing_pbx.datagram_received(rtp(105), PBX_SDP)
+    sent = [p for p, _ in out.sent]
+    assert [parse_rtp(p).header.sequence for p in (sent[2], sent[3], sent[4], sent[7])] == [
+        102,
+        103,
+        104,
+        105,
+    ]
+    assert parse_rtp(sent[2]).header.payload_type == 101
+    assert bytes(sent[4])[4:] == rtp(104)[4:]  # only the sequence number changed
+    assert (sent[5], sent[6]) == (sender_report, b"\x00\x01")
+    assert facing_retell.counters()["injected"] == 1
+
+
+def test_output_numbering_wraps_at_16_bits() -> None:
+    _, facing_pbx, facing_retell, out = pair()
+    facing_pbx.datagram_received(rtp(65534), PBX_SDP)
+    facing_retell.seq_next = facing_pbx.next_sequence()
+    facing_retell.renumber = True
+    facing_retell.inject(_event())
+    facing_pbx.datagram_received(rtp(65535), PBX_SDP)
+    assert [parse_rtp(p).header.sequence for p, _ in out.sent] == [65534, 65535, 0]
+
+
+def test_injection_needs_an_address_an_open_socket_and_no_hold() -> None:
+    loop = FakeLoop()
+    lone = RelaySocket(loop, "retell", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
+    assert not lone.inject(_event())  # no remote yet
+    lone.set_sdp_remote(RETELL)
+    assert not lone.inject(_event())  # no transport
+    transport = RecordingTransport()
+    lone.connection_made(transport)
+    lone.send_allowed = False
+    assert not lone.inject(_event())  # RFC 3264 §6.1: on hold
+    lone.send_allowed = True
+    assert lone.inject(_event())
+    assert (lone.injected, lone.seq_next, len(transport.sent)) == (1, 1, 1)
+    assert 0 <= lone.next_sequence() <= 0xFFFF  # nothing received: a random start
+
+
+_SDP = """v=0\r
+o=- 1 1 IN IP4 10.0.0.2\r
+s=-\r
+c=IN IP4 10.0.0.2\r
+t=0 0\r
+m=audio {port} RTP/AVP {formats}\r
+{attributes}"""
+
+
+def _sdp(formats: str, attributes: str = "", port: int = 9000) -> Any:
+    text = _SDP.format(port=port, formats=formats, attributes=attributes)
+    return parse_sdp(text.encode())
+
+
+@pytest.mark.parametrize(
+    ("formats", "attributes", "expected"),
+    [
+        ("0 101", "a=rtpmap:101 telephone-event/8000\r\n", (101, 8000)),
+        ("9 101", "a=rtpmap:101 TELEPHONE-EVENT/8000\r\n", (101, 8000)),  # G.722: 8000 clock
+        (
+            "96 100 101",
+            "a=rtpmap:96 opus/48000/2\r\na=rtpmap:100 telephone-event/8000\r\n"
+            "a=rtpmap:101 telephone-event/48000\r\n",
+            (101, 48000),  # the one at the audio's rate
+        ),
+        ("0 100", "a=rtpmap:100 telephone-event/16000\r\n", (100, 16000)),  # only one: used
+        ("0 8", "", None),
+    ],
+)
+def test_telephone_event_format_of_a_leg(
+    formats: str, attributes: str, expected: tuple[int, int] | None
+) -> None:
+    assert telephone_event(_sdp(formats, attributes)) == expected
+
+
+def test_no_telephone_event_without_an_active_audio_stream() -> None:
+    assert telephone_event(None) is None
+    assert telephone_event(_sdp("0 101", "a=rtpmap:101 telephone-event/8000\r\n", port=0)) is None
+
+
+def test_dtmf_duration_is_clamped() -> None:
+    assert [clamp_dtmf_duration(d) for d in (0, 40, 160, 5000, 60000)] == [40, 40, 160, 5000, 5000]
+
+
+async def test_passthrough_cannot_inject_dtmf() -> None:
+    session = PassthroughSession("call-1")
+    assert await session.send_dtmf("retell", "5", 160) is False

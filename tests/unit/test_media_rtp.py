@@ -17,6 +17,8 @@ from sbc.media.rtp import (
     parse_rtp,
     parse_telephone_event,
     read_sequence,
+    read_timestamp,
+    with_sequence,
 )
 
 
@@ -136,3 +138,21 @@ def test_dtmf_short_event_and_bad_digit() -> None:
     assert parse_telephone_event(parse_rtp(packets[0]).payload).event == 12
     with pytest.raises(ValueError):
         dtmf_packets("x", payload_type=96, ssrc=1, first_sequence=0, timestamp=0)
+
+
+def test_with_sequence_rewrites_only_the_sequence_of_rtp() -> None:
+    packet = build_rtp(RtpHeader(101, 7, 123456, 0xCAFE, marker=True), b"\x05\x8a\x00\xa0")
+    renumbered = with_sequence(packet, 0x1_0203)  # 16 bits kept
+    header = parse_rtp(renumbered).header
+    assert (header.sequence, header.timestamp, header.ssrc, header.marker) == (
+        0x0203,
+        123456,
+        0xCAFE,
+        True,
+    )
+    assert renumbered[4:] == packet[4:]
+    assert read_timestamp(packet) == 123456
+    sender_report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    assert with_sequence(sender_report, 9) is sender_report  # muxed RTCP untouched
+    assert with_sequence(b"\x00" * 20, 9) == b"\x00" * 20  # not RTP version 2
+    assert with_sequence(b"\x80", 9) == b"\x80"
