@@ -1,12 +1,22 @@
-"""Media end to end through sbc, relay mode: real RTP between real SIP phones.
+"""Media end to end through sbc: real RTP between real SIP phones.
+
+Three tests run twice, once per ``[media] mode``: ``relay`` (sbc's own RTP relay) and
+``rtpengine`` (a real rtpengine daemon, userspace only, started by this module on 127.0.0.64
+with a free NG port and its own RTP port range; see ``rtpengine_helpers.py``):
 
 * pjsua2 (PJSIP) as 3CX's caller and as Retell's answerer (over TCP), each in a subprocess
   (``pjsua_peer.py``): both receive the other's audio, and a DTMF digit sent as RFC 4733
   telephone-event reaches the answerer;
 * the shipped stand-ins (:mod:`sbc.b2bua.standins`) where exact packets matter: every payload
   byte and sequence number, telephone-event packets included, arrives as sent in both
-  directions; port exhaustion answers 503 without disturbing the call in progress; 1,000 calls
-  leave no port and no call behind; a call without media is torn down after media_timeout.
+  directions;
+* a call without media is torn down after media_timeout.
+
+After each call nothing of its media is left: the relay's ports are back in the pool, or
+rtpengine no longer knows the call (sbc deleted it; ``query`` answers "Unknown call-id").
+
+Relay mode only: port exhaustion answers 503 without disturbing the call in progress; 1,000
+calls leave no port and no call behind.
 
 sbc registers with the 3CX stand-in's registrar first; the pjsua2 caller sends its INVITE
 straight to sbc's address with ``sip:EXT@sbc`` as Request-URI, from the PBX's address (trusted).
@@ -21,16 +31,18 @@ import json
 import os
 import struct
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from conftest import free_port
+from rtpengine_helpers import Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager
 from sbc.b2bua.standins import PbxCall, PbxStandIn, RetellCall, RetellStandIn
+from sbc.media.rtpengine import NgClient, NgReply, RtpengineBackend, RtpengineError, rtp_totals
 from sbc.ops.service import Service
 from sbc.ops.settings import (
     AdminSettings,
@@ -45,6 +57,7 @@ from sbc.ops.settings import (
 pytestmark = pytest.mark.integration
 
 SBC, PBX, RETELL = "127.0.0.61", "127.0.0.62", "127.0.0.63"
+RTPENGINE = "127.0.0.64"
 EXTENSION = "1000"
 NUMBER = "+14155550100"
 PEER = Path(__file__).with_name("pjsua_peer.py")
@@ -59,6 +72,42 @@ def require_pjsua2() -> None:
         pytest.skip("pjsua2 not installed")
 
 
+# -- media modes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Media:
+    """How sbc carries RTP in a test: its own relay, or the rtpengine daemon of this module."""
+
+    mode: Literal["relay", "rtpengine"] = "relay"
+    rtpengine: Rtpengine | None = None
+
+    @property
+    def host(self) -> str:
+        """The address both phones see in SDP and get RTP from."""
+        return SBC if self.rtpengine is None else self.rtpengine.host
+
+
+@pytest.fixture(scope="module")
+def rtpengine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rtpengine]:
+    """One rtpengine for the module (a missing binary fails on CI, skips elsewhere)."""
+    with running_rtpengine(RTPENGINE, tmp_path_factory.mktemp("rtpengine")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(params=["relay", "rtpengine"])
+def media(request: pytest.FixtureRequest) -> Media:
+    if request.param == "rtpengine":
+        return Media("rtpengine", request.getfixturevalue("rtpengine"))
+    return Media("relay")
+
+
+async def rtpengine_query(daemon: Rtpengine, call_id: str) -> NgReply:
+    """rtpengine's ``query`` of ``call_id``, from a control socket of the test's own."""
+    async with NgClient(daemon.ng, timeout=0.5, tries=3) as ng:
+        return await ng.query(call_id)
+
+
 # -- the bridge between stand-ins -----------------------------------------------------------------
 
 
@@ -68,6 +117,7 @@ class Rig:
     settings: Settings
     pbx: PbxStandIn
     retell: RetellStandIn
+    media: Media = field(default_factory=Media)
 
     @property
     def manager(self) -> CallManager:
@@ -91,10 +141,42 @@ class Rig:
     def sbc_uri(self) -> str:
         return f"sip:{EXTENSION}@{SBC}:{self.settings.sip.port}"
 
+    async def in_rtpengine(self, limit: float = 10.0) -> tuple[str, NgReply]:
+        """Once sbc's call is bridged in rtpengine (both legs' tags known there): its call-id
+        and rtpengine's ``query`` of it. Polled, bounded by ``limit``."""
+        daemon = self.media.rtpengine
+        assert daemon is not None, "rtpengine mode only"
+        async with asyncio.timeout(limit):
+            while True:
+                for call_uuid in list(self.manager.calls):
+                    with contextlib.suppress(RtpengineError):
+                        reply = await rtpengine_query(daemon, call_uuid)
+                        if set(reply.get("tags") or ()) == {"pbx", "retell"}:
+                            return call_uuid, reply
+                await asyncio.sleep(0.05)
+
+    async def assert_media_released(self, call_uuid: str) -> None:
+        """Nothing of the call's media is left: the relay's ports are back in its pool, or
+        rtpengine no longer knows the call (sbc deleted it) and the backend holds no session."""
+        if self.media.rtpengine is None:
+            assert self.ports_in_use == 0
+            return
+        backend = self.manager.media
+        assert isinstance(backend, RtpengineBackend)
+        assert not backend.sessions
+        with pytest.raises(RtpengineError, match="Unknown call-id") as unknown:
+            await rtpengine_query(self.media.rtpengine, call_uuid)
+        assert unknown.value.command == "query"
+
 
 def bridge_settings(
-    *, rtp_ports: int = 100, media_timeout: float = 60.0, max_concurrent: int = 20
+    *,
+    rtp_ports: int = 100,
+    media_timeout: float = 60.0,
+    max_concurrent: int = 20,
+    media: Media | None = None,
 ) -> Settings:
+    media = media or Media()
     rtp_min = free_port(SBC) & ~1
     return Settings(
         sip=SipSettings(bind=SBC, port=free_port(SBC), t1=0.25, t2=2.0),
@@ -110,7 +192,8 @@ def bridge_settings(
         headers=HEADERS,
         calls=CallsSettings(country_code="31", max_concurrent=max_concurrent),
         media=MediaSettings(
-            mode="relay",
+            mode=media.mode,
+            rtpengine=None if media.rtpengine is None else media.rtpengine.listen,
             rtp_port_min=rtp_min,
             rtp_port_max=rtp_min + rtp_ports - 1,
             media_timeout=media_timeout,
@@ -121,7 +204,12 @@ def bridge_settings(
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    settings: Settings, *, retell: bool = True, ring: float = 0.2, frames: list[bytes] | None = None
+    settings: Settings,
+    *,
+    retell: bool = True,
+    ring: float = 0.2,
+    frames: list[bytes] | None = None,
+    media: Media | None = None,
 ) -> AsyncIterator[Rig]:
     """The 3CX stand-in (registrar), optionally the Retell stand-in, and sbc registered."""
     pbx = PbxStandIn(
@@ -140,7 +228,7 @@ async def running_bridge(
         await service.start()
         async with asyncio.timeout(10):
             await pbx.registered.wait()
-        yield Rig(service, settings, pbx, retell_standin)
+        yield Rig(service, settings, pbx, retell_standin, media or Media())
     finally:
         await service.stop()
         if retell:
@@ -240,12 +328,13 @@ async def start_peer(tmp_path: Path, name: str, *args: str) -> PeerProcess:
         raise
 
 
-async def test_pjsua2_caller_and_answerer_hear_each_other_through_the_relay(
-    tmp_path: Path,
+async def test_pjsua2_caller_and_answerer_hear_each_other_through_sbc(
+    tmp_path: Path, media: Media
 ) -> None:
     require_pjsua2()
-    settings = bridge_settings()
-    async with running_bridge(settings, retell=False) as rig:
+    settings = bridge_settings(media=media)
+    loop = asyncio.get_running_loop()
+    async with running_bridge(settings, retell=False, media=media) as rig:
         answerer = await start_peer(
             tmp_path,
             "answerer",
@@ -254,6 +343,7 @@ async def test_pjsua2_caller_and_answerer_hear_each_other_through_the_relay(
             *("--max-time", "30"),
         )
         try:
+            started = loop.time()
             caller = await start_peer(
                 tmp_path,
                 "caller",
@@ -261,19 +351,33 @@ async def test_pjsua2_caller_and_answerer_hear_each_other_through_the_relay(
                 *("--id-uri", f'"Jane Doe" <sip:0201234567@{PBX}>', "--target", rig.sbc_uri),
                 *("--talk", "3", "--dtmf", "5", "--tone", "440", "--max-time", "30"),
             )
+            # rtpengine mode: the call is there while it is up (what "gone" is checked against).
+            bridged = asyncio.ensure_future(rig.in_rtpengine(limit=20)) if media.rtpengine else None
             try:
                 called = await caller.result(40)
             finally:
                 await caller.kill()
+                if bridged is not None and not bridged.done():
+                    bridged.cancel()
             answered = await answerer.result(15)
         finally:
             await answerer.kill()
         await rig.settled()
-        ports_left = rig.ports_in_use
+        elapsed = loop.time() - started
         record = rig.manager.records[-1]
+        if bridged is not None:
+            assert bridged.done() and not bridged.cancelled(), "never seen in rtpengine"
+            call_uuid, seen = bridged.result()
+            assert call_uuid == record.call_uuid
+            assert set(seen["tags"]) == {"pbx", "retell"}
+        await rig.assert_media_released(record.call_uuid)
 
-    print("pjsua2 caller:", {k: v for k, v in called.items() if k != "invite"})
-    print("pjsua2 answerer:", {k: v for k, v in answered.items() if k != "invite"})
+    def summary(side: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in side.items() if k != "invite"}
+
+    print(f"[{media.mode}] pjsua2 call of {elapsed:.1f} s")
+    print(f"[{media.mode}] pjsua2 caller:", summary(called))
+    print(f"[{media.mode}] pjsua2 answerer:", summary(answered))
     assert called["connected"] and called["hung_up_here"] and called["disconnected"], called
     # The answerer's call ended by sbc's BYE after the caller hung up.
     assert answered["connected"] and answered["disconnected"], answered
@@ -282,24 +386,26 @@ async def test_pjsua2_caller_and_answerer_hear_each_other_through_the_relay(
     for side in (called, answered):
         assert side["tx_packets"] >= 100, side
         assert side["rx_packets"] >= 100, side
-    # RFC 4733 telephone-event crossed the relay and was decoded by pjsua2.
+    # RFC 4733 telephone-event crossed sbc's media path and was decoded by pjsua2.
     assert answered["digits"] == ["5"], answered
     invite = answered["invite"]
     assert invite.startswith(f"INVITE sip:{NUMBER}@{RETELL}:{settings.retell.port};transport=tcp ")
     assert "X-Caller-Number: +31201234567" in invite
     assert "X-Called: 1000" in invite
-    assert PBX not in invite  # nothing of the 3CX leg, SDP included (relay mode)
-    assert ports_left == 0
+    assert PBX not in invite  # nothing of the 3CX leg, SDP included
+    assert f"c=IN IP4 {media.host}\r\n" in invite  # media through the relay or rtpengine
     assert record.end_reason == "pbx_bye" and record.pbx_status == 200, record
 
 
 # -- exact packets with the stand-ins -----------------------------------------------------------
 
 
-async def test_payloads_and_sequence_numbers_cross_unchanged_both_ways() -> None:
-    settings = bridge_settings()
-    async with running_bridge(settings, frames=numbered(500)) as rig:
+async def test_payloads_and_sequence_numbers_cross_unchanged_both_ways(media: Media) -> None:
+    settings = bridge_settings(media=media)
+    loop = asyncio.get_running_loop()
+    async with running_bridge(settings, frames=numbered(500), media=media) as rig:
         call, retell_call = await connected_call(rig, frames=numbered(500))
+        started = loop.time()
         a, b = call.rtp, retell_call.rtp
         await asyncio.sleep(0.5)  # talk time, not synchronisation
         a.send_dtmf("1")
@@ -310,20 +416,31 @@ async def test_payloads_and_sequence_numbers_cross_unchanged_both_ways() -> None
         async with asyncio.timeout(3):
             await a.wait_received(len(b.sent))
             await b.wait_received(len(a.sent))
+        elapsed = loop.time() - started
+        call_uuid = next(iter(rig.manager.calls))
+        if media.rtpengine is not None:
+            # rtpengine carried the call: it counted every packet either side sent.
+            _, reply = await rig.in_rtpengine()
+            assert rtp_totals(reply).packets == len(a.sent) + len(b.sent)
         await hang_up(rig, call, retell_call)
         await rig.settled()
-        assert rig.ports_in_use == 0
+        assert rig.manager.records[-1].call_uuid == call_uuid
+        await rig.assert_media_released(call_uuid)
+    print(
+        f"[{media.mode}] stand-ins: 3CX->Retell {len(a.sent)} sent / {len(b.received)} received,"
+        f" Retell->3CX {len(b.sent)} sent / {len(a.received)} received, {elapsed:.2f} s"
+    )
     for sender, receiver in ((a, b), (b, a)):
         assert len(sender.sent) >= 90
         assert packets(receiver.received) == packets(sender.sent)
-        # Raw bytes too: the relay touches nothing (header fields, marker, SSRC).
+        # Raw bytes too: nothing is touched (header fields, marker, SSRC).
         assert receiver.received == sender.sent
         events = [p for p in receiver.received if p.header.payload_type == 101]
         assert len(events) == 7, len(events)  # 5 packets, the final one three times
-    # Both sides sent from the port they receive on, and heard only sbc's relay.
-    relay_ports = {port for _, port in a.sources | b.sources}
-    assert {host for host, _ in a.sources | b.sources} == {SBC}
-    assert len(relay_ports) == 2
+    # Both sides sent from the port they receive on, and heard only sbc's relay (or rtpengine).
+    media_ports = {port for _, port in a.sources | b.sources}
+    assert {host for host, _ in a.sources | b.sources} == {media.host}
+    assert len(media_ports) == 2
 
 
 async def test_port_exhaustion_answers_503_and_spares_the_call_in_progress() -> None:
@@ -377,10 +494,12 @@ async def test_a_thousand_calls_leave_no_port_and_no_call() -> None:
         assert all(r.end_reason == "pbx_bye" for r in rig.manager.records)
 
 
-async def test_media_timeout_ends_a_silent_call_and_frees_its_ports() -> None:
-    settings = bridge_settings(media_timeout=2.0)
-    async with running_bridge(settings) as rig:
+async def test_media_timeout_ends_a_silent_call_and_frees_its_media(media: Media) -> None:
+    # rtpengine mode: sbc polls rtpengine's counters every media_timeout / 4 seconds.
+    settings = bridge_settings(media_timeout=2.0, media=media)
+    async with running_bridge(settings, media=media) as rig:
         call, retell_call = await connected_call(rig)
+        call_uuid = next(iter(rig.manager.calls))
         call.rtp.stop_sending()
         retell_call.rtp.stop_sending()
         # No RTP either way: after media_timeout sbc must hang up both legs itself.
@@ -396,4 +515,5 @@ async def test_media_timeout_ends_a_silent_call_and_frees_its_ports() -> None:
             ) from None
         assert call.bye_received and retell_call.bye_received
         await rig.settled()
-        assert rig.ports_in_use == 0
+        assert rig.manager.records[-1].end_reason == "media_timeout", rig.manager.records[-1]
+        await rig.assert_media_released(call_uuid)

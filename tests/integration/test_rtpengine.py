@@ -1,23 +1,21 @@
 """The NG client and the rtpengine media backend against a real rtpengine daemon.
 
 Each module run starts its own `rtpengine` in userspace (`--table=-1`) on 127.0.0.71 with a free NG
-port and a private RTP port range, waits until it answers `ping`, and stops it at the end. Real
-RTP goes through the ports rtpengine wrote into the rewritten SDPs.
+port and a private RTP port range, waits until it answers `ping`, and stops it at the end
+(``rtpengine_helpers.running_rtpengine``). Real RTP goes through the ports rtpengine wrote into
+the rewritten SDPs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import cast
 
 import pytest
+from rtpengine_helpers import Rtpengine, running_rtpengine
 
 from sbc.media.base import media_address
 from sbc.media.rtpengine import (
@@ -42,77 +40,14 @@ def _free_udp_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
-class Daemon:
-    process: subprocess.Popen[bytes]
-    ng: tuple[str, int]
-    log_path: str
-
-    def log_tail(self) -> str:
-        with open(self.log_path, errors="replace") as fh:
-            return "".join(fh.readlines()[-30:])
-
-
-def _ping_until_up(address: tuple[str, int], process: subprocess.Popen[bytes]) -> None:
-    """Poll `ping` (bounded: 100 tries, 0.1 s receive timeout each) until rtpengine answers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.1)
-        for attempt in range(100):
-            if process.poll() is not None:
-                raise RuntimeError(f"rtpengine exited with {process.returncode}")
-            cookie = b"up%d" % attempt
-            try:
-                sock.sendto(cookie + b" d7:command4:pinge", address)
-                data, _ = sock.recvfrom(4096)
-            except OSError:  # timeout, or ICMP unreachable while it is not yet listening
-                continue
-            if data.startswith(cookie + b" ") and b"pong" in data:
-                return
-    raise RuntimeError("rtpengine did not answer ping within 100 tries")
-
-
 @pytest.fixture(scope="module")
-def rtpengine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    binary = shutil.which("rtpengine")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("rtpengine binary missing (install Debian package rtpengine-daemon)")
-        pytest.skip("rtpengine binary not installed")
-    port = _free_udp_port(RTPENGINE_HOST)
-    low = 41000 + (os.getpid() % 50) * 200
-    log_path = str(tmp_path_factory.mktemp("rtpengine") / "rtpengine.log")
-    log = open(log_path, "wb")  # noqa: SIM115 (closed below, after the daemon ends)
-    process = subprocess.Popen(
-        [
-            binary,
-            "--foreground",
-            "--log-stderr",
-            "--table=-1",
-            f"--interface={RTPENGINE_HOST}",
-            f"--listen-ng={RTPENGINE_HOST}:{port}",
-            f"--port-min={low}",
-            f"--port-max={low + 199}",
-            "--delete-delay=0",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _ping_until_up((RTPENGINE_HOST, port), process)
-        yield Daemon(process, (RTPENGINE_HOST, port), log_path)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
-    assert process.returncode is not None
+def rtpengine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rtpengine]:
+    with running_rtpengine(RTPENGINE_HOST, tmp_path_factory.mktemp("rtpengine")) as daemon:
+        yield daemon
 
 
 @pytest.fixture
-async def client(rtpengine: Daemon) -> AsyncIterator[NgClient]:
+async def client(rtpengine: Rtpengine) -> AsyncIterator[NgClient]:
     async with NgClient(rtpengine.ng, timeout=1.0, tries=3) as ng:
         yield ng
 
@@ -322,7 +257,7 @@ async def test_silent_peer_times_out_after_every_retransmission() -> None:
 
 
 @pytest.fixture
-async def backend(rtpengine: Daemon) -> AsyncIterator[RtpengineBackend]:
+async def backend(rtpengine: Rtpengine) -> AsyncIterator[RtpengineBackend]:
     media = RtpengineBackend(rtpengine.ng, timeout=1.0, tries=3)
     await media.start()
     yield media
@@ -436,7 +371,7 @@ async def test_backend_start_fails_clearly_when_rtpengine_is_absent() -> None:
     await media.close()
 
 
-async def test_poller_reports_media_activity(rtpengine: Daemon) -> None:
+async def test_poller_reports_media_activity(rtpengine: Rtpengine) -> None:
     media = RtpengineBackend(rtpengine.ng, poll_interval=0.05)
     await media.start()
     try:

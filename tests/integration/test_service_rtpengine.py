@@ -1,16 +1,15 @@
 """The service in ``media.mode = "rtpengine"``: it checks rtpengine at startup.
 
-With a real rtpengine daemon (started here on 127.0.0.74, as in ``test_rtpengine.py``) the service
-starts, its backend polls call counters (so media timeouts work), and stopping closes it. With
-nothing on the NG port the service does not start: a ``StartupError`` naming rtpengine, nothing
-left listening or running, and ``sbc run`` exits 1 with one ``sbc_start_failed`` line.
+With a real rtpengine daemon (started here on 127.0.0.74 by
+``rtpengine_helpers.running_rtpengine``) the service starts, its backend polls call counters (so
+media timeouts work), and stopping closes it. With nothing on the NG port the service does not
+start: a ``StartupError`` naming rtpengine, nothing left listening or running, and ``sbc run``
+exits 1 with one ``sbc_start_failed`` line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from rtpengine_helpers import running_rtpengine
 
 from sbc.media.rtpengine import RtpengineBackend
 from sbc.ops.service import Service, StartupError
@@ -31,60 +31,10 @@ SBC = "127.0.0.75"
 PBX = "127.0.0.76"  # nothing answers there: registration keeps retrying, which is fine here
 
 
-def _ping_until_up(address: tuple[str, int], process: subprocess.Popen[bytes]) -> None:
-    """Poll `ping` (bounded: 100 tries, 0.1 s receive timeout each) until rtpengine answers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.1)
-        for attempt in range(100):
-            if process.poll() is not None:
-                raise RuntimeError(f"rtpengine exited with {process.returncode}")
-            cookie = b"up%d" % attempt
-            try:
-                sock.sendto(cookie + b" d7:command4:pinge", address)
-                data, _ = sock.recvfrom(4096)
-            except OSError:  # timeout, or ICMP unreachable while it is not yet listening
-                continue
-            if data.startswith(cookie + b" ") and b"pong" in data:
-                return
-    raise RuntimeError("rtpengine did not answer ping within 100 tries")
-
-
 @pytest.fixture(scope="module")
 def rtpengine_ng(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    binary = shutil.which("rtpengine")
-    if binary is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("rtpengine binary missing (install Debian package rtpengine-daemon)")
-        pytest.skip("rtpengine binary not installed")
-    port = free_port(RTPENGINE_HOST)
-    low = 52000 + (os.getpid() % 40) * 100
-    log_path = tmp_path_factory.mktemp("rtpengine") / "rtpengine.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--foreground",
-                "--log-stderr",
-                "--table=-1",
-                f"--interface={RTPENGINE_HOST}",
-                f"--listen-ng={RTPENGINE_HOST}:{port}",
-                f"--port-min={low}",
-                f"--port-max={low + 99}",
-                "--delete-delay=0",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _ping_until_up((RTPENGINE_HOST, port), process)
-            yield (RTPENGINE_HOST, port)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+    with running_rtpengine(RTPENGINE_HOST, tmp_path_factory.mktemp("rtpengine")) as daemon:
+        yield daemon.ng
 
 
 def _toml(ng_port: int, sip_port: int, admin_port: int) -> str:
