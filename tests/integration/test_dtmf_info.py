@@ -13,14 +13,13 @@ import asyncio
 import itertools
 import os
 import secrets
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import cast
 
 import pytest
 from conftest import free_port
+from rtpengine_helpers import running_rtpengine
 
 from sbc.b2bua.standins import PbxStandIn, RetellStandIn
 from sbc.media.base import media_address
@@ -293,39 +292,8 @@ ENGINE, ENGINE_PBX, ENGINE_RETELL = "127.0.0.87", "127.0.0.88", "127.0.0.89"
 
 @pytest.fixture(scope="module")
 def rtpengine_ng(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    binary = shutil.which("rtpengine")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("rtpengine binary missing (install Debian package rtpengine-daemon)")
-        pytest.skip("rtpengine binary not installed")
-    port = free_port(ENGINE)
-    low = 36000 + (os.getpid() % 50) * 40
-    log_path = tmp_path_factory.mktemp("rtpengine") / "rtpengine.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--foreground",
-                "--log-stderr",
-                "--table=-1",
-                f"--interface={ENGINE}",
-                f"--listen-ng={ENGINE}:{port}",
-                f"--port-min={low}",
-                f"--port-max={low + 39}",
-                "--delete-delay=0",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield ENGINE, port
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+    with running_rtpengine(ENGINE, tmp_path_factory.mktemp("rtpengine"), ports=40) as engine:
+        yield engine.ng
 
 
 async def start_backend(ng: tuple[str, int], *, inject_dtmf: bool) -> RtpengineBackend:
