@@ -4,7 +4,9 @@
 relay its ringing, answer or refuse the PBX), talk (absorb the PBX's holds and refreshes, wait
 for a BYE or a limit), hang up both legs, release the media. Everything that happens to the
 call from outside (a response from Retell, CANCEL, ACK or an in-dialog request from either
-side, shutdown) arrives as a fact on one queue, so the flow never races with itself.
+side, shutdown) arrives as a fact on one queue, so the flow never races with itself. The
+answers sbc gives itself inside the dialogs (holds, refreshes and the PBX's session timer, INFO
+DTMF, 2xx repeated until ACKed) are the call's :class:`~sbc.b2bua.absorber.Absorber`.
 
 ``CallState`` is the call's one state enum; :data:`TRANSITIONS` is its state machine, keyed
 ``(state, input)``. A missing key is a bug in this module and raises ProtocolError.
@@ -23,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from sbc.b2bua.absorber import Absorber
 from sbc.b2bua.legs import (
     PBX_ALLOW,
     RETELL_ALLOW,
@@ -30,13 +33,11 @@ from sbc.b2bua.legs import (
     BridgeConfig,
     LegIds,
     LocalAddress,
-    SessionTimer,
     build_b_invite,
     call_facts,
     called_of,
     caller_of,
     negotiate_session_timer,
-    parse_dtmf_info,
     pbx_dialog_headers,
     pbx_provisional_for,
     pbx_status_for_failure,
@@ -217,14 +218,10 @@ class Call:
         )
         self.facts: asyncio.Queue[Fact] = asyncio.Queue()
         self.media: MediaSession | None = None
-        self.timer: SessionTimer | None = None
         self.pbx_dialog: Dialog | None = None
         self.retell_dialog: Dialog | None = None
         self._b_handle: ClientTransaction | None = None
         self._b_ack: Request | None = None
-        self._sdp_sent: dict[Leg, bytes] = {}
-        self._acks: dict[tuple[Leg, int], asyncio.Event] = {}
-        self._reinvite_pending: set[Leg] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._auth = (
             ClientAuth(config.pbx_credentials) if config.pbx_credentials is not None else None
@@ -232,9 +229,17 @@ class Call:
         self._last_relayed: tuple[int, bytes] | None = None
         self._last_provisional: Response | None = None
         self._ring_again_at = float("inf")
-        self._refreshed_at = 0.0
         self.log = log.bind(
             call_uuid=call_uuid, call_id=self.a_invite.call_id, retell_call_id=self.b_ids.call_id
+        )
+        # Holds, refreshes, INFO DTMF and the ACK waits of 2xx answers: see absorber.py.
+        self.absorber = Absorber(
+            config=config,
+            pbx_local=self.pbx_local,
+            retell_local=self.retell_local,
+            media=lambda: self.media,
+            spawn=self._spawn,
+            log=self.log,
         )
 
     # -- keys the manager routes by ---------------------------------------------------------
@@ -255,9 +260,7 @@ class Call:
 
     def ack_arrived(self, leg: Leg, request: Request) -> None:
         """The ACK of a 2xx sbc sent on ``leg`` (copies of it are ignored)."""
-        waiter = self._acks.get((leg, request.cseq.seq))
-        if waiter is not None:
-            waiter.set()
+        self.absorber.ack_arrived(leg, request)
 
     def retell_2xx_again(self, response: Response) -> None:
         """RFC 3261 §13.2.2.4: a retransmitted 2xx is ACKed again with the same ACK."""
@@ -295,7 +298,8 @@ class Call:
     async def _set_up(self) -> bool:
         """Offer the call to Retell and wait for its answer; True when both legs are up."""
         try:
-            self.timer = negotiate_session_timer(self.a_invite, self.config.min_session_expires)
+            min_se = self.config.min_session_expires
+            self.absorber.timer = negotiate_session_timer(self.a_invite, min_se)
             if not self.a_invite.body:
                 # 3CX always offers in the INVITE; a late offer is not bridged.
                 raise NotAcceptableHere("INVITE without an SDP offer")
@@ -315,7 +319,7 @@ class Call:
         invite = build_b_invite(
             self.config, self.retell_local, self.b_ids, self.caller, rendered.headers, b_offer
         )
-        self._sdp_sent["retell"] = b_offer
+        self.absorber.sdp_sent["retell"] = b_offer
         handle = self.engine.send_request(invite)
         self._b_handle = handle
         self._spawn(self._pump_retell(handle))
@@ -392,15 +396,15 @@ class Call:
                 self.a_invite,
                 self.pbx_local,
                 user_agent=self.config.user_agent,
-                timer=self.timer,
+                timer=self.absorber.timer,
                 has_body=True,
             ),
             body=body,
         )
         self.pbx_dialog = Dialog.from_uas(self.a_invite, ok)
-        self._sdp_sent["pbx"] = body
+        self.absorber.sdp_sent["pbx"] = body
         self.pbx_status = 200
-        self._refreshed_at = self._loop_time()
+        self.absorber.refreshed_at = self._loop_time()
         self._spawn(self._await_pbx_ack(ok))
         self.up.set()
         self.log.info("call_answered")
@@ -411,14 +415,14 @@ class Call:
         assert self.answered is not None
         ends_at = self._loop_time() + self.config.max_duration
         while True:
-            timer = self.timer
-            refresh_at = timer.refresh_at(self._refreshed_at) if timer else float("inf")
-            expires_at = timer.expires_at(self._refreshed_at) if timer else float("inf")
+            timer, refreshed_at = self.absorber.timer, self.absorber.refreshed_at
+            refresh_at = timer.refresh_at(refreshed_at) if timer else float("inf")
+            expires_at = timer.expires_at(refreshed_at) if timer else float("inf")
             silent_at = self._media_silent_at()
             fact = await self._next_fact(min(ends_at, expires_at, refresh_at, silent_at))
             now = self._loop_time()
             if fact is None and refresh_at <= now < ends_at:
-                self._refreshed_at = now
+                self.absorber.refreshed_at = now
                 self._spawn(self._refresh_pbx())
                 continue
             if fact is None and silent_at <= now < min(ends_at, expires_at):
@@ -481,7 +485,7 @@ class Call:
         self._last_relayed = (status, body)
         self._move(In.RETELL_RINGING)
         if body:
-            self._sdp_sent["pbx"] = body
+            self.absorber.sdp_sent["pbx"] = body
         self._ring_again_at = self._loop_time() + RING_REPEAT
         self._last_provisional = self.incoming.respond(
             status,
@@ -542,33 +546,8 @@ class Call:
         except SipError as exc:
             self.log.info("pbx_response_failed", status=status, detail=exc.detail)
 
-    async def _send_2xx(self, leg: Leg, incoming: IncomingRequest, response: Response) -> bool:
-        """Send a 2xx to an INVITE and repeat it until its ACK (RFC 3261 §13.3.1.4)."""
-        seq = response.cseq.seq
-        acked = asyncio.Event()
-        self._acks[(leg, seq)] = acked
-        interval = self.config.t1
-        deadline = self._loop_time() + 64 * self.config.t1
-        try:
-            incoming.send(response)
-            while True:
-                wait = min(interval, deadline - self._loop_time())
-                if wait <= 0:
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(acked.wait(), wait)
-                if acked.is_set():
-                    return True
-                try:
-                    incoming.send(response)
-                except SipError:
-                    return False  # the transaction is gone (Timer L)
-                interval = min(2 * interval, self.config.t2)
-        finally:
-            self._acks.pop((leg, seq), None)
-
     async def _await_pbx_ack(self, ok: Response) -> None:
-        acked = await self._send_2xx("pbx", self.incoming, ok)
+        acked = await self.absorber.send_2xx("pbx", self.incoming, ok)
         self.facts.put_nowait(PbxAckSettled(acked))
 
     # -- in-dialog requests --------------------------------------------------------------------
@@ -594,11 +573,11 @@ class Call:
             return In.PBX_BYE if leg == "pbx" else In.RETELL_BYE
         try:
             if method == "INVITE":
-                await self._absorb_reinvite(leg, incoming)
+                await self.absorber.reinvite(leg, incoming)
             elif method == "UPDATE":
-                await self._absorb_update(leg, incoming)
+                await self.absorber.update(leg, incoming)
             elif method == "INFO":
-                await self._dtmf_info(leg, incoming)
+                await self.absorber.dtmf_info(leg, incoming)
             elif method == "OPTIONS":
                 allow = PBX_ALLOW if leg == "pbx" else RETELL_ALLOW
                 incoming.respond(200, headers=(("Allow", allow),))
@@ -608,90 +587,6 @@ class Call:
             if not incoming.final_sent:
                 incoming.reject(exc)
         return None
-
-    async def _absorb_reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
-        """Answer a re-INVITE here (hold, resume, refresh); never forwarded (PEERS.md)."""
-        if leg in self._reinvite_pending:
-            incoming.respond(491)  # RFC 3261 §14.2: one INVITE transaction at a time
-            return
-        request = incoming.request
-        timer = self._renegotiate(leg, request)
-        body = await self._reoffer(leg, request)
-        headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
-        response = incoming.response(200, headers=headers, body=body)
-        self._reinvite_pending.add(leg)
-        self.log.info("reinvite_absorbed", leg=leg, cseq=request.cseq.seq, sdp=bool(request.body))
-
-        async def answer() -> None:
-            try:
-                if not await self._send_2xx(leg, incoming, response):
-                    self.log.warning("reinvite_ack_missing", leg=leg)
-            finally:
-                self._reinvite_pending.discard(leg)
-
-        self._spawn(answer())
-
-    async def _absorb_update(self, leg: Leg, incoming: IncomingRequest) -> None:
-        """RFC 3311: an UPDATE with SDP is a re-offer, without it a session refresh."""
-        request = incoming.request
-        timer = self._renegotiate(leg, request)
-        body = await self._reoffer(leg, request) if request.body else b""
-        headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
-        incoming.respond(200, headers=headers, body=body)
-        self.log.info("update_absorbed", leg=leg, sdp=bool(request.body))
-
-    async def _reoffer(self, leg: Leg, request: Request) -> bytes:
-        """The SDP answer for a re-offer on ``leg`` (or, with none, our last SDP as an offer)."""
-        assert self.media is not None
-        if not request.body:
-            return self._sdp_sent.get(leg, b"")
-        answer = serialize_sdp(await self.media.reoffer(leg, parse_sdp(request.body)))
-        self._sdp_sent[leg] = answer
-        return answer
-
-    def _renegotiate(self, leg: Leg, request: Request) -> SessionTimer | None:
-        """RFC 4028 §9: every refresh request renegotiates the PBX's timer (422 when too
-        short); none is ever run toward Retell."""
-        if leg != "pbx":
-            return None
-        timer = negotiate_session_timer(request, self.config.min_session_expires)
-        self.timer = timer
-        self._refreshed_at = self._loop_time()
-        return timer
-
-    def _refresh_headers(
-        self, leg: Leg, request: Request, timer: SessionTimer | None, *, has_body: bool
-    ) -> HeaderList:
-        if leg == "pbx":
-            return pbx_dialog_headers(
-                request,
-                self.pbx_local,
-                user_agent=self.config.user_agent,
-                timer=timer,
-                has_body=has_body,
-            )
-        items = [("Contact", self.retell_local.contact), ("Allow", RETELL_ALLOW)]
-        if has_body:
-            items.append(("Content-Type", "application/sdp"))
-        return tuple(items)
-
-    async def _dtmf_info(self, leg: Leg, incoming: IncomingRequest) -> None:
-        """SIP INFO DTMF from the PBX: Retell answers INFO 405 (PEERS.md), so the digit goes to
-        it as RFC 4733 events when the media layer can inject them; the INFO is answered 200
-        either way, and a digit that could not be relayed is logged."""
-        incoming.respond(200)
-        dtmf = parse_dtmf_info(incoming.request.body)
-        if dtmf is None or leg != "pbx" or self.media is None:
-            self.log.info("dtmf_info_ignored", leg=leg, body=len(incoming.request.body))
-            return
-        digit, duration = dtmf
-        try:
-            relayed = await self.media.send_dtmf("retell", digit, duration)
-        except SipError as exc:  # a media server that failed the request (rtpengine)
-            self.log.warning("dtmf_info_not_relayed", digit=digit, error=exc.detail)
-            return
-        event = "dtmf_info_relayed" if relayed else "dtmf_info_not_relayed"
-        self.log.info(event, digit=digit, duration=duration, backend=self.media.stats()["backend"])
 
     def _media_silent_at(self) -> float:
         """When the call counts as dead for want of media: ``media_timeout`` after the last RTP
@@ -705,13 +600,14 @@ class Call:
     async def _refresh_pbx(self) -> None:
         """RFC 4028 §7.4: sbc refreshes the PBX's session: UPDATE without SDP when the PBX
         allows it (RFC 3311), else a re-INVITE offering the SDP it already has."""
-        assert self.timer is not None
-        headers = [("Contact", self.pbx_local.contact), *self.timer.refresh_headers]
+        timer = self.absorber.timer
+        assert timer is not None
+        headers = [("Contact", self.pbx_local.contact), *timer.refresh_headers]
         if "UPDATE" in (m.upper() for m in self.a_invite.headers.values("Allow")):
             request = self._in_dialog("pbx", "UPDATE", headers=tuple(headers))
         else:
             headers.append(("Content-Type", "application/sdp"))
-            body = self._sdp_sent.get("pbx", b"")
+            body = self.absorber.sdp_sent.get("pbx", b"")
             request = self._in_dialog("pbx", "INVITE", headers=tuple(headers), body=body)
         response = await self._request("pbx", request)
         self.log.info("session_refreshed", method=request.method, status=response.status)

@@ -232,6 +232,7 @@ def media_backend(settings: Settings, advertised: str) -> MediaBackend:
             address,
             codecs=media.codecs,
             poll_interval=min(RTPENGINE_POLL_INTERVAL, media.media_timeout / 4),
+            inject_dtmf=media.rtpengine_inject_dtmf,
         )
     return RelayBackend(
         settings.sip.bind,

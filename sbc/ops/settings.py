@@ -353,6 +353,10 @@ class MediaSettings(_Section):
     rtp_port_min: int = Field(default=20000, ge=1024, le=65535)
     rtp_port_max: int = Field(default=20999, ge=1024, le=65535)
     rtpengine: HostPort | None = None  # NG control socket, host:port (UDP)
+    # rtpengine only: the `inject DTMF` flag on every call, so that a SIP INFO key press reaches
+    # Retell (NG `play DTMF`); all of the call's audio then goes through rtpengine's transcoding
+    # engine (no kernel forwarding, more CPU). Off: INFO digits are only logged.
+    rtpengine_inject_dtmf: bool = False
     media_timeout: Seconds = 60.0
     learning_window: Seconds = 3.0
     codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722", "telephone-event")

@@ -134,6 +134,22 @@ def test_rtpengine_backend_polls_so_media_timeouts_work() -> None:
     assert isinstance(short, RtpengineBackend) and short.poll_interval == 2.0
 
 
+def test_rtpengine_inject_dtmf_setting_reaches_the_backend() -> None:
+    rtpengine = {"mode": "rtpengine", "rtpengine": "127.0.0.1:2223"}
+    default = service.media_backend(settings(media=rtpengine), "10.0.0.5")
+    assert isinstance(default, RtpengineBackend) and default.inject_dtmf is False
+    flags = default.offer_options.get("flags", [])
+    assert isinstance(flags, list) and "inject-DTMF" not in flags
+    opted_in = service.media_backend(
+        settings(media={**rtpengine, "rtpengine_inject_dtmf": "true"}), "10.0.0.5"
+    )
+    assert isinstance(opted_in, RtpengineBackend) and opted_in.inject_dtmf is True
+    # rtpengine docs, `play DTMF`: the flag goes in both the offer and the answer.
+    for options in (opted_in.offer_options, opted_in.answer_options):
+        flags = options["flags"]
+        assert isinstance(flags, list) and "inject-DTMF" in flags
+
+
 # -- requests the call manager answers itself ---------------------------------------------------
 
 

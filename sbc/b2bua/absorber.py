@@ -1,0 +1,188 @@
+"""What a bridged call answers itself inside its dialogs, instead of forwarding.
+
+Neither peer sees the other's in-dialog requests (PEERS.md): a re-INVITE or UPDATE from either
+leg (hold, resume, session refresh) is answered here through the media layer, the PBX's session
+timer (RFC 4028) is renegotiated by its refreshes, and SIP INFO DTMF from the PBX goes to Retell
+as RFC 4733 events. Every 2xx sbc sends to an INVITE, the first one included, is repeated until
+its ACK (RFC 3261 §13.3.1.4).
+
+:class:`Absorber` holds what those answers need between requests: the last SDP sbc sent on each
+leg, the PBX's session timer and when it was last refreshed, the ACKs awaited. The call
+(:mod:`sbc.b2bua.call`) owns one, hands it each absorbed request and reads its timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from structlog.typing import FilteringBoundLogger
+
+from sbc.b2bua.legs import (
+    RETELL_ALLOW,
+    BridgeConfig,
+    LocalAddress,
+    SessionTimer,
+    negotiate_session_timer,
+    parse_dtmf_info,
+    pbx_dialog_headers,
+)
+from sbc.media.base import Leg, MediaSession
+from sbc.net.engine import IncomingRequest
+from sbc.sdp.parser import parse_sdp, serialize_sdp
+from sbc.sip.errors import SipError
+from sbc.sip.message import Request, Response
+
+HeaderList = tuple[tuple[str, str], ...]
+
+__all__ = ["Absorber"]
+
+
+class Absorber:
+    """The in-dialog answers of one call; ``media`` gives the call's media session once
+    allocated, ``spawn`` runs a coroutine as one of the call's tasks."""
+
+    def __init__(
+        self,
+        *,
+        config: BridgeConfig,
+        pbx_local: LocalAddress,
+        retell_local: LocalAddress,
+        media: Callable[[], MediaSession | None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[Any]],
+        log: FilteringBoundLogger,
+    ) -> None:
+        self.config = config
+        self.pbx_local = pbx_local
+        self.retell_local = retell_local
+        self._media = media
+        self._spawn = spawn
+        self.log = log
+        self.sdp_sent: dict[Leg, bytes] = {}  # the last SDP sbc sent on each leg
+        self.timer: SessionTimer | None = None  # the PBX's session timer (RFC 4028)
+        self.refreshed_at = 0.0  # loop time of the PBX session's last refresh
+        self._acks: dict[tuple[Leg, int], asyncio.Event] = {}
+        self._reinvite_pending: set[Leg] = set()
+
+    def ack_arrived(self, leg: Leg, request: Request) -> None:
+        """The ACK of a 2xx sbc sent on ``leg`` (copies of it are ignored)."""
+        waiter = self._acks.get((leg, request.cseq.seq))
+        if waiter is not None:
+            waiter.set()
+
+    async def send_2xx(self, leg: Leg, incoming: IncomingRequest, response: Response) -> bool:
+        """Send a 2xx to an INVITE and repeat it until its ACK (RFC 3261 §13.3.1.4)."""
+        seq = response.cseq.seq
+        acked = asyncio.Event()
+        self._acks[(leg, seq)] = acked
+        interval = self.config.t1
+        deadline = _loop_time() + 64 * self.config.t1
+        try:
+            incoming.send(response)
+            while True:
+                wait = min(interval, deadline - _loop_time())
+                if wait <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(acked.wait(), wait)
+                if acked.is_set():
+                    return True
+                try:
+                    incoming.send(response)
+                except SipError:
+                    return False  # the transaction is gone (Timer L)
+                interval = min(2 * interval, self.config.t2)
+        finally:
+            self._acks.pop((leg, seq), None)
+
+    async def reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
+        """Answer a re-INVITE here (hold, resume, refresh); never forwarded (PEERS.md)."""
+        if leg in self._reinvite_pending:
+            incoming.respond(491)  # RFC 3261 §14.2: one INVITE transaction at a time
+            return
+        request = incoming.request
+        timer = self._renegotiate(leg, request)
+        body = await self._reoffer(leg, request)
+        headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
+        response = incoming.response(200, headers=headers, body=body)
+        self._reinvite_pending.add(leg)
+        self.log.info("reinvite_absorbed", leg=leg, cseq=request.cseq.seq, sdp=bool(request.body))
+
+        async def answer() -> None:
+            try:
+                if not await self.send_2xx(leg, incoming, response):
+                    self.log.warning("reinvite_ack_missing", leg=leg)
+            finally:
+                self._reinvite_pending.discard(leg)
+
+        self._spawn(answer())
+
+    async def update(self, leg: Leg, incoming: IncomingRequest) -> None:
+        """RFC 3311: an UPDATE with SDP is a re-offer, without it a session refresh."""
+        request = incoming.request
+        timer = self._renegotiate(leg, request)
+        body = await self._reoffer(leg, request) if request.body else b""
+        headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
+        incoming.respond(200, headers=headers, body=body)
+        self.log.info("update_absorbed", leg=leg, sdp=bool(request.body))
+
+    async def dtmf_info(self, leg: Leg, incoming: IncomingRequest) -> None:
+        """SIP INFO DTMF from the PBX: Retell answers INFO 405 (PEERS.md), so the digit goes to
+        it as RFC 4733 events when the media layer can inject them; the INFO is answered 200
+        either way, and a digit that could not be relayed is logged."""
+        incoming.respond(200)
+        dtmf = parse_dtmf_info(incoming.request.body)
+        media = self._media()
+        if dtmf is None or leg != "pbx" or media is None:
+            self.log.info("dtmf_info_ignored", leg=leg, body=len(incoming.request.body))
+            return
+        digit, duration = dtmf
+        try:
+            relayed = await media.send_dtmf("retell", digit, duration)
+        except SipError as exc:  # a media server that failed the request (rtpengine)
+            self.log.warning("dtmf_info_not_relayed", digit=digit, error=exc.detail)
+            return
+        event = "dtmf_info_relayed" if relayed else "dtmf_info_not_relayed"
+        self.log.info(event, digit=digit, duration=duration, backend=media.stats()["backend"])
+
+    async def _reoffer(self, leg: Leg, request: Request) -> bytes:
+        """The SDP answer for a re-offer on ``leg`` (or, with none, our last SDP as an offer)."""
+        media = self._media()
+        assert media is not None
+        if not request.body:
+            return self.sdp_sent.get(leg, b"")
+        answer = serialize_sdp(await media.reoffer(leg, parse_sdp(request.body)))
+        self.sdp_sent[leg] = answer
+        return answer
+
+    def _renegotiate(self, leg: Leg, request: Request) -> SessionTimer | None:
+        """RFC 4028 §9: every refresh request renegotiates the PBX's timer (422 when too
+        short); none is ever run toward Retell."""
+        if leg != "pbx":
+            return None
+        timer = negotiate_session_timer(request, self.config.min_session_expires)
+        self.timer = timer
+        self.refreshed_at = _loop_time()
+        return timer
+
+    def _refresh_headers(
+        self, leg: Leg, request: Request, timer: SessionTimer | None, *, has_body: bool
+    ) -> HeaderList:
+        if leg == "pbx":
+            return pbx_dialog_headers(
+                request,
+                self.pbx_local,
+                user_agent=self.config.user_agent,
+                timer=timer,
+                has_body=has_body,
+            )
+        items = [("Contact", self.retell_local.contact), ("Allow", RETELL_ALLOW)]
+        if has_body:
+            items.append(("Content-Type", "application/sdp"))
+        return tuple(items)
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
