@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -145,12 +146,14 @@ def test_check_config_and_bad_run_never_load_the_service(tmp_path, good):
     assert done.stdout.splitlines()[-1] == "[]"
 
 
-def _fake_serve(monkeypatch, module: str, result: int = 0, exc: BaseException | None = None):
+def _fake_serve(
+    monkeypatch: pytest.MonkeyPatch, module: str, result: int = 0, exc: BaseException | None = None
+) -> list[Any]:
     """Replace ``serve`` of sbc.ops.<module>; returns the settings it was called with."""
     import importlib
 
     target = importlib.import_module(f"sbc.ops.{module}")
-    seen: list[object] = []
+    seen: list[Any] = []
 
     async def serve(settings: object) -> int:
         seen.append(settings)

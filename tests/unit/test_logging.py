@@ -48,7 +48,8 @@ def test_json_line_holds_bound_context():
     assert line["level"] == "info"
     assert line["logger"] == "sbc.test"
     stamp = datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00"))
-    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+    offset = stamp.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
 
 
 def test_contextvars_are_merged():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 import typing
+from collections.abc import Callable
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def _merged(**changes: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def write(tmp_path: Path):
+def write(tmp_path: Path) -> Callable[[dict[str, Any] | str], Path]:
     def _write(data: dict[str, Any] | str) -> Path:
         path = tmp_path / "sbc.toml"
         path.write_text(data if isinstance(data, str) else _toml(data))

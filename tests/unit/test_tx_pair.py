@@ -44,7 +44,7 @@ def test_invite_200_ack_bye_over_bytes() -> None:
     ack = make_request("ACK", branch="z9hG4bKack1", cseq_method="ACK", to_tag="b1")
     uac.send_stateless(ack, dest=UAS)
     pump(uac, uas, source=UAC, now=1.02)
-    assert uas.events() == [AckReceived(wire(ack), UAC)]  # type: ignore[arg-type]
+    assert uas.events() == [AckReceived(wire(ack), UAC)]
     bye = make_request("BYE", branch="z9hG4bKbye1", cseq=2, to_tag="b1")
     bye_key = uac.send_request(bye, dest=UAS, reliable=False, now=5.0)
     pump(uac, uas, source=UAC, now=5.01)
@@ -181,7 +181,7 @@ def test_random_interleavings_never_duplicate_events(
             else:
                 flight.pop(0)
                 target, source = (uas, UAC) if to_server else (uac, UAS)
-                target.receive(wire(message), source=source, reliable=reliable, now=now)  # type: ignore[arg-type]
+                target.receive(wire(message), source=source, reliable=reliable, now=now)
     # Let every transaction run out its timers (the TU answers if it never did).
     for _ in range(200):
         collect()
@@ -192,7 +192,7 @@ def test_random_interleavings_never_duplicate_events(
         if flight:
             to_server, message = flight.pop(0)
             target, source = (uas, UAC) if to_server else (uac, UAS)
-            target.receive(wire(message), source=source, reliable=reliable, now=now)  # type: ignore[arg-type]
+            target.receive(wire(message), source=source, reliable=reliable, now=now)
             continue
         candidates = (uac.next_deadline(), uas.next_deadline(), ok_next)
         deadlines = [d for d in candidates if d is not None]

@@ -170,7 +170,7 @@ def test_server_transport_errors_terminate() -> None:
                     now=0.2,
                 )
             else:
-                layer.respond(key, reply(invite, r), now=0.1)  # type: ignore[arg-type]
+                layer.respond(key, reply(invite, r), now=0.1)
         layer.transport_error(key, now=0.3)
         assert layer.events() == [TransactionTerminated(key)]
         assert len(layer) == 0
