@@ -8,8 +8,11 @@ Run from the repository root:
 The engine runs in a child process (``--serve``) on 127.0.0.1; SIPp (Debian ``sip-tester``) sends
 ``sip-fixtures/sipp/options_uac.xml`` at ``--rate`` calls per second (``-rp 1000``) with at most
 ``--limit`` outstanding. Printed: successful and failed round trips, wall time, round trips per
-second, and the CPU time of the engine process (utime+stime from /proc/PID/stat) as seconds
-and as a share of one core.
+second, the CPU time of the engine process (utime+stime from /proc/PID/stat) as seconds, as a
+share of one core and per round trip, and the UDP datagrams the kernel dropped on full receive
+buffers meanwhile (RcvbufErrors, counted for the whole machine). ``BENCH_GC=a,b,c`` sets the
+engine's ``gc.set_threshold``; ``BENCH_GC_STATS=1`` makes it print its time in garbage
+collections and its longest pause. ``--pieces`` runs ``bench/bench_engine.py`` (no sockets).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import os
 import resource
 import signal
@@ -67,10 +71,23 @@ def serve(port: int, loop_name: str) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
-    if os.environ.get("BENCH_GC"):
-        import gc
+    import gc
 
+    if os.environ.get("BENCH_GC"):
         gc.set_threshold(*(int(x) for x in os.environ["BENCH_GC"].split(",")))
+    gc_time = [0.0, 0.0, 0.0]  # total seconds in collections, longest pause, start of current
+
+    def gc_callback(phase: str, info: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            gc_time[2] = now
+        else:
+            pause = now - gc_time[2]
+            gc_time[0] += pause
+            gc_time[1] = max(gc_time[1], pause)
+
+    if os.environ.get("BENCH_GC_STATS"):
+        gc.callbacks.append(gc_callback)
 
     async def main() -> None:
         engine = SipEngine(
@@ -83,6 +100,12 @@ def serve(port: int, loop_name: str) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         print("ready", flush=True)
         await stop.wait()
+        if os.environ.get("BENCH_GC_STATS"):
+            print(
+                f"sbc gc: {gc_time[0]:.2f}s in collections, longest pause "
+                f"{1e3 * gc_time[1]:.0f} ms",
+                file=sys.stderr,
+            )
         await engine.stop()
 
     if loop_name == "uvloop":
@@ -93,81 +116,23 @@ def serve(port: int, loop_name: str) -> None:
         asyncio.run(main())
 
 
-OPTIONS = (
-    b"OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n"
-    b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-%d-1-0;rport\r\n"
-    b'From: "sipp" <sip:sipp@127.0.0.1:5070>;tag=1SIPpTag01\r\n'
-    b"To: <sip:127.0.0.1:5060>\r\n"
-    b"Call-ID: %d-1@127.0.0.1\r\n"
-    b"CSeq: 1 OPTIONS\r\n"
-    b"Contact: <sip:sipp@127.0.0.1:5070;transport=UDP>\r\n"
-    b"Max-Forwards: 70\r\n"
-    b"Accept: application/sdp\r\n"
-    b"User-Agent: SIPp\r\n"
-    b"Content-Length: 0\r\n\r\n"
-)
-
-
 def pieces(count: int = 20000) -> None:
-    """Microseconds per OPTIONS for each stage, in one process, no sockets."""
-    import timeit
+    """Microseconds per OPTIONS, whole path and stage by stage, in one process, no sockets."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_engine
 
-    from sbc.net.addresses import Destination, TransportConfig
-    from sbc.net.engine import SipEngine, stamp_via
-    from sbc.sip.parser import parse_message
-    from sbc.sip.serializer import serialize
-    from sbc.sip.transaction import TransactionLayer, build_response
-    from sbc.sip.validate import validate_request
+    bench_engine._quiet_logging()
+    bench_engine.whole_path(count, repeat=3)
+    bench_engine.stages(count)
 
-    data = OPTIONS % (1, 1)
-    request = parse_message(data)
-    source = Destination("udp", HOST, 5070)
-    stamped = stamp_via(request, source)  # type: ignore[arg-type]
-    headers = (("Allow", "INVITE, ACK"), ("Accept", "application/sdp"))
-    response = build_response(stamped, 200, to_tag="abc", headers=headers)
 
-    def layer_cycle() -> None:
-        layer = TransactionLayer()
-        layer.receive(stamped, source=source, reliable=False, now=0.0)
-        event = layer.events()[0]
-        layer.respond(event.key, response, now=0.0)  # type: ignore[union-attr]
-        layer.datagrams_to_send()
-
-    stages = [
-        ("parse_message", lambda: parse_message(data)),
-        ("stamp_via (received/rport)", lambda: stamp_via(request, source)),  # type: ignore[arg-type]
-        ("validate_request", lambda: validate_request(stamped)),
-        ("TransactionLayer receive+respond", layer_cycle),
-        ("build_response", lambda: build_response(stamped, 200, to_tag="a", headers=headers)),
-        ("serialize", lambda: serialize(response)),
-    ]
-    for name, stage in stages:
-        best = min(timeit.repeat(stage, number=count, repeat=3))
-        print(f"{name:34s} {1e6 * best / count:7.1f} us")
-
-    async def whole() -> float:
-        engine = SipEngine(TransportConfig(bind=HOST, port=0))
-        await engine.start()
-
-        class Sink:
-            def sendto(self, data: bytes, addr: object) -> None:
-                pass
-
-            def close(self) -> None:
-                pass
-
-        engine.transports._udp = Sink()  # type: ignore[assignment]
-        datagrams = [OPTIONS % (i, i) for i in range(count)]
-        started = time.perf_counter()
-        for datagram in datagrams:
-            engine.transports._datagram_received(datagram, (HOST, 5070))
-        elapsed = time.perf_counter() - started
-        engine.transports._udp = None
-        await engine.stop()
-        return elapsed
-
-    elapsed = asyncio.run(whole())
-    print(f"{'whole engine path (no sockets)':34s} {1e6 * elapsed / count:7.1f} us")
+def udp_receive_buffer_errors() -> int:
+    """RcvbufErrors of /proc/net/snmp: datagrams dropped on a full socket buffer, system-wide."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    for names, values in itertools.pairwise(lines):
+        if names[0] == "Udp:" and values[0] == "Udp:" and "RcvbufErrors" in names:
+            return int(values[names.index("RcvbufErrors")])
+    return 0
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(stat_file),
             ]
             cpu_before = cpu_seconds(server.pid)
+            drops_before = udp_receive_buffer_errors()
             children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.monotonic()
             sipp = subprocess.run(
@@ -224,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             elapsed = time.monotonic() - started
             cpu = cpu_seconds(server.pid) - cpu_before
+            drops = udp_receive_buffer_errors() - drops_before
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
             sipp_cpu = (children.ru_utime - children_before.ru_utime) + (
                 children.ru_stime - children_before.ru_stime
@@ -246,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_us_per_round_trip": 1e6 * cpu / max(successful, 1),
         "sipp_cpu_share": sipp_cpu / elapsed,
         "retransmissions": int(stats.get("Retransmissions(C)", "0") or 0),
+        "udp_drops": drops,
     }
 
 
@@ -273,7 +241,8 @@ def main() -> None:
         f"sbc_cpu={result['cpu_seconds']:.2f}s ({100 * result['cpu_share']:.0f}% of a core, "
         f"{result['cpu_us_per_round_trip']:.0f} us per round trip) "
         f"sipp_cpu={100 * result['sipp_cpu_share']:.0f}% of a core "
-        f"retransmissions={result['retransmissions']}"
+        f"retransmissions={result['retransmissions']} "
+        f"udp_rcvbuf_drops={result['udp_drops']} (system-wide)"
     )
 
 

@@ -47,10 +47,10 @@ from sbc.net.handles import (
 )
 from sbc.net.transport import Transports
 from sbc.sip.errors import BadRequest, MessageTooLarge, SipError
-from sbc.sip.fields import parse_via
+from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import split_list
 from sbc.sip.ids import make_branch
-from sbc.sip.message import Request, Response
+from sbc.sip.message import Request, Response, with_top_via
 from sbc.sip.transaction import (
     AckReceived,
     CancelReceived,
@@ -140,6 +140,8 @@ class SipEngine:
             "application/simple-message-summary",
         }
         self.supported: frozenset[str] = DEFAULT_SUPPORTED
+        self._options_basis: tuple[object, ...] | None = None
+        self._options_headers: tuple[tuple[str, str], ...] = ()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -383,20 +385,24 @@ class SipEngine:
             incoming.respond(487)
 
     def _answer_options(self, incoming: IncomingRequest) -> None:
-        incoming.respond(
-            200,
-            headers=(
+        # The header fields only change when the capabilities do; rebuilt then.
+        basis = (tuple(self.allow), self.supported, self.config.user_agent)
+        if self._options_basis != basis:
+            self._options_basis = basis
+            self._options_headers = (
                 ("Allow", ", ".join(self.allow)),
                 ("Accept", "application/sdp"),
                 ("Supported", ", ".join(sorted(self.supported))),
                 ("Server", self.config.user_agent),
-            ),
-        )
+            )
+        incoming.respond(200, headers=self._options_headers)
 
     def _request_received(self, key: str, request: Request, source: Destination) -> None:
         to_tag = request.to_tag
         incoming = IncomingRequest(self, key, request, source, to_tag)
-        self._incoming[key] = incoming
+        if request.method == "INVITE":
+            # Kept for a CANCEL (RFC 3261 §9.2), which only an INVITE can get.
+            self._incoming[key] = incoming
         if request.method == "OPTIONS" and self.answer_options and to_tag is None:
             self._answer_options(incoming)
             return
@@ -571,13 +577,19 @@ class SipEngine:
             and self.transports.connection(source.connection_id) is not None
         ):
             return source  # back over the connection the request came on
-        first = response.headers.get("Via") or ""
+        fields = response.headers.items()
+        if fields and fields[0][0] == "Via":
+            first = fields[0][1]  # build_response puts the Via fields first
+        else:
+            first = response.headers.get("Via") or ""
         if source.transport == "udp" and ";rport=" in first and "," not in first:
             # RFC 3581 §4: the request had rport (stamp_via filled it): back to its source.
             return source
         try:
-            via = response.top_via
-        except SipError:
+            # Not response.top_via: that would keep the parsed Via on a response the
+            # transaction holds for seconds.
+            via = parse_via(response.headers.values("Via")[0])
+        except (SipError, IndexError):
             return source
         host = via.received or via.host
         if via.has_rport and via.rport is not None:
@@ -659,23 +671,45 @@ def stamp_via(request: Request, source: Destination) -> Request:
     if first is None:
         raise BadRequest("missing Via")
     if "," in first:
-        first = split_list(first)[0]
-    via = parse_via(first)
+        elements = split_list(first)
+        if not elements:
+            raise BadRequest("empty Via")
+        first = elements[0]
+        via = parse_via(first)
+    elif first and first == first.strip():
+        via = request.top_via  # the same parse, remembered for when nothing is stamped
+    else:
+        via = parse_via(first)
     host = via.host
     if host.startswith("["):
         host = host[1:-1]
+    # Without quoted strings the stamped text parses to `via` with the rport value filled in
+    # and received appended (rport and received values that are an IP literal and a port
+    # number): that Via is built here rather than parsed again.
+    known = '"' not in first and _IP_LITERAL_CHARS.fullmatch(source.host) is not None
     if via.has_rport and via.param("rport") is None:
         # RFC 3581 §4: rport gets the source port, and received is set even when equal.
         text = _BARE_RPORT.sub(f";rport={source.port}", first, count=1)
         text += f";received={source.host}"
+        if known and 0 <= source.port <= 65535:
+            params = list(via.params)
+            i = [name.lower() for name, _ in params].index("rport")
+            params[i] = ("rport", str(source.port))
+            params.append(("received", source.host))
+            stamped: Via | None = Via(via.transport, via.host, via.port, tuple(params))
+        else:
+            stamped = None
     elif host != source.host:
         text = f"{first};received={source.host}"
+        appended = (*via.params, ("received", source.host))
+        stamped = Via(via.transport, via.host, via.port, appended) if known else None
     else:
         return request
-    headers = request.headers.remove_first("Via").prepend("Via", text)
-    return dataclasses.replace(request, headers=headers)
+    return with_top_via(request, text, stamped)
 
 
+# What a source address from a socket is made of (IPv4, IPv6 with zone); a valid Via value.
+_IP_LITERAL_CHARS = re.compile(r"[0-9A-Za-z.:%_\-]+")
 # A valueless rport parameter of a Via (RFC 3581 §3), LWS allowed around ';' (RFC 3261 §25.1).
 _BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
 

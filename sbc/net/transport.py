@@ -41,6 +41,7 @@ OversizedHandler = Callable[[Message, Destination], None]
 SendFailureHandler = Callable[[Destination, list[Message], str], None]
 
 _PONG = b"\r\n"
+_UDP_SOURCES_LIMIT = 4096
 
 
 @dataclass(slots=True)
@@ -289,6 +290,9 @@ class Transports:
         self._pending: dict[tuple[str, str, int], _PendingConnect] = {}
         self._client_ssl = client_ssl
         self._server_ssl = server_ssl
+        # One Destination per UDP peer address, shared by its messages (it is immutable):
+        # each would otherwise live as long as the transaction of its message.
+        self._udp_sources: dict[tuple[Any, ...], Destination] = {}
         # Called after a stream connection closed (metrics, tests, the B2BUA's interest in a peer).
         self.on_connection_lost: Callable[[StreamConnection], None] | None = None
         # Called with a datagram's message when it exceeds max_message_size (the engine: 513).
@@ -416,7 +420,12 @@ class Transports:
             self.stats.datagrams_dropped += 1
             log.debug("datagram_dropped", peer=addr[:2], detail=exc.detail)
             return
-        source = Destination("udp", str(addr[0]), int(addr[1]))
+        source = self._udp_sources.get(addr)
+        if source is None:
+            source = Destination("udp", str(addr[0]), int(addr[1]))
+            if len(self._udp_sources) >= _UDP_SOURCES_LIMIT:
+                self._udp_sources.clear()
+            self._udp_sources[addr] = source
         if len(data) > self.config.max_message_size:
             # Same limit as on streams; a request is answered 513 by the engine.
             self.stats.oversized += 1

@@ -24,6 +24,17 @@ _GEN_VALUE_RE = re.compile(r'[^\x00-\x20\x7f;,"<>]+')
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_\-.]*[A-Za-z0-9_.])?")
 _IPV6_RE = re.compile(r"\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._~\-]+)?\]")
 _LWS = " \t"
+# Fast paths for the usual spelling (no LWS, no quoted strings). Whatever they match, the
+# general code below would accept with the same result; whatever they do not match goes to it.
+_TOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_PARAMS_FAST_RE = re.compile(
+    rf'{_TOKEN}(?:=[^\x00-\x20\x7f;,"<>]+)?(?:;{_TOKEN}(?:=[^\x00-\x20\x7f;,"<>]+)?)*'
+)
+_VIA_FAST_RE = re.compile(
+    rf"SIP/2\.0/({_TOKEN})[ \t]+"
+    r"([A-Za-z0-9_](?:[A-Za-z0-9_\-.]*[A-Za-z0-9_.])?)(?::([0-9]{1,5}))?[ \t]*(?:;(.*))?",
+    re.DOTALL,
+)
 
 MAX_CSEQ = 2**31 - 1  # RFC 3261 §8.1.1.5: the sequence number MUST be less than 2**31.
 MAX_INT_HEADER = 2**32 - 1  # RFC 3261 §20.19/§20.14/§20.22: delta-seconds, octet counts.
@@ -105,6 +116,12 @@ def parse_params(text: str) -> Params:
         return ()
     if text[0] == ";":
         text = text[1:]
+    if _PARAMS_FAST_RE.fullmatch(text) is not None:
+        fast: list[tuple[str, str | None]] = []
+        for item in text.split(";"):
+            name, eq, value = item.partition("=")
+            fast.append((name, value if eq else None))
+        return tuple(fast)
     out: list[tuple[str, str | None]] = []
     for item in _split_semicolons(text):
         name, eq, value = item.partition("=")
@@ -145,6 +162,12 @@ def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> in
     text = value.strip(_LWS)
     if not (text.isascii() and text.isdigit()):
         raise ParseError(f"{name}: not a non-negative integer: {value!r}")
+    if len(text) < 10:
+        # Short enough for int() to be cheap and exact; only the bound to check.
+        number = int(text)
+        if number > maximum:
+            raise ParseError(f"{name}: value too large: {value!r}")
+        return number
     # Leading zeros are legal (RFC 4475 §3.1.1.1 has "0068"); bound the length before int().
     stripped = text.lstrip("0")
     if len(stripped) > len(str(maximum)) or int(text) > maximum:
@@ -273,8 +296,16 @@ def parse_via(text: str) -> Via:
     sent-protocol and sent-by; RFC 4475 §3.1.1.1 uses both.
     """
     text = text.strip(_LWS)
+    fast = _VIA_FAST_RE.fullmatch(text)
+    if fast is not None:
+        transport, host, port_text, param_text = fast.groups()
+        port = None if port_text is None else int(port_text)
+        if port is None or port <= 65535:
+            params = () if param_text is None else parse_params(param_text)
+            _check_via_params(params)
+            return Via(transport.upper(), host, port, params)
     if text.startswith("SIP/2.0/"):
-        # Fast path for the ordinary spelling.
+        # The ordinary spelling with something unusual (an IPv6 reference, a bad port...).
         rest = text[8:]
         cut = 0
         n = len(rest)

@@ -10,7 +10,10 @@ stripped; interpreting them is the job of the accessors in :mod:`sbc.sip.message
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar, cast
+
+T = TypeVar("T")
 
 # RFC 3261 §7.3.3 and the IANA registry's compact forms.
 COMPACT_FORMS: dict[str, str] = {
@@ -192,31 +195,68 @@ def split_list(value: str) -> list[str]:
 
 
 class Headers:
-    """An immutable ordered list of ``(name, value)`` pairs with case-insensitive lookup."""
+    """An immutable ordered list of ``(name, value)`` pairs with case-insensitive lookup.
 
-    __slots__ = ("_items", "_keys")
+    Lookups go through an index (lower-cased name to values) built on the first lookup, and
+    :meth:`cached` memoises values computed from the fields (the parsed top Via, CSeq...), so a
+    field read by several layers is parsed once per message. Both are derived from the
+    immutable items only: they never change what a Headers means, and a changed copy (``add``,
+    ``set``...) starts without them.
+    """
+
+    __slots__ = ("_cache", "_items", "_keys")
 
     _items: tuple[tuple[str, str], ...]
     _keys: tuple[str, ...] | None  # lower-cased names, computed on the first lookup
+    _cache: dict[str, object] | None  # see cached()
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items = tuple((canonical_name(name), value) for name, value in items)
         self._keys = None
+        self._cache = None
 
     @classmethod
-    def _trusted(cls, items: tuple[tuple[str, str], ...]) -> Headers:
-        """Build from pairs whose names are already canonical (the parser's fast path)."""
+    def _trusted(
+        cls, items: tuple[tuple[str, str], ...], keys: tuple[str, ...] | None = None
+    ) -> Headers:
+        """Build from pairs whose names are already canonical (the parser's fast path);
+        ``keys``, when given, are the lower-cased names."""
         obj = cls.__new__(cls)
         obj._items = items
-        obj._keys = None
+        obj._keys = keys
+        obj._cache = None
         return obj
 
     def _lower_keys(self) -> tuple[str, ...]:
         keys = self._keys
         if keys is None:
-            keys = tuple(n.lower() for n, _ in self._items)
-            self._keys = keys
+            keys = self._keys = tuple([n.lower() for n, _ in self._items])
         return keys
+
+    def cached(self, key: str, compute: Callable[[Headers], T]) -> T:
+        """``compute(self)``, computed once per Headers and remembered under ``key``.
+
+        ``compute`` must be a pure function of the fields (a parser of one of them) returning
+        an immutable value; a call that raises is not remembered. Callers agree on what each
+        key means (:mod:`sbc.sip.message` uses ``"top_via"``, ``"cseq"``, ``"from"``...).
+        """
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        elif key in cache:
+            return cast(T, cache[key])
+        value = compute(self)
+        cache[key] = value
+        return value
+
+    def forget_cached(self) -> None:
+        """Drop what :meth:`cached` remembered (it is computed again on demand).
+
+        For messages kept long after their fields were read (a completed transaction holds
+        its request for up to 32 s): parsed values held that long only burden the garbage
+        collector.
+        """
+        self._cache = None
 
     # -- reading ---------------------------------------------------------------------------
     def items(self) -> tuple[tuple[str, str], ...]:
@@ -231,7 +271,7 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        return _lookup_key(name) in self._lower_keys()
+        return _lookup_key(name) in (self._keys or self._lower_keys())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Headers):
@@ -246,31 +286,45 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The value of the first field called ``name``, or ``default``."""
-        try:
-            return self._items[self._lower_keys().index(_lookup_key(name))][1]
-        except ValueError:
-            return default
+        keys = self._keys or self._lower_keys()
+        key = _lookup_key(name)
+        if key in keys:
+            return self._items[keys.index(key)][1]
+        return default
 
     def get_all(self, name: str) -> list[str]:
         """Every field line called ``name``, in order, each value as written (not split)."""
+        keys = self._keys or self._lower_keys()
         key = _lookup_key(name)
+        n = keys.count(key)
+        if n == 0:
+            return []
         items = self._items
-        return [items[i][1] for i, k in enumerate(self._lower_keys()) if k == key]
+        if n == 1:
+            return [items[keys.index(key)][1]]
+        return [items[i][1] for i, k in enumerate(keys) if k == key]
 
     def values(self, name: str) -> list[str]:
         """Every element of a list header, across all its lines, split at top-level commas."""
+        lines = self.get_all(name)
+        if len(lines) == 1:
+            return split_list(lines[0])
         out: list[str] = []
-        for v in self.get_all(name):
+        for v in lines:
             out.extend(split_list(v))
         return out
 
     def count(self, name: str) -> int:
-        return self._lower_keys().count(_lookup_key(name))
+        return (self._keys or self._lower_keys()).count(_lookup_key(name))
 
     # -- changing (each returns a new Headers) ---------------------------------------------
     def add(self, name: str, value: str) -> Headers:
         """Append a field at the end."""
-        return Headers._trusted((*self._items, (canonical_name(name), value)))
+        cname = canonical_name(name)
+        keys = self._keys
+        return Headers._trusted(
+            (*self._items, (cname, value)), None if keys is None else (*keys, cname.lower())
+        )
 
     def prepend(self, name: str, value: str) -> Headers:
         """Insert a field before the first field of the same name (or at the top).
@@ -279,14 +333,12 @@ class Headers:
         """
         cname = canonical_name(name)
         key = cname.lower()
-        items = list(self._items)
-        for i, (n, _) in enumerate(items):
-            if n.lower() == key:
-                items.insert(i, (cname, value))
-                break
-        else:
-            items.insert(0, (cname, value))
-        return Headers._trusted(tuple(items))
+        keys = self._keys or self._lower_keys()
+        i = keys.index(key) if key in keys else 0
+        items = self._items
+        return Headers._trusted(
+            (*items[:i], (cname, value), *items[i:]), (*keys[:i], key, *keys[i:])
+        )
 
     def remove(self, name: str) -> Headers:
         """Drop every field called ``name``."""
@@ -316,13 +368,13 @@ class Headers:
         When the first line holds several comma-separated values only the first goes.
         """
         key = canonical_name(name).lower()
-        items = list(self._items)
-        for i, (n, v) in enumerate(items):
-            if n.lower() == key:
-                rest = split_list(v)[1:]
-                if rest:
-                    items[i] = (n, ", ".join(rest))
-                else:
-                    del items[i]
-                break
-        return Headers._trusted(tuple(items))
+        keys = self._keys or self._lower_keys()
+        if key not in keys:
+            return Headers._trusted(self._items, keys)
+        i = keys.index(key)
+        items = self._items
+        n, v = items[i]
+        rest = split_list(v)[1:] if "," in v else []
+        if rest:
+            return Headers._trusted((*items[:i], (n, ", ".join(rest)), *items[i + 1 :]), keys)
+        return Headers._trusted((*items[:i], *items[i + 1 :]), (*keys[:i], *keys[i + 1 :]))

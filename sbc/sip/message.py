@@ -1,18 +1,21 @@
 """SIP requests and responses (RFC 3261 §7) as frozen values.
 
 Header values stay text until asked for: the accessors below (``vias``, ``cseq``, ``from_``...)
-parse on each call. A B2BUA reads a handful of fields of each message, so parsing all of them up
-front would cost more than it saves; building a changed message is ``dataclasses.replace``.
+parse on first use and remember the result on the message's immutable ``Headers``. A B2BUA reads
+a handful of fields of each message, so parsing all of them up front would cost more than it
+saves; building a changed message is ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from sbc.sip.errors import BadRequest
+from sbc.sip.errors import BadRequest, ParseError
 from sbc.sip.fields import CSeq, Via, parse_cseq, parse_via
-from sbc.sip.headers import Headers
-from sbc.sip.uri import NameAddr, Uri, parse_name_addr
+from sbc.sip.headers import Headers, split_list
+from sbc.sip.uri import NameAddr, Uri, parse_name_addr, parse_name_addr_list
 
 SIP_VERSION = "SIP/2.0"
 
@@ -75,8 +78,85 @@ def reason_phrase(status: int) -> str:
     return REASONS.get((status // 100) * 100, "Unknown")
 
 
+# The values these parse recur from message to message: the To and Contact of every OPTIONS a
+# peer sends, the From, To and Contact of every request in a dialog, the Request-URI of a peer.
+# Their results are immutable, so a bounded memo by text gives the same values, shared; a text
+# that does not parse raises every time (lru_cache keeps no exceptions).
+
+
+_parse_address_text = lru_cache(maxsize=1024)(parse_name_addr)
+# A tag parameter last in the value (RFC 3261 §19.3: tag = token), as peers write From and To.
+_TAG_AT_END = re.compile(r";tag=([A-Za-z0-9\-.!%*_+`'~]+)\Z")
+
+
+def parse_address(text: str) -> NameAddr:
+    """:func:`~sbc.sip.uri.parse_name_addr`, remembering the last 1024 texts.
+
+    A From changes from call to call by its tag only: a value ending in ``;tag=<token>`` is
+    parsed as the memoised text before the tag with the tag parameter appended, which is
+    what parsing the whole value gives (the tag is the last header parameter either way).
+    """
+    found = _TAG_AT_END.search(text)
+    if found is not None:
+        try:
+            base = _parse_address_text(text[: found.start()])
+        except ParseError:
+            return _parse_address_text(text)
+        return NameAddr(base.uri, base.display, (*base.params, ("tag", found.group(1))))
+    return _parse_address_text(text)
+
+
+@lru_cache(maxsize=256)
+def parse_address_list(text: str) -> tuple[NameAddr, ...]:
+    """:func:`~sbc.sip.uri.parse_name_addr_list` as a tuple, remembering the last 256 texts."""
+    return tuple(parse_name_addr_list(text))
+
+
+def _cseq(headers: Headers) -> CSeq:
+    value = headers.get("CSeq")
+    if value is None:
+        raise BadRequest("missing CSeq")
+    return parse_cseq(value)
+
+
+def _vias(headers: Headers) -> tuple[Via, ...]:
+    return tuple(parse_via(v) for v in headers.values("Via"))
+
+
+def _top_via(headers: Headers) -> Via:
+    lines = headers.get_all("Via")
+    if lines:
+        # Usually the first line holds the top Via; only an empty first line needs them all.
+        first = split_list(lines[0])
+        if first:
+            return parse_via(first[0])
+    values = headers.values("Via")
+    if not values:
+        raise BadRequest("missing Via")
+    return parse_via(values[0])
+
+
+def _from(headers: Headers) -> NameAddr:
+    value = headers.get("From")
+    if value is None:
+        raise BadRequest("missing From")
+    return parse_address(value)
+
+
+def _to(headers: Headers) -> NameAddr:
+    value = headers.get("To")
+    if value is None:
+        raise BadRequest("missing To")
+    return parse_address(value)
+
+
 class _Common:
-    """Accessors shared by requests and responses; subclasses provide ``headers``."""
+    """Accessors shared by requests and responses; subclasses provide ``headers``.
+
+    Parsed values are memoised on the (immutable) ``headers`` with :meth:`Headers.cached`, so
+    the transport, the validator, the transaction layer and the TU parse the top Via, CSeq,
+    From and To of a message once between them; errors are raised again on every access.
+    """
 
     __slots__ = ()
     headers: Headers
@@ -90,35 +170,23 @@ class _Common:
 
     @property
     def cseq(self) -> CSeq:
-        value = self.headers.get("CSeq")
-        if value is None:
-            raise BadRequest("missing CSeq")
-        return parse_cseq(value)
+        return self.headers.cached("cseq", _cseq)
 
     @property
     def vias(self) -> list[Via]:
-        return [parse_via(v) for v in self.headers.values("Via")]
+        return list(self.headers.cached("vias", _vias))
 
     @property
     def top_via(self) -> Via:
-        values = self.headers.values("Via")
-        if not values:
-            raise BadRequest("missing Via")
-        return parse_via(values[0])
+        return self.headers.cached("top_via", _top_via)
 
     @property
     def from_(self) -> NameAddr:
-        value = self.headers.get("From")
-        if value is None:
-            raise BadRequest("missing From")
-        return parse_name_addr(value)
+        return self.headers.cached("from", _from)
 
     @property
     def to(self) -> NameAddr:
-        value = self.headers.get("To")
-        if value is None:
-            raise BadRequest("missing To")
-        return parse_name_addr(value)
+        return self.headers.cached("to", _to)
 
     @property
     def from_tag(self) -> str | None:
@@ -156,3 +224,17 @@ class Response(_Common):
 
 
 Message = Request | Response
+
+
+def with_top_via(request: Request, text: str, parsed: Via | None = None) -> Request:
+    """``request`` with its top Via element replaced by ``text`` (RFC 3261 §18.2.1 stamping).
+
+    The old element goes as :meth:`Headers.remove_first` drops it and ``text`` is pushed as
+    :meth:`Headers.prepend` pushes it. ``parsed``, when the caller already has it, must equal
+    ``parse_via(text)``: it is remembered as the new message's ``top_via`` so that ``text`` is
+    not parsed again.
+    """
+    headers = request.headers.remove_first("Via").prepend("Via", text)
+    if parsed is not None:
+        headers.cached("top_via", lambda _: parsed)
+    return Request(request.method, request.uri, headers, request.body, request.version)

@@ -17,6 +17,7 @@ A ``SIP/...`` start line that is not a valid version is malformed.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from sbc.sip.errors import MessageTooLarge, ParseError
 from sbc.sip.fields import parse_int_header
@@ -33,6 +34,10 @@ _END_OF_HEAD = b"\r\n\r\n"
 
 DEFAULT_MAX_MESSAGE_SIZE = 16384
 
+# A peer sends many requests to the same Request-URI (every OPTIONS ping, every request of a
+# dialog); the parsed URI is immutable, so a bounded memo by text shares it between them.
+_parse_request_uri = lru_cache(maxsize=1024)(parse_uri)
+
 # Raw header names as written (before the colon, trailing LWS included) mapped to their
 # canonical spelling once validated. Bounded so that hostile input cannot grow it forever.
 _NAME_CACHE: dict[str, str] = {}
@@ -40,9 +45,7 @@ _NAME_CACHE_LIMIT = 1024
 
 
 def _header_name(raw: str) -> str:
-    cached = _NAME_CACHE.get(raw)
-    if cached is not None:
-        return cached
+    """The canonical name for a raw name not in ``_NAME_CACHE`` yet (the caller looked)."""
     # RFC 3261 §7.3.1: LWS is allowed between the field name and the colon.
     name = raw.rstrip(" \t")
     if _TOKEN_RE.fullmatch(name) is None:
@@ -101,9 +104,9 @@ class _Head:
                 raise ParseError(f"bad method in {start!r}")
             self.method = method
             self.version = _version(version)
-            self.uri = parse_uri(uri_text)
+            self.uri = _parse_request_uri(uri_text)
         items: list[tuple[str, str]] = []
-        content_lengths: list[str] = []
+        names = _NAME_CACHE
         for line in lines[1:]:
             first = line[:1]
             if first == " " or first == "\t":
@@ -118,12 +121,9 @@ class _Head:
             raw, colon, value = line.partition(":")
             if not colon:
                 raise ParseError(f"header line without colon: {line[:40]!r}")
-            items.append((_header_name(raw), value.strip(" \t")))
-        for name, value in items:
-            if name == "Content-Length":
-                content_lengths.append(value)
+            items.append((names.get(raw) or _header_name(raw), value.strip(" \t")))
         self.items = tuple(items)
-        self.content_lengths = content_lengths
+        self.content_lengths = [value for name, value in items if name == "Content-Length"]
 
     def body_length(self) -> int | None:
         """The declared body length; None when no Content-Length was given.

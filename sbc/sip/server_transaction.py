@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import Enum
+from functools import lru_cache
 from typing import Protocol
 
 from sbc.sip.errors import ProtocolError
-from sbc.sip.headers import Headers
-from sbc.sip.message import Request, Response, reason_phrase
+from sbc.sip.headers import Headers, canonical_name
+from sbc.sip.message import Request, Response, parse_address, reason_phrase
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
-from sbc.sip.uri import parse_name_addr
+from sbc.sip.uri import NameAddr
 
 __all__ = [
     "INVITE_SERVER_TABLE",
@@ -130,6 +131,17 @@ class ServerOwner(Protocol):
     def terminated(self, tx: ServerTransaction) -> None: ...
 
 
+@lru_cache(maxsize=256)
+def _to_and_text(value: str) -> tuple[NameAddr, str]:
+    """A To value parsed and written back (the text a tag is appended to), by To text."""
+    to = parse_address(value)
+    return to, str(to)
+
+
+# RFC 3261 §8.2.6.2: copied from the request into every response, in this order.
+_COPIED = ("From", "To", "Call-ID", "CSeq")
+
+
 def build_response(
     request: Request,
     status: int,
@@ -148,21 +160,31 @@ def build_response(
     """
     src = request.headers
     items: list[tuple[str, str]] = [("Via", v) for v in src.get_all("Via")]
-    for name in ("From", "To", "Call-ID", "CSeq"):
+    for name in _COPIED:
         value = src.get(name)
         if value is None:
             continue
         if name == "To" and to_tag is not None and status != 100:
-            to = parse_name_addr(value)
+            to, text = _to_and_text(value)
             if to.tag is None:
-                value = str(to.with_tag(to_tag))
+                # with_tag appends a tag parameter that is absent, so its text is the old
+                # text plus ";tag=..."; a valueless ";tag" is replaced where it stands.
+                tagged = to.with_tag(to_tag) if to.has_param("tag") else f"{text};tag={to_tag}"
+                value = str(tagged)
         items.append((name, value))
     if status == 100:
         timestamp = src.get("Timestamp")
         if timestamp is not None:
             items.append(("Timestamp", timestamp))
-    items.extend(headers)
-    return Response(status, reason or reason_phrase(status), Headers(items), body, request.version)
+    for name, value in headers:
+        items.append((canonical_name(name), value))
+    return Response(
+        status,
+        reason or reason_phrase(status),
+        Headers._trusted(tuple(items)),
+        body,
+        request.version,
+    )
 
 
 def build_trying(request: Request) -> Response:
@@ -292,16 +314,21 @@ class ServerTransaction:
     def _send_provisional(self, message: Request | Response | None, now: float) -> None:
         self._send(message, now)
 
+    def _send_final(self, message: Request | Response | None, now: float) -> None:
+        self._send(message, now)
+        # The request is kept for seconds now, its parsed fields no longer needed here.
+        self.request.headers.forget_cached()
+
     def _accept(self, message: Request | Response | None, now: float) -> None:
         # RFC 6026 §7.1: after a 2xx the transaction waits Timer L, absorbing INVITE copies;
         # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4).
-        self._send(message, now)
+        self._send_final(message, now)
         self._arm(Timer.L, self.config.initial(Timer.L, reliable=self.reliable), now)
 
     def _complete_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.1: retransmit the final response (Timer G, unreliable only) until the ACK
         # or Timer H.
-        self._send(message, now)
+        self._send_final(message, now)
         if not self.reliable:
             self._arm(Timer.G, self.config.t1, now)
         self._arm(Timer.H, self.config.initial(Timer.H, reliable=self.reliable), now)
@@ -327,5 +354,5 @@ class ServerTransaction:
 
     def _complete_non_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.2: Timer J absorbs request copies (0 s over reliable transports).
-        self._send(message, now)
+        self._send_final(message, now)
         self._arm(Timer.J, self.config.initial(Timer.J, reliable=self.reliable), now)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from sbc.sip.client_transaction import ClientState, ClientTransaction, build_ack
 from sbc.sip.errors import ProtocolError, SipError
+from sbc.sip.fields import Via
 from sbc.sip.headers import Headers
 from sbc.sip.ids import BRANCH_COOKIE, make_branch
 from sbc.sip.message import Request, Response
@@ -129,6 +130,8 @@ Event = (
 
 Message = Request | Response
 
+_TIMERS = {timer.value: timer for timer in Timer}
+
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -158,9 +161,9 @@ def client_key(branch: str, method: str) -> str:
     return f"c|{branch}|{method}"
 
 
-def _sent_by(message: Message) -> str:
-    host, port = message.top_via.sent_by
-    return f"{host.lower()}:{port if port is not None else ''}"
+def _sent_by(via: Via) -> str:
+    port = via.port
+    return f"{via.host.lower()}:{port if port is not None else ''}"
 
 
 def server_key(request: Request) -> str:
@@ -183,7 +186,7 @@ def _key(request: Request, method: str) -> str:
     via = request.top_via
     branch = via.branch
     if _is_rfc3261_branch(branch):
-        return f"s|{branch}|{_sent_by(request)}|{method}"
+        return f"s|{branch}|{_sent_by(via)}|{method}"
     # §17.2.3: RFC 2543 fallback.
     return (
         f"s2543|{request.uri}|{request.from_tag}|{request.call_id}|{request.cseq.seq}|"
@@ -203,8 +206,10 @@ class TransactionLayer:
         self._servers: dict[str, ServerTransaction] = {}
         self._outbox: list[tuple[object, Message]] = []
         self._events: list[Event] = []
-        # (deadline, token, transaction, timer); stale entries are skipped when popped.
-        self._heap: list[tuple[float, int, ClientTransaction | ServerTransaction, Timer]] = []
+        # (deadline, token, transaction key, timer name); stale entries are skipped when popped.
+        # Only strings and numbers: thousands of entries wait for Timer J at a time, and the
+        # garbage collector stops scanning tuples that hold no containers.
+        self._heap: list[tuple[float, int, str, str]] = []
         self._tokens = itertools.count(1)
 
     # -- client side -------------------------------------------------------------------
@@ -283,18 +288,29 @@ class TransactionLayer:
         """Fire every timer whose deadline is ``now`` or earlier, in deadline order."""
         heap = self._heap
         while heap and heap[0][0] <= now:
-            _, token, tx, timer = heapq.heappop(heap)
-            if tx.timers.get(timer) == token:
-                tx.on_timer(timer, now)
+            _, token, key, name = heapq.heappop(heap)
+            tx = self._armed(key, name, token)
+            if tx is not None:
+                tx.on_timer(_TIMERS[name], now)
 
     def next_deadline(self) -> float | None:
         heap = self._heap
         while heap:
-            _, token, tx, timer = heap[0]
-            if tx.timers.get(timer) == token:
-                return heap[0][0]
+            deadline, token, key, name = heap[0]
+            if self._armed(key, name, token) is not None:
+                return deadline
             heapq.heappop(heap)
         return None
+
+    def _armed(
+        self, key: str, name: str, token: int
+    ) -> ClientTransaction | ServerTransaction | None:
+        """The transaction whose timer ``name`` is still armed with ``token``, if any."""
+        tx: ClientTransaction | ServerTransaction | None
+        tx = self._clients.get(key) if key.startswith("c|") else self._servers.get(key)
+        if tx is None or tx.timers.get(_TIMERS[name]) != token:
+            return None
+        return tx
 
     # -- output ------------------------------------------------------------------------
     def datagrams_to_send(self) -> list[tuple[object, Message]]:
@@ -325,7 +341,7 @@ class TransactionLayer:
         self, tx: ClientTransaction | ServerTransaction, timer: Timer, deadline: float
     ) -> int:
         token = next(self._tokens)
-        heapq.heappush(self._heap, (deadline, token, tx, timer))
+        heapq.heappush(self._heap, (deadline, token, tx.key, timer.value))
         return token
 
     def response_received(

@@ -25,10 +25,10 @@ from sbc.sip.errors import (
     UnsupportedUriScheme,
     VersionNotSupported,
 )
-from sbc.sip.fields import is_token, parse_cseq, parse_int_header, parse_via
+from sbc.sip.fields import is_token, parse_int_header, parse_via
 from sbc.sip.headers import Headers, split_list
-from sbc.sip.message import SIP_VERSION, Request, Response
-from sbc.sip.uri import SipUri, is_wildcard_contact, parse_name_addr, parse_name_addr_list
+from sbc.sip.message import SIP_VERSION, Request, Response, parse_address_list
+from sbc.sip.uri import SipUri, is_wildcard_contact
 
 DEFAULT_SUPPORTED: frozenset[str] = frozenset({"replaces", "timer"})
 DEFAULT_ACCEPT: frozenset[str] = frozenset({"application/sdp"})
@@ -46,6 +46,8 @@ _SINGLE_VALUE = (
     "Content-Length",
     "Content-Type",
 )
+# Of those, the ones whose one line must not hold a list either.
+_SINGLE_ELEMENT = frozenset({"From", "To", "Content-Type"})
 _ADDRESS_LISTS = ("Route", "Record-Route")
 # RFC 3261 §20.17 / RFC 1123: Date uses GMT only (RFC 4475 §3.1.2.12).
 _DATE_RE = re.compile(
@@ -55,41 +57,78 @@ _DATE_RE = re.compile(
 )
 # RFC 3261 §8.2.2.3: Require is not checked on these (ACK cannot be answered; CANCEL has none).
 _NO_REQUIRE_CHECK = frozenset({"ACK", "CANCEL"})
+# The fields read below, by their canonical spelling (the one Headers stores them under).
+_READ = frozenset(
+    {
+        *_MANDATORY,
+        *_SINGLE_VALUE,
+        *_ADDRESS_LISTS,
+        "Contact",
+        "Date",
+        "Expires",
+        "Proxy-Require",
+        "Require",
+    }
+)
 
 
-def _check_single_values(headers: Headers, error: type[SipError]) -> None:
-    for name in _SINGLE_VALUE:
-        lines = headers.get_all(name)
-        if len(lines) > 1:
-            raise error(f"several {name} header fields")
-        if lines and name in ("From", "To", "Content-Type") and len(split_list(lines[0])) > 1:
-            raise error(f"several values in {name}")
+def _scan(headers: Headers) -> dict[str, list[str]]:
+    """The lines of the fields in ``_READ``, by name, in one pass over the fields."""
+    lines: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        if name in _READ:
+            seen = lines.get(name)
+            if seen is None:
+                lines[name] = [value]
+            else:
+                seen.append(value)
+    return lines
 
 
-def _check_common(headers: Headers, error: type[SipError]) -> None:
-    """Fields shared by requests and responses; ParseError from the field parsers is 400."""
+def _check_common(
+    message: Request | Response, lines: dict[str, list[str]], error: type[SipError]
+) -> None:
+    """Fields shared by requests and responses; ParseError from the field parsers is 400.
+
+    ``lines`` is ``_scan(message.headers)``. The top Via, From, To and CSeq are read through
+    the message's accessors, which remember what they parsed for the layers after this one.
+    """
     for name in _MANDATORY:
-        if name not in headers:
+        if name not in lines:
             raise error(f"missing {name}")
-    _check_single_values(headers, error)
-    vias = headers.values("Via")
-    if not vias:
-        raise error("empty Via")
-    for value in vias:
-        parse_via(value)
-    parse_name_addr(headers.get("From") or "")
-    parse_name_addr(headers.get("To") or "")
-    call_id = headers.get("Call-ID") or ""
+    for name in _SINGLE_VALUE:
+        values = lines.get(name)
+        if values is None:
+            continue
+        if len(values) > 1:
+            raise error(f"several {name} header fields")
+        if name in _SINGLE_ELEMENT and "," in values[0] and len(split_list(values[0])) > 1:
+            raise error(f"several values in {name}")
+    via_lines = lines["Via"]
+    if len(via_lines) == 1 and "," not in via_lines[0]:
+        if not via_lines[0].strip():
+            raise error("empty Via")
+        _ = message.top_via  # parses the one Via (and remembers it)
+    else:
+        vias = message.headers.values("Via")
+        if not vias:
+            raise error("empty Via")
+        _ = message.top_via  # parses vias[0] (and remembers it)
+        for value in vias[1:]:
+            parse_via(value)
+    _ = message.from_
+    _ = message.to
+    call_id = lines["Call-ID"][0]
     # RFC 3261 §25.1: callid = word ["@" word]; no whitespace.
     if not call_id or len(call_id.split()) != 1:
         raise error("bad Call-ID")
-    parse_cseq(headers.get("CSeq") or "")
-    content_length = headers.get("Content-Length")
+    _ = message.cseq
+    content_length = lines.get("Content-Length")
     if content_length is not None:
-        parse_int_header(content_length, "Content-Length")
+        parse_int_header(content_length[0], "Content-Length")
     for name in _ADDRESS_LISTS:
-        for value in headers.get_all(name):
-            parse_name_addr_list(value)
+        for value in lines.get(name, ()):
+            parse_address_list(value)
 
 
 def _media_type(content_type: str) -> str:
@@ -135,70 +174,79 @@ def validate_request(
     # RFC 3261 §8.2 and RFC 4475 §3.1.2.16: an unknown version is answered 505 first.
     if req.version != SIP_VERSION:
         raise VersionNotSupported(f"SIP version {req.version} not supported")
+    method = req.method
+    lines = _scan(headers)
     try:
-        _check_common(headers, BadRequest)
-        if require_max_forwards and "Max-Forwards" not in headers:
-            raise BadRequest("missing Max-Forwards")
-        max_forwards_text = headers.get("Max-Forwards")
-        max_forwards = (
-            parse_int_header(max_forwards_text, "Max-Forwards", 255)
-            if max_forwards_text is not None
-            else None
-        )
-        cseq = parse_cseq(headers.get("CSeq") or "")
-        expires = headers.get("Expires")
+        _check_common(req, lines, BadRequest)
+        max_forwards_lines = lines.get("Max-Forwards")
+        if max_forwards_lines is None:
+            if require_max_forwards:
+                raise BadRequest("missing Max-Forwards")
+            max_forwards = None
+        else:
+            max_forwards = parse_int_header(max_forwards_lines[0], "Max-Forwards", 255)
+        cseq = req.cseq
+        expires = lines.get("Expires")
         if expires is not None:
-            parse_int_header(expires, "Expires")
-        date = headers.get("Date")
-        if check_date and date is not None and _DATE_RE.fullmatch(date) is None:
-            raise BadRequest(f"bad Date {date!r}")
-        for value in headers.get_all("Contact"):
+            parse_int_header(expires[0], "Expires")
+        if check_date and "Date" in lines:
+            date = lines["Date"][0]
+            if _DATE_RE.fullmatch(date) is None:
+                raise BadRequest(f"bad Date {date!r}")
+        contacts = lines.get("Contact", ())
+        for value in contacts:
             if is_wildcard_contact(value):
                 # RFC 3261 §10.3 step 6: '*' only in REGISTER, alone, with Expires: 0.
-                if req.method != "REGISTER" or headers.count("Contact") != 1:
+                if method != "REGISTER" or len(contacts) != 1:
                     raise BadRequest("Contact: * outside a REGISTER")
                 continue
-            for contact in parse_name_addr_list(value):
+            for contact in parse_address_list(value):
                 contact_expires = contact.param("expires")
                 if contact_expires is not None:
                     parse_int_header(contact_expires, "Contact expires")
     except ParseError as exc:
         raise BadRequest(exc.detail) from exc
     # RFC 3261 §8.1.1.5 / RFC 4475 §3.1.2.17: the CSeq method matches the request method.
-    if cseq.method != req.method:
-        raise BadRequest(f"CSeq method {cseq.method} does not match {req.method}")
+    if cseq.method != method:
+        raise BadRequest(f"CSeq method {cseq.method} does not match {method}")
     # RFC 3261 §8.2.2.1: unknown Request-URI scheme is 416.
-    scheme = req.uri.scheme
+    uri = req.uri
+    scheme = uri.scheme
     if scheme not in uri_schemes:
         raise UnsupportedUriScheme(f"Request-URI scheme {scheme!r} not supported")
     # RFC 3261 §19.1.5: header components are not allowed in a Request-URI (RFC 4475 §3.1.2.11).
-    if isinstance(req.uri, SipUri) and req.uri.headers:
+    if isinstance(uri, SipUri) and uri.headers:
         raise BadRequest("header components in the Request-URI")
     # RFC 3261 §16.3 step 3 (applied by a B2BUA before forwarding).
     if max_forwards == 0:
         if isinstance(allow_zero_max_forwards, bool):
             allowed = allow_zero_max_forwards
         else:
-            allowed = req.method in allow_zero_max_forwards
+            allowed = method in allow_zero_max_forwards
         if not allowed:
             raise TooManyHops("Max-Forwards is 0")
     # RFC 3261 §8.2.2.3: option tags in Require that this element does not support.
-    if req.method not in _NO_REQUIRE_CHECK:
+    if method not in _NO_REQUIRE_CHECK:
         names = ("Require", "Proxy-Require") if check_proxy_require else ("Require",)
-        wanted = [tag for name in names for tag in headers.values(name)]
-        known = {tag.lower() for tag in supported}
-        unsupported = [tag for tag in wanted if tag.lower() not in known]
-        if unsupported:
-            raise BadExtension(
-                "unsupported extensions: " + ", ".join(unsupported),
-                headers=(("Unsupported", ", ".join(unsupported)),),
-            )
-    _check_content(req, accept)
+        wanted = [tag for name in names for line in lines.get(name, ()) for tag in split_list(line)]
+        if wanted:
+            known = {tag.lower() for tag in supported}
+            unsupported = [tag for tag in wanted if tag.lower() not in known]
+            if unsupported:
+                raise BadExtension(
+                    "unsupported extensions: " + ", ".join(unsupported),
+                    headers=(("Unsupported", ", ".join(unsupported)),),
+                )
+    if req.body or method == "INVITE":
+        _check_content(req, accept)
+
+
+def _accept_header(accept: frozenset[str]) -> tuple[tuple[str, str]]:
+    return (("Accept", ", ".join(sorted(accept))),)
 
 
 def _check_content(req: Request, accept: frozenset[str]) -> None:
     headers = req.headers
-    accept_header = (("Accept", ", ".join(sorted(accept))),)
     if req.body:
         content_type = headers.get("Content-Type")
         # RFC 3261 §20.15: a body MUST come with its Content-Type.
@@ -210,20 +258,22 @@ def _check_content(req: Request, accept: frozenset[str]) -> None:
         # RFC 3261 §8.2.3: unsupported body type is 415 with Accept.
         if media_type not in {a.lower() for a in accept}:
             raise UnsupportedMediaType(
-                f"Content-Type {media_type} not accepted", headers=accept_header
+                f"Content-Type {media_type} not accepted", headers=_accept_header(accept)
             )
         for encoding in headers.values("Content-Encoding"):
             if encoding.lower() != "identity":
                 raise UnsupportedMediaType(
                     f"Content-Encoding {encoding} not supported",
-                    headers=(*accept_header, ("Accept-Encoding", "identity")),
+                    headers=(*_accept_header(accept), ("Accept-Encoding", "identity")),
                 )
     # RFC 3261 §20.1 / RFC 4475 §3.3.15: the answer to an INVITE carries SDP; an Accept that
     # rules it out cannot be satisfied.
     if req.method == "INVITE" and "Accept" in headers:
         accepted = headers.values("Accept")
         if accepted and not _accepts(accepted, "application/sdp"):
-            raise NotAcceptable("Accept does not allow application/sdp", headers=accept_header)
+            raise NotAcceptable(
+                "Accept does not allow application/sdp", headers=_accept_header(accept)
+            )
 
 
 def validate_response(resp: Response) -> None:
@@ -235,4 +285,4 @@ def validate_response(resp: Response) -> None:
     """
     if resp.version != SIP_VERSION:
         raise ParseError(f"response with SIP version {resp.version}")
-    _check_common(resp.headers, ParseError)
+    _check_common(resp, _scan(resp.headers), ParseError)
