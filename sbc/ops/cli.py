@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.resources
 import os
 import sys
@@ -140,7 +141,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from sbc.ops import service
 
+    tune_gc()
     return _serve(service.serve, settings, path)
+
+
+# Full collections walk every live object, and each answered request keeps a few alive until
+# its transaction's Timer J/K ends (32 s over UDP): at 10,000 OPTIONS/s a default-tuned full
+# collection paused the loop for 160-340 ms and overflowed the UDP socket buffer. Rarer full
+# collections kept the longest pause at 1 ms in the same benchmark (docs/performance.md).
+GC_THRESHOLD = (700, 10, 1000)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (modules, settings) out of the collector's reach and
+    make full collections rarer; for the long-running service only, not for tests."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

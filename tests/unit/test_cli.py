@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import structlog
 
 import sbc
 from sbc.ops import cli
+
+ORIGINAL_TUNE_GC = cli.tune_gc  # the autouse fixture replaces it
 
 GOOD = """
 [pbx]
@@ -31,6 +34,14 @@ def good(tmp_path: Path) -> Path:
     path = tmp_path / "sbc.toml"
     path.write_text(GOOD)
     return path
+
+
+@pytest.fixture(autouse=True)
+def gc_tuned(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    # `run` tunes the collector for the whole process; record the call instead of doing it.
+    calls: list[bool] = []
+    monkeypatch.setattr(cli, "tune_gc", lambda: calls.append(True))
+    return calls
 
 
 @pytest.fixture(autouse=True)
@@ -174,6 +185,28 @@ def test_run_calls_service_serve_with_settings(good, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "sbc_starting" in err and "sbc_stopped" in err
     assert "hunter2" not in err
+
+
+def test_run_tunes_the_collector_and_demo_does_not(good, monkeypatch, gc_tuned):
+    _fake_serve(monkeypatch, "service")
+    assert cli.main(["run", "--config", str(good)]) == 0
+    assert gc_tuned == [True]
+    _fake_serve(monkeypatch, "demo")
+    monkeypatch.setenv("SBC_LOG__FORMAT", "json")
+    assert cli.main(["demo"]) == 0
+    assert gc_tuned == [True]
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_thresholds():
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    try:
+        ORIGINAL_TUNE_GC()
+        assert gc.get_threshold() == cli.GC_THRESHOLD
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_run_returns_serve_exit_status(good, monkeypatch):
