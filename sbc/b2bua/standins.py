@@ -22,7 +22,7 @@ import secrets
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sbc.media.rtp import RtpFormatError, RtpHeader, RtpPacket, build_rtp, dtmf_packets, parse_rtp
 from sbc.net.addresses import Destination, TransportConfig
@@ -233,6 +233,31 @@ def _branch() -> str:
 
 def _engine(host: str, port: int, user_agent: str) -> SipEngine:
     return SipEngine(TransportConfig(bind=host, port=port, user_agent=user_agent))
+
+
+_CallT = TypeVar("_CallT", "PbxCall", "RetellCall")
+
+
+def _in_dialog_call(calls: dict[str, _CallT], incoming: IncomingRequest) -> _CallT | None:
+    """The call to answer an in-dialog request, or None if answered here: 481 without a dialog,
+    the dialog's refusal (RFC 3261 §12.2.2), or 200 to a BYE, which ends the call."""
+    request = incoming.request
+    call = calls.get(request.call_id)
+    if call is None or call.dialog is None:
+        incoming.respond(481)
+        return None
+    try:
+        call.dialog.receive_request(request)
+    except SipError as exc:
+        incoming.reject(exc)
+        return None
+    if request.method == "BYE":
+        incoming.respond(200)
+        call.bye_received = True
+        call.ended.set()
+        call.rtp.stop_sending()
+        return None
+    return call
 
 
 # -- 3CX ----------------------------------------------------------------------------------------
@@ -487,21 +512,10 @@ class PbxStandIn:
 
     def _in_dialog(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        call = self.calls.get(request.call_id)
-        if call is None or call.dialog is None:
-            incoming.respond(481)
+        call = _in_dialog_call(self.calls, incoming)
+        if call is None:
             return
-        try:
-            call.dialog.receive_request(request)
-        except SipError as exc:
-            incoming.reject(exc)
-            return
-        if request.method == "BYE":
-            incoming.respond(200)
-            call.bye_received = True
-            call.ended.set()
-            call.rtp.stop_sending()
-        elif request.method in ("OPTIONS", "UPDATE"):
+        if request.method in ("OPTIONS", "UPDATE"):
             incoming.respond(200)
         else:
             incoming.respond(405, headers=(("Allow", PBX_ALLOW),))
@@ -637,21 +651,10 @@ class RetellStandIn:
 
     def _in_dialog(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        call = self.calls.get(request.call_id)
-        if call is None or call.dialog is None:
-            incoming.respond(481)
+        call = _in_dialog_call(self.calls, incoming)
+        if call is None:
             return
-        try:
-            call.dialog.receive_request(request)
-        except SipError as exc:
-            incoming.reject(exc)
-            return
-        if request.method == "BYE":
-            incoming.respond(200)
-            call.bye_received = True
-            call.ended.set()
-            call.rtp.stop_sending()
-        elif request.method in ("INVITE", "OPTIONS"):
+        if request.method in ("INVITE", "OPTIONS"):
             # A re-INVITE is answered with the original SDP (PEERS.md).
             body = call.answer.body if call.answer is not None else b""
             ctype = (("Content-Type", "application/sdp"),) if body else ()

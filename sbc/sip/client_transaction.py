@@ -14,10 +14,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Protocol
 
-from sbc.sip.errors import ProtocolError
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.timers import Timer, TimerConfig
+from sbc.sip.tx_machine import TransactionMachine
 
 __all__ = [
     "INVITE_CLIENT_TABLE",
@@ -159,24 +159,25 @@ def build_ack(invite: Request, response: Response) -> Request:
     return Request("ACK", invite.uri, Headers(items), b"", invite.version)
 
 
-class ClientTransaction:
+class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     """One client transaction; ``is_invite`` picks the table (Figure 5 or Figure 6)."""
 
     __slots__ = (
         "_ack",
         "_interval",
-        "_owner",
-        "_table",
         "_tags_2xx",
         "config",
         "dest",
         "is_invite",
-        "key",
         "reliable",
         "request",
-        "state",
-        "timers",
     )
+
+    _ROLE = "client"
+    _TIMER_INPUTS = _TIMER_INPUTS
+    _TRANSPORT_ERROR = In.TRANSPORT_ERROR
+    _TERMINATED = S.TERMINATED
+    _owner: ClientOwner
 
     def __init__(
         self,
@@ -227,47 +228,11 @@ class ClientTransaction:
             kind = In.FAILURE
         self._dispatch(kind, response, now)
 
-    def on_timer(self, timer: Timer, now: float) -> None:
-        self.timers.pop(timer, None)
-        self._dispatch(_TIMER_INPUTS[timer], None, now)
-
-    def on_transport_error(self, now: float) -> None:
-        self._dispatch(In.TRANSPORT_ERROR, None, now)
-
     def on_cancel_sent(self, now: float) -> None:
         """A CANCEL for this INVITE was sent (§9.1)."""
         self._dispatch(In.CANCEL_SENT, None, now)
 
-    # -- machinery ----------------------------------------------------------------------
-    def _dispatch(self, kind: ClientInput, response: Response | None, now: float) -> None:
-        try:
-            action, next_state = self._table[(self.state, kind)]
-        except KeyError:
-            raise ProtocolError(
-                f"client transaction {self.key}: {kind.value} in state {self.state.value}"
-            ) from None
-        if next_state is not None:
-            self.state = next_state
-        getattr(self, action)(response, now)
-        if next_state is S.TERMINATED:
-            self.timers.clear()
-            self._owner.terminated(self)
-
-    def _arm(self, timer: Timer, duration: float, now: float) -> None:
-        if duration <= 0:
-            # RFC 3261 Table 4: a 0 s timer (reliable transports) fires at once.
-            self.on_timer(timer, now)
-            return
-        self.timers[timer] = self._owner.schedule(self, timer, now + duration)
-
-    def _disarm(self, *timers: Timer) -> None:
-        for timer in timers:
-            self.timers.pop(timer, None)
-
     # -- actions ------------------------------------------------------------------------
-    def _absorb(self, response: Response | None, now: float) -> None:
-        return None
-
     def _retransmit(self, response: Response | None, now: float) -> None:
         # §17.1.1.2 (Timer A doubles) and §17.1.2.2 (Timer E doubles up to T2).
         self._owner.send(self.dest, self.request)

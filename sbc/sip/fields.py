@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from sbc.sip.errors import ParseError
+from sbc.sip.headers import split_outside_quotes
 
 Params = tuple[tuple[str, str | None], ...]
 
@@ -81,27 +82,9 @@ def _split_semicolons(text: str) -> list[str]:
     """Split at ``;`` outside double quotes."""
     if '"' not in text:
         return text.split(";")
-    parts: list[str] = []
-    start = 0
-    in_quotes = False
-    i = 0
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if in_quotes:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                in_quotes = False
-        elif ch == '"':
-            in_quotes = True
-        elif ch == ";":
-            parts.append(text[start:i])
-            start = i + 1
-        i += 1
-    if in_quotes:
+    parts, open_quote = split_outside_quotes(text, ";")
+    if open_quote:
         raise ParseError(f"unterminated quoted string in parameters {text!r}")
-    parts.append(text[start:])
     return parts
 
 
@@ -307,12 +290,6 @@ def parse_via(text: str) -> Via:
     if text.startswith("SIP/2.0/"):
         # The ordinary spelling with something unusual (an IPv6 reference, a bad port...).
         rest = text[8:]
-        cut = 0
-        n = len(rest)
-        while cut < n and rest[cut] not in " \t":
-            cut += 1
-        transport = rest[:cut]
-        rest = rest[cut:]
     else:
         parts = text.split("/", 2)
         if len(parts) != 3:
@@ -322,12 +299,12 @@ def parse_via(text: str) -> Via:
         if name.upper() != "SIP" or version != "2.0":
             raise ParseError(f"unsupported Via protocol in {text!r}")
         rest = parts[2].lstrip(_LWS)
-        cut = 0
-        n = len(rest)
-        while cut < n and rest[cut] not in " \t":
-            cut += 1
-        transport = rest[:cut]
-        rest = rest[cut:]
+    cut = 0
+    n = len(rest)
+    while cut < n and rest[cut] not in " \t":
+        cut += 1
+    transport = rest[:cut]
+    rest = rest[cut:]
     if _TOKEN_RE.fullmatch(transport) is None:
         raise ParseError(f"bad Via transport in {text!r}")
     if not rest or rest[0] not in " \t":

@@ -154,6 +154,39 @@ def _lookup_key(name: str) -> str:
     return key
 
 
+def split_outside_quotes(text: str, sep: str, *, angles: bool = False) -> tuple[list[str], bool]:
+    """Split ``text`` at ``sep`` outside double quotes (backslash escapes inside them) and, with
+    ``angles``, outside ``<...>`` too.
+
+    Returns the parts as they stand (not stripped) and whether a quoted string was left open.
+    """
+    parts: list[str] = []
+    start = 0
+    in_quotes = False
+    in_angle = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if in_quotes:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_quotes = False
+        elif ch == '"':
+            in_quotes = True
+        elif ch == "<":
+            in_angle = angles
+        elif ch == ">":
+            in_angle = False
+        elif ch == sep and not in_angle:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts, in_quotes
+
+
 def split_list(value: str) -> list[str]:
     """Split a list header value at top-level commas.
 
@@ -163,35 +196,8 @@ def split_list(value: str) -> list[str]:
     if "," not in value:
         stripped = value.strip()
         return [stripped] if stripped else []
-    parts: list[str] = []
-    start = 0
-    in_quotes = False
-    in_angle = False
-    i = 0
-    n = len(value)
-    while i < n:
-        ch = value[i]
-        if in_quotes:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                in_quotes = False
-        elif ch == '"':
-            in_quotes = True
-        elif ch == "<":
-            in_angle = True
-        elif ch == ">":
-            in_angle = False
-        elif ch == "," and not in_angle:
-            part = value[start:i].strip()
-            if part:
-                parts.append(part)
-            start = i + 1
-        i += 1
-    part = value[start:].strip()
-    if part:
-        parts.append(part)
-    return parts
+    parts, _ = split_outside_quotes(value, ",", angles=True)
+    return [stripped for part in parts if (stripped := part.strip())]
 
 
 class Headers:

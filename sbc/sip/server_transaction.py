@@ -16,10 +16,10 @@ from enum import Enum
 from functools import lru_cache
 from typing import Protocol
 
-from sbc.sip.errors import ProtocolError
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import Request, Response, parse_address, reason_phrase
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
+from sbc.sip.tx_machine import TransactionMachine
 from sbc.sip.uri import NameAddr
 
 __all__ = [
@@ -192,23 +192,24 @@ def build_trying(request: Request) -> Response:
     return build_response(request, 100)
 
 
-class ServerTransaction:
+class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
     """One server transaction; ``is_invite`` picks the table (Figure 7 or Figure 8)."""
 
     __slots__ = (
         "_interval",
-        "_owner",
-        "_table",
         "config",
         "is_invite",
-        "key",
         "last_response",
         "reliable",
         "request",
         "source",
-        "state",
-        "timers",
     )
+
+    _ROLE = "server"
+    _TIMER_INPUTS = _TIMER_INPUTS
+    _TRANSPORT_ERROR = In.TRANSPORT_ERROR
+    _TERMINATED = S.TERMINATED
+    _owner: ServerOwner
 
     def __init__(
         self,
@@ -260,43 +261,7 @@ class ServerTransaction:
             kind = In.TU_FAILURE
         self._dispatch(kind, response, now)
 
-    def on_timer(self, timer: Timer, now: float) -> None:
-        self.timers.pop(timer, None)
-        self._dispatch(_TIMER_INPUTS[timer], None, now)
-
-    def on_transport_error(self, now: float) -> None:
-        self._dispatch(In.TRANSPORT_ERROR, None, now)
-
-    # -- machinery ----------------------------------------------------------------------
-    def _dispatch(self, kind: ServerInput, message: Request | Response | None, now: float) -> None:
-        try:
-            action, next_state = self._table[(self.state, kind)]
-        except KeyError:
-            raise ProtocolError(
-                f"server transaction {self.key}: {kind.value} in state {self.state.value}"
-            ) from None
-        if next_state is not None:
-            self.state = next_state
-        getattr(self, action)(message, now)
-        if next_state is S.TERMINATED:
-            self.timers.clear()
-            self._owner.terminated(self)
-
-    def _arm(self, timer: Timer, duration: float, now: float) -> None:
-        if duration <= 0:
-            # RFC 3261 Table 4: a 0 s timer (reliable transports) fires at once.
-            self.on_timer(timer, now)
-            return
-        self.timers[timer] = self._owner.schedule(self, timer, now + duration)
-
-    def _disarm(self, *timers: Timer) -> None:
-        for timer in timers:
-            self.timers.pop(timer, None)
-
     # -- actions ------------------------------------------------------------------------
-    def _absorb(self, message: Request | Response | None, now: float) -> None:
-        return None
-
     def _send(self, message: Request | Response | None, now: float) -> None:
         assert isinstance(message, Response)
         self._disarm(Timer.TRYING)

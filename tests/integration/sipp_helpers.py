@@ -113,7 +113,7 @@ class SippServer:
 def _listening(host: str, port: int, transport: str) -> bool:
     """Whether something has bound ``host:port`` (read from /proc/net, IPv4 only)."""
     table = "/proc/net/udp" if transport == "u1" else "/proc/net/tcp"
-    want = f"{_hex_ip(host)}:{port:04X}"
+    want = f"{hex_ip(host)}:{port:04X}"
     try:
         lines = Path(table).read_text().splitlines()[1:]
     except OSError:
@@ -121,9 +121,9 @@ def _listening(host: str, port: int, transport: str) -> bool:
     return any(line.split()[1] == want for line in lines)
 
 
-def _hex_ip(host: str) -> str:
-    parts = [int(p) for p in host.split(".")]
-    return "".join(f"{p:02X}" for p in reversed(parts))
+def hex_ip(host: str) -> str:
+    """/proc/net's spelling of an IPv4 address: the 32-bit value in host byte order."""
+    return "".join(f"{int(part):02X}" for part in reversed(host.split(".")))
 
 
 @contextlib.asynccontextmanager

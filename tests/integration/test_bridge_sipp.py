@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SIPP_SCENARIOS, _read_stats, free_port, require_binary
+from sipp_helpers import hex_ip
 
 from sbc.b2bua.calls import CallManager
 from sbc.ops.service import Service
@@ -264,7 +265,7 @@ async def retell(
 async def wait_listening(host: str, port: int, limit: float = 5.0) -> None:
     """Wait until a TCP socket listens on ``host:port`` (read from /proc/net/tcp, so that no
     probe connection reaches the listener)."""
-    wanted = f"{_hex_ip(host)}:{port:04X}"
+    wanted = f"{hex_ip(host)}:{port:04X}"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
     while loop.time() < deadline:
@@ -281,11 +282,6 @@ async def wait_listening(host: str, port: int, limit: float = 5.0) -> None:
 def _proc_net_tcp() -> str:
     with open("/proc/net/tcp") as table:
         return table.read()
-
-
-def _hex_ip(host: str) -> str:
-    """/proc/net/tcp's spelling of an IPv4 address: the 32-bit value in host byte order."""
-    return "".join(f"{int(part):02X}" for part in reversed(host.split(".")))
 
 
 def final_statuses(messages: str) -> list[int]:

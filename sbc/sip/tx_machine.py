@@ -1,0 +1,79 @@
+"""What client and server transactions share (RFC 3261 §17): table dispatch and timers.
+
+Each transaction class keeps its own transition table, actions and timer-to-input map; this
+base runs an input through the table (an input with no entry raises ProtocolError) and keeps
+the armed timers' handles, reporting deadlines to the owner that schedules them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from sbc.sip.errors import ProtocolError
+from sbc.sip.message import Request, Response
+from sbc.sip.timers import Timer
+
+__all__ = ["TransactionMachine"]
+
+StateT = TypeVar("StateT", bound=Enum)
+InputT = TypeVar("InputT", bound=Enum)
+
+
+class _Owner(Protocol):
+    def schedule(self, tx: Any, timer: Timer, deadline: float) -> int: ...
+
+    def terminated(self, tx: Any) -> None: ...
+
+
+class TransactionMachine(Generic[StateT, InputT]):
+    """The machinery of one transaction; subclasses set the attributes and class constants."""
+
+    __slots__ = ("_owner", "_table", "key", "state", "timers")
+
+    key: str
+    state: StateT
+    timers: dict[Timer, int]
+    _table: Mapping[tuple[StateT, InputT], tuple[str, StateT | None]]
+    _owner: _Owner
+
+    _ROLE: ClassVar[str]  # "client" or "server", for error messages
+    _TIMER_INPUTS: ClassVar[Mapping[Timer, Any]]  # Timer -> the subclass's input
+    _TRANSPORT_ERROR: ClassVar[Any]  # the subclass's transport-error input
+    _TERMINATED: ClassVar[Any]  # the subclass's Terminated state
+
+    def on_timer(self, timer: Timer, now: float) -> None:
+        self.timers.pop(timer, None)
+        self._dispatch(self._TIMER_INPUTS[timer], None, now)
+
+    def on_transport_error(self, now: float) -> None:
+        self._dispatch(self._TRANSPORT_ERROR, None, now)
+
+    def _dispatch(self, kind: InputT, message: Request | Response | None, now: float) -> None:
+        try:
+            action, next_state = self._table[(self.state, kind)]
+        except KeyError:
+            raise ProtocolError(
+                f"{self._ROLE} transaction {self.key}: {kind.value} in state {self.state.value}"
+            ) from None
+        if next_state is not None:
+            self.state = next_state
+        getattr(self, action)(message, now)
+        if next_state is self._TERMINATED:
+            self.timers.clear()
+            self._owner.terminated(self)
+
+    def _arm(self, timer: Timer, duration: float, now: float) -> None:
+        if duration <= 0:
+            # RFC 3261 Table 4: a 0 s timer (reliable transports) fires at once.
+            self.on_timer(timer, now)
+            return
+        self.timers[timer] = self._owner.schedule(self, timer, now + duration)
+
+    def _disarm(self, *timers: Timer) -> None:
+        for timer in timers:
+            self.timers.pop(timer, None)
+
+    def _absorb(self, message: Request | Response | None, now: float) -> None:
+        return None
