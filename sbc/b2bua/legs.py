@@ -38,7 +38,6 @@ MAX_FORWARDS = 70
 
 # RFC 4028 §4: Min-SE may not be below 90 s; it is the bridge's minimum too.
 MIN_SESSION_EXPIRES = 90
-DEFAULT_SESSION_EXPIRES = 1800
 
 # User part characters that need no escaping (RFC 3261 §25.1 unreserved / user-unreserved).
 _USER_SAFE = "-_.!~*'()&=+$,;?/"
@@ -252,7 +251,6 @@ _FAILURE_MAP: dict[int, int] = {
     606: 488,
 }
 TIMEOUT_STATUS = 480  # Retell did not answer within answer_timeout
-UNREACHABLE_STATUS = 503  # transport failure, DNS failure, no response at all
 
 
 def pbx_status_for_failure(status: int) -> int:

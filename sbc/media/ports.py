@@ -46,8 +46,6 @@ class PortPool:
         first = min_port + (min_port % 2)
         if first < 2 or max_port > 65535 or first + 1 > max_port:
             raise ValueError(f"no RTP/RTCP pair in {min_port}-{max_port}")
-        self.min_port = min_port
-        self.max_port = max_port
         self._free: deque[int] = deque(range(first, max_port, 2))
         self._used: set[int] = set()
 

@@ -169,7 +169,8 @@ class RelaySocket(asyncio.DatagramProtocol):
         self.bytes += len(data)
         self.last = now
         # RFC 5761 §4: RTCP muxed on the RTP port has packet type 192-223; not counted as RTP.
-        if self.is_rtp and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
+        rtp = self.is_rtp and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223
+        if rtp:
             self._count_sequence((data[2] << 8) | data[3], data[8:12])
             self.last_rtp = data
         peer = self.peer
@@ -179,7 +180,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         if not peer.send_allowed and not (len(data) > 1 and 192 <= data[1] <= 223):
             self.muted += 1  # RFC 3264 §6.1: the other leg is on hold; its RTCP still flows
             return
-        if peer.renumber and len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
+        if rtp and peer.renumber:
             seq = peer.seq_next  # only after an injection toward that leg (module docstring)
             peer.seq_next = (seq + 1) & 0xFFFF
             renumbered = bytearray(data)

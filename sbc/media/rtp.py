@@ -53,23 +53,8 @@ class RtpPacket:
     header_length: int
 
 
-def is_rtcp(data: bytes) -> bool:
-    """RFC 5761 §4: on a muxed port, packet types 192-223 (PT 64-95 with marker) are RTCP."""
-    return len(data) >= 2 and 192 <= data[1] <= 223
-
-
-def read_sequence(data: bytes) -> tuple[int, int] | None:
-    """``(sequence, ssrc)`` of an RTP packet, or None when ``data`` is not RTP version 2.
-
-    The relay's per-packet path: no objects beyond the tuple.
-    """
-    if len(data) < 12 or data[0] >> 6 != RTP_VERSION:
-        return None
-    return (data[2] << 8) | data[3], int.from_bytes(data[8:12], "big")
-
-
 def read_timestamp(data: bytes) -> int:
-    """The RTP timestamp of a packet :func:`read_sequence` accepted."""
+    """The RTP timestamp of an RTP version 2 packet (at least 12 bytes)."""
     return int.from_bytes(data[4:8], "big")
 
 

@@ -57,10 +57,6 @@ class Target:
     port: int | None
     transport: str
 
-    @property
-    def is_literal(self) -> bool:
-        return ip_literal(self.host) is not None
-
 
 def ip_literal(host: str) -> str | None:
     """The address ``host`` spells (brackets of IPv6 references dropped), or None for names."""

@@ -88,13 +88,13 @@ class Resolver:
         Raises :class:`ResolutionFailed` when nothing resolves within ``timeout`` seconds.
         """
         literal = ip_literal(target.host)
-        server_name = None if literal is not None else target.host.rstrip(".")
         if literal is not None:
             port = target.port or DEFAULT_PORTS[target.transport]
-            return [Destination(target.transport, literal, port, None, server_name)]
+            return [Destination(target.transport, literal, port)]
+        name = target.host.rstrip(".") or target.host
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._resolve_name(target, server_name or target.host)
+                return await self._resolve_name(target, name)
         except TimeoutError as exc:
             raise ResolutionFailed(f"DNS lookup of {target.host} timed out") from exc
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any
 
 from sbc.net.addresses import Destination
+from sbc.sip import ids
 from sbc.sip.errors import SipError
 from sbc.sip.message import Request, Response
 from sbc.sip.transaction import build_response
@@ -34,7 +35,7 @@ def error_response(request: Request, error: SipError, *, to_tag: str | None = No
 
 
 def new_tag() -> str:
-    return secrets.token_hex(8)
+    return ids.new_tag(secrets.token_bytes(8))
 
 
 class IncomingRequest:

@@ -102,23 +102,19 @@ def filter_codecs(sd: SessionDescription, allowed: Sequence[str]) -> SessionDesc
         if m.media != "audio" or not m.is_rtp or m.port == 0:
             media.append(m if m.port == 0 else replace(m, port=0))
             continue
-        keep = [
-            pt for pt in m.payload_types if (rm := m.rtpmap(pt)) and rm.encoding.casefold() in names
+        kept = [
+            (pt, encoding)
+            for pt in m.payload_types
+            if (rm := m.rtpmap(pt)) and (encoding := rm.encoding.casefold()) in names
         ]
-        real = [pt for pt in keep if _encoding(m, pt) not in AUXILIARY_ENCODINGS]
-        if real:
+        if any(encoding not in AUXILIARY_ENCODINGS for _, encoding in kept):
             usable = True
-            media.append(_keep_formats(m, keep))
+            media.append(_keep_formats(m, [pt for pt, _ in kept]))
         else:
             media.append(replace(m, port=0))
     if not usable:
         raise NoCommonCodec("no common audio codec")
     return replace(sd, media=tuple(media))
-
-
-def _encoding(m: MediaDescription, pt: int) -> str:
-    rm = m.rtpmap(pt)
-    return "" if rm is None else rm.encoding.casefold()
 
 
 def _addrtype(address: str) -> str:
@@ -247,17 +243,17 @@ def negotiated(offer: SessionDescription, answer: SessionDescription) -> Negotia
 def _answer_stream(
     m: MediaDescription, direction: Direction, previous: MediaDescription, port: int
 ) -> MediaDescription:
-    keep: list[int] = []
+    keep: dict[int, RtpMap] = {}
     for wanted in previous.codecs():
         pt = _matching_pt(m, wanted)
         if pt is not None and pt not in keep:
-            keep.append(pt)
-    if not [pt for pt in keep if _encoding(m, pt) not in AUXILIARY_ENCODINGS]:
+            rm = m.rtpmap(pt)
+            assert rm is not None  # _matching_pt found it
+            keep[pt] = rm
+    if all(rm.encoding.casefold() in AUXILIARY_ENCODINGS for rm in keep.values()):
         raise NoCommonCodec("re-offer dropped the negotiated codec")
     attributes: list[Attribute] = []
-    for pt in keep:
-        rm = m.rtpmap(pt)
-        assert rm is not None  # _matching_pt found it
+    for pt, rm in keep.items():
         attributes.append(("rtpmap", rm.value))
         params = m.fmtp(pt)
         if params is not None:

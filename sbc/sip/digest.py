@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sbc.sip.errors import ParseError
-from sbc.sip.fields import parse_via
+from sbc.sip.fields import parse_via, quote_string
 from sbc.sip.headers import Headers
+from sbc.sip.ids import BRANCH_COOKIE
 from sbc.sip.message import Request, Response
 
 __all__ = [
@@ -134,10 +135,6 @@ def _split_scheme(value: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 # -- challenges (WWW-Authenticate / Proxy-Authenticate) ------------------------------------
 
 
@@ -193,12 +190,12 @@ def build_challenge(
     stale: bool = False,
 ) -> str:
     """The value of a WWW-Authenticate/Proxy-Authenticate header the bridge sends."""
-    parts = [f"realm={_quote(realm)}", f"nonce={_quote(nonce)}"]
+    parts = [f"realm={quote_string(realm)}", f"nonce={quote_string(nonce)}"]
     if opaque is not None:
-        parts.append(f"opaque={_quote(opaque)}")
+        parts.append(f"opaque={quote_string(opaque)}")
     parts.append(f"algorithm={_canonical_algorithm(algorithm)}")
     if qop:
-        parts.append(f"qop={_quote(','.join(qop))}")
+        parts.append(f"qop={quote_string(','.join(qop))}")
     if stale:
         parts.append("stale=true")
     return "Digest " + ", ".join(parts)
@@ -294,21 +291,21 @@ def build_authorization(
         body=body,
     )
     parts = [
-        f"username={_quote(credentials.username)}",
-        f"realm={_quote(challenge.realm)}",
-        f"nonce={_quote(challenge.nonce)}",
-        f"uri={_quote(uri)}",
-        f"response={_quote(response)}",
+        f"username={quote_string(credentials.username)}",
+        f"realm={quote_string(challenge.realm)}",
+        f"nonce={quote_string(challenge.nonce)}",
+        f"uri={quote_string(uri)}",
+        f"response={quote_string(response)}",
         f"algorithm={challenge.algorithm}",
     ]
     if qop is not None:
-        parts += [f"cnonce={_quote(cnonce)}", f"qop={qop}", f"nc={nc_text}"]
+        parts += [f"cnonce={quote_string(cnonce)}", f"qop={qop}", f"nc={nc_text}"]
     elif sess:
         # The -sess A1 needs the cnonce even without qop, so the server must see it.
-        parts.append(f"cnonce={_quote(cnonce)}")
+        parts.append(f"cnonce={quote_string(cnonce)}")
     if challenge.opaque is not None:
         # RFC 2617 §3.2.2: opaque is echoed unchanged.
-        parts.append(f"opaque={_quote(challenge.opaque)}")
+        parts.append(f"opaque={quote_string(challenge.opaque)}")
     return "Digest " + ", ".join(parts)
 
 
@@ -538,6 +535,6 @@ def _set_top_branch(headers: Headers, branch: str | None, seq: int) -> Headers:
         return headers
     top = parse_via(values[0])
     if branch is None:
-        base = (top.branch or "z9hG4bK").split(".", 1)[0]
+        base = (top.branch or BRANCH_COOKIE).split(".", 1)[0]
         branch = f"{base}.{seq}"
     return headers.remove_first("Via").prepend("Via", str(top.with_param("branch", branch)))

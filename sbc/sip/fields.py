@@ -128,12 +128,33 @@ def format_params(params: Params) -> str:
     return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
 
 
-def _find(params: Params, name: str) -> int:
+def find_param(params: Params, name: str) -> int:
+    """Index of parameter ``name`` (case-insensitive) in ``params``, or -1."""
     key = name.lower()
     for i, (n, _) in enumerate(params):
         if n.lower() == key:
             return i
     return -1
+
+
+def get_param(params: Params, name: str) -> str | None:
+    """The value of parameter ``name`` (None when absent or valueless)."""
+    i = find_param(params, name)
+    return None if i < 0 else params[i][1]
+
+
+def set_param(params: Params, name: str, value: str | None) -> Params:
+    """``params`` with ``name`` set: replaced in place (spelling kept), else appended."""
+    i = find_param(params, name)
+    if i < 0:
+        return (*params, (name, value))
+    return (*params[:i], (params[i][0], value), *params[i + 1 :])
+
+
+def drop_param(params: Params, name: str) -> Params:
+    """``params`` without any parameter called ``name``."""
+    key = name.lower()
+    return tuple(p for p in params if p[0].lower() != key)
 
 
 def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> int:
@@ -202,26 +223,17 @@ class Via:
     params: Params = ()
 
     def param(self, name: str) -> str | None:
-        i = _find(self.params, name)
-        return None if i < 0 else self.params[i][1]
+        return get_param(self.params, name)
 
     def has_param(self, name: str) -> bool:
-        return _find(self.params, name) >= 0
+        return find_param(self.params, name) >= 0
 
     def with_param(self, name: str, value: str | None = None) -> Via:
         """Set ``name`` (replacing an existing one in place, else appending)."""
-        i = _find(self.params, name)
-        if i < 0:
-            params = (*self.params, (name, value))
-        else:
-            params = (*self.params[:i], (self.params[i][0], value), *self.params[i + 1 :])
-        return dataclasses.replace(self, params=params)
+        return dataclasses.replace(self, params=set_param(self.params, name, value))
 
     def without_param(self, name: str) -> Via:
-        key = name.lower()
-        return dataclasses.replace(
-            self, params=tuple(p for p in self.params if p[0].lower() != key)
-        )
+        return dataclasses.replace(self, params=drop_param(self.params, name))
 
     @property
     def branch(self) -> str | None:

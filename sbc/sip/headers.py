@@ -103,38 +103,6 @@ _CANONICAL_NAMES = (
 _CANONICAL: dict[str, str] = {name.lower(): name for name in _CANONICAL_NAMES}
 _CANONICAL.update({short: long for short, long in COMPACT_FORMS.items()})
 
-# Headers whose grammar is a comma-separated list (RFC 3261 §7.3.1), so that several values on
-# one line mean the same as one value per line. Authorization-style headers are not lists.
-LIST_HEADERS = frozenset(
-    {
-        "Accept",
-        "Accept-Encoding",
-        "Accept-Language",
-        "Alert-Info",
-        "Allow",
-        "Allow-Events",
-        "Call-Info",
-        "Contact",
-        "Content-Encoding",
-        "Content-Language",
-        "Error-Info",
-        "In-Reply-To",
-        "P-Asserted-Identity",
-        "P-Preferred-Identity",
-        "Privacy",
-        "Proxy-Require",
-        "Reason",
-        "Record-Route",
-        "Reply-To",
-        "Require",
-        "Route",
-        "Supported",
-        "Unsupported",
-        "Via",
-        "Warning",
-    }
-)
-
 
 def canonical_name(name: str) -> str:
     """The spelling a header is stored and written under (compact forms expanded)."""

@@ -15,16 +15,19 @@ from urllib.parse import unquote
 
 from sbc.sip.errors import ParseError
 from sbc.sip.fields import (
+    Params,
+    drop_param,
+    find_param,
     format_params,
+    get_param,
     is_token,
     parse_host_port,
     parse_params,
     quote_string,
+    set_param,
     unquote_string,
 )
 from sbc.sip.headers import split_list
-
-Params = tuple[tuple[str, str | None], ...]
 
 # RFC 3261 §25.1 character classes, written as regex classes.
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
@@ -52,31 +55,6 @@ def unescape(text: str) -> str:
     return unquote(text, errors="surrogateescape")
 
 
-def _find_param(params: Params, name: str) -> int:
-    key = name.lower()
-    for i, (n, _) in enumerate(params):
-        if n.lower() == key:
-            return i
-    return -1
-
-
-def _get_param(params: Params, name: str) -> str | None:
-    i = _find_param(params, name)
-    return None if i < 0 else params[i][1]
-
-
-def _set_param(params: Params, name: str, value: str | None) -> Params:
-    i = _find_param(params, name)
-    if i < 0:
-        return (*params, (name, value))
-    return (*params[:i], (params[i][0], value), *params[i + 1 :])
-
-
-def _drop_param(params: Params, name: str) -> Params:
-    key = name.lower()
-    return tuple(p for p in params if p[0].lower() != key)
-
-
 @dataclass(frozen=True, slots=True)
 class SipUri:
     """A ``sip:`` or ``sips:`` URI. Components are stored as written (escapes kept)."""
@@ -91,23 +69,23 @@ class SipUri:
 
     def param(self, name: str) -> str | None:
         """Value of URI parameter ``name`` (case-insensitive); None if absent or valueless."""
-        return _get_param(self.params, name)
+        return get_param(self.params, name)
 
     def has_param(self, name: str) -> bool:
-        return _find_param(self.params, name) >= 0
+        return find_param(self.params, name) >= 0
 
     def with_param(self, name: str, value: str | None = None) -> SipUri:
         """Set ``name`` (replacing an existing one in place, else appending)."""
-        return dataclasses.replace(self, params=_set_param(self.params, name, value))
+        return dataclasses.replace(self, params=set_param(self.params, name, value))
 
     def with_params(self, **params: str | None) -> SipUri:
         out = self.params
         for name, value in params.items():
-            out = _set_param(out, name, value)
+            out = set_param(out, name, value)
         return dataclasses.replace(self, params=out)
 
     def without_param(self, name: str) -> SipUri:
-        return dataclasses.replace(self, params=_drop_param(self.params, name))
+        return dataclasses.replace(self, params=drop_param(self.params, name))
 
     @property
     def transport(self) -> str | None:
@@ -158,10 +136,10 @@ class TelUri:
         return self.number.startswith("+")
 
     def param(self, name: str) -> str | None:
-        return _get_param(self.params, name)
+        return get_param(self.params, name)
 
     def has_param(self, name: str) -> bool:
-        return _find_param(self.params, name) >= 0
+        return find_param(self.params, name) >= 0
 
     def __str__(self) -> str:
         return "tel:" + self.number + format_params(self.params)
@@ -322,22 +300,22 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
-        return _get_param(self.params, "tag")
+        return get_param(self.params, "tag")
 
     def param(self, name: str) -> str | None:
-        return _get_param(self.params, name)
+        return get_param(self.params, name)
 
     def has_param(self, name: str) -> bool:
-        return _find_param(self.params, name) >= 0
+        return find_param(self.params, name) >= 0
 
     def with_tag(self, tag: str) -> NameAddr:
         return self.with_param("tag", tag)
 
     def with_param(self, name: str, value: str | None = None) -> NameAddr:
-        return dataclasses.replace(self, params=_set_param(self.params, name, value))
+        return dataclasses.replace(self, params=set_param(self.params, name, value))
 
     def without_param(self, name: str) -> NameAddr:
-        return dataclasses.replace(self, params=_drop_param(self.params, name))
+        return dataclasses.replace(self, params=drop_param(self.params, name))
 
     def with_uri(self, uri: Uri) -> NameAddr:
         return dataclasses.replace(self, uri=uri)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from sbc.sip.errors import ParseError
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
 
@@ -57,7 +58,7 @@ def read_messages(path: Path) -> list[TracedMessage]:
         raw = raw.replace("\r\n", "\n").replace("\n", "\r\n")
         try:
             message = parse_message(raw.encode())
-        except Exception:
+        except ParseError:
             continue
         stamp = datetime.fromisoformat(f"{mark.group(1)} {mark.group(2)}").timestamp()
         out.append(TracedMessage(stamp, direction.group(2).lower() == "received", message))

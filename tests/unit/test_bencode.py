@@ -98,7 +98,11 @@ def test_malformed_input_is_rejected_with_a_clear_error(data: bytes, fragment: s
 
 
 def test_nesting_limit() -> None:
-    assert decode(b"l" * MAX_DEPTH + b"e" * MAX_DEPTH) is not None
+    allowed: list[Any] = []
+    for _ in range(MAX_DEPTH - 1):
+        allowed = [allowed]
+    assert decode(b"l" * MAX_DEPTH + b"e" * MAX_DEPTH) == allowed
+    assert encode(allowed) == b"l" * MAX_DEPTH + b"e" * MAX_DEPTH
     with pytest.raises(BencodeError, match="nesting deeper"):
         decode(b"l" * (MAX_DEPTH + 2) + b"e" * (MAX_DEPTH + 2))
     deep: list[Any] = []

@@ -13,10 +13,8 @@ from sbc.media.rtp import (
     build_rtp,
     build_telephone_event,
     dtmf_packets,
-    is_rtcp,
     parse_rtp,
     parse_telephone_event,
-    read_sequence,
     read_timestamp,
     with_sequence,
 )
@@ -48,7 +46,7 @@ def test_build_parse_round_trip(
     assert packet.header == header
     assert packet.payload == payload
     assert packet.header_length == 12 + 4 * len(csrcs)
-    assert read_sequence(build_rtp(header, payload)) == (seq, ssrc)
+    assert read_timestamp(build_rtp(header, payload)) == ts
 
 
 def test_parse_extension_and_padding() -> None:
@@ -79,24 +77,11 @@ def test_parse_rejects_malformed(data: bytes) -> None:
         parse_rtp(data)
 
 
-def test_read_sequence_rejects_non_rtp() -> None:
-    assert read_sequence(b"\x80\x00") is None
-    assert read_sequence(bytes(12)) is None
-
-
 def test_build_rejects_bad_header() -> None:
     with pytest.raises(ValueError):
         build_rtp(RtpHeader(128, 0, 0, 0))
     with pytest.raises(ValueError):
         build_rtp(RtpHeader(0, 0, 0, 0, csrcs=tuple(range(16))))
-
-
-def test_is_rtcp_by_packet_type() -> None:
-    assert is_rtcp(bytes([0x80, 200]) + bytes(6))  # sender report
-    assert is_rtcp(bytes([0x81, 201]))
-    assert not is_rtcp(build_rtp(RtpHeader(0, 1, 2, 3)))
-    assert not is_rtcp(build_rtp(RtpHeader(101, 1, 2, 3, marker=True)))
-    assert not is_rtcp(b"\x80")
 
 
 def test_telephone_event_payload() -> None:
