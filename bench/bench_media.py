@@ -284,17 +284,17 @@ def relay_main(conn: Connection, port_min: int, port_max: int, want_uvloop: bool
         for call_id, pbx_sdp, retell_sdp in calls:
             session = await backend.allocate(call_id)
             sessions.append(session)
-            to_retell = await session.offer("pbx", parse_sdp(pbx_sdp))
-            to_pbx = await session.answer("retell", parse_sdp(retell_sdp))
+            to_retell = await session.offer("a", parse_sdp(pbx_sdp))
+            to_pbx = await session.answer("b", parse_sdp(retell_sdp))
             out.append((media_address(to_pbx), media_address(to_retell)))
         return out
 
     async def teardown() -> dict[str, int]:
         totals = {"dropped": 0, "errors": 0, "packets": 0}
         for session in sessions:
-            for leg in session.stats()["legs"].values():
+            for side in session.stats()["sides"].values():
                 for key in totals:
-                    totals[key] += leg["rtp"].get(key, 0)
+                    totals[key] += side["rtp"].get(key, 0)
             await session.close()
         sessions.clear()
         return totals
@@ -392,8 +392,8 @@ class RtpengineUnderTest:
         async def one(call_id: str, pbx_sdp: str, retell_sdp: str) -> Any:
             session = await self.backend.allocate(call_id)
             self.sessions.append(session)
-            to_retell = await session.offer("pbx", parse_sdp(pbx_sdp))
-            to_pbx = await session.answer("retell", parse_sdp(retell_sdp))
+            to_retell = await session.offer("a", parse_sdp(pbx_sdp))
+            to_pbx = await session.answer("b", parse_sdp(retell_sdp))
             return media_address(to_pbx), media_address(to_retell)
 
         async def all_calls() -> list[Any]:

@@ -1,31 +1,33 @@
 """The media interface the call layer uses; relay, passthrough and rtpengine implement it.
 
-A call has two legs, ``"pbx"`` (3CX) and ``"retell"``. The call layer hands every SDP it receives
-on a leg to the call's :class:`MediaSession` and sends what comes back on the *other* leg:
+A call's media session has two sides: side ``"a"`` faces the caller's leg (the one whose offer
+came first), side ``"b"`` the far leg (the agent, or after a transfer the human). The call layer
+hands every SDP it receives on a leg to the call's :class:`MediaSession` under that leg's side and
+sends what comes back on the leg of the *other* side:
 
-* ``offer(leg, sdp)``: ``sdp`` is an offer received on ``leg``. Returns the offer to send on the
-  other leg: codecs filtered to the backend's list (:class:`~sbc.sdp.model.NoCommonCodec`, a
+* ``offer(side, sdp)``: ``sdp`` is an offer received on ``side``. Returns the offer to send on the
+  other side: codecs filtered to the backend's list (:class:`~sbc.sdp.model.NoCommonCodec`, a
   488, when none is left), and for a relaying backend every address and port replaced by the
-  relay's socket facing the other leg.
-* ``answer(leg, sdp)``: ``sdp`` is the answer received on ``leg`` to the offer that came from the
-  other leg. Returns the answer to send on the other leg, rewritten the same way.
-* ``reoffer(leg, sdp)``: a re-offer received on ``leg`` that the bridge answers itself (PBX hold,
-  resume, session refresh: never forwarded to Retell, PEERS.md). Returns the answer to send back
-  on ``leg``: negotiated codec kept, direction mirrored (RFC 3264 §6.1), address and port those
-  the bridge already gave ``leg``. It also learns any new media address of ``leg``.
+  relay's socket facing the other side.
+* ``answer(side, sdp)``: ``sdp`` is the answer received on ``side`` to the offer that came from the
+  other side. Returns the answer to send on the other side, rewritten the same way.
+* ``reoffer(side, sdp)``: a re-offer received on ``side`` that the bridge answers itself (hold,
+  resume, session refresh: never forwarded to the other side, PEERS.md). Returns the answer to
+  send back on ``side``: negotiated codec kept, direction mirrored (RFC 3264 §6.1), address and
+  port those the bridge already gave ``side``. It also learns any new media address of ``side``.
 
-Direction is honoured: while the last SDP the bridge sent on a leg says ``recvonly`` or
-``inactive`` (e.g. its answer to a PBX hold), a relaying backend sends no RTP to that leg (RTCP
-still flows, RFC 3264 §5.1).
+Direction is honoured: while the last SDP the bridge sent on a side says ``recvonly`` or
+``inactive`` (e.g. its answer to the caller's hold), a relaying backend sends no RTP to that side
+(RTCP still flows, RFC 3264 §5.1).
 
-DTMF: ``send_dtmf(leg, digit, duration_ms)`` plays one digit toward ``leg`` as RFC 4733
+DTMF: ``send_dtmf(side, digit, duration_ms)`` plays one digit toward ``side`` as RFC 4733
 telephone-event packets (the bridge's SIP INFO to RFC 4733 conversion: Retell takes no INFO).
-It returns False, sending nothing, when the backend cannot inject media (passthrough) or ``leg``
+It returns False, sending nothing, when the backend cannot inject media (passthrough) or ``side``
 negotiated no telephone-event; the caller then only logs the digit.
 
-Every SDP sent on a leg carries the bridge's own ``o=`` line for that leg (username ``sbc``, a
-session id per leg), whose version goes up by one exactly when the SDP differs from the previous
-one sent on that leg (RFC 3264 §8). ``close()`` releases everything and may be called any number
+Every SDP sent on a side carries the bridge's own ``o=`` line for that side (username ``sbc``, a
+session id per side), whose version goes up by one exactly when the SDP differs from the previous
+one sent on that side (RFC 3264 §8). ``close()`` releases everything and may be called any number
 of times; the session is unusable afterwards.
 """
 
@@ -41,8 +43,8 @@ from sbc.sdp.model import Origin, SessionDescription
 from sbc.sdp.offer_answer import answer_for_hold, filter_codecs
 from sbc.sip.errors import RequestPending
 
-Leg = Literal["pbx", "retell"]
-LEGS: tuple[Leg, Leg] = ("pbx", "retell")
+Side = Literal["a", "b"]
+SIDES: tuple[Side, Side] = ("a", "b")
 DEFAULT_CODECS: tuple[str, ...] = ("PCMU", "PCMA", "G722", "telephone-event")
 DTMF_MIN_MS = 40
 DTMF_MAX_MS = 5000
@@ -51,9 +53,10 @@ ORIGIN_USERNAME = "sbc"
 _SENDING = ("sendrecv", "sendonly")
 
 
-def other_leg(leg: Leg) -> Leg:
-    """The leg that is not ``leg``."""
-    return "retell" if leg == "pbx" else "pbx"
+def other_side(side: Side) -> Side:
+    """The side that is not ``side``: ``"b"`` (the far leg) for ``"a"`` (the caller's leg), and
+    the other way round."""
+    return "b" if side == "a" else "a"
 
 
 def media_address(sd: SessionDescription) -> tuple[str, int] | None:
@@ -119,60 +122,61 @@ class MediaSession(ABC):
         self.call_id = call_id
         self.codecs = tuple(codecs)
         self.closed = False
-        self._received: dict[Leg, SessionDescription] = {}
-        self._sent: dict[Leg, SessionDescription] = {}
-        self._origins: dict[Leg, Origin] = {}
+        self._received: dict[Side, SessionDescription] = {}
+        self._sent: dict[Side, SessionDescription] = {}
+        self._origins: dict[Side, Origin] = {}
 
     # -- what backends implement -------------------------------------------------------------
 
     @abstractmethod
-    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
-        """The offer to send on the other leg for ``sdp``, an offer received on ``leg``."""
+    async def offer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
+        """The offer to send on the other side for ``sdp``, an offer received on ``side``."""
 
     @abstractmethod
-    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
-        """The answer to send on the other leg for ``sdp``, an answer received on ``leg``."""
+    async def answer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
+        """The answer to send on the other side for ``sdp``, an answer received on ``side``."""
 
     @abstractmethod
-    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
-        """``(address, rtp port)`` the bridge gave ``leg`` to send its media to, None before
-        any SDP was sent on ``leg``."""
+    def local_endpoint(self, side: Side) -> tuple[str, int] | None:
+        """``(address, rtp port)`` the bridge gave ``side`` to send its media to, None before
+        any SDP was sent on ``side``."""
 
     @abstractmethod
-    def last_activity(self, leg: Leg) -> float | None:
-        """``loop.time()`` of the last RTP/RTCP packet received from ``leg`` (the session's
+    def last_activity(self, side: Side) -> float | None:
+        """``loop.time()`` of the last RTP/RTCP packet received from ``side`` (the session's
         creation time before the first one); None when the backend cannot see media, which
         then never times out."""
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:
-        """Counters for logs and call records: ``{"backend", "call_id", "legs": {leg: {...}}}``."""
+        """Counters for logs and call records:
+        ``{"backend", "call_id", "sides": {"a": {...}, "b": {...}}}``."""
 
     @abstractmethod
     async def close(self) -> None:
         """Release sockets and ports; idempotent."""
 
-    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
-        """Play ``digit`` (``0``-``9``, ``*``, ``#``, ``A``-``D``) toward ``leg`` as RFC 4733
+    async def send_dtmf(self, side: Side, digit: str, duration_ms: int) -> bool:
+        """Play ``digit`` (``0``-``9``, ``*``, ``#``, ``A``-``D``) toward ``side`` as RFC 4733
         events lasting ``duration_ms`` (clamped to 40 ms - 5 s). True when it was scheduled;
         False (nothing sent) when this backend cannot inject media, which is the default."""
         return False
 
-    def _learn(self, leg: Leg, sdp: SessionDescription) -> None:
-        """Hook: ``sdp`` came from ``leg``; a relay updates where it sends that leg's media."""
-        self._received[leg] = sdp
+    def _learn(self, side: Side, sdp: SessionDescription) -> None:
+        """Hook: ``sdp`` came from ``side``; a relay updates where it sends that side's media."""
+        self._received[side] = sdp
 
     # -- shared by every backend -------------------------------------------------------------
 
-    async def reoffer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
-        """Answer, at the bridge, a re-offer received on ``leg`` (hold, resume, refresh).
+    async def reoffer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
+        """Answer, at the bridge, a re-offer received on ``side`` (hold, resume, refresh).
 
-        Raise :class:`~sbc.sip.errors.RequestPending` (491) when no SDP was exchanged on ``leg``
+        Raise :class:`~sbc.sip.errors.RequestPending` (491) when no SDP was exchanged on ``side``
         yet (RFC 3261 §14.2), :class:`~sbc.sdp.model.NoCommonCodec` (488) when the re-offer
         dropped the negotiated codec.
         """
-        previous = self._sent.get(leg)
-        endpoint = self.local_endpoint(leg)
+        previous = self._sent.get(side)
+        endpoint = self.local_endpoint(side)
         if previous is None or endpoint is None:
             raise RequestPending("re-offer before the first offer/answer completed")
         answer = answer_for_hold(
@@ -182,35 +186,35 @@ class MediaSession(ABC):
             session_version=previous.origin.sess_version,
             previous=previous,
         )
-        self._learn(leg, sdp)
-        return self._stamp(leg, answer, previous.origin.address)
+        self._learn(side, sdp)
+        return self._stamp(side, answer, previous.origin.address)
 
     def filter(self, sdp: SessionDescription) -> SessionDescription:
         """``sdp`` with only this session's codecs (488 when none is left)."""
         return filter_codecs(sdp, self.codecs)
 
-    def _stamp(self, leg: Leg, sd: SessionDescription, address: str) -> SessionDescription:
-        """Put the bridge's ``o=`` line for ``leg`` on ``sd``, bumping the version only when
-        ``sd`` differs from the last SDP sent on ``leg`` (RFC 3264 §8)."""
-        origin = self._origins.get(leg)
+    def _stamp(self, side: Side, sd: SessionDescription, address: str) -> SessionDescription:
+        """Put the bridge's ``o=`` line for ``side`` on ``sd``, bumping the version only when
+        ``sd`` differs from the last SDP sent on ``side`` (RFC 3264 §8)."""
+        origin = self._origins.get(side)
         if origin is None:
             sess_id = random.randrange(1, 2**31)
             addrtype = "IP6" if ":" in address else "IP4"
             origin = Origin(ORIGIN_USERNAME, str(sess_id), sess_id, "IN", addrtype, address)
         stamped = replace(sd, origin=origin)
-        previous = self._sent.get(leg)
+        previous = self._sent.get(side)
         if previous is not None and replace(previous, origin=origin) != stamped:
             origin = replace(origin, sess_version=origin.sess_version + 1)
             stamped = replace(sd, origin=origin)
-        self._origins[leg] = origin
-        self._sent[leg] = stamped
+        self._origins[side] = origin
+        self._sent[side] = stamped
         audio = stamped.audio()
-        # RFC 3264 §6.1: a stream we marked recvonly or inactive toward `leg` gets no RTP from us.
-        self._set_sending(leg, audio is not None and stamped.direction(audio) in _SENDING)
+        # RFC 3264 §6.1: a stream we marked recvonly or inactive toward `side` gets no RTP from us.
+        self._set_sending(side, audio is not None and stamped.direction(audio) in _SENDING)
         return stamped
 
-    def _set_sending(self, leg: Leg, allowed: bool) -> None:  # noqa: B027 - optional hook
-        """Hook: whether the bridge may send RTP to ``leg``, per the last SDP sent on it."""
+    def _set_sending(self, side: Side, allowed: bool) -> None:  # noqa: B027 - optional hook
+        """Hook: whether the bridge may send RTP to ``side``, per the last SDP sent on it."""
 
 
 class MediaBackend(ABC):
@@ -238,29 +242,29 @@ def audio_ports(sd: SessionDescription, port: int) -> list[int]:
 
 class PassthroughSession(MediaSession):
     """SDP filtered to the codec list and re-stamped; media addresses untouched (RTP flows
-    directly between the PBX and Retell)."""
+    directly between the peers of side a and side b)."""
 
-    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+    async def offer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
         filtered = self.filter(sdp)
-        self._learn(leg, filtered)
-        return self._stamp(other_leg(leg), filtered, sdp.origin.address)
+        self._learn(side, filtered)
+        return self._stamp(other_side(side), filtered, sdp.origin.address)
 
-    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+    async def answer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
-        self._learn(leg, sdp)
-        return self._stamp(other_leg(leg), sdp, sdp.origin.address)
+        self._learn(side, sdp)
+        return self._stamp(other_side(side), sdp, sdp.origin.address)
 
-    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
-        # Media goes straight to the other leg's peer: its address is what `leg` was given.
-        received = self._received.get(other_leg(leg))
+    def local_endpoint(self, side: Side) -> tuple[str, int] | None:
+        # Media goes straight to the other side's peer: its address is what `side` was given.
+        received = self._received.get(other_side(side))
         return None if received is None else media_address(received)
 
-    def last_activity(self, leg: Leg) -> float | None:
+    def last_activity(self, side: Side) -> float | None:
         return None
 
     def stats(self) -> dict[str, Any]:
-        return {"backend": "passthrough", "call_id": self.call_id, "legs": {}}
+        return {"backend": "passthrough", "call_id": self.call_id, "sides": {}}
 
     async def close(self) -> None:
         self.closed = True
@@ -285,16 +289,16 @@ __all__ = [
     "DEFAULT_PTIME_MS",
     "DTMF_MAX_MS",
     "DTMF_MIN_MS",
-    "LEGS",
-    "Leg",
+    "SIDES",
     "MediaBackend",
     "MediaSession",
     "PassthroughBackend",
     "PassthroughSession",
+    "Side",
     "audio_ports",
     "clamp_dtmf_duration",
     "media_address",
-    "other_leg",
+    "other_side",
     "rtcp_address",
     "telephone_event",
 ]

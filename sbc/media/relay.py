@@ -1,26 +1,27 @@
-"""The built-in RTP relay: two RTP/RTCP socket pairs per call, one facing each leg.
+"""The built-in RTP relay: two RTP/RTCP socket pairs per call, one facing each side (side a the
+caller's leg, side b the far leg: the agent, or after a transfer the human).
 
-A packet that arrives on the socket facing a leg is sent, bytes untouched, out of the socket of
-the same kind (RTP or RTCP) facing the other leg, to that leg's remote address.
+A packet that arrives on the socket facing a side is sent, bytes untouched, out of the socket of
+the same kind (RTP or RTCP) facing the other side, to that side's remote address.
 
 Symmetric RTP latching (RFC 4961 gives the rule that makes it work: peers send from the port they
-receive on): a leg's remote address starts as the one its SDP names (``c=`` and ``m=``; RTCP from
-RFC 3605 ``a=rtcp`` or port + 1) and follows the source of the packets received on that leg's
+receive on): a side's remote address starts as the one its SDP names (``c=`` and ``m=``; RTCP from
+RFC 3605 ``a=rtcp`` or port + 1) and follows the source of the packets received on that side's
 socket during ``learning_window`` seconds from the first one, so a PBX behind NAT that writes a
 private address in its SDP still gets audio. After the window, a packet from any other source is
 dropped and counted: this closes the "RTP Bleed" hole of relays that re-latch at any time. A new
-SDP address for the leg (re-INVITE) opens a new window. Nothing here logs per packet.
+SDP address for the side (re-INVITE) opens a new window. Nothing here logs per packet.
 
 DTMF injection (:meth:`RelaySession.send_dtmf`, the SIP INFO to RFC 4733 conversion): the events
-go out of the RTP socket facing the leg, to its latched remote, inside the audio stream the relay
+go out of the RTP socket facing the side, to its latched remote, inside the audio stream the relay
 forwards there (RFC 4733 §2.1: one RTP stream, so the SSRC of that audio, its timestamp clock and
 one sequence-number space). Injected packets need sequence numbers of their own, so from the first
-injection on that leg the relay numbers every RTP packet it sends there from a per-leg output
+injection on that side the relay numbers every RTP packet it sends there from a per-side output
 counter (``seq_next``), forwarded audio and events alike. Chosen over adding an offset to the
 sender's numbers: an offset gives a late (reordered) audio packet from before an injection the
 number an injected packet already took, a counter cannot collide by construction. The price is
-that loss and reordering upstream no longer show as sequence gaps on that leg (timestamps are
-untouched, so playout is unaffected). Until a leg gets its first event, its packets are forwarded
+that loss and reordering upstream no longer show as sequence gaps on that side (timestamps are
+untouched, so playout is unaffected). Until a side gets its first event, its packets are forwarded
 untouched; the per-packet cost of the feature is then one attribute test and one store.
 """
 
@@ -35,14 +36,14 @@ from typing import Any, cast
 from sbc.media.base import (
     DEFAULT_CODECS,
     DEFAULT_PTIME_MS,
-    LEGS,
-    Leg,
+    SIDES,
     MediaBackend,
     MediaSession,
+    Side,
     audio_ports,
     clamp_dtmf_duration,
     media_address,
-    other_leg,
+    other_side,
     rtcp_address,
     telephone_event,
 )
@@ -68,7 +69,7 @@ def _usable(address: tuple[str, int] | None) -> tuple[str, int] | None:
 
 
 class RelaySocket(asyncio.DatagramProtocol):
-    """One relay socket facing ``leg`` for RTP or RTCP: latching state and counters."""
+    """One relay socket facing ``side`` for RTP or RTCP: latching state and counters."""
 
     __slots__ = (
         "_loop",
@@ -82,7 +83,6 @@ class RelaySocket(asyncio.DatagramProtocol):
         "is_rtp",
         "last",
         "last_rtp",
-        "leg",
         "lost",
         "lost_future",
         "muted",
@@ -95,6 +95,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         "send_allowed",
         "seq_gaps",
         "seq_next",
+        "side",
         "sock",
         "transport",
         "unroutable",
@@ -104,7 +105,7 @@ class RelaySocket(asyncio.DatagramProtocol):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        leg: Leg,
+        side: Side,
         *,
         is_rtp: bool,
         sock: Any,
@@ -112,7 +113,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         window: float,
     ) -> None:
         self._loop = loop
-        self.leg = leg
+        self.side = side
         self.is_rtp = is_rtp
         self.sock = sock
         self.port = port
@@ -122,7 +123,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         self.remote: tuple[str, int] | None = None
         self.sdp_remote: tuple[str, int] | None = None
         self.first_at: float | None = None
-        self.send_allowed = True  # False while the SDP sent to `leg` is recvonly/inactive
+        self.send_allowed = True  # False while the SDP sent to `side` is recvonly/inactive
         self.lost_future: asyncio.Future[None] = loop.create_future()
         self.packets = 0
         self.bytes = 0
@@ -136,7 +137,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         self._seq = -1
         self._ssrc = b""
         self.last_rtp: bytes | None = None  # the last RTP packet received (its SSRC, timestamp)
-        self.renumber = False  # True from the first injection toward this leg (module docstring)
+        self.renumber = False  # True from the first injection toward this side (module docstring)
         self.seq_next = 0  # with renumber: the sequence number of the next packet sent
         self.injected = 0
 
@@ -178,10 +179,10 @@ class RelaySocket(asyncio.DatagramProtocol):
             self.unroutable += 1
             return
         if not peer.send_allowed and not (len(data) > 1 and 192 <= data[1] <= 223):
-            self.muted += 1  # RFC 3264 §6.1: the other leg is on hold; its RTCP still flows
+            self.muted += 1  # RFC 3264 §6.1: the other side is on hold; its RTCP still flows
             return
         if rtp and peer.renumber:
-            seq = peer.seq_next  # only after an injection toward that leg (module docstring)
+            seq = peer.seq_next  # only after an injection toward that side (module docstring)
             peer.seq_next = (seq + 1) & 0xFFFF
             renumbered = bytearray(data)
             renumbered[2] = seq >> 8
@@ -208,11 +209,11 @@ class RelaySocket(asyncio.DatagramProtocol):
 
     def next_sequence(self) -> int:
         """The sequence number the next RTP packet received here will be forwarded with (before
-        renumbering starts on the other leg): one past the last in order, random before any."""
+        renumbering starts on the other side): one past the last in order, random before any."""
         return (self._seq + 1) & 0xFFFF if self._seq >= 0 else random.randrange(0x10000)
 
     def inject(self, packet: bytes) -> bool:
-        """Send ``packet`` (RTP) to this leg's remote with the leg's next output sequence number;
+        """Send ``packet`` (RTP) to this side's remote with the side's next output sequence number;
         False when it cannot go (no remote yet, closed, or on hold: RFC 3264 §6.1)."""
         if self.remote is None or self.transport is None or not self.send_allowed:
             return False
@@ -223,7 +224,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         return True
 
     def set_sdp_remote(self, address: tuple[str, int] | None) -> None:
-        """The leg's SDP names ``address``; a new one restarts latching, the same keeps it."""
+        """The side's SDP names ``address``; a new one restarts latching, the same keeps it."""
         address = _usable(address)
         if address is None or address == self.sdp_remote:
             return
@@ -258,7 +259,7 @@ class RelaySession(MediaSession):
         self,
         call_id: str,
         backend: RelayBackend,
-        pairs: dict[Leg, BoundPair],
+        pairs: dict[Side, BoundPair],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__(call_id, codecs=backend.codecs)
@@ -266,25 +267,25 @@ class RelaySession(MediaSession):
         self._pairs = pairs
         self._loop = loop
         self.created = loop.time()
-        self.rtp: dict[Leg, RelaySocket] = {}
-        self.rtcp: dict[Leg, RelaySocket] = {}
-        for leg in LEGS:
-            pair = pairs[leg]
+        self.rtp: dict[Side, RelaySocket] = {}
+        self.rtcp: dict[Side, RelaySocket] = {}
+        for side in SIDES:
+            pair = pairs[side]
             window = backend.learning_window
-            self.rtp[leg] = RelaySocket(
-                loop, leg, is_rtp=True, sock=pair.rtp, port=pair.port, window=window
+            self.rtp[side] = RelaySocket(
+                loop, side, is_rtp=True, sock=pair.rtp, port=pair.port, window=window
             )
-            self.rtcp[leg] = RelaySocket(
-                loop, leg, is_rtp=False, sock=pair.rtcp, port=pair.port + 1, window=window
+            self.rtcp[side] = RelaySocket(
+                loop, side, is_rtp=False, sock=pair.rtcp, port=pair.port + 1, window=window
             )
-        for leg in LEGS:
-            self.rtp[leg].peer = self.rtp[other_leg(leg)]
-            self.rtcp[leg].peer = self.rtcp[other_leg(leg)]
-        self._dtmf: dict[Leg, asyncio.Task[None]] = {}
-        self._dtmf_ssrc: dict[Leg, int] = {}
-        self._dtmf_end: dict[Leg, int] = {}  # RTP timestamp just past the last event sent
-        self.dtmf_events: dict[Leg, int] = dict.fromkeys(LEGS, 0)
-        self.dtmf_refused: dict[Leg, int] = dict.fromkeys(LEGS, 0)
+        for side in SIDES:
+            self.rtp[side].peer = self.rtp[other_side(side)]
+            self.rtcp[side].peer = self.rtcp[other_side(side)]
+        self._dtmf: dict[Side, asyncio.Task[None]] = {}
+        self._dtmf_ssrc: dict[Side, int] = {}
+        self._dtmf_end: dict[Side, int] = {}  # RTP timestamp just past the last event sent
+        self.dtmf_events: dict[Side, int] = dict.fromkeys(SIDES, 0)
+        self.dtmf_refused: dict[Side, int] = dict.fromkeys(SIDES, 0)
 
     def _sockets(self) -> list[RelaySocket]:
         return [*self.rtp.values(), *self.rtcp.values()]
@@ -295,48 +296,48 @@ class RelaySession(MediaSession):
                 _factory(relay_socket), sock=relay_socket.sock
             )
 
-    def port(self, leg: Leg) -> int:
-        """The RTP port of the socket facing ``leg`` (RTCP is the next one)."""
-        return self._pairs[leg].port
+    def port(self, side: Side) -> int:
+        """The RTP port of the socket facing ``side`` (RTCP is the next one)."""
+        return self._pairs[side].port
 
     # -- MediaSession ---------------------------------------------------------------------------
 
-    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+    async def offer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
         filtered = self.filter(sdp)
-        self._learn(leg, filtered)
-        return self._forward(leg, filtered)
+        self._learn(side, filtered)
+        return self._forward(side, filtered)
 
-    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+    async def answer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
-        self._learn(leg, sdp)
-        return self._forward(leg, sdp)
+        self._learn(side, sdp)
+        return self._forward(side, sdp)
 
-    def _forward(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
-        to = other_leg(leg)
+    def _forward(self, side: Side, sdp: SessionDescription) -> SessionDescription:
+        to = other_side(side)
         address = self._backend.advertised_address
         out = rewrite_connection(sdp, address, audio_ports(sdp, self.port(to)))
         return self._stamp(to, out, address)
 
-    def _learn(self, leg: Leg, sdp: SessionDescription) -> None:
-        super()._learn(leg, sdp)
-        self.rtp[leg].set_sdp_remote(media_address(sdp))
-        self.rtcp[leg].set_sdp_remote(rtcp_address(sdp))
+    def _learn(self, side: Side, sdp: SessionDescription) -> None:
+        super()._learn(side, sdp)
+        self.rtp[side].set_sdp_remote(media_address(sdp))
+        self.rtcp[side].set_sdp_remote(rtcp_address(sdp))
 
-    def _set_sending(self, leg: Leg, allowed: bool) -> None:
-        self.rtp[leg].send_allowed = allowed
+    def _set_sending(self, side: Side, allowed: bool) -> None:
+        self.rtp[side].send_allowed = allowed
 
-    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
-        return self._backend.advertised_address, self.port(leg)
+    def local_endpoint(self, side: Side) -> tuple[str, int] | None:
+        return self._backend.advertised_address, self.port(side)
 
-    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
-        """Schedule ``digit`` toward ``leg`` as RFC 4733 events in the payload type ``leg``
-        declared for telephone-event; a digit queues behind one still playing on that leg (two
+    async def send_dtmf(self, side: Side, digit: str, duration_ms: int) -> bool:
+        """Schedule ``digit`` toward ``side`` as RFC 4733 events in the payload type ``side``
+        declared for telephone-event; a digit queues behind one still playing on that side (two
         DTMF tones never overlap). Audio keeps flowing meanwhile (RFC 4733 §2.5.1.6). False
-        when ``leg`` negotiated no telephone-event, has no address yet, is on hold, or ``digit``
+        when ``side`` negotiated no telephone-event, has no address yet, is on hold, or ``digit``
         is not DTMF."""
-        out = self.rtp[leg]
-        fmt = telephone_event(self._received.get(leg))
+        out = self.rtp[side]
+        fmt = telephone_event(self._received.get(side))
         digit = digit.upper()
         if (
             self.closed
@@ -345,17 +346,17 @@ class RelaySession(MediaSession):
             or out.remote is None
             or not out.send_allowed
         ):
-            self.dtmf_refused[leg] += 1
+            self.dtmf_refused[side] += 1
             return False
-        previous = self._dtmf.get(leg)
-        play = self._play_dtmf(leg, digit, clamp_dtmf_duration(duration_ms), fmt, previous)
-        self._dtmf[leg] = self._loop.create_task(play)
-        self.dtmf_events[leg] += 1
+        previous = self._dtmf.get(side)
+        play = self._play_dtmf(side, digit, clamp_dtmf_duration(duration_ms), fmt, previous)
+        self._dtmf[side] = self._loop.create_task(play)
+        self.dtmf_events[side] += 1
         return True
 
     async def _play_dtmf(
         self,
-        leg: Leg,
+        side: Side,
         digit: str,
         duration_ms: int,
         fmt: tuple[int, int],
@@ -363,9 +364,9 @@ class RelaySession(MediaSession):
     ) -> None:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
-        out, source = self.rtp[leg], self.rtp[other_leg(leg)]
+        out, source = self.rtp[side], self.rtp[other_side(side)]
         payload_type, clock_rate = fmt
-        received = self._received[leg].audio()
+        received = self._received[side].audio()
         ptime = (received.ptime if received is not None else None) or DEFAULT_PTIME_MS
         interval = min(max(ptime, _EVENT_INTERVAL_MS[0]), _EVENT_INTERVAL_MS[1])
         step = clock_rate * interval // 1000
@@ -376,9 +377,9 @@ class RelaySession(MediaSession):
             ssrc = int.from_bytes(last[8:12], "big")
             timestamp = (read_timestamp(last) + step) & 0xFFFFFFFF
         else:
-            ssrc = self._dtmf_ssrc.setdefault(leg, random.randrange(1, 2**32))
+            ssrc = self._dtmf_ssrc.setdefault(side, random.randrange(1, 2**32))
             timestamp = random.randrange(2**32)
-        end = self._dtmf_end.get(leg)
+        end = self._dtmf_end.get(side)
         if end is not None and (timestamp - end) & 0xFFFFFFFF >= 0x80000000:
             timestamp = end  # no audio since the last event: each event needs its own start time
         packets = dtmf_packets(
@@ -391,7 +392,7 @@ class RelaySession(MediaSession):
             packet_ms=interval,
             clock_rate=clock_rate,
         )
-        self._dtmf_end[leg] = (timestamp + clock_rate * duration_ms // 1000 + step) & 0xFFFFFFFF
+        self._dtmf_end[side] = (timestamp + clock_rate * duration_ms // 1000 + step) & 0xFFFFFFFF
         if not out.renumber:
             out.seq_next = source.next_sequence()
             out.renumber = True
@@ -402,23 +403,23 @@ class RelaySession(MediaSession):
                 await asyncio.sleep(delay)  # close() cancels the task here
             out.inject(packet)
 
-    def last_activity(self, leg: Leg) -> float | None:
-        times = [t for t in (self.rtp[leg].last, self.rtcp[leg].last) if t is not None]
+    def last_activity(self, side: Side) -> float | None:
+        times = [t for t in (self.rtp[side].last, self.rtcp[side].last) if t is not None]
         return max(times, default=self.created)
 
     def stats(self) -> dict[str, Any]:
         return {
             "backend": "relay",
             "call_id": self.call_id,
-            "legs": {
-                leg: {
-                    "local_port": self.port(leg),
-                    "rtp": self.rtp[leg].counters(),
-                    "rtcp": self.rtcp[leg].counters(),
-                    "dtmf_events": self.dtmf_events[leg],
-                    "dtmf_refused": self.dtmf_refused[leg],
+            "sides": {
+                side: {
+                    "local_port": self.port(side),
+                    "rtp": self.rtp[side].counters(),
+                    "rtcp": self.rtcp[side].counters(),
+                    "dtmf_events": self.dtmf_events[side],
+                    "dtmf_refused": self.dtmf_refused[side],
                 }
-                for leg in LEGS
+                for side in SIDES
             },
         }
 
@@ -452,7 +453,7 @@ class RelaySession(MediaSession):
 class RelayBackend(MediaBackend):
     """Relays every call's media through ``pool`` ports bound on ``bind_host``.
 
-    ``advertised_address`` is what SDP sent to both legs names (the public address when
+    ``advertised_address`` is what SDP sent to both sides names (the public address when
     ``bind_host`` is a wildcard or behind 1:1 NAT).
     """
 
@@ -474,10 +475,10 @@ class RelayBackend(MediaBackend):
 
     async def allocate(self, call_id: str) -> RelaySession:
         loop = asyncio.get_running_loop()
-        pairs: dict[Leg, BoundPair] = {}
+        pairs: dict[Side, BoundPair] = {}
         try:
-            for leg in LEGS:
-                pairs[leg] = self.pool.bind_pair(self.bind_host)
+            for side in SIDES:
+                pairs[side] = self.pool.bind_pair(self.bind_host)
         except BaseException:
             for pair in pairs.values():
                 pair.close()

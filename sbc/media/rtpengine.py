@@ -11,13 +11,14 @@ same bytes.
 per client plus a counter), replies matched to requests by cookie, each request retransmitted
 `tries` times `timeout` seconds apart before it fails with `RtpengineTimeout`.
 
-`RtpengineBackend` drives one rtpengine call per bridged call: the offer of either leg goes to
-rtpengine with that leg's tag as `from-tag`, the answer of the other leg with its tag as
-`to-tag`; rtpengine rewrites each SDP to point at its own ports and forwards RTP between them.
+`RtpengineBackend` drives one rtpengine call per bridged call: the offer of either side goes to
+rtpengine with that side's name (`a`: the caller's leg, `b`: the far leg, the agent or after a
+transfer the human) as `from-tag`, the answer of the other side with its name as `to-tag`;
+rtpengine rewrites each SDP to point at its own ports and forwards RTP between them.
 
 SIP INFO DTMF (``send_dtmf``) uses the NG `play DTMF` command (documented in the NG protocol;
-the Debian 10.5 binary has it): rtpengine injects the digit as RFC 4733 events toward the leg
-when that leg negotiated telephone-event, as an in-band tone otherwise. It needs the
+the Debian 10.5 binary has it): rtpengine injects the digit as RFC 4733 events toward the side
+when that side negotiated telephone-event, as an in-band tone otherwise. It needs the
 `inject DTMF` flag in every offer and answer of the call, which sends all of the call's audio
 through rtpengine's transcoding engine (no kernel forwarding, more CPU), so it is off unless the
 backend is built with ``inject_dtmf=True``; without it ``send_dtmf`` returns False and the
@@ -37,13 +38,13 @@ from typing import Any
 
 from sbc.media.base import (
     DEFAULT_CODECS,
-    LEGS,
-    Leg,
+    SIDES,
     MediaBackend,
     MediaSession,
+    Side,
     clamp_dtmf_duration,
     media_address,
-    other_leg,
+    other_side,
 )
 from sbc.media.bencode import BencodeError, Encodable, decode, encode, to_text
 from sbc.media.rtp import DTMF_EVENTS
@@ -66,15 +67,15 @@ __all__ = [
 
 NgReply = dict[str, Any]
 
-# Options for a B2BUA bridging two plain RTP/AVP IPv4 legs (a PBX and Retell) through one
-# rtpengine interface:
+# Options for a B2BUA bridging two plain RTP/AVP IPv4 sides (a PBX caller and a Retell agent)
+# through one rtpengine interface:
 # - replace origin and session-connection: the o= and session c= lines carry rtpengine's address,
-#   so nothing of one leg's addressing leaks into the other;
-# - ICE remove: neither leg uses ICE; strip any candidates rather than let rtpengine add its own;
+#   so nothing of one side's addressing leaks into the other;
+# - ICE remove: neither side uses ICE; strip any candidates rather than let rtpengine add its own;
 # - trust-address: media goes where the SDP says (the B2BUA is not the SIP source of the media);
 #   rtpengine's endpoint learning (symmetric RTP, its default) still latches onto the first
 #   packets, which Retell needs since its media addresses are not published;
-# - transport-protocol RTP/AVP and SDES off: plain RTP toward both legs, no crypto offered.
+# - transport-protocol RTP/AVP and SDES off: plain RTP toward both sides, no crypto offered.
 # `direction` is not needed with one interface.
 DEFAULT_OFFER_OPTIONS: Mapping[str, Encodable] = {
     "replace": ["origin", "session-connection"],
@@ -341,8 +342,8 @@ def rtp_totals(reply: NgReply) -> StreamCounters:
 
 # --- the media backend -------------------------------------------------------------------------
 
-# Re-offers that move a leg's media keep rtpengine's local ports (the far leg is never told of
-# the change: the bridge answers PBX re-INVITEs itself).
+# Re-offers that move a side's media keep rtpengine's local ports (the other side is never told
+# of the change: the bridge answers re-INVITEs itself).
 _REOFFER_FLAGS = ["trust-address", "port-latching"]
 _INJECT_DTMF_FLAG = "inject-DTMF"
 # rtpengine's `play DTMF` takes 100 ms to 5 s (NG protocol docs).
@@ -356,8 +357,8 @@ def _with_flag(options: Mapping[str, Encodable], flag: str) -> dict[str, Encodab
     return {**options, "flags": present if flag in present else [*present, flag]}
 
 
-def _leg_counters(reply: NgReply, tag: str) -> dict[str, Any]:
-    """Counters of what rtpengine received from the leg with `tag` (its streams face that leg),
+def _side_counters(reply: NgReply, tag: str) -> dict[str, Any]:
+    """Counters of what rtpengine received from the side with `tag` (its streams face that side),
     with the UNIX time of the last packet."""
     out: dict[str, Any] = {"local_port": None, "rtp": {}, "rtcp": {}, "last_packet": None}
     tags = reply.get("tags")
@@ -386,18 +387,18 @@ def _leg_counters(reply: NgReply, tag: str) -> dict[str, Any]:
 
 
 class RtpengineSession(MediaSession):
-    """One call's media in rtpengine: call-id `call_id`, one tag per leg (the leg's name)."""
+    """One call's media in rtpengine: call-id `call_id`, one tag per side (the side's name)."""
 
     def __init__(self, call_id: str, backend: RtpengineBackend) -> None:
         super().__init__(call_id, codecs=backend.codecs)
         self._backend = backend
         self._loop = asyncio.get_running_loop()
         self.created = self._loop.time()
-        self._offerer: Leg | None = None  # leg whose offer awaits an answer
-        self._first_offerer: Leg | None = None  # its tag names the call in `delete`
+        self._offerer: Side | None = None  # side whose offer awaits an answer
+        self._first_offerer: Side | None = None  # its tag names the call in `delete`
         self._negotiated = False
         self._last_reply: NgReply = {}
-        self._last_activity: dict[Leg, float] = {}
+        self._last_activity: dict[Side, float] = {}
         self.close_error: str | None = None
 
     @property
@@ -406,35 +407,35 @@ class RtpengineSession(MediaSession):
 
     # -- MediaSession -------------------------------------------------------------------------
 
-    async def offer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+    async def offer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
         filtered = self.filter(sdp)
-        self._learn(leg, filtered)
-        to = other_leg(leg)
+        self._learn(side, filtered)
+        to = other_side(side)
         # After the first exchange rtpengine knows both tags; naming the other one lets it match
         # a re-offer from either side to the existing dialogue.
         out = await self.client.offer(
             self.call_id,
-            leg,
+            side,
             serialize_sdp(filtered).decode("utf-8", "surrogateescape"),
             to_tag=to if self._negotiated else None,
             options=self._backend.offer_options,
         )
-        self._offerer = leg
+        self._offerer = side
         if self._first_offerer is None:
-            self._first_offerer = leg
+            self._first_offerer = side
         return self._forward(to, out, "offer")
 
-    async def answer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
+    async def answer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
-        offerer = other_leg(leg)
+        offerer = other_side(side)
         if self._offerer != offerer:
-            raise RuntimeError(f"answer on {leg!r} without an offer from {offerer!r}")
-        self._learn(leg, sdp)
+            raise RuntimeError(f"answer on {side!r} without an offer from {offerer!r}")
+        self._learn(side, sdp)
         out = await self.client.answer(
             self.call_id,
             offerer,
-            leg,
+            side,
             serialize_sdp(sdp).decode("utf-8", "surrogateescape"),
             options=self._backend.answer_options,
         )
@@ -442,14 +443,14 @@ class RtpengineSession(MediaSession):
         self._negotiated = True
         return self._forward(offerer, out, "answer")
 
-    async def reoffer(self, leg: Leg, sdp: SessionDescription) -> SessionDescription:
-        """As the base class (the bridge answers it), and when the re-offer moves `leg`'s media
+    async def reoffer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
+        """As the base class (the bridge answers it), and when the re-offer moves `side`'s media
         to a new address or port, tell rtpengine with an offer/answer round of its own, keeping
         its local ports, so forwarding follows the move."""
-        before = self._received.get(leg)
-        answer = await super().reoffer(leg, sdp)
+        before = self._received.get(side)
+        answer = await super().reoffer(side, sdp)
         moved_to = media_address(sdp)
-        far = self._received.get(other_leg(leg))
+        far = self._received.get(other_side(side))
         if (
             self._negotiated
             and far is not None
@@ -459,29 +460,29 @@ class RtpengineSession(MediaSession):
             options = {**self._backend.offer_options, "flags": self._backend.reoffer_flags}
             await self.client.offer(
                 self.call_id,
-                leg,
+                side,
                 serialize_sdp(self.filter(sdp)).decode("utf-8", "surrogateescape"),
-                to_tag=other_leg(leg),
+                to_tag=other_side(side),
                 options=options,
             )
             await self.client.answer(
                 self.call_id,
-                leg,
-                other_leg(leg),
+                side,
+                other_side(side),
                 serialize_sdp(far).decode("utf-8", "surrogateescape"),
                 options={**self._backend.answer_options, "flags": self._backend.reoffer_flags},
             )
         return answer
 
-    def _forward(self, to: Leg, sdp_text: str, command: str) -> SessionDescription:
+    def _forward(self, to: Side, sdp_text: str, command: str) -> SessionDescription:
         try:
             rewritten = parse_sdp(sdp_text)
         except SdpError as exc:
             raise RtpengineError(command, f"rewritten SDP does not parse: {exc}") from exc
         return self._stamp(to, rewritten, rewritten.origin.address)
 
-    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
-        """NG `play DTMF` toward ``leg``; False (nothing asked) unless the backend was built with
+    async def send_dtmf(self, side: Side, digit: str, duration_ms: int) -> bool:
+        """NG `play DTMF` toward ``side``; False (nothing asked) unless the backend was built with
         ``inject_dtmf`` and the call is negotiated. May raise :class:`RtpengineError`."""
         digit = digit.upper()
         if (
@@ -495,23 +496,23 @@ class RtpengineSession(MediaSession):
         duration = max(clamp_dtmf_duration(duration_ms), _PLAY_DTMF_MIN_MS)
         params: dict[str, Encodable] = {
             "call-id": self.call_id,
-            "from-tag": other_leg(leg),
+            "from-tag": other_side(side),
             "code": digit,
             "duration": duration,
         }
         await self.client.request("play DTMF", params)
         return True
 
-    def local_endpoint(self, leg: Leg) -> tuple[str, int] | None:
-        sent = self._sent.get(leg)
+    def local_endpoint(self, side: Side) -> tuple[str, int] | None:
+        sent = self._sent.get(side)
         return None if sent is None else media_address(sent)
 
-    def last_activity(self, leg: Leg) -> float | None:
+    def last_activity(self, side: Side) -> float | None:
         """From the last `refresh()` (the backend's poller runs it); None when no poller runs
         (rtpengine's own `--timeout` then ends dead calls)."""
         if not self._backend.poll_interval:
             return None
-        return self._last_activity.get(leg, self.created)
+        return self._last_activity.get(side, self.created)
 
     async def refresh(self) -> NgReply:
         """Query rtpengine for this call's counters; updates `stats()` and `last_activity`."""
@@ -522,18 +523,18 @@ class RtpengineSession(MediaSession):
     def _absorb(self, reply: NgReply) -> None:
         self._last_reply = reply
         now_loop, now_unix = self._loop.time(), time.time()
-        for leg in LEGS:
-            last = _leg_counters(reply, leg)["last_packet"]
+        for side in SIDES:
+            last = _side_counters(reply, side)["last_packet"]
             if isinstance(last, int):
-                self._last_activity[leg] = max(self.created, now_loop - (now_unix - last))
+                self._last_activity[side] = max(self.created, now_loop - (now_unix - last))
 
     def stats(self) -> dict[str, Any]:
         totals = rtp_totals(self._last_reply)
-        legs = {leg: _leg_counters(self._last_reply, leg) for leg in LEGS}
+        sides = {side: _side_counters(self._last_reply, side) for side in SIDES}
         result: dict[str, Any] = {
             "backend": "rtpengine",
             "call_id": self.call_id,
-            "legs": legs,
+            "sides": sides,
             "totals": {"packets": totals.packets, "bytes": totals.bytes, "errors": totals.errors},
         }
         if self.close_error is not None:

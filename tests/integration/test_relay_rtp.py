@@ -109,8 +109,8 @@ async def call(pool: PortPool) -> AsyncIterator[Call]:
     session = await backend.allocate("call-1")
     pbx = await open_endpoint(PBX)
     retell = await open_endpoint(RETELL)
-    to_retell = await session.offer("pbx", sdp("3cxPS", PBX, pbx.port))
-    to_pbx = await session.answer("retell", sdp("-", RETELL, retell.port))
+    to_retell = await session.offer("a", sdp("3cxPS", PBX, pbx.port))
+    to_pbx = await session.answer("b", sdp("-", RETELL, retell.port))
     yield Call(session, pbx, retell, to_retell, to_pbx)
     close_endpoints(pbx, retell)
     await backend.close()
@@ -124,15 +124,15 @@ def packets(count: int, first_seq: int, ssrc: int) -> list[bytes]:
     ]
 
 
-async def test_sdp_names_the_relay_sockets_facing_each_leg(call: Call) -> None:
+async def test_sdp_names_the_relay_sockets_facing_each_side(call: Call) -> None:
     session = call.session
     assert call.to_retell.connection is not None
     assert call.to_retell.connection.address == RELAY
-    assert call.to_retell.media[0].port == session.port("retell")
-    assert call.to_pbx.media[0].port == session.port("pbx")
+    assert call.to_retell.media[0].port == session.port("b")
+    assert call.to_pbx.media[0].port == session.port("a")
     assert call.to_retell.origin.username == "sbc"
-    assert session.local_endpoint("pbx") == (RELAY, session.port("pbx"))
-    assert {session.port("pbx") % 2, session.port("retell") % 2} == {0}
+    assert session.local_endpoint("a") == (RELAY, session.port("a"))
+    assert {session.port("a") % 2, session.port("b") % 2} == {0}
 
 
 async def test_rtp_both_directions_bytes_and_sequences_preserved(call: Call) -> None:
@@ -152,13 +152,13 @@ async def test_rtp_both_directions_bytes_and_sequences_preserved(call: Call) -> 
     assert [parse_rtp(d).header.sequence for d, _ in received_up] == [
         (65500 + i) & 0xFFFF for i in range(50)
     ]
-    stats = call.session.stats()["legs"]
-    assert stats["pbx"]["rtp"]["packets"] == 50
-    assert stats["pbx"]["rtp"]["bytes"] == sum(len(p) for p in up)
-    assert stats["pbx"]["rtp"]["seq_gaps"] == 0
-    assert stats["retell"]["rtp"]["packets"] == 50
+    stats = call.session.stats()["sides"]
+    assert stats["a"]["rtp"]["packets"] == 50
+    assert stats["a"]["rtp"]["bytes"] == sum(len(p) for p in up)
+    assert stats["a"]["rtp"]["seq_gaps"] == 0
+    assert stats["b"]["rtp"]["packets"] == 50
     loop = asyncio.get_running_loop()
-    activity = call.session.last_activity("pbx")
+    activity = call.session.last_activity("a")
     assert activity is not None and activity <= loop.time()
 
 
@@ -167,7 +167,7 @@ async def test_sequence_gaps_are_counted(call: Call) -> None:
     for data in sent:
         call.pbx.send(data, call.pbx_target)
     await call.retell.receive(len(sent))
-    rtp = call.session.stats()["legs"]["pbx"]["rtp"]
+    rtp = call.session.stats()["sides"]["a"]["rtp"]
     assert (rtp["seq_gaps"], rtp["lost"]) == (2, 3)
 
 
@@ -187,23 +187,23 @@ async def test_rtcp_is_relayed_on_the_odd_ports(pool: PortPool) -> None:
     try:
         # RFC 3605 a=rtcp tells where each side wants its RTCP.
         to_retell = await session.offer(
-            "pbx", sdp("3cxPS", PBX, pbx.port, f"a=rtcp:{pbx_rtcp.port}\r\n")
+            "a", sdp("3cxPS", PBX, pbx.port, f"a=rtcp:{pbx_rtcp.port}\r\n")
         )
         to_pbx = await session.answer(
-            "retell",
+            "b",
             sdp("-", RETELL, retell.port, f"a=rtcp:{retell_rtcp.port} IN IP4 {RETELL}\r\n"),
         )
-        assert to_retell.media[0].attribute("rtcp") == f"{session.port('retell') + 1}"
-        assert to_pbx.media[0].attribute("rtcp") == f"{session.port('pbx') + 1} IN IP4 {RELAY}"
+        assert to_retell.media[0].attribute("rtcp") == f"{session.port('b') + 1}"
+        assert to_pbx.media[0].attribute("rtcp") == f"{session.port('a') + 1} IN IP4 {RELAY}"
         report = bytes([0x80, 200, 0, 6]) + os.urandom(24)
-        pbx_rtcp.send(report, (RELAY, session.port("pbx") + 1))
+        pbx_rtcp.send(report, (RELAY, session.port("a") + 1))
         ((data, source),) = await retell_rtcp.receive(1)
-        assert (data, source) == (report, (RELAY, session.port("retell") + 1))
+        assert (data, source) == (report, (RELAY, session.port("b") + 1))
         reply = bytes([0x80, 201, 0, 1]) + os.urandom(4)
-        retell_rtcp.send(reply, (RELAY, session.port("retell") + 1))
+        retell_rtcp.send(reply, (RELAY, session.port("b") + 1))
         ((data, source),) = await pbx_rtcp.receive(1)
-        assert (data, source) == (reply, (RELAY, session.port("pbx") + 1))
-        assert session.stats()["legs"]["pbx"]["rtcp"]["packets"] == 1
+        assert (data, source) == (reply, (RELAY, session.port("a") + 1))
+        assert session.stats()["sides"]["a"]["rtcp"]["packets"] == 1
         assert retell.queue.empty() and pbx.queue.empty()
     finally:
         close_endpoints(pbx, pbx_rtcp, retell, retell_rtcp)
@@ -217,16 +217,16 @@ async def test_nat_source_is_latched(pool: PortPool) -> None:
     public = await open_endpoint(PBX)  # where the packets really come from
     retell = await open_endpoint(RETELL)
     try:
-        await session.offer("pbx", sdp("3cxPS", PBX, private.port))
-        await session.answer("retell", sdp("-", RETELL, retell.port))
+        await session.offer("a", sdp("3cxPS", PBX, private.port))
+        await session.answer("b", sdp("-", RETELL, retell.port))
         first = packets(1, 1, ssrc=1)[0]
-        public.send(first, (RELAY, session.port("pbx")))
+        public.send(first, (RELAY, session.port("a")))
         assert (await retell.receive(1))[0][0] == first
         back = packets(1, 9, ssrc=2)[0]
-        retell.send(back, (RELAY, session.port("retell")))
+        retell.send(back, (RELAY, session.port("b")))
         assert (await public.receive(1))[0][0] == back
         assert private.queue.empty()
-        assert session.stats()["legs"]["pbx"]["rtp"]["remote"] == f"{PBX}:{public.port}"
+        assert session.stats()["sides"]["a"]["rtp"]["remote"] == f"{PBX}:{public.port}"
     finally:
         close_endpoints(private, public, retell)
         await backend.close()
@@ -250,7 +250,7 @@ async def test_after_the_learning_window_other_sources_are_dropped(call: Call) -
         # the intruder's was already handled.
         ((data, _),) = await call.retell.receive(1)
         assert data == legit
-        rtp = call.session.stats()["legs"]["pbx"]["rtp"]
+        rtp = call.session.stats()["sides"]["a"]["rtp"]
         assert rtp["dropped"] == 1
         assert rtp["remote"] == f"{PBX}:{call.pbx.port}"
         assert call.retell.queue.empty()
@@ -262,7 +262,7 @@ async def test_reoffer_keeps_the_relay_address_and_relearns_a_new_pbx_address(ca
     moved = await open_endpoint(PBX)
     try:
         hold = sdp("3cxPS", PBX, moved.port, "a=sendonly\r\n")
-        reply = await call.session.reoffer("pbx", hold)
+        reply = await call.session.reoffer("a", hold)
         assert reply.direction(reply.media[0]) == "recvonly"
         assert reply.connection is not None
         assert (reply.connection.address, reply.media[0].port) == call.pbx_target
@@ -274,8 +274,8 @@ async def test_reoffer_keeps_the_relay_address_and_relearns_a_new_pbx_address(ca
         moh = packets(1, 1, ssrc=4)[0]
         moved.send(moh, call.pbx_target)
         assert (await call.retell.receive(1))[0][0] == moh
-        assert call.session.stats()["legs"]["retell"]["rtp"]["muted"] == 1
-        resumed = await call.session.reoffer("pbx", sdp("3cxPS", PBX, moved.port))
+        assert call.session.stats()["sides"]["b"]["rtp"]["muted"] == 1
+        resumed = await call.session.reoffer("a", sdp("3cxPS", PBX, moved.port))
         assert resumed.direction(resumed.media[0]) == "sendrecv"
         data = packets(2, 1, ssrc=3)[1]
         call.retell.send(data, call.retell_target)
@@ -288,16 +288,16 @@ async def test_reoffer_keeps_the_relay_address_and_relearns_a_new_pbx_address(ca
 async def test_close_releases_ports_and_they_can_be_bound_again(pool: PortPool) -> None:
     backend = RelayBackend(RELAY, RELAY, pool)
     session = await backend.allocate("c")
-    ports = [session.port("pbx"), session.port("retell")]
+    ports = [session.port("a"), session.port("b")]
     assert pool.in_use == 2
     await session.close()
     await session.close()  # idempotent
     assert pool.in_use == 0
     assert backend.sessions == set()
     with pytest.raises(RuntimeError):
-        await session.offer("pbx", sdp("3cxPS", PBX, 4000))
+        await session.offer("a", sdp("3cxPS", PBX, 4000))
     with pytest.raises(RuntimeError):
-        await session.answer("retell", sdp("-", RETELL, 4000))
+        await session.answer("b", sdp("-", RETELL, 4000))
     for port in ports:
         for p in (port, port + 1):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

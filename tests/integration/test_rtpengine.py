@@ -280,16 +280,16 @@ def pbx_answer(port: int) -> str:
     return pbx_offer(port).replace("RTP/AVP 0 8 9 18 101", "RTP/AVP 0 101")
 
 
-@pytest.mark.parametrize("offerer", ["pbx", "retell"])
-async def test_backend_bridges_a_call_offered_from_either_leg(
+@pytest.mark.parametrize("offerer", ["a", "b"])
+async def test_backend_bridges_a_call_offered_from_either_side(
     backend: RtpengineBackend, endpoints: tuple[Endpoint, Endpoint], offerer: str
 ) -> None:
     pbx, retell = endpoints
     call_id = f"backend-{offerer}@sbc"
     session = await backend.allocate(call_id)
-    if offerer == "pbx":
-        to_retell = await session.offer("pbx", parse_sdp(pbx_offer(pbx.port)))
-        to_pbx = await session.answer("retell", parse_sdp(retell_answer(retell.port)))
+    if offerer == "a":
+        to_retell = await session.offer("a", parse_sdp(pbx_offer(pbx.port)))
+        to_pbx = await session.answer("b", parse_sdp(retell_answer(retell.port)))
         # The codec filter of the session ran before rtpengine: G.729 is not offered on.
         audio = to_retell.audio()
         assert audio is not None
@@ -300,16 +300,16 @@ async def test_backend_bridges_a_call_offered_from_either_leg(
             "telephone-event",
         }
     else:
-        to_pbx = await session.offer("retell", parse_sdp(retell_offer(retell.port)))
-        to_retell = await session.answer("pbx", parse_sdp(pbx_answer(pbx.port)))
-    # The bridge's own o= line on both legs, rtpengine's address and ports in c=/m=.
+        to_pbx = await session.offer("b", parse_sdp(retell_offer(retell.port)))
+        to_retell = await session.answer("a", parse_sdp(pbx_answer(pbx.port)))
+    # The bridge's own o= line on both sides, rtpengine's address and ports in c=/m=.
     for sd in (to_retell, to_pbx):
         assert sd.origin.username == "sbc"
         assert sd.origin.address == RTPENGINE_HOST
     pbx_sends_to = media_address(to_pbx)
     retell_sends_to = media_address(to_retell)
-    assert session.local_endpoint("pbx") == pbx_sends_to
-    assert session.local_endpoint("retell") == retell_sends_to
+    assert session.local_endpoint("a") == pbx_sends_to
+    assert session.local_endpoint("b") == retell_sends_to
     assert pbx_sends_to is not None and retell_sends_to is not None
 
     await exchange(pbx, retell, pbx_sends_to, retell_sends_to)
@@ -318,10 +318,10 @@ async def test_backend_bridges_a_call_offered_from_either_leg(
     stats = session.stats()
     assert stats["backend"] == "rtpengine"
     assert stats["totals"]["packets"] == 42
-    assert stats["legs"]["pbx"]["rtp"]["packets"] == 21
-    assert stats["legs"]["retell"]["rtp"]["packets"] == 21
-    assert stats["legs"]["pbx"]["local_port"] == pbx_sends_to[1]
-    assert session.last_activity("pbx") is None  # no poller configured
+    assert stats["sides"]["a"]["rtp"]["packets"] == 21
+    assert stats["sides"]["b"]["rtp"]["packets"] == 21
+    assert stats["sides"]["a"]["local_port"] == pbx_sends_to[1]
+    assert session.last_activity("a") is None  # no poller configured
 
     await session.close()
     assert session.stats()["totals"]["packets"] == 42  # final counters from the delete reply
@@ -336,8 +336,8 @@ async def test_pbx_reoffer_moving_its_media_is_followed_with_the_same_ports(
 ) -> None:
     pbx, retell = endpoints
     session = await backend.allocate("reoffer@sbc")
-    to_retell = await session.offer("pbx", parse_sdp(pbx_offer(pbx.port)))
-    to_pbx = await session.answer("retell", parse_sdp(retell_answer(retell.port)))
+    to_retell = await session.offer("a", parse_sdp(pbx_offer(pbx.port)))
+    to_pbx = await session.answer("b", parse_sdp(retell_answer(retell.port)))
     pbx_sends_to, retell_sends_to = media_address(to_pbx), media_address(to_retell)
     assert pbx_sends_to is not None and retell_sends_to is not None
     await exchange(pbx, retell, pbx_sends_to, retell_sends_to)
@@ -346,7 +346,7 @@ async def test_pbx_reoffer_moving_its_media_is_followed_with_the_same_ports(
     loop = asyncio.get_running_loop()
     moved_t, moved = await loop.create_datagram_endpoint(Endpoint, local_addr=(PBX_HOST, 0))
     try:
-        reanswer = await session.reoffer("pbx", parse_sdp(pbx_offer(moved.port)))
+        reanswer = await session.reoffer("a", parse_sdp(pbx_offer(moved.port)))
         assert media_address(reanswer) == pbx_sends_to  # same port for the PBX
         await exchange(moved, retell, pbx_sends_to, retell_sends_to)
         assert pbx.received.empty()
@@ -358,7 +358,7 @@ async def test_pbx_reoffer_moving_its_media_is_followed_with_the_same_ports(
 async def test_answer_without_offer_is_refused(backend: RtpengineBackend) -> None:
     session = await backend.allocate("no-offer@sbc")
     with pytest.raises(RuntimeError, match="without an offer"):
-        await session.answer("retell", parse_sdp(retell_answer(4000)))
+        await session.answer("b", parse_sdp(retell_answer(4000)))
     await session.close()
     assert "close_error" not in session.stats()
 
@@ -376,15 +376,15 @@ async def test_poller_reports_media_activity(rtpengine: Rtpengine) -> None:
     await media.start()
     try:
         session = await media.allocate("poll@sbc")
-        await session.offer("pbx", parse_sdp(pbx_offer(4000)))
-        await session.answer("retell", parse_sdp(retell_answer(4002)))
+        await session.offer("a", parse_sdp(pbx_offer(4000)))
+        await session.answer("b", parse_sdp(retell_answer(4002)))
         # Bounded wait for the poller's first query (3 s at most).
         for _ in range(300):
-            if session.stats()["legs"]["pbx"]["rtp"]:
+            if session.stats()["sides"]["a"]["rtp"]:
                 break
             await asyncio.sleep(0.01)
-        assert session.stats()["legs"]["pbx"]["rtp"] == {"packets": 0, "bytes": 0, "errors": 0}
-        activity = session.last_activity("pbx")
+        assert session.stats()["sides"]["a"]["rtp"] == {"packets": 0, "bytes": 0, "errors": 0}
+        activity = session.last_activity("a")
         assert activity is not None
         assert activity <= asyncio.get_running_loop().time()
         await session.close()
@@ -392,23 +392,23 @@ async def test_poller_reports_media_activity(rtpengine: Rtpengine) -> None:
         await media.close()
 
 
-async def test_second_offer_from_the_answering_leg_keeps_media_flowing(
+async def test_second_offer_from_the_answering_side_keeps_media_flowing(
     backend: RtpengineBackend, endpoints: tuple[Endpoint, Endpoint]
 ) -> None:
     # A re-INVITE that the call layer forwards (offer from Retell after a PBX-offered call).
     pbx, retell = endpoints
     session = await backend.allocate("second-offer@sbc")
     try:
-        to_retell = await session.offer("pbx", parse_sdp(pbx_offer(pbx.port)))
-        to_pbx = await session.answer("retell", parse_sdp(retell_answer(retell.port)))
+        to_retell = await session.offer("a", parse_sdp(pbx_offer(pbx.port)))
+        to_pbx = await session.answer("b", parse_sdp(retell_answer(retell.port)))
         pbx_sends_to, retell_sends_to = media_address(to_pbx), media_address(to_retell)
         assert pbx_sends_to is not None and retell_sends_to is not None
 
-        re_to_pbx = await session.offer("retell", parse_sdp(retell_offer(retell.port)))
-        re_to_retell = await session.answer("pbx", parse_sdp(pbx_answer(pbx.port)))
+        re_to_pbx = await session.offer("b", parse_sdp(retell_offer(retell.port)))
+        re_to_retell = await session.answer("a", parse_sdp(pbx_answer(pbx.port)))
         assert media_address(re_to_pbx) == pbx_sends_to
         assert media_address(re_to_retell) == retell_sends_to
-        # The PBX leg's o= line is the same session, one version up (RFC 3264 §8).
+        # Side a's (the PBX's) o= line is the same session, one version up (RFC 3264 §8).
         assert re_to_pbx.origin.sess_id == to_pbx.origin.sess_id
         assert re_to_pbx.origin.sess_version >= to_pbx.origin.sess_version
         await exchange(pbx, retell, pbx_sends_to, retell_sends_to)

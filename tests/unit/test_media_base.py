@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from sbc.media.base import (
-    LEGS,
+    SIDES,
     PassthroughBackend,
     audio_ports,
     media_address,
-    other_leg,
+    other_side,
     rtcp_address,
 )
 from sbc.sdp.model import NoCommonCodec
@@ -48,10 +48,10 @@ RETELL_ANSWER = (
 )
 
 
-def test_leg_helpers() -> None:
-    assert LEGS == ("pbx", "retell")
-    assert other_leg("pbx") == "retell"
-    assert other_leg("retell") == "pbx"
+def test_side_helpers() -> None:
+    assert SIDES == ("a", "b")
+    assert other_side("a") == "b"
+    assert other_side("b") == "a"
 
 
 def test_media_and_rtcp_addresses_from_sdp() -> None:
@@ -83,41 +83,41 @@ def test_audio_ports_puts_the_port_on_the_first_active_audio_stream_only() -> No
 
 async def test_passthrough_filters_codecs_and_keeps_addresses() -> None:
     session = await PassthroughBackend().allocate("call-1")
-    to_retell = await session.offer("pbx", parse_sdp(PBX_OFFER))
+    to_retell = await session.offer("a", parse_sdp(PBX_OFFER))
     m = to_retell.media[0]
     assert m.formats == ("8", "0", "9", "101")
     assert (to_retell.connection_for(m).address, m.port) == ("192.168.1.10", 9000)  # type: ignore[union-attr]
     assert to_retell.origin.username == "sbc"
     assert to_retell.origin.address == "192.168.1.10"
-    to_pbx = await session.answer("retell", parse_sdp(RETELL_ANSWER))
+    to_pbx = await session.answer("b", parse_sdp(RETELL_ANSWER))
     assert media_address(to_pbx) == ("203.0.113.7", 14022)
     assert to_pbx.origin.username == "sbc"
-    assert session.last_activity("pbx") is None
-    assert session.stats() == {"backend": "passthrough", "call_id": "call-1", "legs": {}}
+    assert session.last_activity("a") is None
+    assert session.stats() == {"backend": "passthrough", "call_id": "call-1", "sides": {}}
     # The PBX is told to send to Retell directly: that is its local endpoint.
-    assert session.local_endpoint("pbx") == ("203.0.113.7", 14022)
+    assert session.local_endpoint("a") == ("203.0.113.7", 14022)
     await session.close()
     await session.close()
     assert session.closed
     with pytest.raises(RuntimeError):
-        await session.offer("pbx", parse_sdp(PBX_OFFER))
+        await session.offer("a", parse_sdp(PBX_OFFER))
     with pytest.raises(RuntimeError):
-        await session.answer("retell", parse_sdp(RETELL_ANSWER))
+        await session.answer("b", parse_sdp(RETELL_ANSWER))
     await PassthroughBackend().close()
 
 
 async def test_passthrough_offer_without_common_codec_is_488() -> None:
     session = await PassthroughBackend(codecs=("AMR",)).allocate("c")
     with pytest.raises(NoCommonCodec):
-        await session.offer("pbx", parse_sdp(PBX_OFFER))
+        await session.offer("a", parse_sdp(PBX_OFFER))
 
 
-async def test_version_increments_exactly_when_the_sdp_sent_on_a_leg_changes() -> None:
+async def test_version_increments_exactly_when_the_sdp_sent_on_a_side_changes() -> None:
     session = await PassthroughBackend().allocate("c")
-    first = await session.offer("pbx", parse_sdp(PBX_OFFER))
-    again = await session.offer("pbx", parse_sdp(PBX_OFFER))
+    first = await session.offer("a", parse_sdp(PBX_OFFER))
+    again = await session.offer("a", parse_sdp(PBX_OFFER))
     assert again.origin == first.origin  # identical SDP: same version (RFC 3264 §8)
-    changed = await session.offer("pbx", parse_sdp(PBX_OFFER.replace("9000", "9010")))
+    changed = await session.offer("a", parse_sdp(PBX_OFFER.replace("9000", "9010")))
     assert changed.origin.sess_version == first.origin.sess_version + 1
     assert changed.origin.sess_id == first.origin.sess_id
     assert changed.origin.username == "sbc"
@@ -126,13 +126,13 @@ async def test_version_increments_exactly_when_the_sdp_sent_on_a_leg_changes() -
 async def test_reoffer_hold_is_answered_locally_with_mirrored_direction() -> None:
     session = await PassthroughBackend().allocate("c")
     with pytest.raises(RequestPending):
-        await session.reoffer("pbx", parse_sdp(PBX_OFFER))
-    await session.offer("pbx", parse_sdp(PBX_OFFER))
-    answer = await session.answer("retell", parse_sdp(RETELL_ANSWER))
+        await session.reoffer("a", parse_sdp(PBX_OFFER))
+    await session.offer("a", parse_sdp(PBX_OFFER))
+    answer = await session.answer("b", parse_sdp(RETELL_ANSWER))
     hold = parse_sdp(
         PBX_OFFER.replace("a=sendrecv", "a=sendonly").replace("1234 1234", "1234 1235")
     )
-    reply = await session.reoffer("pbx", hold)
+    reply = await session.reoffer("a", hold)
     m = reply.media[0]
     assert reply.direction(m) == "recvonly"
     assert m.formats == ("9", "101")  # the negotiated codec, with the offer's numbers
@@ -140,9 +140,9 @@ async def test_reoffer_hold_is_answered_locally_with_mirrored_direction() -> Non
     assert reply.origin.sess_id == answer.origin.sess_id
     assert reply.origin.sess_version == answer.origin.sess_version + 1
     # Same hold offer again (refresh): identical answer, same version.
-    again = await session.reoffer("pbx", hold)
+    again = await session.reoffer("a", hold)
     assert again == reply
-    resume = await session.reoffer("pbx", parse_sdp(PBX_OFFER))
+    resume = await session.reoffer("a", parse_sdp(PBX_OFFER))
     assert resume.direction(resume.media[0]) == "sendrecv"
     assert resume.origin.sess_version == reply.origin.sess_version + 1
     assert b"a=sendrecv" in serialize_sdp(resume)

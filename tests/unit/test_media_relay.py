@@ -54,8 +54,8 @@ class RecordingTransport(asyncio.DatagramTransport):
 
 def pair(window: float = 3.0) -> tuple[FakeLoop, RelaySocket, RelaySocket, RecordingTransport]:
     loop = FakeLoop()
-    facing_pbx = RelaySocket(loop, "pbx", is_rtp=True, sock=None, port=20000, window=window)  # type: ignore[arg-type]
-    facing_retell = RelaySocket(loop, "retell", is_rtp=True, sock=None, port=20002, window=window)  # type: ignore[arg-type]
+    facing_pbx = RelaySocket(loop, "a", is_rtp=True, sock=None, port=20000, window=window)  # type: ignore[arg-type]
+    facing_retell = RelaySocket(loop, "b", is_rtp=True, sock=None, port=20002, window=window)  # type: ignore[arg-type]
     facing_pbx.peer = facing_retell
     facing_retell.peer = facing_pbx
     out = RecordingTransport()
@@ -70,7 +70,7 @@ def rtp(seq: int, ssrc: int = 1, payload: bytes = b"x" * 160) -> bytes:
     return build_rtp(RtpHeader(0, seq & 0xFFFF, seq * 160, ssrc), payload)
 
 
-def test_packets_are_forwarded_to_the_other_legs_remote_untouched() -> None:
+def test_packets_are_forwarded_to_the_other_sides_remote_untouched() -> None:
     _, facing_pbx, _, out = pair()
     packet = rtp(1)
     facing_pbx.datagram_received(packet, PBX_SDP)
@@ -119,12 +119,12 @@ def test_new_sdp_address_restarts_learning_and_same_address_keeps_latch() -> Non
     assert facing_pbx.dropped == 0
 
 
-def test_unroutable_when_the_other_leg_has_no_address_yet() -> None:
+def test_unroutable_when_the_other_side_has_no_address_yet() -> None:
     loop = FakeLoop()
-    lone = RelaySocket(loop, "pbx", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
+    lone = RelaySocket(loop, "a", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
     lone.datagram_received(rtp(1), NAT)
     assert lone.unroutable == 1
-    peer = RelaySocket(loop, "retell", is_rtp=True, sock=None, port=3, window=1)  # type: ignore[arg-type]
+    peer = RelaySocket(loop, "b", is_rtp=True, sock=None, port=3, window=1)  # type: ignore[arg-type]
     lone.peer = peer
     lone.datagram_received(rtp(2), NAT)
     assert lone.unroutable == 2
@@ -173,11 +173,11 @@ def test_counters_and_lifecycle_callbacks() -> None:
     facing_pbx.connection_lost(None)
     assert facing_pbx.lost_future.done()
     loop = FakeLoop()
-    fresh = RelaySocket(loop, "pbx", is_rtp=False, sock=None, port=1, window=1)  # type: ignore[arg-type]
+    fresh = RelaySocket(loop, "a", is_rtp=False, sock=None, port=1, window=1)  # type: ignore[arg-type]
     assert fresh.counters()["remote"] is None
 
 
-def test_rtp_toward_a_leg_on_hold_is_muted_but_rtcp_flows() -> None:
+def test_rtp_toward_a_side_on_hold_is_muted_but_rtcp_flows() -> None:
     _, facing_pbx, facing_retell, out = pair()
     facing_retell.send_allowed = False  # the last SDP sent to Retell was recvonly
     facing_pbx.datagram_received(rtp(1), PBX_SDP)
@@ -191,7 +191,7 @@ def test_rtp_toward_a_leg_on_hold_is_muted_but_rtcp_flows() -> None:
     assert out.sent[-1] == (rtp(2), RETELL)
 
 
-# -- DTMF injection: per-leg output numbering ---------------------------------------------------
+# -- DTMF injection: per-side output numbering --------------------------------------------------
 
 
 def _event(first_sequence: int = 0) -> bytes:
@@ -240,7 +240,7 @@ def test_output_numbering_wraps_at_16_bits() -> None:
 
 def test_injection_needs_an_address_an_open_socket_and_no_hold() -> None:
     loop = FakeLoop()
-    lone = RelaySocket(loop, "retell", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
+    lone = RelaySocket(loop, "b", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
     assert not lone.inject(_event())  # no remote yet
     lone.set_sdp_remote(RETELL)
     assert not lone.inject(_event())  # no transport
@@ -283,7 +283,7 @@ def _sdp(formats: str, attributes: str = "", port: int = 9000) -> Any:
         ("0 8", "", None),
     ],
 )
-def test_telephone_event_format_of_a_leg(
+def test_telephone_event_format_of_a_side(
     formats: str, attributes: str, expected: tuple[int, int] | None
 ) -> None:
     assert telephone_event(_sdp(formats, attributes)) == expected
@@ -300,4 +300,4 @@ def test_dtmf_duration_is_clamped() -> None:
 
 async def test_passthrough_cannot_inject_dtmf() -> None:
     session = PassthroughSession("call-1")
-    assert await session.send_dtmf("retell", "5", 160) is False
+    assert await session.send_dtmf("b", "5", 160) is False

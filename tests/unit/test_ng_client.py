@@ -14,7 +14,7 @@ from sbc.media.rtpengine import (
     NgClient,
     RtpengineError,
     RtpengineTimeout,
-    _leg_counters,
+    _side_counters,
     rtp_totals,
 )
 
@@ -65,15 +65,15 @@ async def test_request_wire_format_and_cookie_per_request() -> None:
 
 async def test_offer_sends_call_identity_sdp_and_flags() -> None:
     client, transport = make(lambda c, b, n: reply(c, result="ok", sdp="v=0\r\nrewritten"))
-    sdp = await client.offer("cid", "pbx", "v=0\r\n", to_tag="retell")
+    sdp = await client.offer("cid", "a", "v=0\r\n", to_tag="b")
     assert sdp == "v=0\r\nrewritten"
     sent = cast(dict[str, Any], to_text(decode(transport.sent[0].partition(b" ")[2])))
     assert sent == {
         **DEFAULT_OFFER_OPTIONS,
         "command": "offer",
         "call-id": "cid",
-        "from-tag": "pbx",
-        "to-tag": "retell",
+        "from-tag": "a",
+        "to-tag": "b",
         "sdp": "v=0\r\n",
     }
     assert sent["replace"] == ["origin", "session-connection"]
@@ -88,17 +88,17 @@ async def test_answer_and_delete_and_query_messages() -> None:
         return reply(cookie, result="ok", totals={"RTP": {"packets": 7, "bytes": 70}})
 
     client, transport = make(respond)
-    assert await client.answer("cid", "pbx", "retell", "v=0") == "v=0 answer"
-    deleted = await client.delete("cid", "pbx")
+    assert await client.answer("cid", "a", "b", "v=0") == "v=0 answer"
+    deleted = await client.delete("cid", "a")
     assert rtp_totals(deleted).packets == 7
     assert rtp_totals(deleted).errors == 0
     await client.query("cid")
     bodies = [cast(dict[str, Any], to_text(decode(d.partition(b" ")[2]))) for d in transport.sent]
-    assert bodies[0]["to-tag"] == "retell"
+    assert bodies[0]["to-tag"] == "b"
     assert bodies[1] == {
         "command": "delete",
         "call-id": "cid",
-        "from-tag": "pbx",
+        "from-tag": "a",
         "delete-delay": 0,
     }
     assert bodies[2] == {"command": "query", "call-id": "cid"}
@@ -157,7 +157,7 @@ async def test_bad_replies_raise_a_clear_error(body: bytes, message: str) -> Non
 async def test_offer_reply_without_sdp_and_ping_without_pong_are_errors() -> None:
     client, _ = make(lambda c, b, n: reply(c, result="ok"))
     with pytest.raises(RtpengineError, match="no sdp"):
-        await client.offer("cid", "pbx", "v=0")
+        await client.offer("cid", "a", "v=0")
     with pytest.raises(RtpengineError, match="instead of 'pong'"):
         await client.ping()
 
@@ -189,10 +189,10 @@ def test_random_token_differs_between_clients() -> None:
     assert a.endswith(b"_1")
 
 
-def test_leg_counters_read_query_replies_and_tolerate_missing_parts() -> None:
+def test_side_counters_read_query_replies_and_tolerate_missing_parts() -> None:
     query = {
         "tags": {
-            "pbx": {
+            "a": {
                 "medias": [
                     {
                         "streams": [
@@ -210,18 +210,18 @@ def test_leg_counters_read_query_replies_and_tolerate_missing_parts() -> None:
                     "junk",
                 ]
             },
-            "retell": "junk",
+            "b": "junk",
         }
     }
-    pbx = _leg_counters(query, "pbx")
-    assert pbx == {
+    side_a = _side_counters(query, "a")
+    assert side_a == {
         "local_port": 30000,
         "rtp": {"packets": 5, "bytes": 860, "errors": 0},
         "rtcp": {"packets": 0, "bytes": 0, "errors": 0},
         "last_packet": 100,
     }
     empty: dict[str, Any] = {"local_port": None, "rtp": {}, "rtcp": {}, "last_packet": None}
-    assert _leg_counters(query, "retell") == empty
-    assert _leg_counters({}, "pbx") == empty
+    assert _side_counters(query, "b") == empty
+    assert _side_counters({}, "a") == empty
     assert rtp_totals({"totals": "junk"}).packets == 0
     assert rtp_totals({"totals": {"RTP": {"packets": "x"}}}).packets == 0
