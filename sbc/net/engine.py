@@ -10,8 +10,10 @@ B2BUA) talks to the engine only:
   the next destination with a new branch, RFC 3263 §4.3); ``async for response in handle`` yields
   its responses up to the final one, ``await handle`` returns the final one. A timeout is a
   synthetic 408, a transport failure a synthetic 503 (RFC 3261 §8.1.3.1).
-* ``engine.on_request`` receives an :class:`IncomingRequest` for each new server transaction;
-  ``IncomingRequest.respond`` answers it. OPTIONS outside a dialog is answered by the engine.
+* ``engine.on_request`` is called (synchronously, no task per request) with an
+  :class:`IncomingRequest` for each new server transaction; ``IncomingRequest.respond`` answers
+  it, then or later (a handler that must wait starts its own task). OPTIONS outside a dialog is
+  answered by the engine.
 * ``engine.send_ack`` sends an ACK for a 2xx (stateless), ``engine.cancel`` a CANCEL.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import re
 import secrets
 import ssl
@@ -39,8 +40,8 @@ from sbc.net.addresses import (
 )
 from sbc.net.dns import ResolutionFailed, Resolver
 from sbc.net.handles import (
-    ClientTransaction,
     IncomingRequest,
+    OutgoingRequest,
     RequestTarget,
     error_response,
     new_tag,
@@ -69,16 +70,16 @@ from sbc.sip.validate import DEFAULT_ACCEPT, DEFAULT_SUPPORTED, validate_request
 log = structlog.get_logger(__name__)
 
 Message = Request | Response
-RequestHandler = Callable[[IncomingRequest], Awaitable[None] | None]
+RequestHandler = Callable[[IncomingRequest], None]
 
 DEFAULT_ALLOW = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER", "NOTIFY")
 
 __all__ = [
     "DEFAULT_ALLOW",
-    "ClientTransaction",
     "Destination",
     "EngineStats",
     "IncomingRequest",
+    "OutgoingRequest",
     "RequestHandler",
     "RequestTarget",
     "SipEngine",
@@ -131,7 +132,7 @@ class SipEngine:
         self.on_ack: Callable[[Request, Destination], None] | None = None
         self.on_cancel: Callable[[IncomingRequest, Request], None] | None = None
         self.on_stray_response: Callable[[Response, Destination], None] | None = None
-        self.on_late_response: Callable[[ClientTransaction, Response], None] | None = None
+        self.on_late_response: Callable[[OutgoingRequest, Response], None] | None = None
         # Capabilities announced in answers to OPTIONS and checked on requests.
         self.answer_options = True
         self.allow: tuple[str, ...] = DEFAULT_ALLOW
@@ -146,14 +147,16 @@ class SipEngine:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pumping = False
-        self._clients: dict[str, ClientTransaction] = {}
-        self._finished: dict[str, ClientTransaction] = {}
+        self._clients: dict[str, OutgoingRequest] = {}
+        self._finished: dict[str, OutgoingRequest] = {}
         self._branch_keys: dict[tuple[str, str], str] = {}
         self._key_branches: dict[str, tuple[str, str]] = {}
         self._incoming: dict[str, IncomingRequest] = {}
         self._transport_failed: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._handles: set[ClientTransaction] = set()
+        # Requests without a final response yet, each with the destinations not tried yet
+        # (RFC 3263 §4.3 failover).
+        self._pending: dict[OutgoingRequest, list[Destination]] = {}
         self._running = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -180,9 +183,9 @@ class SipEngine:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        for handle in list(self._handles):
-            handle._deliver(build_response(handle.request, 503, "Service Unavailable"))
-        self._handles.clear()
+        for handle in list(self._pending):
+            handle.deliver(build_response(handle.request, 503, "Service Unavailable"))
+        self._pending.clear()
         self._clients.clear()
         await self.resolver.aclose()
         await self.transports.stop()
@@ -201,7 +204,7 @@ class SipEngine:
             f";branch={branch};rport"
         )
 
-    def send_request(self, request: Request, target: RequestTarget = None) -> ClientTransaction:
+    def send_request(self, request: Request, target: RequestTarget = None) -> OutgoingRequest:
         """Start a client transaction for ``request``; returns its handle at once.
 
         ``target`` is a Destination (no DNS), a SIP URI (object or text) resolved per RFC 3263,
@@ -211,12 +214,12 @@ class SipEngine:
         request that already carries a Via (a CANCEL) is sent as it is, to one destination.
         """
         owns_via = "Via" not in request.headers
-        handle = ClientTransaction(request, target, owns_via)
-        self._handles.add(handle)
+        handle = OutgoingRequest(request, target, owns_via)
+        self._pending[handle] = []
         self._spawn(self._start_client(handle))
         return handle
 
-    def cancel(self, invite: ClientTransaction) -> ClientTransaction:
+    def cancel(self, invite: OutgoingRequest) -> OutgoingRequest:
         """CANCEL a pending INVITE (RFC 3261 §9.1): same Via, to the same destination."""
         cancel = build_cancel(invite.request)
         return self.send_request(cancel, invite.destination)
@@ -242,9 +245,9 @@ class SipEngine:
         self.layer.send_stateless(message, dest=dest)
         self._pump()
 
-    async def _start_client(self, handle: ClientTransaction) -> None:
+    async def _start_client(self, handle: OutgoingRequest) -> None:
         try:
-            handle._destinations = await self._destinations(handle.request, handle.target)
+            destinations = await self._destinations(handle.request, handle.target)
         except (ResolutionFailed, SipError) as exc:
             self.stats.dns_failures += 1
             log.info(
@@ -255,8 +258,8 @@ class SipEngine:
             )
             self._finish(handle, build_response(handle.request, 503, "Service Unavailable"))
             return
-        if not handle._owns_via:
-            handle._destinations = handle._destinations[:1]
+        # A request sent with its own Via goes to one destination only.
+        self._pending[handle] = destinations if handle.owns_via else destinations[:1]
         try:
             self._attempt(handle)
         except Exception:
@@ -264,11 +267,11 @@ class SipEngine:
             log.exception("request_send_failed", call_id=handle.request.headers.get("Call-ID"))
             self._finish(handle, build_response(handle.request, 500, "Server Internal Error"))
 
-    def _attempt(self, handle: ClientTransaction) -> None:
+    def _attempt(self, handle: OutgoingRequest) -> None:
         """Send to the next destination; the caller checked that one is left."""
-        dest = handle._destinations.pop(0)
+        dest = self._pending[handle].pop(0)
         request = handle.request
-        if handle._owns_via:
+        if handle.owns_via:
             headers = request.headers
             if handle.attempts:
                 headers = headers.remove_first("Via")
@@ -293,13 +296,12 @@ class SipEngine:
         branch_key = (request.top_via.branch or "", request.method)
         self._branch_keys[branch_key] = key
         self._key_branches[key] = branch_key
-        if not handle._sent.done():
-            handle._sent.set_result(None)
+        handle.mark_sent()
         self._pump()
 
-    def _finish(self, handle: ClientTransaction, response: Response) -> None:
-        handle._deliver(response)
-        self._handles.discard(handle)
+    def _finish(self, handle: OutgoingRequest, response: Response) -> None:
+        handle.deliver(response)
+        self._pending.pop(handle, None)
 
     async def _destinations(self, request: Request, target: RequestTarget) -> list[Destination]:
         if isinstance(target, Destination):
@@ -346,15 +348,15 @@ class SipEngine:
             self._clients.pop(key, None)
             self._attempt(handle)
             return
-        handle._deliver(response)
+        handle.deliver(response)
         if response.status >= 200:
-            self._handles.discard(handle)
+            self._pending.pop(handle, None)
             self._finished[key] = handle
 
-    def _should_fail_over(self, handle: ClientTransaction, key: str, response: Response) -> bool:
+    def _should_fail_over(self, handle: OutgoingRequest, key: str, response: Response) -> bool:
         """RFC 3263 §4.3: a transport failure, a timeout or a 503 moves on to the next
         destination, as long as nothing but 100 Trying came from this one."""
-        if not handle._destinations or not handle._owns_via:
+        if not self._pending.get(handle) or not handle.owns_via:
             return False
         if any(r.status > 100 for r in handle.responses):
             return False
@@ -411,18 +413,7 @@ class SipEngine:
             incoming.respond(405, headers=(("Allow", ", ".join(("OPTIONS",))),))
             return
         try:
-            result = handler(incoming)
-        except Exception:
-            self._handler_failed(incoming)
-            return
-        if inspect.isawaitable(result):
-            self._spawn(self._await_handler(incoming, result))
-
-    async def _await_handler(self, incoming: IncomingRequest, awaitable: Awaitable[None]) -> None:
-        try:
-            await awaitable
-        except asyncio.CancelledError:
-            raise
+            handler(incoming)
         except Exception:
             self._handler_failed(incoming)
 

@@ -1,10 +1,14 @@
-"""What the engine hands to the layers above: incoming requests to answer and client
-transactions to await.
+"""What the engine hands to the layers above: incoming requests to answer and sent requests
+to await.
 
 :class:`IncomingRequest` wraps a server transaction (answer it with ``respond``);
-:class:`ClientTransaction` is the handle of a request sent with ``SipEngine.send_request``:
+:class:`OutgoingRequest` is the handle of a request sent with ``SipEngine.send_request``:
 ``async for response in handle`` yields its responses up to the final one, ``await handle``
 returns the final one.
+
+This module does not import the engine: an :class:`IncomingRequest` answers through any
+:class:`Responder`, and the engine feeds an :class:`OutgoingRequest` through its public
+engine-side methods (``deliver``, ``mark_sent``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Generator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sbc.net.addresses import Destination
 from sbc.sip import ids
@@ -21,14 +25,11 @@ from sbc.sip.message import Request, Response
 from sbc.sip.transaction import build_response
 from sbc.sip.uri import SipUri
 
-if TYPE_CHECKING:
-    from sbc.net.engine import SipEngine
-
 RequestTarget = str | SipUri | Destination | None
 
 
 def error_response(request: Request, error: SipError, *, to_tag: str | None = None) -> Response:
-    """The one place a :class:`SipError` becomes a response (DESIGN.md rule 5)."""
+    """The one place a :class:`SipError` becomes a response (docs/architecture.md, Errors)."""
     return build_response(
         request, error.status, error.reason, to_tag=to_tag, headers=tuple(error.headers)
     )
@@ -38,20 +39,26 @@ def new_tag() -> str:
     return ids.new_tag(secrets.token_bytes(8))
 
 
+class Responder(Protocol):
+    """What sends a response through a server transaction (the engine)."""
+
+    def respond(self, key: str, response: Response) -> None: ...
+
+
 class IncomingRequest:
     """A request that opened a server transaction; answer it with :meth:`respond`."""
 
-    __slots__ = ("_engine", "cancelled", "final_sent", "key", "local_tag", "request", "source")
+    __slots__ = ("_responder", "cancelled", "final_sent", "key", "local_tag", "request", "source")
 
     def __init__(
         self,
-        engine: SipEngine,
+        responder: Responder,
         key: str,
         request: Request,
         source: Destination,
         to_tag: str | None,
     ) -> None:
-        self._engine = engine
+        self._responder = responder
         self.key = key
         self.request = request
         self.source = source
@@ -96,7 +103,7 @@ class IncomingRequest:
         """Send a response built elsewhere (it must belong to this request)."""
         if response.status >= 200:
             self.final_sent = True
-        self._engine.respond(self.key, response)
+        self._responder.respond(self.key, response)
 
     def reject(self, error: SipError) -> Response:
         response = error_response(self.request, error, to_tag=self.local_tag)
@@ -104,12 +111,16 @@ class IncomingRequest:
         return response
 
 
-class ClientTransaction:
+class OutgoingRequest:
     """One request sent by the engine and the responses to it (possibly over several attempts).
 
     ``async for response in handle`` yields every response up to and including the final one;
     ``await handle`` returns the final response. ``request`` is the request as last sent (its
     top Via is the one a CANCEL must copy); ``destination`` where it went.
+
+    The engine fills in ``request``, ``destination``, ``key`` and ``attempts`` for each attempt
+    and reports through :meth:`mark_sent` and :meth:`deliver`; ``owns_via`` says whether the
+    engine writes the top Via (and so may fail over to another destination with a new branch).
     """
 
     def __init__(self, request: Request, target: RequestTarget, owns_via: bool) -> None:
@@ -120,8 +131,7 @@ class ClientTransaction:
         self.responses: list[Response] = []
         self.final: Response | None = None
         self.attempts = 0
-        self._owns_via = owns_via
-        self._destinations: list[Destination] = []
+        self.owns_via = owns_via
         self._waiters: list[asyncio.Future[None]] = []
         self._sent = asyncio.get_running_loop().create_future()
 
@@ -158,6 +168,22 @@ class ClientTransaction:
         return self.final is not None
 
     # -- engine side ---------------------------------------------------------------------------
+    def mark_sent(self) -> None:
+        """The request went to the transport: wake :meth:`wait_sent` (idempotent)."""
+        if not self._sent.done():
+            self._sent.set_result(None)
+
+    def deliver(self, response: Response) -> None:
+        """Add a response; a final one ends the request (later ones are ignored)."""
+        if self.final is not None:
+            return
+        self.responses.append(response)
+        if response.status >= 200:
+            self.final = response
+            self.mark_sent()
+        self._wake()
+
+    # -- internals -----------------------------------------------------------------------------
     def _changed(self) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
@@ -168,13 +194,3 @@ class ClientTransaction:
         for future in waiters:
             if not future.done():
                 future.set_result(None)
-
-    def _deliver(self, response: Response) -> None:
-        if self.final is not None:
-            return
-        self.responses.append(response)
-        if response.status >= 200:
-            self.final = response
-            if not self._sent.done():
-                self._sent.set_result(None)
-        self._wake()
