@@ -26,15 +26,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from sbc.b2bua.standins import (
-    REALM,
-    PbxCall,
-    PbxStandIn,
-    RetellCall,
-    RetellStandIn,
-    RtpStream,
-    same_packets,
-)
+from sbc.demo.pbx import REALM, PbxCall, PbxStandIn
+from sbc.demo.retell import RetellCall, RetellStandIn
+from sbc.demo.rtp_peer import RtpStream, same_packets
 from sbc.media.relay import RelayBackend
 from sbc.media.rtp import parse_telephone_event
 from sbc.ops.service import Service

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from sbc.b2bua.standins import pcmu_tone, ulaw
+from sbc.demo.tones import pcmu_tone, ulaw
 from sbc.ops.cli import demo_config_path
 from sbc.ops.demo import run_demo, serve
 from sbc.ops.settings import Settings, load_settings

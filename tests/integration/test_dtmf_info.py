@@ -21,7 +21,8 @@ import pytest
 from conftest import free_port
 from rtpengine_helpers import running_rtpengine
 
-from sbc.b2bua.standins import PbxStandIn, RetellStandIn
+from sbc.demo.pbx import PbxStandIn
+from sbc.demo.retell import RetellStandIn
 from sbc.media.base import media_address
 from sbc.media.ports import PortPool
 from sbc.media.relay import RelayBackend, RelaySession

@@ -7,7 +7,7 @@ with a free NG port and its own RTP port range; see ``rtpengine_helpers.py``):
 * pjsua2 (PJSIP) as 3CX's caller and as Retell's answerer (over TCP), each in a subprocess
   (``pjsua_peer.py``): both receive the other's audio, and a DTMF digit sent as RFC 4733
   telephone-event reaches the answerer;
-* the shipped stand-ins (:mod:`sbc.b2bua.standins`) where exact packets matter: every payload
+* the shipped stand-ins (:mod:`sbc.demo`) where exact packets matter: every payload
   byte and sequence number, telephone-event packets included, arrives as sent in both
   directions;
 * a call without media is torn down after media_timeout.
@@ -41,7 +41,8 @@ from conftest import free_port
 from rtpengine_helpers import Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager
-from sbc.b2bua.standins import PbxCall, PbxStandIn, RetellCall, RetellStandIn
+from sbc.demo.pbx import PbxCall, PbxStandIn
+from sbc.demo.retell import RetellCall, RetellStandIn
 from sbc.media.rtpengine import NgClient, NgReply, RtpengineBackend, RtpengineError, rtp_totals
 from sbc.ops.service import Service
 from sbc.ops.settings import (

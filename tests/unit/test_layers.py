@@ -17,7 +17,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "net": ("sbc.sip",),
     "media": ("sbc.sdp", "sbc.sip.errors"),
     "b2bua": ("sbc.sip", "sbc.sdp", "sbc.net", "sbc.media"),
-    "ops": ("sbc.sip", "sbc.sdp", "sbc.net", "sbc.media", "sbc.b2bua"),
+    "demo": ("sbc.sip", "sbc.sdp", "sbc.net", "sbc.media"),
+    "ops": ("sbc.sip", "sbc.sdp", "sbc.net", "sbc.media", "sbc.b2bua", "sbc.demo"),
 }
 
 

@@ -1,0 +1,173 @@
+"""The Retell stand-in: Retell's SIP server (LiveKit) as captured (PEERS.md): rings, answers with
+exactly one codec, talks once ACKed, answers BYE, and records every INVITE it received."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sbc.demo.peer import audio_codecs, in_dialog_call, media_target, random_branch, sip_engine
+from sbc.demo.rtp_peer import RtpStream
+from sbc.demo.tones import pcmu_tone
+from sbc.net.addresses import Destination
+from sbc.net.engine import IncomingRequest
+from sbc.sip.dialog import Dialog
+from sbc.sip.message import Request, Response
+
+__all__ = ["RETELL_USER_AGENT", "RetellCall", "RetellStandIn"]
+
+RETELL_USER_AGENT = "LiveKit"
+
+
+@dataclass
+class RetellCall:
+    """One INVITE Retell received, and what became of it."""
+
+    invite: Request
+    transport: str
+    rtp: RtpStream
+    x_headers: list[tuple[str, str]]
+    answer: Response | None = None
+    dialog: Dialog | None = None
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    bye_received: bool = False
+    bye_status: int | None = None  # the answer to a BYE Retell sent
+    refused: int | None = None  # the status of a refusal
+
+    @property
+    def codecs(self) -> list[str]:
+        return [] if self.answer is None else audio_codecs(self.answer.body)
+
+
+class RetellStandIn:
+    """Retell's SIP server on ``host:port`` (UDP and TCP): rings, answers with one codec,
+    sends a tone of its own once ACKed, answers BYE."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ring: float = 0.3,
+        tone_hz: int = 660,
+        frames: Sequence[bytes] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ring = ring
+        self.frames = list(frames) if frames else pcmu_tone(tone_hz)
+        self.engine = sip_engine(host, port, RETELL_USER_AGENT)
+        self.engine.on_request = self._on_request
+        self.engine.on_ack = self._on_ack
+        self.calls: dict[str, RetellCall] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for call in self.calls.values():
+            await call.rtp.close()
+        await self.engine.stop()
+
+    def _on_request(self, incoming: IncomingRequest) -> None:
+        request = incoming.request
+        if request.to_tag is not None:
+            self._in_dialog(incoming)
+        elif request.method == "INVITE":
+            task = asyncio.ensure_future(self._answer(incoming))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            incoming.respond(405, headers=(("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS"),))
+
+    async def _answer(self, incoming: IncomingRequest) -> None:
+        """LiveKit's way: 100, 180, then 200 with exactly one codec (PEERS.md)."""
+        request = incoming.request
+        x_headers = [(n, v) for n, v in request.headers.items() if n.lower().startswith("x-")]
+        rtp = await RtpStream.open(self.host, self.frames)
+        call = RetellCall(request, incoming.source.transport, rtp, x_headers)
+        self.calls[request.call_id] = call
+        incoming.respond(100)
+        params = ";transport=tcp" if call.transport == "tcp" else ""
+        contact = ("Contact", f"<sip:{self.host}:{self.port}{params}>")
+        incoming.respond(180, headers=(contact,))
+        if self.ring > 0:
+            await asyncio.sleep(self.ring)  # the agent joining
+        if incoming.final_sent:  # cancelled while ringing (the engine answered 487)
+            call.ended.set()
+            return
+        offered = audio_codecs(request.body) if request.body else []
+        if "PCMU" not in offered:
+            # The stand-in only synthesises G.711 mu-law; LiveKit itself prefers G.722.
+            call.refused = 488
+            incoming.respond(488)
+            call.ended.set()
+            return
+        call.answer = incoming.respond(
+            200,
+            headers=(
+                contact,
+                ("Allow", "INVITE, ACK, CANCEL, BYE, REFER, NOTIFY"),
+                ("Content-Type", "application/sdp"),
+            ),
+            body=self._sdp(rtp.local[1], "telephone-event" in offered),
+        )
+        call.dialog = Dialog.from_uas(request, call.answer)
+        call.rtp.remote = media_target(request.body)
+
+    def _sdp(self, port: int, events: bool) -> bytes:
+        session = str(secrets.randbelow(10**9))
+        formats = "0 101" if events else "0"
+        lines = [
+            "v=0",
+            f"o=LiveKit {session} {session} IN IP4 {self.host}",
+            "s=LiveKit",
+            f"c=IN IP4 {self.host}",
+            "t=0 0",
+            f"m=audio {port} RTP/AVP {formats}",
+            "a=rtpmap:0 PCMU/8000",
+        ]
+        if events:
+            lines += ["a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"]
+        lines += ["a=ptime:20", "a=sendrecv"]
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+    def _on_ack(self, request: Request, source: Destination) -> None:
+        call = self.calls.get(request.call_id)
+        if call is None or call.acked.is_set() or call.rtp.remote is None:
+            return
+        call.acked.set()
+        call.rtp.start(call.rtp.remote)  # the agent starts talking
+
+    def _in_dialog(self, incoming: IncomingRequest) -> None:
+        request = incoming.request
+        call = in_dialog_call(self.calls, incoming)
+        if call is None:
+            return
+        if request.method in ("INVITE", "OPTIONS"):
+            # A re-INVITE is answered with the original SDP (PEERS.md).
+            body = call.answer.body if call.answer is not None else b""
+            ctype = (("Content-Type", "application/sdp"),) if body else ()
+            incoming.respond(200, headers=ctype, body=body)
+        else:
+            incoming.respond(405)  # INFO, UPDATE, PRACK, MESSAGE: as LiveKit
+
+    async def hang_up(self, call: RetellCall) -> int:
+        """The agent ends the call: BYE in the dialog; returns the status of the answer."""
+        call.rtp.stop_sending()
+        assert call.dialog is not None
+        transport = "tcp" if call.transport == "tcp" else "udp"
+        bye = call.dialog.create_request(
+            "BYE", via=self.engine.make_via(transport), branch=random_branch()
+        )
+        response = await self.engine.send_request(bye)
+        call.bye_status = response.status
+        call.ended.set()
+        return response.status
