@@ -1,14 +1,15 @@
 """What a bridged call answers itself inside its dialogs, instead of forwarding.
 
-Neither peer sees the other's in-dialog requests (PEERS.md): a re-INVITE or UPDATE from either
+Neither peer sees the other's in-dialog requests (docs/peers.md): a re-INVITE or UPDATE on any
 leg (hold, resume, session refresh) is answered here through the media layer, the PBX's session
-timer (RFC 4028) is renegotiated by its refreshes, and SIP INFO DTMF from the PBX goes to Retell
-as RFC 4733 events. Every 2xx sbc sends to an INVITE, the first one included, is repeated until
-its ACK (RFC 3261 §13.3.1.4).
+timer (RFC 4028) is renegotiated by its refreshes, and SIP INFO DTMF from the caller goes to
+the far side as RFC 4733 events. Every 2xx sbc sends to an INVITE, the first one included, is
+repeated until its ACK (RFC 3261 §13.3.1.4).
 
-:class:`Absorber` holds what those answers need between requests: the last SDP sbc sent on each
-leg, the PBX's session timer and when it was last refreshed, the ACKs awaited. The call
-(:mod:`sbc.b2bua.call`) owns one, hands it each absorbed request and reads its timer.
+What those answers need between requests lives on the :class:`~sbc.b2bua.leg.Leg` (the last SDP
+sbc sent on it, its session timer and when it was refreshed); the :class:`Absorber` only keeps
+the ACKs awaited and which legs have a re-INVITE pending. The call (``sbc/b2bua/call.py``) owns
+one and hands it each absorbed request.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from sbc.b2bua.legs import (
-    RETELL_ALLOW,
+from sbc.b2bua.leg import Bridge, Leg
+from sbc.b2bua.messages import (
     BridgeConfig,
-    LocalAddress,
+    Peer,
     SessionTimer,
     negotiate_session_timer,
     parse_dtmf_info,
     pbx_dialog_headers,
 )
-from sbc.media.base import Leg, MediaSession
 from sbc.net.engine import IncomingRequest
 from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.errors import SipError
@@ -41,28 +41,21 @@ __all__ = ["Absorber"]
 
 
 class Absorber:
-    """The in-dialog answers of one call; ``media`` gives the call's media session once
-    allocated, ``spawn`` runs a coroutine as one of the call's tasks."""
+    """The in-dialog answers of one call; ``bridge`` gives the call's bridge (legs and media
+    session) once it exists, ``spawn`` runs a coroutine as one of the call's tasks."""
 
     def __init__(
         self,
         *,
         config: BridgeConfig,
-        pbx_local: LocalAddress,
-        retell_local: LocalAddress,
-        media: Callable[[], MediaSession | None],
+        bridge: Callable[[], Bridge | None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[Any]],
         log: FilteringBoundLogger,
     ) -> None:
         self.config = config
-        self.pbx_local = pbx_local
-        self.retell_local = retell_local
-        self._media = media
+        self._bridge = bridge
         self._spawn = spawn
         self.log = log
-        self.sdp_sent: dict[Leg, bytes] = {}  # the last SDP sbc sent on each leg
-        self.timer: SessionTimer | None = None  # the PBX's session timer (RFC 4028)
-        self.refreshed_at = 0.0  # loop time of the PBX session's last refresh
         self._acks: dict[tuple[Leg, int], asyncio.Event] = {}
         self._reinvite_pending: set[Leg] = set()
 
@@ -98,7 +91,7 @@ class Absorber:
             self._acks.pop((leg, seq), None)
 
     async def reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
-        """Answer a re-INVITE here (hold, resume, refresh); never forwarded (PEERS.md)."""
+        """Answer a re-INVITE here (hold, resume, refresh); never forwarded (docs/peers.md)."""
         if leg in self._reinvite_pending:
             incoming.respond(491)  # RFC 3261 §14.2: one INVITE transaction at a time
             return
@@ -108,12 +101,12 @@ class Absorber:
         headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
         response = incoming.response(200, headers=headers, body=body)
         self._reinvite_pending.add(leg)
-        self.log.info("reinvite_absorbed", leg=leg, cseq=request.cseq.seq, sdp=bool(request.body))
+        leg.log.info("reinvite_absorbed", cseq=request.cseq.seq, sdp=bool(request.body))
 
         async def answer() -> None:
             try:
                 if not await self.send_2xx(leg, incoming, response):
-                    self.log.warning("reinvite_ack_missing", leg=leg)
+                    leg.log.warning("reinvite_ack_missing")
             finally:
                 self._reinvite_pending.discard(leg)
 
@@ -126,21 +119,22 @@ class Absorber:
         body = await self._reoffer(leg, request) if request.body else b""
         headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
         incoming.respond(200, headers=headers, body=body)
-        self.log.info("update_absorbed", leg=leg, sdp=bool(request.body))
+        leg.log.info("update_absorbed", sdp=bool(request.body))
 
     async def dtmf_info(self, leg: Leg, incoming: IncomingRequest) -> None:
-        """SIP INFO DTMF from the PBX: Retell answers INFO 405 (PEERS.md), so the digit goes to
-        it as RFC 4733 events when the media layer can inject them; the INFO is answered 200
-        either way, and a digit that could not be relayed is logged."""
+        """SIP INFO DTMF from the caller: Retell answers INFO 405 (docs/peers.md), so the digit
+        goes to the far side as RFC 4733 events when the media layer can inject them; the INFO
+        is answered 200 either way, and a digit that could not be relayed is logged."""
         incoming.respond(200)
         dtmf = parse_dtmf_info(incoming.request.body)
-        media = self._media()
-        if dtmf is None or leg != "pbx" or media is None:
-            self.log.info("dtmf_info_ignored", leg=leg, body=len(incoming.request.body))
+        bridge = self._bridge()
+        media = None if bridge is None else bridge.media
+        if dtmf is None or bridge is None or media is None or bridge.side_of(leg) != "a":
+            leg.log.info("dtmf_info_ignored", body=len(incoming.request.body))
             return
         digit, duration = dtmf
         try:
-            relayed = await media.send_dtmf("retell", digit, duration)
+            relayed = await media.send_dtmf("b", digit, duration)
         except SipError as exc:  # a media server that failed the request (rtpengine)
             self.log.warning("dtmf_info_not_relayed", digit=digit, error=exc.detail)
             return
@@ -149,36 +143,36 @@ class Absorber:
 
     async def _reoffer(self, leg: Leg, request: Request) -> bytes:
         """The SDP answer for a re-offer on ``leg`` (or, with none, our last SDP as an offer)."""
-        media = self._media()
-        assert media is not None
-        if not request.body:
-            return self.sdp_sent.get(leg, b"")
-        answer = serialize_sdp(await media.reoffer(leg, parse_sdp(request.body)))
-        self.sdp_sent[leg] = answer
+        bridge = self._bridge()
+        side = None if bridge is None else bridge.side_of(leg)
+        if not request.body or bridge is None or bridge.media is None or side is None:
+            return leg.sdp_sent
+        answer = serialize_sdp(await bridge.media.reoffer(side, parse_sdp(request.body)))
+        leg.sdp_sent = answer
         return answer
 
     def _renegotiate(self, leg: Leg, request: Request) -> SessionTimer | None:
         """RFC 4028 §9: every refresh request renegotiates the PBX's timer (422 when too
         short); none is ever run toward Retell."""
-        if leg != "pbx":
+        if leg.peer is not Peer.PBX:
             return None
         timer = negotiate_session_timer(request, self.config.min_session_expires)
-        self.timer = timer
-        self.refreshed_at = _loop_time()
+        leg.timer = timer
+        leg.refreshed_at = _loop_time()
         return timer
 
     def _refresh_headers(
         self, leg: Leg, request: Request, timer: SessionTimer | None, *, has_body: bool
     ) -> HeaderList:
-        if leg == "pbx":
+        if leg.peer is Peer.PBX:
             return pbx_dialog_headers(
                 request,
-                self.pbx_local,
+                leg.local,
                 user_agent=self.config.user_agent,
                 timer=timer,
                 has_body=has_body,
             )
-        items = [("Contact", self.retell_local.contact), ("Allow", RETELL_ALLOW)]
+        items = [("Contact", leg.local.contact), ("Allow", leg.allow)]
         if has_body:
             items.append(("Content-Type", "application/sdp"))
         return tuple(items)

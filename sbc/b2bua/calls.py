@@ -1,4 +1,4 @@
-"""The call manager: which requests become calls, and which call an in-dialog request is for.
+"""The call manager: which requests become calls, and which call and leg a request is for.
 
 Every new server transaction reaches :meth:`CallManager.handle_request` (the engine's
 ``on_request``, set by :class:`sbc.ops.service.Service`):
@@ -13,70 +13,48 @@ Every new server transaction reaches :meth:`CallManager.handle_request` (the eng
   answered 481 (§12.2.2);
 * a NOTIFY outside a dialog is 3CX's voicemail summary: 200; other methods 405.
 
+Refusals raise the :class:`~sbc.sip.errors.SipError` that names their status; the one place
+that answers them is :meth:`CallManager.handle_request`.
+
 ACKs of 2xx, CANCELs and late 2xx copies come from the engine's hooks, which
-:meth:`CallManager.attach` points at this manager. The settings are mapped onto
-:class:`~sbc.b2bua.legs.BridgeConfig` by :mod:`sbc.ops.service` (b2bua never imports ops).
+:meth:`CallManager.attach` points at this manager. What happens to calls is published on
+``events`` (:class:`~sbc.b2bua.events.EventBus`), to any number of observers. The settings
+are mapped onto :class:`~sbc.b2bua.messages.BridgeConfig` by :mod:`sbc.ops.service` (b2bua never
+imports ops).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from sbc.b2bua.call import Call
-from sbc.b2bua.legs import BridgeConfig, uri_user
-from sbc.media.base import Leg, MediaBackend, MediaSession
+from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted, EventBus
+from sbc.b2bua.leg import Leg
+from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, uri_user
+from sbc.media.base import MediaBackend, MediaSession
 from sbc.net.addresses import Destination
-from sbc.net.engine import ClientTransaction, IncomingRequest, SipEngine
-from sbc.sip.errors import ServiceUnavailable
+from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
+from sbc.sip.errors import Forbidden, MethodNotAllowed, NotFound, ServiceUnavailable, SipError
 from sbc.sip.message import Request, Response
 
-__all__ = ["CallManager", "CallObserver", "CallRecord"]
+__all__ = ["CallManager", "record_of"]
 
 log = structlog.get_logger(__name__)
 
 STOP_WAIT = 5.0  # seconds calls get to hang up at shutdown
 
 
-@dataclass(frozen=True, slots=True)
-class CallRecord:
-    """What a finished call leaves behind (logs, call records, metrics)."""
-
-    call_uuid: str
-    pbx_call_id: str
-    retell_call_id: str
-    caller: str
-    called: str
-    started: float  # wall clock
-    answered: float | None
-    ended: float
-    pbx_status: int | None  # final status sent to the PBX's INVITE
-    retell_status: int | None  # final status Retell gave the bridge's INVITE
-    end_reason: str
-
-
-class CallObserver(Protocol):
-    """Who hears about calls (metrics, call records); every method is optional to act on."""
-
-    def call_started(self, call_uuid: str) -> None: ...
-
-    def call_ended(self, record: CallRecord) -> None: ...
-
-    def call_refused(self, status: int) -> None: ...
-
-
 def record_of(call: Call) -> CallRecord:
     return CallRecord(
         call_uuid=call.call_uuid,
         pbx_call_id=call.a_invite.call_id,
-        retell_call_id=call.b_ids.call_id,
+        retell_call_id=call.agent_leg.call_id,
         caller=call.caller.number,
         called=call.called,
         started=call.started,
@@ -119,7 +97,7 @@ class CallManager:
         config: BridgeConfig,
         media: MediaBackend,
         *,
-        observer: CallObserver | None = None,
+        events: EventBus | None = None,
         new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
         wall_clock: Callable[[], float] | None = None,
     ) -> None:
@@ -127,14 +105,14 @@ class CallManager:
         self.config = config
         self.media = media
         self._call_media = _RetryLater(media, config.retry_after)
-        self.observer = observer
+        self.events = events if events is not None else EventBus()
         self._new_uuid = new_uuid
         self._wall = wall_clock
         self.calls: dict[str, Call] = {}  # by call_uuid
         self.records: list[CallRecord] = []  # the last finished calls, newest last
-        self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}
-        self._invites: dict[str, Call] = {}  # PBX INVITE server transaction key -> call
-        self._retell_ids: dict[str, Call] = {}  # Retell-leg Call-ID -> call
+        self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}  # by (Call-ID, our tag)
+        self._invites: dict[str, tuple[Call, Leg]] = {}  # INVITE server transaction key
+        self._uac_call_ids: dict[str, tuple[Call, Leg]] = {}  # Call-IDs sbc chose
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._idle = asyncio.Event()
@@ -142,11 +120,12 @@ class CallManager:
 
     def attach(self) -> None:
         """Take the engine's ACK, CANCEL and late-response hooks (the service sets on_request
-        to :meth:`handle_request`)."""
+        to :meth:`handle_request`) and say what sbc handles outside dialogs (Allow)."""
         self.engine.on_ack = self.handle_ack
         self.engine.on_cancel = self.handle_cancel
         self.engine.on_late_response = self.handle_late_response
         self.engine.on_stray_response = self.handle_stray_response
+        self.engine.allow = OUT_OF_DIALOG
         # SIP INFO DTMF bodies (the engine answers 415 to bodies it does not accept).
         self.engine.accept = self.engine.accept | {"application/dtmf-relay", "application/dtmf"}
 
@@ -159,16 +138,24 @@ class CallManager:
         await self._idle.wait()
 
     # -- requests from the engine -------------------------------------------------------------
-    async def handle_request(self, incoming: IncomingRequest) -> None:
+    def handle_request(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        if request.to_tag is not None:
-            self._in_dialog(incoming)
-        elif request.method == "INVITE":
-            self._new_invite(incoming)
-        elif request.method == "NOTIFY":
-            incoming.respond(200)  # 3CX's voicemail summary, outside any dialog (PEERS.md)
-        else:
-            incoming.respond(405, headers=(("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS"),))
+        try:
+            if request.to_tag is not None:
+                self._in_dialog(incoming)
+            elif request.method == "INVITE":
+                self._new_invite(incoming)
+            elif request.method == "NOTIFY":
+                incoming.respond(200)  # 3CX's voicemail summary, outside any dialog (peers.md)
+            else:
+                raise MethodNotAllowed(
+                    f"{request.method} outside a dialog",
+                    headers=(("Allow", ", ".join(OUT_OF_DIALOG)),),
+                )
+        except SipError as exc:
+            if request.method == "INVITE" and request.to_tag is None:
+                self.events.publish(CallRefused(exc.status))
+            incoming.reject(exc)
 
     async def stop(self) -> None:
         """Refuse new calls, end every call (BYEs or CANCELs), wait a little for them."""
@@ -186,6 +173,7 @@ class CallManager:
             await self.media.close()
         except Exception:
             log.exception("media_close_failed")
+        await self.events.close()
 
     # -- new calls -----------------------------------------------------------------------------
     def _new_invite(self, incoming: IncomingRequest) -> None:
@@ -193,17 +181,15 @@ class CallManager:
         source = incoming.source
         if not self._trusted(source):
             log.info("invite_untrusted", source=str(source), call_id=request.call_id)
-            self._refuse(incoming, 403)
-            return
+            raise Forbidden(f"untrusted source {source}", headers=self._server)
         if not self._for_extension(request):
             log.info("invite_other_extension", uri=str(request.uri), call_id=request.call_id)
-            self._refuse(incoming, 404)
-            return
+            raise NotFound(f"not extension {self.config.extension}", headers=self._server)
         if self._stopping or len(self.calls) >= self.config.max_concurrent:
             log.warning("invite_over_capacity", active=len(self.calls), call_id=request.call_id)
             # RFC 3261 §21.5.4: 503 with Retry-After; the PBX may try again later.
-            self._refuse(incoming, 503, (("Retry-After", str(self.config.retry_after)),))
-            return
+            retry = ("Retry-After", str(self.config.retry_after))
+            raise ServiceUnavailable("over capacity", headers=(retry, *self._server))
         incoming.respond(100)
         kwargs: dict[str, Any] = {}
         if self._wall is not None:
@@ -218,12 +204,12 @@ class CallManager:
         )
         self.calls[call.call_uuid] = call
         self._idle.clear()
-        self._dialogs[call.pbx_key] = (call, "pbx")
-        self._dialogs[call.retell_key] = (call, "retell")
-        self._invites[incoming.key] = call
-        self._retell_ids[call.b_ids.call_id] = call
-        if self.observer is not None:
-            self.observer.call_started(call.call_uuid)
+        for leg in call.legs.values():
+            self._dialogs[leg.key] = (call, leg)
+            if leg.incoming is None:
+                self._uac_call_ids[leg.call_id] = (call, leg)
+        self._invites[incoming.key] = (call, call.caller_leg)
+        self.events.publish(CallStarted(call.call_uuid))
         task = asyncio.ensure_future(self._run(call, incoming.key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -235,23 +221,18 @@ class CallManager:
             self.calls.pop(call.call_uuid, None)
             if not self.calls:
                 self._idle.set()
-            self._dialogs.pop(call.pbx_key, None)
-            self._dialogs.pop(call.retell_key, None)
+            for leg in call.legs.values():
+                self._dialogs.pop(leg.key, None)
+                self._uac_call_ids.pop(leg.call_id, None)
             self._invites.pop(invite_key, None)
-            self._retell_ids.pop(call.b_ids.call_id, None)
             record = record_of(call)
             self.records.append(record)
             del self.records[:-100]
-            if self.observer is not None:
-                with contextlib.suppress(Exception):
-                    self.observer.call_ended(record)
+            self.events.publish(CallEnded(record))
 
-    def _refuse(
-        self, incoming: IncomingRequest, status: int, headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
-        incoming.respond(status, headers=(*headers, ("Server", self.config.user_agent)))
-        if self.observer is not None:
-            self.observer.call_refused(status)
+    @property
+    def _server(self) -> tuple[tuple[str, str], ...]:
+        return (("Server", self.config.user_agent),)
 
     def _trusted(self, source: Destination) -> bool:
         try:
@@ -283,17 +264,19 @@ class CallManager:
 
     def handle_cancel(self, incoming: IncomingRequest, cancel: Request) -> None:
         # The transaction layer answered the CANCEL 200; the call answers its INVITE 487.
-        call = self._invites.get(incoming.key)
-        if call is not None:
-            call.pbx_cancelled()
+        found = self._invites.get(incoming.key)
+        if found is not None:
+            call, leg = found
+            call.cancelled(leg)
 
-    def handle_late_response(self, handle: ClientTransaction, response: Response) -> None:
+    def handle_late_response(self, handle: OutgoingRequest, response: Response) -> None:
         self.handle_stray_response(response, handle.destination)
 
     def handle_stray_response(self, response: Response, source: Destination | None) -> None:
-        """RFC 3261 §13.2.2.4: a 2xx copy from Retell is ACKed again."""
+        """RFC 3261 §13.2.2.4: a 2xx copy to an INVITE sbc sent is ACKed again."""
         if response.status < 200 or response.status >= 300:
             return
-        call = self._retell_ids.get(response.call_id)
-        if call is not None:
-            call.retell_2xx_again(response)
+        found = self._uac_call_ids.get(response.call_id)
+        if found is not None:
+            call, leg = found
+            call.response_again(leg, response)

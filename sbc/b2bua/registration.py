@@ -204,7 +204,8 @@ class RegistrationDriver:
                 refresh_in=round(output.refresh_at - output.expires_at + output.expires, 1),
             )
         elif isinstance(output, RegistrationFailed):
-            # Logged once per failure, with what the registrar said (DESIGN.md rule 8).
+            # Logged once per failure, with what the registrar said
+            # (docs/architecture.md, "Logging").
             self.log.warning(
                 "registration_failed",
                 status=output.status,

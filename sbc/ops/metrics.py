@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from sbc.b2bua.calls import CallRecord
+from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, CallRefused, CallStarted
 
 __all__ = ["CONTENT_TYPE", "Metrics", "failure_label"]
 
@@ -30,7 +30,7 @@ def failure_label(status: int | None, reason: str = "") -> str:
 
 class Metrics:
     """The bridge's metrics; implements the registration driver's ``RegistrationObserver`` and
-    the call manager's ``CallObserver`` (checked by mypy where :mod:`sbc.ops.service` passes it)."""
+    observes the call manager's events (:meth:`on_call_event`)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -85,7 +85,15 @@ class Metrics:
     def register_failed(self, status: int | None, reason: str) -> None:
         self.register_failures.labels(reason=failure_label(status, reason)).inc()
 
-    # -- the call manager's observer protocol ------------------------------------------------
+    # -- call events (sbc.b2bua.events), delivered off the call path ---------------------------
+    def on_call_event(self, event: CallEvent) -> None:
+        if isinstance(event, CallStarted):
+            self.call_started(event.call_uuid)
+        elif isinstance(event, CallEnded):
+            self.call_ended(event.record)
+        elif isinstance(event, CallRefused):
+            self.call_refused(event.status)
+
     def call_started(self, call_uuid: str) -> None:
         self.calls_started.inc()
         self.calls_active.inc()

@@ -29,8 +29,8 @@ from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 
-from sbc.b2bua.calls import CallManager, CallObserver
-from sbc.b2bua.legs import BridgeConfig, RetellTarget
+from sbc.b2bua.calls import CallManager
+from sbc.b2bua.messages import BridgeConfig, RetellTarget
 from sbc.b2bua.numbers import NumberPlan
 from sbc.b2bua.registration import RegistrationDriver, RegistrationObserver
 from sbc.b2bua.templates import compile_headers
@@ -270,10 +270,8 @@ class Service:
             ready_checks={"registered": lambda: self.registration.registered},
         )
         self.media = media_backend(settings, self.engine.config.via_host)
-        call_observer: CallObserver = self.metrics
-        self.bridge = CallManager(
-            self.engine, bridge_config(settings), self.media, observer=call_observer
-        )
+        self.bridge = CallManager(self.engine, bridge_config(settings), self.media)
+        self.bridge.events.subscribe(self.metrics.on_call_event)
         self.bridge.attach()
         self.engine.on_request = self.bridge.handle_request
         self._started: list[Callable[[], Awaitable[None]]] = []

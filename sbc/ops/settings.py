@@ -1,7 +1,8 @@
 """Operator settings: a TOML file overlaid by ``SBC_<SECTION>__<KEY>`` environment variables.
 
 Every section is a frozen pydantic model; the whole tree is handed to the code that needs it as a
-constructor argument (DESIGN.md rule 7), never kept in a global. :func:`load_settings` is the only
+constructor argument (docs/architecture.md, "Configuration"), never kept in a global.
+:func:`load_settings` is the only
 entry point: it reads the file, overlays the environment (the environment wins), validates, and
 turns every problem into one readable line (:class:`ConfigError`). Secrets are ``SecretStr``: they
 print as ``**********`` in reprs, dumps and error messages.

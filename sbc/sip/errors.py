@@ -1,4 +1,4 @@
-"""Errors that carry the SIP status to answer with (DESIGN.md rule 5).
+"""Errors that carry the SIP status to answer with (docs/architecture.md, "Errors").
 
 The shell turns any :class:`SipError` into a response in one place; every other exception is a
 bug. Subclasses only set ``status`` and ``reason``; ``headers`` holds extra header fields the
@@ -107,6 +107,13 @@ class RequestPending(SipError):
 class ServiceUnavailable(SipError):
     status = 503
     reason = "Service Unavailable"
+
+
+class NotImplementedMethod(SipError):
+    """RFC 3261 §21.5.2: a method this UA implements for no peer at all."""
+
+    status = 501
+    reason = "Not Implemented"
 
 
 class VersionNotSupported(SipError):

@@ -16,10 +16,10 @@ import pytest
 import structlog
 
 from sbc.b2bua.call import Call, CallState
-from sbc.b2bua.legs import BridgeConfig, RetellTarget
+from sbc.b2bua.messages import BridgeConfig, RetellTarget
 from sbc.b2bua.numbers import NumberPlan
 from sbc.b2bua.templates import compile_headers
-from sbc.media.base import Leg, MediaSession, PassthroughBackend, PassthroughSession
+from sbc.media.base import MediaSession, PassthroughBackend, PassthroughSession, Side
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest
 from sbc.sip.digest import Credentials
@@ -194,7 +194,7 @@ class Harness:
         self.engine = FakeEngine()
         media = overrides.pop("media", None) or PassthroughBackend()
         self.incoming = IncomingRequest(
-            self.engine,  # type: ignore[arg-type]
+            self.engine,
             "pbx-invite",
             overrides.pop("invite", None) or a_invite(),
             PBX_SOURCE,
@@ -240,7 +240,7 @@ class Harness:
 
     def pbx_ack(self, seq: int) -> None:
         ack = self.pbx_request("ACK", seq)
-        self.call.ack_arrived("pbx", ack)
+        self.call.ack_arrived(self.call.caller_leg, ack)
 
     def pbx_request(
         self, method: str, seq: int, *extra: tuple[str, str], body: bytes = b""
@@ -248,7 +248,7 @@ class Harness:
         headers = [
             ("Via", f"SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKp{method}{seq}"),
             ("From", '"Alice" <sip:02071234567@10.0.0.1>;tag=pbxtag'),
-            ("To", f"<sip:101@10.0.0.5>;tag={self.call.a_tag}"),
+            ("To", f"<sip:101@10.0.0.5>;tag={self.call.caller_leg.local_tag}"),
             ("Call-ID", "pbx-call@10.0.0.1"),
             ("CSeq", f"{seq} {method}"),
             ("Contact", "<sip:3cx@10.0.0.1:5060>"),
@@ -260,13 +260,13 @@ class Harness:
 
     def send_pbx(self, request: Request) -> IncomingRequest:
         incoming = IncomingRequest(
-            self.engine,  # type: ignore[arg-type]
+            self.engine,
             f"pbx-{request.method}-{request.cseq.seq}",
             request,
             PBX_SOURCE,
             request.to_tag,
         )
-        self.call.request_arrived("pbx", incoming)
+        self.call.request_arrived(self.call.caller_leg, incoming)
         return incoming
 
     def send_retell(self, method: str, seq: int, invite: FakeHandle) -> IncomingRequest:
@@ -285,13 +285,13 @@ class Harness:
             ),
         )
         incoming = IncomingRequest(
-            self.engine,  # type: ignore[arg-type]
+            self.engine,
             f"retell-{method}-{seq}",
             request,
             Destination("tcp", "192.0.2.9", 5060),
             request.to_tag,
         )
-        self.call.request_arrived("retell", incoming)
+        self.call.request_arrived(self.call.agent_leg, incoming)
         return incoming
 
 
@@ -319,7 +319,7 @@ async def test_bridged_call_pbx_hangs_up() -> None:
     invite.deliver(180)
     invite.deliver(180)  # LiveKit repeats it every second: relayed once
     ringing = await h.pbx_status(180)
-    assert ringing.to_tag == h.call.a_tag
+    assert ringing.to_tag == h.call.caller_leg.local_tag
     assert ringing.headers.get("Record-Route") == "<sip:10.0.0.1;lr>"
     assert h.state() is CallState.RINGING
 
@@ -407,7 +407,7 @@ async def test_session_interval_too_small_is_422() -> None:
 async def test_pbx_cancel_waits_for_a_provisional_before_cancelling() -> None:
     h = Harness()
     invite = await h.b_invite()
-    h.call.pbx_cancelled()
+    h.call.cancelled(h.call.caller_leg)
     await h.pbx_status(487)
     assert h.engine.cancelled == []  # RFC 3261 §9.1: not before a provisional response
     invite.deliver(100)
@@ -423,7 +423,7 @@ async def test_cancel_crossing_a_200_is_acked_then_byed() -> None:
     invite = await h.b_invite()
     invite.deliver(180)
     await h.pbx_status(180)
-    h.call.pbx_cancelled()
+    h.call.cancelled(h.call.caller_leg)
     await h.engine.wait(lambda: h.engine.cancelled)
     invite.deliver(200, body=RETELL_SDP)
     await answer_bye(h.engine)
@@ -474,7 +474,7 @@ async def test_shutdown_when_connected_hangs_up_both() -> None:
     await h.finished()
     assert {b.request.call_id for b in h.engine.requests("BYE")} == {
         "pbx-call@10.0.0.1",
-        h.call.b_ids.call_id,
+        h.call.agent_leg.call_id,
     }
 
 
@@ -549,11 +549,11 @@ class DtmfSession(PassthroughSession):
         super().__init__(call_id)
         self.result = result
         self.engine = engine
-        self.digits: list[tuple[Leg, str, int, list[int]]] = []
+        self.digits: list[tuple[Side, str, int, list[int]]] = []
 
-    async def send_dtmf(self, leg: Leg, digit: str, duration_ms: int) -> bool:
+    async def send_dtmf(self, side: Side, digit: str, duration_ms: int) -> bool:
         answered = [r.status for r in self.engine.to_pbx if r.cseq.method == "INFO"]
-        self.digits.append((leg, digit, duration_ms, answered))
+        self.digits.append((side, digit, duration_ms, answered))
         if isinstance(self.result, Exception):
             raise self.result
         return self.result
@@ -602,8 +602,8 @@ async def test_info_dtmf_from_the_pbx_is_answered_then_played_toward_retell() ->
         await h.engine.wait(lambda: bare.final_sent and len(backend.sessions[0].digits) == 2)
         # 200 first (the INFO transaction does not wait for the tone), then the digit.
         assert backend.sessions[0].digits == [
-            ("retell", "5", 160, [200]),
-            ("retell", "#", 100, [200, 200]),
+            ("b", "5", 160, [200]),
+            ("b", "#", 100, [200, 200]),
         ]
         assert [x.request.method for x in h.engine.handles] == ["INVITE"]  # no INFO to Retell
         await hang_up(h)
@@ -661,11 +661,11 @@ async def test_bridge_refreshes_when_it_is_the_refresher() -> None:
     await h.engine.wait(lambda: h.engine.requests("UPDATE"))
     (update,) = h.engine.requests("UPDATE")
     assert update.request.headers.get("Session-Expires") == "1;refresher=uac"
-    update.deliver(481, to_tag=h.call.a_tag)
+    update.deliver(481, to_tag=h.call.caller_leg.local_tag)
     await answer_bye(h.engine, 0)  # the Retell leg only: the PBX dialog is gone
     await h.finished()
     assert h.call.end_reason == "pbx_lost"
-    assert [b.request.call_id for b in h.engine.requests("BYE")] == [h.call.b_ids.call_id]
+    assert [b.request.call_id for b in h.engine.requests("BYE")] == [h.call.agent_leg.call_id]
 
 
 async def test_max_duration() -> None:
@@ -681,7 +681,7 @@ async def test_retell_2xx_copy_is_acked_again() -> None:
     h = Harness()
     invite = await h.connect()
     assert invite.final is not None
-    h.call.retell_2xx_again(invite.final)
+    h.call.response_again(h.call.agent_leg, invite.final)
     await h.engine.wait(lambda: len(h.engine.acks) == 2)
     assert h.engine.acks[0] == h.engine.acks[1]
     h.call.shutdown()
@@ -707,7 +707,7 @@ class SilentSession(PassthroughSession):
         super().__init__(call_id)
         self.born = asyncio.get_running_loop().time()
 
-    def last_activity(self, leg: Leg) -> float | None:
+    def last_activity(self, side: Side) -> float | None:
         return self.born
 
 

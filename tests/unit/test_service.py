@@ -235,13 +235,13 @@ def manager(
         engine,  # type: ignore[arg-type]
         cfg,
         media or PassthroughBackend(),
-        observer=metrics,
     )
+    bridge.events.subscribe(metrics.on_call_event)
     return bridge, engine, metrics
 
 
 def incoming(engine: RecordingEngine, req: Request) -> IncomingRequest:
-    return IncomingRequest(engine, "key-" + req.call_id, req, PBX, req.to_tag)  # type: ignore[arg-type]
+    return IncomingRequest(engine, "key-" + req.call_id, req, PBX, req.to_tag)
 
 
 async def test_voicemail_notify_outside_a_dialog_is_answered_200() -> None:
@@ -252,7 +252,7 @@ async def test_voicemail_notify_outside_a_dialog_is_answered_200() -> None:
         ("Content-Type", "application/simple-message-summary"),
         body=b"Messages-Waiting: yes\r\nVoice-Message: 1/0\r\n",
     )
-    await bridge.handle_request(incoming(engine, notify))
+    bridge.handle_request(incoming(engine, notify))
     (response,) = engine.responses
     assert response.status == 200
     assert response.call_id == notify.call_id and response.to_tag is not None
@@ -260,7 +260,7 @@ async def test_voicemail_notify_outside_a_dialog_is_answered_200() -> None:
 
 async def test_other_methods_outside_a_dialog_are_405_with_allow() -> None:
     bridge, engine, _ = manager()
-    await bridge.handle_request(incoming(engine, request("MESSAGE")))
+    bridge.handle_request(incoming(engine, request("MESSAGE")))
     (response,) = engine.responses
     assert response.status == 405
     assert "INVITE" in (response.headers.get("Allow") or "")
@@ -283,15 +283,16 @@ class SlowPorts(NoPorts):
 async def test_over_capacity_is_503_with_the_configured_retry_after() -> None:
     media = SlowPorts()
     bridge, engine, metrics = manager(media, max_concurrent=1, retry_after=45)
-    await bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
     async with asyncio.timeout(LIMIT):
         await media.waiting.wait()
     assert bridge.active == 1
     second = request("INVITE", body=SDP, call_id="second@10.0.0.1")
-    await bridge.handle_request(incoming(engine, second))
+    bridge.handle_request(incoming(engine, second))
     refused = [r for r in engine.responses if r.call_id == "second@10.0.0.1"]
     assert [r.status for r in refused] == [503]
     assert refused[0].headers.get("Retry-After") == "45"
+    await bridge.events.flush()  # events reach observers off the call path
     assert metrics.refused == [503]
     media.release.set()
     async with asyncio.timeout(LIMIT):
@@ -302,7 +303,7 @@ async def test_over_capacity_is_503_with_the_configured_retry_after() -> None:
 async def test_no_free_rtp_ports_is_503_with_retry_after() -> None:
     media = NoPorts(PortsExhausted("no free RTP port pair"))
     bridge, engine, _ = manager(media, retry_after=12)
-    await bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
     final = await engine.final()
     assert [r.status for r in engine.responses] == [100, 503]
     assert final.headers.get("Retry-After") == "12"
@@ -316,7 +317,7 @@ async def test_no_free_rtp_ports_is_503_with_retry_after() -> None:
 async def test_a_retry_after_from_the_media_layer_is_kept() -> None:
     media = NoPorts(ServiceUnavailable("draining", headers=(("Retry-After", "300"),)))
     bridge, engine, _ = manager(media, retry_after=12)
-    await bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
     final = await engine.final()
     assert final.status == 503
     assert final.headers.get_all("Retry-After") == ["300"]

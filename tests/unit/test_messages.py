@@ -1,19 +1,20 @@
-"""B-leg INVITE building, response mapping and PBX-side headers (sbc.b2bua.legs)."""
+"""B-leg INVITE building, response mapping and PBX-side headers (sbc.b2bua.messages)."""
 
 from __future__ import annotations
 
 import pytest
 
-from sbc.b2bua.legs import (
-    PBX_ALLOW,
-    RETELL_ALLOW,
+from sbc.b2bua.messages import (
+    HANDLED,
     BridgeConfig,
     Caller,
     LegIds,
     LocalAddress,
+    Peer,
     RetellTarget,
     SessionIntervalTooSmall,
     SessionTimer,
+    allow_header,
     build_b_invite,
     call_facts,
     called_of,
@@ -146,7 +147,7 @@ def test_b_invite_advertises_only_what_retell_takes() -> None:
     assert "Supported" not in b.headers
     assert "Require" not in b.headers
     assert "Session-Expires" not in b.headers
-    assert RETELL_ALLOW.startswith("INVITE")
+    assert allow == set(HANDLED[Peer.RETELL])
 
 
 def test_b_invite_without_sdp_user_agent_or_caller() -> None:
@@ -306,7 +307,7 @@ def test_pbx_dialog_headers_echo_record_route_and_timer() -> None:
         ("Record-Route", "<sip:10.0.0.1:5060;lr>"),
         ("Record-Route", "<sip:10.0.0.9;lr>"),
         ("Contact", "<sip:10.0.0.5:5060>"),
-        ("Allow", PBX_ALLOW),
+        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"),
         ("Supported", "timer"),
         ("Session-Expires", "600;refresher=uac"),
         ("Require", "timer"),
@@ -319,7 +320,7 @@ def test_pbx_dialog_headers_minimal_and_uas_refresher() -> None:
     req = _invite_with("<sip:1@p>;tag=1")
     assert pbx_dialog_headers(req, LOCAL_PBX) == (
         ("Contact", "<sip:10.0.0.5:5060>"),
-        ("Allow", PBX_ALLOW),
+        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"),
         ("Supported", "timer"),
     )
     headers = pbx_dialog_headers(req, LOCAL_PBX, timer=SessionTimer(900, "uas"))
@@ -381,3 +382,10 @@ def test_require_timer_with_uas_refresher_when_pbx_supports_timer() -> None:
     headers = pbx_dialog_headers(req, LOCAL_PBX, timer=negotiate_session_timer(req))
     assert ("Session-Expires", "900;refresher=uas") in headers
     assert ("Require", "timer") in headers
+
+
+def test_allow_is_derived_from_the_handled_table() -> None:
+    # One source of truth: what each peer may send in a dialog is what its Allow says.
+    assert allow_header(Peer.PBX) == ", ".join(HANDLED[Peer.PBX])
+    assert allow_header(Peer.RETELL) == ", ".join(HANDLED[Peer.RETELL])
+    assert {"ACK", "CANCEL", "BYE", "INVITE"} <= set(HANDLED[Peer.RETELL])

@@ -17,6 +17,7 @@ Retell's responses are mapped to what the PBX is told by :func:`pbx_status_for_f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from ipaddress import IPv4Network, IPv6Network
 from urllib.parse import quote
 
@@ -29,11 +30,29 @@ from sbc.sip.headers import Headers
 from sbc.sip.message import Request
 from sbc.sip.uri import NameAddr, SipUri, TelUri, Uri, parse_name_addr, unescape
 
-# What the bridge accepts inside a Retell dialog (REFER and NOTIFY for transfers).
-RETELL_ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REFER, NOTIFY"
-# Toward the PBX the bridge also takes INFO (DTMF) and UPDATE (absorbed session refreshes).
-PBX_ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, REFER, NOTIFY"
-PBX_SUPPORTED = "timer"
+
+class Peer(Enum):
+    PBX = "pbx"
+    RETELL = "retell"
+
+
+# Methods each peer may send in one of its dialogs with sbc, and so what its Allow says
+# (RFC 3261 §20.5). Retell's LiveKit stack answers INFO, UPDATE, PRACK, MESSAGE and SUBSCRIBE
+# 405 (docs/peers.md): sbc advertises none of them to it. ACK and CANCEL belong to the INVITE.
+HANDLED: dict[Peer, tuple[str, ...]] = {
+    Peer.PBX: ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "INFO", "UPDATE"),
+    Peer.RETELL: ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS"),
+}
+# Outside any dialog: a new call, OPTIONS, and 3CX's voicemail NOTIFY (docs/peers.md).
+OUT_OF_DIALOG: tuple[str, ...] = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "NOTIFY")
+# Toward the PBX sbc runs RFC 4028 session timers; toward Retell it supports nothing extra.
+SUPPORTED: dict[Peer, str] = {Peer.PBX: "timer", Peer.RETELL: ""}
+
+
+def allow_header(peer: Peer) -> str:
+    return ", ".join(HANDLED[peer])
+
+
 MAX_FORWARDS = 70
 
 # RFC 4028 §4: Min-SE may not be below 90 s; it is the bridge's minimum too.
@@ -204,7 +223,7 @@ def build_b_invite(
         ("Call-ID", ids.call_id),
         ("CSeq", f"{ids.cseq} INVITE"),
         ("Contact", local.contact),
-        ("Allow", RETELL_ALLOW),
+        ("Allow", allow_header(Peer.RETELL)),
     ]
     if user_agent:
         items.append(("User-Agent", user_agent))
@@ -355,8 +374,8 @@ def pbx_dialog_headers(
     """
     items = [("Record-Route", v) for v in invite.headers.get_all("Record-Route")]
     items.append(("Contact", local.contact))
-    items.append(("Allow", PBX_ALLOW))
-    items.append(("Supported", PBX_SUPPORTED))
+    items.append(("Allow", allow_header(Peer.PBX)))
+    items.append(("Supported", SUPPORTED[Peer.PBX]))
     if timer is not None:
         items.append(("Session-Expires", timer.header))
         # RFC 4028 §9: Require: timer MUST go with refresher=uac, SHOULD with uas when the

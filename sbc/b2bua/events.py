@@ -1,0 +1,137 @@
+"""What calls tell the rest of the bridge: events, published to any number of observers.
+
+Calls publish facts (:class:`CallStarted`, :class:`CallRefused`, :class:`CallEnded`) and never
+wait for who listens: :meth:`EventBus.publish` puts the event on each observer's own bounded
+queue and returns at once, and one task per observer hands the events over in order. A slow
+observer (call records on a slow disk) only fills its own queue; once full, further events for
+it are dropped and counted (``dropped``), logged on the first drop of a run of drops. A failing
+observer is logged and keeps receiving. :meth:`EventBus.flush` waits until every queued event
+was handled (shutdown: nothing lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+__all__ = [
+    "CallEnded",
+    "CallEvent",
+    "CallRecord",
+    "CallRefused",
+    "CallStarted",
+    "EventBus",
+    "Observer",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_QUEUE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What a finished call leaves behind (logs, call records, metrics)."""
+
+    call_uuid: str
+    pbx_call_id: str
+    retell_call_id: str
+    caller: str
+    called: str
+    started: float  # wall clock
+    answered: float | None
+    ended: float
+    pbx_status: int | None  # final status sent to the PBX's INVITE
+    retell_status: int | None  # final status Retell gave the bridge's INVITE
+    end_reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallStarted:
+    call_uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRefused:
+    """A new call refused before any call existed (untrusted, other extension, capacity)."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    record: CallRecord
+
+
+CallEvent = CallStarted | CallRefused | CallEnded
+# An observer takes one event; it may be a coroutine function.
+Observer = Callable[[CallEvent], Awaitable[None] | None]
+
+
+class _Subscription:
+    def __init__(self, observer: Observer, maxsize: int) -> None:
+        self.observer = observer
+        self.name = getattr(observer, "__qualname__", repr(observer))
+        self.queue: asyncio.Queue[CallEvent] = asyncio.Queue(maxsize)
+        self.dropped = 0
+        self.dropping = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def deliver(self) -> None:
+        while True:
+            event = await self.queue.get()
+            try:
+                result = self.observer(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("call_observer_failed", observer=self.name)
+            finally:
+                self.queue.task_done()
+
+
+class EventBus:
+    """Call events to observers, each through its own bounded queue (module docstring)."""
+
+    def __init__(self) -> None:
+        self._subscriptions: list[_Subscription] = []
+
+    def subscribe(self, observer: Observer, *, maxsize: int = DEFAULT_QUEUE) -> None:
+        self._subscriptions.append(_Subscription(observer, maxsize))
+
+    @property
+    def dropped(self) -> int:
+        return sum(s.dropped for s in self._subscriptions)
+
+    def publish(self, event: CallEvent) -> None:
+        """Queue ``event`` for every observer; never blocks, never raises."""
+        for sub in self._subscriptions:
+            if sub.task is None:
+                sub.task = asyncio.ensure_future(sub.deliver())
+            try:
+                sub.queue.put_nowait(event)
+                sub.dropping = False
+            except asyncio.QueueFull:
+                sub.dropped += 1
+                if not sub.dropping:
+                    sub.dropping = True
+                    log.warning("call_event_dropped", observer=sub.name, queued=sub.queue.qsize())
+
+    async def flush(self) -> None:
+        """Wait until every event published so far has been handed to its observer."""
+        await asyncio.gather(*(s.queue.join() for s in self._subscriptions if s.task))
+
+    async def close(self) -> None:
+        """Flush, then stop the delivery tasks."""
+        await self.flush()
+        tasks: list[asyncio.Task[Any]] = [s.task for s in self._subscriptions if s.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sub in self._subscriptions:
+            sub.task = None

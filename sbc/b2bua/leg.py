@@ -1,0 +1,215 @@
+"""A call's legs: each one dialog of sbc with one peer, named by the role it plays in the call.
+
+A call has any number of legs (see ``docs/architecture.md``, "A call's legs"):
+
+* the **caller** leg: the PBX's INVITE to the registered extension; sbc is its UAS;
+* the **agent** leg: sbc's INVITE to Retell; sbc is its UAC;
+* the **human** leg: sbc's INVITE to a PBX queue or extension when the agent hands the caller
+  back by a transfer in ``invite`` mode; sbc is its UAC.
+
+A :class:`Bridge` joins two legs through one media session: side ``a`` of the media faces the
+caller, side ``b`` the far leg (the agent, and after a transfer the human).
+
+A :class:`Leg` holds what sbc knows of its dialog (the :class:`~sbc.sip.dialog.Dialog` once it
+exists, the last SDP sbc sent on it, the final status of its INVITE, the PBX's session timer)
+and sends requests inside it: :meth:`Leg.request` answers the PBX's digest challenges with the
+extension's credentials (3CX challenges what an extension sends inside dialogs too, see
+``docs/peers.md``) and never Retell's.
+
+What each peer may send inside a dialog is :data:`HANDLED`, the one table that the ``Allow``
+header fields sbc sends are built from; the call's dispatch (``sbc/b2bua/call.py``) serves
+exactly those methods and answers any other one 405 with that ``Allow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from structlog.typing import FilteringBoundLogger
+
+from sbc.b2bua.messages import LocalAddress, Peer, SessionTimer, allow_header
+from sbc.media.base import MediaSession, Side
+from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
+from sbc.sip.dialog import Dialog, DialogState
+from sbc.sip.digest import ClientAuth
+from sbc.sip.fields import parse_via
+from sbc.sip.ids import new_branch, new_cnonce
+from sbc.sip.message import Request, Response
+
+__all__ = ["Bridge", "Leg", "LegState", "Role", "hang_up_all"]
+
+HeaderList = tuple[tuple[str, str], ...]
+
+
+class Role(Enum):
+    CALLER = "caller"  # the PBX's call to the extension
+    AGENT = "agent"  # sbc's call to Retell
+    HUMAN = "human"  # sbc's call to a PBX queue, a transfer by INVITE
+
+    @property
+    def peer(self) -> Peer:
+        return Peer.RETELL if self is Role.AGENT else Peer.PBX
+
+
+class LegState(Enum):
+    OFFERING = "offering"  # INVITE under way (sent, or received and not answered)
+    EARLY = "early"  # a provisional response with a tag went or came
+    CONFIRMED = "confirmed"  # 2xx sent or received
+    ENDED = "ended"  # BYE done, INVITE refused or cancelled
+
+
+class Leg:
+    """One dialog of a call with one peer (see the module docstring)."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        local: LocalAddress,
+        call_id: str,
+        local_tag: str,
+        engine: SipEngine,
+        random_bytes: Callable[[int], bytes],
+        user_agent: str,
+        log: FilteringBoundLogger,
+        auth: ClientAuth | None = None,
+    ) -> None:
+        self.role = role
+        self.local = local
+        self.call_id = call_id
+        self.local_tag = local_tag
+        self.engine = engine
+        self.state = LegState.OFFERING
+        self.dialog: Dialog | None = None
+        self.sdp_sent = b""  # the last SDP sbc sent on this leg
+        self.status: int | None = None  # final status of the leg's INVITE
+        self.timer: SessionTimer | None = None  # RFC 4028, PBX legs only
+        self.refreshed_at = 0.0  # loop time of the session's last refresh
+        self.incoming: IncomingRequest | None = None  # UAS legs: the INVITE received
+        self.outgoing: OutgoingRequest | None = None  # UAC legs: the INVITE sent
+        self.ack: Request | None = None  # UAC legs: our ACK of the 2xx, sent again on copies
+        self.log = log.bind(leg=role.value)
+        self._random = random_bytes
+        self._user_agent = user_agent
+        self._auth = auth if role.peer is Peer.PBX else None
+
+    def __repr__(self) -> str:
+        return f"<Leg {self.role.value} {self.state.value} {self.call_id}>"
+
+    @property
+    def peer(self) -> Peer:
+        return self.role.peer
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The dialog id half sbc chose: how requests of this leg are routed to it."""
+        return self.call_id, self.local_tag
+
+    @property
+    def up(self) -> bool:
+        return self.dialog is not None and self.dialog.state is not DialogState.TERMINATED
+
+    @property
+    def allow(self) -> str:
+        return allow_header(self.peer)
+
+    # -- dialog set-up -------------------------------------------------------------------------
+    def answered_as_uas(self, invite: Request, ok: Response) -> None:
+        self.dialog = Dialog.from_uas(invite, ok)
+        self.status = ok.status
+        self.state = LegState.CONFIRMED
+
+    async def answered_as_uac(self, response: Response) -> None:
+        """A 2xx to the leg's INVITE: the dialog is confirmed; ACK it (RFC 3261 §13.2.2.4)."""
+        assert self.outgoing is not None
+        self.dialog = Dialog.from_uac(self.outgoing.request, response)
+        self.status = response.status
+        self.state = LegState.CONFIRMED
+        self.ack = await self.engine.send_ack(self.in_dialog("ACK", cseq=response.cseq.seq))
+
+    def refused(self, status: int) -> None:
+        self.status = status
+        self.state = LegState.ENDED
+
+    async def ack_again(self, response: Response) -> None:
+        """RFC 3261 §13.2.2.4: a retransmitted 2xx is ACKed again with the same ACK."""
+        if self.ack is not None and 200 <= response.status < 300:
+            await self.engine.send_ack(self.ack)
+
+    # -- requests sbc sends in the dialog ------------------------------------------------------
+    def in_dialog(
+        self, method: str, *, cseq: int | None = None, headers: HeaderList = (), body: bytes = b""
+    ) -> Request:
+        assert self.dialog is not None
+        via = parse_via(self.engine.make_via(self.local.transport))
+        branch = new_branch(self._random(12))
+        if self._user_agent:
+            headers = (*headers, ("User-Agent", self._user_agent))
+        return self.dialog.create_request(
+            method, via=via, branch=branch, cseq=cseq, headers=headers, body=body
+        )
+
+    async def request(self, request: Request) -> Response:
+        """Send ``request`` in the dialog and return the final response; a PBX challenge is
+        answered with the extension's credentials (at most twice), Retell's never is."""
+        dialog = self.dialog
+        assert dialog is not None
+        for _ in range(3):
+            response = await self.engine.send_request(request)
+            if response.status not in (401, 407) or self._auth is None:
+                break
+            retry = self._auth.authorize(
+                response, request, new_cnonce(self._random(8)), branch=new_branch(self._random(12))
+            )
+            if retry is None:
+                self.log.warning("pbx_refused_credentials", method=request.method)
+                break
+            dialog.advance_local_cseq(retry.cseq.seq)
+            request = retry
+        dialog.update_from_response(response)
+        return response
+
+    async def hang_up(self) -> None:
+        """BYE, when the dialog is still up; the leg has ended afterwards whatever the answer."""
+        if self.up:
+            response = await self.request(self.in_dialog("BYE"))
+            self.log.info("bye_sent", status=response.status)
+        self.ended()
+
+    def ended(self) -> None:
+        if self.dialog is not None:
+            self.dialog.terminate()
+        self.state = LegState.ENDED
+
+
+@dataclass(slots=True)
+class Bridge:
+    """Two legs joined through one media session: side ``a`` faces ``a`` (the caller), side
+    ``b`` faces ``b`` (the agent; after a transfer by INVITE, the human)."""
+
+    a: Leg
+    b: Leg
+    media: MediaSession | None = None
+
+    def side_of(self, leg: Leg) -> Side | None:
+        if leg is self.a:
+            return "a"
+        if leg is self.b:
+            return "b"
+        return None
+
+    def other(self, leg: Leg) -> Leg:
+        return self.b if leg is self.a else self.a
+
+
+async def hang_up_all(legs: list[Leg], limit: float) -> None:
+    """BYE on every leg that is up, all at once, bounded by ``limit`` seconds."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            await asyncio.gather(*(leg.hang_up() for leg in legs))
+    for leg in legs:
+        leg.ended()
