@@ -82,6 +82,8 @@ class Absorber:
                     await asyncio.wait_for(acked.wait(), wait)
                 if acked.is_set():
                     return True
+                if _loop_time() >= deadline:
+                    return False  # given up: no copy at the very moment of giving up
                 try:
                     incoming.send(response)
                 except SipError:

@@ -69,24 +69,9 @@ class BadExtension(SipError):
     reason = "Bad Extension"
 
 
-class IntervalTooBrief(SipError):
-    status = 423
-    reason = "Interval Too Brief"
-
-
-class TemporarilyUnavailable(SipError):
-    status = 480
-    reason = "Temporarily Unavailable"
-
-
 class CallDoesNotExist(SipError):
     status = 481
     reason = "Call/Transaction Does Not Exist"
-
-
-class LoopDetected(SipError):
-    status = 482
-    reason = "Loop Detected"
 
 
 class TooManyHops(SipError):

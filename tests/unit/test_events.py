@@ -1,0 +1,75 @@
+"""Call events reach every observer through its own bounded queue: a slow or failing observer
+never blocks a call or another observer, and nothing queued is lost on flush."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sbc.b2bua.events import CallEvent, CallRefused, CallStarted, EventBus
+
+
+async def test_every_observer_gets_every_event_in_order() -> None:
+    bus = EventBus()
+    seen_a: list[CallEvent] = []
+    seen_b: list[CallEvent] = []
+
+    async def slow(event: CallEvent) -> None:
+        await asyncio.sleep(0.001)
+        seen_b.append(event)
+
+    bus.subscribe(seen_a.append)
+    bus.subscribe(slow)
+    events = [CallStarted(f"u{i}") for i in range(20)] + [CallRefused(403)]
+    for event in events:
+        bus.publish(event)
+    assert seen_a == [] and seen_b == []  # publish never runs an observer itself
+    await bus.flush()
+    assert seen_a == events and seen_b == events
+    await bus.close()
+
+
+async def test_a_stuck_observer_fills_only_its_own_queue_and_drops_are_counted() -> None:
+    bus = EventBus()
+    stuck = asyncio.Event()
+    fast: list[CallEvent] = []
+
+    async def blocked(event: CallEvent) -> None:
+        await stuck.wait()
+
+    bus.subscribe(blocked, maxsize=3)
+    bus.subscribe(fast.append)
+    for i in range(10):
+        bus.publish(CallStarted(f"u{i}"))  # returns at once although one observer is stuck
+    # Its queue holds 3 (publish is synchronous: no delivery ran yet); 7 are dropped, for it
+    # only: the other observer still gets all 10.
+    assert bus.dropped == 7
+    stuck.set()
+    await asyncio.wait_for(bus.flush(), 1)
+    assert [e.call_uuid for e in fast if isinstance(e, CallStarted)] == [f"u{i}" for i in range(10)]
+    await bus.close()
+
+
+async def test_a_failing_observer_is_logged_and_keeps_receiving(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bus = EventBus()
+    got: list[CallEvent] = []
+
+    def flaky(event: CallEvent) -> None:
+        got.append(event)
+        if len(got) == 1:
+            raise RuntimeError("disk full")
+
+    bus.subscribe(flaky)
+    bus.publish(CallRefused(503))
+    bus.publish(CallRefused(404))
+    await bus.flush()
+    assert got == [CallRefused(503), CallRefused(404)]
+    assert "call_observer_failed" in capsys.readouterr().out
+    await bus.close()
+    bus.publish(CallRefused(486))  # after close a new delivery task starts again
+    await bus.flush()
+    assert got[-1] == CallRefused(486)
+    await bus.close()
