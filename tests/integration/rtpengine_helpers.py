@@ -6,7 +6,7 @@ file: its NG control socket on a free UDP port of that address (its only control
 on a private port range of that address, calls deleted at once (``--delete-delay=0``); several
 can run at once. It returns once the daemon answers an NG ``ping`` (bounded polling: a
 receive timeout per try, no fixed sleep) and terminates it on exit. A missing binary fails the
-test on CI (``CI=true``) and skips it elsewhere (conftest's ``require_binary``).
+test on CI (``CI=true``) and skips it elsewhere (``peers.require_binary``).
 
 A test module uses it through a module-scoped fixture of its own, for instance::
 
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import free_port, require_binary
+from peers import free_port, require_binary
 
 __all__ = ["Rtpengine", "ping_until_up", "port_range", "running_rtpengine"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SIPP_SCENARIOS, _read_stats, free_port, require_binary
-from sipp_helpers import hex_ip
+from peers import free_port
+from sipp_helpers import Sipp, SippResult, start_sipp
 
 from sbc.b2bua.calls import CallManager
 from sbc.ops.service import Service
@@ -55,104 +55,6 @@ HEADERS = {
 
 
 @dataclass
-class Sipp:
-    """A SIPp process started by a test, and where its traces go."""
-
-    proc: asyncio.subprocess.Process
-    stat_file: Path
-    message_file: Path
-    error_file: Path
-    started: float
-
-    async def finish(self, limit: float) -> tuple[int, dict[str, str], float]:
-        """Wait for SIPp to exit: (exit status, last statistics row, seconds it ran)."""
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(self.proc.wait(), limit)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            raise AssertionError(f"SIPp still running after {limit} s") from None
-        return self.proc.returncode or 0, _read_stats(self.stat_file), loop.time() - self.started
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 3)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-    def messages(self) -> str:
-        return self.message_file.read_text(errors="replace") if self.message_file.exists() else ""
-
-    def errors(self) -> str:
-        return self.error_file.read_text(errors="replace") if self.error_file.exists() else ""
-
-
-async def start_sipp(
-    workdir: Path,
-    scenario: str,
-    *,
-    local_ip: str,
-    port: int,
-    transport: str = "u1",
-    remote: str | None = None,
-    calls: int = 1,
-    extra: Sequence[str] = (),
-    time_limit: int = 60,
-) -> Sipp:
-    sipp = require_binary("sipp")
-    name = f"{Path(scenario).stem}-{port}"
-    stat_file = workdir / f"{name}.csv"
-    message_file = workdir / f"{name}-messages.log"
-    error_file = workdir / f"{name}-errors.log"
-    args = [
-        sipp,
-        "-sf",
-        str(SIPP_SCENARIOS / scenario),
-        *([remote] if remote else []),
-        "-t",
-        transport,
-        "-i",
-        local_ip,
-        "-p",
-        str(port),
-        "-cp",
-        str(free_port("0.0.0.0")),  # SIPp binds its control socket on every address
-        "-m",
-        str(calls),
-        "-timeout",
-        f"{time_limit}s",
-        "-timeout_error",
-        "-trace_stat",
-        "-stf",
-        str(stat_file),
-        "-trace_msg",
-        "-message_file",
-        str(message_file),
-        "-trace_err",
-        "-error_file",
-        str(error_file),
-        "-nostdin",
-        *extra,
-    ]
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        cwd=workdir,
-    )
-    return Sipp(proc, stat_file, message_file, error_file, asyncio.get_running_loop().time())
-
-
-def counts(stats: dict[str, str]) -> tuple[int, int]:
-    return int(stats.get("SuccessfulCall(C)", "0") or 0), int(stats.get("FailedCall(C)", "0") or 0)
-
-
-@dataclass
 class Bridge:
     service: Service
     port: int
@@ -180,7 +82,7 @@ async def running_bridge(
     """SIPp registrar for 3CX, then sbc registered with it; both stopped at the end."""
     registrar_port = free_port(PBX)
     registrar = await start_sipp(
-        workdir, "pbx_registrar.xml", local_ip=PBX, port=registrar_port, time_limit=600
+        "pbx_registrar.xml", workdir=workdir, local_ip=PBX, port=registrar_port, time_limit=600
     )
     port = free_port(SBC)
     retell_port = retell_port or free_port(RETELL)
@@ -222,7 +124,7 @@ async def running_bridge(
         yield Bridge(service, port, retell_port)
     finally:
         await service.stop()
-        await registrar.kill()
+        await registrar.stop()
 
 
 async def pbx_call(
@@ -236,10 +138,9 @@ async def pbx_call(
     extension: str = EXTENSION,
 ) -> Sipp:
     return await start_sipp(
-        workdir,
         scenario,
+        workdir=workdir,
         local_ip=local_ip,
-        port=free_port(local_ip),
         remote=f"{SBC}:{bridge.port}",
         calls=calls,
         extra=("-s", extension, *extra),
@@ -250,38 +151,16 @@ async def retell(
     workdir: Path, bridge: Bridge, scenario: str, *, calls: int = 1, extra: Sequence[str] = ()
 ) -> Sipp:
     sipp = await start_sipp(
-        workdir,
         scenario,
+        workdir=workdir,
         local_ip=RETELL,
         port=bridge.retell_port,
         transport="t1",
         calls=calls,
         extra=extra,
     )
-    await wait_listening(RETELL, bridge.retell_port)
+    await sipp.wait_listening()
     return sipp
-
-
-async def wait_listening(host: str, port: int, limit: float = 5.0) -> None:
-    """Wait until a TCP socket listens on ``host:port`` (read from /proc/net/tcp, so that no
-    probe connection reaches the listener)."""
-    wanted = f"{hex_ip(host)}:{port:04X}"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while loop.time() < deadline:
-        table = _proc_net_tcp()
-        if any(
-            fields[1] == wanted and fields[3] == "0A"  # 0A: TCP_LISTEN
-            for fields in (line.split() for line in table.splitlines()[1:])
-        ):
-            return
-        await asyncio.sleep(0.01)  # polling kernel state, bounded by ``limit``
-    raise AssertionError(f"nothing listens on {host}:{port} after {limit} s")
-
-
-def _proc_net_tcp() -> str:
-    with open("/proc/net/tcp") as table:
-        return table.read()
 
 
 def final_statuses(messages: str) -> list[int]:
@@ -290,11 +169,9 @@ def final_statuses(messages: str) -> list[int]:
     return [int(s) for s in found]
 
 
-def assert_both_ends(
-    name: str, result: tuple[int, dict[str, str], float], sipp: Sipp, calls: int
-) -> None:
-    code, stats, _ = result
-    ok, failed = counts(stats)
+def assert_both_ends(name: str, result: SippResult, sipp: Sipp, calls: int) -> None:
+    code, stats = result.returncode, result.stats
+    ok, failed = result.successful, result.failed
     assert (code, ok, failed) == (0, calls, 0), f"{name}: {stats}\n{sipp.errors()}"
 
 
@@ -374,7 +251,7 @@ async def test_retell_never_answering_gets_the_pbx_a_final_response(tmp_path: Pa
         assert_both_ends("Retell", await far.finish(20), far, 1)
         assert final_statuses(near.messages()) == [480]
         # The SIPp run covers INVITE to final response plus its own start and ACK.
-        assert answer_timeout - 0.1 <= result[2] <= answer_timeout + 1.0
+        assert answer_timeout - 0.1 <= result.elapsed <= answer_timeout + 1.0
         await bridge.settled()
         (record,) = bridge.calls.records
         assert record.end_reason == "answer_timeout"
@@ -387,7 +264,7 @@ async def test_retell_unreachable_is_503_fast(tmp_path: Path) -> None:
         result = await near.finish(20)
         assert_both_ends("3CX", result, near, 1)
         assert final_statuses(near.messages()) == [503]
-        assert result[2] < 2.0
+        assert result.elapsed < 2.0
         await bridge.settled()
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from peers import free_port
 
 from sbc.demo.tones import pcmu_tone, ulaw
 from sbc.ops.cli import demo_config_path

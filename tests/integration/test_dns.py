@@ -1,5 +1,5 @@
 """RFC 3263 server location against a fake DNS server on loopback (``fake_dns`` fixture:
-conftest.FakeDns)."""
+peers.FakeDns)."""
 
 from __future__ import annotations
 

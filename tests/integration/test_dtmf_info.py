@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import pytest
-from conftest import free_port
+from peers import free_port
 from rtpengine_helpers import running_rtpengine
 
 from sbc.demo.pbx import PbxStandIn

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-from conftest import free_port
+from peers import free_port
 from rtpengine_helpers import Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager

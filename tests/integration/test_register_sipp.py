@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from sipp_helpers import SippServer, TracedMessage, sipp_server
+from sipp_helpers import Sipp, TracedMessage, sipp_server
 
 from sbc.ops import service
 from sbc.ops.settings import Settings
@@ -39,26 +39,19 @@ PASSWORD = "s3cret-101"
 REPO = Path(__file__).resolve().parents[2]
 
 
-Starter = Callable[..., contextlib.AbstractAsyncContextManager[SippServer]]
+Starter = Callable[..., contextlib.AbstractAsyncContextManager[Sipp]]
 
 # -- plumbing ------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def registrar(tmp_path: Path, free_port_factory: Callable[..., int]) -> Starter:
-    from conftest import require_binary
-
-    def start(
-        scenario: str, transport: str = "u1"
-    ) -> contextlib.AbstractAsyncContextManager[SippServer]:
+def registrar(tmp_path: Path) -> Starter:
+    def start(scenario: str, transport: str = "u1") -> contextlib.AbstractAsyncContextManager[Sipp]:
         return sipp_server(
             scenario,
             transport=transport,
-            sipp=require_binary("sipp"),
             workdir=tmp_path,
             host=PBX_HOST,
-            port=free_port_factory(PBX_HOST),
-            control_port=free_port_factory(PBX_HOST),
             keys={"user": AUTH_ID, "pass": PASSWORD},
         )
 
@@ -66,7 +59,7 @@ def registrar(tmp_path: Path, free_port_factory: Callable[..., int]) -> Starter:
 
 
 def settings_for(
-    pbx: SippServer,
+    pbx: Sipp,
     free_port: Callable[..., int],
     *,
     password: str = PASSWORD,
@@ -167,7 +160,7 @@ def attempts(registers: list[TracedMessage]) -> list[TracedMessage]:
     ]
 
 
-def answer_to(pbx: SippServer, request: Request) -> Response:
+def answer_to(pbx: Sipp, request: Request) -> Response:
     for m in pbx.responses_sent():
         response = m.message
         assert isinstance(response, Response)
@@ -379,7 +372,7 @@ async def test_options_keepalives_while_registered(
             def options() -> list[TracedMessage]:
                 return [
                     m
-                    for m in pbx.messages()
+                    for m in pbx.traced()
                     if m.received
                     and isinstance(m.message, Request)
                     and m.message.method == "OPTIONS"
@@ -428,7 +421,7 @@ async def test_crlf_keepalives_on_tcp_hold_the_connection(
     pbx = TcpRegistrar()
     server = await asyncio.start_server(pbx.handle, PBX_HOST, free_port_factory(PBX_HOST))
     port = server.sockets[0].getsockname()[1]
-    target = SippServer(PBX_HOST, port, "t1", Path("."))  # only host and port are read
+    target = Sipp(PBX_HOST, port, "t1", Path("."))  # only host and port are read
     values = settings_for(
         target, free_port_factory, keepalive="crlf", keepalive_interval=0.3, transport="tcp"
     )
@@ -476,7 +469,7 @@ async def test_crlf_keepalives_on_udp_are_bare_datagrams(
         UdpRegistrar, local_addr=(PBX_HOST, free_port_factory(PBX_HOST))
     )
     port = transport.get_extra_info("sockname")[1]
-    target = SippServer(PBX_HOST, port, "u1", Path("."))  # only host and port are read
+    target = Sipp(PBX_HOST, port, "u1", Path("."))  # only host and port are read
     values = settings_for(target, free_port_factory, keepalive="crlf", keepalive_interval=0.3)
     try:
         async with running_sbc(values) as sbc:
@@ -494,7 +487,7 @@ async def test_lost_tcp_connection_is_replaced_by_registering_again(
     pbx = TcpRegistrar()
     server = await asyncio.start_server(pbx.handle, PBX_HOST, free_port_factory(PBX_HOST))
     port = server.sockets[0].getsockname()[1]
-    target = SippServer(PBX_HOST, port, "t1", Path("."))
+    target = Sipp(PBX_HOST, port, "t1", Path("."))
     values = settings_for(
         target, free_port_factory, keepalive="crlf", keepalive_interval=0.3, transport="tcp"
     )

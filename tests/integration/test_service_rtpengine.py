@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from peers import free_port
 from rtpengine_helpers import running_rtpengine
 
 from sbc.media.rtpengine import RtpengineBackend
