@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from peers import free_port
 from sipp_helpers import Sipp, SippResult, start_sipp
 
 from sbc.b2bua.calls import CallManager
+from sbc.b2bua.events import CallEvent, CallStarted
 from sbc.ops.service import Service
 from sbc.ops.settings import (
     AdminSettings,
@@ -338,27 +339,20 @@ async def test_max_duration_ends_both_legs(tmp_path: Path) -> None:
         assert 1.0 <= record.ended - record.answered < 2.5
 
 
-class FirstCall:
+def first_call(started: asyncio.Future[str]) -> Callable[[CallEvent], None]:
     """A call observer that resolves ``started`` with the first call's uuid."""
 
-    def __init__(self, started: asyncio.Future[str]) -> None:
-        self.started = started
+    def observe(event: CallEvent) -> None:
+        if isinstance(event, CallStarted) and not started.done():
+            started.set_result(event.call_uuid)
 
-    def call_started(self, call_uuid: str) -> None:
-        if not self.started.done():
-            self.started.set_result(call_uuid)
-
-    def call_ended(self, record: object) -> None:
-        pass
-
-    def call_refused(self, status: int) -> None:
-        pass
+    return observe
 
 
 async def test_over_capacity_is_503_with_retry_after(tmp_path: Path) -> None:
     async with running_bridge(tmp_path, max_concurrent=1) as bridge:
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        bridge.calls.observer = FirstCall(started)
+        bridge.calls.events.subscribe(first_call(started))
         far = await retell(tmp_path, bridge, "retell_uas_bye.xml", extra=("-d", "2000"))
         first = await pbx_call(tmp_path, bridge, "pbx_wait_bye.xml")
         async with asyncio.timeout(5):

@@ -117,8 +117,8 @@ async def open_call(pool: PortPool, retell_event_pt: int | None) -> tuple[RelayB
     session = await backend.allocate("dtmf-call")
     pbx = await open_endpoint(PBX)
     retell = await open_endpoint(RETELL)
-    await session.offer("pbx", sdp(PBX, pbx.port, 101))
-    to_pbx = await session.answer("retell", sdp(RETELL, retell.port, retell_event_pt))
+    await session.offer("a", sdp(PBX, pbx.port, 101))
+    to_pbx = await session.answer("b", sdp(RETELL, retell.port, retell_event_pt))
     return backend, Call(session, pbx, retell, (RELAY, to_pbx.media[0].port))
 
 
@@ -147,7 +147,7 @@ async def test_digit_is_injected_into_the_audio_stream_toward_retell(call: Call)
     before = await call.retell.receive(3)
     assert [p.header.sequence for p in before] == [65530, 65531, 65532]  # forwarded as is
 
-    assert await call.session.send_dtmf("retell", "5", 160)
+    assert await call.session.send_dtmf("b", "5", 160)
     # The PBX keeps talking while the event plays (RFC 4733 §2.5.1.6): 12 more audio packets.
     for i in range(3, 15):
         call.send_audio(first_seq + i, i * 160)
@@ -172,13 +172,13 @@ async def test_digit_is_injected_into_the_audio_stream_toward_retell(call: Call)
     # Audio bytes other than the sequence number are unchanged.
     assert [p.header.timestamp for p in audio] == [i * 160 for i in range(15)]
     assert all(p.payload == b"\xff" * 160 for p in audio)
-    counters = call.session.stats()["legs"]["retell"]
+    counters = call.session.stats()["sides"]["b"]
     assert (counters["dtmf_events"], counters["rtp"]["injected"]) == (1, 10)
 
 
 async def test_digits_queue_and_get_distinct_start_times_without_audio(call: Call) -> None:
-    assert await call.session.send_dtmf("retell", "#", 40)  # 40 ms: 2 packets + 2 repeats
-    assert await call.session.send_dtmf("retell", "1", 10)  # clamped up to 40 ms
+    assert await call.session.send_dtmf("b", "#", 40)  # 40 ms: 2 packets + 2 repeats
+    assert await call.session.send_dtmf("b", "1", 10)  # clamped up to 40 ms
     packets = await call.retell.receive(8)
     sequences = [p.header.sequence for p in packets]
     assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(sequences))
@@ -195,9 +195,9 @@ async def test_no_injection_without_telephone_event_a_digit_or_an_open_session(
 ) -> None:
     backend, opened = await open_call(pool, retell_event_pt=None)
     try:
-        assert not await opened.session.send_dtmf("retell", "5", 160)  # Retell took no events
-        assert not await opened.session.send_dtmf("pbx", "X", 160)  # not a DTMF digit
-        assert opened.session.stats()["legs"]["retell"]["dtmf_refused"] == 1
+        assert not await opened.session.send_dtmf("b", "5", 160)  # Retell took no events
+        assert not await opened.session.send_dtmf("a", "X", 160)  # not a DTMF digit
+        assert opened.session.stats()["sides"]["b"]["dtmf_refused"] == 1
         opened.send_audio(1, 0)
         [packet] = await opened.retell.receive(1)
         assert packet.header.sequence == 1 and opened.retell.queue.empty()
@@ -206,7 +206,7 @@ async def test_no_injection_without_telephone_event_a_digit_or_an_open_session(
             assert endpoint.transport is not None
             endpoint.transport.close()
         await backend.close()
-    assert not await opened.session.send_dtmf("pbx", "5", 160)  # closed
+    assert not await opened.session.send_dtmf("a", "5", 160)  # closed
 
 
 # -- end to end: 3CX's INFO through a real bridge to Retell's RTP --------------------------------
@@ -315,10 +315,10 @@ async def test_rtpengine_plays_the_digit_toward_retell(rtpengine_ng: tuple[str, 
     retell = await open_endpoint(ENGINE_RETELL)
     session = await backend.allocate("rtpengine-dtmf@sbc")
     try:
-        to_retell = await session.offer("pbx", sdp(ENGINE_PBX, pbx.port, 101))
+        to_retell = await session.offer("a", sdp(ENGINE_PBX, pbx.port, 101))
         # Retell answers with the offer's number (RFC 3264 §6.1); with another one, rtpengine
         # 10.5 sees no telephone-event toward it and injects an in-band tone instead.
-        to_pbx = await session.answer("retell", sdp(ENGINE_RETELL, retell.port, 101))
+        to_pbx = await session.answer("b", sdp(ENGINE_RETELL, retell.port, 101))
         pbx_target, retell_target = media_address(to_pbx), media_address(to_retell)
         assert pbx_target is not None and retell_target is not None
         assert pbx.transport is not None and retell.transport is not None
@@ -330,7 +330,7 @@ async def test_rtpengine_plays_the_digit_toward_retell(rtpengine_ng: tuple[str, 
                 pbx.transport.sendto(build_rtp(header, b"\xff" * 160), pbx_target)
                 retell.transport.sendto(build_rtp(header, b"\xff" * 160), retell_target)
                 if i == 10:
-                    assert await session.send_dtmf("retell", "4", 200)
+                    assert await session.send_dtmf("b", "4", 200)
                 await asyncio.sleep(0.02)  # pacing the fake phones' audio
             while not retell.queue.empty():
                 packet = parse_rtp(retell.queue.get_nowait())
@@ -353,9 +353,9 @@ async def test_rtpengine_without_inject_dtmf_relays_nothing(
     backend = await start_backend(rtpengine_ng, inject_dtmf=False)
     session = await backend.allocate("rtpengine-no-dtmf@sbc")
     try:
-        await session.offer("pbx", sdp(ENGINE_PBX, 40000, 101))
-        await session.answer("retell", sdp(ENGINE_RETELL, 40002, EVENT_PT))
-        assert not await session.send_dtmf("retell", "4", 200)
+        await session.offer("a", sdp(ENGINE_PBX, 40000, 101))
+        await session.answer("b", sdp(ENGINE_RETELL, 40002, EVENT_PT))
+        assert not await session.send_dtmf("b", "4", 200)
         assert "inject-DTMF" not in str(backend.offer_options)
     finally:
         await session.close()
@@ -365,13 +365,13 @@ async def test_rtpengine_without_inject_dtmf_relays_nothing(
 async def test_close_stops_a_digit_being_played(pool: PortPool) -> None:
     backend, opened = await open_call(pool, EVENT_PT)
     try:
-        assert await opened.session.send_dtmf("retell", "0", 5000)  # 5 s: 250 packets
-        assert await opened.session.send_dtmf("retell", "1", 5000)  # queued behind it
+        assert await opened.session.send_dtmf("b", "0", 5000)  # 5 s: 250 packets
+        assert await opened.session.send_dtmf("b", "1", 5000)  # queued behind it
         [first] = await opened.retell.receive(1)
         assert parse_telephone_event(first.payload).event == 0
     finally:
         await backend.close()  # cancels both
-    injected = opened.session.stats()["legs"]["retell"]["rtp"]["injected"]
+    injected = opened.session.stats()["sides"]["b"]["rtp"]["injected"]
     assert injected < 250  # stopped mid-event
     for endpoint in (opened.pbx, opened.retell):
         assert endpoint.transport is not None
