@@ -56,19 +56,22 @@ class Absorber:
         self._bridge = bridge
         self._spawn = spawn
         self.log = log
-        self._acks: dict[tuple[Leg, int], asyncio.Event] = {}
+        self._acks: dict[tuple[Leg, int], asyncio.Future[Request]] = {}
         self._reinvite_pending: set[Leg] = set()
 
     def ack_arrived(self, leg: Leg, request: Request) -> None:
         """The ACK of a 2xx sbc sent on ``leg`` (copies of it are ignored)."""
         waiter = self._acks.get((leg, request.cseq.seq))
-        if waiter is not None:
-            waiter.set()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(request)
 
-    async def send_2xx(self, leg: Leg, incoming: IncomingRequest, response: Response) -> bool:
-        """Send a 2xx to an INVITE and repeat it until its ACK (RFC 3261 §13.3.1.4)."""
+    async def send_2xx(
+        self, leg: Leg, incoming: IncomingRequest, response: Response
+    ) -> Request | None:
+        """Send a 2xx to an INVITE and repeat it until its ACK (RFC 3261 §13.3.1.4); returns
+        the ACK (it carries the answer when the 2xx held an offer), None when none came."""
         seq = response.cseq.seq
-        acked = asyncio.Event()
+        acked: asyncio.Future[Request] = asyncio.get_running_loop().create_future()
         self._acks[(leg, seq)] = acked
         interval = self.config.t1
         deadline = _loop_time() + 64 * self.config.t1
@@ -77,17 +80,15 @@ class Absorber:
             while True:
                 wait = min(interval, deadline - _loop_time())
                 if wait <= 0:
-                    return False
+                    return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(acked.wait(), wait)
-                if acked.is_set():
-                    return True
+                    return await asyncio.wait_for(asyncio.shield(acked), wait)
                 if _loop_time() >= deadline:
-                    return False  # given up: no copy at the very moment of giving up
+                    return None  # given up: no copy at the very moment of giving up
                 try:
                     incoming.send(response)
                 except SipError:
-                    return False  # the transaction is gone (Timer L)
+                    return None  # the transaction is gone (Timer L)
                 interval = min(2 * interval, self.config.t2)
         finally:
             self._acks.pop((leg, seq), None)
@@ -107,7 +108,7 @@ class Absorber:
 
         async def answer() -> None:
             try:
-                if not await self.send_2xx(leg, incoming, response):
+                if await self.send_2xx(leg, incoming, response) is None:
                     leg.log.warning("reinvite_ack_missing")
             finally:
                 self._reinvite_pending.discard(leg)

@@ -1,13 +1,18 @@
-"""One call: the caller's leg (the PBX's INVITE, sbc its UAS) bridged to the agent's leg (sbc's
-INVITE to Retell, sbc its UAC). ``docs/architecture.md`` ("A call's legs") has the picture.
+"""One call: leg ``a`` (an INVITE sbc received; sbc is its UAS) bridged to leg ``b`` (the INVITE
+sbc sent for it; sbc is its UAC). ``docs/architecture.md`` ("A call's legs") has the picture.
 
-:meth:`Call.run` is the whole life of a call and reads top to bottom: set up (offer to the
-agent, relay its ringing, answer or refuse the caller), talk (serve in-dialog requests, wait
+:class:`Call` is the PBX's call to the extension: the caller's leg bridged to the agent's (sbc's
+INVITE to Retell). :class:`~sbc.b2bua.inbound.RetellCall` is the other direction, a call Retell
+sends to sbc, bridged to a human on the PBX; it changes only how leg b's INVITE is built and
+what leg a is told (the hooks marked below).
+
+:meth:`Call.run` is the whole life of a call and reads top to bottom: set up (offer on leg b,
+relay its ringing, answer or refuse leg a), talk (serve in-dialog requests, a transfer, wait
 for a BYE or a limit), hang up every leg, release the media. Each step is a small method below;
 everything from outside arrives as a fact (``sbc/b2bua/callstate.py``) on one queue, so the
 flow never races with itself. The answers sbc gives itself inside the dialogs (holds,
 refreshes and the PBX's session timer, INFO DTMF, 2xx repeated until ACKed) are the call's
-:class:`~sbc.b2bua.absorber.Absorber`.
+:class:`~sbc.b2bua.absorber.Absorber`; transfers are :mod:`sbc.b2bua.transfer`.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ from sbc.b2bua.callstate import (
     InviteResponded,
     RequestArrived,
     ShutdownRequested,
+    TransferEnded,
 )
 from sbc.b2bua.leg import Bridge, Leg, LegState, Role, hang_up_all
 from sbc.b2bua.messages import (
     HANDLED,
     TIMEOUT_STATUS,
     BridgeConfig,
+    Caller,
     LegIds,
     LocalAddress,
+    Peer,
     build_b_invite,
     call_facts,
     called_of,
@@ -50,13 +58,13 @@ from sbc.b2bua.messages import (
     pbx_provisional_for,
     pbx_status_for_failure,
 )
+from sbc.b2bua.transfer import Transfer, TransferRecord
 from sbc.media.base import SIDES, MediaBackend
-from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
+from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.sdp.parser import parse_sdp, serialize_sdp
-from sbc.sip.digest import ClientAuth
+from sbc.sip.digest import ClientAuth, Credentials
 from sbc.sip.errors import (
     MethodNotAllowed,
-    NotAcceptableHere,
     NotImplementedMethod,
     ProtocolError,
     SipError,
@@ -65,11 +73,13 @@ from sbc.sip.ids import new_call_id, new_tag
 from sbc.sip.message import Request, Response
 
 log = structlog.get_logger(__name__)
-RING_REPEAT = 60.0  # seconds between copies of the caller's provisional response
+RING_REPEAT = 60.0  # seconds between copies of leg a's provisional response
+AGENT_BYE_GRACE = 2.0  # seconds Retell gets to hang up itself after a transfer (docs/peers.md)
 
 __all__ = ["Call", "CallInput", "CallState"]
 
 In = CallInput
+HeaderList = tuple[tuple[str, str], ...]
 DialogHandler = Callable[[Leg, IncomingRequest], Awaitable[CallInput | None]]
 
 
@@ -97,47 +107,37 @@ class Call:
         self._random = random_bytes
         self.started = wall_clock()
         self.answered: float | None = None
-        self.up = asyncio.Event()  # set once caller and agent are answered
+        self.up = asyncio.Event()  # set once legs a and b are answered
         self.ended: float | None = None
         self.end_reason = ""
-        self.caller = caller_of(self.a_invite, config.number_plan)
+        self.caller = self._caller_of(self.a_invite)
         self.called = called_of(self.a_invite)
         self.facts: asyncio.Queue[Fact] = asyncio.Queue()
+        self.x_headers: HeaderList = ()  # the X- headers sent to Retell (a transfer keeps them)
+        self.transfer: Transfer | None = None
+        self.transfers: list[TransferRecord] = []  # every transfer tried, in order
+        self.all_legs: list[Leg] = []  # every leg the call ever had (the manager routes them)
+        self.on_new_leg: Callable[[Leg], None] = lambda leg: None  # the manager routes to it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_relayed: tuple[int, bytes] | None = None
         self._last_provisional: Response | None = None
         self._ring_again_at = float("inf")
-        # The agent leg's identifiers are drawn now so the manager can route by them at once.
-        agent_call_id = new_call_id(random_bytes(12))
-        self.log = log.bind(
-            call_uuid=call_uuid, call_id=self.a_invite.call_id, retell_call_id=agent_call_id
-        )
+        self._late_offer = not self.a_invite.body
+        self._b_ok: Response | None = None  # late offer: b's 2xx, ACKed with a's answer
+        b_call_id = new_call_id(random_bytes(12))  # drawn now: the manager routes by it at once
+        self.log = log.bind(call_uuid=call_uuid, call_id=self.a_invite.call_id, b_call_id=b_call_id)
         assert incoming.local_tag is not None  # an INVITE without To tag always gets one
         transport = incoming.source.transport
-        caller = self._new_leg(
-            Role.CALLER,
-            LocalAddress(
-                engine.config.via_host,
-                engine.config.via_port(transport),
-                transport,
-                config.extension,
-            ),
-            self.a_invite.call_id,
-            incoming.local_tag,
-        )
-        caller.incoming = incoming
-        retell = config.retell.transport
-        agent = self._new_leg(
-            Role.AGENT,
-            LocalAddress(engine.config.via_host, engine.config.via_port(retell), retell),
-            agent_call_id,
-            new_tag(random_bytes(8)),
-        )
-        self.legs: dict[Role, Leg] = {Role.CALLER: caller, Role.AGENT: agent}
-        self.bridge = Bridge(caller, agent)
-        # Holds, refreshes, INFO DTMF and the ACK waits of 2xx answers: see absorber.py.
+        a_role, b_role = self.roles
+        a = self.new_leg(a_role, self._local(a_role, transport), self.a_invite.call_id)
+        a.local_tag = incoming.local_tag
+        a.incoming = incoming
+        b = self.new_leg(b_role, self._local(b_role), b_call_id)
+        self.legs: dict[Role, Leg] = {a_role: a, b_role: b}
+        self.all_legs.extend((a, b))
+        self.bridge = Bridge(a, b)
         self.absorber = Absorber(
-            config=config, bridge=lambda: self.bridge, spawn=self._spawn, log=self.log
+            config=config, bridge=lambda: self.bridge, spawn=self.spawn, log=self.log
         )
         # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them.
         self._handlers: dict[str, DialogHandler] = {
@@ -146,24 +146,91 @@ class Call:
             "UPDATE": self._absorbed(self.absorber.update),
             "INFO": self._absorbed(self.absorber.dtmf_info),
             "OPTIONS": self._absorbed(self._options),
+            "REFER": self._absorbed(self._refer),
+            "NOTIFY": self._absorbed(self._notify),
         }
 
-    def _new_leg(self, role: Role, local: LocalAddress, call_id: str, local_tag: str) -> Leg:
-        credentials = self.config.pbx_credentials
-        return Leg(
+    # -- what differs by direction (RetellCall overrides these) -------------------------------
+    roles: tuple[Role, Role] = (Role.CALLER, Role.AGENT)  # leg a's role, leg b's
+
+    def _caller_of(self, invite: Request) -> Caller:
+        return caller_of(invite, self.config.number_plan)
+
+    def _b_invite(self, b: Leg, sdp: bytes) -> Request:
+        """The INVITE to Retell: X- headers rendered from the templates, nothing else copied."""
+        rendered = self.config.headers.render(
+            call_facts(self.a_invite, self.caller, self.called, self.call_uuid, self.started)
+        )
+        for rejected in rendered.rejected:
+            self.log.warning("header_not_sent", header=rejected.header, reason=rejected.reason)
+        self.x_headers = rendered.headers
+        ids = LegIds(b.call_id, b.local_tag)
+        return build_b_invite(self.config, b.local, ids, self.caller, rendered.headers, sdp)
+
+    def _a_status_for_failure(self, status: int) -> int:
+        """What leg a is told when leg b's INVITE fails with ``status``."""
+        return pbx_status_for_failure(status)
+
+    def _a_provisional_for(self, status: int) -> int | None:
+        return pbx_provisional_for(status)
+
+    def _a_headers(self, request: Request, *, has_body: bool, with_timer: bool) -> HeaderList:
+        """Headers of a dialog-forming response to leg a (18x with tag, 2xx)."""
+        timer = self.origin.timer if with_timer else None
+        return pbx_dialog_headers(
+            request,
+            self.origin.local,
+            user_agent=self.config.user_agent,
+            timer=timer,
+            has_body=has_body,
+        )
+
+    # -- the legs ------------------------------------------------------------------------------
+    def new_leg(self, role: Role, local: LocalAddress, call_id: str) -> Leg:
+        """A leg of this call with a fresh tag (the transfer module adds the human's here)."""
+        leg = Leg(
             role,
             local=local,
             call_id=call_id,
-            local_tag=local_tag,
+            local_tag=new_tag(self._random(8)),
             engine=self.engine,
             random_bytes=self._random,
             user_agent=self.config.user_agent,
             log=self.log,
-            # 3CX challenges what an extension sends (docs/peers.md).
-            auth=None if credentials is None else ClientAuth(credentials),
+            auth=self._auth_for(role.peer),
         )
+        return leg
 
-    # -- the legs, by role ---------------------------------------------------------------------
+    def add_leg(self, leg: Leg) -> None:
+        """Make ``leg`` reachable: the manager routes its dialog's requests to this call."""
+        self.all_legs.append(leg)
+        self.on_new_leg(leg)
+
+    def _auth_for(self, peer: Peer) -> ClientAuth | None:
+        # 3CX challenges what an extension sends (docs/peers.md); Retell may challenge sbc's
+        # INVITE, answered with the trunk credentials when configured.
+        credentials: Credentials | None = (
+            self.config.pbx_credentials if peer is Peer.PBX else self.config.retell_credentials
+        )
+        return None if credentials is None else ClientAuth(credentials)
+
+    def _local(self, role: Role, transport: str | None = None) -> LocalAddress:
+        """sbc's Contact toward ``role``'s peer; toward the PBX it carries the extension."""
+        if role.peer is Peer.RETELL:
+            transport = transport or self.config.retell.transport
+            user = None
+        else:
+            pbx = self.config.pbx
+            transport = transport or (pbx.transport if pbx is not None else "udp")
+            user = self.config.extension
+        port = self.engine.config.via_port(transport)
+        return LocalAddress(self.engine.config.via_host, port, transport, user)
+
+    @property
+    def origin(self) -> Leg:
+        """Leg a: the leg whose INVITE made the call."""
+        return self.bridge.a
+
     @property
     def caller_leg(self) -> Leg:
         return self.legs[Role.CALLER]
@@ -174,19 +241,30 @@ class Call:
 
     @property
     def incoming(self) -> IncomingRequest:
-        incoming = self.caller_leg.incoming
+        incoming = self.origin.incoming
         assert incoming is not None
         return incoming
 
+    def status_of(self, peer: Peer) -> int | None:
+        """The final status of the first INVITE of the call's leg with ``peer``."""
+        for leg in self.legs.values():
+            if leg.peer is peer:
+                return leg.status
+        return None
+
+    def call_id_of(self, peer: Peer) -> str:
+        for leg in self.legs.values():
+            if leg.peer is peer:
+                return leg.call_id
+        return ""
+
     @property
     def pbx_status(self) -> int | None:
-        """The final status sbc sent to the caller's INVITE."""
-        return self.caller_leg.status
+        return self.status_of(Peer.PBX)
 
     @property
     def retell_status(self) -> int | None:
-        """The final status the agent gave sbc's INVITE."""
-        return self.agent_leg.status
+        return self.status_of(Peer.RETELL)
 
     # -- input from the manager (never blocks) -------------------------------------------------
     def cancelled(self, leg: Leg) -> None:
@@ -201,7 +279,7 @@ class Call:
 
     def response_again(self, leg: Leg, response: Response) -> None:
         """A copy of a 2xx to an INVITE sbc sent on ``leg``: ACKed again (RFC 3261 §13.2.2.4)."""
-        self._spawn(leg.ack_again(response))
+        self.spawn(leg.ack_again(response))
 
     def shutdown(self) -> None:
         self.facts.put_nowait(ShutdownRequested())
@@ -213,6 +291,7 @@ class Call:
             caller=self.caller.number,
             called=self.called,
             source=str(self.incoming.source),
+            direction=f"{self.origin.peer.value}->{self.bridge.b.peer.value}",
         )
         try:
             if await self._set_up():
@@ -232,47 +311,40 @@ class Call:
         )
 
     async def _set_up(self) -> bool:
-        """Offer the call to the agent and wait for its answer; True when both legs are up."""
+        """Offer the call on leg b and wait for its answer; True when both legs are up."""
         offer = await self._prepare_offer()
         if offer is None:
             return False
-        self._offer_agent(offer)
-        return await self._await_agent()
+        self._offer_b(offer)
+        return await self._await_b()
 
     async def _prepare_offer(self) -> bytes | None:
-        """Session timer, media allocation and the offer for the agent; None when refused."""
-        caller = self.caller_leg
+        """Session timer, media and the offer for leg b (empty for a late offer: the offer
+        then comes in leg b's 2xx); None when the call is refused."""
+        a = self.origin
         try:
-            caller.timer = negotiate_session_timer(self.a_invite, self.config.min_session_expires)
-            if not self.a_invite.body:
-                # 3CX always offers in the INVITE; a late offer is not bridged.
-                raise NotAcceptableHere("INVITE without an SDP offer")
-            offer = parse_sdp(self.a_invite.body)
+            if a.peer is Peer.PBX:
+                a.timer = negotiate_session_timer(self.a_invite, self.config.min_session_expires)
+            offer = parse_sdp(self.a_invite.body) if self.a_invite.body else None
             self.bridge.media = await self.media_backend.allocate(self.call_uuid)
+            if offer is None:
+                return b""
             return serialize_sdp(await self.bridge.media.offer("a", offer))
         except SipError as exc:
             self.log.info("call_refused", status=exc.status, detail=exc.detail)
-            self._answer_caller_failure(exc.status, headers=exc.headers)
+            self._answer_a_failure(exc.status, headers=exc.headers)
             self._move(In.REJECTED, f"refused:{exc.status}")
             return None
 
-    def _offer_agent(self, sdp: bytes) -> None:
-        """The INVITE to Retell: X- headers rendered from the templates, nothing else copied."""
-        agent = self.agent_leg
-        rendered = self.config.headers.render(
-            call_facts(self.a_invite, self.caller, self.called, self.call_uuid, self.started)
-        )
-        for rejected in rendered.rejected:
-            self.log.warning("header_not_sent", header=rejected.header, reason=rejected.reason)
-        ids = LegIds(agent.call_id, agent.local_tag)
-        invite = build_b_invite(self.config, agent.local, ids, self.caller, rendered.headers, sdp)
-        agent.sdp_sent = sdp
-        agent.outgoing = self.engine.send_request(invite)
-        self._spawn(self._pump(agent, agent.outgoing))
+    def _offer_b(self, sdp: bytes) -> None:
+        b = self.bridge.b
+        invite = self._b_invite(b, sdp)
+        b.sdp_sent = sdp
+        self.spawn(b.send_invite(invite, lambda r: self.facts.put_nowait(InviteResponded(b, r))))
         self._move(In.OFFER_SENT)
 
-    async def _await_agent(self) -> bool:
-        """Relay the agent's ringing until it answers, refuses or ``answer_timeout``."""
+    async def _await_b(self) -> bool:
+        """Relay leg b's ringing until it answers, refuses or ``answer_timeout``."""
         answer_by = self._loop_time() + self.config.answer_timeout
         while True:
             fact = await self._next_fact(min(answer_by, self._ring_again_at))
@@ -280,10 +352,10 @@ class Call:
                 self._ring_again()
                 continue
             if fact is None:
-                self.log.info("retell_answer_timeout", after=self.config.answer_timeout)
-                self._answer_caller_failure(TIMEOUT_STATUS)
+                self.log.info("answer_timeout", after=self.config.answer_timeout)
+                self._answer_a_failure(TIMEOUT_STATUS)
                 self._move(In.ANSWER_TIMEOUT, "answer_timeout")
-                await self._cancel_agent()
+                await self._cancel_b()
                 return False
             if isinstance(fact, InviteResponded):
                 response = fact.response
@@ -291,97 +363,101 @@ class Call:
                     await self._relay_provisional(response)
                     continue
                 if response.status < 300:
-                    return await self._agent_answered(response)
-                self._agent_refused(response.status)
+                    return await self._b_answered(response)
+                self._b_refused(response.status)
                 return False
             if isinstance(fact, Cancelled):
-                self.log.info("pbx_cancelled")
-                self._answer_caller_failure(487)
-                self._move(In.CALLER_CANCEL, "pbx_cancel")
-                await self._cancel_agent()
+                self.log.info("a_cancelled")
+                self._answer_a_failure(487)
+                self._move(In.A_CANCEL, f"{self.origin.peer.value}_cancel")
+                await self._cancel_b()
                 return False
             if isinstance(fact, ShutdownRequested):
-                self._answer_caller_failure(503)
+                self._answer_a_failure(503)
                 self._move(In.SHUTDOWN, "shutdown")
-                await self._cancel_agent()
+                await self._cancel_b()
                 return False
             if isinstance(fact, RequestArrived):
                 await self._serve(fact.leg, fact.incoming)
 
     def _ring_again(self) -> None:
         """RFC 3261 §13.3.1.1: a provisional response at least every minute, so that proxies
-        on the PBX side (Timer C) keep the transaction while the agent rings."""
+        on leg a's side (Timer C) keep the transaction while leg b rings."""
         assert self._last_provisional is not None
         self.incoming.send(self._last_provisional)
         self._ring_again_at = self._loop_time() + RING_REPEAT
 
-    def _agent_refused(self, status: int) -> None:
-        self.agent_leg.refused(status)
-        pbx = pbx_status_for_failure(status)
-        self.log.info("retell_refused", status=status, pbx_status=pbx)
-        self._answer_caller_failure(pbx)
-        self._move(In.AGENT_REFUSED, f"retell:{status}")
+    def _b_refused(self, status: int) -> None:
+        b = self.bridge.b
+        b.refused(status)
+        told = self._a_status_for_failure(status)
+        self.log.info("b_refused", status=status, a_status=told, peer=b.peer.value)
+        self._answer_a_failure(told)
+        self._move(In.B_REFUSED, f"{b.peer.value}:{status}")
 
-    async def _agent_answered(self, response: Response) -> bool:
-        """The agent answered: ACK it, answer the caller with its SDP, wait for the ACK."""
+    async def _b_answered(self, response: Response) -> bool:
+        """Leg b answered: ACK it, answer leg a with its SDP, wait for the ACK. With a late
+        offer, leg b's 2xx holds the offer: it goes to leg a, whose ACK brings the answer
+        that leg b's ACK then carries (RFC 3264 §5)."""
         media = self.bridge.media
+        b = self.bridge.b
         assert media is not None
-        self._move(In.AGENT_ANSWERED)
+        self._move(In.B_ANSWERED)
         self.answered = self._wall()
-        await self.agent_leg.answered_as_uac(response)
+        b.confirmed_as_uac(response)
+        if not self._late_offer:
+            await b.send_ack(response)
         try:
-            answer = await media.answer("b", parse_sdp(response.body))
+            sdp = parse_sdp(response.body)
+            to_a = await (media.offer if self._late_offer else media.answer)("b", sdp)
         except SipError as exc:
-            # The agent's answer is unusable: nothing can be bridged.
-            self.log.warning("retell_answer_unusable", detail=exc.detail)
-            self._answer_caller_failure(503)
-            self._move(In.FAILED, "retell_sdp")
-            await self._hang_up(self.agent_leg)
+            # Leg b's SDP is unusable: nothing can be bridged.
+            self.log.warning("b_sdp_unusable", detail=exc.detail)
+            if self._late_offer:
+                await b.send_ack(response)
+            self._answer_a_failure(503)
+            self._move(In.FAILED, "b_sdp")
+            await self._hang_up(b)
             return False
         if self.incoming.cancelled:
-            # RFC 3261 §9.2: the caller's CANCEL beat the answer: 487 there, BYE to the agent.
-            self._answer_caller_failure(487)
-            self._move(In.CALLER_CANCEL, "pbx_cancel")
-            await self._hang_up(self.agent_leg)
+            # RFC 3261 §9.2: leg a's CANCEL beat the answer: 487 there, BYE on leg b.
+            if self._late_offer:
+                await b.send_ack(response)
+            self._answer_a_failure(487)
+            self._move(In.A_CANCEL, f"{self.origin.peer.value}_cancel")
+            await self._hang_up(b)
             return False
-        self._answer_caller(serialize_sdp(answer))
+        if self._late_offer:
+            self._b_ok = response
+        self._answer_a(serialize_sdp(to_a))
         self.up.set()
         self.log.info("call_answered")
         return True
 
-    def _answer_caller(self, body: bytes) -> None:
-        """200 to the caller (repeated until its ACK, see Absorber.send_2xx)."""
-        caller = self.caller_leg
-        ok = self.incoming.response(
-            200,
-            headers=pbx_dialog_headers(
-                self.a_invite,
-                caller.local,
-                user_agent=self.config.user_agent,
-                timer=caller.timer,
-                has_body=True,
-            ),
-            body=body,
-        )
-        caller.answered_as_uas(self.a_invite, ok)
-        caller.sdp_sent = body
-        caller.refreshed_at = self._loop_time()
-        self._spawn(self._await_ack(caller, ok))
+    def _answer_a(self, body: bytes) -> None:
+        """200 to leg a (repeated until its ACK, see Absorber.send_2xx)."""
+        a = self.origin
+        headers = self._a_headers(self.a_invite, has_body=True, with_timer=True)
+        ok = self.incoming.response(200, headers=headers, body=body)
+        a.answered_as_uas(self.a_invite, ok)
+        a.sdp_sent = body
+        a.refreshed_at = self._loop_time()
+        self.spawn(self._await_ack(a, ok))
 
     async def _talk(self) -> None:
-        """Both legs are up: serve in-dialog requests until a BYE or a limit."""
+        """Both legs are up: serve in-dialog requests and transfers until a BYE or a limit."""
         ends_at = self._loop_time() + self.config.max_duration
-        caller = self.caller_leg
+        a = self.origin
         while True:
-            timer = caller.timer
-            refresh_at = timer.refresh_at(caller.refreshed_at) if timer else float("inf")
-            expires_at = timer.expires_at(caller.refreshed_at) if timer else float("inf")
+            timer = a.timer
+            refresh_at = timer.refresh_at(a.refreshed_at) if timer else float("inf")
+            expires_at = timer.expires_at(a.refreshed_at) if timer else float("inf")
             silent_at = self._media_silent_at()
             fact = await self._next_fact(min(ends_at, expires_at, refresh_at, silent_at))
             now = self._loop_time()
             if fact is None and refresh_at <= now < ends_at:
-                caller.refreshed_at = now
-                self._spawn(self._refresh(caller))
+                a.refreshed_at = now
+                self.spawn(self._refresh(a))
                 continue
             if fact is None and silent_at <= now < min(ends_at, expires_at):
                 if self._media_silent_at() > now:
@@ -395,46 +471,73 @@ class Call:
                 await self._end(In.LIMIT, reason)
                 return
             if isinstance(fact, DialogLost):
-                self.log.info("pbx_dialog_lost", status=fact.status)
+                self.log.info("dialog_lost", status=fact.status, leg=fact.leg.role.value)
                 fact.leg.ended()
-                await self._end(In.LIMIT, "pbx_lost")
+                await self._end(In.LIMIT, f"{fact.leg.peer.value}_lost")
                 return
             if isinstance(fact, AckSettled):
-                if fact.acked:
-                    self._move(In.CALLER_ACK)
+                if await self._a_acked(fact.ack):
                     continue
-                self.log.warning("pbx_ack_missing")
-                await self._end(In.CALLER_ACK_TIMEOUT, "pbx_no_ack")
+                await self._end(In.A_ACK_TIMEOUT, f"{a.peer.value}_no_ack")
+                return
+            if isinstance(fact, TransferEnded):
+                if await self._transfer_ended(fact):
+                    continue
                 return
             if isinstance(fact, ShutdownRequested):
                 await self._end(In.SHUTDOWN, "shutdown")
                 return
             if isinstance(fact, RequestArrived):
                 ended = await self._serve(fact.leg, fact.incoming)
+                if ended is In.B_BYE and self.state is CallState.TRANSFERRING:
+                    self._move(In.B_BYE)  # the agent left; the transfer goes on (callstate.py)
+                    continue
                 if ended is not None:
-                    await self._end(ended, "pbx_bye" if ended is In.CALLER_BYE else "retell_bye")
+                    await self._end(ended, f"{fact.leg.peer.value}_bye")
                     return
             # A late InviteResponded or Cancelled changes nothing once answered.
+
+    async def _a_acked(self, ack: Request | None) -> bool:
+        """Leg a's ACK came (True) or never did (False). With a late offer it carries the
+        answer for leg b's ACK (RFC 3264 §5); without one, leg b is ACKed empty and hung up."""
+        b_ok, self._b_ok = self._b_ok, None
+        if b_ok is not None:
+            body = b""
+            media = self.bridge.media
+            if ack is not None and ack.body and media is not None:
+                try:
+                    body = serialize_sdp(await media.answer("a", parse_sdp(ack.body)))
+                except SipError as exc:
+                    self.log.warning("a_answer_unusable", detail=exc.detail)
+                    ack = None
+            elif ack is not None:
+                self.log.warning("a_ack_without_answer")
+                ack = None
+            self.bridge.b.sdp_sent = body
+            await self.bridge.b.send_ack(b_ok, body)
+        if ack is None:
+            self.log.warning("a_ack_missing")
+            return False
+        self._move(In.A_ACK)
+        return True
 
     async def _end(self, what: CallInput, reason: str) -> None:
         """Move to ENDING for ``reason`` and hang up every leg still up."""
         self._move(what, reason)
-        await self._hang_up(*self.legs.values())
+        if self.transfer is not None:
+            await self.transfer.abort()
+        await self._hang_up(*self.all_legs)
 
-    # -- the agent leg -------------------------------------------------------------------------
-    async def _pump(self, leg: Leg, outgoing: OutgoingRequest) -> None:
-        async for response in outgoing:
-            self.facts.put_nowait(InviteResponded(leg, response))
-
+    # -- leg b's INVITE ------------------------------------------------------------------------
     async def _relay_provisional(self, response: Response) -> None:
-        """180/183 from the agent to the caller (SDP through the media layer), each once."""
-        status = pbx_provisional_for(response.status)
+        """180/183 from leg b to leg a (SDP through the media layer), each kind once."""
+        status = self._a_provisional_for(response.status)
         if status is None:
             return
         media = self.bridge.media
         assert media is not None
         body = b""
-        if response.body:
+        if response.body and not self._late_offer:
             try:
                 body = serialize_sdp(await media.answer("b", parse_sdp(response.body)))
             except SipError as exc:
@@ -442,74 +545,71 @@ class Call:
         if self._last_relayed == (status, body):
             return  # LiveKit repeats its 180 every second
         self._last_relayed = (status, body)
-        self._move(In.AGENT_RINGING)
-        caller = self.caller_leg
+        self._move(In.B_RINGING)
+        a = self.origin
         if body:
-            caller.sdp_sent = body
-        caller.state = LegState.EARLY
+            a.sdp_sent = body
+        a.state = LegState.EARLY
         self._ring_again_at = self._loop_time() + RING_REPEAT
         self._last_provisional = self.incoming.respond(
             status,
-            headers=pbx_dialog_headers(
-                self.a_invite,
-                caller.local,
-                user_agent=self.config.user_agent,
-                has_body=bool(body),
-            ),
+            headers=self._a_headers(self.a_invite, has_body=bool(body), with_timer=False),
             body=body,
         )
 
-    async def _cancel_agent(self) -> None:
-        """End the pending INVITE to the agent (RFC 3261 §9.1) and wait for its final response.
+    async def _cancel_b(self) -> None:
+        """End the pending INVITE of leg b (RFC 3261 §9.1) and wait for its final response.
 
         The CANCEL goes only once a provisional response came; a 2xx that crosses it is ACKed
         and followed by a BYE. Bounded by 64*T1 (Timer B's length) in all cases.
         """
-        agent = self.agent_leg
-        outgoing = agent.outgoing
-        if outgoing is None:
-            return
-        cancel_sent = False
+        b = self.bridge.b
+        cancelled = None
         deadline = self._loop_time() + 64 * self.config.t1
-        while not outgoing.done:
-            if not cancel_sent and any(r.status < 200 for r in outgoing.responses):
+        while True:
+            outgoing = b.outgoing
+            if outgoing is None:
+                return
+            if outgoing.done:
+                break
+            if cancelled is not outgoing and any(r.status < 200 for r in outgoing.responses):
                 self.engine.cancel(outgoing)
-                cancel_sent = True
+                cancelled = outgoing
             fact = await self._next_fact(deadline)
             if fact is None:
-                self.log.warning("retell_cancel_unanswered")
-                agent.ended()
+                self.log.warning("cancel_unanswered")
+                b.ended()
                 self._move(In.ANSWER_TIMEOUT)
                 return
             if isinstance(fact, RequestArrived):
                 await self._serve(fact.leg, fact.incoming)
+            if isinstance(fact, InviteResponded) and fact.response.status >= 200:
+                break
         final = await outgoing
         if final.status < 300:
-            self.log.info("retell_answered_after_cancel")
-            self._move(In.AGENT_ANSWERED)
-            await agent.answered_as_uac(final)
-            await self._hang_up(agent)
+            self.log.info("b_answered_after_cancel")
+            self._move(In.B_ANSWERED)
+            await b.answered_as_uac(final)
+            await self._hang_up(b)
             return
-        agent.refused(final.status)
-        self._move(In.AGENT_REFUSED)
+        b.refused(final.status)
+        self._move(In.B_REFUSED)
 
-    # -- the caller leg ------------------------------------------------------------------------
-    def _answer_caller_failure(
-        self, status: int, *, headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
+    # -- leg a ---------------------------------------------------------------------------------
+    def _answer_a_failure(self, status: int, *, headers: HeaderList = ()) -> None:
         incoming = self.incoming
         if incoming.final_sent:
             return
-        self.caller_leg.refused(status)
+        self.origin.refused(status)
         try:
             incoming.respond(status, headers=(*headers, ("Server", self.config.user_agent)))
         except SipError as exc:
-            self.log.info("pbx_response_failed", status=status, detail=exc.detail)
+            self.log.info("a_response_failed", status=status, detail=exc.detail)
 
     async def _await_ack(self, leg: Leg, ok: Response) -> None:
         assert leg.incoming is not None
-        acked = await self.absorber.send_2xx(leg, leg.incoming, ok)
-        self.facts.put_nowait(AckSettled(leg, acked))
+        ack = await self.absorber.send_2xx(leg, leg.incoming, ok)
+        self.facts.put_nowait(AckSettled(leg, ack))
 
     async def _refresh(self, leg: Leg) -> None:
         """RFC 4028 §7.4: sbc refreshes the PBX's session: UPDATE without SDP when the PBX
@@ -531,13 +631,13 @@ class Call:
 
     # -- in-dialog requests --------------------------------------------------------------------
     async def _serve(self, leg: Leg, incoming: IncomingRequest) -> CallInput | None:
-        """Answer a request received in one of the call's dialogs; returns the input a BYE
-        makes (the call then hangs up the other legs), else None."""
+        """Answer a request received in one of the call's dialogs; returns the input a BYE on
+        a bridged leg makes (the call then hangs up the other legs), else None."""
         request = incoming.request
         dialog = leg.dialog
         if dialog is None:
             # RFC 3261 §12.2.2: nothing confirmed yet on that leg (an early UPDATE and such).
-            incoming.respond(491 if leg is self.caller_leg else 481)
+            incoming.respond(491 if leg.incoming is not None else 481)
             return None
         try:
             dialog.receive_request(request)
@@ -556,11 +656,15 @@ class Call:
                 incoming.reject(exc)
         return None
 
-    async def _bye_received(self, leg: Leg, incoming: IncomingRequest) -> CallInput:
+    async def _bye_received(self, leg: Leg, incoming: IncomingRequest) -> CallInput | None:
         incoming.respond(200)
         leg.ended()
         leg.log.info("bye_received")
-        return In.CALLER_BYE if leg.role is Role.CALLER else In.AGENT_BYE
+        if leg is self.bridge.a:
+            return In.A_BYE
+        if leg is self.bridge.b:
+            return In.B_BYE
+        return None  # a leg no longer bridged (the agent after a transfer) just ends
 
     @staticmethod
     def _absorbed(
@@ -573,6 +677,68 @@ class Call:
 
     async def _options(self, leg: Leg, incoming: IncomingRequest) -> None:
         incoming.respond(200, headers=(("Allow", leg.allow),))
+
+    async def _refer(self, leg: Leg, incoming: IncomingRequest) -> None:
+        """RFC 3515: a REFER from the agent asks for a transfer (``sbc/b2bua/transfer.py``)."""
+        if leg.role is not Role.AGENT or self.state is not CallState.CONNECTED:
+            # One transfer at a time, and only of a connected call (RFC 3261 §14.2's spirit).
+            incoming.respond(491 if self.state is CallState.TRANSFERRING else 403)
+            return
+        self.transfer = Transfer(self, leg, incoming)
+        self._move(In.TRANSFER_ACCEPTED)
+        self.spawn(self.transfer.run())
+
+    async def _notify(self, leg: Leg, incoming: IncomingRequest) -> None:
+        """A NOTIFY in a PBX dialog reports on sbc's REFER (RFC 3515 §2.4.4)."""
+        if self.transfer is None or not self.transfer.notify_received(leg, incoming):
+            incoming.respond(481)  # RFC 6665 §4.1.3: no such subscription
+
+    async def _transfer_ended(self, fact: TransferEnded) -> bool:
+        """A transfer's outcome; True while the call goes on."""
+        agent = self.legs.get(Role.AGENT)
+        if fact.human is not None:
+            self.legs[Role.HUMAN] = fact.human
+            self.bridge.b = fact.human
+            self._move(In.TRANSFERRED)
+            if agent is not None:
+                self.spawn(self._dismiss(agent))
+            return True
+        if fact.handed_over:
+            self._move(In.HANDED_OVER, "transferred")
+            self.transfer = None
+            # RFC 5589 §6.1: the transferor ends its dialog once the transfer succeeded.
+            await hang_up_all([self.origin], 64 * self.config.t1 + 1)
+            if agent is not None:
+                await self._serve_until_gone(agent)
+            self._move(In.HUNG_UP)
+            return False
+        self._move(In.TRANSFER_FAILED)
+        self.transfer = None
+        if agent is not None and not agent.up:
+            # The agent hung up while its transfer was tried: nobody is left for the caller.
+            await self._end(In.B_BYE, "retell_bye")
+            return False
+        return True
+
+    async def _dismiss(self, agent: Leg) -> None:
+        """After a transfer by INVITE, Retell hangs up itself about a second later
+        (docs/peers.md; the talk loop serves its BYE): BYE it only if it has not within
+        AGENT_BYE_GRACE."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(agent.gone.wait(), AGENT_BYE_GRACE)
+        await hang_up_all([agent], 64 * self.config.t1 + 1)
+
+    async def _serve_until_gone(self, agent: Leg) -> None:
+        """The same once the PBX took the caller (REFER mode): the talk loop is over, so the
+        requests still arriving (Retell's BYE) are served here."""
+        deadline = self._loop_time() + AGENT_BYE_GRACE
+        while agent.up:
+            fact = await self._next_fact(deadline)
+            if fact is None:
+                break
+            if isinstance(fact, RequestArrived):
+                await self._serve(fact.leg, fact.incoming)
+        await hang_up_all([agent], 64 * self.config.t1 + 1)
 
     def _media_silent_at(self) -> float:
         """When the call counts as dead for want of media: ``media_timeout`` after the last RTP
@@ -592,15 +758,17 @@ class Call:
             self._move(In.HUNG_UP)
 
     async def _fail(self) -> None:
-        """After a bug: tell the caller if it is still waiting, end what is up, whatever state."""
-        self._answer_caller_failure(500)
+        """After a bug: tell leg a if it is still waiting, end what is up, whatever state."""
+        self._answer_a_failure(500)
         with contextlib.suppress(ProtocolError):
             self._move(In.FAILED, "error")
         with contextlib.suppress(Exception):
             if self.state is CallState.CANCELLING:
-                await self._cancel_agent()
+                await self._cancel_b()
             else:
-                await self._hang_up(*self.legs.values())
+                if self.transfer is not None:
+                    await self.transfer.abort()
+                await self._hang_up(*self.all_legs)
         self.state = CallState.ENDED
 
     async def _release(self) -> None:
@@ -639,7 +807,8 @@ class Call:
     def _loop_time(self) -> float:
         return asyncio.get_running_loop().time()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` as one of the call's tasks (cancelled when the call ends)."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

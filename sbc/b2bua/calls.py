@@ -36,7 +36,7 @@ import structlog
 from sbc.b2bua.call import Call
 from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted, EventBus
 from sbc.b2bua.leg import Leg
-from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, uri_user
+from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, Peer, uri_user
 from sbc.media.base import MediaBackend, MediaSession
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
@@ -53,8 +53,8 @@ STOP_WAIT = 5.0  # seconds calls get to hang up at shutdown
 def record_of(call: Call) -> CallRecord:
     return CallRecord(
         call_uuid=call.call_uuid,
-        pbx_call_id=call.a_invite.call_id,
-        retell_call_id=call.agent_leg.call_id,
+        pbx_call_id=call.call_id_of(Peer.PBX),
+        retell_call_id=call.call_id_of(Peer.RETELL),
         caller=call.caller.number,
         called=call.called,
         started=call.started,
@@ -63,6 +63,7 @@ def record_of(call: Call) -> CallRecord:
         pbx_status=call.pbx_status,
         retell_status=call.retell_status,
         end_reason=call.end_reason or call.state.value,
+        transfers=tuple(call.transfers),
     )
 
 
@@ -204,15 +205,20 @@ class CallManager:
         )
         self.calls[call.call_uuid] = call
         self._idle.clear()
-        for leg in call.legs.values():
-            self._dialogs[leg.key] = (call, leg)
-            if leg.incoming is None:
-                self._uac_call_ids[leg.call_id] = (call, leg)
-        self._invites[incoming.key] = (call, call.caller_leg)
+        call.on_new_leg = lambda leg: self._route(call, leg)
+        for leg in call.all_legs:
+            self._route(call, leg)
+        self._invites[incoming.key] = (call, call.origin)
         self.events.publish(CallStarted(call.call_uuid))
         task = asyncio.ensure_future(self._run(call, incoming.key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _route(self, call: Call, leg: Leg) -> None:
+        """Requests in ``leg``'s dialog go to ``call`` (and 2xx copies to its INVITE)."""
+        self._dialogs[leg.key] = (call, leg)
+        if leg.incoming is None:
+            self._uac_call_ids[leg.call_id] = (call, leg)
 
     async def _run(self, call: Call, invite_key: str) -> None:
         try:
@@ -221,7 +227,7 @@ class CallManager:
             self.calls.pop(call.call_uuid, None)
             if not self.calls:
                 self._idle.set()
-            for leg in call.legs.values():
+            for leg in call.all_legs:
                 self._dialogs.pop(leg.key, None)
                 self._uac_call_ids.pop(leg.call_id, None)
             self._invites.pop(invite_key, None)

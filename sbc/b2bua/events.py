@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from sbc.b2bua.transfer import TransferRecord
+
 __all__ = [
     "CallEnded",
     "CallEvent",
@@ -49,6 +51,7 @@ class CallRecord:
     pbx_status: int | None  # final status sent to the PBX's INVITE
     retell_status: int | None  # final status Retell gave the bridge's INVITE
     end_reason: str
+    transfers: tuple[TransferRecord, ...] = ()  # every transfer the agent asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,10 +92,11 @@ class Leg:
         self.incoming: IncomingRequest | None = None  # UAS legs: the INVITE received
         self.outgoing: OutgoingRequest | None = None  # UAC legs: the INVITE sent
         self.ack: Request | None = None  # UAC legs: our ACK of the 2xx, sent again on copies
+        self.gone = asyncio.Event()  # set when the leg has ended
         self.log = log.bind(leg=role.value)
         self._random = random_bytes
         self._user_agent = user_agent
-        self._auth = auth if role.peer is Peer.PBX else None
+        self._auth = auth
 
     def __repr__(self) -> str:
         return f"<Leg {self.role.value} {self.state.value} {self.call_id}>"
@@ -123,17 +124,51 @@ class Leg:
         self.status = ok.status
         self.state = LegState.CONFIRMED
 
-    async def answered_as_uac(self, response: Response) -> None:
-        """A 2xx to the leg's INVITE: the dialog is confirmed; ACK it (RFC 3261 §13.2.2.4)."""
+    async def send_invite(self, invite: Request, deliver: Callable[[Response], None]) -> None:
+        """Send the leg's INVITE and hand every response to ``deliver``, except a 401/407 that
+        the leg's credentials answer: RFC 3261 §22.2, the INVITE goes again with them, CSeq + 1
+        and a new branch (the transaction layer ACKs the challenge). ``outgoing`` is always the
+        INVITE transaction under way (what a CANCEL must name)."""
+        request = invite
+        for attempt in range(3):
+            self.outgoing = outgoing = self.engine.send_request(request)
+            async for response in outgoing:
+                if response.status < 200:
+                    deliver(response)
+            final = await outgoing
+            if final.status in (401, 407) and self._auth is not None and attempt < 2:
+                retry = self._auth.authorize(
+                    final, request, new_cnonce(self._random(8)), branch=new_branch(self._random(12))
+                )
+                if retry is not None:
+                    self.log.info("invite_challenged", status=final.status)
+                    request = retry
+                    continue
+                self.log.warning("credentials_refused", status=final.status)
+            deliver(final)
+            return
+
+    def confirmed_as_uac(self, response: Response) -> None:
+        """A 2xx to the leg's INVITE: the dialog is confirmed (RFC 3261 §13.2.2.4)."""
         assert self.outgoing is not None
         self.dialog = Dialog.from_uac(self.outgoing.request, response)
         self.status = response.status
         self.state = LegState.CONFIRMED
-        self.ack = await self.engine.send_ack(self.in_dialog("ACK", cseq=response.cseq.seq))
+
+    async def send_ack(self, response: Response, body: bytes = b"") -> None:
+        """ACK the 2xx ``response``; ``body`` is the answer when the 2xx held the offer."""
+        headers: HeaderList = (("Content-Type", "application/sdp"),) if body else ()
+        ack = self.in_dialog("ACK", cseq=response.cseq.seq, headers=headers, body=body)
+        self.ack = await self.engine.send_ack(ack)
+
+    async def answered_as_uac(self, response: Response) -> None:
+        """A 2xx to the leg's INVITE: confirm the dialog and ACK it."""
+        self.confirmed_as_uac(response)
+        await self.send_ack(response)
 
     def refused(self, status: int) -> None:
         self.status = status
-        self.state = LegState.ENDED
+        self.ended()
 
     async def ack_again(self, response: Response) -> None:
         """RFC 3261 §13.2.2.4: a retransmitted 2xx is ACKed again with the same ACK."""
@@ -154,8 +189,8 @@ class Leg:
         )
 
     async def request(self, request: Request) -> Response:
-        """Send ``request`` in the dialog and return the final response; a PBX challenge is
-        answered with the extension's credentials (at most twice), Retell's never is."""
+        """Send ``request`` in the dialog and return the final response; a challenge is
+        answered with the peer's credentials when the leg has them (at most twice)."""
         dialog = self.dialog
         assert dialog is not None
         for _ in range(3):
@@ -184,6 +219,7 @@ class Leg:
         if self.dialog is not None:
             self.dialog.terminate()
         self.state = LegState.ENDED
+        self.gone.set()
 
 
 @dataclass(slots=True)

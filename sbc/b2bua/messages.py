@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from sbc.b2bua.numbers import NumberPlan, clean, normalise
 from sbc.b2bua.templates import CallFacts, HeaderTemplates
+from sbc.b2bua.transfer_rules import TransferConfig
 from sbc.sip.digest import Credentials
 from sbc.sip.errors import SipError
 from sbc.sip.fields import parse_int_header, parse_params, quote_string
@@ -40,8 +41,8 @@ class Peer(Enum):
 # (RFC 3261 §20.5). Retell's LiveKit stack answers INFO, UPDATE, PRACK, MESSAGE and SUBSCRIBE
 # 405 (docs/peers.md): sbc advertises none of them to it. ACK and CANCEL belong to the INVITE.
 HANDLED: dict[Peer, tuple[str, ...]] = {
-    Peer.PBX: ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "INFO", "UPDATE"),
-    Peer.RETELL: ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS"),
+    Peer.PBX: ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "INFO", "UPDATE", "NOTIFY"),
+    Peer.RETELL: ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER"),
 }
 # Outside any dialog: a new call, OPTIONS, and 3CX's voicemail NOTIFY (docs/peers.md).
 OUT_OF_DIALOG: tuple[str, ...] = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "NOTIFY")
@@ -91,6 +92,28 @@ class RetellTarget:
         # PEERS.md: Retell matches the To user against the imported number as well.
         scheme = "sips" if self.transport == "tls" else "sip"
         return SipUri(scheme, escape_user(self.number), None, self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class PbxTarget:
+    """The PBX as the destination of calls sbc places (transfers): host, port, transport, and
+    the SIP domain of the extension's AOR."""
+
+    host: str
+    port: int | None
+    transport: str  # "udp", "tcp" or "tls"
+    domain: str
+
+    def uri(self, user: str) -> SipUri:
+        params: tuple[tuple[str, str | None], ...] = ()
+        if self.transport != "udp":
+            params = (("transport", self.transport),)
+        scheme = "sips" if self.transport == "tls" else "sip"
+        return SipUri(scheme, escape_user(user), None, self.host, self.port, params)
+
+    def aor(self, user: str) -> SipUri:
+        scheme = "sips" if self.transport == "tls" else "sip"
+        return SipUri(scheme, escape_user(user), None, self.domain)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +256,49 @@ def build_b_invite(
     return Request("INVITE", target.request_uri, Headers(items), sdp)
 
 
+def build_pbx_invite(
+    pbx: PbxTarget,
+    extension: str,
+    local: LocalAddress,
+    ids: LegIds,
+    number: str,
+    caller: Caller,
+    *,
+    user_agent: str = "",
+    x_headers: tuple[tuple[str, str], ...] = (),
+    sdp: bytes = b"",
+) -> Request:
+    """An INVITE from the extension to ``number`` on the PBX (a transfer by INVITE, or a call
+    Retell sent to sbc), without Via (pushed when sent).
+
+    3CX takes calls from an extension only as that extension (docs/peers.md), so From is the
+    extension's AOR; the caller's identity goes in the display name (what 3CX shows: the name,
+    else the number) and in P-Asserted-Identity (RFC 3325) with the number.
+    """
+    display_text = caller.display or caller.number
+    display = quote_string(display_text) + " " if display_text else ""
+    from_ = f"{display}<{pbx.aor(extension)}>;tag={ids.from_tag}"
+    items: list[tuple[str, str]] = [
+        ("Max-Forwards", str(MAX_FORWARDS)),
+        ("From", from_),
+        ("To", str(NameAddr(pbx.aor(number)))),
+        ("Call-ID", ids.call_id),
+        ("CSeq", f"{ids.cseq} INVITE"),
+        ("Contact", local.contact),
+        ("Allow", allow_header(Peer.PBX)),
+        ("Supported", SUPPORTED[Peer.PBX]),
+    ]
+    if caller.number:
+        identity = SipUri(pbx.aor(extension).scheme, escape_user(caller.number), None, pbx.domain)
+        items.append(("P-Asserted-Identity", f"{display}<{identity}>"))
+    if user_agent:
+        items.append(("User-Agent", user_agent))
+    items.extend(x_headers)
+    if sdp:
+        items.append(("Content-Type", "application/sdp"))
+    return Request("INVITE", pbx.uri(number), Headers(items), sdp)
+
+
 @dataclass(frozen=True, slots=True)
 class BridgeConfig:
     """Everything the bridge needs from the settings (mapped by ``sbc.b2bua.calls``)."""
@@ -247,7 +313,11 @@ class BridgeConfig:
     number_plan: NumberPlan = field(default_factory=NumberPlan)
     headers: HeaderTemplates = field(default_factory=HeaderTemplates)
     user_agent: str = "sbc"
-    pbx_credentials: Credentials | None = None  # 3CX challenges what sbc sends (PEERS.md)
+    pbx_credentials: Credentials | None = None  # 3CX challenges what sbc sends (peers.md)
+    pbx: PbxTarget | None = None  # where calls sbc places to the PBX go (transfers)
+    retell_credentials: Credentials | None = None  # answer Retell's challenges; check its calls
+    retell_trusted: tuple[IPv4Network | IPv6Network, ...] = ()  # where Retell's calls come from
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     min_session_expires: int = 90
     media_timeout: float | None = None  # hang up when neither leg sent RTP this long
     t1: float = 0.5

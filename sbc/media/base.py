@@ -86,6 +86,20 @@ def rtcp_address(sd: SessionDescription) -> tuple[str, int] | None:
     return (attr.address or rtp[0]), attr.port
 
 
+def same_media(one: SessionDescription, other: SessionDescription) -> bool:
+    """Whether two SDPs ask for the same audio: address, port, formats with their rtpmaps, and
+    direction of the first active audio stream (session name, o= line, other attributes aside)."""
+
+    def key(sd: SessionDescription) -> tuple[object, ...] | None:
+        m = sd.audio()
+        if m is None:
+            return None
+        codecs = tuple((rm.payload_type, rm.encoding.lower(), rm.clock_rate) for rm in m.codecs())
+        return (media_address(sd), m.formats, codecs, sd.direction(m))
+
+    return key(one) == key(other)
+
+
 def telephone_event(sd: SessionDescription | None) -> tuple[int, int] | None:
     """``(payload type, clock rate)`` of the telephone-event format in ``sd``'s first active
     audio stream, None when it lists none.
@@ -188,6 +202,28 @@ class MediaSession(ABC):
         )
         self._learn(side, sdp)
         return self._stamp(side, answer, previous.origin.address)
+
+    async def transfer_offer(self) -> SessionDescription:
+        """The offer for a new party that takes side b's place (a transfer by INVITE): what
+        side a offered, offered again toward side b. Side b's current peer keeps its media
+        until :meth:`transfer_answer`. 491 (RequestPending) before side a's first SDP."""
+        received = self._received.get("a")
+        if received is None:
+            raise RequestPending("transfer before side a's first SDP")
+        return await self.offer("a", received)
+
+    async def transfer_answer(self, sdp: SessionDescription) -> SessionDescription | None:
+        """The new party's answer: side b now faces it (a relay re-latches there). Returns the
+        SDP side a must be re-offered when what it was told changes (pass-through: the media
+        address; any backend: another codec), None when side a needs no re-INVITE."""
+        previous = self._sent.get("a")
+        answer = await self.answer("b", sdp)
+        if previous is None or not same_media(previous, answer):
+            return answer
+        # Same address, port, formats and direction: side a keeps what it has (RFC 3264 §8:
+        # no new version for an unchanged session).
+        self._sent["a"], self._origins["a"] = previous, previous.origin
+        return None
 
     def filter(self, sdp: SessionDescription) -> SessionDescription:
         """``sdp`` with only this session's codecs (488 when none is left)."""
@@ -300,5 +336,6 @@ __all__ = [
     "media_address",
     "other_side",
     "rtcp_address",
+    "same_media",
     "telephone_event",
 ]

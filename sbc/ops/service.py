@@ -30,10 +30,11 @@ from ipaddress import IPv4Network, IPv6Network
 import structlog
 
 from sbc.b2bua.calls import CallManager
-from sbc.b2bua.messages import BridgeConfig, RetellTarget
+from sbc.b2bua.messages import BridgeConfig, PbxTarget, RetellTarget
 from sbc.b2bua.numbers import NumberPlan
 from sbc.b2bua.registration import RegistrationDriver, RegistrationObserver
 from sbc.b2bua.templates import compile_headers
+from sbc.b2bua.transfer_rules import TransferConfig
 from sbc.media.base import MediaBackend, PassthroughBackend
 from sbc.media.ports import PortPool
 from sbc.media.relay import RelayBackend
@@ -212,10 +213,27 @@ def bridge_config(settings: Settings, trusted: tuple[Network, ...] | None = None
         headers=compile_headers(settings.headers, calls.passthrough_x_headers),
         user_agent=sip.user_agent,
         pbx_credentials=Credentials(pbx.auth_id, pbx.password.get_secret_value()),
+        pbx=PbxTarget(pbx.host, pbx.port, pbx.transport, pbx.sip_domain),
+        retell_credentials=retell_credentials(settings),
+        retell_trusted=tuple(retell.trusted),
+        transfer=TransferConfig(
+            mode=settings.transfer.mode,
+            allow=settings.transfer.allow,
+            targets=settings.transfer.targets,
+            ring_timeout=settings.transfer.ring_timeout,
+        ),
         media_timeout=settings.media.media_timeout,
         t1=sip.t1,
         t2=sip.t2,
     )
+
+
+def retell_credentials(settings: Settings) -> Credentials | None:
+    """The trunk credentials of the number at Retell (both directions), when configured."""
+    retell = settings.retell
+    if not retell.auth_username or retell.auth_password is None:
+        return None
+    return Credentials(retell.auth_username, retell.auth_password.get_secret_value())
 
 
 def media_backend(settings: Settings, advertised: str) -> MediaBackend:

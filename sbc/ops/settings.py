@@ -410,6 +410,7 @@ class TransferSettings(_Section):
     mode: Annotated[Literal["refer", "invite"], BeforeValidator(_lower)] = "refer"
     allow: Regex = re.compile(r"^[0-9*#+]{1,32}$")  # a target must match it as a whole
     targets: dict[str, str] = Field(default_factory=dict)  # name -> PBX number
+    ring_timeout: Seconds = 30.0  # invite mode: how long the human's phone may ring
 
     @field_validator("targets")
     @classmethod

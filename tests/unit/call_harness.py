@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 from sbc.b2bua.call import Call, CallState
-from sbc.b2bua.messages import BridgeConfig, RetellTarget
+from sbc.b2bua.messages import BridgeConfig, PbxTarget, RetellTarget
 from sbc.b2bua.numbers import NumberPlan
 from sbc.b2bua.templates import compile_headers
+from sbc.b2bua.transfer_rules import TransferConfig
 from sbc.media.base import PassthroughBackend
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest
@@ -56,10 +58,18 @@ class FakeHandle:
         self.destination = None
         self._changed = asyncio.Event()
 
-    def deliver(self, status: int, *, body: bytes = b"", to_tag: str = "rt1") -> Response:
-        headers = [("Contact", "<sip:retell@192.0.2.9:5060;transport=TCP>")]
+    def deliver(
+        self,
+        status: int,
+        *,
+        body: bytes = b"",
+        to_tag: str = "rt1",
+        headers: tuple[tuple[str, str], ...] = (),
+        contact: str = "<sip:retell@192.0.2.9:5060;transport=TCP>",
+    ) -> Response:
+        headers = (("Contact", contact), *headers)
         if body:
-            headers.append(("Content-Type", "application/sdp"))
+            headers = (*headers, ("Content-Type", "application/sdp"))
         response = build_response(
             self.request,
             status,
@@ -188,6 +198,8 @@ def config(**overrides: Any) -> BridgeConfig:
         "number_plan": NumberPlan(country_code="44"),
         "headers": compile_headers({"X-Caller-Number": "{caller_number}"}, ["X-Customer-*"]),
         "pbx_credentials": Credentials("6001auth", "secret"),
+        "pbx": PbxTarget("10.0.0.1", 5060, "udp", "10.0.0.1"),
+        "transfer": TransferConfig(targets={"sales": "800"}, allow=re.compile(r"^8[0-9]{2}$")),
         "t1": 0.005,
         "t2": 0.04,
     }
@@ -197,6 +209,7 @@ def config(**overrides: Any) -> BridgeConfig:
 
 class Harness:
     def __init__(self, **overrides: Any) -> None:
+        self._drawn = 0
         self.engine = FakeEngine()
         self.engine.limit = overrides.pop("limit", LIMIT)
         media = overrides.pop("media", None) or PassthroughBackend()
@@ -214,9 +227,14 @@ class Harness:
             media=media,
             call_uuid="uuid-1",
             wall_clock=lambda: 1_795_000_000.0,
-            random_bytes=lambda n: b"\x01" * n,
+            random_bytes=self._random,
         )
         self.task = asyncio.ensure_future(self.call.run())
+
+    def _random(self, n: int) -> bytes:
+        """Deterministic and never the same twice: distinct Call-IDs, tags and branches."""
+        self._drawn += 1
+        return self._drawn.to_bytes(n, "big")
 
     def state(self) -> CallState:
         return self.call.state
@@ -276,20 +294,29 @@ class Harness:
         self.call.request_arrived(self.call.caller_leg, incoming)
         return incoming
 
-    def send_retell(self, method: str, seq: int, invite: FakeHandle) -> IncomingRequest:
+    def send_retell(
+        self,
+        method: str,
+        seq: int,
+        invite: FakeHandle,
+        *extra: tuple[str, str],
+        body: bytes = b"",
+        content_type: str = "application/sdp",
+    ) -> IncomingRequest:
         b = invite.request
+        headers = [
+            ("Via", f"SIP/2.0/TCP 192.0.2.9:5060;branch=z9hG4bKr{method}{seq}"),
+            ("From", "<sip:+14155550100@retell.test>;tag=rt1"),
+            ("To", f"{b.headers.get('From')}"),
+            ("Call-ID", b.call_id),
+            ("CSeq", f"{seq} {method}"),
+            ("Contact", "<sip:retell@192.0.2.9:5060;transport=tcp>"),
+            *extra,
+        ]
+        if body:
+            headers.append(("Content-Type", content_type))
         request = Request(
-            method,
-            parse_uri("sip:10.0.0.5:5060;transport=tcp"),
-            Headers(
-                [
-                    ("Via", f"SIP/2.0/TCP 192.0.2.9:5060;branch=z9hG4bKr{seq}"),
-                    ("From", "<sip:+14155550100@retell.test>;tag=rt1"),
-                    ("To", f"{b.headers.get('From')}"),
-                    ("Call-ID", b.call_id),
-                    ("CSeq", f"{seq} {method}"),
-                ]
-            ),
+            method, parse_uri("sip:10.0.0.5:5060;transport=tcp"), Headers(headers), body
         )
         incoming = IncomingRequest(
             self.engine,

@@ -107,15 +107,51 @@ async def test_retell_failure_is_mapped(retell: int, pbx: int) -> None:
     assert (h.call.pbx_status, h.call.retell_status) == (pbx, retell)
 
 
-async def test_no_sdp_or_no_common_codec_is_488_and_nothing_is_sent() -> None:
-    h = Harness(invite=a_invite(body=b""))
+async def test_no_common_codec_is_488_and_nothing_is_sent() -> None:
+    g729 = PBX_SDP.replace(b"RTP/AVP 8 0 101", b"RTP/AVP 18").replace(b"PCMA", b"G729")
+    h = Harness(invite=a_invite(body=g729))
     await h.finished()
     assert h.statuses() == [488]
-    g729 = PBX_SDP.replace(b"RTP/AVP 8 0 101", b"RTP/AVP 18").replace(b"PCMA", b"G729")
-    h2 = Harness(invite=a_invite(body=g729))
-    await h2.finished()
-    assert h2.statuses() == [488]
-    assert h.engine.handles == [] and h2.engine.handles == []
+    assert h.engine.handles == []
+
+
+async def test_late_offer_takes_the_offer_from_retell_and_the_answer_from_the_ack() -> None:
+    # RFC 3264 §5 / RFC 3261 §13.2.1: an INVITE without SDP gets the offer in the 2xx and
+    # answers in the ACK; sbc carries both across.
+    h = Harness(invite=a_invite(body=b""))
+    invite = await h.b_invite()
+    assert invite.request.body == b""
+    assert "Content-Type" not in invite.request.headers
+    invite.deliver(200, body=RETELL_SDP)
+    ok = await h.pbx_status(200)
+    assert b"m=audio 40000 RTP/AVP 8 101" in ok.body  # Retell's offer, to the PBX
+    assert h.engine.acks == []  # Retell's ACK waits for the PBX's answer
+    ack = h.pbx_request("ACK", 1, body=PBX_SDP.replace(b"RTP/AVP 8 0 101", b"RTP/AVP 8 101"))
+    h.call.ack_arrived(h.call.caller_leg, ack)
+    await h.engine.wait(lambda: h.engine.acks)
+    (b_ack,) = h.engine.acks
+    assert b_ack.headers.get("Content-Type") == "application/sdp"
+    assert b"c=IN IP4 10.0.0.1" in b_ack.body and b"m=audio 9000 RTP/AVP 8 101" in b_ack.body
+    await asyncio.wait_for(h.call.up.wait(), 1)
+    h.send_pbx(h.pbx_request("BYE", 2))
+    await answer_bye(h.engine)
+    await h.finished()
+    assert h.call.end_reason == "pbx_bye"
+
+
+async def test_late_offer_without_an_answer_in_the_ack_ends_both_legs() -> None:
+    h = Harness(invite=a_invite(body=b""))
+    invite = await h.b_invite()
+    invite.deliver(200, body=RETELL_SDP)
+    await h.pbx_status(200)
+    h.call.ack_arrived(h.call.caller_leg, h.pbx_request("ACK", 1))
+    await h.engine.wait(lambda: h.engine.acks and h.engine.requests("BYE"))
+    assert h.engine.acks[0].body == b""  # Retell's 2xx is ACKed all the same, then BYE
+    await h.engine.wait(lambda: len(h.engine.requests("BYE")) == 2)
+    await answer_bye(h.engine, 0)
+    await answer_bye(h.engine, 1)
+    await h.finished()
+    assert h.call.end_reason == "pbx_no_ack"
 
 
 async def test_session_interval_too_small_is_422() -> None:
@@ -483,11 +519,11 @@ async def test_methods_a_peer_may_not_send_get_405_with_its_allow() -> None:
     await h.engine.wait(lambda: update.final_sent)
     refused = h.engine.to_pbx[-1]
     assert refused.status == 405
-    assert refused.headers.get("Allow") == "INVITE, ACK, CANCEL, BYE, OPTIONS"
+    assert refused.headers.get("Allow") == "INVITE, ACK, CANCEL, BYE, OPTIONS, REFER"
     options = h.send_retell("OPTIONS", 3, invite)
     await h.engine.wait(lambda: options.final_sent)
     assert h.engine.to_pbx[-1].status == 200
-    assert h.engine.to_pbx[-1].headers.get("Allow") == "INVITE, ACK, CANCEL, BYE, OPTIONS"
+    assert h.engine.to_pbx[-1].headers.get("Allow") == "INVITE, ACK, CANCEL, BYE, OPTIONS, REFER"
     assert h.state() is CallState.CONNECTED
     h.send_retell("BYE", 4, invite)
     await answer_bye(h.engine)

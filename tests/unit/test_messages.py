@@ -307,7 +307,7 @@ def test_pbx_dialog_headers_echo_record_route_and_timer() -> None:
         ("Record-Route", "<sip:10.0.0.1:5060;lr>"),
         ("Record-Route", "<sip:10.0.0.9;lr>"),
         ("Contact", "<sip:10.0.0.5:5060>"),
-        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"),
+        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY"),
         ("Supported", "timer"),
         ("Session-Expires", "600;refresher=uac"),
         ("Require", "timer"),
@@ -320,7 +320,7 @@ def test_pbx_dialog_headers_minimal_and_uas_refresher() -> None:
     req = _invite_with("<sip:1@p>;tag=1")
     assert pbx_dialog_headers(req, LOCAL_PBX) == (
         ("Contact", "<sip:10.0.0.5:5060>"),
-        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE"),
+        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY"),
         ("Supported", "timer"),
     )
     headers = pbx_dialog_headers(req, LOCAL_PBX, timer=SessionTimer(900, "uas"))
