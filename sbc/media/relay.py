@@ -91,6 +91,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         "port",
         "remote",
         "renumber",
+        "retired",
         "sdp_remote",
         "send_allowed",
         "seq_gaps",
@@ -122,6 +123,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         self.peer: RelaySocket | None = None
         self.remote: tuple[str, int] | None = None
         self.sdp_remote: tuple[str, int] | None = None
+        self.retired: set[tuple[str, int]] = set()  # sources replaced by a new SDP: never again
         self.first_at: float | None = None
         self.send_allowed = True  # False while the SDP sent to `side` is recvonly/inactive
         self.lost_future: asyncio.Future[None] = loop.create_future()
@@ -160,10 +162,13 @@ class RelaySocket(asyncio.DatagramProtocol):
         remote = self.remote
         if remote is None or addr[0] != remote[0] or addr[1] != remote[1]:
             first = self.first_at
-            if first is not None and now - first > self.window:
-                self.dropped += 1  # RTP Bleed: only the latched source after the window
+            source = (addr[0], addr[1])
+            if (first is not None and now - first > self.window) or source in self.retired:
+                # RTP Bleed: only the latched source after the window; and never a source the
+                # side's SDP moved away from (the agent still talking after a transfer).
+                self.dropped += 1
                 return
-            self.remote = (addr[0], addr[1])
+            self.remote = source
         if self.first_at is None:
             self.first_at = now
         self.packets += 1
@@ -224,10 +229,14 @@ class RelaySocket(asyncio.DatagramProtocol):
         return True
 
     def set_sdp_remote(self, address: tuple[str, int] | None) -> None:
-        """The side's SDP names ``address``; a new one restarts latching, the same keeps it."""
+        """The side's SDP names ``address``; a new one restarts latching (and retires the
+        source latched so far), the same keeps it."""
         address = _usable(address)
         if address is None or address == self.sdp_remote:
             return
+        if self.first_at is not None and self.remote is not None and self.remote != address:
+            self.retired.add(self.remote)  # the source media came from until now
+        self.retired.discard(address)
         self.sdp_remote = address
         self.remote = address
         self.first_at = None

@@ -119,6 +119,23 @@ def test_new_sdp_address_restarts_learning_and_same_address_keeps_latch() -> Non
     assert facing_pbx.dropped == 0
 
 
+def test_a_source_the_sdp_moved_away_from_is_never_latched_again() -> None:
+    # A transfer by INVITE re-points side b from the agent to the human: the agent may keep
+    # sending for a moment, and must not win the new learning window.
+    loop, _, facing_retell, _ = pair(window=3.0)
+    facing_retell.datagram_received(rtp(1), RETELL)
+    loop.now += 10
+    human = ("10.0.0.77", 7000)
+    facing_retell.set_sdp_remote(human)
+    facing_retell.datagram_received(rtp(2), RETELL)  # the agent, still talking
+    assert facing_retell.remote == human
+    assert facing_retell.dropped == 1
+    facing_retell.datagram_received(rtp(3, ssrc=2), ("10.0.0.77", 7002))  # the human behind NAT
+    assert facing_retell.remote == ("10.0.0.77", 7002)
+    facing_retell.set_sdp_remote(RETELL)  # moved back: allowed again
+    assert facing_retell.remote == RETELL and RETELL not in facing_retell.retired
+
+
 def test_unroutable_when_the_other_side_has_no_address_yet() -> None:
     loop = FakeLoop()
     lone = RelaySocket(loop, "a", is_rtp=True, sock=None, port=1, window=1)  # type: ignore[arg-type]
