@@ -68,6 +68,13 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.transfers = Counter(
+            "sbc_transfers",
+            "Transfers the agent asked for, by mode (refer, invite) and outcome (transferred, "
+            "failed, refused, aborted)",
+            ["mode", "outcome"],
+            registry=self.registry,
+        )
         self.call_duration = Histogram(
             "sbc_call_duration_seconds",
             "Duration of answered calls, answer to hang-up",
@@ -104,6 +111,8 @@ class Metrics:
         self.calls_ended.labels(outcome="answered" if answered else "unanswered").inc()
         if record.answered is not None:
             self.call_duration.observe(max(0.0, record.ended - record.answered))
+        for transfer in record.transfers:
+            self.transfers.labels(mode=transfer.mode, outcome=transfer.outcome).inc()
 
     def call_refused(self, status: int) -> None:
         self.calls_refused.labels(status=str(status)).inc()

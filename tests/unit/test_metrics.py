@@ -1,0 +1,55 @@
+"""The metrics the call events feed: parsed back with prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted
+from sbc.b2bua.transfer import TransferRecord
+from sbc.ops.metrics import Metrics
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = metrics.render().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def record(*transfers: TransferRecord, answered: float | None = 10.0) -> CallRecord:
+    return CallRecord(
+        call_uuid="u",
+        pbx_call_id="p",
+        retell_call_id="r",
+        caller="+1",
+        called="101",
+        started=0.0,
+        answered=answered,
+        ended=70.0,
+        pbx_status=200,
+        retell_status=200,
+        end_reason="transferred",
+        transfers=transfers,
+    )
+
+
+def test_call_events_are_counted() -> None:
+    metrics = Metrics()
+    metrics.on_call_event(CallStarted("u1"))
+    metrics.on_call_event(CallStarted("u2"))
+    metrics.on_call_event(CallRefused(403))
+    ok = TransferRecord("800", "invite", "transferred", 200, 4.2)
+    busy = TransferRecord("800", "refer", "failed", 486, None)
+    metrics.on_call_event(CallEnded(record(busy, ok)))
+    metrics.on_call_event(CallEnded(record(answered=None)))
+    got = samples(metrics)
+    assert got[("sbc_calls_started_total", ())] == 2
+    assert got[("sbc_calls_active", ())] == 0
+    assert got[("sbc_calls_refused_total", (("status", "403"),))] == 1
+    assert got[("sbc_calls_ended_total", (("outcome", "answered"),))] == 1
+    assert got[("sbc_calls_ended_total", (("outcome", "unanswered"),))] == 1
+    assert got[("sbc_transfers_total", (("mode", "invite"), ("outcome", "transferred")))] == 1
+    assert got[("sbc_transfers_total", (("mode", "refer"), ("outcome", "failed")))] == 1
+    assert got[("sbc_call_duration_seconds_sum", ())] == 60.0
