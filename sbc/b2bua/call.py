@@ -680,9 +680,15 @@ class Call:
 
     async def _refer(self, leg: Leg, incoming: IncomingRequest) -> None:
         """RFC 3515: a REFER from the agent asks for a transfer (``sbc/b2bua/transfer.py``)."""
-        if leg.role is not Role.AGENT or self.state is not CallState.CONNECTED:
-            # One transfer at a time, and only of a connected call (RFC 3261 §14.2's spirit).
-            incoming.respond(491 if self.state is CallState.TRANSFERRING else 403)
+        if self.state is CallState.TRANSFERRING:
+            incoming.respond(491)  # one transfer at a time (RFC 3261 §14.2's spirit)
+            return
+        if leg.role is not Role.AGENT or self.origin.role is not Role.CALLER:
+            # Only the agent of a call from the PBX can hand its caller back.
+            incoming.respond(403)
+            return
+        if self.state is not CallState.CONNECTED:
+            incoming.respond(491)  # not yet confirmed (the caller's ACK is awaited): try again
             return
         self.transfer = Transfer(self, leg, incoming)
         self._move(In.TRANSFER_ACCEPTED)
@@ -696,6 +702,12 @@ class Call:
     async def _transfer_ended(self, fact: TransferEnded) -> bool:
         """A transfer's outcome; True while the call goes on."""
         agent = self.legs.get(Role.AGENT)
+        if fact.human is not None and not fact.human.up:
+            # The human hung up before the bridge could take it (a BYE that overtook the news).
+            self._move(In.TRANSFER_FAILED)
+            self.transfer = None
+            await self._end(In.B_BYE, "pbx_bye")
+            return False
         if fact.human is not None:
             self.legs[Role.HUMAN] = fact.human
             self.bridge.b = fact.human
