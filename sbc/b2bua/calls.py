@@ -3,18 +3,26 @@
 Every new server transaction reaches :meth:`CallManager.handle_request` (the engine's
 ``on_request``, set by :class:`sbc.ops.service.Service`):
 
-* an INVITE without To tag is a new call only when it comes from a trusted PBX address and is
-  for the registered extension; anything else is refused before any dialog or media exists
-  (403 untrusted source, 404 another extension). Above ``max_concurrent`` calls it is 503 with
-  Retry-After (RFC 3261 §21.5.4), and so is a call the media layer has no ports for
-  (``PortsExhausted``). An accepted INVITE is answered 100 at once (§8.2.6.1) and
-  handed to a new :class:`~sbc.b2bua.call.Call`, whose ``run`` is one task;
+* an INVITE without To tag is a new call only when it comes from a trusted address; anything
+  else is refused before any dialog or media exists. From the PBX (``pbx.trusted``) it must be
+  for the registered extension (else 404) and becomes a :class:`~sbc.b2bua.call.Call` to the
+  agent. From Retell (``retell.trusted``: its ``sip_invite`` transfers and outbound calls) it
+  must carry Retell's trunk credentials when ``retell.auth_username`` is set (407 challenge,
+  403 wrong credentials; ``trunk_auth.py``) and name a target the ``[transfer]`` rules allow
+  (Request-URI user, else To user; 403 otherwise), and becomes a
+  :class:`~sbc.b2bua.inbound.RetellCall` to that PBX number. An address in both lists counts as
+  the PBX when the Request-URI's user is the extension, else as Retell. From anywhere else:
+  403. Above ``max_concurrent`` calls it is 503 with Retry-After (RFC 3261 §21.5.4), and so is
+  a call the media layer has no ports for (``PortsExhausted``). An accepted INVITE is answered
+  100 at once (§8.2.6.1) and handed to its new call, whose ``run`` is one task;
 * a request with a To tag is routed by dialog id (Call-ID, our tag) to its call and leg, or
   answered 481 (§12.2.2);
 * a NOTIFY outside a dialog is 3CX's voicemail summary: 200; other methods 405.
 
 Refusals raise the :class:`~sbc.sip.errors.SipError` that names their status; the one place
-that answers them is :meth:`CallManager.handle_request`.
+that answers them is :meth:`CallManager.handle_request`. Each is published as a
+:class:`~sbc.b2bua.events.CallRefused`, except a digest challenge (407), which is part of
+setting up a call rather than a refusal.
 
 ACKs of 2xx, CANCELs and late 2xx copies come from the engine's hooks, which
 :meth:`CallManager.attach` points at this manager. What happens to calls is published on
@@ -29,18 +37,30 @@ import asyncio
 import ipaddress
 import uuid
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import structlog
 
 from sbc.b2bua.call import Call
 from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted, EventBus
+from sbc.b2bua.inbound import RetellCall
 from sbc.b2bua.leg import Leg
 from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, Peer, uri_user
+from sbc.b2bua.transfer_rules import TransferRefused, resolve_target
+from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.media.base import MediaBackend, MediaSession
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
-from sbc.sip.errors import Forbidden, MethodNotAllowed, NotFound, ServiceUnavailable, SipError
+from sbc.sip.digest import Verdict
+from sbc.sip.errors import (
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    ProxyAuthenticationRequired,
+    ServiceUnavailable,
+    SipError,
+)
 from sbc.sip.message import Request, Response
 
 __all__ = ["CallManager", "record_of"]
@@ -106,6 +126,11 @@ class CallManager:
         self.config = config
         self.media = media
         self._call_media = _RetryLater(media, config.retry_after)
+        # Retell's INVITEs are challenged when its trunk credentials are set (trunk_auth.py).
+        credentials = config.retell_credentials
+        self.retell_auth: TrunkAuth | None = (
+            None if credentials is None else TrunkAuth(credentials, engine.config.via_host)
+        )
         self.events = events if events is not None else EventBus()
         self._new_uuid = new_uuid
         self._wall = wall_clock
@@ -154,7 +179,7 @@ class CallManager:
                     headers=(("Allow", ", ".join(OUT_OF_DIALOG)),),
                 )
         except SipError as exc:
-            if request.method == "INVITE" and request.to_tag is None:
+            if request.method == "INVITE" and request.to_tag is None and exc.status != 407:
                 self.events.publish(CallRefused(exc.status))
             incoming.reject(exc)
 
@@ -180,29 +205,88 @@ class CallManager:
     def _new_invite(self, incoming: IncomingRequest) -> None:
         request = incoming.request
         source = incoming.source
-        if not self._trusted(source):
+        from_pbx = self._in(self.config.trusted, source)
+        from_retell = self._in(self.config.retell_trusted, source)
+        if from_pbx and from_retell:
+            # One address in both lists: the PBX calls the extension's registered Contact.
+            from_pbx = uri_user(request.uri) == self.config.extension
+            from_retell = not from_pbx
+        if from_pbx:
+            if not self._for_extension(request):
+                log.info("invite_other_extension", uri=str(request.uri), call_id=request.call_id)
+                raise NotFound(f"not extension {self.config.extension}", headers=self._server)
+            self._check_capacity(request)
+            self._start(incoming, Call(incoming, **self._call_kwargs()))
+        elif from_retell:
+            target = self._retell_target(incoming)
+            self._check_capacity(request)
+            self._start(incoming, RetellCall(incoming, target=target, **self._call_kwargs()))
+        else:
             log.info("invite_untrusted", source=str(source), call_id=request.call_id)
             raise Forbidden(f"untrusted source {source}", headers=self._server)
-        if not self._for_extension(request):
-            log.info("invite_other_extension", uri=str(request.uri), call_id=request.call_id)
-            raise NotFound(f"not extension {self.config.extension}", headers=self._server)
+
+    def _retell_target(self, incoming: IncomingRequest) -> str:
+        """The PBX number an INVITE from Retell's addresses is for, once its credentials are
+        good; raises 407 (challenge), 403 (wrong credentials, target not allowed)."""
+        request = incoming.request
+        source = str(incoming.source)
+        if self.retell_auth is not None:
+            checked = self.retell_auth.check(request)
+            auth = checked.authorization
+            username = None if auth is None else auth.username
+            if checked.verdict is Verdict.REFUSED:
+                log.warning(
+                    "retell_auth_refused",
+                    source=source,
+                    username=username,
+                    reason=checked.reason,
+                    call_id=request.call_id,
+                )
+                raise Forbidden(f"credentials refused: {checked.reason}", headers=self._server)
+            if checked.verdict is not Verdict.ACCEPTED:
+                stale = checked.verdict is Verdict.STALE
+                log.info(
+                    "retell_invite_challenged",
+                    source=source,
+                    stale=stale,
+                    reason=checked.reason,
+                    call_id=request.call_id,
+                )
+                challenge = ("Proxy-Authenticate", self.retell_auth.challenge(stale=stale))
+                raise ProxyAuthenticationRequired(
+                    checked.reason, headers=(challenge, *self._server)
+                )
+        if self.config.pbx is None:
+            raise ServiceUnavailable("no PBX to place calls to", headers=self._server)
+        user = uri_user(request.uri) or uri_user(request.to.uri) or ""
+        try:
+            return resolve_target(self.config.transfer, user)
+        except TransferRefused as exc:
+            # Toll fraud guard: Retell's calls reach only what [transfer] allows.
+            log.warning("retell_target_refused", target=user, detail=exc.detail, source=source)
+            raise Forbidden(exc.detail, headers=self._server) from exc
+
+    def _check_capacity(self, request: Request) -> None:
         if self._stopping or len(self.calls) >= self.config.max_concurrent:
             log.warning("invite_over_capacity", active=len(self.calls), call_id=request.call_id)
-            # RFC 3261 §21.5.4: 503 with Retry-After; the PBX may try again later.
+            # RFC 3261 §21.5.4: 503 with Retry-After; the caller may try again later.
             retry = ("Retry-After", str(self.config.retry_after))
             raise ServiceUnavailable("over capacity", headers=(retry, *self._server))
-        incoming.respond(100)
-        kwargs: dict[str, Any] = {}
+
+    def _call_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "config": self.config,
+            "engine": self.engine,
+            "media": self._call_media,
+            "call_uuid": self._new_uuid(),
+        }
         if self._wall is not None:
             kwargs["wall_clock"] = self._wall
-        call = Call(
-            incoming,
-            config=self.config,
-            engine=self.engine,
-            media=self._call_media,
-            call_uuid=self._new_uuid(),
-            **kwargs,
-        )
+        return kwargs
+
+    def _start(self, incoming: IncomingRequest, call: Call) -> None:
+        """Answer 100 and run ``call``, routed by its legs' dialog ids."""
+        incoming.respond(100)
         self.calls[call.call_uuid] = call
         self._idle.clear()
         call.on_new_leg = lambda leg: self._route(call, leg)
@@ -240,12 +324,13 @@ class CallManager:
     def _server(self) -> tuple[tuple[str, str], ...]:
         return (("Server", self.config.user_agent),)
 
-    def _trusted(self, source: Destination) -> bool:
+    @staticmethod
+    def _in(networks: tuple[IPv4Network | IPv6Network, ...], source: Destination) -> bool:
         try:
             address = ipaddress.ip_address(source.host)
         except ValueError:
             return False
-        return any(address in network for network in self.config.trusted)
+        return any(address in network for network in networks)
 
     def _for_extension(self, request: Request) -> bool:
         # 3CX sends to the registered Contact (user = extension); To names the extension too.

@@ -2,10 +2,13 @@
 
 Both halves live here. The client half answers ``401``/``407`` challenges (toward 3CX, which
 challenges REGISTER and every request an extension sends, and blacklists addresses that repeat
-wrong credentials); the server half checks the credentials Retell sends to the bridge.
+wrong credentials); the server half checks the credentials Retell sends to the bridge: stateless
+nonces (:func:`make_nonce`, :func:`nonce_issued`) and the verdict on a request's credentials
+(:func:`check_credentials`).
 
-Nothing here draws random numbers or reads a clock: client nonces (``cnonce``) and server nonces
-come in as arguments, and the nonce lifetime policy belongs to the caller.
+Nothing here draws random numbers or reads a clock: client nonces (``cnonce``), the server's
+nonce secret and salt, and the current time come in as arguments, and the nonce lifetime policy
+belongs to the caller (``sbc/b2bua/trunk_auth.py``).
 """
 
 from __future__ import annotations
@@ -14,24 +17,31 @@ import dataclasses
 import hashlib
 import hmac
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 
 from sbc.sip.errors import ParseError
 from sbc.sip.fields import parse_via, quote_string
 from sbc.sip.headers import Headers
 from sbc.sip.ids import BRANCH_COOKIE
 from sbc.sip.message import Request, Response
+from sbc.sip.uri import parse_uri, uri_equal
 
 __all__ = [
     "Authorization",
     "Challenge",
     "ClientAuth",
     "Credentials",
+    "CredentialsCheck",
+    "Verdict",
     "auth_header_name",
     "build_authorization",
     "build_challenge",
+    "check_credentials",
     "compute_response",
+    "make_nonce",
+    "nonce_issued",
     "parse_authorization",
     "parse_challenge",
     "verify_authorization",
@@ -390,6 +400,131 @@ def verify_authorization(
         body=body,
     )
     return hmac.compare_digest(expected.encode(), auth.response.lower().encode())
+
+
+# -- the server's stateless nonces and its verdict (RFC 7616 §3.3, §3.5, §5.4-§5.5) --------
+
+_NONCE_MAC_CHARS = 32  # hex characters of the HMAC-SHA256 kept in a nonce: 128 bits
+_HEX = frozenset("0123456789abcdef")
+
+
+def _nonce_mac(secret: bytes, issued: int, salt: str) -> str:
+    mac = hmac.new(secret, f"sbc-nonce:{issued:x}:{salt}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:_NONCE_MAC_CHARS]
+
+
+def make_nonce(secret: bytes, issued: int, salt: bytes) -> str:
+    """A stateless server nonce: ``issued`` (whole seconds of the caller's clock, hex), a
+    ``salt`` that makes each nonce unique (random bytes drawn by the caller, at most 16) and an
+    HMAC-SHA256 of both under ``secret``, so that :func:`nonce_issued` recognises it later
+    without any table (RFC 7616 §3.3 suggests a time stamp and a private key)."""
+    if issued < 0:
+        raise ValueError(f"negative nonce time: {issued!r}")
+    if len(salt) > 16:
+        raise ValueError("a nonce salt has at most 16 bytes")
+    text = salt.hex()
+    return f"{issued:x}.{text}.{_nonce_mac(secret, issued, text)}"
+
+
+def nonce_issued(nonce: str, secret: bytes) -> int | None:
+    """When :func:`make_nonce` made ``nonce`` with ``secret``; None when it did not (another
+    secret, such as a previous process's, a forged or a malformed nonce)."""
+    stamp, _, rest = nonce.partition(".")
+    salt, dot, mac = rest.partition(".")
+    if not dot or not 0 < len(stamp) <= 16 or not _HEX.issuperset(stamp):
+        return None
+    if len(salt) > 32 or not _HEX.issuperset(salt):
+        return None
+    issued = int(stamp, 16)
+    if stamp != f"{issued:x}":
+        return None  # one spelling per time stamp
+    if not hmac.compare_digest(mac.encode(), _nonce_mac(secret, issued, salt).encode()):
+        return None
+    return issued
+
+
+class Verdict(Enum):
+    """What a server makes of the credentials in a request (see :func:`check_credentials`)."""
+
+    ACCEPTED = "accepted"
+    MISSING = "missing"  # none for the realm, or unreadable: challenge
+    STALE = "stale"  # right password on a nonce not (or no longer) good: challenge, stale=true
+    REFUSED = "refused"  # wrong username, password or digest-uri
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsCheck:
+    """The verdict, the credentials it is about (None when MISSING) and why, for a log line."""
+
+    verdict: Verdict
+    authorization: Authorization | None = None
+    reason: str = ""
+
+
+def check_credentials(
+    values: Iterable[str],
+    *,
+    credentials: Credentials,
+    realm: str,
+    method: str,
+    uris: Iterable[str],
+    secret: bytes,
+    now: float,
+    lifetime: float,
+    body: bytes = b"",
+) -> CredentialsCheck:
+    """Judge the ``Authorization``/``Proxy-Authorization`` ``values`` of a request.
+
+    The first readable Digest credentials of ``realm`` are judged; none is MISSING. Then: a
+    username other than ``credentials.username``, a digest-uri that is none of ``uris`` (RFC
+    7616 §3.4.6 wants the Request-URI; the caller may add what a peer is known to hash instead,
+    such as the To URI; compared as URIs, RFC 3261 §19.1.4) or a wrong response is REFUSED; a
+    right response on a nonce :func:`nonce_issued` does not recognise under ``secret``, or one
+    issued more than ``lifetime`` seconds before ``now``, is STALE (RFC 7616 §3.3: the client
+    knows the password and may simply retry); else ACCEPTED. Responses with ``qop=auth``,
+    ``auth-int`` (``body``) and none (RFC 2069) are verified. Replays of accepted credentials
+    are the caller's to detect (by nonce, ``nc`` and ``cnonce``).
+    """
+    auth = _credentials_for(values, realm)
+    if auth is None:
+        return CredentialsCheck(Verdict.MISSING, None, f"no credentials for realm {realm!r}")
+    if auth.username != credentials.username:
+        return CredentialsCheck(Verdict.REFUSED, auth, f"unknown username {auth.username!r}")
+    allowed = tuple(uris)
+    if not any(_same_uri(auth.uri, uri) for uri in allowed):
+        reason = f"digest-uri {auth.uri!r} is none of {allowed!r}"
+        return CredentialsCheck(Verdict.REFUSED, auth, reason)
+    good = verify_authorization(
+        auth, method=method, password=credentials.password, realm=realm, body=body
+    )
+    if not good:
+        return CredentialsCheck(Verdict.REFUSED, auth, "wrong response (password or nonce)")
+    issued = nonce_issued(auth.nonce, secret)
+    if issued is None:
+        return CredentialsCheck(Verdict.STALE, auth, "nonce not issued here")
+    if not 0 <= now - issued <= lifetime:
+        return CredentialsCheck(Verdict.STALE, auth, "nonce expired")
+    return CredentialsCheck(Verdict.ACCEPTED, auth)
+
+
+def _credentials_for(values: Iterable[str], realm: str) -> Authorization | None:
+    for value in values:
+        try:
+            auth = parse_authorization(value)
+        except ParseError:
+            continue
+        if auth.realm == realm:
+            return auth
+    return None
+
+
+def _same_uri(digest_uri: str, uri: str) -> bool:
+    if digest_uri == uri:
+        return True
+    try:
+        return uri_equal(parse_uri(digest_uri), parse_uri(uri))
+    except ParseError:
+        return False
 
 
 # -- the client policy ---------------------------------------------------------------------

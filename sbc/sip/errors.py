@@ -54,6 +54,13 @@ class NotAcceptable(SipError):
     reason = "Not Acceptable"
 
 
+class ProxyAuthenticationRequired(SipError):
+    """RFC 3261 §22.3: the request needs credentials; ``headers`` carry Proxy-Authenticate."""
+
+    status = 407
+    reason = "Proxy Authentication Required"
+
+
 class UnsupportedMediaType(SipError):
     status = 415
     reason = "Unsupported Media Type"
