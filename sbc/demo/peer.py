@@ -4,6 +4,7 @@ SDP of the other side, and the first steps of answering a request inside a dialo
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from typing import Protocol, TypeVar
 
@@ -14,6 +15,7 @@ from sbc.sdp.parser import parse_sdp
 from sbc.sip.dialog import Dialog
 from sbc.sip.errors import SipError
 from sbc.sip.ids import new_branch
+from sbc.sip.message import Request
 
 __all__ = [
     "PeerCall",
@@ -23,7 +25,12 @@ __all__ = [
     "random_branch",
     "random_tag",
     "sip_engine",
+    "sipfrag_status",
+    "x_headers",
 ]
+
+# RFC 3420 §2: a sipfrag's first line, here a Status-Line (RFC 3261 §7.2).
+_STATUS_LINE = re.compile(rb"\s*SIP/2\.0[ \t]+([1-6][0-9]{2})\b", re.IGNORECASE)
 
 
 class PeerCall(Protocol):
@@ -54,6 +61,17 @@ def audio_codecs(body: bytes) -> list[str]:
     """Encoding names of the first audio stream, in order (``telephone-event`` included)."""
     audio = parse_sdp(body).audio()
     return [] if audio is None else [rm.encoding for rm in audio.codecs()]
+
+
+def sipfrag_status(body: bytes) -> int | None:
+    """The status of a ``message/sipfrag`` body's Status-Line (``SIP/2.0 200 OK`` -> 200)."""
+    match = _STATUS_LINE.match(body)
+    return int(match[1]) if match is not None else None
+
+
+def x_headers(request: Request) -> list[tuple[str, str]]:
+    """The request's X- headers, in order."""
+    return [(n, v) for n, v in request.headers.items() if n.lower().startswith("x-")]
 
 
 def random_tag() -> str:

@@ -1,14 +1,30 @@
 """The Retell stand-in: Retell's SIP server (LiveKit) as captured (PEERS.md): rings, answers with
-exactly one codec, talks once ACKed, answers BYE, and records every INVITE it received."""
+exactly one codec, talks once ACKed, answers BYE, and records every INVITE it received.
+
+Its agent can also hand the caller back (PEERS.md, ``sip_refer`` transfers): :meth:`RetellStandIn.
+refer` sends an in-dialog REFER with the target verbatim and without angle brackets
+(``Refer-To: sip:sales@host``), maybe X- headers, no Referred-By, and is never retried; the
+NOTIFYs that follow are answered 200 and recorded (sipfrag status, Subscription-State); after a
+final ``SIP/2.0 200 OK`` the agent hangs up its leg about a second later, unless the other side
+hung up first."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sbc.demo.peer import audio_codecs, in_dialog_call, media_target, random_branch, sip_engine
+from sbc.demo.peer import (
+    audio_codecs,
+    in_dialog_call,
+    media_target,
+    random_branch,
+    sip_engine,
+    sipfrag_status,
+    x_headers,
+)
 from sbc.demo.rtp_peer import RtpStream
 from sbc.demo.tones import pcmu_tone
 from sbc.net.addresses import Destination
@@ -16,9 +32,28 @@ from sbc.net.engine import IncomingRequest
 from sbc.sip.dialog import Dialog
 from sbc.sip.message import Request, Response
 
-__all__ = ["RETELL_USER_AGENT", "RetellCall", "RetellStandIn"]
+__all__ = ["BYE_AFTER_TRANSFER", "RETELL_USER_AGENT", "NotifySeen", "RetellCall", "RetellStandIn"]
 
 RETELL_USER_AGENT = "LiveKit"
+BYE_AFTER_TRANSFER = 1.0  # seconds from the NOTIFY of a successful transfer to Retell's BYE
+
+
+@dataclass(frozen=True)
+class NotifySeen:
+    """One NOTIFY about the agent's REFER, as Retell read it (answered 200)."""
+
+    status: int | None  # of the sipfrag's Status-Line; None without one
+    sipfrag: str  # the body's first line (``SIP/2.0 200 OK``)
+    subscription_state: str
+    event: str
+    content_type: str
+    at: float  # loop time
+
+    @property
+    def final(self) -> bool:
+        return (self.status is not None and self.status >= 200) or (
+            self.subscription_state.partition(";")[0].strip().lower() == "terminated"
+        )
 
 
 @dataclass
@@ -35,7 +70,14 @@ class RetellCall:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     bye_received: bool = False
     bye_status: int | None = None  # the answer to a BYE Retell sent
+    bye_sent_at: float | None = None  # loop time
     refused: int | None = None  # the status of a refusal
+    refer: Request | None = None  # the REFER the agent sent
+    refer_status: int | None = None  # and its answer
+    refer_sent_at: float | None = None  # loop time
+    refer_answered_at: float | None = None
+    notifies: list[NotifySeen] = field(default_factory=list)
+    transfer_done: asyncio.Event = field(default_factory=asyncio.Event)  # a final NOTIFY came
 
     @property
     def codecs(self) -> list[str]:
@@ -54,10 +96,12 @@ class RetellStandIn:
         ring: float = 0.3,
         tone_hz: int = 660,
         frames: Sequence[bytes] | None = None,
+        bye_after_transfer: float = BYE_AFTER_TRANSFER,
     ) -> None:
         self.host = host
         self.port = port
         self.ring = ring
+        self.bye_after_transfer = bye_after_transfer
         self.frames = list(frames) if frames else pcmu_tone(tone_hz)
         self.engine = sip_engine(host, port, RETELL_USER_AGENT)
         self.engine.on_request = self._on_request
@@ -81,18 +125,20 @@ class RetellStandIn:
         if request.to_tag is not None:
             self._in_dialog(incoming)
         elif request.method == "INVITE":
-            task = asyncio.ensure_future(self._answer(incoming))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._answer(incoming))
         else:
             incoming.respond(405, headers=(("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS"),))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, incoming: IncomingRequest) -> None:
         """LiveKit's way: 100, 180, then 200 with exactly one codec (PEERS.md)."""
         request = incoming.request
-        x_headers = [(n, v) for n, v in request.headers.items() if n.lower().startswith("x-")]
         rtp = await RtpStream.open(self.host, self.frames)
-        call = RetellCall(request, incoming.source.transport, rtp, x_headers)
+        call = RetellCall(request, incoming.source.transport, rtp, x_headers(request))
         self.calls[request.call_id] = call
         incoming.respond(100)
         params = ";transport=tcp" if call.transport == "tcp" else ""
@@ -156,8 +202,67 @@ class RetellStandIn:
             body = call.answer.body if call.answer is not None else b""
             ctype = (("Content-Type", "application/sdp"),) if body else ()
             incoming.respond(200, headers=ctype, body=body)
+        elif request.method == "NOTIFY":
+            self._notified(call, incoming)
         else:
             incoming.respond(405)  # INFO, UPDATE, PRACK, MESSAGE: as LiveKit
+
+    def _notified(self, call: RetellCall, incoming: IncomingRequest) -> None:
+        """A NOTIFY about the agent's REFER: 200, recorded; after a final ``SIP/2.0 200 OK``
+        the agent hangs up about a second later (PEERS.md)."""
+        request = incoming.request
+        incoming.respond(200)
+        seen = NotifySeen(
+            sipfrag_status(request.body),
+            request.body.decode("utf-8", "replace").strip().partition("\n")[0].strip(),
+            request.headers.get("Subscription-State") or "",
+            request.headers.get("Event") or "",
+            request.headers.get("Content-Type") or "",
+            asyncio.get_running_loop().time(),
+        )
+        call.notifies.append(seen)
+        if not seen.final or call.transfer_done.is_set():
+            return
+        call.transfer_done.set()
+        if seen.status == 200:
+            self._spawn(self._leave_after_transfer(call))
+
+    async def _leave_after_transfer(self, call: RetellCall) -> None:
+        await asyncio.sleep(self.bye_after_transfer)
+        if not call.ended.is_set():
+            await self.hang_up(call)
+
+    async def refer(
+        self,
+        call: RetellCall,
+        target: str,
+        *,
+        host: str | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """The agent transfers the call: an in-dialog REFER with ``Refer-To: sip:TARGET@HOST``
+        (no angle brackets, no Referred-By, as Retell) and ``headers`` (its X- headers);
+        returns the status of the answer. Retell does not retry after 401/407."""
+        assert call.dialog is not None
+        transport = "tcp" if call.transport == "tcp" else "udp"
+        params = ";transport=tcp" if transport == "tcp" else ""
+        refer = call.dialog.create_request(
+            "REFER",
+            via=self.engine.make_via(transport),
+            branch=random_branch(),
+            headers=(
+                ("Contact", f"<sip:{self.host}:{self.port}{params}>"),
+                ("Refer-To", f"sip:{target}@{host or self.host}"),
+                *headers,
+            ),
+        )
+        call.refer = refer
+        loop = asyncio.get_running_loop()
+        call.refer_sent_at = loop.time()
+        response = await self.engine.send_request(refer)
+        call.refer_answered_at = loop.time()
+        call.refer_status = response.status
+        return response.status
 
     async def hang_up(self, call: RetellCall) -> int:
         """The agent ends the call: BYE in the dialog; returns the status of the answer."""
@@ -167,6 +272,7 @@ class RetellStandIn:
         bye = call.dialog.create_request(
             "BYE", via=self.engine.make_via(transport), branch=random_branch()
         )
+        call.bye_sent_at = asyncio.get_running_loop().time()
         response = await self.engine.send_request(bye)
         call.bye_status = response.status
         call.ended.set()

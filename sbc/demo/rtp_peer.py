@@ -9,10 +9,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sbc.demo.tones import PACKET_MS, SAMPLES_PER_PACKET
+from sbc.demo.tones import PACKET_MS, SAMPLES_PER_PACKET, tone_frequency
 from sbc.media.rtp import RtpFormatError, RtpHeader, RtpPacket, build_rtp, dtmf_packets, parse_rtp
 
-__all__ = ["PCMU", "TELEPHONE_EVENT", "RtpStream", "same_packets"]
+__all__ = ["PCMU", "TELEPHONE_EVENT", "RtpStream", "heard_frequency", "same_packets"]
 
 PCMU = 0
 TELEPHONE_EVENT = 101
@@ -120,6 +120,10 @@ class RtpStream(asyncio.DatagramProtocol):
     def events_received(self) -> list[RtpPacket]:
         return [p for p in self.received if p.header.payload_type == TELEPHONE_EVENT]
 
+    def received_from(self, ssrc: int) -> list[RtpPacket]:
+        """The packets received from the stream with synchronisation source ``ssrc``."""
+        return [p for p in self.received if p.header.ssrc == ssrc]
+
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -136,3 +140,8 @@ def same_packets(sent: Sequence[RtpPacket], received: Sequence[RtpPacket]) -> bo
     return [(p.header.sequence, p.header.payload_type, p.payload) for p in sent] == [
         (p.header.sequence, p.header.payload_type, p.payload) for p in received
     ]
+
+
+def heard_frequency(packets: Sequence[RtpPacket]) -> float | None:
+    """The frequency (Hz) of the tone in the PCMU packets among ``packets``, in their order."""
+    return tone_frequency(p.payload for p in packets if p.header.payload_type == PCMU)

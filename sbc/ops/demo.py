@@ -3,13 +3,20 @@
 Everything runs in this process on loopback (the addresses come from the demo settings, by
 default ``sbc/ops/demo.toml``): the 3CX stand-in registrar and caller, the Retell stand-in
 over TCP, and sbc itself, built exactly as ``sbc run`` builds it (:class:`sbc.ops.service.Service`).
-The call:
+The calls:
 
 1. sbc registers the extension; 3CX challenges with 407 and checks the digest;
 2. 3CX calls the extension; sbc places its own INVITE to Retell with the X- headers;
 3. Retell rings, answers with one codec; both sides send a tone for ``talk`` seconds through
    the bridge's media (3CX also sends a DTMF digit as RFC 4733 events);
-4. 3CX hangs up; sbc ends the Retell leg, releases the media ports and unregisters at stop.
+4. 3CX hangs up; sbc ends the Retell leg, releases the media ports;
+5. 3CX calls again and, after a moment with the agent, Retell's agent transfers the caller to the
+   target named ``sales`` (a REFER, as Retell sends it). In ``[transfer] mode = "invite"`` (the
+   demo's default) sbc calls the queue number from the extension (3CX challenges that INVITE),
+   bridges the caller to the queue, reports the outcome to Retell in NOTIFYs and lets Retell hang
+   up; the caller hears the queue's tone, the queue the caller's, until 3CX hangs up. In
+   ``refer`` mode sbc REFERs 3CX's own call to the queue instead, and leaves both legs;
+6. sbc unregisters at stop.
 
 Every step is bounded by a timeout. A short summary goes to ``out`` (stdout); :func:`serve`
 returns 0 when every check passed, 1 otherwise, with one line per failed check.
@@ -26,9 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from sbc.demo.pbx import REALM, PbxCall, PbxStandIn
-from sbc.demo.retell import RetellCall, RetellStandIn
-from sbc.demo.rtp_peer import RtpStream, same_packets
+from sbc.demo.pbx import QUEUE_TONE_HZ, REALM, PbxCall, PbxStandIn, QueueCall
+from sbc.demo.retell import NotifySeen, RetellCall, RetellStandIn
+from sbc.demo.rtp_peer import RtpStream, heard_frequency, same_packets
 from sbc.media.relay import RelayBackend
 from sbc.media.rtp import parse_telephone_event
 from sbc.ops.service import Service
@@ -43,6 +50,13 @@ DRAIN_TIMEOUT = 2.0  # for the last RTP packets in flight once both sides stop s
 DTMF_DIGIT = "5"
 CALLER_NUMBER = "0201234567"
 CALLER_NAME = "Jane Doe"
+CALLER_TONE_HZ = 440
+AGENT_TONE_HZ = 660
+TRANSFER_TARGET = "sales"  # the [transfer] targets name the agent transfers to
+TRANSFER_HEADER = ("X-Transfer-Reason", "caller asked for sales")  # an X- header on the REFER
+AGENT_TALK = 1.0  # seconds the second caller spends with the agent before the transfer
+QUEUE_TALK = 2.0  # seconds of audio between the caller and the queue
+TONE_TOLERANCE = 5.0  # Hz between a tone sent and the frequency measured where it arrived
 
 
 class DemoFailed(Exception):
@@ -110,8 +124,10 @@ async def run_demo(
         auth_id=settings.pbx.auth_id,
         password=settings.pbx.password.get_secret_value(),
         expires=settings.pbx.register_expires,
+        queues=set(settings.transfer.targets.values()),
+        queue_tone_hz=QUEUE_TONE_HZ,
     )
-    retell = RetellStandIn(settings.retell.host, settings.retell.port)
+    retell = RetellStandIn(settings.retell.host, settings.retell.port, tone_hz=AGENT_TONE_HZ)
     service: Service | None = None
     _intro(report, settings)
     try:
@@ -120,6 +136,7 @@ async def run_demo(
         service = Service(settings)
         await _started(report, "sbc", service.start())
         await _call(report, settings, service, pbx, retell, talk)
+        await _transfer_call(report, settings, service, pbx, retell)
     except DemoFailed as exc:
         report.check(str(exc), False)
     except Exception as exc:  # a bug somewhere: still a clear line, and everything stopped
@@ -132,13 +149,25 @@ async def run_demo(
 
 def _intro(report: DemoReport, settings: Settings) -> None:
     pbx, retell, sip, media = settings.pbx, settings.retell, settings.sip, settings.media
-    report.say("sbc demo: one call from a 3CX stand-in to a Retell stand-in through sbc")
-    report.detail(f"3CX stand-in     {pbx.transport}:{pbx.host}:{pbx.port}  registrar and caller")
-    report.detail(f"Retell stand-in  {retell.transport}:{retell.host}:{retell.port}  answers")
+    transfer = settings.transfer
+    queue = transfer.targets.get(TRANSFER_TARGET, "?")
+    report.say(
+        "sbc demo: two calls from a 3CX stand-in to a Retell stand-in through sbc;"
+        " the agent transfers the second one back to 3CX"
+    )
+    report.detail(
+        f"3CX stand-in     {pbx.transport}:{pbx.host}:{pbx.port}  registrar, caller, queue {queue}"
+    )
+    report.detail(
+        f"Retell stand-in  {retell.transport}:{retell.host}:{retell.port}  answers, transfers"
+    )
     ports = (
         f" (RTP ports {media.rtp_port_min}-{media.rtp_port_max})" if media.mode == "relay" else ""
     )
-    report.detail(f"sbc              {sip.bind}:{sip.port}  media {media.mode}{ports}")
+    report.detail(
+        f"sbc              {sip.bind}:{sip.port}  media {media.mode}{ports},"
+        f" transfers by {transfer.mode.upper()}"
+    )
 
 
 async def _started(report: DemoReport, name: str, starting: Awaitable[None]) -> None:
@@ -190,7 +219,7 @@ async def _call(
     report.say(f'3CX calls extension {settings.pbx.extension}: "{CALLER_NAME}" <{CALLER_NUMBER}>')
     invited = asyncio.get_running_loop().time()
     async with _step("3CX's INVITE to sbc"):
-        pbx_call = await pbx.call(caller_number=CALLER_NUMBER)
+        pbx_call = await pbx.call(caller_number=CALLER_NUMBER, tone_hz=CALLER_TONE_HZ)
     if not retell.calls:
         raise DemoFailed(f"Retell received no INVITE (3CX got {_statuses(pbx_call)})")
     retell_call = next(iter(retell.calls.values()))
@@ -310,7 +339,10 @@ async def _talk(
     report: DemoReport, pbx_call: PbxCall, retell_call: RetellCall, talk: float
 ) -> None:
     a, b = pbx_call.rtp, retell_call.rtp
-    report.say(f"talking for {talk:g} s: 3CX sends 440 Hz, Retell 660 Hz (PCMU, 20 ms packets)")
+    report.say(
+        f"talking for {talk:g} s: 3CX sends {CALLER_TONE_HZ} Hz, Retell {AGENT_TONE_HZ} Hz"
+        " (PCMU, 20 ms packets)"
+    )
     await asyncio.sleep(min(1.0, talk / 2))
     a.send_dtmf(DTMF_DIGIT)
     report.detail(f'3CX sends DTMF "{DTMF_DIGIT}" as RFC 4733 telephone-event packets')
@@ -348,7 +380,7 @@ def _rtp_line(report: DemoReport, direction: str, sender: RtpStream, receiver: R
     report.check(f"RTP {direction} arrived unchanged, in order", same)
 
 
-async def _released(report: DemoReport, service: Service) -> None:
+async def _released(report: DemoReport, service: Service, after: str = "") -> None:
     manager = service.bridge
     async with _step("the end of the call in sbc"):
         await _poll(lambda: not manager.calls)
@@ -366,8 +398,360 @@ async def _released(report: DemoReport, service: Service) -> None:
         f"sbc: {len(manager.calls)} calls left, RTP port pairs in use {pool.in_use}"
         f" of {pool.capacity}"
     )
-    report.facts["ports_in_use"] = pool.in_use
-    report.check("RTP ports released", pool.in_use == 0, f"{pool.in_use} pairs still in use")
+    report.facts["ports_in_use" + (f" {after}" if after else "")] = pool.in_use
+    report.check(
+        "RTP ports released" + (f" {after}" if after else ""),
+        pool.in_use == 0,
+        f"{pool.in_use} pairs still in use",
+    )
+
+
+# -- the transfer -------------------------------------------------------------------------------
+
+
+async def _transfer_call(
+    report: DemoReport,
+    settings: Settings,
+    service: Service,
+    pbx: PbxStandIn,
+    retell: RetellStandIn,
+) -> None:
+    """A second call, which the agent transfers to the ``sales`` target (module docstring)."""
+    transfer = settings.transfer
+    number = transfer.targets.get(TRANSFER_TARGET)
+    if number is None:
+        raise DemoFailed(f'no [transfer] target "{TRANSFER_TARGET}" in the demo settings')
+    report.say(
+        f"transfer: 3CX calls extension {settings.pbx.extension} again; after {AGENT_TALK:g} s"
+        f' the agent hands the caller to "{TRANSFER_TARGET}"'
+    )
+    report.detail(
+        f'[transfer] mode {transfer.mode}, targets: "{TRANSFER_TARGET}" = queue {number},'
+        f" allow {transfer.allow.pattern}"
+    )
+    before = set(retell.calls)
+    async with _step("3CX's second INVITE to sbc"):
+        pbx_call = await pbx.call(
+            caller_number=CALLER_NUMBER, caller_name=CALLER_NAME, tone_hz=CALLER_TONE_HZ
+        )
+    new = [call for call_id, call in retell.calls.items() if call_id not in before]
+    if not new or pbx_call.final is None or pbx_call.final.status != 200:
+        raise DemoFailed(f"the second call was not answered (3CX got {_statuses(pbx_call)})")
+    retell_call = new[0]
+    async with _step("the ACK on the second Retell leg"):
+        await retell_call.acked.wait()
+    await asyncio.sleep(AGENT_TALK)
+
+    name, value = TRANSFER_HEADER
+    report.say(f"Retell's agent sends REFER  Refer-To: sip:{TRANSFER_TARGET}@{retell.host}")
+    report.detail(f"{name}: {value}  (no Referred-By, no angle brackets: as Retell)")
+    referred = asyncio.get_running_loop().time()
+    async with _step("the answer to Retell's REFER"):
+        status = await retell.refer(retell_call, TRANSFER_TARGET, headers=(TRANSFER_HEADER,))
+    if 200 <= status < 300:
+        async with _step("the final NOTIFY to Retell", transfer.ring_timeout + STEP_TIMEOUT):
+            await retell_call.transfer_done.wait()
+    final = _final_notify(retell_call.notifies)
+    report.facts["transfer_notified_ms"] = (
+        None if final is None else round((final.at - referred) * 1000, 1)
+    )
+    if final is None or final.status != 200:
+        # Refused or failed: the caller stays with the agent; say what Retell saw, then end.
+        _retell_saw(report, retell_call, status)
+        report.say("the transfer did not happen; 3CX hangs up")
+        async with _step("the answer to 3CX's BYE"):
+            await pbx.hang_up(pbx_call)
+        await _released(report, service, "after the transfer")
+        return
+    if transfer.mode == "invite":
+        await _to_the_queue(report, settings, pbx, pbx_call, retell_call, status, number)
+    else:
+        await _to_the_pbx(report, settings, pbx_call, retell_call, status, number)
+    await _released(report, service, "after the transfer")
+    await _record_of_transfer(report, service, number, transfer.mode)
+
+
+async def _to_the_queue(
+    report: DemoReport,
+    settings: Settings,
+    pbx: PbxStandIn,
+    pbx_call: PbxCall,
+    retell_call: RetellCall,
+    refer_status: int,
+    number: str,
+) -> None:
+    """Invite mode: sbc called the queue; the caller and the queue talk; 3CX hangs up."""
+    async with _step(f"the queue's answer to sbc's INVITE to {number}"):
+        await pbx.queue_answered.wait()
+    queue = next(q for q in pbx.queue_calls.values() if q.answer is not None)
+    async with _step("the ACK on the queue's call"):
+        await queue.acked.wait()
+    caller = pbx_call.rtp
+    await asyncio.sleep(QUEUE_TALK)
+    async with _step("Retell's BYE after the transfer"):
+        await retell_call.ended.wait()
+    caller.stop_sending()
+    queue.rtp.stop_sending()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await _poll(lambda: len(caller.received_from(queue.rtp.ssrc)) >= len(queue.rtp.sent))
+    _retell_saw(report, retell_call, refer_status)
+    _queue_saw(report, settings, pbx, queue, retell_call)
+    _caller_heard(report, settings, pbx_call, queue, retell_call)
+
+    async with _step("the answer to 3CX's BYE"):
+        status = await pbx.hang_up(pbx_call)
+    async with _step("the BYE on the queue's call"):
+        await queue.ended.wait()
+    report.say(
+        f"3CX hung up: its BYE was answered {status}; the queue received BYE from sbc:"
+        f" {'yes' if queue.bye_received else 'no'}"
+    )
+    report.check("sbc answered 3CX's BYE after the transfer with 200", status == 200, str(status))
+    report.check("sbc sent BYE to the queue (answered 200)", queue.bye_received)
+
+
+def _queue_saw(
+    report: DemoReport,
+    settings: Settings,
+    pbx: PbxStandIn,
+    queue: QueueCall,
+    retell_call: RetellCall,
+) -> None:
+    invite = queue.invite
+    if invite is None:
+        report.check(f"the queue {queue.number} answered sbc's INVITE", False)
+        return
+    report.say(f"what 3CX's queue {queue.number} saw:")
+    report.detail(f"INVITE {invite.uri}")
+    report.detail(f"From         {invite.headers.get('From')}")
+    pai = invite.headers.get("P-Asserted-Identity")
+    report.detail(f"P-Asserted-Identity  {pai}")
+    for name, value in queue.x_headers:
+        report.detail(f"{name}: {value}")
+    report.detail(
+        f"{queue.challenges} challenge (407), then the digest of {queue.username or '?'}"
+        f" accepted; answered 180, then 200 after {pbx.queue_ring:g} s"
+    )
+    received = queue.rtp.received_from(retell_call.rtp.ssrc)  # never: the agent is gone
+    heard = [p for p in queue.rtp.received if p.header.ssrc != retell_call.rtp.ssrc]
+    frequency = heard_frequency(heard)
+    report.detail(
+        f"the queue sends {QUEUE_TONE_HZ} Hz and heard the caller: {len(heard)} packets,"
+        f" {_hz(frequency)}"
+    )
+    report.facts["queue_invite"] = invite
+    report.facts["queue_x_headers"] = dict(queue.x_headers)
+    report.facts["queue_heard"] = (len(heard), frequency)
+
+    from_uri = invite.from_.uri
+    report.check(
+        f"the queue got sbc's INVITE from extension {settings.pbx.extension}, challenged 407"
+        " then accepted",
+        isinstance(from_uri, SipUri)
+        and from_uri.user == settings.pbx.extension
+        and queue.challenges >= 1
+        and queue.username == settings.pbx.auth_id
+        and queue.refused == 0,
+        f"From {from_uri}, {queue.challenges} challenges, {queue.refused} refused",
+    )
+    caller_uri = retell_call.invite.from_.uri
+    number = caller_uri.user if isinstance(caller_uri, SipUri) else None
+    report.check(
+        "the queue's INVITE carries the caller's name and number",
+        invite.from_.display == CALLER_NAME
+        and pai is not None
+        and f"<sip:{number}@" in pai
+        and f'"{CALLER_NAME}"' in pai,
+        f"From {invite.headers.get('From')}, P-Asserted-Identity {pai}",
+    )
+    got = {n.lower(): v for n, v in queue.x_headers}
+    wanted = {n.lower(): v for n, v in (*retell_call.x_headers, TRANSFER_HEADER)}
+    wrong = sorted(n for n, v in wanted.items() if got.get(n) != v)
+    report.check(
+        "the queue's INVITE carries the call's and the REFER's X- headers", not wrong, str(wrong)
+    )
+    report.check(
+        f"the queue heard the caller ({CALLER_TONE_HZ} Hz)",
+        len(heard) > 0 and not received and _near(frequency, CALLER_TONE_HZ),
+        f"{len(heard)} packets, {_hz(frequency)}, {len(received)} from the agent",
+    )
+
+
+def _caller_heard(
+    report: DemoReport,
+    settings: Settings,
+    pbx_call: PbxCall,
+    queue: QueueCall,
+    retell_call: RetellCall,
+) -> None:
+    caller = pbx_call.rtp
+    from_queue = caller.received_from(queue.rtp.ssrc)
+    frequency = heard_frequency(from_queue)
+    first = next(
+        (i for i, p in enumerate(caller.received) if p.header.ssrc == queue.rtp.ssrc), None
+    )
+    after = [] if first is None else caller.received[first:]
+    agent_after = sum(1 for p in after if p.header.ssrc == retell_call.rtp.ssrc)
+    sent = len(queue.rtp.sent)
+    report.say("what the caller heard after the transfer (on 3CX's call to the extension):")
+    report.detail(
+        f"the queue: {len(from_queue)} of {sent} packets, {_hz(frequency)}; the agent:"
+        f" {agent_after} packets after the queue's first"
+    )
+    report.facts["caller_heard_queue"] = (sent, len(from_queue), frequency)
+    report.check(
+        f"the caller hears the queue ({QUEUE_TONE_HZ} Hz) after the transfer",
+        len(from_queue) > 0 and _near(frequency, QUEUE_TONE_HZ),
+        f"{len(from_queue)} packets, {_hz(frequency)}",
+    )
+    if pbx_call.reinvites:
+        report.detail(f"sbc re-INVITEd the caller {pbx_call.reinvites} time(s) to move its media")
+    detail = f"{len(from_queue)} of {sent} from the queue, {agent_after} from the agent"
+    if settings.media.mode != "relay":
+        # The agent's RTP goes to the caller directly until it hangs up: nothing sbc can drop.
+        report.check(
+            "the caller hears every packet of the queue", len(from_queue) >= sent - 1, detail
+        )
+        return
+    report.check(
+        "the caller hears every packet of the queue and nothing more of the agent",
+        len(from_queue) >= sent - 1 and agent_after == 0,
+        detail,
+    )
+
+
+async def _to_the_pbx(
+    report: DemoReport,
+    settings: Settings,
+    pbx_call: PbxCall,
+    retell_call: RetellCall,
+    refer_status: int,
+    number: str,
+) -> None:
+    """Refer mode: 3CX took its caller back (its REFER was challenged, then accepted); sbc
+    leaves 3CX's dialog and Retell leaves its own."""
+    async with _step("sbc's BYE on 3CX's call"):
+        await pbx_call.ended.wait()
+    async with _step("Retell's BYE after the transfer"):
+        await retell_call.ended.wait()
+    pbx_call.rtp.stop_sending()
+    _retell_saw(report, retell_call, refer_status)
+    refer = pbx_call.refer
+    report.say("what 3CX saw on its call to the extension:")
+    if refer is None or refer.accepted is None:
+        report.check("3CX got sbc's REFER to the queue", False)
+        return
+    refer_to = refer.accepted.headers.get("Refer-To") or ""
+    report.detail(f"REFER  Refer-To: {refer_to}")
+    report.detail(f"Referred-By: {refer.accepted.headers.get('Referred-By')}")
+    report.detail(
+        f"{refer.challenges} challenge (407), then the digest of {refer.username} accepted;"
+        f" answered 202, NOTIFYs 100 and 200 answered {', '.join(map(str, refer.notify_statuses))}"
+    )
+    report.detail(
+        f"then sbc left the call: BYE received {'yes' if pbx_call.bye_received else 'no'}"
+    )
+    report.facts["pbx_refer_to"] = refer_to
+    report.check(
+        f"3CX got sbc's REFER to {number}, challenged 407 then accepted",
+        refer_to.startswith(f"<sip:{number}@")
+        and refer.challenges >= 1
+        and refer.username == settings.pbx.auth_id,
+        f"Refer-To {refer_to}, {refer.challenges} challenges",
+    )
+    report.check("3CX's NOTIFYs answered 200", refer.notify_statuses == [200, 200])
+    report.check("sbc left 3CX's call with BYE", pbx_call.bye_received)
+
+
+def _retell_saw(report: DemoReport, retell_call: RetellCall, status: int) -> None:
+    start = retell_call.refer_sent_at or 0.0
+
+    def at(moment: float | None) -> str:
+        return " " * 9 if moment is None else f"+{(moment - start) * 1000:5.0f} ms"
+
+    report.say("what Retell saw (times from its REFER):")
+    report.detail(f"{at(retell_call.refer_answered_at)}  {status} to the REFER")
+    for notify in retell_call.notifies:
+        report.detail(
+            f"{at(notify.at)}  NOTIFY {notify.sipfrag:<18}  Subscription-State:"
+            f" {notify.subscription_state}  (answered 200)"
+        )
+    if retell_call.bye_sent_at is not None:
+        report.detail(
+            f"{at(retell_call.bye_sent_at)}  BYE from Retell (the agent leaves),"
+            f" answered {retell_call.bye_status}"
+        )
+    elif retell_call.bye_received:
+        report.detail("sbc hung up the Retell leg first")
+    final = _final_notify(retell_call.notifies)
+    statuses = [n.status for n in retell_call.notifies]
+    report.facts["retell_notifies"] = [
+        (n.status, n.subscription_state) for n in retell_call.notifies
+    ]
+    report.check("sbc answered Retell's REFER 202", status == 202, str(status))
+    report.check(
+        "Retell got NOTIFY 100 Trying, then 200 OK with Subscription-State: terminated",
+        statuses == [100, 200]
+        and final is not None
+        and final.subscription_state.startswith("terminated")
+        and all(
+            n.event.startswith("refer") and n.content_type.startswith("message/sipfrag")
+            for n in retell_call.notifies
+        ),
+        ", ".join(f"{n.sipfrag} ({n.subscription_state})" for n in retell_call.notifies),
+    )
+    report.check(
+        "Retell's leg ended by its own BYE after the transfer (answered 200)",
+        retell_call.bye_status == 200 and not retell_call.bye_received,
+        f"BYE status {retell_call.bye_status}, BYE from sbc {retell_call.bye_received}",
+    )
+
+
+def _final_notify(notifies: list[NotifySeen]) -> NotifySeen | None:
+    return next((n for n in notifies if n.final), None)
+
+
+async def _record_of_transfer(report: DemoReport, service: Service, number: str, mode: str) -> None:
+    """sbc's view: the call record of the transferred call (read once the call ended) and the
+    transfer counted in its metrics."""
+    records = service.bridge.records
+    transfers = records[-1].transfers if records else ()
+    for t in transfers:
+        answer = f", {t.answer_after:.2f} s after the REFER" if t.answer_after is not None else ""
+        report.detail(
+            f"sbc's transfer record: target {t.target}, mode {t.mode}, outcome {t.outcome}"
+            f" (status {t.status}{answer})"
+        )
+    if not transfers:
+        report.detail("sbc's call record has no transfer")
+    report.facts["transfers"] = [(t.target, t.mode, t.outcome, t.status) for t in transfers]
+    report.check(
+        f"sbc's call record: transferred to {number} by {mode}",
+        [(t.target, t.mode, t.outcome, t.status) for t in transfers]
+        == [(number, mode, "transferred", 200)],
+        str(report.facts["transfers"]),
+    )
+    labels = {"mode": mode, "outcome": "transferred"}
+
+    def counted() -> float:
+        return service.metrics.registry.get_sample_value("sbc_transfers_total", labels) or 0.0
+
+    with contextlib.suppress(TimeoutError):  # the metrics see the call's end through the bus
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await _poll(lambda: counted() >= 1)
+    report.detail(
+        f'sbc\'s metrics: sbc_transfers_total{{mode="{mode}",outcome="transferred"}} {counted():g}'
+    )
+    report.check("sbc counted the transfer in its metrics", counted() == 1, f"{counted():g}")
+
+
+def _near(frequency: float | None, expected: float) -> bool:
+    return frequency is not None and abs(frequency - expected) <= TONE_TOLERANCE
+
+
+def _hz(frequency: float | None) -> str:
+    return "no tone" if frequency is None else f"{frequency:.0f} Hz"
 
 
 # -- stopping -----------------------------------------------------------------------------------

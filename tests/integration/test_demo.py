@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from peers import free_port
 
-from sbc.demo.tones import pcmu_tone, ulaw
+from sbc.demo.tones import pcmu_tone, tone_frequency, ulaw, ulaw_decode
 from sbc.ops.cli import demo_config_path
 from sbc.ops.demo import run_demo, serve
 from sbc.ops.settings import Settings, load_settings
@@ -24,10 +24,36 @@ pytestmark = pytest.mark.integration
 
 SBC, PBX, RETELL = "127.0.0.41", "127.0.0.42", "127.0.0.43"
 
+# The checks of the demo's transfer (the second call), by [transfer] mode.
+TRANSFER_CHECKS = [
+    "sbc answered Retell's REFER 202",
+    "Retell got NOTIFY 100 Trying, then 200 OK with Subscription-State: terminated",
+    "Retell's leg ended by its own BYE after the transfer (answered 200)",
+    "RTP ports released after the transfer",
+    "sbc counted the transfer in its metrics",
+]
+INVITE_CHECKS = [
+    "the queue got sbc's INVITE from extension 1000, challenged 407 then accepted",
+    "the queue's INVITE carries the caller's name and number",
+    "the queue's INVITE carries the call's and the REFER's X- headers",
+    "the queue heard the caller (440 Hz)",
+    "the caller hears the queue (880 Hz) after the transfer",
+    "the caller hears every packet of the queue and nothing more of the agent",
+    "sbc answered 3CX's BYE after the transfer with 200",
+    "sbc sent BYE to the queue (answered 200)",
+    "sbc's call record: transferred to 800 by invite",
+]
+REFER_CHECKS = [
+    "3CX got sbc's REFER to 800, challenged 407 then accepted",
+    "3CX's NOTIFYs answered 200",
+    "sbc left 3CX's call with BYE",
+    "sbc's call record: transferred to 800 by refer",
+]
 
-def demo_settings(tmp_path: Path, rtp_base: int, extra: str = "") -> Path:
+
+def demo_settings(tmp_path: Path, rtp_base: int, extra: str = "", transfer_mode: str = "") -> Path:
     """The shipped demo.toml with this test's addresses and ports (and ``extra`` appended to
-    the [media] section)."""
+    the [media] section, ``transfer_mode`` as [transfer] mode)."""
     text = demo_config_path().read_text()
     sip_port, pbx_port, retell_port, admin_port = (
         free_port(SBC),
@@ -42,6 +68,7 @@ def demo_settings(tmp_path: Path, rtp_base: int, extra: str = "") -> Path:
         r"(?m)^rtp_port_min = \d+": f"rtp_port_min = {rtp_base}",
         r"(?m)^rtp_port_max = \d+": f"rtp_port_max = {rtp_base + 99}",
         r'(?m)^level = "info"': 'level = "warning"',
+        r'(?m)^mode = "invite"$': f'mode = "{transfer_mode or "invite"}"',
     }
     for pattern, value in replacements.items():
         text, count = re.subn(pattern, value, text)
@@ -88,7 +115,48 @@ async def test_demo_call_passes_every_check(tmp_path: Path) -> None:
     assert "sbc sent BYE to Retell (answered 200)" in names
     assert "sbc answered 3CX's BYE with 200" in names
     assert "no task left running" in names and "no socket left open" in names
+    # The transfer: every check of it was made (and passed, as all did).
+    for name in TRANSFER_CHECKS + INVITE_CHECKS:
+        assert name in names, name
+    assert not set(REFER_CHECKS) & set(names)
+    assert len(report.checks) == 21 + len(TRANSFER_CHECKS) + len(INVITE_CHECKS)
+    assert facts["retell_notifies"] == [
+        (100, "active;expires=60"),
+        (200, "terminated;reason=noresource"),
+    ]
+    assert facts["transfers"] == [("800", "invite", "transferred", 200)]
+    queue_invite = facts["queue_invite"]
+    assert str(queue_invite.uri) == f"sip:800@{PBX}:{settings.pbx.port}"
+    assert queue_invite.headers.get("P-Asserted-Identity") == (
+        f'"Jane Doe" <sip:+31201234567@{PBX}>'
+    )
+    assert facts["queue_x_headers"]["X-Transfer-Reason"] == "caller asked for sales"
+    # The second call's X- headers (its own call_uuid), plus the one the REFER carried.
+    assert re.fullmatch(r"[0-9a-f-]{36}", facts["queue_x_headers"]["X-Call-Uuid"])
+    assert facts["queue_x_headers"]["X-Caller-Number"] == "+31201234567"
+    heard, frequency = facts["queue_heard"]
+    assert heard >= 90 and abs(frequency - 440) < 5
+    sent, received, frequency = facts["caller_heard_queue"]
+    assert sent >= 90 and received >= sent - 1 and abs(frequency - 880) < 5
+    assert facts["ports_in_use after the transfer"] == 0
     assert "PASS: all" in text and "FAILED" not in text
+
+
+async def test_demo_transfer_by_refer(tmp_path: Path) -> None:
+    # [transfer] mode = "refer": sbc REFERs 3CX's call to the queue; 3CX challenges the REFER.
+    settings = load(demo_settings(tmp_path, 33100, transfer_mode="refer"))
+    assert settings.transfer.mode == "refer"
+    out = io.StringIO()
+    report = await run_demo(settings, talk=1.0, out=out)
+    text = out.getvalue()
+    assert report.passed, text
+    names = [c.what for c in report.checks]
+    for name in TRANSFER_CHECKS + REFER_CHECKS:
+        assert name in names, name
+    assert not set(INVITE_CHECKS) & set(names)
+    assert len(report.checks) == 21 + len(TRANSFER_CHECKS) + len(REFER_CHECKS)
+    assert report.facts["pbx_refer_to"] == f"<sip:800@{PBX}:{settings.pbx.port}>"
+    assert report.facts["transfers"] == [("800", "refer", "transferred", 200)]
 
 
 async def test_demo_reports_a_refused_call_and_fails(tmp_path: Path) -> None:
@@ -141,7 +209,21 @@ async def test_sbc_demo_command(tmp_path: Path) -> None:
         assert match is not None, text
         assert int(match[1]) >= 300 and match[1] == match[2]
     assert "RTP port pairs in use 0 of 50" in text
-    assert "PASS: all" in text
+    # What each side saw of the transfer, as printed.
+    assert "Refer-To: sip:sales@" in text
+    assert re.search(r"\+ +\d+ ms  202 to the REFER", text), text
+    assert "NOTIFY SIP/2.0 100 Trying  Subscription-State: active;expires=60" in text
+    assert "NOTIFY SIP/2.0 200 OK      Subscription-State: terminated;reason=noresource" in text
+    assert "BYE from Retell (the agent leaves), answered 200" in text
+    assert "X-Transfer-Reason: caller asked for sales" in text
+    assert "1 challenge (407), then the digest of demo1000 accepted" in text
+    match = re.search(r"the queue: (\d+) of (\d+) packets, 88\d Hz; the agent: 0 packets", text)
+    assert match is not None, text
+    assert int(match[2]) >= 90
+    assert "the queue received BYE from sbc: yes" in text
+    assert "target 800, mode invite, outcome transferred (status 200" in text
+    assert 'sbc_transfers_total{mode="invite",outcome="transferred"} 1' in text
+    assert "PASS: all 35 checks passed" in text
 
 
 @pytest.mark.parametrize(
@@ -169,3 +251,18 @@ def test_stand_in_tone_is_one_second_of_20ms_frames() -> None:
     frames = pcmu_tone(440)
     assert len(frames) == 50 and {len(f) for f in frames} == {160}
     assert len(set(frames)) > 1
+
+
+@pytest.mark.parametrize("sample", [0, 100, -100, 1000, -1000, 8000, -8000, 32767, -32768])
+def test_mu_law_decodes_to_the_sample_within_its_step(sample: int) -> None:
+    decoded = ulaw_decode(ulaw(sample))
+    assert abs(decoded - sample) <= max(8, abs(sample) // 16)
+    assert ulaw(decoded) == ulaw(sample)
+
+
+@pytest.mark.parametrize("frequency", [440, 660, 880])
+def test_the_frequency_of_a_tone_is_measured_from_its_payloads(frequency: int) -> None:
+    frames = pcmu_tone(frequency)
+    measured = tone_frequency(frames[7:30])  # any run of consecutive 20 ms packets
+    assert measured is not None and abs(measured - frequency) < 1
+    assert tone_frequency([b"\xff" * 160]) is None  # silence: no tone
