@@ -286,7 +286,8 @@ def build_pbx_invite(
         ("CSeq", f"{ids.cseq} INVITE"),
         ("Contact", local.contact),
         ("Allow", allow_header(Peer.PBX)),
-        ("Supported", SUPPORTED[Peer.PBX]),
+        # No Supported: timer: as the UAC here sbc runs no refreshes, so the PBX must not make
+        # it the refresher (RFC 4028 §9: without it, a PBX that wants a timer refreshes itself).
     ]
     if caller.number:
         identity = SipUri(pbx.aor(extension).scheme, escape_user(caller.number), None, pbx.domain)

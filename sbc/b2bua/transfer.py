@@ -62,7 +62,8 @@ class TransferRecord:
     mode: str  # "refer" or "invite"
     outcome: str  # "transferred", "refused", "failed", "aborted"
     status: int  # the final status reported to the agent
-    answer_after: float | None  # seconds from the REFER to the human's answer (invite mode)
+    answer_after: float | None  # seconds from the REFER to success: the human's answer
+    # (invite mode) or the PBX's NOTIFY 200 (refer mode)
 
 
 class Transfer:
