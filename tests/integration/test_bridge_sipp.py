@@ -11,169 +11,26 @@ bridge's own call records.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from peers import free_port
-from sipp_helpers import Sipp, SippResult, start_sipp
-
-from sbc.b2bua.calls import CallManager
-from sbc.b2bua.events import CallEvent, CallStarted
-from sbc.ops.service import Service
-from sbc.ops.settings import (
-    AdminSettings,
-    CallsSettings,
-    MediaSettings,
-    PbxSettings,
-    RetellSettings,
-    Settings,
-    SipSettings,
+from bridge_helpers import (
+    EXTENSION,
+    RETELL,
+    STRANGER,
+    assert_both_ends,
+    final_statuses,
+    pbx_call,
+    retell,
+    running_bridge,
 )
+from peers import free_port
+
+from sbc.b2bua.events import CallEvent, CallStarted
 
 pytestmark = pytest.mark.integration
-
-PBX = "127.0.0.21"
-SBC = "127.0.0.22"
-RETELL = "127.0.0.23"
-STRANGER = "127.0.0.24"
-EXTENSION = "101"
-RETELL_NUMBER = "+14155550100"
-
-HEADERS = {
-    "X-Caller-Number": "{caller_number}",
-    "X-Caller-Name": "{caller_name}",
-    "X-Called": "{called}",
-    "X-PBX-Call-ID": "{pbx_call_id}",
-    "X-Call-UUID": "{call_uuid}",
-    "X-Started": "{now}",
-    "X-PAI": "{header[P-Asserted-Identity]}",
-    "X-Queue": "queue={header[X-3CX-Queue]}",
-}
-
-
-@dataclass
-class Bridge:
-    service: Service
-    port: int
-    retell_port: int
-
-    @property
-    def calls(self) -> CallManager:
-        return self.service.bridge
-
-    async def settled(self, limit: float = 10.0) -> None:
-        """Wait until the bridge holds no call (every call task has finished)."""
-        async with asyncio.timeout(limit):
-            await self.calls.wait_idle()
-
-
-@contextlib.asynccontextmanager
-async def running_bridge(
-    workdir: Path,
-    *,
-    answer_timeout: float = 30.0,
-    retell_port: int | None = None,
-    max_concurrent: int = 100,
-    max_duration: float = 7200.0,
-) -> AsyncIterator[Bridge]:
-    """SIPp registrar for 3CX, then sbc registered with it; both stopped at the end."""
-    registrar_port = free_port(PBX)
-    registrar = await start_sipp(
-        "pbx_registrar.xml", workdir=workdir, local_ip=PBX, port=registrar_port, time_limit=600
-    )
-    port = free_port(SBC)
-    retell_port = retell_port or free_port(RETELL)
-    settings = Settings(
-        sip=SipSettings(bind=SBC, port=port, t1=0.25, t2=2.0),
-        pbx=PbxSettings(
-            host=PBX,
-            port=registrar_port,
-            extension=EXTENSION,
-            auth_id="6001auth",
-            password="secret",  # type: ignore[arg-type]
-            trusted=(f"{PBX}/32",),  # type: ignore[arg-type]
-            keepalive="off",
-        ),
-        retell=RetellSettings(
-            host=RETELL,
-            port=retell_port,
-            transport="tcp",
-            number=RETELL_NUMBER,
-            answer_timeout=answer_timeout,
-        ),
-        headers=HEADERS,
-        calls=CallsSettings(
-            country_code="44",
-            national_prefix="0",
-            international_prefix="00",
-            passthrough_x_headers=("X-Customer-*",),
-            max_concurrent=max_concurrent,
-            max_duration=max_duration,
-        ),
-        media=MediaSettings(mode="passthrough"),
-        admin=AdminSettings(listen=f"{SBC}:{free_port(SBC)}"),
-    )
-    service = Service(settings)
-    try:
-        await service.start()
-        async with asyncio.timeout(10):
-            await service.registration.wait_registered()
-        yield Bridge(service, port, retell_port)
-    finally:
-        await service.stop()
-        await registrar.stop()
-
-
-async def pbx_call(
-    workdir: Path,
-    bridge: Bridge,
-    scenario: str,
-    *,
-    calls: int = 1,
-    extra: Sequence[str] = (),
-    local_ip: str = PBX,
-    extension: str = EXTENSION,
-) -> Sipp:
-    return await start_sipp(
-        scenario,
-        workdir=workdir,
-        local_ip=local_ip,
-        remote=f"{SBC}:{bridge.port}",
-        calls=calls,
-        extra=("-s", extension, *extra),
-    )
-
-
-async def retell(
-    workdir: Path, bridge: Bridge, scenario: str, *, calls: int = 1, extra: Sequence[str] = ()
-) -> Sipp:
-    sipp = await start_sipp(
-        scenario,
-        workdir=workdir,
-        local_ip=RETELL,
-        port=bridge.retell_port,
-        transport="t1",
-        calls=calls,
-        extra=extra,
-    )
-    await sipp.wait_listening()
-    return sipp
-
-
-def final_statuses(messages: str) -> list[int]:
-    """Statuses of the final responses a SIPp caller received (its message trace)."""
-    found = re.findall(r"message received[^\n]*\n\n?SIP/2\.0 ([2-6][0-9][0-9]) [^\n]*\n", messages)
-    return [int(s) for s in found]
-
-
-def assert_both_ends(name: str, result: SippResult, sipp: Sipp, calls: int) -> None:
-    code, stats = result.returncode, result.stats
-    ok, failed = result.successful, result.failed
-    assert (code, ok, failed) == (0, calls, 0), f"{name}: {stats}\n{sipp.errors()}"
 
 
 # -- the checks of the issue ---------------------------------------------------------------------
