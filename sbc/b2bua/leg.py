@@ -8,17 +8,18 @@ A call has any number of legs (see ``docs/architecture.md``, "A call's legs"):
   back by a transfer in ``invite`` mode; sbc is its UAC.
 
 A :class:`Bridge` joins two legs through one media session: side ``a`` of the media faces the
-caller, side ``b`` the far leg (the agent, and after a transfer the human).
+leg that called (the caller), side ``b`` the far leg (the agent, and after a transfer the human).
 
 A :class:`Leg` holds what sbc knows of its dialog (the :class:`~sbc.sip.dialog.Dialog` once it
 exists, the last SDP sbc sent on it, the final status of its INVITE, the PBX's session timer)
-and sends requests inside it: :meth:`Leg.request` answers the PBX's digest challenges with the
-extension's credentials (3CX challenges what an extension sends inside dialogs too, see
-``docs/peers.md``) and never Retell's.
+and sends requests inside it: :meth:`Leg.send_invite` and :meth:`Leg.request` answer a digest
+challenge with the peer's credentials when the leg has them: the extension's toward the PBX
+(3CX challenges what an extension sends inside dialogs too, see ``docs/peers.md``), the trunk's
+toward Retell when configured.
 
-What each peer may send inside a dialog is :data:`HANDLED`, the one table that the ``Allow``
-header fields sbc sends are built from; the call's dispatch (``sbc/b2bua/call.py``) serves
-exactly those methods and answers any other one 405 with that ``Allow``.
+What each peer may send inside a dialog is ``messages.HANDLED``, the one table that the
+``Allow`` header fields sbc sends are built from; the call's dispatch (``sbc/b2bua/call.py``)
+serves exactly those methods and answers any other one 405 with that ``Allow``.
 """
 
 from __future__ import annotations
