@@ -74,7 +74,7 @@ from sbc.sip.message import Request, Response
 
 log = structlog.get_logger(__name__)
 RING_REPEAT = 60.0  # seconds between copies of leg a's provisional response
-AGENT_BYE_GRACE = 2.0  # seconds Retell gets to hang up itself after a transfer (docs/peers.md)
+AGENT_BYE_GRACE = 2.0  # seconds Retell gets to hang up itself after a REFER-mode transfer
 
 __all__ = ["Call", "CallInput", "CallState"]
 
@@ -118,6 +118,9 @@ class Call:
         self.transfers: list[TransferRecord] = []  # every transfer tried, in order
         self.all_legs: list[Leg] = []  # every leg the call ever had (the manager routes them)
         self.on_new_leg: Callable[[Leg], None] = lambda leg: None  # the manager routes to it
+        # Leg b's INVITE reached its peer (None) or failed locally (the engine's own 408/503:
+        # what went wrong); the manager logs outages once (sbc/b2bua/reachability.py).
+        self.on_b_reached: Callable[[Peer, str | None], None] = lambda peer, failure: None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_relayed: tuple[int, bytes] | None = None
         self._last_provisional: Response | None = None
@@ -359,6 +362,7 @@ class Call:
                 return False
             if isinstance(fact, InviteResponded):
                 response = fact.response
+                self._report_reached(response)
                 if response.status < 200:
                     await self._relay_provisional(response)
                     continue
@@ -379,6 +383,12 @@ class Call:
                 return False
             if isinstance(fact, RequestArrived):
                 await self._serve(fact.leg, fact.incoming)
+
+    def _report_reached(self, response: Response) -> None:
+        b = self.bridge.b
+        outgoing = b.outgoing
+        final = outgoing is not None and response.status >= 200
+        self.on_b_reached(b.peer, outgoing.local_failure if final and outgoing else None)
 
     def _ring_again(self) -> None:
         """RFC 3261 §13.3.1.1: a provisional response at least every minute, so that proxies
@@ -713,7 +723,9 @@ class Call:
             self.bridge.b = fact.human
             self._move(In.TRANSFERRED)
             if agent is not None:
-                self.spawn(self._dismiss(agent))
+                # The agent's RTP must stop now: rtpengine and pass-through cannot keep it from
+                # the caller, and the final NOTIFY already told Retell (docs/architecture.md).
+                self.spawn(hang_up_all([agent], 64 * self.config.t1 + 1))
             return True
         if fact.handed_over:
             self._move(In.HANDED_OVER, "transferred")
@@ -732,17 +744,10 @@ class Call:
             return False
         return True
 
-    async def _dismiss(self, agent: Leg) -> None:
-        """After a transfer by INVITE, Retell hangs up itself about a second later
-        (docs/peers.md; the talk loop serves its BYE): BYE it only if it has not within
-        AGENT_BYE_GRACE."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(agent.gone.wait(), AGENT_BYE_GRACE)
-        await hang_up_all([agent], 64 * self.config.t1 + 1)
-
     async def _serve_until_gone(self, agent: Leg) -> None:
-        """The same once the PBX took the caller (REFER mode): the talk loop is over, so the
-        requests still arriving (Retell's BYE) are served here."""
+        """Once the PBX took the caller (REFER mode), Retell hangs up itself about a second
+        later (docs/peers.md): the talk loop is over, so its BYE is served here; sbc BYEs the
+        agent only if it has not within AGENT_BYE_GRACE."""
         deadline = self._loop_time() + AGENT_BYE_GRACE
         while agent.up:
             fact = await self._next_fact(deadline)
