@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import socket
 import ssl
@@ -478,6 +479,23 @@ class Transports:
             conn = self.connection_to(dest.transport, dest.host, dest.port)
         return conn is not None and conn.write(data)
 
+    def _source_for(self, host: str) -> tuple[str, int] | None:
+        """The local address of an outbound connection: the bind address when it is a specific
+        one (a peer that filters by source address, a multi-homed host), else the kernel's
+        choice; never across address families."""
+        try:
+            bind = ipaddress.ip_address(self.config.bind.strip("[]"))
+        except ValueError:
+            return None
+        if bind.is_unspecified:
+            return None
+        try:
+            if ipaddress.ip_address(host.strip("[]")).version != bind.version:
+                return None
+        except ValueError:
+            pass  # a host name: resolved by create_connection, bound to our address family
+        return (str(bind), 0)
+
     async def _connect(self, key: tuple[str, str, int], pending: _PendingConnect) -> None:
         dest = pending.dest
         loop = asyncio.get_running_loop()
@@ -498,6 +516,7 @@ class Transports:
                     dest.port,
                     ssl=context,
                     server_hostname=server_hostname,
+                    local_addr=self._source_for(dest.host),
                 ),
                 self.config.connect_timeout,
             )

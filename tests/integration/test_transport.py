@@ -282,6 +282,36 @@ async def test_outbound_connection_reused(
         await server.wait_closed()
 
 
+async def test_outbound_connection_leaves_from_the_bind_address(
+    free_port_factory: Callable[..., int],
+) -> None:
+    # A peer that filters by source address (Retell's trunk, a PBX's IP restrictions) must
+    # see the address sbc is bound to, not the one the kernel picks (127.0.0.1 on loopback).
+    bound = "127.0.0.6"
+    config = TransportConfig(bind=bound, port=free_port_factory(bound))
+    transports = Transports(config, lambda message, source: None, lambda d, m, why: None)
+    await transports.start()
+    peers: list[tuple[str, int]] = []
+    got = asyncio.Event()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[:2])
+        got.set()
+
+    other = "127.0.0.7"
+    port = free_port_factory(other)
+    server = await asyncio.start_server(on_client, other, port)
+    try:
+        transports.send(Destination("tcp", other, port), parse_message(options()))
+        async with asyncio.timeout(3):
+            await got.wait()
+        assert peers[0][0] == bound
+    finally:
+        server.close()
+        await server.wait_closed()
+        await transports.stop()
+
+
 async def test_connect_refused_reported(
     setup: tuple[Transports, Recorder], free_port_factory: Callable[..., int]
 ) -> None:
