@@ -184,6 +184,7 @@ class SipEngine:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         for handle in list(self._pending):
+            handle.local_failure = handle.local_failure or "engine stopped"
             handle.deliver(build_response(handle.request, 503, "Service Unavailable"))
         self._pending.clear()
         self._clients.clear()
@@ -256,6 +257,7 @@ class SipEngine:
                 target=str(handle.target),
                 error=str(exc),
             )
+            handle.local_failure = f"unresolved: {exc}"
             self._finish(handle, build_response(handle.request, 503, "Service Unavailable"))
             return
         # A request sent with its own Via goes to one destination only.
@@ -280,6 +282,7 @@ class SipEngine:
             )
         handle.request = request
         handle.destination = dest
+        handle.local_failure = None
         handle.attempts += 1
         try:
             key = self.layer.send_request(
@@ -367,6 +370,7 @@ class SipEngine:
         if handle is None or handle.final is not None:
             return
         # RFC 3261 §8.1.3.1: a transaction timeout is treated as a 408.
+        handle.local_failure = "timeout"
         self._client_response(key, build_response(handle.request, 408, "Request Timeout"), False)
 
     # -- server side ---------------------------------------------------------------------------
@@ -517,6 +521,9 @@ class SipEngine:
                 if key is None:
                     continue
                 self._transport_failed.add(key)
+                handle = self._clients.get(key)
+                if handle is not None:
+                    handle.local_failure = reason
                 # RFC 3261 §8.1.3.1: a transport error is reported to the TU as a 503.
                 try:
                     self.layer.transport_error(key, now=now)
@@ -623,6 +630,7 @@ class SipEngine:
             del self._branch_keys[branch_key]
         if handle is not None and handle.final is None and handle.key == key:
             # Terminated without a final response reaching the TU: treat as a timeout.
+            handle.local_failure = "timeout"
             self._finish(handle, build_response(handle.request, 408, "Request Timeout"))
 
     def _arm_timer(self) -> None:

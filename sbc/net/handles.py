@@ -121,6 +121,11 @@ class OutgoingRequest:
     The engine fills in ``request``, ``destination``, ``key`` and ``attempts`` for each attempt
     and reports through :meth:`mark_sent` and :meth:`deliver`; ``owns_via`` says whether the
     engine writes the top Via (and so may fail over to another destination with a new branch).
+
+    ``local_failure`` is None while the peer answered; when the engine answered itself (the
+    synthetic 408 of a timeout, the 503 of a transport failure or of no route, RFC 3261
+    §8.1.3.1) it says what went wrong locally ("connect failed: [Errno 111] ...", "timeout"),
+    so that a caller never reports such a status as the peer's.
     """
 
     def __init__(self, request: Request, target: RequestTarget, owns_via: bool) -> None:
@@ -132,6 +137,7 @@ class OutgoingRequest:
         self.final: Response | None = None
         self.attempts = 0
         self.owns_via = owns_via
+        self.local_failure: str | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._sent = asyncio.get_running_loop().create_future()
 

@@ -56,6 +56,7 @@ class FakeHandle:
         self.responses: list[Response] = []
         self.final: Response | None = None
         self.destination = None
+        self.local_failure: str | None = None  # set to fail it the way the engine does
         self._changed = asyncio.Event()
 
     def deliver(
