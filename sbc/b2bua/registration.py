@@ -2,7 +2,11 @@
 
 One task owns the sans-I/O core. It hands every REGISTER the core produces to the engine, feeds
 the responses (and the engine's synthetic 408/503) back in, sleeps until the core's next
-deadline, and turns the core's events into log lines and metrics. A second task sends the
+deadline, and turns the core's events into log lines and metrics: each attempt at info (target,
+transport, expires), each challenge at debug, each failure at warning with its ``cause``:
+``status`` when the registrar answered (its status and reason), ``timeout`` when nothing came
+back, ``transport_error`` (the OS error) when the REGISTER could not be sent; the engine's
+synthetic 408/503 are never reported as the registrar's status. A second task sends the
 keep-alives that hold NAT bindings open: CRLFCRLF on the TCP/TLS connection to 3CX (RFC 5626
 §4.4.1), and on UDP an OPTIONS (or, with ``keepalive = "crlf"``, a CRLF datagram where the
 transports can send one).
@@ -39,6 +43,10 @@ __all__ = ["RegistrationDriver", "RegistrationObserver"]
 log = structlog.get_logger(__name__)
 
 KEEPALIVE_MODES = ("options", "crlf", "off")
+# Stopping while not registered, with a REGISTER in flight: its answer is awaited this long (a
+# 200 would leave a binding to remove); silence means nothing was registered, and nothing is
+# sent. Short, so that stopping against a silent PBX takes well under a second.
+UNREGISTERED_STOP_WAIT = 0.5
 CRLF_PING = b"\r\n\r\n"  # RFC 5626 §4.4.1: the client's keep-alive ping
 _TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -95,6 +103,10 @@ class RegistrationDriver:
         self._sends: set[asyncio.Task[None]] = set()
         # Where the last REGISTER went: keep-alives follow it.
         self._destination: Destination | None = None
+        self._challenged = False  # the next REGISTER answers a challenge (logged at debug)
+        self._unregister_sent = False
+        self._local_failure: str | None = None  # why the engine failed the last REGISTER
+        self._settled = asyncio.Event()  # the first attempt succeeded or failed
         self.log = log.bind(call_id=self.core.call_id, aor=str(config.aor))
 
     # -- public ------------------------------------------------------------------------------------
@@ -117,8 +129,15 @@ class RegistrationDriver:
         """Return once registered (for tests and start-up ordering)."""
         await self._registered_event.wait()
 
+    async def wait_settled(self) -> None:
+        """Return once the first attempt ended: registered, or failed and retrying."""
+        await self._settled.wait()
+
     async def stop(self, unregister_wait: float = 2.0) -> None:
-        """Unregister (Expires: 0) and wait up to ``unregister_wait`` seconds for the answer."""
+        """Unregister (Expires: 0) and wait up to ``unregister_wait`` seconds for the answer.
+
+        Nothing is sent when nothing is registered: a REGISTER still in flight then gets
+        :data:`UNREGISTERED_STOP_WAIT` to be answered (a 200 is removed again), no more."""
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -126,13 +145,18 @@ class RegistrationDriver:
             self._keepalive_task = None
         if self._task is None:
             return
+        registered = self.core.registered
         if not self.core.terminated:
             self.core.stop(asyncio.get_running_loop().time())
             self._wake.set()
+        wait = unregister_wait if registered else min(unregister_wait, UNREGISTERED_STOP_WAIT)
         try:
-            await asyncio.wait_for(self._done.wait(), unregister_wait)
+            await asyncio.wait_for(self._done.wait(), wait)
         except TimeoutError:
-            self.log.warning("unregister_unanswered", waited=unregister_wait)
+            if registered or self.core.in_flight is None or self._unregister_sent:
+                self.log.warning("unregister_unanswered", waited=wait)
+            else:
+                self.log.info("register_abandoned", detail="stopped before the registrar answered")
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -182,6 +206,7 @@ class RegistrationDriver:
     def _flush(self) -> None:
         for output in self.core.take_outputs():
             self._handle(output)
+        self._challenged = False  # a challenge not answered (too many) leaves no mark
         if self.observer is not None:
             self.observer.set_registered(self.core.registered)
         if self.core.registered:
@@ -193,10 +218,12 @@ class RegistrationDriver:
         if isinstance(output, RequestReady):
             if self.observer is not None and not output.unregister:
                 self.observer.register_attempted()
+            self._log_sending(output)
             task = asyncio.create_task(self._send(output.request))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
         elif isinstance(output, Registered):
+            self._settled.set()
             self.log.info(
                 "registration_refreshed" if output.refreshed else "registered",
                 contact=output.contact,
@@ -204,12 +231,12 @@ class RegistrationDriver:
                 refresh_in=round(output.refresh_at - output.expires_at + output.expires, 1),
             )
         elif isinstance(output, RegistrationFailed):
-            # Logged once per failure, with what the registrar said
-            # (docs/architecture.md, "Logging").
+            # Logged once per failure, with what the registrar said or, when it said nothing,
+            # what went wrong here (docs/architecture.md, "Logging").
+            self._settled.set()
             self.log.warning(
                 "registration_failed",
-                status=output.status,
-                reason=output.reason,
+                **self._cause(output),
                 failures=output.failures,
                 retry_in=round(output.retry_in, 1),
             )
@@ -228,6 +255,35 @@ class RegistrationDriver:
         elif isinstance(output, Unregistered):
             self.log.info("unregistered", status=output.status, reason=output.reason)
 
+    def _log_sending(self, output: RequestReady) -> None:
+        request = output.request
+        fields = {
+            "target": str(self.target or request.uri),
+            "transport": self.config.transport,
+            "expires": request.headers.get("Expires"),
+            "cseq": request.cseq.seq,
+        }
+        if output.unregister:
+            self._unregister_sent = True
+            self.log.info("unregistering", **fields)
+        elif self._challenged:
+            self.log.debug("register_answering_challenge", **fields)
+        else:
+            self.log.info("register_attempt", attempt=self.core.failures + 1, **fields)
+        self._challenged = False
+
+    def _cause(self, failure: RegistrationFailed) -> dict[str, object]:
+        """Log fields saying why an attempt failed: the registrar's status only when it sent
+        one; the local failure otherwise."""
+        local, self._local_failure = self._local_failure, None
+        if failure.status is not None:
+            return {"cause": "status", "status": failure.status, "reason": failure.reason}
+        if local is None and "timed out" in failure.reason:
+            return {"cause": "timeout", "reason": failure.reason}
+        if local == "timeout":
+            return {"cause": "timeout", "reason": "no answer from the registrar"}
+        return {"cause": "transport_error", "transport_error": local or failure.reason}
+
     async def _send(self, request: Request) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -235,7 +291,22 @@ class RegistrationDriver:
             async for response in handle:
                 if handle.destination is not None:
                     self._destination = handle.destination
-                self.core.receive_response(response, loop.time())
+                failure = handle.local_failure if response.status >= 200 else None
+                if failure is not None:
+                    # The engine's own 408/503 (RFC 3261 §8.1.3.1): the registrar said nothing.
+                    if self.core.in_flight is request:
+                        self._local_failure = failure
+                        reason = "request timed out" if failure == "timeout" else failure
+                        self.core.transport_failed(loop.time(), reason)
+                else:
+                    if response.status in (401, 407):
+                        self._challenged = True
+                        self.log.debug(
+                            "register_challenged",
+                            status=response.status,
+                            cseq=response.cseq.seq,
+                        )
+                    self.core.receive_response(response, loop.time())
                 self._wake.set()
         except asyncio.CancelledError:
             raise
