@@ -24,6 +24,11 @@ that answers them is :meth:`CallManager.handle_request`. Each is published as a
 :class:`~sbc.b2bua.events.CallRefused`, except a digest challenge (407), which is part of
 setting up a call rather than a refusal.
 
+Shutting down is :meth:`CallManager.drain` (new INVITEs 503 with Retry-After, calls in progress
+run on, up to a timeout), then :meth:`CallManager.stop` (BYE/CANCEL what is left, close the media
+and the event bus). :meth:`CallManager.reconfigure` gives new calls another
+:class:`~sbc.b2bua.messages.BridgeConfig` (SIGHUP); a call keeps the config it started with.
+
 ACKs of 2xx, CANCELs and late 2xx copies come from the engine's hooks, which
 :meth:`CallManager.attach` points at this manager. What happens to calls is published on
 ``events`` (:class:`~sbc.b2bua.events.EventBus`), to any number of observers. The settings
@@ -47,6 +52,7 @@ from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted, Ev
 from sbc.b2bua.inbound import RetellCall
 from sbc.b2bua.leg import Leg
 from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, Peer, uri_user
+from sbc.b2bua.reachability import Reachability
 from sbc.b2bua.transfer_rules import TransferRefused, resolve_target
 from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.media.base import MediaBackend, MediaSession
@@ -141,6 +147,9 @@ class CallManager:
         self._uac_call_ids: dict[str, tuple[Call, Leg]] = {}  # Call-IDs sbc chose
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._draining = False
+        # Whether the peers answer sbc's INVITEs; outages logged once (reachability.py).
+        self.reachability = {peer: Reachability(peer.value) for peer in Peer}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -183,9 +192,35 @@ class CallManager:
                 self.events.publish(CallRefused(exc.status))
             incoming.reject(exc)
 
+    def reconfigure(self, config: BridgeConfig) -> None:
+        """New calls use ``config`` (limits, header templates, transfer rules...); calls in
+        progress keep the one they started with. Addresses, credentials and the trusted
+        networks must be the same (the service reloads only what may change live)."""
+        self.config = config
+        self._call_media.retry_after = config.retry_after
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, limit: float) -> int:
+        """Refuse new calls (503 with Retry-After) and let the calls in progress end by
+        themselves for up to ``limit`` seconds; returns how many are still up (then ended by
+        :meth:`stop`)."""
+        self._stopping = self._draining = True
+        if self.calls:
+            log.info("draining", calls=len(self.calls), timeout=limit)
+            try:
+                await asyncio.wait_for(self._idle.wait(), limit)
+            except TimeoutError:
+                log.info("drain_timeout", calls=len(self.calls), timeout=limit)
+        return len(self.calls)
+
     async def stop(self) -> None:
         """Refuse new calls, end every call (BYEs or CANCELs), wait a little for them."""
         self._stopping = True
+        for reachability in self.reachability.values():
+            reachability.summary()
         for call in list(self.calls.values()):
             call.shutdown()
         tasks = list(self._tasks)
@@ -267,11 +302,16 @@ class CallManager:
             raise Forbidden(exc.detail, headers=self._server) from exc
 
     def _check_capacity(self, request: Request) -> None:
-        if self._stopping or len(self.calls) >= self.config.max_concurrent:
+        if self._stopping:
+            log.info("invite_refused_stopping", active=len(self.calls), call_id=request.call_id)
+        elif len(self.calls) >= self.config.max_concurrent:
             log.warning("invite_over_capacity", active=len(self.calls), call_id=request.call_id)
-            # RFC 3261 §21.5.4: 503 with Retry-After; the caller may try again later.
-            retry = ("Retry-After", str(self.config.retry_after))
-            raise ServiceUnavailable("over capacity", headers=(retry, *self._server))
+        else:
+            return
+        # RFC 3261 §21.5.4: 503 with Retry-After; the caller may try again later.
+        retry = ("Retry-After", str(self.config.retry_after))
+        detail = "shutting down" if self._stopping else "over capacity"
+        raise ServiceUnavailable(detail, headers=(retry, *self._server))
 
     def _call_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -290,6 +330,7 @@ class CallManager:
         self.calls[call.call_uuid] = call
         self._idle.clear()
         call.on_new_leg = lambda leg: self._route(call, leg)
+        call.on_b_reached = self._b_reached
         for leg in call.all_legs:
             self._route(call, leg)
         self._invites[incoming.key] = (call, call.origin)
@@ -297,6 +338,12 @@ class CallManager:
         task = asyncio.ensure_future(self._run(call, incoming.key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _b_reached(self, peer: Peer, failure: str | None) -> None:
+        if failure is None:
+            self.reachability[peer].answered()
+        else:
+            self.reachability[peer].failed(failure)
 
     def _route(self, call: Call, leg: Leg) -> None:
         """Requests in ``leg``'s dialog go to ``call`` (and 2xx copies to its INVITE)."""
