@@ -83,6 +83,12 @@ HeaderList = tuple[tuple[str, str], ...]
 DialogHandler = Callable[[Leg, IncomingRequest], Awaitable[CallInput | None]]
 
 
+def _call_id_key(role: Role, *, initial: bool = True) -> str:
+    """The log key of a leg's Call-ID: by peer for the two legs a call starts with
+    (``pbx_call_id``, ``retell_call_id``), by role for one added later (``human_call_id``)."""
+    return f"{role.peer.value if initial else role.value}_call_id"
+
+
 class Call:
     """One call; the manager (``sbc/b2bua/calls.py``) creates it, feeds it and awaits ``run``."""
 
@@ -128,10 +134,18 @@ class Call:
         self._late_offer = not self.a_invite.body
         self._b_ok: Response | None = None  # late offer: b's 2xx, ACKed with a's answer
         b_call_id = new_call_id(random_bytes(12))  # drawn now: the manager routes by it at once
-        self.log = log.bind(call_uuid=call_uuid, call_id=self.a_invite.call_id, b_call_id=b_call_id)
+        a_role, b_role = self.roles
+        # Every line of the call carries its uuid and both Call-IDs, named by peer
+        # (pbx_call_id, retell_call_id), whichever side called; a human leg adds its own.
+        self.log = log.bind(
+            call_uuid=call_uuid,
+            **{
+                _call_id_key(a_role): self.a_invite.call_id,
+                _call_id_key(b_role): b_call_id,
+            },
+        )
         assert incoming.local_tag is not None  # an INVITE without To tag always gets one
         transport = incoming.source.transport
-        a_role, b_role = self.roles
         a = self.new_leg(a_role, self._local(a_role, transport), self.a_invite.call_id)
         a.local_tag = incoming.local_tag
         a.incoming = incoming
@@ -205,7 +219,11 @@ class Call:
         return leg
 
     def add_leg(self, leg: Leg) -> None:
-        """Make ``leg`` reachable: the manager routes its dialog's requests to this call."""
+        """Make ``leg`` reachable: the manager routes its dialog's requests to this call. Its
+        Call-ID joins the call's log lines from now on (``human_call_id``)."""
+        key = _call_id_key(leg.role, initial=False)
+        self.log = self.log.bind(**{key: leg.call_id})
+        leg.log = leg.log.bind(**{key: leg.call_id})
         self.all_legs.append(leg)
         self.on_new_leg(leg)
 
@@ -285,7 +303,13 @@ class Call:
         self.spawn(leg.ack_again(response))
 
     def shutdown(self) -> None:
-        self.facts.put_nowait(ShutdownRequested())
+        self.hang_up("shutdown")
+
+    def hang_up(self, reason: str = "admin") -> None:
+        """End the call from outside (an operator, the bridge stopping); returns at once. The
+        call's own task does the rest: BYE on every leg that is up, or, while it is being set
+        up, 503 to leg a and CANCEL on leg b. ``reason`` becomes the end reason."""
+        self.facts.put_nowait(ShutdownRequested(reason))
 
     # -- the flow ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -378,7 +402,7 @@ class Call:
                 return False
             if isinstance(fact, ShutdownRequested):
                 self._answer_a_failure(503)
-                self._move(In.SHUTDOWN, "shutdown")
+                self._move(In.SHUTDOWN, fact.reason)
                 await self._cancel_b()
                 return False
             if isinstance(fact, RequestArrived):
@@ -495,7 +519,7 @@ class Call:
                     continue
                 return
             if isinstance(fact, ShutdownRequested):
-                await self._end(In.SHUTDOWN, "shutdown")
+                await self._end(In.SHUTDOWN, fact.reason)
                 return
             if isinstance(fact, RequestArrived):
                 ended = await self._serve(fact.leg, fact.incoming)

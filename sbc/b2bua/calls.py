@@ -168,6 +168,16 @@ class CallManager:
     def active(self) -> int:
         return len(self.calls)
 
+    def hang_up(self, call_uuid: str, reason: str = "admin") -> bool:
+        """End the call ``call_uuid`` from outside (the admin API): BYE on every leg that is
+        up (CANCEL while it rings); returns at once, False when there is no such call."""
+        call = self.calls.get(call_uuid)
+        if call is None:
+            return False
+        call.log.info("hang_up_requested", reason=reason, state=call.state.value)
+        call.hang_up(reason)
+        return True
+
     async def wait_idle(self) -> None:
         """Return once no call is left (tests, graceful shutdown)."""
         await self._idle.wait()

@@ -172,7 +172,10 @@ class TransferEnded:
 
 @dataclass(frozen=True, slots=True)
 class ShutdownRequested:
-    pass
+    """End the call from outside: the bridge stopping (``shutdown``), an operator (``admin``);
+    ``reason`` becomes the call's end reason."""
+
+    reason: str = "shutdown"
 
 
 Fact = (
