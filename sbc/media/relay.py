@@ -452,7 +452,7 @@ class RelaySession(MediaSession):
         finally:
             for pair in self._pairs.values():
                 self._backend.pool.release(pair.port)
-            self._backend.sessions.discard(self)
+            self._backend.retire(self)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -481,6 +481,23 @@ class RelayBackend(MediaBackend):
         self.learning_window = learning_window
         self.codecs = tuple(codecs)
         self.sessions: set[RelaySession] = set()
+        # Packets and bytes received by the sessions already closed, by (side, "rtp"/"rtcp").
+        self._ended: dict[tuple[Side, str], tuple[int, int]] = {}
+
+    def counters(self) -> dict[tuple[Side, str], tuple[int, int]]:
+        """(packets, bytes) received from each side, RTP and RTCP apart, over the backend's
+        whole life: the closed sessions' totals plus the live ones' counters (metrics)."""
+        totals = dict(self._ended)
+        for session in self.sessions:
+            _add_counters(totals, session)
+        return totals
+
+    def retire(self, session: RelaySession) -> None:
+        """``session`` is closed (no packet can reach its sockets any more): its counters go
+        into the running totals, and it leaves :attr:`sessions`."""
+        if session in self.sessions:
+            self.sessions.discard(session)
+            _add_counters(self._ended, session)
 
     async def allocate(self, call_id: str) -> RelaySession:
         loop = asyncio.get_running_loop()
@@ -505,3 +522,10 @@ class RelayBackend(MediaBackend):
     async def close(self) -> None:
         for session in list(self.sessions):
             await session.close()
+
+
+def _add_counters(totals: dict[tuple[Side, str], tuple[int, int]], session: RelaySession) -> None:
+    for kind, sockets in (("rtp", session.rtp), ("rtcp", session.rtcp)):
+        for side, relay_socket in sockets.items():
+            packets, size = totals.get((side, kind), (0, 0))
+            totals[(side, kind)] = (packets + relay_socket.packets, size + relay_socket.bytes)

@@ -25,7 +25,7 @@ import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -52,6 +52,7 @@ from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import split_list
 from sbc.sip.ids import make_branch
 from sbc.sip.message import Request, Response, with_top_via
+from sbc.sip.server_transaction import ServerState
 from sbc.sip.transaction import (
     AckReceived,
     CancelReceived,
@@ -73,6 +74,14 @@ Message = Request | Response
 RequestHandler = Callable[[IncomingRequest], None]
 
 DEFAULT_ALLOW = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER", "NOTIFY")
+# Methods counted by name in EngineStats.messages; any other is counted as "other", so that
+# requests from the network cannot grow the table (and the metric's label values) without bound.
+COUNTED_METHODS = frozenset(
+    {
+        "INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "SUBSCRIBE",
+        "INFO", "UPDATE", "PRACK", "MESSAGE", "PUBLISH",
+    }
+)  # fmt: skip
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -98,6 +107,12 @@ class EngineStats:
     handler_errors: int = 0
     dns_failures: int = 0
     failovers: int = 0
+    # Messages sent again for want of an answer: requests on Timers A/E, final responses on
+    # Timer G, and a 2xx the TU repeats until its ACK (RFC 3261 §13.3.1.4).
+    retransmissions: int = 0
+    # Every message received from / handed to a transport, retransmissions included, by
+    # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport).
+    messages: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
 
 
 class SipEngine:
@@ -376,6 +391,8 @@ class SipEngine:
     # -- server side ---------------------------------------------------------------------------
     def respond(self, server_key: str, response: Response) -> None:
         """Send a response through the server transaction ``server_key``."""
+        if response.status >= 200 and self.layer.server_state(server_key) is ServerState.ACCEPTED:
+            self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
         self.layer.respond(server_key, response, now=self._now())
         self._pump()
 
@@ -439,10 +456,20 @@ class SipEngine:
 
     # -- input from the transports -------------------------------------------------------------
     def _message_received(self, message: Message, source: Destination) -> None:
+        counts = self.stats.messages
         try:
             if isinstance(message, Request):
+                method = message.method
+                key: tuple[str, str | int, str] = (
+                    "in",
+                    method if method in COUNTED_METHODS else "other",
+                    source.transport,
+                )
+                counts[key] = counts.get(key, 0) + 1
                 self._incoming_request(message, source)
             else:
+                key = ("in", message.status, source.transport)
+                counts[key] = counts.get(key, 0) + 1
                 self._incoming_response(message, source)
         except Exception:
             # A bug in the core or here must not take the listener down.
@@ -565,6 +592,12 @@ class SipEngine:
         assert isinstance(dest, Destination)
         if isinstance(message, Response):
             dest = self._response_destination(dest, message)
+            key: tuple[str, str | int, str] = ("out", message.status, dest.transport)
+        else:
+            method = message.method
+            key = ("out", method if method in COUNTED_METHODS else "other", dest.transport)
+        counts = self.stats.messages
+        counts[key] = counts.get(key, 0) + 1
         self.transports.send(dest, message)
 
     def _response_destination(self, source: Destination, response: Response) -> Destination:
@@ -651,6 +684,12 @@ class SipEngine:
             self.layer.handle_timer(self._now())
         except Exception:
             log.exception("timer_handling_failed")
+        # What timers make the layer send is retransmissions (Timers A, E, G; the other timers
+        # only end transactions): counted here, then sent like everything else.
+        resent = self.layer.datagrams_to_send()
+        self.stats.retransmissions += len(resent)
+        for dest, message in resent:
+            self._transmit(dest, message)
         self._pump()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
