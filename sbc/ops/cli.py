@@ -4,6 +4,8 @@ Subcommands::
 
     sbc run [--config PATH]           run the bridge (PATH defaults to $SBC_CONFIG)
     sbc check-config [--config PATH]  validate the configuration, print "config OK" or the problems
+    sbc config show [--config PATH]   print the effective settings as TOML, each value's source
+                                      beside it (file, environment, credential, default)
     sbc demo [--config PATH]          run the bridge against local stand-ins of 3CX and Retell
     sbc version                       print the version
 
@@ -26,7 +28,7 @@ import structlog
 
 from sbc import __version__
 from sbc.ops.logging import configure_logging
-from sbc.ops.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from sbc.ops.settings import CONFIG_ENV, ConfigError, Loaded, Settings, load_with_sources
 
 __all__ = [
     "EXIT_CODES",
@@ -89,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, metavar="PATH", help=config_help)
     check.set_defaults(handler=_cmd_check_config)
 
+    config = sub.add_parser("config", help="inspect the settings")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser(
+        "show",
+        help="print the effective settings as TOML with each value's source; secrets hidden",
+    )
+    show.add_argument("--config", type=Path, metavar="PATH", help=config_help)
+    show.set_defaults(handler=_cmd_config_show)
+
     demo = sub.add_parser("demo", help="run the bridge against local stand-ins of 3CX and Retell")
     demo.add_argument(
         "--config", type=Path, metavar="PATH", help="settings (default: the built-in demo.toml)"
@@ -109,8 +120,13 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 def _load(path: Path | None) -> Settings | None:
     """Settings, or None after printing one line per problem to stderr."""
+    loaded = _load_with_sources(path)
+    return None if loaded is None else loaded.settings
+
+
+def _load_with_sources(path: Path | None) -> Loaded | None:
     try:
-        return load_settings(path)
+        return load_with_sources(path)
     except ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
@@ -127,6 +143,17 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     print("config OK")
+    return EXIT_OK
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    loaded = _load_with_sources(path)
+    if loaded is None:
+        return EXIT_CONFIG
+    from sbc.ops.config_show import render
+
+    print(render(loaded, path), end="")
     return EXIT_OK
 
 

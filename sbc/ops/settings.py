@@ -1,11 +1,15 @@
-"""Operator settings: a TOML file overlaid by ``SBC_<SECTION>__<KEY>`` environment variables.
+"""Operator settings: a TOML file overlaid by ``SBC_<SECTION>__<KEY>`` environment variables and
+systemd credentials.
 
 Every section is a frozen pydantic model; the whole tree is handed to the code that needs it as a
 constructor argument (docs/architecture.md, "Configuration"), never kept in a global.
 :func:`load_settings` is the only
-entry point: it reads the file, overlays the environment (the environment wins), validates, and
-turns every problem into one readable line (:class:`ConfigError`). Secrets are ``SecretStr``: they
-print as ``**********`` in reprs, dumps and error messages.
+entry point: it reads the file, overlays the environment, then the credential files of
+``$CREDENTIALS_DIRECTORY`` (:data:`CREDENTIALS`; systemd's ``LoadCredential=``), validates, and
+turns every problem into one readable line (:class:`ConfigError`). Precedence, highest first:
+credential file > environment > TOML file > default. :func:`load_with_sources` also says where
+each value came from (``sbc config show``). Secrets are ``SecretStr``: they print as
+``**********`` in reprs, dumps and error messages.
 
 Environment values are strings; lists take JSON (``["a", "b"]``) or a comma-separated list;
 tables (``SBC_HEADERS``, ``SBC_TRANSFER__TARGETS``) take a JSON object, merged key by key over the
@@ -21,7 +25,9 @@ import re
 import tomllib
 import types
 import typing
+import unicodedata
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,12 +51,15 @@ from sbc import __version__
 from sbc.b2bua import templates
 
 __all__ = [
+    "CREDENTIALS",
+    "CREDENTIALS_ENV",
     "ENV_PREFIX",
     "RETELL_SIGNALLING_NETWORKS",
     "TEMPLATE_VARIABLES",
     "AdminSettings",
     "CallsSettings",
     "ConfigError",
+    "Loaded",
     "LogSettings",
     "MediaSettings",
     "PbxSettings",
@@ -59,11 +68,21 @@ __all__ = [
     "SipSettings",
     "TransferSettings",
     "load_settings",
+    "load_with_sources",
     "split_host_port",
 ]
 
 ENV_PREFIX = "SBC_"
 CONFIG_ENV = "SBC_CONFIG"
+# systemd puts the unit's LoadCredential= files in this directory (one file per credential).
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+# Credential name (file in $CREDENTIALS_DIRECTORY) -> the setting it fills. A name whose setting
+# does not exist in this version is ignored.
+CREDENTIALS = {
+    "pbx_password": "pbx.password",
+    "retell_auth_password": "retell.auth_password",
+    "admin_token": "admin.token",
+}
 
 # Retell's published signalling source ranges (docs.retellai.com/deploy/custom-telephony).
 RETELL_SIGNALLING_NETWORKS = ("18.98.16.120/30", "143.223.88.0/21", "161.115.160.0/19")
@@ -168,6 +187,19 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
+def _check_secret(value: SecretStr) -> SecretStr:
+    # Never echo the value: the message names the problem only. An empty password would be sent
+    # as one; a control character (NUL, newline, DEL...) is a paste accident, and a NUL cuts a
+    # C string short in whatever reads it next.
+    text = value.get_secret_value()
+    if not text:
+        raise ValueError("must not be empty")
+    bad = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
+    return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 Host = Annotated[str, AfterValidator(_check_host)]
@@ -178,6 +210,7 @@ HeaderTemplate = Annotated[str, AfterValidator(_check_template)]
 XHeaderName = Annotated[str, AfterValidator(_check_x_header)]
 Regex = Annotated[re.Pattern[str], PlainValidator(_compile_regex)]
 Transport = Annotated[Literal["udp", "tcp", "tls"], BeforeValidator(_lower)]
+Secret = Annotated[SecretStr, AfterValidator(_check_secret)]
 
 
 class _Section(BaseModel):
@@ -239,7 +272,7 @@ class PbxSettings(_Section):
     domain: Host | None = None  # SIP domain of From/To/Request-URI; defaults to host
     extension: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z*#+._-]+$")
     auth_id: str = Field(default="", max_length=128)  # "": the extension (filled in at load)
-    password: SecretStr
+    password: Secret
     register_expires: int = Field(default=300, ge=10, le=86400)
     register_backoff_base: Seconds = 30.0
     register_backoff_max: Seconds = 1800.0
@@ -281,7 +314,7 @@ class RetellSettings(_Section):
         ipaddress.ip_network(n) for n in RETELL_SIGNALLING_NETWORKS
     )
     auth_username: str | None = None  # digest credentials Retell uses toward sbc, if set
-    auth_password: SecretStr | None = None
+    auth_password: Secret | None = None
     answer_timeout: Seconds = 90.0  # keep the PBX leg ringing this long at most
 
     @field_validator("number")
@@ -330,6 +363,8 @@ class CallsSettings(_Section):
     # ([10] in NANP); empty: such numbers are left as they are.
     national_lengths: tuple[Annotated[int, Field(ge=4, le=14)], ...] = (10,)
     passthrough_x_headers: tuple[XHeaderName, ...] = ()
+    # SIGTERM: calls in progress may run this long (new ones get 503), then they are BYE'd.
+    drain_timeout: float = Field(default=30.0, ge=0, le=3600)
 
     @model_validator(mode="before")
     @classmethod
@@ -494,19 +529,107 @@ class Settings(BaseSettings):
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """Settings and where each value came from.
+
+    ``sources`` maps a dotted key (``pbx.port``; ``headers.X-Name`` and
+    ``transfer.targets.NAME`` per table entry) to ``"file"``, ``"environment SBC_..."`` or
+    ``"credential NAME"``; a key not in it has its default.
+    """
+
+    settings: Settings
+    sources: Mapping[str, str]
+
+
 def load_settings(path: Path | str | None, env: Mapping[str, str] | None = None) -> Settings:
     """Read ``path`` (TOML; None: no file), overlay ``SBC_*`` variables of ``env`` (default:
-    ``os.environ``), validate. Raises :class:`ConfigError` listing every problem."""
+    ``os.environ``) and the credential files of ``$CREDENTIALS_DIRECTORY`` named in ``env``,
+    validate. Raises :class:`ConfigError` listing every problem."""
+    return load_with_sources(path, env).settings
+
+
+def load_with_sources(path: Path | str | None, env: Mapping[str, str] | None = None) -> Loaded:
+    """:func:`load_settings`, and the source of every value that is not a default."""
     environ = os.environ if env is None else env
     data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
+    sources = dict.fromkeys(_leaves(data), "file")
     overrides, env_paths, problems = _env_overrides(environ)
+    credentials, credential_paths, credential_problems = _credentials(environ)
+    problems += credential_problems
     if problems:
         raise ConfigError(problems)
+    for key in _leaves(overrides):
+        sources[key] = next(
+            (
+                f"environment {v}"
+                for k, v in env_paths.items()
+                if key == k or key.startswith(k + ".")
+            ),
+            "environment",
+        )
     _deep_merge(data, overrides)
+    for key, name in credential_paths.items():
+        sources[key] = name
+    _deep_merge(data, credentials)
+    # A missing required section is reported key by key ("pbx.host: required"), not as a whole.
+    for name, field in Settings.model_fields.items():
+        if field.is_required() and name not in data:
+            data[name] = {}
     try:
-        return Settings(**data)
+        return Loaded(Settings(**data), sources)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, env_paths)) from None
+        raise ConfigError(_describe(exc, {**env_paths, **credential_paths})) from None
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """Dotted keys of the non-table values in ``data`` (tables are walked into)."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def _credentials(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """Files of ``$CREDENTIALS_DIRECTORY`` named in :data:`CREDENTIALS` -> (nested dict, dotted
+    path -> "credential NAME", problems). A missing file, or one that is empty or blank, sets
+    nothing: the unit's ``SetCredential=NAME:\\x20`` default (one space; systemd refuses an
+    empty value) stands for a credential file that does not exist."""
+    overrides: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    problems: list[str] = []
+    directory = env.get(CREDENTIALS_ENV)
+    if not directory:
+        return overrides, origins, problems
+    for name, dotted in CREDENTIALS.items():
+        section, key = dotted.split(".")
+        model = Settings.model_fields[section].annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        if key not in model.model_fields:
+            continue  # a credential for a setting this version does not have
+        path = Path(directory) / name
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"credential {name} ({path}): cannot read: {exc.strerror}")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"credential {name} ({path}): not UTF-8 text")
+            continue
+        # `echo secret > file` leaves a newline that is no part of the secret.
+        text = text.removesuffix("\n").removesuffix("\r")
+        if not text.strip():
+            continue
+        overrides.setdefault(section, {})[key] = text
+        origins[dotted] = f"credential {name}"
+    return overrides, origins, problems
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -644,7 +767,7 @@ def _lines(
         path = _loc_text(error["loc"])
         kind, msg = error["type"], error["msg"]
         if kind == "missing":
-            text = "field required"
+            text = "required"
         elif kind == "extra_forbidden":
             text = "unknown key"
         elif kind == "value_error":

@@ -89,7 +89,7 @@ def test_check_config_one_line_per_problem(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
-    assert lines[0] == "pbx.password: field required"
+    assert lines[0] == "pbx.password: required"
     assert lines[1] == "retell.number: must be E.164 like +14155550100, got '4155550100'"
     assert lines[2].startswith("headers.X-Foo: unknown variable {calller} (known: ")
     assert len(lines) == 3
@@ -167,8 +167,11 @@ def _fake_serve(
     target = importlib.import_module(f"sbc.ops.{module}")
     seen: list[Any] = []
 
-    async def serve(settings: object) -> int:
+    async def serve(settings: object, **kwargs: Any) -> int:
         seen.append(settings)
+        loader = kwargs.get("loader")
+        if loader is not None:  # `run` reads the same file again on SIGHUP
+            assert loader() == settings
         if exc is not None:
             raise exc
         return result
@@ -299,3 +302,88 @@ def test_python_dash_m_sbc_version():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"sbc {sbc.__version__}\n"
+
+
+# -- issue 14: an honest check-config, and config show ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("password_line", "expected"),
+    [
+        ('password = ""', "pbx.password: must not be empty"),
+        (
+            'password = "hun\\u0000ter2"',
+            "pbx.password: must not contain control characters (found U+0000)",
+        ),
+    ],
+)
+def test_check_config_refuses_empty_and_control_character_passwords(
+    tmp_path, capsys, password_line, expected
+):
+    path = tmp_path / "sbc.toml"
+    path.write_text(GOOD.replace('password = "hunter2-secret"', password_line))
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert captured.err == expected + "\n"
+    assert "hun" not in captured.err and captured.out == ""
+
+
+def test_check_config_of_an_empty_file_names_each_missing_key(tmp_path, capsys):
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    assert cli.main(["check-config", "--config", str(path)]) == cli.EXIT_CONFIG
+    assert capsys.readouterr().err.splitlines() == [
+        "pbx.host: required",
+        "pbx.extension: required",
+        "pbx.password: required",
+        "retell.number: required",
+    ]
+
+
+def test_config_show_names_sources_and_prints_no_secret(tmp_path, capsys, monkeypatch):
+    import tomllib
+
+    path = tmp_path / "sbc.toml"
+    path.write_text(GOOD + '[headers]\nX-Tenant = "acme"\n[transfer.targets]\nsales = "800"\n')
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "pbx_password").write_text("cred-hunter4\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    monkeypatch.setenv("SBC_SIP__PORT", "5070")
+    monkeypatch.setenv("SBC_RETELL__AUTH_USERNAME", "retell")
+    monkeypatch.setenv("SBC_RETELL__AUTH_PASSWORD", "env-hunter5")
+    assert cli.main(["config", "show", "--config", str(path)]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "hunter" not in out  # neither the file's, the credential's nor the environment's
+    lines = out.splitlines()
+    assert 'password = "<set>"  # credential pbx_password' in lines
+    assert 'auth_password = "<set>"  # environment SBC_RETELL__AUTH_PASSWORD' in lines
+    assert "port = 5070  # environment SBC_SIP__PORT" in lines
+    assert 'host = "pbx.example.com"  # file' in lines
+    assert 'X-Tenant = "acme"  # file' in lines
+    assert 'sales = "800"  # file' in lines
+    assert "drain_timeout = 30.0  # default" in lines
+    assert "# tls_port is unset  # default" in lines
+    shown = tomllib.loads(out)  # the output is TOML
+    assert shown["sip"]["port"] == 5070 and shown["pbx"]["password"] == "<set>"
+    assert shown["transfer"]["targets"] == {"sales": "800"}
+
+
+def test_config_show_without_secrets_says_unset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SBC_PBX__HOST", "pbx.example.com")
+    monkeypatch.setenv("SBC_PBX__EXTENSION", "1000")
+    monkeypatch.setenv("SBC_PBX__PASSWORD", "env-hunter6")
+    monkeypatch.setenv("SBC_RETELL__NUMBER", "+14155550100")
+    assert cli.main(["config", "show"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("# sbc effective settings (no file: environment and defaults)")
+    assert 'auth_password = "<unset>"  # default' in out.splitlines()
+    assert "hunter" not in out
+
+
+def test_config_show_of_a_bad_file_prints_the_problems(tmp_path, capsys):
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    assert cli.main(["config", "show", "--config", str(path)]) == cli.EXIT_CONFIG
+    captured = capsys.readouterr()
+    assert captured.out == "" and "pbx.host: required" in captured.err

@@ -23,6 +23,7 @@ from sbc.ops.settings import (
     TransferSettings,
     _is_container,
     load_settings,
+    load_with_sources,
     split_host_port,
 )
 
@@ -327,11 +328,17 @@ def test_validation_message(write, changes, expected):
 def test_missing_required_fields_one_line_each(write):
     problems = _problems(write({"pbx": {"host": "p"}, "retell": {}}))
     assert problems == (
-        "pbx.extension: field required",
-        "pbx.password: field required",
-        "retell.number: field required",
+        "pbx.extension: required",
+        "pbx.password: required",
+        "retell.number: required",
     )
-    assert _problems(write({})) == ("pbx: field required", "retell: field required")
+    # An empty file names each missing key, not the missing sections.
+    assert _problems(write({})) == (
+        "pbx.host: required",
+        "pbx.extension: required",
+        "pbx.password: required",
+        "retell.number: required",
+    )
 
 
 def test_several_problems_are_all_reported(write):
@@ -603,3 +610,97 @@ def test_compiled_objects_accepted_when_constructed_directly():
 )
 def test_environment_value_shapes(annotation, expected):
     assert _is_container(annotation) is expected
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [
+        ("", "must not be empty"),
+        ("abc\x00def", "must not contain control characters (found U+0000)"),
+        ("abc\ndef", "must not contain control characters (found U+000A)"),
+        ("tab\there", "must not contain control characters (found U+0009)"),
+        ("del\x7f", "must not contain control characters (found U+007F)"),
+    ],
+)
+def test_unusable_passwords_are_refused_without_echoing_them(write, password, problem):
+    # TOML itself cannot hold most control characters (\u escapes can): write them escaped.
+    escaped = "".join(c if c.isprintable() else f"\\u{ord(c):04X}" for c in password)
+    path = write(
+        '[pbx]\nhost = "p"\nextension = "1"\n'
+        f'password = "{escaped}"\n'
+        '[retell]\nnumber = "+14155550100"\nauth_username = "retell"\n'
+        f'auth_password = "{escaped}"\n'
+    )
+    assert _problems(path) == (f"pbx.password: {problem}", f"retell.auth_password: {problem}")
+    # The same from the environment, named as such.
+    env = {"SBC_PBX__PASSWORD": password}
+    assert _problems(write(MINIMAL), env) == (f"pbx.password: {problem} (from SBC_PBX__PASSWORD)",)
+
+
+def _credentials(tmp_path: Path, **files: str | bytes) -> dict[str, str]:
+    directory = tmp_path / "credentials"
+    directory.mkdir(exist_ok=True)
+    for name, content in files.items():
+        data = content.encode() if isinstance(content, str) else content
+        (directory / name).write_bytes(data)
+    return {"CREDENTIALS_DIRECTORY": str(directory)}
+
+
+def test_credential_file_wins_over_environment_which_wins_over_the_file(write, tmp_path):
+    path = write(_merged(retell={"auth_username": "retell", "auth_password": "file-trunk"}))
+    env = {"SBC_PBX__PASSWORD": "env-secret", "SBC_RETELL__AUTH_PASSWORD": "env-trunk"}
+    env |= _credentials(tmp_path, pbx_password="cred-secret\n")  # `echo` leaves a newline
+    loaded = load_with_sources(path, env)
+    s = loaded.settings
+    assert s.pbx.password.get_secret_value() == "cred-secret"
+    assert s.retell.auth_password is not None
+    assert s.retell.auth_password.get_secret_value() == "env-trunk"
+    assert loaded.sources["pbx.password"] == "credential pbx_password"
+    assert loaded.sources["retell.auth_password"] == "environment SBC_RETELL__AUTH_PASSWORD"
+    assert loaded.sources["retell.auth_username"] == "file"
+    assert "pbx.port" not in loaded.sources  # a default
+    # Without the credential the environment wins, without both the file.
+    assert load_settings(
+        path, {"SBC_PBX__PASSWORD": "env-secret"}
+    ).pbx.password.get_secret_value() == ("env-secret")
+    assert load_settings(path, {}).pbx.password.get_secret_value() == "file-secret"
+
+
+def test_blank_or_missing_credential_files_set_nothing(write, tmp_path):
+    # The unit's SetCredential=NAME:\x20 default (one space) stands for a missing file.
+    env = _credentials(tmp_path, pbx_password=" ", retell_auth_password="")
+    s = load_settings(write(MINIMAL), env)
+    assert s.pbx.password.get_secret_value() == "file-secret"
+    assert s.retell.auth_password is None
+
+
+def test_credential_problems_name_the_credential(write, tmp_path):
+    env = _credentials(tmp_path, pbx_password=b"\xff\xfe")
+    assert _problems(write(MINIMAL), env) == (
+        f"credential pbx_password ({tmp_path / 'credentials' / 'pbx_password'}): not UTF-8 text",
+    )
+    env = _credentials(tmp_path, pbx_password="a\x00b")
+    assert _problems(write(MINIMAL), env) == (
+        "pbx.password: must not contain control characters (found U+0000) "
+        "(from credential pbx_password)",
+    )
+
+
+def test_sources_of_tables_are_per_entry(write):
+    path = write(_merged(headers={"X-A": "a"}, transfer={"targets": {"sales": "800"}}))
+    env = {"SBC_HEADERS": '{"X-B": "b"}', "SBC_TRANSFER__TARGETS": '{"support": "801"}'}
+    sources = load_with_sources(path, env).sources
+    assert sources["headers.X-A"] == "file"
+    assert sources["headers.X-B"] == "environment SBC_HEADERS"
+    assert sources["transfer.targets.sales"] == "file"
+    assert sources["transfer.targets.support"] == "environment SBC_TRANSFER__TARGETS"
+
+
+def test_drain_timeout_default_and_bounds(write):
+    assert load_settings(write(MINIMAL), {}).calls.drain_timeout == 30.0
+    assert load_settings(write(_merged(calls={"drain_timeout": 0})), {}).calls.drain_timeout == 0
+    (problem,) = _problems(write(_merged(calls={"drain_timeout": -1})))
+    assert problem.startswith("calls.drain_timeout: input should be greater than or equal to 0")
