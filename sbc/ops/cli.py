@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import importlib.resources
 import os
@@ -168,8 +169,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from sbc.ops import service
 
+    def reload() -> Settings:
+        # SIGHUP: the same file and environment (credential files included) read again.
+        return load_with_sources(path).settings
+
     tune_gc()
-    return _serve(service.serve, settings, path)
+    return _serve(functools.partial(service.serve, loader=reload), settings, path)
 
 
 # Full collections walk every live object, and each answered request keeps a few alive until

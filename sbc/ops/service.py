@@ -7,10 +7,18 @@
    (:class:`~sbc.b2bua.calls.CallManager`, "the bridge");
 2. start them (admin, media, SIP, registration); set ``ready`` once SIP listens and the first
    REGISTER is on its way. A part that cannot start (port in use, rtpengine not answering) is a
-   :class:`StartupError` naming it; whatever had started is stopped again;
-3. wait for SIGTERM/SIGINT (or the ``stop`` event of a test);
-4. stop: unregister (Expires: 0, answer awaited ~2 s), end the calls, stop the engine, the media
-   backend and the admin endpoint; return 0.
+   :class:`StartupError` naming it; whatever had started is stopped again. Under systemd
+   (``Type=notify``, :mod:`sbc.ops.systemd`) ``READY=1`` follows once the first registration
+   attempt ended (registered, or failed and retrying), ``WATCHDOG=1`` every half
+   ``WatchdogSec=``;
+3. run until SIGTERM/SIGINT (or the ``stop`` event of a test); SIGHUP reloads the settings
+   (:meth:`Service.reload`: ``[headers]``, ``[transfer]``, ``[calls]`` and a few timers apply to
+   new calls; a file that fails validation changes nothing; one log line says which);
+4. stop (``STOPPING=1``): drain (new INVITEs 503 with Retry-After, calls in progress run up to
+   ``calls.drain_timeout``; a second SIGTERM/SIGINT cuts it short), end the calls left (BYE,
+   CANCEL), flush the call events, unregister (Expires: 0, answer awaited ~2 s; nothing is sent
+   when nothing is registered), stop the engine, the media backend and the admin endpoint;
+   return 0.
 
 This module is also where the pydantic settings become the plain frozen configs of the layers
 below (``TransportConfig``, ``RegistrationConfig``, ``BridgeConfig``, ``NumberPlan``, the media
@@ -24,10 +32,12 @@ import contextlib
 import ipaddress
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 import structlog
+from pydantic import BaseModel
 
 from sbc.b2bua.calls import CallManager
 from sbc.b2bua.messages import BridgeConfig, PbxTarget, RetellTarget
@@ -43,12 +53,15 @@ from sbc.net.addresses import TransportConfig
 from sbc.net.engine import SipEngine
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
-from sbc.ops.settings import CallsSettings, PbxSettings, Settings
+from sbc.ops.settings import CallsSettings, ConfigError, PbxSettings, Settings
+from sbc.ops.systemd import Notifier
 from sbc.sip.digest import Credentials
 from sbc.sip.registration import RegistrationConfig
 from sbc.sip.uri import SipUri
 
 __all__ = [
+    "LIVE_KEYS",
+    "LIVE_SECTIONS",
     "RTPENGINE_POLL_INTERVAL",
     "Service",
     "StartupError",
@@ -72,6 +85,12 @@ UNREGISTER_WAIT = 2.0  # seconds to wait for the answer to Expires: 0 at shutdow
 # legs sent no RTP for media.media_timeout seconds is ended) sees media no later than this.
 RTPENGINE_POLL_INTERVAL = 5.0
 EXIT_STARTUP_FAILED = 1
+
+# What a reload (SIGHUP) applies: these sections whole, and these single keys. Anything else
+# that changed (addresses, ports, credentials, media mode, admin, log) is named in the reload's
+# log line and waits for a restart.
+LIVE_SECTIONS = ("headers", "transfer", "calls")
+LIVE_KEYS = ("retell.answer_timeout", "media.media_timeout")
 
 Network = IPv4Network | IPv6Network
 
@@ -316,23 +335,70 @@ class Service:
                 self.engine.stop,
             )
             self._started.append(self.engine.stop)
-            # Calls end (BYE, CANCEL) before the engine stops; this also closes the media.
+            # Stopped in reverse: the calls end (BYE, CANCEL; the media and the call events
+            # closed), then the registration is removed, then the engine stops.
+            self._started.append(lambda: self.registration.stop(UNREGISTER_WAIT))
             self._started.append(self.bridge.stop)
             await self.registration.start()
-            self._started.append(lambda: self.registration.stop(UNREGISTER_WAIT))
         except BaseException:
             await self.stop()
             raise
 
+    async def drain(self) -> None:
+        """Refuse new calls (503 with Retry-After) and give the calls in progress up to
+        ``calls.drain_timeout`` to end by themselves (:meth:`stop` ends the rest)."""
+        await self.bridge.drain(self.settings.calls.drain_timeout)
+
+    def reload(self, new: Settings) -> tuple[list[str], list[str]]:
+        """Apply what may change live of ``new`` (:data:`LIVE_SECTIONS`, :data:`LIVE_KEYS`) to
+        the calls that start from now on; calls in progress keep their settings. Returns the
+        keys applied and the keys that changed but wait for a restart."""
+        old = self.settings
+        changed = _changed_keys(old, new)
+        live = [key for key in changed if _is_live(key)]
+        frozen = [key for key in changed if not _is_live(key)]
+        update: dict[str, Any] = {name: getattr(new, name) for name in LIVE_SECTIONS}
+        for key in LIVE_KEYS:
+            section, name = key.split(".")
+            current = update.get(section, getattr(old, section))
+            value = getattr(getattr(new, section), name)
+            update[section] = current.model_copy(update={name: value})
+        merged = old.model_copy(update=update)
+        # The trusted networks were resolved at start (pbx.host); they stay.
+        self.bridge.reconfigure(bridge_config(merged, trusted=self.bridge.config.trusted))
+        self.settings = merged
+        return live, frozen
+
     async def stop(self) -> None:
-        """Reverse order: unregister first (no new calls), then the calls, the engine, the
-        media backend and the admin endpoint last."""
+        """Reverse order: the calls first (BYE, CANCEL), then the registration (Expires: 0),
+        the engine, the media backend and the admin endpoint last."""
         while self._started:
             stop = self._started.pop()
             try:
                 await stop()
             except Exception:
                 log.exception("stop_failed", part=getattr(stop, "__qualname__", repr(stop)))
+
+
+def _flat(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _flat(getattr(value, name), f"{prefix}.{name}" if prefix else name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _flat(item, f"{prefix}.{key}")
+    else:
+        yield prefix, value
+
+
+def _changed_keys(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose values differ (a table's entries one by one, added or removed)."""
+    before, after = dict(_flat(old, "")), dict(_flat(new, ""))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+def _is_live(key: str) -> bool:
+    return key.split(".")[0] in LIVE_SECTIONS or key in LIVE_KEYS
 
 
 async def _starting(
@@ -348,12 +414,12 @@ async def _starting(
         raise StartupError(f"cannot start {what}: {exc}") from exc
 
 
-def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+def _install_signal_handlers(handlers: dict[int, Callable[[], None]]) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     installed: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig, handler in handlers.items():
         try:
-            loop.add_signal_handler(sig, _signalled, stop, sig)
+            loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError, ValueError):
             continue  # not the main thread, or no signals on this platform
         installed.append(sig)
@@ -366,9 +432,84 @@ def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return remove
 
 
-def _signalled(stop: asyncio.Event, sig: int) -> None:
-    log.info("shutdown_requested", signal=signal.Signals(sig).name)
-    stop.set()
+class _Lifecycle:
+    """What the signals do to one running service: stop (twice: hurry), reload."""
+
+    def __init__(
+        self,
+        service: Service,
+        stop: asyncio.Event,
+        notifier: Notifier,
+        loader: Callable[[], Settings] | None,
+    ) -> None:
+        self.service = service
+        self.stop = stop
+        self.hurry = asyncio.Event()
+        self.notifier = notifier
+        self.loader = loader
+
+    def stop_requested(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            log.info("shutdown_hurried", signal=sig.name, detail="calls in progress end now")
+            self.hurry.set()
+            return
+        log.info("shutdown_requested", signal=sig.name)
+        self.stop.set()
+
+    def reload_requested(self) -> None:
+        """SIGHUP: read the settings again and apply what may change live; a file that fails
+        validation changes nothing. Either way one log line says what happened."""
+        if self.loader is None:
+            log.warning("config_reload_unavailable", detail="no settings file to read again")
+            return
+        if self.stop.is_set():
+            log.info("config_reload_ignored", detail="shutting down")
+            return
+        self.notifier.reloading()
+        try:
+            self._reload(self.loader)
+        finally:
+            self.notifier.ready(_status(self.service))
+
+    def _reload(self, loader: Callable[[], Settings]) -> None:
+        try:
+            live, frozen = self.service.reload(loader())
+        except (ConfigError, ValueError) as exc:  # a TemplateError is a ValueError
+            problems = exc.problems if isinstance(exc, ConfigError) else (str(exc),)
+            log.error(
+                "config_reload_refused", problems=list(problems), detail="the running settings stay"
+            )
+            return
+        fields: dict[str, Any] = {"applied": live}
+        if frozen:
+            fields["not_applied"] = frozen
+            fields["detail"] = "these settings cannot change while running: restart sbc"
+        (log.warning if frozen else log.info)("config_reloaded", **fields)
+
+
+def _status(service: Service) -> str:
+    """One line for ``systemctl status``."""
+    settings = service.settings
+    pbx = f"{settings.pbx.host}:{settings.pbx.port}/{settings.pbx.transport}"
+    state = "registered" if service.registration.registered else "registering"
+    return f"{state} with {pbx} as {settings.pbx.extension}; {service.bridge.active} calls"
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def _first(*awaitables: Awaitable[Any], limit: float | None = None) -> None:
+    """Return when the first of ``awaitables`` is done (or after ``limit`` seconds)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(
@@ -376,25 +517,56 @@ async def serve(
     *,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
+    loader: Callable[[], Settings] | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
     """Run the bridge until SIGTERM/SIGINT (or ``stop`` is set); returns the exit status:
     0 after a clean stop, :data:`EXIT_STARTUP_FAILED` (logged as ``sbc_start_failed``) when a
-    part could not start."""
+    part could not start. ``loader`` reads the settings again on SIGHUP (none: SIGHUP is
+    logged and ignored); ``notifier`` talks to systemd (default: from ``$NOTIFY_SOCKET``)."""
     stop_event = stop if stop is not None else asyncio.Event()
+    notify = notifier if notifier is not None else Notifier()
     service = Service(settings)
-    remove_handlers = _install_signal_handlers(stop_event)
+    life = _Lifecycle(service, stop_event, notify, loader)
+    remove_handlers = _install_signal_handlers(
+        {
+            signal.SIGTERM: lambda: life.stop_requested(signal.SIGTERM),
+            signal.SIGINT: lambda: life.stop_requested(signal.SIGINT),
+            signal.SIGHUP: life.reload_requested,
+        }
+    )
+    interval = notify.watchdog_interval
+    watchdog = asyncio.ensure_future(_watchdog(notify, interval)) if interval else None
+    started = False
     try:
         try:
             await service.start()
         except StartupError as exc:
             log.error("sbc_start_failed", error=str(exc))
             return EXIT_STARTUP_FAILED
+        started = True
         if ready is not None:
             ready.set()
+        # READY=1 once the first registration attempt ended (registered, or failed and
+        # retrying): `systemctl start` then returns with the registration's outcome known.
+        await _first(
+            service.registration.wait_settled(),
+            stop_event.wait(),
+            limit=service.registration.config.request_timeout + 1.0,
+        )
+        notify.ready(_status(service))
         await stop_event.wait()
+        notify.stopping(f"draining {service.bridge.active} calls")
+        await _first(service.drain(), life.hurry.wait())
     finally:
+        if not started:
+            notify.stopping("start failed")
         await service.stop()
         remove_handlers()
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        notify.close()
     return 0
 
 
