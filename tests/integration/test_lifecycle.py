@@ -14,6 +14,7 @@ import itertools
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -247,7 +248,8 @@ async def test_notify_ready_watchdog_stopping_under_memory_deny_write_execute(
     assert wall(registered) <= time.time()
     pings = [at for at, _ in notify.with_key("WATCHDOG")]
     gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert all(0.05 <= gap <= 0.3 for gap in gaps), gaps  # every 0.1 s (half of 0.2 s)
+    # Every 0.1 s (half of 0.2 s): never faster, and on time but for a loaded machine's jitter.
+    assert min(gaps) >= 0.09 and statistics.median(gaps) <= 0.15, gaps
     assert stopping_at >= stop_at
     print(
         f"READY {ready_at - sbc.started:.2f} s after exec (registered), STOPPING "
