@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -50,7 +52,8 @@ import structlog
 from sbc.b2bua.call import Call
 from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted, EventBus
 from sbc.b2bua.inbound import RetellCall
-from sbc.b2bua.leg import Leg
+from sbc.b2bua.ladder import Ladder, LadderEntry, summarize
+from sbc.b2bua.leg import Leg, Role
 from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, Peer, uri_user
 from sbc.b2bua.reachability import Reachability
 from sbc.b2bua.transfer_rules import TransferRefused, resolve_target
@@ -69,14 +72,24 @@ from sbc.sip.errors import (
 )
 from sbc.sip.message import Request, Response
 
-__all__ = ["CallManager", "record_of"]
+__all__ = ["CallManager", "hung_up_by", "record_of"]
 
 log = structlog.get_logger(__name__)
 
 STOP_WAIT = 5.0  # seconds calls get to hang up at shutdown
 
 
-def record_of(call: Call) -> CallRecord:
+def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
+    """The record of a finished ``call`` (``ladder``: its SIP messages, when kept)."""
+    end_reason = call.end_reason or call.state.value
+    humans = [leg for leg in call.all_legs if leg.role is Role.HUMAN]
+    media = call.bridge.media
+    stats: dict[str, Any] | None = None
+    if media is not None:
+        try:
+            stats = media.stats()
+        except Exception:
+            log.exception("media_stats_failed", call_uuid=call.call_uuid)
     return CallRecord(
         call_uuid=call.call_uuid,
         pbx_call_id=call.call_id_of(Peer.PBX),
@@ -88,9 +101,29 @@ def record_of(call: Call) -> CallRecord:
         ended=call.ended if call.ended is not None else call.started,
         pbx_status=call.pbx_status,
         retell_status=call.retell_status,
-        end_reason=call.end_reason or call.state.value,
+        end_reason=end_reason,
         transfers=tuple(call.transfers),
+        direction="pbx->retell" if call.origin.role is Role.CALLER else "retell->pbx",
+        human_call_id=humans[-1].call_id if humans else "",
+        caller_name=call.caller.display or "",
+        retell_number=call.config.retell.number,
+        x_headers=tuple(call.x_headers),
+        hung_up_by=hung_up_by(end_reason),
+        media=stats,
+        ladder=ladder.entries() if ladder is not None else (),
+        ladder_omitted=ladder.omitted if ladder is not None else 0,
     )
+
+
+def hung_up_by(end_reason: str) -> str:
+    """Which side ended the call, from its end reason: the peer that sent the BYE or CANCEL
+    (``pbx_bye``, ``retell_cancel``) or refused the INVITE (``retell:486``), else sbc (limits,
+    timeouts, shutdown, refusals of its own, a completed REFER transfer)."""
+    for peer in Peer:
+        name = peer.value
+        if end_reason in (f"{name}_bye", f"{name}_cancel") or end_reason.startswith(f"{name}:"):
+            return name
+    return "sbc"
 
 
 class _RetryLater(MediaBackend):
@@ -127,6 +160,7 @@ class CallManager:
         events: EventBus | None = None,
         new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
         wall_clock: Callable[[], float] | None = None,
+        ladder_messages: int = 0,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -152,6 +186,13 @@ class CallManager:
         self.reachability = {peer: Reachability(peer.value) for peer in Peer}
         self._idle = asyncio.Event()
         self._idle.set()
+        # Each call's ladder (sbc/b2bua/ladder.py), fed by the engine's message tap: at most
+        # ladder_messages summaries per call; 0 keeps none and leaves the tap unset.
+        self.ladder_messages = ladder_messages
+        self._ladders: dict[str, Ladder] = {}  # by call_uuid
+        self._ladder_legs: dict[str, tuple[Ladder, Leg]] = {}  # by the leg's Call-ID
+        self._arriving: tuple[LadderEntry, Request] | None = None  # an INVITE before its call
+        self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
 
     def attach(self) -> None:
         """Take the engine's ACK, CANCEL and late-response hooks (the service sets on_request
@@ -163,6 +204,8 @@ class CallManager:
         self.engine.allow = OUT_OF_DIALOG
         # SIP INFO DTMF bodies (the engine answers 415 to bodies it does not accept).
         self.engine.accept = self.engine.accept | {"application/dtmf-relay", "application/dtmf"}
+        if self.ladder_messages > 0:
+            self.engine.on_message = self.handle_message
 
     @property
     def active(self) -> int:
@@ -336,6 +379,14 @@ class CallManager:
 
     def _start(self, incoming: IncomingRequest, call: Call) -> None:
         """Answer 100 and run ``call``, routed by its legs' dialog ids."""
+        if self.ladder_messages > 0:
+            ladder = self._ladders[call.call_uuid] = Ladder(self.ladder_messages)
+            arriving, self._arriving = self._arriving, None
+            if arriving is not None and arriving[0].call_id == incoming.request.call_id:
+                # The INVITE that made the call, tapped before the call existed.
+                origin = call.origin
+                entry = replace(arriving[0], leg=origin.role.value, peer=origin.peer.value)
+                ladder.add(entry, arriving[1])
         incoming.respond(100)
         self.calls[call.call_uuid] = call
         self._idle.clear()
@@ -360,6 +411,9 @@ class CallManager:
         self._dialogs[leg.key] = (call, leg)
         if leg.incoming is None:
             self._uac_call_ids[leg.call_id] = (call, leg)
+        ladder = self._ladders.get(call.call_uuid)
+        if ladder is not None:
+            self._ladder_legs[leg.call_id] = (ladder, leg)
 
     async def _run(self, call: Call, invite_key: str) -> None:
         try:
@@ -371,8 +425,9 @@ class CallManager:
             for leg in call.all_legs:
                 self._dialogs.pop(leg.key, None)
                 self._uac_call_ids.pop(leg.call_id, None)
+                self._ladder_legs.pop(leg.call_id, None)
             self._invites.pop(invite_key, None)
-            record = record_of(call)
+            record = record_of(call, self._ladders.pop(call.call_uuid, None))
             self.records.append(record)
             del self.records[:-100]
             self.events.publish(CallEnded(record))
@@ -393,6 +448,43 @@ class CallManager:
         # 3CX sends to the registered Contact (user = extension); To names the extension too.
         extension = self.config.extension
         return uri_user(request.uri) == extension or uri_user(request.to.uri) == extension
+
+    # -- the ladder ----------------------------------------------------------------------------
+    def handle_message(
+        self, direction: str, message: Request | Response, peer: Destination
+    ) -> None:
+        """The engine's tap (``on_message``): every message received (``in``) or transmitted
+        (``out``) goes to the ladder of the call whose leg has its Call-ID; an INVITE for no
+        call yet is held until :meth:`_start` (the same dispatch) makes its call."""
+        call_id = message.headers.get("Call-ID")
+        if call_id is None:
+            return
+        found = self._ladder_legs.get(call_id)
+        if found is None:
+            if direction == "in" and isinstance(message, Request) and message.method == "INVITE":
+                entry = summarize(
+                    direction, message, peer, self._local(peer), leg="", peer="", at=self._now()
+                )
+                self._arriving = (entry, message)
+            return
+        ladder, leg = found
+        role, far = leg.role.value, leg.peer.value
+        entry = summarize(
+            direction, message, peer, self._local(peer), leg=role, peer=far, at=self._now()
+        )
+        ladder.add(entry, message)
+
+    def _local(self, peer: Destination) -> str:
+        transport = peer.transport
+        local = self._locals.get(transport)
+        if local is None:
+            config = self.engine.config
+            local = str(Destination(transport, config.via_host, config.via_port(transport)))
+            self._locals[transport] = local
+        return local
+
+    def _now(self) -> float:
+        return self._wall() if self._wall is not None else time.time()
 
     # -- in-dialog traffic ---------------------------------------------------------------------
     def _in_dialog(self, incoming: IncomingRequest) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from sbc.b2bua.ladder import LadderEntry
 from sbc.b2bua.transfer import TransferRecord
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "CallStarted",
     "EventBus",
     "Observer",
+    "Subscription",
 ]
 
 log = structlog.get_logger(__name__)
@@ -52,6 +54,16 @@ class CallRecord:
     retell_status: int | None  # final status Retell gave the bridge's INVITE
     end_reason: str
     transfers: tuple[TransferRecord, ...] = ()  # every transfer the agent asked for
+    # For call records (sbc/ops/records.py); defaults keep other constructors working.
+    direction: str = "pbx->retell"  # or "retell->pbx" (a call Retell sent to sbc)
+    human_call_id: str = ""  # the human leg's (a transfer by INVITE, a call from Retell)
+    caller_name: str = ""
+    retell_number: str = ""
+    x_headers: tuple[tuple[str, str], ...] = ()  # the X- headers sent to Retell
+    hung_up_by: str = ""  # "pbx", "retell" or "sbc" (see hung_up_by in sbc/b2bua/calls.py)
+    media: dict[str, Any] | None = None  # the media session's stats() at the end
+    ladder: tuple[LadderEntry, ...] = ()  # the call's SIP messages (sbc/b2bua/ladder.py)
+    ladder_omitted: int = 0  # messages left out of a full ladder
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +88,16 @@ CallEvent = CallStarted | CallRefused | CallEnded
 Observer = Callable[[CallEvent], Awaitable[None] | None]
 
 
-class _Subscription:
-    def __init__(self, observer: Observer, maxsize: int) -> None:
+class Subscription:
+    """One observer's queue; ``dropped`` counts the events that found it full."""
+
+    def __init__(
+        self, observer: Observer, maxsize: int, kinds: tuple[type[CallEvent], ...] | None = None
+    ) -> None:
         self.observer = observer
         self.name = getattr(observer, "__qualname__", repr(observer))
         self.queue: asyncio.Queue[CallEvent] = asyncio.Queue(maxsize)
+        self.kinds = kinds  # the event types it takes (None: all)
         self.dropped = 0
         self.dropping = False
         self.task: asyncio.Task[None] | None = None
@@ -102,10 +119,21 @@ class EventBus:
     """Call events to observers, each through its own bounded queue (module docstring)."""
 
     def __init__(self) -> None:
-        self._subscriptions: list[_Subscription] = []
+        self._subscriptions: list[Subscription] = []
 
-    def subscribe(self, observer: Observer, *, maxsize: int = DEFAULT_QUEUE) -> None:
-        self._subscriptions.append(_Subscription(observer, maxsize))
+    def subscribe(
+        self,
+        observer: Observer,
+        *,
+        maxsize: int = DEFAULT_QUEUE,
+        kinds: tuple[type[CallEvent], ...] | None = None,
+    ) -> Subscription:
+        """Deliver events to ``observer`` through a queue of ``maxsize``; only those of
+        ``kinds`` when given (call records take CallEnded alone: the others would only take
+        room in their queue)."""
+        subscription = Subscription(observer, maxsize, kinds)
+        self._subscriptions.append(subscription)
+        return subscription
 
     @property
     def dropped(self) -> int:
@@ -114,6 +142,8 @@ class EventBus:
     def publish(self, event: CallEvent) -> None:
         """Queue ``event`` for every observer; never blocks, never raises."""
         for sub in self._subscriptions:
+            if sub.kinds is not None and not isinstance(event, sub.kinds):
+                continue
             if sub.task is None:
                 sub.task = asyncio.ensure_future(sub.deliver())
             try:

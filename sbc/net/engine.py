@@ -15,6 +15,8 @@ B2BUA) talks to the engine only:
   it, then or later (a handler that must wait starts its own task). OPTIONS outside a dialog is
   answered by the engine.
 * ``engine.send_ack`` sends an ACK for a 2xx (stateless), ``engine.cancel`` a CANCEL.
+* ``engine.on_message``, when set, sees every message received and transmitted (a tap for
+  call ladders and the SIP trace; it must not block).
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ log = structlog.get_logger(__name__)
 
 Message = Request | Response
 RequestHandler = Callable[[IncomingRequest], None]
+# ("in" | "out", the message, where it came from or goes to): SipEngine.on_message.
+MessageTap = Callable[[str, Message, Destination], None]
 
 DEFAULT_ALLOW = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER", "NOTIFY")
 # Methods counted by name in EngineStats.messages; any other is counted as "other", so that
@@ -88,6 +92,7 @@ __all__ = [
     "Destination",
     "EngineStats",
     "IncomingRequest",
+    "MessageTap",
     "OutgoingRequest",
     "RequestHandler",
     "RequestTarget",
@@ -148,6 +153,10 @@ class SipEngine:
         self.on_cancel: Callable[[IncomingRequest, Request], None] | None = None
         self.on_stray_response: Callable[[Response, Destination], None] | None = None
         self.on_late_response: Callable[[OutgoingRequest, Response], None] | None = None
+        # The message tap: called with ("in", message, source) for every message received and
+        # ("out", message, destination) for every message handed to a transport, retransmissions
+        # included (call ladders, the SIP trace). Unset, it costs one attribute check each way.
+        self.on_message: MessageTap | None = None
         # Capabilities announced in answers to OPTIONS and checked on requests.
         self.answer_options = True
         self.allow: tuple[str, ...] = DEFAULT_ALLOW
@@ -456,6 +465,8 @@ class SipEngine:
 
     # -- input from the transports -------------------------------------------------------------
     def _message_received(self, message: Message, source: Destination) -> None:
+        if self.on_message is not None:
+            self._tap("in", message, source)
         counts = self.stats.messages
         try:
             if isinstance(message, Request):
@@ -598,7 +609,18 @@ class SipEngine:
             key = ("out", method if method in COUNTED_METHODS else "other", dest.transport)
         counts = self.stats.messages
         counts[key] = counts.get(key, 0) + 1
+        if self.on_message is not None:
+            self._tap("out", message, dest)
         self.transports.send(dest, message)
+
+    def _tap(self, direction: str, message: Message, peer: Destination) -> None:
+        tap = self.on_message
+        assert tap is not None
+        try:
+            tap(direction, message, peer)
+        except Exception:
+            # A tap's bug must not stop a message.
+            log.exception("message_tap_failed", direction=direction)
 
     def _response_destination(self, source: Destination, response: Response) -> Destination:
         """RFC 3261 §18.2.2 with RFC 3581 §4: where a response to a request from ``source`` goes."""

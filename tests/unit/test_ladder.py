@@ -1,0 +1,269 @@
+"""Call ladders: the bounded per-call list of SIP message summaries (sbc/b2bua/ladder.py), the
+manager's tap that fills it and the engine's tap; credentials never kept."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import json
+
+import pytest
+import structlog
+
+from sbc.b2bua.calls import CallManager, hung_up_by
+from sbc.b2bua.ladder import REDACTED, Ladder, LadderEntry, gap_index, summarize
+from sbc.media.base import PassthroughBackend
+from sbc.net.addresses import Destination, TransportConfig
+from sbc.net.engine import IncomingRequest, SipEngine
+from sbc.sip.headers import Headers
+from sbc.sip.message import Request, Response
+from sbc.sip.server_transaction import build_response
+from sbc.sip.uri import parse_uri
+from tests.unit.call_harness import LIMIT, PBX_SOURCE, FakeEngine, a_invite, config
+
+SECRET_DIGEST = (
+    'Digest username="6001auth", realm="3CXPhoneSystem", nonce="414d535c0d7a1",'
+    ' uri="sip:101@10.0.0.5", response="f00dfacecafe1234deadbeef00112233", algorithm=MD5'
+)
+RETELL = Destination("tcp", "192.0.2.9", 5060)
+LOCAL = "udp:10.0.0.5:5060"
+
+
+def bye(*extra: tuple[str, str], seq: int = 2) -> Request:
+    headers = Headers(
+        [
+            ("Via", "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKbye"),
+            ("From", "<sip:02071234567@10.0.0.1>;tag=pbxtag"),
+            ("To", "<sip:101@10.0.0.5>;tag=ours"),
+            ("Call-ID", "pbx-call@10.0.0.1"),
+            ("CSeq", f"{seq} BYE"),
+            *extra,
+        ]
+    )
+    return Request("BYE", parse_uri("sip:101@10.0.0.5:5060"), headers)
+
+
+def in_entry(message: Request | Response, at: float = 0.0) -> LadderEntry:
+    return summarize("in", message, PBX_SOURCE, LOCAL, leg="caller", peer="pbx", at=at)
+
+
+# -- summaries ------------------------------------------------------------------------------------
+
+
+def test_a_summary_keeps_the_first_line_call_id_cseq_and_addresses() -> None:
+    entry = in_entry(bye(), at=12.5)
+    assert entry == LadderEntry(
+        at=12.5,
+        direction="in",
+        leg="caller",
+        peer="pbx",
+        source="udp:10.0.0.1:5060",
+        destination=LOCAL,
+        first_line="BYE sip:101@10.0.0.5:5060",
+        call_id="pbx-call@10.0.0.1",
+        cseq="2 BYE",
+    )
+    assert entry.label == "BYE"
+    out = summarize(
+        "out", build_response(bye(), 200), PBX_SOURCE, LOCAL, leg="caller", peer="pbx", at=1
+    )
+    assert (out.source, out.destination, out.first_line, out.label) == (
+        LOCAL,
+        "udp:10.0.0.1:5060",
+        "SIP/2.0 200 OK",
+        "200 OK",
+    )
+    assert LadderEntry.from_dict(json.loads(json.dumps(entry.as_dict()))) == entry
+
+
+def test_credentials_are_named_never_kept() -> None:
+    message = bye(("Authorization", SECRET_DIGEST), ("Proxy-Authorization", SECRET_DIGEST))
+    entry = in_entry(message)
+    assert entry.credentials == "Authorization, Proxy-Authorization"
+    stored = json.dumps(entry.as_dict())
+    for secret in ("6001auth", "414d535c0d7a1", "f00dfacecafe", "3CXPhoneSystem"):
+        assert secret not in stored
+
+
+def test_a_password_in_the_request_uri_is_redacted() -> None:
+    message = dataclasses.replace(bye(), uri=parse_uri("sip:101:hunter2@10.0.0.5"))
+    entry = in_entry(message)
+    assert entry.first_line == f"BYE sip:101:{REDACTED}@10.0.0.5"
+
+
+# -- the bounded ladder ---------------------------------------------------------------------------
+
+
+def test_the_ladder_keeps_the_first_and_the_last_messages() -> None:
+    ladder = Ladder(12)  # tail: 3 (12 // 4), head: 9
+    messages = [bye(seq=n) for n in range(1, 31)]
+    for n, message in enumerate(messages, start=1):
+        ladder.add(in_entry(message, at=n), message)
+    kept = [entry.at for entry in ladder.entries()]
+    assert kept == [*range(1, 10), 28, 29, 30]
+    assert ladder.omitted == 18
+    assert gap_index(len(kept), ladder.omitted) == 9
+    assert gap_index(len(kept), 0) is None
+
+
+def test_a_tiny_ladder_keeps_the_first_messages_only() -> None:
+    ladder = Ladder(2)
+    for n in range(1, 6):
+        message = bye(seq=n)
+        ladder.add(in_entry(message, at=n), message)
+    assert [e.at for e in ladder.entries()] == [1, 2]
+    assert ladder.omitted == 3
+    assert gap_index(2, 3) == 2  # after the last one kept
+    empty = Ladder(0)
+    empty.add(in_entry(bye()), bye())
+    assert (len(empty), empty.omitted) == (0, 1)
+
+
+def test_the_same_message_again_is_a_retransmission() -> None:
+    ladder = Ladder(10)
+    first = bye()
+    ladder.add(in_entry(first, at=1), first)
+    ladder.add(in_entry(first, at=2), first)
+    ok = build_response(first, 200)
+    out = summarize("out", ok, PBX_SOURCE, LOCAL, leg="caller", peer="pbx", at=3)
+    ladder.add(out, ok)
+    ladder.add(dataclasses.replace(out, at=4), ok)
+    another = bye(seq=3)  # a new transaction, not a copy
+    ladder.add(in_entry(another, at=5), another)
+    assert [e.retransmission for e in ladder.entries()] == [False, True, False, True, False]
+
+
+# -- the manager's tap ----------------------------------------------------------------------------
+
+
+async def test_the_manager_files_every_message_under_its_call_and_leg() -> None:
+    engine = FakeEngine()
+    engine.accept = frozenset()  # type: ignore[attr-defined]
+    manager = CallManager(
+        engine,  # type: ignore[arg-type]
+        config(trusted=(ipaddress.ip_network("10.0.0.0/24"),)),
+        PassthroughBackend(),
+        new_uuid=lambda: "uuid-1",
+        ladder_messages=50,
+    )
+    manager.attach()
+    assert engine.on_message == manager.handle_message  # type: ignore[attr-defined]
+    invite = a_invite(("Proxy-Authorization", SECRET_DIGEST))
+    manager.handle_message("in", invite, PBX_SOURCE)  # tapped before the call exists
+    manager.handle_message("in", bye(), PBX_SOURCE)  # no call has that dialog: not kept
+    manager.handle_request(IncomingRequest(engine, "pbx-invite", invite, PBX_SOURCE, None))
+    manager.handle_message("out", build_response(invite, 100), PBX_SOURCE)
+    await engine.wait(lambda: engine.requests("INVITE"))
+    (b_invite,) = engine.requests("INVITE")
+    manager.handle_message("out", b_invite.request, RETELL)
+    refused = build_response(b_invite.request, 486, to_tag="rt")
+    manager.handle_message("in", refused, RETELL)
+    manager.handle_message("in", refused, RETELL)  # a copy
+    b_invite.deliver(486, to_tag="rt")
+    await asyncio.wait_for(manager.wait_idle(), LIMIT)
+    manager.handle_message("in", refused, RETELL)  # after the call: nowhere to go
+    (record,) = manager.records
+    rows = [(e.direction, e.leg, e.peer, e.label, e.retransmission) for e in record.ladder]
+    assert rows == [
+        ("in", "caller", "pbx", "INVITE", False),
+        ("out", "caller", "pbx", "100 Trying", False),
+        ("out", "agent", "retell", "INVITE", False),
+        ("in", "agent", "retell", "486 Busy Here", False),
+        ("in", "agent", "retell", "486 Busy Here", True),
+    ]
+    assert record.ladder[0].credentials == "Proxy-Authorization"
+    assert record.ladder[2].destination == "tcp:192.0.2.9:5060"
+    assert record.ladder[2].source == "tcp:10.0.0.5:5060"
+    assert (record.hung_up_by, record.end_reason) == ("retell", "retell:486")
+    assert record.caller_name == "Alice" and record.retell_number == "+14155550100"
+    assert dict(record.x_headers)["X-Caller-Number"] == "+442071234567"
+    assert record.media == {"backend": "passthrough", "call_id": "uuid-1", "sides": {}}
+    assert manager._ladder_legs == {} and manager._ladders == {}
+    await manager.stop()
+
+
+def test_without_ladders_the_manager_leaves_the_tap_unset() -> None:
+    engine = FakeEngine()
+    engine.accept = frozenset()  # type: ignore[attr-defined]
+    manager = CallManager(engine, config(), PassthroughBackend())  # type: ignore[arg-type]
+    manager.attach()
+    assert getattr(engine, "on_message", None) is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "side"),
+    [
+        ("pbx_bye", "pbx"),
+        ("retell_bye", "retell"),
+        ("pbx_cancel", "pbx"),
+        ("retell:486", "retell"),
+        ("pbx:603", "pbx"),
+        ("max_duration", "sbc"),
+        ("answer_timeout", "sbc"),
+        ("refused:488", "sbc"),
+        ("transferred", "sbc"),
+        ("pbx_lost", "sbc"),
+        ("shutdown", "sbc"),
+    ],
+)
+def test_who_hung_up(reason: str, side: str) -> None:
+    assert hung_up_by(reason) == side
+
+
+# -- the engine's tap -----------------------------------------------------------------------------
+
+OPTIONS = (
+    b"OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1;rport\r\n"
+    b"From: <sip:sipp@127.0.0.1:5070>;tag=1\r\n"
+    b"To: <sip:127.0.0.1:5060>\r\n"
+    b"Call-ID: tap-1@127.0.0.1\r\n"
+    b"CSeq: 1 OPTIONS\r\n"
+    b"Authorization: " + SECRET_DIGEST.encode() + b"\r\n"
+    b"Max-Forwards: 70\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, address: object) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        pass
+
+
+def engine_without_sockets() -> tuple[SipEngine, _Sink]:
+    engine = SipEngine(TransportConfig(bind="127.0.0.1", port=5060))
+    engine._loop = asyncio.get_running_loop()  # no sockets: datagrams go in by hand
+    sink = _Sink()
+    engine.transports._udp = sink  # type: ignore[assignment]
+    return engine, sink
+
+
+async def test_the_engine_taps_what_it_receives_and_transmits() -> None:
+    engine, sink = engine_without_sockets()
+    seen: list[tuple[str, str, Destination]] = []
+    engine.on_message = lambda d, m, p: seen.append((d, m.headers.get("CSeq") or "", p))
+    engine.transports._datagram_received(OPTIONS, ("127.0.0.1", 5070))
+    peer = Destination("udp", "127.0.0.1", 5070)
+    assert [(d, c) for d, c, _ in seen] == [("in", "1 OPTIONS"), ("out", "1 OPTIONS")]
+    assert all(p == peer for _, _, p in seen)
+    assert len(sink.sent) == 1 and sink.sent[0].startswith(b"SIP/2.0 200 ")
+
+
+async def test_a_failing_tap_stops_no_message() -> None:
+    engine, sink = engine_without_sockets()
+
+    def broken(direction: str, message: object, peer: object) -> None:
+        raise RuntimeError("bug in a tap")
+
+    engine.on_message = broken
+    with structlog.testing.capture_logs() as logs:
+        engine.transports._datagram_received(OPTIONS, ("127.0.0.1", 5070))
+    assert len(sink.sent) == 1
+    assert [e["event"] for e in logs].count("message_tap_failed") == 2
