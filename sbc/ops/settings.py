@@ -464,10 +464,55 @@ class TransferSettings(_Section):
         return self.allow.fullmatch(number) is not None
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def _check_bearer(value: SecretStr) -> SecretStr:
+    # RFC 6750 §2.1: a bearer token is visible ASCII (no spaces); never echoed.
+    text = value.get_secret_value()
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("must be visible ASCII characters without spaces")
+    return value
+
+
+BearerToken = Annotated[SecretStr, AfterValidator(_check_secret), AfterValidator(_check_bearer)]
+
+
 class AdminSettings(_Section):
-    """[admin]: the HTTP endpoint for health, metrics and call state."""
+    """[admin]: the HTTP endpoint for health, metrics and call state.
+
+    With a bearer token (``token``, or read from ``token_file``, or the ``admin_token``
+    credential) every request must carry ``Authorization: Bearer <token>``. Listening anywhere
+    but on loopback requires one: the endpoint lists calls and can end them.
+    """
 
     listen: HostPort = "127.0.0.1:8081"
+    token: BearerToken | None = None
+    token_file: Path | None = None  # a file holding the token (one line)
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _read_token_file(value)  # refused now rather than at start
+        return value
+
+    @model_validator(mode="after")
+    def _token_needed(self) -> AdminSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set admin.token or admin.token_file, not both")
+        if self.token is None and self.token_file is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"listen = {self.listen!r} is not a loopback address: set admin.token (or "
+                "admin.token_file, or the admin_token credential) so that the API needs it"
+            )
+        return self
 
     @property
     def host(self) -> str:
@@ -476,6 +521,28 @@ class AdminSettings(_Section):
     @property
     def port(self) -> int:
         return split_host_port(self.listen)[1]
+
+    def bearer_token(self) -> str | None:
+        """The token requests must carry (read from ``token_file`` when that is set)."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            return _read_token_file(self.token_file)
+        return None
+
+
+def _read_token_file(path: Path) -> str:
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"no such file: '{path}'") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"'{path}' is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read '{path}': {exc.strerror}") from None
+    token = text.removesuffix("\n").removesuffix("\r")  # `echo token > file`
+    _check_bearer(_check_secret(SecretStr(token)))
+    return token
 
 
 class LogSettings(_Section):
