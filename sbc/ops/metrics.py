@@ -4,13 +4,40 @@ Every metric lives in the :class:`Metrics` object's own ``CollectorRegistry``: t
 process (tests do that) never share a counter, and nothing is registered in prometheus-client's
 global default registry. The object is built once by the service (:mod:`sbc.ops.service`) and
 handed to whoever updates it.
+
+Two kinds of families:
+
+* updated as things happen: registration, call events (delivered off the call path), call
+  setup time and durations, transfers;
+* read when scraped (:meth:`Metrics.watch`, a collector with nothing on the hot path): the
+  engine's counters (SIP messages in and out by method or status and transport,
+  retransmissions, live transactions), the relay's RTP counters (closed calls' totals plus the
+  live ones) and port pool, whether Retell answers, the call records writer's counters, and
+  the client library's process and platform collectors.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import generate_latest
+import platform
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from sbc import __version__
 from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, CallRefused, CallStarted
 
 __all__ = ["CONTENT_TYPE", "Metrics", "failure_label"]
@@ -18,6 +45,9 @@ __all__ = ["CONTENT_TYPE", "Metrics", "failure_label"]
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Answered-call durations, seconds: from a short test call to a long support conversation.
 DURATION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0, 7200.0)
+# INVITE received to call answered, seconds: Retell answers in about a second; an agent that
+# rings for long, or a slow webhook before the answer, shows in the upper buckets.
+SETUP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0)
 
 
 def failure_label(status: int | None, reason: str = "") -> str:
@@ -81,6 +111,37 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.call_setup = Histogram(
+            "sbc_call_setup_seconds",
+            "Time from the INVITE received to the call answered (answered calls)",
+            buckets=SETUP_BUCKETS,
+            registry=self.registry,
+        )
+        self.build = Info(
+            "sbc_build", "The running sbc: its version and Python's", registry=self.registry
+        )
+        self.build.info({"version": __version__, "python": platform.python_version()})
+        # The client library's process_* (CPU, memory, file descriptors, start time; Linux)
+        # and python_info / python_gc_* families, on this registry rather than the global one.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(GC_COLLECTOR)
+        self.sources = BridgeCollector()
+        self.registry.register(self.sources)
+
+    def watch(
+        self,
+        *,
+        engine: Any = None,
+        bridge: Any = None,
+        media: Any = None,
+        records: Any = None,
+    ) -> None:
+        """What the scrape-time families read (see :class:`BridgeCollector`)."""
+        self.sources.engine = engine
+        self.sources.bridge = bridge
+        self.sources.media = media
+        self.sources.records = records
 
     # -- the registration driver's observer protocol ---------------------------------------------
     def set_registered(self, value: bool) -> None:
@@ -111,6 +172,7 @@ class Metrics:
         self.calls_ended.labels(outcome="answered" if answered else "unanswered").inc()
         if record.answered is not None:
             self.call_duration.observe(max(0.0, record.ended - record.answered))
+            self.call_setup.observe(max(0.0, record.answered - record.started))
         for transfer in record.transfers:
             self.transfers.labels(mode=transfer.mode, outcome=transfer.outcome).inc()
 
@@ -121,3 +183,128 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this bridge."""
         return generate_latest(self.registry)
+
+
+class BridgeCollector(Collector):
+    """The families read at scrape time from the parts of a running bridge; a part that is not
+    there (None; no relay in pass-through mode; no call records) leaves its families empty.
+
+    * ``engine`` (:class:`~sbc.net.engine.SipEngine`): ``stats.messages`` (a dict the engine
+      increments per message: the only hot-path cost), ``stats.retransmissions``, and the
+      transaction layer's size;
+    * ``bridge`` (:class:`~sbc.b2bua.calls.CallManager`): ``reachability`` of Retell and
+      ``events.dropped``;
+    * ``media``: a relay backend's ``counters()`` and ``pool``;
+    * ``records``: the call records writer's ``written`` and ``failed`` (and ``dropped``, if it
+      counts its own).
+    """
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self.bridge: Any = None
+        self.media: Any = None
+        self.records: Any = None
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(fill=True))
+
+    def _families(self, fill: bool = False) -> Iterator[Metric]:
+        yield from self._sip(fill)
+        yield from self._rtp(fill)
+        yield from self._peers_and_records(fill)
+
+    def _sip(self, fill: bool) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "sbc_sip_requests",
+            "SIP requests received (in) and sent (out), retransmissions included, by method",
+            labels=["direction", "method", "transport"],
+        )
+        responses = CounterMetricFamily(
+            "sbc_sip_responses",
+            "SIP responses received (in) and sent (out), retransmissions included, by status",
+            labels=["direction", "status", "transport"],
+        )
+        retransmissions = CounterMetricFamily(
+            "sbc_sip_retransmissions",
+            "SIP messages sbc sent again for want of an answer (requests on Timers A/E, final "
+            "responses on Timer G, a 2xx until its ACK)",
+        )
+        transactions = GaugeMetricFamily(
+            "sbc_sip_transactions", "SIP transactions in progress (client and server)"
+        )
+        engine = self.engine
+        if fill and engine is not None:
+            for (direction, what, transport), count in list(engine.stats.messages.items()):
+                if isinstance(what, int):
+                    responses.add_metric([direction, str(what), transport], count)
+                else:
+                    requests.add_metric([direction, what, transport], count)
+            retransmissions.add_metric([], engine.stats.retransmissions)
+            transactions.add_metric([], len(engine.layer))
+        yield from (requests, responses, retransmissions, transactions)
+
+    def _rtp(self, fill: bool) -> Iterator[Metric]:
+        packets = CounterMetricFamily(
+            "sbc_rtp_packets",
+            "RTP and RTCP packets the relay received from each side (a: the caller's leg, "
+            "b: the far leg), ended and live calls",
+            labels=["side", "stream"],
+        )
+        size = CounterMetricFamily(
+            "sbc_rtp_bytes",
+            "Bytes of the RTP and RTCP packets the relay received from each side",
+            labels=["side", "stream"],
+        )
+        in_use = GaugeMetricFamily("sbc_rtp_ports_in_use", "RTP and RTCP ports held by calls")
+        capacity = GaugeMetricFamily("sbc_rtp_ports_capacity", "RTP and RTCP ports of the pool")
+        counters = getattr(self.media, "counters", None)
+        pool = getattr(self.media, "pool", None)
+        if fill and counters is not None:
+            for (side, stream), (count, total) in sorted(counters().items()):
+                packets.add_metric([side, stream], count)
+                size.add_metric([side, stream], total)
+        if fill and pool is not None:
+            in_use.add_metric([], 2 * pool.in_use)  # pairs: RTP and RTCP
+            capacity.add_metric([], 2 * pool.capacity)
+        yield from (packets, size, in_use, capacity)
+
+    def _peers_and_records(self, fill: bool) -> Iterator[Metric]:
+        reachable = GaugeMetricFamily(
+            "sbc_retell_reachable",
+            "1 while Retell answers sbc's INVITEs (any response), 0 after one ended in a "
+            "transport failure or timeout, until Retell answers again",
+        )
+        dropped_events = CounterMetricFamily(
+            "sbc_call_events_dropped",
+            "Call events dropped because an observer (call records, metrics) fell behind",
+        )
+        written = CounterMetricFamily("sbc_call_records_written", "Call records written")
+        dropped = CounterMetricFamily(
+            "sbc_call_records_dropped",
+            "Call records lost: the write failed (write_failed) or the writer's queue was full "
+            "(queue_full)",
+            labels=["reason"],
+        )
+        bridge = self.bridge
+        if fill and bridge is not None:
+            retell = _retell_reachability(bridge)
+            if retell is not None:
+                reachable.add_metric([], 1 if retell.reachable else 0)
+            dropped_events.add_metric([], bridge.events.dropped)
+        records = self.records
+        if fill and records is not None:
+            written.add_metric([], records.written)
+            dropped.add_metric(["write_failed"], records.failed)
+            dropped.add_metric(["queue_full"], getattr(records, "dropped", 0))
+        yield from (reachable, dropped_events, written, dropped)
+
+
+def _retell_reachability(bridge: Any) -> Any:
+    """The call manager's view of Retell (``reachability``, keyed by peer), if it keeps one."""
+    for peer, state in getattr(bridge, "reachability", {}).items():
+        if getattr(peer, "value", peer) == "retell":
+            return state
+    return None

@@ -305,11 +305,14 @@ class Service:
             settings.admin.port,
             metrics=self.metrics,
             ready_checks={"registered": lambda: self.registration.registered},
+            token=settings.admin.bearer_token(),
         )
         self.media = media_backend(settings, self.engine.config.via_host)
         self.bridge = CallManager(self.engine, bridge_config(settings), self.media)
         self.bridge.events.subscribe(self.metrics.on_call_event)
         self.bridge.attach()
+        self.admin.bridge = self.bridge  # GET /calls, DELETE /calls/{call_uuid}
+        self.metrics.watch(engine=self.engine, bridge=self.bridge, media=self.media)
         self.engine.on_request = self.bridge.handle_request
         self._started: list[Callable[[], Awaitable[None]]] = []
 
