@@ -2,10 +2,17 @@
 
 Under CI (``CI=true``) hypothesis runs derandomized: the same examples on every run, so a red
 CI run can be reproduced exactly and a green one is not luck. Developers keep random search.
+
+sbc keeps its call records in its state directory (``$STATE_DIRECTORY``, else /var/lib/sbc):
+during the tests that is a temporary directory (one for the session, inherited by the ``sbc``
+processes tests start), never the machine's. A test that counts rows sets its own
+``records.path``.
 """
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -17,3 +24,10 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI", "").lower() in {"1", "true", "yes"} else "dev")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))
+        yield

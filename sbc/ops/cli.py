@@ -6,7 +6,12 @@ Subcommands::
     sbc check-config [--config PATH]  validate the configuration, print "config OK" or the problems
     sbc config show [--config PATH]   print the effective settings as TOML, each value's source
                                       beside it (file, environment, credential, default)
-    sbc demo [--config PATH]          run the bridge against local stand-ins of 3CX and Retell
+    sbc demo [--config PATH] [--log-file PATH]
+                                      run the bridge against local stand-ins of 3CX and Retell;
+                                      its story on stdout, sbc's log lines in the file
+    sbc calls [--since 1h] [--caller N] [--json]
+                                      list call records, newest first (sbc/ops/calls_cmd.py)
+    sbc calls show CALL_UUID          one call record and the ladder diagram of its legs
     sbc version                       print the version
 
 Without ``--config`` and without ``SBC_CONFIG`` the settings come from ``SBC_*`` environment
@@ -24,6 +29,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -107,9 +113,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_cmd_demo)
 
+    calls = sub.add_parser(
+        "calls",
+        help="list call records, newest first ('calls show CALL_UUID': one, with its ladder)",
+    )
+    calls.add_argument(
+        "--since", metavar="WHEN", help="a duration back from now (1h, 30m, 2d) or a local date"
+    )
+    calls.add_argument("--caller", metavar="N", help="caller numbers containing N")
+    calls.add_argument("--limit", type=int, default=100, metavar="N", help="at most N (100)")
+    _calls_options(calls, config_help)
+    calls_sub = calls.add_subparsers(dest="calls_command", metavar="ACTION")
+    calls_show = calls_sub.add_parser(
+        "show", help="one call record and the ladder diagram of all its legs"
+    )
+    calls_show.add_argument("call_uuid", metavar="CALL_UUID", help="a call_uuid or its prefix")
+    # SUPPRESS: an option given before `show` is not reset by show's own default.
+    _calls_options(calls_show, config_help, default=argparse.SUPPRESS)
+    calls.set_defaults(handler=_cmd_calls)
+
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
     return parser
+
+
+def _calls_options(parser: argparse.ArgumentParser, config_help: str, default: Any = None) -> None:
+    parser.add_argument(
+        "--json", action="store_true", default=default or False, help="JSON instead of text"
+    )
+    parser.add_argument("--config", type=Path, metavar="PATH", default=default, help=config_help)
+    parser.add_argument(
+        "--db", type=Path, metavar="PATH", default=default, help="the records database itself"
+    )
+
+
+def _cmd_calls(args: argparse.Namespace) -> int:
+    from sbc.ops import calls_cmd  # sqlite3 and the views, for this command only
+
+    return calls_cmd.run(args)
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:

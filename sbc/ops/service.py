@@ -51,8 +51,10 @@ from sbc.media.relay import RelayBackend
 from sbc.media.rtpengine import RtpengineBackend, RtpengineError
 from sbc.net.addresses import TransportConfig
 from sbc.net.engine import SipEngine
+from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
+from sbc.ops.records import RecordsError, RecordWriter
 from sbc.ops.settings import CallsSettings, ConfigError, PbxSettings, Settings
 from sbc.ops.systemd import Notifier
 from sbc.sip.digest import Credentials
@@ -81,6 +83,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 UNREGISTER_WAIT = 2.0  # seconds to wait for the answer to Expires: 0 at shutdown
+# Seconds the last call records get to reach the disk at shutdown (10,000 queued rows take ~2 s).
+RECORDS_FLUSH_WAIT = 30.0
 # How often rtpengine is asked for each call's packet counters: the media timeout (a call whose
 # legs sent no RTP for media.media_timeout seconds is ended) sees media no later than this.
 RTPENGINE_POLL_INTERVAL = 5.0
@@ -308,11 +312,29 @@ class Service:
             token=settings.admin.bearer_token(),
         )
         self.media = media_backend(settings, self.engine.config.via_host)
-        self.bridge = CallManager(self.engine, bridge_config(settings), self.media)
+        # Call records (sbc/ops/records.py); counters for metrics: records.written,
+        # records.failed, records.dropped (queue full; bridge.events.dropped: all observers').
+        records = settings.records
+        database = records.database()
+        self.records: RecordWriter | None = (
+            None if database is None else RecordWriter(database, keep_days=records.keep_days)
+        )
+        self.bridge = CallManager(
+            self.engine,
+            bridge_config(settings),
+            self.media,
+            ladder_messages=records.ladder_messages if self.records is not None else 0,
+        )
         self.bridge.events.subscribe(self.metrics.on_call_event)
+        if self.records is not None:
+            self.records.subscribe(self.bridge.events, records.queue)
         self.bridge.attach()
         self.admin.bridge = self.bridge  # GET /calls, DELETE /calls/{call_uuid}
-        self.metrics.watch(engine=self.engine, bridge=self.bridge, media=self.media)
+        self.metrics.watch(
+            engine=self.engine, bridge=self.bridge, media=self.media, records=self.records
+        )
+        if settings.log.trace_sip:
+            sip_trace.install(self.engine, force=settings.log.sip_trace is True)
         self.engine.on_request = self.bridge.handle_request
         self._started: list[Callable[[], Awaitable[None]]] = []
 
@@ -321,6 +343,14 @@ class Service:
         that cannot start raises :class:`StartupError`)."""
         settings = self.settings
         try:
+            if self.records is not None:
+                # First in, last out: closed once the calls ended and their events were flushed.
+                await _starting(
+                    f"call records at {self.records.path}",
+                    self.records.start(),
+                    self.records.close,
+                )
+                self._started.append(self._close_records)
             await _starting(
                 f"admin HTTP on {settings.admin.listen}", self.admin.start(), self.admin.stop
             )
@@ -346,6 +376,20 @@ class Service:
         except BaseException:
             await self.stop()
             raise
+
+    async def _close_records(self) -> None:
+        """Every call event delivered (the calls have ended by now), then the last row
+        written: nothing queued is lost on SIGTERM. Bounded: a disk that stopped answering
+        leaves the rows still queued unwritten (logged) rather than the process running."""
+        records = self.records
+        assert records is not None
+        try:
+            await asyncio.wait_for(self.bridge.events.flush(), RECORDS_FLUSH_WAIT)
+        except TimeoutError:
+            log.error("call_records_flush_timeout", after=RECORDS_FLUSH_WAIT)
+        await records.close()
+        if records.dropped:
+            log.warning("call_records_dropped", dropped=records.dropped, written=records.written)
 
     async def drain(self) -> None:
         """Refuse new calls (503 with Retry-After) and give the calls in progress up to
@@ -411,7 +455,7 @@ async def _starting(
     (after ``undo`` released whatever that part had half opened)."""
     try:
         await starting
-    except (OSError, RtpengineError) as exc:
+    except (OSError, RtpengineError, RecordsError) as exc:
         with contextlib.suppress(Exception):
             await undo()
         raise StartupError(f"cannot start {what}: {exc}") from exc

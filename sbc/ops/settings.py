@@ -63,6 +63,7 @@ __all__ = [
     "LogSettings",
     "MediaSettings",
     "PbxSettings",
+    "RecordsSettings",
     "RetellSettings",
     "Settings",
     "SipSettings",
@@ -552,6 +553,56 @@ class LogSettings(_Section):
         Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
     ] = "info"
     format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
+    # Every SIP message sent and received, logged at debug level with the values of
+    # Authorization and Proxy-Authorization redacted (sbc/ops/sip_trace.py). Unset: on when
+    # level is debug; true: on whatever the level; false: off.
+    sip_trace: bool | None = None
+
+    @property
+    def trace_sip(self) -> bool:
+        return self.level == "debug" if self.sip_trace is None else self.sip_trace
+
+
+# Where call records go when records.path is unset or relative: systemd's StateDirectory=
+# (first entry of $STATE_DIRECTORY), else this directory.
+STATE_DIRECTORY_ENV = "STATE_DIRECTORY"
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/sbc")
+RECORDS_FILE = "calls.sqlite3"
+
+
+def state_directory(env: Mapping[str, str] | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (its first entry: systemd separates several with ``:``), else
+    ``/var/lib/sbc``."""
+    value = (os.environ if env is None else env).get(STATE_DIRECTORY_ENV, "")
+    first = value.split(":")[0]
+    return Path(first) if first else DEFAULT_STATE_DIRECTORY
+
+
+class RecordsSettings(_Section):
+    """[records]: one SQLite row per finished call (sbc/ops/records.py, ``sbc calls``)."""
+
+    # Unset: calls.sqlite3 in the state directory; "": no call records. A relative path is
+    # relative to the state directory (never to the config file: /etc is read-only for the
+    # service under ProtectSystem=strict).
+    path: str | None = None
+    keep_days: int = Field(default=90, ge=0)  # rows older than this are deleted; 0: never
+    queue: int = Field(default=10_000, ge=1, le=1_000_000)  # records waiting for the disk
+    ladder_messages: int = Field(default=200, ge=0, le=10_000)  # SIP summaries kept per call
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and ("\x00" in value or value != value.strip()):
+            raise ValueError(f"not a usable file path: {value!r}")
+        return value
+
+    def database(self, env: Mapping[str, str] | None = None) -> Path | None:
+        """The database file (None: records are off), resolved against the state directory."""
+        if self.path == "":
+            return None
+        if self.path is None:
+            return state_directory(env) / RECORDS_FILE
+        return state_directory(env) / self.path  # an absolute path stays as it is
 
 
 class Settings(BaseSettings):
@@ -572,6 +623,7 @@ class Settings(BaseSettings):
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    records: RecordsSettings = Field(default_factory=RecordsSettings)
 
     @field_validator("headers")
     @classmethod

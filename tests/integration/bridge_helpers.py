@@ -27,6 +27,7 @@ from sbc.ops.settings import (
     CallsSettings,
     MediaSettings,
     PbxSettings,
+    RecordsSettings,
     RetellSettings,
     Settings,
     SipSettings,
@@ -121,10 +122,12 @@ async def running_bridge(
     transfer: TransferSettings | None = None,
     retell_auth: tuple[str, str] | None = None,
     timers: tuple[float, float, float] = (0.25, 2.0, 5.0),
+    records: RecordsSettings | None = None,
 ) -> AsyncIterator[Bridge]:
     """SIPp registrar for 3CX, then sbc registered with it; both stopped at the end.
 
-    ``timers`` are sip.t1, t2 and t4; ``retell_auth`` retell.auth_username and auth_password.
+    ``timers`` are sip.t1, t2 and t4; ``retell_auth`` retell.auth_username and auth_password;
+    ``records`` the call records' settings (default: calls.sqlite3 in ``workdir``).
     """
     registrar_port = free_port(PBX)
     registrar = await start_sipp(
@@ -166,6 +169,7 @@ async def running_bridge(
         media=media,
         transfer=transfer or TransferSettings(),
         admin=AdminSettings(listen=f"{SBC}:{free_port(SBC)}"),
+        records=records or RecordsSettings(path=str(workdir / "calls.sqlite3")),
     )
     service = Service(settings)
     try:

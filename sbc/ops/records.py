@@ -1,0 +1,476 @@
+"""Call records: one SQLite row per finished call, written off the call path.
+
+:class:`RecordWriter` observes the call events bus (``sbc.b2bua.events``) through its own
+bounded queue (``[records] queue``): a :class:`~sbc.b2bua.events.CallEnded` becomes one row.
+Every database operation runs in the writer's one worker thread, never on the event loop, so a
+slow or failing disk only fills the writer's queue; once full, the bus drops further events for
+it and counts them (``EventBus.dropped``, logged on the first drop of a run). A failed write is
+counted (``failed``) and logged, and the next record is tried as usual. At shutdown the service
+flushes the bus, then :meth:`RecordWriter.close` waits for the last row: nothing queued is lost
+on SIGTERM. Counters for metrics: ``written``, ``failed`` (and the bus's ``dropped``).
+
+The database is in WAL mode (``synchronous=NORMAL``: a killed process loses nothing committed,
+a power cut at most the last transactions, never the file's consistency); readers
+(``sbc calls``) never block the writer. The schema is versioned with ``PRAGMA user_version``
+and migrated on start by the steps of :data:`MIGRATIONS` (a file from a newer sbc is refused).
+Rows whose call ended more than ``keep_days`` ago are deleted at start and then once a day.
+
+Columns (``calls`` table): see :data:`COLUMNS`. JSON columns: ``x_headers`` (object: the X-
+headers sent to Retell), ``transfers`` (list of the transfers' records), ``media`` (the media
+session's ``stats()``), ``ladder`` (list of the SIP message summaries, ``sbc/b2bua/ladder.py``).
+Media counters per direction: ``a_*`` what came from side a (the leg that called: 3CX's caller,
+or Retell for a call Retell sent) and went to side b, ``b_*`` the reverse; NULL when the media
+layer cannot see packets (pass-through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, EventBus, Subscription
+
+__all__ = [
+    "COLUMNS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "RecordWriter",
+    "RecordsError",
+    "connect_readonly",
+    "find_call",
+    "list_calls",
+    "row_of",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+DAY = 86_400.0
+PRUNE_EVERY = DAY
+BUSY_TIMEOUT_MS = 5_000
+
+# Each step takes the schema from version i to i + 1 (PRAGMA user_version).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: one row per call
+        """CREATE TABLE calls (
+            call_uuid TEXT PRIMARY KEY,
+            direction TEXT NOT NULL,
+            pbx_call_id TEXT NOT NULL,
+            retell_call_id TEXT NOT NULL,
+            human_call_id TEXT,
+            caller TEXT NOT NULL,
+            caller_name TEXT,
+            called TEXT NOT NULL,
+            retell_number TEXT,
+            x_headers TEXT NOT NULL DEFAULT '{}',
+            started REAL NOT NULL,
+            answered REAL,
+            ended REAL NOT NULL,
+            end_reason TEXT NOT NULL,
+            hung_up_by TEXT,
+            pbx_status INTEGER,
+            retell_status INTEGER,
+            transfers TEXT NOT NULL DEFAULT '[]'
+        )""",
+        "CREATE INDEX calls_started ON calls (started)",
+        "CREATE INDEX calls_ended ON calls (ended)",
+        "CREATE INDEX calls_caller ON calls (caller)",
+    ),
+    (  # 2: media counters per direction and the SIP ladder
+        "ALTER TABLE calls ADD COLUMN a_packets INTEGER",
+        "ALTER TABLE calls ADD COLUMN a_bytes INTEGER",
+        "ALTER TABLE calls ADD COLUMN b_packets INTEGER",
+        "ALTER TABLE calls ADD COLUMN b_bytes INTEGER",
+        "ALTER TABLE calls ADD COLUMN media TEXT",
+        "ALTER TABLE calls ADD COLUMN ladder TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE calls ADD COLUMN ladder_omitted INTEGER NOT NULL DEFAULT 0",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+COLUMNS = (
+    "call_uuid",
+    "direction",
+    "pbx_call_id",
+    "retell_call_id",
+    "human_call_id",
+    "caller",
+    "caller_name",
+    "called",
+    "retell_number",
+    "x_headers",
+    "started",
+    "answered",
+    "ended",
+    "end_reason",
+    "hung_up_by",
+    "pbx_status",
+    "retell_status",
+    "transfers",
+    "a_packets",
+    "a_bytes",
+    "b_packets",
+    "b_bytes",
+    "media",
+    "ladder",
+    "ladder_omitted",
+)
+JSON_COLUMNS = frozenset({"x_headers", "transfers", "media", "ladder"})
+_INSERT = (
+    f"INSERT OR REPLACE INTO calls ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+
+
+class RecordsError(Exception):
+    """The records database cannot be used (the message says which file and why)."""
+
+
+# -- a record as a row ---------------------------------------------------------------------------
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _counter(media: dict[str, Any] | None, side: str, name: str) -> int | None:
+    sides = (media or {}).get("sides") or {}
+    rtp = (sides.get(side) or {}).get("rtp") or {}
+    value = rtp.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def row_of(record: CallRecord) -> tuple[Any, ...]:
+    """The values of :data:`COLUMNS` for ``record``."""
+    x_headers: dict[str, str] = {}
+    for name, value in record.x_headers:
+        x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
+    media = record.media
+    values: dict[str, Any] = {
+        "call_uuid": record.call_uuid,
+        "direction": record.direction,
+        "pbx_call_id": record.pbx_call_id,
+        "retell_call_id": record.retell_call_id,
+        "human_call_id": record.human_call_id or None,
+        "caller": record.caller,
+        "caller_name": record.caller_name or None,
+        "called": record.called,
+        "retell_number": record.retell_number or None,
+        "x_headers": _json(x_headers),
+        "started": record.started,
+        "answered": record.answered,
+        "ended": record.ended,
+        "end_reason": record.end_reason,
+        "hung_up_by": record.hung_up_by or None,
+        "pbx_status": record.pbx_status,
+        "retell_status": record.retell_status,
+        "transfers": _json([dataclasses.asdict(t) for t in record.transfers]),
+        "a_packets": _counter(media, "a", "packets"),
+        "a_bytes": _counter(media, "a", "bytes"),
+        "b_packets": _counter(media, "b", "packets"),
+        "b_bytes": _counter(media, "b", "bytes"),
+        "media": None if media is None else _json(media),
+        "ladder": _json([entry.as_dict() for entry in record.ladder]),
+        "ladder_omitted": record.ladder_omitted,
+    }
+    return tuple(values[name] for name in COLUMNS)
+
+
+def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in row.keys():  # noqa: SIM118 (sqlite3.Row is no mapping)
+        value = row[name]
+        if name in JSON_COLUMNS and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # else shown as stored
+                value = json.loads(value)
+        out[name] = value
+    return out
+
+
+# -- the database --------------------------------------------------------------------------------
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    row = db.execute("PRAGMA user_version").fetchone()
+    return int(row[0])
+
+
+def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
+    """Bring the schema to :data:`SCHEMA_VERSION` (each step in one transaction); returns the
+    version found. Raises :class:`RecordsError` for a file of a newer schema."""
+    found = _user_version(db)
+    if found > SCHEMA_VERSION:
+        raise RecordsError(
+            f"call records {path}: schema version {found} is newer than this sbc's "
+            f"({SCHEMA_VERSION}); use the sbc that wrote it, or another records.path"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        with db:  # one transaction per step; a failed step leaves the previous version
+            db.execute("BEGIN IMMEDIATE")
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+    return found
+
+
+def connect_readonly(path: Path | str) -> sqlite3.Connection:
+    """The database for reading (``sbc calls``); rows as :class:`sqlite3.Row`. Raises
+    :class:`RecordsError` when it cannot be opened."""
+    if not Path(path).is_file():
+        raise RecordsError(f"call records {path}: no such file")
+    try:
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise RecordsError(f"call records {path}: cannot read: {exc}") from None
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def list_calls(
+    db: sqlite3.Connection,
+    *,
+    since: float | None = None,
+    caller: str | None = None,
+    limit: int = 100,
+    ladder: bool = False,
+) -> list[dict[str, Any]]:
+    """Records newest first (by start): started at or after ``since`` (UNIX time), caller
+    number containing ``caller``, at most ``limit``; without the ladder unless asked."""
+    where: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        where.append("started >= ?")
+        params.append(since)
+    if caller:
+        where.append("instr(caller, ?) > 0")
+        params.append(caller)
+    sql = "SELECT * FROM calls"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY started DESC, call_uuid LIMIT ?"
+    params.append(max(0, limit))
+    try:
+        rows = db.execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        raise RecordsError(f"call records: cannot read: {exc}") from None
+    out = []
+    for row in rows:
+        record = _decoded(row)
+        if not ladder:
+            record.pop("ladder", None)
+        out.append(record)
+    return out
+
+
+def find_call(db: sqlite3.Connection, call_uuid: str) -> dict[str, Any] | None:
+    """The record of ``call_uuid`` (or of the one call whose uuid starts with it)."""
+    try:
+        row = db.execute("SELECT * FROM calls WHERE call_uuid = ?", (call_uuid,)).fetchone()
+        if row is None and call_uuid:
+            escaped = call_uuid.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            rows = db.execute(
+                "SELECT * FROM calls WHERE call_uuid LIKE ? ESCAPE '\\' LIMIT 2",
+                (escaped + "%",),
+            ).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+    except sqlite3.Error as exc:
+        raise RecordsError(f"call records: cannot read: {exc}") from None
+    return None if row is None else _decoded(row)
+
+
+# -- the writer ----------------------------------------------------------------------------------
+
+
+class RecordWriter:
+    """Writes one row per :class:`~sbc.b2bua.events.CallEnded` (module docstring).
+
+    :meth:`subscribe` it to the bus (a queue of ``[records] queue`` calls), call :meth:`start`
+    before the first call and :meth:`close` after the bus was flushed. For metrics: ``written``,
+    ``failed``, ``dropped`` (records that found the queue full).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep_days: int = 90,
+        wall_clock: Callable[[], float] = time.time,
+        prune_every: float = PRUNE_EVERY,
+    ) -> None:
+        self.path = Path(path)
+        self.keep_days = keep_days
+        self.written = 0  # rows committed
+        self.failed = 0  # records whose write failed (disk full, I/O error...)
+        self.pruned = 0  # rows deleted for being older than keep_days
+        self._wall = wall_clock
+        self._prune_every = prune_every
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None  # used in the worker thread only
+        self._pruning: asyncio.Task[None] | None = None
+        self._failing = False
+        self.subscription: Subscription | None = None
+
+    def subscribe(self, bus: EventBus, maxsize: int) -> None:
+        """Take the ended calls of ``bus`` through a queue of ``maxsize`` (only CallEnded:
+        nothing else takes room in it)."""
+        self.subscription = bus.subscribe(self.on_call_event, maxsize=maxsize, kinds=(CallEnded,))
+
+    @property
+    def dropped(self) -> int:
+        """Records the bus dropped for want of room in the queue (the disk was too slow)."""
+        return 0 if self.subscription is None else self.subscription.dropped
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open (create) the database, migrate its schema, prune old rows, and prune daily from
+        then on. Raises :class:`RecordsError` when the file cannot be used."""
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sbc-records")
+        try:
+            found = await self._in_thread(self._open)
+        except BaseException:
+            await self._shutdown_executor()
+            raise
+        log.info(
+            "call_records_opened",
+            path=str(self.path),
+            schema=SCHEMA_VERSION,
+            migrated_from=found if found != SCHEMA_VERSION else None,
+            keep_days=self.keep_days,
+        )
+        await self.prune()
+        self._pruning = asyncio.ensure_future(self._prune_daily())
+
+    async def close(self) -> None:
+        """Stop pruning, let the worker finish what it was given, close the database."""
+        if self._pruning is not None:
+            self._pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruning
+            self._pruning = None
+        if self._executor is None:
+            return
+        try:
+            await self._in_thread(self._close)
+        except Exception:
+            log.exception("call_records_close_failed", path=str(self.path))
+        await self._shutdown_executor()
+        log.info(
+            "call_records_closed", path=str(self.path), written=self.written, failed=self.failed
+        )
+
+    # -- the bus's observer ----------------------------------------------------------------------
+    async def on_call_event(self, event: CallEvent) -> None:
+        if isinstance(event, CallEnded):
+            await self.write(event.record)
+
+    async def write(self, record: CallRecord) -> bool:
+        """Write ``record``'s row; False (counted in ``failed``, logged) when that failed."""
+        try:
+            await self._in_thread(self._insert, record)
+        except Exception as exc:
+            self.failed += 1
+            if not self._failing:
+                self._failing = True  # one line per run of failures, not one per call
+                log.error(
+                    "call_record_write_failed",
+                    path=str(self.path),
+                    call_uuid=record.call_uuid,
+                    error=str(exc) or type(exc).__name__,
+                )
+            return False
+        self.written += 1
+        if self._failing:
+            self._failing = False
+            log.info("call_record_writes_resumed", path=str(self.path), failed=self.failed)
+        return True
+
+    async def prune(self) -> int:
+        """Delete the rows of calls that ended more than ``keep_days`` ago; how many."""
+        if self.keep_days <= 0:
+            return 0
+        before = self._wall() - self.keep_days * DAY
+        try:
+            deleted = await self._in_thread(self._delete_before, before)
+        except Exception as exc:
+            log.error("call_records_prune_failed", path=str(self.path), error=str(exc))
+            return 0
+        self.pruned += deleted
+        if deleted:
+            log.info("call_records_pruned", deleted=deleted, keep_days=self.keep_days)
+        return deleted
+
+    async def _prune_daily(self) -> None:
+        while True:
+            await asyncio.sleep(self._prune_every)
+            await self.prune()
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RecordsError("call records: writer not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _shutdown_executor(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+
+    # -- in the worker thread --------------------------------------------------------------------
+    def _open(self) -> int:
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            # Phone numbers and names: readable by the service's user (and group) only. SQLite
+            # gives its -wal and -shm files the database file's permissions.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o640))
+            db = sqlite3.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise RecordsError(f"call records {path}: cannot open: {exc}") from None
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RecordsError(f"call records {path}: WAL mode refused (journal {mode})")
+            db.execute("PRAGMA synchronous = NORMAL")
+            found = migrate(db, path)
+        except sqlite3.Error as exc:
+            db.close()
+            raise RecordsError(f"call records {path}: {exc}") from None
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return found
+
+    def _insert(self, record: CallRecord) -> None:
+        db = self._db
+        if db is None:
+            raise RecordsError("call records: database closed")
+        db.execute(_INSERT, row_of(record))  # autocommit: one transaction per row
+
+    def _delete_before(self, before: float) -> int:
+        db = self._db
+        if db is None:
+            return 0
+        return db.execute("DELETE FROM calls WHERE ended < ?", (before,)).rowcount
+
+    def _close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA optimize")
+            db.close()

@@ -1,0 +1,363 @@
+"""Call records (sbc/ops/records.py): schema and migration, JSON round trip, pruning, failures,
+and a slow disk that fills only the writer's own queue."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from sbc.b2bua.events import CallEnded, CallRecord, CallStarted, EventBus
+from sbc.b2bua.ladder import LadderEntry
+from sbc.b2bua.transfer import TransferRecord
+from sbc.ops.records import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    RecordsError,
+    RecordWriter,
+    connect_readonly,
+    find_call,
+    list_calls,
+)
+
+DAY = 86_400.0
+NOW = 1_750_000_000.0
+
+
+def entry(at: float, direction: str, leg: str, first_line: str, **extra: Any) -> LadderEntry:
+    peer = "retell" if leg == "agent" else "pbx"
+    far = "tcp:127.0.0.23:5060" if leg == "agent" else "udp:127.0.0.21:5060"
+    own = "udp:127.0.0.22:5060"
+    return LadderEntry(
+        at=at,
+        direction=direction,
+        leg=leg,
+        peer=peer,
+        source=far if direction == "in" else own,
+        destination=own if direction == "in" else far,
+        first_line=first_line,
+        call_id=f"{leg}-call-id",
+        cseq="1 INVITE",
+        **extra,
+    )
+
+
+def make_record(
+    uuid: str = "u-1", *, started: float = NOW, caller: str = "+442071234567", **extra: Any
+) -> CallRecord:
+    values: dict[str, Any] = {
+        "call_uuid": uuid,
+        "pbx_call_id": f"pbx-{uuid}",
+        "retell_call_id": f"retell-{uuid}",
+        "caller": caller,
+        "called": "101",
+        "started": started,
+        "answered": started + 1.5,
+        "ended": started + 61.5,
+        "pbx_status": 200,
+        "retell_status": 200,
+        "end_reason": "pbx_bye",
+        "transfers": (TransferRecord("800", "invite", "transferred", 200, 2.25),),
+        "direction": "pbx->retell",
+        "human_call_id": f"human-{uuid}",
+        "caller_name": "Zoë Smith",
+        "retell_number": "+14155550100",
+        "x_headers": (("X-Caller-Number", caller), ("X-Tag", "a"), ("X-Tag", "b")),
+        "hung_up_by": "pbx",
+        "media": {
+            "backend": "relay",
+            "call_id": uuid,
+            "sides": {
+                "a": {"local_port": 20000, "rtp": {"packets": 3000, "bytes": 516000}},
+                "b": {"local_port": 20002, "rtp": {"packets": 2990, "bytes": 514280}},
+            },
+        },
+        "ladder": (
+            entry(started, "in", "caller", "INVITE sip:101@127.0.0.22"),
+            entry(started + 0.01, "out", "agent", "INVITE sip:+14155550100@127.0.0.23"),
+            entry(started + 0.5, "out", "agent", "INVITE sip:+1@x", retransmission=True),
+        ),
+        "ladder_omitted": 0,
+    }
+    values.update(extra)
+    return CallRecord(**values)
+
+
+async def started_writer(path: Path, **kwargs: Any) -> RecordWriter:
+    writer = RecordWriter(path, **kwargs)
+    await writer.start()
+    return writer
+
+
+async def test_a_new_database_is_wal_at_the_current_schema_and_private(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "calls.sqlite3"
+    writer = await started_writer(path)
+    await writer.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0  # nothing for others
+
+
+async def test_json_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path, wall_clock=lambda: NOW)
+    record = make_record()
+    assert await writer.write(record)
+    await writer.close()
+    assert (writer.written, writer.failed) == (1, 0)
+    db = connect_readonly(path)
+    (listed,) = list_calls(db)
+    assert "ladder" not in listed  # the list leaves the ladder out
+    found = find_call(db, "u-1")
+    db.close()
+    assert found is not None
+    assert found["x_headers"] == {"X-Caller-Number": "+442071234567", "X-Tag": "a, b"}
+    assert [TransferRecord(**t) for t in found["transfers"]] == list(record.transfers)
+    assert found["media"] == record.media
+    assert (found["a_packets"], found["a_bytes"]) == (3000, 516000)
+    assert (found["b_packets"], found["b_bytes"]) == (2990, 514280)
+    assert tuple(LadderEntry.from_dict(e) for e in found["ladder"]) == record.ladder
+    assert found["caller_name"] == "Zoë Smith"
+    for name in ("call_uuid", "direction", "pbx_call_id", "retell_call_id", "human_call_id"):
+        assert found[name] == getattr(record, name)
+    for name in ("started", "answered", "ended", "end_reason", "hung_up_by", "retell_number"):
+        assert found[name] == getattr(record, name)
+    assert (found["pbx_status"], found["retell_status"]) == (200, 200)
+
+
+async def test_a_record_without_media_or_optional_fields(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    bare = CallRecord("u-2", "p", "", "", "101", NOW, None, NOW, 487, None, "pbx_cancel")
+    passthrough = make_record("u-3", media={"backend": "passthrough", "sides": {}})
+    assert await writer.write(bare)
+    assert await writer.write(passthrough)
+    await writer.close()
+    db = connect_readonly(path)
+    found = find_call(db, "u-2")
+    other = find_call(db, "u-3")
+    db.close()
+    assert found is not None and other is not None
+    assert (found["answered"], found["media"], found["a_packets"]) == (None, None, None)
+    assert (found["human_call_id"], found["x_headers"], found["ladder"]) == (None, {}, [])
+    assert other["a_packets"] is None and other["media"] == {"backend": "passthrough", "sides": {}}
+
+
+async def test_migration_from_an_older_schema_keeps_the_rows(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    old = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        old.execute(statement)
+    old.execute(
+        "INSERT INTO calls (call_uuid, direction, pbx_call_id, retell_call_id, caller, called,"
+        " started, ended, end_reason) VALUES ('old', 'pbx->retell', 'p', 'r', '+1', '101', ?, ?,"
+        " 'pbx_bye')",
+        (NOW, NOW + 5),
+    )
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+
+    writer = await started_writer(path, wall_clock=lambda: NOW)
+    assert await writer.write(make_record("new"))
+    await writer.close()
+    db = connect_readonly(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    kept = find_call(db, "old")
+    new = find_call(db, "new")
+    db.close()
+    assert kept is not None and new is not None
+    assert (kept["ladder"], kept["ladder_omitted"], kept["a_packets"]) == ([], 0, None)
+    assert len(new["ladder"]) == 3
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    writer = RecordWriter(path)
+    with pytest.raises(RecordsError, match="newer"):
+        await writer.start()
+    await writer.close()  # nothing open; harmless
+
+
+async def test_an_unusable_path_is_a_records_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RecordsError, match="cannot open"):
+        await RecordWriter(blocker / "calls.sqlite3").start()
+
+
+async def test_old_rows_are_pruned_at_start_and_then_daily(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    clock = [NOW]
+    writer = await started_writer(path, keep_days=90, wall_clock=lambda: clock[0])
+    await writer.write(make_record("ancient", started=NOW - 200 * DAY))
+    await writer.write(make_record("old", started=NOW - 91 * DAY))
+    await writer.write(make_record("recent", started=NOW - 89 * DAY))
+    await writer.close()
+
+    writer = await started_writer(path, keep_days=90, wall_clock=lambda: clock[0], prune_every=0.01)
+    assert writer.pruned == 2  # at start
+    clock[0] = NOW + 2 * DAY  # "recent" is now older than 90 days
+    async with asyncio.timeout(5):
+        while writer.pruned < 3:  # noqa: ASYNC110 (the daily prune has no event to wait for)
+            await asyncio.sleep(0.01)
+    await writer.close()
+    db = connect_readonly(path)
+    assert list_calls(db) == []
+    db.close()
+
+
+async def test_keep_days_zero_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path, keep_days=0)
+    await writer.write(make_record("ancient", started=NOW - 5000 * DAY))
+    assert await writer.prune() == 0
+    await writer.close()
+    db = connect_readonly(path)
+    assert [r["call_uuid"] for r in list_calls(db)] == ["ancient"]
+    db.close()
+
+
+async def test_failed_writes_are_counted_and_logged_once_per_run(tmp_path: Path) -> None:
+    writer = await started_writer(tmp_path / "calls.sqlite3")
+    fail = [True]
+    real_insert = writer._insert
+
+    def flaky(record: CallRecord) -> None:
+        if fail[0]:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_insert(record)
+
+    writer._insert = flaky  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        assert not await writer.write(make_record("a"))
+        assert not await writer.write(make_record("b"))
+        fail[0] = False
+        assert await writer.write(make_record("c"))
+    await writer.close()
+    assert (writer.written, writer.failed) == (1, 2)
+    events = [entry["event"] for entry in logs]
+    assert events.count("call_record_write_failed") == 1
+    assert "call_record_writes_resumed" in events
+
+
+async def test_only_ended_calls_are_written(tmp_path: Path) -> None:
+    writer = await started_writer(tmp_path / "calls.sqlite3")
+    await writer.on_call_event(CallStarted("u-1"))
+    await writer.on_call_event(CallEnded(make_record()))
+    await writer.close()
+    assert writer.written == 1
+
+
+async def test_writes_run_off_the_event_loop(tmp_path: Path) -> None:
+    writer = await started_writer(tmp_path / "calls.sqlite3")
+    threads: list[str] = []
+    real_insert = writer._insert
+
+    def noting(record: CallRecord) -> None:
+        threads.append(threading.current_thread().name)
+        real_insert(record)
+
+    writer._insert = noting  # type: ignore[method-assign]
+    await writer.write(make_record())
+    await writer.close()
+    assert threads and threads[0].startswith("sbc-records")
+    assert threading.current_thread().name not in threads
+
+
+async def test_a_slow_disk_fills_only_the_writers_queue(tmp_path: Path) -> None:
+    """Publishing never waits for the disk; what the queue cannot hold is dropped and counted;
+    what it holds is written by flush + close."""
+    writer = await started_writer(tmp_path / "calls.sqlite3")
+    real_insert = writer._insert
+
+    def slow(record: CallRecord) -> None:
+        time.sleep(0.02)
+        real_insert(record)
+
+    writer._insert = slow  # type: ignore[method-assign]
+    bus = EventBus()
+    writer.subscribe(bus, 5)
+    with structlog.testing.capture_logs() as logs:
+        began = time.perf_counter()
+        for i in range(30):
+            bus.publish(CallStarted(f"u-{i}"))  # not queued for the writer: takes no room
+            bus.publish(CallEnded(make_record(f"u-{i}")))
+        publishing = time.perf_counter() - began
+        await bus.flush()
+    await writer.close()
+    assert publishing < 0.05  # 30 publishes, none waiting for a 20 ms write
+    assert writer.dropped == bus.dropped == 30 - writer.written > 0
+    assert writer.written >= 5
+    assert [e["event"] for e in logs].count("call_event_dropped") == 1
+
+
+async def test_list_filters_and_order(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    await writer.write(make_record("a", started=NOW - 7200, caller="+442071234567"))
+    await writer.write(make_record("b", started=NOW - 600, caller="+14155550123"))
+    await writer.write(make_record("c", started=NOW - 60, caller="+442079999999"))
+    await writer.close()
+    db = connect_readonly(path)
+    assert [r["call_uuid"] for r in list_calls(db)] == ["c", "b", "a"]
+    assert [r["call_uuid"] for r in list_calls(db, since=NOW - 3600)] == ["c", "b"]
+    assert [r["call_uuid"] for r in list_calls(db, caller="20799")] == ["c"]
+    assert [r["call_uuid"] for r in list_calls(db, caller="+44")] == ["c", "a"]
+    assert [r["call_uuid"] for r in list_calls(db, limit=1)] == ["c"]
+    assert "ladder" in list_calls(db, ladder=True)[0]
+    db.close()
+
+
+async def test_find_by_unique_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    for uuid in ("abc-1", "abd-2", "x_y"):
+        await writer.write(make_record(uuid))
+    await writer.close()
+    db = connect_readonly(path)
+    found = find_call(db, "abc")
+    assert found is not None and found["call_uuid"] == "abc-1"
+    assert find_call(db, "ab") is None  # two calls
+    assert find_call(db, "x%") is None  # LIKE wildcards are literal
+    assert find_call(db, "nothing") is None
+    db.close()
+
+
+def test_reading_a_missing_database_is_a_records_error(tmp_path: Path) -> None:
+    with pytest.raises(RecordsError, match="no such file"):
+        connect_readonly(tmp_path / "none.sqlite3")
+
+
+async def test_the_reader_does_not_block_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    await writer.write(make_record("a"))
+    reader = connect_readonly(path)
+    reader.execute("BEGIN")
+    assert len(reader.execute("SELECT * FROM calls").fetchall()) == 1  # a read transaction open
+    assert await writer.write(make_record("b", started=NOW + 1))
+    reader.rollback()
+    assert [r["call_uuid"] for r in list_calls(reader)] == ["b", "a"]
+    reader.close()
+    await writer.close()
+
+
+def test_record_defaults_keep_old_constructors_working() -> None:
+    record = CallRecord("u", "p", "r", "+1", "101", 0.0, None, 1.0, 200, 200, "pbx_bye")
+    assert (record.ladder, record.media, record.x_headers, record.hung_up_by) == ((), None, (), "")
+    assert dataclasses.replace(record, hung_up_by="pbx").hung_up_by == "pbx"
