@@ -27,9 +27,10 @@ import gc
 import importlib.resources
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -110,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the bridge against local stand-ins of 3CX and Retell")
     demo.add_argument(
         "--config", type=Path, metavar="PATH", help="settings (default: the built-in demo.toml)"
+    )
+    demo.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="where sbc's own log lines go, so that they do not interleave with the demo's"
+        " story on stdout (default: a new sbc-demo-*.log in the temporary directory;"
+        " '-': stderr)",
     )
     demo.set_defaults(handler=_cmd_demo)
 
@@ -240,13 +248,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from sbc.ops import demo
 
-    return _serve(demo.serve, settings, path)
+    if args.log_file == "-":
+        return _serve(demo.serve, settings, path)
+    if args.log_file:
+        log_path = Path(args.log_file)
+    else:
+        handle, name = tempfile.mkstemp(prefix="sbc-demo-", suffix=".log")
+        os.close(handle)
+        log_path = Path(name)
+    try:
+        log_file = log_path.open("a", encoding="utf-8", buffering=1)
+    except OSError as exc:
+        print(f"cannot write the log file {log_path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    # The story goes to stdout; the bridge's own log lines (JSON unless [log] format says
+    # otherwise) to the file, named before and after the story.
+    print(f"sbc's log: {log_path}", flush=True)
+    with log_file:
+        try:
+            status = _serve(demo.serve, settings, path, log_stream=log_file)
+        finally:
+            configure_logging(settings.log.level, settings.log.format)  # off the file
+    print(f"sbc's log: {log_path}")
+    return status
 
 
 def _serve(
-    serve: Callable[[Settings], Awaitable[int]], settings: Settings, path: Path | None
+    serve: Callable[[Settings], Awaitable[int]],
+    settings: Settings,
+    path: Path | None,
+    *,
+    log_stream: TextIO | None = None,
 ) -> int:
-    configure_logging(settings.log.level, settings.log.format)
+    configure_logging(settings.log.level, settings.log.format, stream=log_stream)
     log.info(
         "sbc_starting",
         version=__version__,
