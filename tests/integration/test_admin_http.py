@@ -143,7 +143,10 @@ async def test_metrics_count_a_test_call(tmp_path: Path) -> None:
 
         async def call_counted() -> bool:
             after, _ = await scrape(bridge)
-            return value(after, "sbc_calls_ended_total", outcome="answered") == 1
+            return (
+                value(after, "sbc_calls_ended_total", outcome="answered") == 1
+                and value(after, "sbc_call_records_written_total") == 1
+            )
 
         await wait_for(call_counted)
         after, families = await scrape(bridge)
@@ -161,6 +164,8 @@ async def test_metrics_count_a_test_call(tmp_path: Path) -> None:
         "sbc_rtp_ports_in_use",
         "sbc_retell_reachable",
         "sbc_call_events_dropped",
+        "sbc_call_records_written",
+        "sbc_call_records_dropped",
         "process_cpu_seconds",
         "python_info",
     ):
@@ -197,6 +202,10 @@ async def test_metrics_count_a_test_call(tmp_path: Path) -> None:
     assert value(after, "sbc_calls_active") == 0
     assert value(after, "sbc_retell_reachable") == 1
     assert value(after, "sbc_call_events_dropped_total") == 0
+    # The call's record (bridge_helpers keeps them in the test's directory).
+    assert value(after, "sbc_call_records_written_total") == 1
+    assert value(after, "sbc_call_records_dropped_total", reason="write_failed") == 0
+    assert value(after, "sbc_call_records_dropped_total", reason="queue_full") == 0
 
 
 async def test_retell_unreachable_shows_in_the_metric(tmp_path: Path) -> None:
