@@ -30,6 +30,7 @@ from peers import free_port, require_binary
 from sbc_process import REPO, running_sbc_process
 from sipp_helpers import Sipp, sipp_server, start_sipp
 
+from sbc.ops.records import connect_readonly, list_calls
 from sbc.sip.message import Request, Response
 
 pytestmark = pytest.mark.integration
@@ -315,6 +316,10 @@ async def test_sigterm_drains_calls_refuses_new_ones_byes_the_rest_and_unregiste
             assert drain - 0.2 <= after <= drain + 1.5, (after, line)
     drained = sbc.events("drain_timeout")
     assert len(drained) == 1 and drained[0]["calls"] == 2
+    # Every call has its record, flushed before the exit (the records are in the state dir).
+    with contextlib.closing(connect_readonly(tmp_path / "calls.sqlite3")) as db:
+        rows = {row["call_uuid"]: row["end_reason"] for row in list_calls(db)}
+    assert rows == {line["call_uuid"]: line["reason"] for line in ended}
     # Then the registration was removed, and the process exited 0.
     last = pbx.registers()[-1].request
     assert last.headers.get("Expires") == "0"
