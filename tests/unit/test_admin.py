@@ -3,6 +3,7 @@ from outside, a live call as ``GET /calls`` shows it, and the metrics read at sc
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from sbc.b2bua.events import CallEnded, CallRecord
 from sbc.b2bua.messages import Peer
 from sbc.b2bua.reachability import Reachability
+from sbc.net.addresses import Destination, TransportConfig
+from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.ops import cli
 from sbc.ops.admin import describe_call
 from sbc.ops.metrics import Metrics
 from sbc.ops.settings import ConfigError, load_settings
+from sbc.sip.message import Request, Response
+from sbc.sip.parser import parse_message
+from sbc.sip.uri import parse_uri
 from tests.unit.call_harness import Harness, answer_bye
 
 BASE = """
@@ -280,3 +286,63 @@ def test_setup_time_is_invite_to_answer() -> None:
     assert got[("sbc_call_setup_seconds_sum", ())] == 1.5
     assert got[("sbc_call_setup_seconds_bucket", (("le", "1.0"),))] == 0
     assert got[("sbc_call_setup_seconds_bucket", (("le", "2.0"),))] == 1
+
+
+# -- the engine's counters -----------------------------------------------------------------------
+
+UDP_SOURCE = Destination("udp", "192.0.2.7", 5060)
+
+
+def parsed(data: bytes) -> Request:
+    message = parse_message(data)
+    assert isinstance(message, Request)
+    return message
+
+
+def raw_request(method: str, branch: str) -> bytes:
+    return (
+        f"{method} sip:101@127.0.0.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK{branch};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:pbx@192.0.2.7>;tag=f1\r\n"
+        "To: <sip:101@127.0.0.1>\r\n"
+        f"Call-ID: {branch}@192.0.2.7\r\n"
+        f"CSeq: 1 {method}\r\n"
+        "Contact: <sip:pbx@192.0.2.7:5060>\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+async def test_engine_counts_messages_and_retransmissions() -> None:
+    engine = SipEngine(TransportConfig(bind="127.0.0.1", port=0, t1=0.01, t2=0.04))
+    sent: list[tuple[Destination, Request | Response]] = []
+    engine.transports.send = lambda dest, message: sent.append((dest, message))  # type: ignore[method-assign]
+    engine._loop = asyncio.get_running_loop()
+    engine._running = True
+    arrived: list[IncomingRequest] = []
+    engine.on_request = arrived.append
+    engine._message_received(parsed(raw_request("INVITE", "inv1")), UDP_SOURCE)
+    (invite,) = arrived
+    ok = invite.response(200, headers=(("Contact", "<sip:101@127.0.0.1:5060>"),))
+    invite.send(ok)
+    invite.send(ok)  # the TU's 2xx again: no ACK yet (RFC 3261 §13.3.1.4)
+    assert engine.stats.retransmissions == 1
+    # A method nobody knows is counted as "other" (the label set stays bounded); its answer too.
+    engine._message_received(parsed(raw_request("FROBNICATE", "x1")), UDP_SOURCE)
+    arrived[-1].respond(501)
+    assert engine.stats.messages == {
+        ("in", "INVITE", "udp"): 1,
+        ("out", 200, "udp"): 2,
+        ("in", "other", "udp"): 1,
+        ("out", 501, "udp"): 1,
+    }
+    # A request sbc sends over UDP and nobody answers goes again on Timer E.
+    options = parsed(raw_request("OPTIONS", "o1")).headers.remove("Via")
+    request = Request("OPTIONS", parse_uri("sip:pbx@192.0.2.7"), options)
+    engine.send_request(request, UDP_SOURCE)
+    async with asyncio.timeout(2):
+        while engine.stats.messages.get(("out", "OPTIONS", "udp"), 0) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    resent = engine.stats.messages[("out", "OPTIONS", "udp")] - 1
+    assert engine.stats.retransmissions >= 1 + resent >= 3
+    await engine.stop()
