@@ -144,6 +144,24 @@ class Absorber:
         event = "dtmf_info_relayed" if relayed else "dtmf_info_not_relayed"
         self.log.info(event, digit=digit, duration=duration, backend=media.stats()["backend"])
 
+    async def refresh(self, leg: Leg, *, allows_update: bool) -> int:
+        """RFC 4028 §7.4: sbc refreshes the PBX's session on ``leg``: UPDATE without SDP when
+        the PBX allows it (RFC 3311), else a re-INVITE offering the SDP it already has.
+        Returns the final status (408 or 481: the dialog is gone)."""
+        timer = leg.timer
+        assert timer is not None
+        headers = [("Contact", leg.local.contact), *timer.refresh_headers]
+        if allows_update:
+            request = leg.in_dialog("UPDATE", headers=tuple(headers))
+        else:
+            headers.append(("Content-Type", "application/sdp"))
+            request = leg.in_dialog("INVITE", headers=tuple(headers), body=leg.sdp_sent)
+        response = await leg.request(request)
+        leg.log.info("session_refreshed", method=request.method, status=response.status)
+        if request.method == "INVITE" and 200 <= response.status < 300:
+            await leg.send_ack(response)
+        return response.status
+
     async def _reoffer(self, leg: Leg, request: Request) -> bytes:
         """The SDP answer for a re-offer on ``leg`` (or, with none, our last SDP as an offer)."""
         bridge = self._bridge()

@@ -59,7 +59,7 @@ from sbc.b2bua.messages import (
     pbx_status_for_failure,
 )
 from sbc.b2bua.transfer import Transfer, TransferRecord
-from sbc.media.base import SIDES, MediaBackend
+from sbc.media.base import MediaBackend
 from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.digest import ClientAuth, Credentials
@@ -486,7 +486,7 @@ class Call:
             timer = a.timer
             refresh_at = timer.refresh_at(a.refreshed_at) if timer else float("inf")
             expires_at = timer.expires_at(a.refreshed_at) if timer else float("inf")
-            silent_at = self._media_silent_at()
+            silent_at = self.bridge.silent_at(self.config.media_timeout)
             fact = await self._next_fact(min(ends_at, expires_at, refresh_at, silent_at))
             now = self._loop_time()
             if fact is None and refresh_at <= now < ends_at:
@@ -494,7 +494,7 @@ class Call:
                 self.spawn(self._refresh(a))
                 continue
             if fact is None and silent_at <= now < min(ends_at, expires_at):
-                if self._media_silent_at() > now:
+                if self.bridge.silent_at(self.config.media_timeout) > now:
                     continue  # media came meanwhile
                 self.log.info("media_timeout", after=self.config.media_timeout)
                 await self._end(In.LIMIT, "media_timeout")
@@ -646,22 +646,10 @@ class Call:
         self.facts.put_nowait(AckSettled(leg, ack))
 
     async def _refresh(self, leg: Leg) -> None:
-        """RFC 4028 §7.4: sbc refreshes the PBX's session: UPDATE without SDP when the PBX
-        allows it (RFC 3311), else a re-INVITE offering the SDP it already has."""
-        timer = leg.timer
-        assert timer is not None
-        headers = [("Contact", leg.local.contact), *timer.refresh_headers]
-        if "UPDATE" in (m.upper() for m in self.a_invite.headers.values("Allow")):
-            request = leg.in_dialog("UPDATE", headers=tuple(headers))
-        else:
-            headers.append(("Content-Type", "application/sdp"))
-            request = leg.in_dialog("INVITE", headers=tuple(headers), body=leg.sdp_sent)
-        response = await leg.request(request)
-        leg.log.info("session_refreshed", method=request.method, status=response.status)
-        if request.method == "INVITE" and 200 <= response.status < 300:
-            await self.engine.send_ack(leg.in_dialog("ACK", cseq=response.cseq.seq))
-        if response.status in (408, 481):
-            self.facts.put_nowait(DialogLost(leg, response.status))
+        allows_update = "UPDATE" in (m.upper() for m in self.a_invite.headers.values("Allow"))
+        status = await self.absorber.refresh(leg, allows_update=allows_update)
+        if status in (408, 481):
+            self.facts.put_nowait(DialogLost(leg, status))
 
     # -- in-dialog requests --------------------------------------------------------------------
     async def _serve(self, leg: Leg, incoming: IncomingRequest) -> CallInput | None:
@@ -780,16 +768,6 @@ class Call:
             if isinstance(fact, RequestArrived):
                 await self._serve(fact.leg, fact.incoming)
         await hang_up_all([agent], 64 * self.config.t1 + 1)
-
-    def _media_silent_at(self) -> float:
-        """When the call counts as dead for want of media: ``media_timeout`` after the last RTP
-        from either side (never when the media layer cannot see packets: pass-through)."""
-        timeout = self.config.media_timeout
-        media = self.bridge.media
-        if timeout is None or media is None:
-            return float("inf")
-        seen = [t for t in (media.last_activity(side) for side in SIDES) if t is not None]
-        return max(seen) + timeout if seen else float("inf")
 
     # -- ending --------------------------------------------------------------------------------
     async def _hang_up(self, *legs: Leg) -> None:

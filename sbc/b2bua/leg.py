@@ -33,7 +33,7 @@ from enum import Enum
 from structlog.typing import FilteringBoundLogger
 
 from sbc.b2bua.messages import LocalAddress, Peer, SessionTimer, allow_header
-from sbc.media.base import MediaSession, Side
+from sbc.media.base import SIDES, MediaSession, Side
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
 from sbc.sip.dialog import Dialog, DialogState
 from sbc.sip.digest import ClientAuth
@@ -241,6 +241,15 @@ class Bridge:
 
     def other(self, leg: Leg) -> Leg:
         return self.b if leg is self.a else self.a
+
+    def silent_at(self, timeout: float | None) -> float:
+        """When the call counts as dead for want of media: ``timeout`` after the last RTP from
+        either side (never when the media layer cannot see packets: pass-through)."""
+        media = self.media
+        if timeout is None or media is None:
+            return float("inf")
+        seen = [t for t in (media.last_activity(side) for side in SIDES) if t is not None]
+        return max(seen) + timeout if seen else float("inf")
 
 
 async def hang_up_all(legs: list[Leg], limit: float) -> None:
