@@ -43,7 +43,6 @@ import ipaddress
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -52,7 +51,7 @@ import structlog
 from sbc.b2bua.call import Call
 from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted, EventBus
 from sbc.b2bua.inbound import RetellCall
-from sbc.b2bua.ladder import Ladder, LadderEntry, summarize
+from sbc.b2bua.ladder import Ladder
 from sbc.b2bua.leg import Leg, Role
 from sbc.b2bua.messages import OUT_OF_DIALOG, BridgeConfig, Peer, uri_user
 from sbc.b2bua.reachability import Reachability
@@ -110,7 +109,7 @@ def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
         x_headers=tuple(call.x_headers),
         hung_up_by=hung_up_by(end_reason),
         media=stats,
-        ladder=ladder.entries() if ladder is not None else (),
+        ladder=ladder.deferred() if ladder is not None else (),  # summarised by the writer
         ladder_omitted=ladder.omitted if ladder is not None else 0,
     )
 
@@ -191,7 +190,8 @@ class CallManager:
         self.ladder_messages = ladder_messages
         self._ladders: dict[str, Ladder] = {}  # by call_uuid
         self._ladder_legs: dict[str, tuple[Ladder, Leg]] = {}  # by the leg's Call-ID
-        self._arriving: tuple[LadderEntry, Request] | None = None  # an INVITE before its call
+        # An INVITE before its call: (message, its source, sbc's address, when).
+        self._arriving: tuple[Request, Destination, str, float] | None = None
         self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
 
     def attach(self) -> None:
@@ -385,8 +385,16 @@ class CallManager:
             if arriving is not None and arriving[0].call_id == incoming.request.call_id:
                 # The INVITE that made the call, tapped before the call existed.
                 origin = call.origin
-                entry = replace(arriving[0], leg=origin.role.value, peer=origin.peer.value)
-                ladder.add(entry, arriving[1])
+                message, source, local, at = arriving
+                ladder.note(
+                    "in",
+                    message,
+                    source,
+                    local,
+                    leg=origin.role.value,
+                    peer=origin.peer.value,
+                    at=at,
+                )
         incoming.respond(100)
         self.calls[call.call_uuid] = call
         self._idle.clear()
@@ -462,17 +470,18 @@ class CallManager:
         found = self._ladder_legs.get(call_id)
         if found is None:
             if direction == "in" and isinstance(message, Request) and message.method == "INVITE":
-                entry = summarize(
-                    direction, message, peer, self._local(peer), leg="", peer="", at=self._now()
-                )
-                self._arriving = (entry, message)
+                self._arriving = (message, peer, self._local(peer), self._now())
             return
         ladder, leg = found
-        role, far = leg.role.value, leg.peer.value
-        entry = summarize(
-            direction, message, peer, self._local(peer), leg=role, peer=far, at=self._now()
+        ladder.note(
+            direction,
+            message,
+            peer,
+            self._local(peer),
+            leg=leg.role.value,
+            peer=leg.peer.value,
+            at=self._now(),
         )
-        ladder.add(entry, message)
 
     def _local(self, peer: Destination) -> str:
         transport = peer.transport

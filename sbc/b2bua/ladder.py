@@ -1,9 +1,10 @@
 """A call's ladder: the SIP messages of all its legs, summarised, bounded, no credentials.
 
 The engine hands every message it receives or transmits to one tap (``SipEngine.on_message``);
-the call manager finds the call and leg by Call-ID and adds a :class:`LadderEntry` to that
-call's :class:`Ladder`, which the call's record carries when the call ends (``sbc calls show``
-draws it as a ladder diagram of both legs, as sngrep does).
+the call manager finds the call and leg by Call-ID and notes the message in that call's
+:class:`Ladder`, which the call's record carries when the call ends (``sbc calls show`` draws it
+as a ladder diagram of both legs, as sngrep does). The :class:`LadderEntry` summaries are made
+when the ladder is read, by the records writer's thread: the event loop only keeps the message.
 
 An entry keeps the time, the direction seen from sbc (``in``: sbc received it, ``out``: sbc sent
 it), the leg (role and peer), source and destination, the first line, Call-ID and CSeq. The
@@ -20,6 +21,7 @@ The ladder is bounded: the first ``limit - tail`` messages, then the last ``tail
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -140,15 +142,30 @@ def summarize(
     )
 
 
+# A message as the event loop notes it, summarised later (``Ladder.note``): at, direction,
+# message, peer address, sbc's local address, leg, peer.
+_Raw = tuple[float, str, Request | Response, Destination, str, str, str]
+
+
 class Ladder:
-    """A call's message summaries, bounded (module docstring)."""
+    """A call's message summaries, bounded (module docstring).
+
+    :meth:`note` is what the engine's tap calls for every message: it keeps the message itself
+    (messages are immutable; a call holds its ~11 until its record is written) and leaves the
+    summary (first line, addresses, credentials, retransmission mark) to whoever reads
+    :meth:`entries` first, which is the records writer's thread for an ended call, off the
+    event loop. Summaries are made in the order the messages came, so the marks are those an
+    eager ladder would give; a message about to leave the bound is summarised before it goes.
+    """
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = max(0, limit)
         self.tail_size = min(MAX_TAIL, self.limit // 4)
-        self._head: list[LadderEntry] = []
-        self._tail: deque[LadderEntry] = deque(maxlen=self.tail_size or None)
+        self._head: list[LadderEntry | _Raw] = []
+        self._tail: deque[LadderEntry | _Raw] = deque(maxlen=self.tail_size or None)
         self.omitted = 0
+        self._pending = 0  # kept messages not summarised yet: always the last ones
+        self._lock = threading.Lock()  # entries() may run in the records writer's thread
         # What identifies a message sent or received again unchanged (bounded like the ladder).
         self._seen: set[tuple[str, ...]] = set()
 
@@ -156,23 +173,127 @@ class Ladder:
         return len(self._head) + len(self._tail)
 
     def add(self, entry: LadderEntry, message: Request | Response) -> None:
-        key = _identity(entry, message)
-        if key in self._seen:
-            entry = dataclasses.replace(entry, retransmission=True)
-        elif len(self._seen) < 4 * self.limit:
-            self._seen.add(key)
+        """Keep ``entry``, the summary of ``message``, marked when it is a retransmission."""
+        self._resolve()
+        entry = self._marked(entry, message)
+        self._keep(entry, None)
+
+    def note(
+        self,
+        direction: str,
+        message: Request | Response,
+        peer_address: Destination,
+        local: str,
+        *,
+        leg: str,
+        peer: str,
+        at: float,
+    ) -> None:
+        """Keep ``message`` (as :func:`summarize` takes it), summarised when first read."""
         if len(self._head) < self.limit - self.tail_size:
-            self._head.append(entry)
+            self._head.append((at, direction, message, peer_address, local, leg, peer))
+            self._pending += 1
             return
-        if self.tail_size == 0:
-            self.omitted += 1
+        self._keep(None, (at, direction, message, peer_address, local, leg, peer))
+
+    def _keep(self, entry: LadderEntry | None, raw: _Raw | None) -> None:
+        item: LadderEntry | _Raw = entry if entry is not None else raw  # type: ignore[assignment]
+        if len(self._head) < self.limit - self.tail_size:
+            self._head.append(item)
+            self._pending += raw is not None
             return
-        if len(self._tail) == self.tail_size:
+        if self.tail_size == 0 or len(self._tail) == self.tail_size:
+            # A message leaves the ladder (this one, or the tail's oldest): its identity must
+            # be seen first, as an eager ladder would have (a rare path: long calls only).
+            self._resolve()
+            if raw is not None:
+                item = self._marked(_summary(raw), raw[2])
+                raw = None
             self.omitted += 1
-        self._tail.append(entry)
+            if self.tail_size == 0:
+                return
+        self._tail.append(item)
+        self._pending += raw is not None
 
     def entries(self) -> tuple[LadderEntry, ...]:
-        return (*self._head, *self._tail)
+        self._resolve()
+        return (*self._head, *self._tail)  # type: ignore[arg-type]
+
+    def entry(self, index: int) -> LadderEntry:
+        """Entry ``index`` of :meth:`entries`."""
+        self._resolve()
+        head = self._head
+        item = head[index] if index < len(head) else self._tail[index - len(head)]
+        return item  # type: ignore[return-value]
+
+    def deferred(self) -> tuple[LadderEntry, ...]:
+        """The entries as they will be: each summarised (with all the ladder's pending
+        messages) when one of its fields is first read, e.g. in the records writer's thread
+        rather than on the event loop. The ladder must take no more messages."""
+        if not self._pending:
+            return self.entries()
+        return tuple(_Deferred(self, i) for i in range(len(self)))
+
+    def _resolve(self) -> None:
+        """Summarise the pending messages, in the order they came."""
+        if not self._pending:
+            return
+        with self._lock:
+            if not self._pending:
+                return
+            for items in (self._head, self._tail):
+                for i, item in enumerate(items):
+                    if type(item) is tuple:
+                        items[i] = self._marked(_summary(item), item[2])
+            self._pending = 0
+
+    def _marked(self, entry: LadderEntry, message: Request | Response) -> LadderEntry:
+        key = _identity(entry, message)
+        if key in self._seen:
+            return dataclasses.replace(entry, retransmission=True)
+        if len(self._seen) < 4 * self.limit:
+            self._seen.add(key)
+        return entry
+
+
+class _Deferred(LadderEntry):
+    """Entry ``index`` of ``ladder``, summarised when first read (:meth:`Ladder.deferred`).
+    Its own fields stay unset: every one is read from the summary, through ``__getattr__``."""
+
+    __slots__ = ("_index", "_ladder")
+
+    def __init__(self, ladder: Ladder, index: int) -> None:
+        object.__setattr__(self, "_ladder", ladder)
+        object.__setattr__(self, "_index", index)
+
+    def _entry(self) -> LadderEntry:
+        ladder: Ladder = object.__getattribute__(self, "_ladder")
+        return ladder.entry(object.__getattribute__(self, "_index"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return self._entry().as_dict()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._entry(), name)
+
+    def __eq__(self, other: object) -> bool:
+        return self._entry() == (other._entry() if isinstance(other, _Deferred) else other)
+
+    def __hash__(self) -> int:
+        return hash(self._entry())
+
+    def __repr__(self) -> str:
+        return repr(self._entry())
+
+    def __reduce__(self) -> Any:
+        return self._entry().__reduce__()
+
+
+def _summary(raw: _Raw) -> LadderEntry:
+    at, direction, message, peer_address, local, leg, peer = raw
+    return summarize(direction, message, peer_address, local, leg=leg, peer=peer, at=at)
 
 
 def gap_index(count: int, omitted: int) -> int | None:

@@ -134,6 +134,57 @@ def test_the_same_message_again_is_a_retransmission() -> None:
     assert [e.retransmission for e in ladder.entries()] == [False, True, False, True, False]
 
 
+def noted(messages: list[tuple[str, Request | Response]], limit: int) -> Ladder:
+    ladder = Ladder(limit)
+    for n, (direction, message) in enumerate(messages, start=1):
+        ladder.note(direction, message, PBX_SOURCE, LOCAL, leg="caller", peer="pbx", at=n)
+    return ladder
+
+
+def eager(messages: list[tuple[str, Request | Response]], limit: int) -> Ladder:
+    ladder = Ladder(limit)
+    for n, (direction, message) in enumerate(messages, start=1):
+        entry = summarize(direction, message, PBX_SOURCE, LOCAL, leg="caller", peer="pbx", at=n)
+        ladder.add(entry, message)
+    return ladder
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 4, 8, 12, 200])
+def test_noted_messages_summarised_later_are_the_entries_an_eager_ladder_keeps(
+    limit: int,
+) -> None:
+    """The tap keeps each message as it is and summarises when the ladder is read: the same
+    entries, marks and omitted count, whatever the bound (a long call's repeats included)."""
+    messages: list[tuple[str, Request | Response]] = []
+    for seq in range(1, 25):
+        request = bye(seq=seq % 7)  # CSeq 0..6 again and again: retransmission marks
+        messages += [("in", request), ("out", build_response(request, 200)), ("in", request)]
+    lazy, reference = noted(messages, limit), eager(messages, limit)
+    assert lazy.entries() == reference.entries()
+    assert (len(lazy), lazy.omitted) == (len(reference), reference.omitted)
+    assert any(e.retransmission for e in reference.entries()) or limit < 4
+
+
+def test_deferred_entries_are_summarised_when_first_read() -> None:
+    ok_request = bye(("Proxy-Authorization", SECRET_DIGEST))
+    messages: list[tuple[str, Request | Response]] = [
+        ("in", ok_request),
+        ("out", build_response(ok_request, 200)),
+        ("in", ok_request),
+    ]
+    ladder = noted(messages, 10)
+    deferred = ladder.deferred()
+    assert ladder._pending == 3  # nothing summarised yet
+    assert [e.as_dict() for e in deferred] == [e.as_dict() for e in eager(messages, 10).entries()]
+    assert ladder._pending == 0
+    assert deferred == eager(messages, 10).entries()
+    assert [e.retransmission for e in deferred] == [False, False, True]
+    assert deferred[0].credentials == "Proxy-Authorization"
+    assert SECRET_DIGEST not in repr(deferred)
+    assert deferred[1].label == "200 OK"
+    assert ladder.deferred() == ladder.entries()  # once summarised, plain entries
+
+
 # -- the manager's tap ----------------------------------------------------------------------------
 
 

@@ -255,6 +255,68 @@ async def test_failed_writes_are_counted_and_logged_once_per_run(tmp_path: Path)
     assert "call_record_writes_resumed" in events
 
 
+async def test_a_batch_is_one_transaction_and_a_failed_row_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    real_insert = writer._insert
+
+    def picky(record: CallRecord) -> None:
+        if record.call_uuid == "bad":
+            raise ValueError("cannot serialise")
+        assert writer._db is not None and writer._db.in_transaction
+        real_insert(record)
+
+    writer._insert = picky  # type: ignore[method-assign]
+    records = [make_record("a"), make_record("bad"), make_record("c")]
+    assert await writer.write_many(records) == [True, False, True]
+    await writer.close()
+    assert (writer.written, writer.failed) == (2, 1)
+    db = connect_readonly(path)
+    assert sorted(r["call_uuid"] for r in list_calls(db)) == ["a", "c"]
+    db.close()
+
+
+async def test_a_rolled_back_batch_fails_every_row_in_it(tmp_path: Path) -> None:
+    writer = await started_writer(tmp_path / "calls.sqlite3")
+    real_insert = writer._insert
+
+    def full(record: CallRecord) -> None:
+        if record.call_uuid == "b":
+            assert writer._db is not None
+            writer._db.execute("ROLLBACK")  # as SQLite does on a full disk
+            raise sqlite3.OperationalError("database or disk is full")
+        real_insert(record)
+
+    writer._insert = full  # type: ignore[method-assign]
+    records = [make_record(u) for u in ("a", "b", "c")]
+    assert await writer.write_many(records) == [False, False, True]
+    await writer.close()
+    assert (writer.written, writer.failed) == (1, 2)
+
+
+async def test_records_queued_during_a_write_go_in_one_batch(tmp_path: Path) -> None:
+    """What queued while a row was written is taken at once: one transaction for them all,
+    and the bus's flush still waits for the last of them."""
+    writer = await started_writer(tmp_path / "calls.sqlite3")
+    batches: list[int] = []
+    real_batch = writer._insert_batch
+
+    def counting(records: list[CallRecord]) -> list[Exception | None]:
+        batches.append(len(records))
+        time.sleep(0.01)
+        return real_batch(records)
+
+    writer._insert_batch = counting  # type: ignore[method-assign]
+    bus = EventBus()
+    writer.subscribe(bus, 50)
+    for i in range(20):
+        bus.publish(CallEnded(make_record(f"u-{i}")))
+    await bus.flush()
+    assert writer.written == 20 and sum(batches) == 20 and len(batches) < 20
+    await writer.close()
+    assert (writer.written, writer.failed, writer.dropped) == (20, 0, 0)
+
+
 async def test_only_ended_calls_are_written(tmp_path: Path) -> None:
     writer = await started_writer(tmp_path / "calls.sqlite3")
     await writer.on_call_event(CallStarted("u-1"))
