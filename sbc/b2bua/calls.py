@@ -109,7 +109,7 @@ def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
         x_headers=tuple(call.x_headers),
         hung_up_by=hung_up_by(end_reason),
         media=stats,
-        ladder=ladder.deferred() if ladder is not None else (),  # summarised by the writer
+        ladder=ladder.snapshot() if ladder is not None else (),  # summarised by the writer
         ladder_omitted=ladder.omitted if ladder is not None else 0,
     )
 

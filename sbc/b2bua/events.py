@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,7 @@ class CallRecord:
     x_headers: tuple[tuple[str, str], ...] = ()  # the X- headers sent to Retell
     hung_up_by: str = ""  # "pbx", "retell" or "sbc" (see hung_up_by in sbc/b2bua/calls.py)
     media: dict[str, Any] | None = None  # the media session's stats() at the end
-    ladder: tuple[LadderEntry, ...] = ()  # the call's SIP messages (sbc/b2bua/ladder.py)
+    ladder: Sequence[LadderEntry] = ()  # the call's SIP messages (sbc/b2bua/ladder.py)
     ladder_omitted: int = 0  # messages left out of a full ladder
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from sbc.net.addresses import Destination
 from sbc.sip.message import Request, Response
@@ -219,20 +220,11 @@ class Ladder:
         self._resolve()
         return (*self._head, *self._tail)  # type: ignore[arg-type]
 
-    def entry(self, index: int) -> LadderEntry:
-        """Entry ``index`` of :meth:`entries`."""
-        self._resolve()
-        head = self._head
-        item = head[index] if index < len(head) else self._tail[index - len(head)]
-        return item  # type: ignore[return-value]
-
-    def deferred(self) -> tuple[LadderEntry, ...]:
-        """The entries as they will be: each summarised (with all the ladder's pending
-        messages) when one of its fields is first read, e.g. in the records writer's thread
-        rather than on the event loop. The ladder must take no more messages."""
-        if not self._pending:
-            return self.entries()
-        return tuple(_Deferred(self, i) for i in range(len(self)))
+    def snapshot(self) -> LadderSnapshot:
+        """The entries as a sequence summarised on first access: for the call record, so that
+        the summaries are made in the records writer's thread rather than on the event loop.
+        The ladder must take no more messages."""
+        return LadderSnapshot(self)
 
     def _resolve(self) -> None:
         """Summarise the pending messages, in the order they came."""
@@ -256,39 +248,47 @@ class Ladder:
         return entry
 
 
-class _Deferred(LadderEntry):
-    """Entry ``index`` of ``ladder``, summarised when first read (:meth:`Ladder.deferred`).
-    Its own fields stay unset: every one is read from the summary, through ``__getattr__``."""
+class LadderSnapshot(Sequence[LadderEntry]):
+    """A finished ladder's entries (:meth:`Ladder.snapshot`), summarised when first read."""
 
-    __slots__ = ("_index", "_ladder")
+    __slots__ = ("_entries", "_ladder")
 
-    def __init__(self, ladder: Ladder, index: int) -> None:
-        object.__setattr__(self, "_ladder", ladder)
-        object.__setattr__(self, "_index", index)
+    def __init__(self, ladder: Ladder) -> None:
+        self._ladder = ladder
+        self._entries: tuple[LadderEntry, ...] | None = None
 
-    def _entry(self) -> LadderEntry:
-        ladder: Ladder = object.__getattribute__(self, "_ladder")
-        return ladder.entry(object.__getattribute__(self, "_index"))
+    def _all(self) -> tuple[LadderEntry, ...]:
+        if self._entries is None:
+            self._entries = self._ladder.entries()
+        return self._entries
 
-    def as_dict(self) -> dict[str, Any]:
-        return self._entry().as_dict()
+    def __len__(self) -> int:
+        return len(self._ladder)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._entry(), name)
+    @overload
+    def __getitem__(self, index: int) -> LadderEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[LadderEntry, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> LadderEntry | tuple[LadderEntry, ...]:
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[LadderEntry]:
+        return iter(self._all())
 
     def __eq__(self, other: object) -> bool:
-        return self._entry() == (other._entry() if isinstance(other, _Deferred) else other)
+        if isinstance(other, LadderSnapshot):
+            return self._all() == other._all()
+        if isinstance(other, tuple):
+            return self._all() == other
+        return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self._entry())
+        return hash(self._all())
 
     def __repr__(self) -> str:
-        return repr(self._entry())
-
-    def __reduce__(self) -> Any:
-        return self._entry().__reduce__()
+        return repr(self._all())
 
 
 def _summary(raw: _Raw) -> LadderEntry:

@@ -165,7 +165,7 @@ def test_noted_messages_summarised_later_are_the_entries_an_eager_ladder_keeps(
     assert any(e.retransmission for e in reference.entries()) or limit < 4
 
 
-def test_deferred_entries_are_summarised_when_first_read() -> None:
+def test_snapshot_entries_are_summarised_when_first_read() -> None:
     ok_request = bye(("Proxy-Authorization", SECRET_DIGEST))
     messages: list[tuple[str, Request | Response]] = [
         ("in", ok_request),
@@ -173,7 +173,7 @@ def test_deferred_entries_are_summarised_when_first_read() -> None:
         ("in", ok_request),
     ]
     ladder = noted(messages, 10)
-    deferred = ladder.deferred()
+    deferred = ladder.snapshot()
     assert ladder._pending == 3  # nothing summarised yet
     assert [e.as_dict() for e in deferred] == [e.as_dict() for e in eager(messages, 10).entries()]
     assert ladder._pending == 0
@@ -182,7 +182,7 @@ def test_deferred_entries_are_summarised_when_first_read() -> None:
     assert deferred[0].credentials == "Proxy-Authorization"
     assert SECRET_DIGEST not in repr(deferred)
     assert deferred[1].label == "200 OK"
-    assert ladder.deferred() == ladder.entries()  # once summarised, plain entries
+    assert ladder.snapshot() == ladder.entries()  # once summarised, the same entries
 
 
 # -- the manager's tap ----------------------------------------------------------------------------
