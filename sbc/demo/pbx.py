@@ -20,6 +20,7 @@ from sbc.demo.peer import (
     audio_codecs,
     in_dialog_call,
     media_target,
+    pcmu_answer,
     random_branch,
     random_tag,
     sip_engine,
@@ -532,20 +533,9 @@ class PbxStandIn:
         self.queue_answered.set()
 
     def _queue_sdp(self, port: int, events: bool) -> bytes:
-        session = str(secrets.randbelow(10**9))
-        lines = [
-            "v=0",
-            f"o=3cxPS {session} {session} IN IP4 {self.host}",
-            "s=3cxPS Audio call",
-            f"c=IN IP4 {self.host}",
-            "t=0 0",
-            f"m=audio {port} RTP/AVP {'0 101' if events else '0'}",
-            "a=rtpmap:0 PCMU/8000",
-        ]
-        if events:
-            lines += ["a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-15"]
-        lines += ["a=ptime:20", "a=sendrecv"]
-        return ("\r\n".join(lines) + "\r\n").encode()
+        return pcmu_answer(
+            self.host, port, events=events, origin="3cxPS", name="3cxPS Audio call", fmtp="0-15"
+        )
 
     def _on_ack(self, request: Request, source: Destination) -> None:
         queue = self.queue_calls.get(request.call_id)

@@ -45,6 +45,25 @@ class PeerCall(Protocol):
 _CallT = TypeVar("_CallT", bound=PeerCall)
 
 
+def pcmu_answer(host: str, port: int, *, events: bool, origin: str, name: str, fmtp: str) -> bytes:
+    """An answer SDP with PCMU (and telephone-event when ``events``), in the style of the peer
+    played: ``origin`` the o= user, ``name`` the s= line, ``fmtp`` its event range."""
+    session = str(secrets.randbelow(10**9))
+    lines = [
+        "v=0",
+        f"o={origin} {session} {session} IN IP4 {host}",
+        f"s={name}",
+        f"c=IN IP4 {host}",
+        "t=0 0",
+        f"m=audio {port} RTP/AVP {'0 101' if events else '0'}",
+        "a=rtpmap:0 PCMU/8000",
+    ]
+    if events:
+        lines += ["a=rtpmap:101 telephone-event/8000", f"a=fmtp:101 {fmtp}"]
+    lines += ["a=ptime:20", "a=sendrecv"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
 def media_target(body: bytes) -> tuple[str, int]:
     """The (address, port) the first audio stream of an SDP body asks RTP to be sent to."""
     sd = parse_sdp(body)

@@ -11,7 +11,6 @@ hung up first."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from sbc.demo.peer import (
     audio_codecs,
     in_dialog_call,
     media_target,
+    pcmu_answer,
     random_branch,
     sip_engine,
     sipfrag_status,
@@ -169,21 +169,9 @@ class RetellStandIn:
         call.rtp.remote = media_target(request.body)
 
     def _sdp(self, port: int, events: bool) -> bytes:
-        session = str(secrets.randbelow(10**9))
-        formats = "0 101" if events else "0"
-        lines = [
-            "v=0",
-            f"o=LiveKit {session} {session} IN IP4 {self.host}",
-            "s=LiveKit",
-            f"c=IN IP4 {self.host}",
-            "t=0 0",
-            f"m=audio {port} RTP/AVP {formats}",
-            "a=rtpmap:0 PCMU/8000",
-        ]
-        if events:
-            lines += ["a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"]
-        lines += ["a=ptime:20", "a=sendrecv"]
-        return ("\r\n".join(lines) + "\r\n").encode()
+        return pcmu_answer(
+            self.host, port, events=events, origin="LiveKit", name="LiveKit", fmtp="0-16"
+        )
 
     def _on_ack(self, request: Request, source: Destination) -> None:
         call = self.calls.get(request.call_id)

@@ -461,9 +461,6 @@ class TransferSettings(_Section):
                 )
         return value
 
-    def is_allowed(self, number: str) -> bool:
-        return self.allow.fullmatch(number) is not None
-
 
 def _is_loopback(host: str) -> bool:
     if host.lower() == "localhost":

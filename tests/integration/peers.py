@@ -9,6 +9,7 @@ that need it are skipped, except on CI (``CI=true``), where a missing binary fai
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import socket
@@ -27,6 +28,14 @@ def require_binary(name: str) -> str:
             pytest.fail(f"{name} is required on CI but not installed")
         pytest.skip(f"{name} not installed")
     return path
+
+
+def require_pjsua2() -> None:
+    """pjsua2 from PyPI (pjsua2-python); its absence fails on CI, skips elsewhere."""
+    if importlib.util.find_spec("pjsua2") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("pjsua2 (pip install pjsua2-python) is required on CI but not installed")
+        pytest.skip("pjsua2 not installed")
 
 
 _handed_out: set[tuple[str, int]] = set()

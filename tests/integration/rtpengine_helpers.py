@@ -25,6 +25,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from peers import free_port, require_binary
 
@@ -157,3 +158,17 @@ def running_rtpengine(host: str, log_dir: Path, *, ports: int = 200) -> Iterator
             yield Rtpengine(process, host, ng_port, low, high, log_path)
         finally:
             _stop(process)
+
+
+@dataclass(frozen=True)
+class Media:
+    """How sbc carries RTP in a test: its own relay (on ``relay_host``), or an rtpengine."""
+
+    relay_host: str
+    mode: Literal["relay", "rtpengine"] = "relay"
+    rtpengine: Rtpengine | None = None
+
+    @property
+    def host(self) -> str:
+        """The address the phones see in SDP and get RTP from."""
+        return self.relay_host if self.rtpengine is None else self.rtpengine.host

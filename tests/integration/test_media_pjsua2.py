@@ -26,19 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
-import os
 import struct
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
-from peers import free_port
-from rtpengine_helpers import Rtpengine, running_rtpengine
+from peers import free_port, require_pjsua2
+from rtpengine_helpers import Media, Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager
 from sbc.demo.pbx import PbxCall, PbxStandIn
@@ -65,28 +63,7 @@ PEER = Path(__file__).with_name("pjsua_peer.py")
 HEADERS = {"X-Caller-Number": "{caller_number}", "X-Called": "{called}"}
 
 
-def require_pjsua2() -> None:
-    """pjsua2 from PyPI (pjsua2-python); its absence fails on CI, skips elsewhere."""
-    if importlib.util.find_spec("pjsua2") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("pjsua2 (pip install pjsua2-python) is required on CI but not installed")
-        pytest.skip("pjsua2 not installed")
-
-
 # -- media modes ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Media:
-    """How sbc carries RTP in a test: its own relay, or the rtpengine daemon of this module."""
-
-    mode: Literal["relay", "rtpengine"] = "relay"
-    rtpengine: Rtpengine | None = None
-
-    @property
-    def host(self) -> str:
-        """The address both phones see in SDP and get RTP from."""
-        return SBC if self.rtpengine is None else self.rtpengine.host
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +76,8 @@ def rtpengine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rtpengine]:
 @pytest.fixture(params=["relay", "rtpengine"])
 def media(request: pytest.FixtureRequest) -> Media:
     if request.param == "rtpengine":
-        return Media("rtpengine", request.getfixturevalue("rtpengine"))
-    return Media("relay")
+        return Media(SBC, "rtpengine", request.getfixturevalue("rtpengine"))
+    return Media(SBC)
 
 
 async def rtpengine_query(daemon: Rtpengine, call_id: str) -> NgReply:
@@ -118,7 +95,7 @@ class Rig:
     settings: Settings
     pbx: PbxStandIn
     retell: RetellStandIn
-    media: Media = field(default_factory=Media)
+    media: Media = field(default_factory=lambda: Media(SBC))
 
     @property
     def manager(self) -> CallManager:
@@ -177,7 +154,7 @@ def bridge_settings(
     max_concurrent: int = 20,
     media: Media | None = None,
 ) -> Settings:
-    media = media or Media()
+    media = media or Media(SBC)
     rtp_min = free_port(SBC) & ~1
     return Settings(
         sip=SipSettings(bind=SBC, port=free_port(SBC), t1=0.25, t2=2.0),
@@ -229,7 +206,7 @@ async def running_bridge(
         await service.start()
         async with asyncio.timeout(10):
             await pbx.registered.wait()
-        yield Rig(service, settings, pbx, retell_standin, media or Media())
+        yield Rig(service, settings, pbx, retell_standin, media or Media(SBC))
     finally:
         await service.stop()
         if retell:

@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import pytest
-from peers import free_port
-from rtpengine_helpers import Rtpengine, running_rtpengine
+from peers import free_port, require_pjsua2
+from rtpengine_helpers import Media, Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager
 from sbc.b2bua.transfer import TransferRecord
@@ -80,26 +78,7 @@ HANDOVER = 0.2  # seconds after the queue's answer from which the caller hears o
 RECHECK = 0.1  # seconds between checks of a condition no phone reports
 
 
-def require_pjsua2() -> None:
-    """pjsua2 from PyPI (pjsua2-python); its absence fails on CI, skips elsewhere."""
-    if importlib.util.find_spec("pjsua2") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("pjsua2 (pip install pjsua2-python) is required on CI but not installed")
-        pytest.skip("pjsua2 not installed")
-
-
 # -- media modes ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Media:
-    mode: Literal["relay", "rtpengine"] = "relay"
-    rtpengine: Rtpengine | None = None
-
-    @property
-    def host(self) -> str:
-        """The address the phones see in SDP and get RTP from."""
-        return SBC if self.rtpengine is None else self.rtpengine.host
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +90,8 @@ def rtpengine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rtpengine]:
 @pytest.fixture(params=["relay", "rtpengine"])
 def media(request: pytest.FixtureRequest) -> Media:
     if request.param == "rtpengine":
-        return Media("rtpengine", request.getfixturevalue("rtpengine"))
-    return Media("relay")
+        return Media(SBC, "rtpengine", request.getfixturevalue("rtpengine"))
+    return Media(SBC)
 
 
 async def ng_request(daemon: Rtpengine, command: str, **params: Any) -> dict[str, Any]:
