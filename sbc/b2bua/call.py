@@ -139,6 +139,7 @@ class Call:
         # (pbx_call_id, retell_call_id), whichever side called; a human leg adds its own.
         self.log = log.bind(
             call_uuid=call_uuid,
+            route=config.route,
             **{
                 _call_id_key(a_role): self.a_invite.call_id,
                 _call_id_key(b_role): b_call_id,

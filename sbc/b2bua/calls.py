@@ -42,7 +42,8 @@ import asyncio
 import ipaddress
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
@@ -111,6 +112,7 @@ def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
         media=stats,
         ladder=ladder.snapshot() if ladder is not None else (),  # summarised by the writer
         ladder_omitted=ladder.omitted if ladder is not None else 0,
+        route=call.config.route,
     )
 
 
@@ -160,9 +162,17 @@ class CallManager:
         new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
         wall_clock: Callable[[], float] | None = None,
         ladder_messages: int = 0,
+        routes: Sequence[BridgeConfig] = (),
     ) -> None:
         self.engine = engine
         self.config = config
+        # One BridgeConfig per route (settings' [[routes]]); ``config`` is the first and holds
+        # what the routes share (peers, trusted networks, limits of the whole process).
+        self.routes: tuple[BridgeConfig, ...] = (config,)
+        self._by_extension: dict[str, BridgeConfig] = {}
+        self._by_number: dict[str, BridgeConfig] = {}
+        self._set_routes(config, routes)
+        self.route_active: Counter[str] = Counter()  # calls in progress by route
         self.media = media
         self._call_media = _RetryLater(media, config.retry_after)
         # Retell's INVITEs are challenged when its trunk credentials are set (trunk_auth.py).
@@ -245,12 +255,39 @@ class CallManager:
                 self.events.publish(CallRefused(exc.status))
             incoming.reject(exc)
 
-    def reconfigure(self, config: BridgeConfig) -> None:
+    def reconfigure(self, config: BridgeConfig, routes: Sequence[BridgeConfig] = ()) -> None:
         """New calls use ``config`` (limits, header templates, transfer rules...); calls in
         progress keep the one they started with. Addresses, credentials and the trusted
-        networks must be the same (the service reloads only what may change live)."""
+        networks must be the same (the service reloads only what may change live); so must
+        the routes' names, extensions and numbers."""
         self.config = config
+        self._set_routes(config, routes)
         self._call_media.retry_after = config.retry_after
+
+    def _set_routes(self, config: BridgeConfig, routes: Sequence[BridgeConfig]) -> None:
+        self.routes = tuple(routes) or (config,)
+        self._by_extension = {route.extension: route for route in self.routes}
+        self._by_number = {route.retell.number: route for route in self.routes}
+
+    def route_for_pbx(self, request: Request) -> BridgeConfig | None:
+        """The route of an INVITE from the PBX: the one whose extension is the Request-URI's
+        user (3CX calls the registered Contact), else the To user's; None: no route."""
+        for user in (uri_user(request.uri), uri_user(request.to.uri)):
+            route = self._by_extension.get(user or "")
+            if route is not None:
+                return route
+        return None
+
+    def route_for_retell(self, request: Request) -> BridgeConfig:
+        """The route of an INVITE from Retell: the one whose number Retell calls from (From
+        user: the number the agent's call goes out on), else the one whose number is the To
+        user, else the first route."""
+        for user in (uri_user(request.from_.uri), uri_user(request.to.uri)):
+            for number in (user or "", f"+{user}"):
+                route = self._by_number.get(number)
+                if route is not None:
+                    return route
+        return self.routes[0]
 
     @property
     def draining(self) -> bool:
@@ -296,24 +333,27 @@ class CallManager:
         from_pbx = self._in(self.config.trusted, source)
         from_retell = self._in(self.config.retell_trusted, source)
         if from_pbx and from_retell:
-            # One address in both lists: the PBX calls the extension's registered Contact.
-            from_pbx = uri_user(request.uri) == self.config.extension
+            # One address in both lists: the PBX calls an extension's registered Contact.
+            from_pbx = uri_user(request.uri) in self._by_extension
             from_retell = not from_pbx
         if from_pbx:
-            if not self._for_extension(request):
+            route = self.route_for_pbx(request)
+            if route is None:
                 log.info("invite_other_extension", uri=str(request.uri), call_id=request.call_id)
-                raise NotFound(f"not extension {self.config.extension}", headers=self._server)
-            self._check_capacity(request)
-            self._start(incoming, Call(incoming, **self._call_kwargs()))
+                extensions = ", ".join(self._by_extension)
+                raise NotFound(f"not extension {extensions}", headers=self._server)
+            self._check_capacity(request, route)
+            self._start(incoming, Call(incoming, **self._call_kwargs(route)))
         elif from_retell:
-            target = self._retell_target(incoming)
-            self._check_capacity(request)
-            self._start(incoming, RetellCall(incoming, target=target, **self._call_kwargs()))
+            route = self.route_for_retell(request)
+            target = self._retell_target(incoming, route)
+            self._check_capacity(request, route)
+            self._start(incoming, RetellCall(incoming, target=target, **self._call_kwargs(route)))
         else:
             log.info("invite_untrusted", source=str(source), call_id=request.call_id)
             raise Forbidden(f"untrusted source {source}", headers=self._server)
 
-    def _retell_target(self, incoming: IncomingRequest) -> str:
+    def _retell_target(self, incoming: IncomingRequest, route: BridgeConfig) -> str:
         """The PBX number an INVITE from Retell's addresses is for, once its credentials are
         good; raises 407 (challenge), 403 (wrong credentials, target not allowed)."""
         request = incoming.request
@@ -348,17 +388,25 @@ class CallManager:
             raise ServiceUnavailable("no PBX to place calls to", headers=self._server)
         user = uri_user(request.uri) or uri_user(request.to.uri) or ""
         try:
-            return resolve_target(self.config.transfer, user)
+            return resolve_target(route.transfer, user)
         except TransferRefused as exc:
             # Toll fraud guard: Retell's calls reach only what [transfer] allows.
             log.warning("retell_target_refused", target=user, detail=exc.detail, source=source)
             raise Forbidden(exc.detail, headers=self._server) from exc
 
-    def _check_capacity(self, request: Request) -> None:
+    def _check_capacity(self, request: Request, route: BridgeConfig) -> None:
+        total = self.config.max_total
         if self._stopping:
             log.info("invite_refused_stopping", active=len(self.calls), call_id=request.call_id)
-        elif len(self.calls) >= self.config.max_concurrent:
+        elif total is not None and len(self.calls) >= total:
             log.warning("invite_over_capacity", active=len(self.calls), call_id=request.call_id)
+        elif self.route_active[route.route] >= route.max_concurrent:
+            log.warning(
+                "invite_over_capacity",
+                route=route.route,
+                active=self.route_active[route.route],
+                call_id=request.call_id,
+            )
         else:
             return
         # RFC 3261 §21.5.4: 503 with Retry-After; the caller may try again later.
@@ -366,9 +414,9 @@ class CallManager:
         detail = "shutting down" if self._stopping else "over capacity"
         raise ServiceUnavailable(detail, headers=(retry, *self._server))
 
-    def _call_kwargs(self) -> dict[str, Any]:
+    def _call_kwargs(self, route: BridgeConfig | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "config": self.config,
+            "config": self.config if route is None else route,
             "engine": self.engine,
             "media": self._call_media,
             "call_uuid": self._new_uuid(),
@@ -397,13 +445,14 @@ class CallManager:
                 )
         incoming.respond(100)
         self.calls[call.call_uuid] = call
+        self.route_active[call.config.route] += 1
         self._idle.clear()
         call.on_new_leg = lambda leg: self._route(call, leg)
         call.on_b_reached = self._b_reached
         for leg in call.all_legs:
             self._route(call, leg)
         self._invites[incoming.key] = (call, call.origin)
-        self.events.publish(CallStarted(call.call_uuid))
+        self.events.publish(CallStarted(call.call_uuid, call.config.route))
         task = asyncio.ensure_future(self._run(call, incoming.key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -427,7 +476,8 @@ class CallManager:
         try:
             await call.run()
         finally:
-            self.calls.pop(call.call_uuid, None)
+            if self.calls.pop(call.call_uuid, None) is not None:
+                self.route_active[call.config.route] -= 1
             if not self.calls:
                 self._idle.set()
             for leg in call.all_legs:
@@ -451,11 +501,6 @@ class CallManager:
         except ValueError:
             return False
         return any(address in network for network in networks)
-
-    def _for_extension(self, request: Request) -> bool:
-        # 3CX sends to the registered Contact (user = extension); To names the extension too.
-        extension = self.config.extension
-        return uri_user(request.uri) == extension or uri_user(request.to.uri) == extension
 
     # -- the ladder ----------------------------------------------------------------------------
     def handle_message(

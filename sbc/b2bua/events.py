@@ -64,11 +64,13 @@ class CallRecord:
     media: dict[str, Any] | None = None  # the media session's stats() at the end
     ladder: Sequence[LadderEntry] = ()  # the call's SIP messages (sbc/b2bua/ladder.py)
     ladder_omitted: int = 0  # messages left out of a full ladder
+    route: str = ""  # the route ([[routes]] name; "default" without [[routes]]) it took
 
 
 @dataclass(frozen=True, slots=True)
 class CallStarted:
     call_uuid: str
+    route: str = ""  # the route the call took (metrics by route)
 
 
 @dataclass(frozen=True, slots=True)

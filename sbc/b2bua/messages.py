@@ -323,6 +323,10 @@ class BridgeConfig:
     media_timeout: float | None = None  # hang up when neither leg sent RTP this long
     t1: float = 0.5
     t2: float = 4.0
+    # The route (settings' [[routes]] entry) these calls belong to: log lines, metrics, records.
+    route: str = "default"
+    # Calls of every route together (calls.max_concurrent); None: only max_concurrent counts.
+    max_total: int | None = None
 
 
 # -- responses from Retell, mapped for the PBX ------------------------------------------------

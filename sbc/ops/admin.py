@@ -2,7 +2,9 @@
 
 * ``GET /healthz``: 200 as long as the process serves HTTP at all.
 * ``GET /readyz``: 200 when every readiness check passes (registered with the PBX, ...), else
-  503; the body lists each check as ``name: ok`` or ``name: failing``.
+  503; the body lists each check as ``name: ok`` or ``name: failing``. With several routes
+  (``[[routes]]``) "registered" means every route is; ``GET /readyz?route=NAME`` checks one
+  route alone (``route NAME registered: ok``; 404 for a route that is not configured).
 * ``GET /metrics``: the Prometheus text exposition of :class:`~sbc.ops.metrics.Metrics`.
 * ``GET /calls``: the calls in progress as JSON (:func:`describe_call`), oldest first;
   ``GET /calls/{call_uuid}`` one of them (404 when there is no such call).
@@ -52,11 +54,14 @@ class AdminServer:
         bridge: CallManager | None = None,
         token: str | None = None,
         wall_clock: Callable[[], float] = time.time,
+        route_checks: Mapping[str, Callable[[], bool]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.metrics = metrics
         self.ready_checks: dict[str, Callable[[], bool]] = dict(ready_checks or {})
+        # Each route's own readiness (its registration), by route name: /readyz?route=NAME.
+        self.route_checks: dict[str, Callable[[], bool]] = dict(route_checks or {})
         self.bridge = bridge
         self._token = None if token is None else token.encode()
         self._wall = wall_clock
@@ -124,9 +129,25 @@ class AdminServer:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        route = request.query.get("route")
+        if route is not None:
+            return self._route_ready(route)
         ready, results = self.is_ready()
         body = "".join(f"{name}: {'ok' if ok else 'failing'}\n" for name, ok in results.items())
         return web.Response(status=200 if ready else 503, text=body or "ok\n")
+
+    def _route_ready(self, route: str) -> web.Response:
+        check = self.route_checks.get(route)
+        if check is None:
+            known = ", ".join(self.route_checks) or "none"
+            return web.Response(status=404, text=f"no route {route!r} (routes: {known})\n")
+        try:
+            ok = bool(check())
+        except Exception:
+            log.exception("readiness_check_failed", check=f"route {route}")
+            ok = False
+        status = "ok" if ok else "failing"
+        return web.Response(status=200 if ok else 503, text=f"route {route} registered: {status}\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=self.metrics.render())

@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 from sbc import __version__
 from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, CallRefused, CallStarted
 
-__all__ = ["CONTENT_TYPE", "Metrics", "failure_label"]
+__all__ = ["CONTENT_TYPE", "Metrics", "RouteRegistration", "failure_label"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Answered-call durations, seconds: from a short test call to a long support conversation.
@@ -117,6 +117,40 @@ class Metrics:
             buckets=SETUP_BUCKETS,
             registry=self.registry,
         )
+        # The same by route ([[routes]]; "default" without): the families above stay the
+        # process's totals (sbc_registered: 1 only while every route is registered).
+        self.route_registered = Gauge(
+            "sbc_route_registered",
+            "1 while the route's extension holds a registration with the PBX, else 0",
+            ["route"],
+            registry=self.registry,
+        )
+        self.route_register_failures = Counter(
+            "sbc_route_register_failures",
+            "Failed registration attempts of the route's extension, by status code (or "
+            "timeout / transport)",
+            ["route", "reason"],
+            registry=self.registry,
+        )
+        self.route_calls_started = Counter(
+            "sbc_route_calls_started",
+            "Calls the route took (from the PBX to its extension, or from Retell)",
+            ["route"],
+            registry=self.registry,
+        )
+        self.route_calls_active = Gauge(
+            "sbc_route_calls_active",
+            "Calls in progress on the route",
+            ["route"],
+            registry=self.registry,
+        )
+        self.route_calls_ended = Counter(
+            "sbc_route_calls_ended",
+            "Finished calls of the route, by whether the far end answered them",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
+        self._routes_registered: dict[str, bool] = {}
         self.build = Info(
             "sbc_build", "The running sbc: its version and Python's", registry=self.registry
         )
@@ -153,21 +187,41 @@ class Metrics:
     def register_failed(self, status: int | None, reason: str) -> None:
         self.register_failures.labels(reason=failure_label(status, reason)).inc()
 
+    def route_observer(self, route: str) -> RouteRegistration:
+        """The registration observer of one route's driver (each route registers on its own).
+        The route counts as not registered from now on, until its driver says otherwise."""
+        self._routes_registered[route] = False
+        self.route_registered.labels(route=route).set(0)
+        self.registered.set(0)
+        return RouteRegistration(self, route)
+
+    def route_set_registered(self, route: str, value: bool) -> None:
+        self._routes_registered[route] = value
+        self.route_registered.labels(route=route).set(1 if value else 0)
+        self.set_registered(all(self._routes_registered.values()))
+
     # -- call events (sbc.b2bua.events), delivered off the call path ---------------------------
     def on_call_event(self, event: CallEvent) -> None:
         if isinstance(event, CallStarted):
-            self.call_started(event.call_uuid)
+            self.call_started(event.call_uuid, event.route)
         elif isinstance(event, CallEnded):
             self.call_ended(event.record)
         elif isinstance(event, CallRefused):
             self.call_refused(event.status)
 
-    def call_started(self, call_uuid: str) -> None:
+    def call_started(self, call_uuid: str, route: str = "") -> None:
         self.calls_started.inc()
         self.calls_active.inc()
+        if route:
+            self.route_calls_started.labels(route=route).inc()
+            self.route_calls_active.labels(route=route).inc()
 
     def call_ended(self, record: CallRecord) -> None:
         self.calls_active.dec()
+        if record.route:
+            self.route_calls_active.labels(route=record.route).dec()
+            outcome = "answered" if record.answered is not None else "unanswered"
+            self.route_calls_ended.labels(route=record.route, outcome=outcome).inc()
         answered = record.answered is not None
         self.calls_ended.labels(outcome="answered" if answered else "unanswered").inc()
         if record.answered is not None:
@@ -183,6 +237,26 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric of this bridge."""
         return generate_latest(self.registry)
+
+
+class RouteRegistration:
+    """One route's registration driver reports here (``RegistrationObserver``): the route's
+    families, and the process's totals through :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self.metrics = metrics
+        self.route = route
+
+    def set_registered(self, value: bool) -> None:
+        self.metrics.route_set_registered(self.route, value)
+
+    def register_attempted(self) -> None:
+        self.metrics.register_attempted()
+
+    def register_failed(self, status: int | None, reason: str) -> None:
+        self.metrics.register_failed(status, reason)
+        label = failure_label(status, reason)
+        self.metrics.route_register_failures.labels(route=self.route, reason=label).inc()
 
 
 class BridgeCollector(Collector):

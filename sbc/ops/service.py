@@ -55,7 +55,7 @@ from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
 from sbc.ops.records import RecordsError, RecordWriter
-from sbc.ops.settings import CallsSettings, ConfigError, PbxSettings, Settings
+from sbc.ops.settings import CallsSettings, ConfigError, PbxSettings, Route, Settings
 from sbc.ops.systemd import Notifier
 from sbc.sip.digest import Credentials
 from sbc.sip.registration import RegistrationConfig
@@ -69,6 +69,7 @@ __all__ = [
     "StartupError",
     "advertised_host",
     "bridge_config",
+    "bridge_configs",
     "local_address_toward",
     "media_backend",
     "number_plan",
@@ -170,20 +171,24 @@ def registrar_target(settings: Settings) -> SipUri:
     return SipUri("sip", None, None, pbx.host, pbx.port, _transport_params(pbx.transport))
 
 
-def registration_config(settings: Settings, contact_host: str) -> RegistrationConfig:
+def registration_config(
+    settings: Settings, contact_host: str, route: Route | None = None
+) -> RegistrationConfig:
     """RFC 3261 §10.2: Request-URI = the domain, From/To = the extension's AOR, Contact = where
-    3CX reaches us; the digest user is 3CX's Authentication ID."""
+    3CX reaches us; the digest user is 3CX's Authentication ID. ``route``: whose extension and
+    credentials (default: the first route)."""
     pbx, sip = settings.pbx, settings.sip
+    route = route or settings.effective_routes()[0]
     domain = pbx.sip_domain
     params = _transport_params(pbx.transport)
     registrar_port = pbx.port if domain == pbx.host else None
     port = sip.tls_port if pbx.transport == "tls" and sip.tls_port else sip.port
     return RegistrationConfig(
         registrar=SipUri("sip", None, None, domain, registrar_port, params),
-        aor=SipUri("sip", pbx.extension, None, domain),
-        contact=SipUri("sip", pbx.extension, None, contact_host, port, params),
-        username=pbx.auth_id,
-        password=pbx.password.get_secret_value(),
+        aor=SipUri("sip", route.extension, None, domain),
+        contact=SipUri("sip", route.extension, None, contact_host, port, params),
+        username=route.auth_id,
+        password=route.password.get_secret_value(),
         transport=pbx.transport,
         expires=pbx.register_expires,
         backoff_base=pbx.register_backoff_base,
@@ -220,34 +225,52 @@ def number_plan(calls: CallsSettings) -> NumberPlan:
     )
 
 
-def bridge_config(settings: Settings, trusted: tuple[Network, ...] | None = None) -> BridgeConfig:
-    """The call manager's plain config; ``trusted`` defaults to :func:`pbx_networks` (which may
-    resolve ``pbx.host``). Raises TemplateError on a bad header template."""
+def bridge_config(
+    settings: Settings, trusted: tuple[Network, ...] | None = None, route: Route | None = None
+) -> BridgeConfig:
+    """The call manager's plain config of ``route`` (default: the first route); ``trusted``
+    defaults to :func:`pbx_networks` (which may resolve ``pbx.host``). Raises TemplateError on
+    a bad header template."""
     pbx, retell, calls, sip = settings.pbx, settings.retell, settings.calls, settings.sip
+    route = route or settings.effective_routes()[0]
     return BridgeConfig(
-        extension=pbx.extension,
-        retell=RetellTarget(retell.host, retell.port, retell.transport, retell.number),
+        extension=route.extension,
+        retell=RetellTarget(retell.host, retell.port, retell.transport, route.number),
         trusted=pbx_networks(pbx) if trusted is None else trusted,
         answer_timeout=retell.answer_timeout,
-        max_concurrent=calls.max_concurrent,
+        max_concurrent=route.max_concurrent,
         max_duration=calls.max_duration,
         retry_after=calls.retry_after,
         number_plan=number_plan(calls),
-        headers=compile_headers(settings.headers, calls.passthrough_x_headers),
+        headers=compile_headers(dict(route.headers), calls.passthrough_x_headers),
         user_agent=sip.user_agent,
-        pbx_credentials=Credentials(pbx.auth_id, pbx.password.get_secret_value()),
+        pbx_credentials=Credentials(route.auth_id, route.password.get_secret_value()),
         pbx=PbxTarget(pbx.host, pbx.port, pbx.transport, pbx.sip_domain),
         retell_credentials=retell_credentials(settings),
         retell_trusted=tuple(retell.trusted),
         transfer=TransferConfig(
-            mode=settings.transfer.mode,
-            allow=settings.transfer.allow,
-            targets=settings.transfer.targets,
-            ring_timeout=settings.transfer.ring_timeout,
+            mode=route.transfer.mode,
+            allow=route.transfer.allow,
+            targets=route.transfer.targets,
+            ring_timeout=route.transfer.ring_timeout,
         ),
         media_timeout=settings.media.media_timeout,
         t1=sip.t1,
         t2=sip.t2,
+        route=route.name,
+        max_total=calls.max_concurrent,
+    )
+
+
+def bridge_configs(
+    settings: Settings, trusted: tuple[Network, ...] | None = None
+) -> tuple[BridgeConfig, ...]:
+    """One :func:`bridge_config` per route, in the order of the settings (the first is the
+    call manager's ``config``); ``pbx.host`` is resolved once for all of them."""
+    networks = pbx_networks(settings.pbx) if trusted is None else trusted
+    return tuple(
+        bridge_config(settings, trusted=networks, route=route)
+        for route in settings.effective_routes()
     )
 
 
@@ -295,21 +318,30 @@ class Service:
         self.metrics = Metrics()
         contact_host = advertised_host(settings)
         self.engine = SipEngine(transport_config(settings, contact_host))
-        registration_observer: RegistrationObserver = self.metrics
-        self.registration = RegistrationDriver(
-            self.engine,
-            registration_config(settings, contact_host),
-            target=registrar_target(settings),
-            keepalive=settings.pbx.keepalive,
-            keepalive_interval=settings.sip.keepalive_interval,
-            observer=registration_observer,
-        )
+        # One registration per route, each with its own Call-ID, refresh and backoff: a route
+        # whose credentials fail keeps retrying alone while the others take calls.
+        self.registrations: dict[str, RegistrationDriver] = {}
+        for route in settings.effective_routes():
+            observer: RegistrationObserver = self.metrics.route_observer(route.name)
+            self.registrations[route.name] = RegistrationDriver(
+                self.engine,
+                registration_config(settings, contact_host, route),
+                target=registrar_target(settings),
+                keepalive=settings.pbx.keepalive,
+                keepalive_interval=settings.sip.keepalive_interval,
+                observer=observer,
+            )
+        # The first route's (the only one without [[routes]]): what reads a single one.
+        self.registration = next(iter(self.registrations.values()))
         self.admin = AdminServer(
             settings.admin.host,
             settings.admin.port,
             metrics=self.metrics,
-            ready_checks={"registered": lambda: self.registration.registered},
+            ready_checks={"registered": lambda: self.registered},
             token=settings.admin.bearer_token(),
+            route_checks={
+                name: _registered_check(driver) for name, driver in self.registrations.items()
+            },
         )
         self.media = media_backend(settings, self.engine.config.via_host)
         # Call records (sbc/ops/records.py); counters for metrics: records.written,
@@ -319,11 +351,13 @@ class Service:
         self.records: RecordWriter | None = (
             None if database is None else RecordWriter(database, keep_days=records.keep_days)
         )
+        configs = bridge_configs(settings)
         self.bridge = CallManager(
             self.engine,
-            bridge_config(settings),
+            configs[0],
             self.media,
             ladder_messages=records.ladder_messages if self.records is not None else 0,
+            routes=configs,
         )
         self.bridge.events.subscribe(self.metrics.on_call_event)
         if self.records is not None:
@@ -370,12 +404,26 @@ class Service:
             self._started.append(self.engine.stop)
             # Stopped in reverse: the calls end (BYE, CANCEL; the media and the call events
             # closed), then the registration is removed, then the engine stops.
-            self._started.append(lambda: self.registration.stop(UNREGISTER_WAIT))
+            self._started.append(self._stop_registrations)
             self._started.append(self.bridge.stop)
-            await self.registration.start()
+            for registration in self.registrations.values():
+                await registration.start()
         except BaseException:
             await self.stop()
             raise
+
+    @property
+    def registered(self) -> bool:
+        """Every route holds its registration."""
+        return all(r.registered for r in self.registrations.values())
+
+    async def wait_settled(self) -> None:
+        """Every route's first registration attempt ended (registered, or failed)."""
+        await asyncio.gather(*(r.wait_settled() for r in self.registrations.values()))
+
+    async def _stop_registrations(self) -> None:
+        """Unregister every route at once (each waits up to UNREGISTER_WAIT for its answer)."""
+        await asyncio.gather(*(r.stop(UNREGISTER_WAIT) for r in self.registrations.values()))
 
     async def _close_records(self) -> None:
         """Every call event delivered (the calls have ended by now), then the last row
@@ -410,9 +458,13 @@ class Service:
             current = update.get(section, getattr(old, section))
             value = getattr(getattr(new, section), name)
             update[section] = current.model_copy(update={name: value})
+        # [[routes]] (added, removed or changed) is not in LIVE_SECTIONS: the running routes
+        # stay as they are, their keys are reported as waiting for a restart, and the live
+        # sections apply to every route that falls back to them.
         merged = old.model_copy(update=update)
         # The trusted networks were resolved at start (pbx.host); they stay.
-        self.bridge.reconfigure(bridge_config(merged, trusted=self.bridge.config.trusted))
+        configs = bridge_configs(merged, trusted=self.bridge.config.trusted)
+        self.bridge.reconfigure(configs[0], configs)
         self.settings = merged
         return live, frozen
 
@@ -427,6 +479,10 @@ class Service:
                 log.exception("stop_failed", part=getattr(stop, "__qualname__", repr(stop)))
 
 
+def _registered_check(driver: RegistrationDriver) -> Callable[[], bool]:
+    return lambda: driver.registered
+
+
 def _flat(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     if isinstance(value, BaseModel):
         for name in type(value).model_fields:
@@ -434,6 +490,10 @@ def _flat(value: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     elif isinstance(value, dict):
         for key, item in value.items():
             yield from _flat(item, f"{prefix}.{key}")
+    elif prefix == "routes" and isinstance(value, tuple):
+        # By name, so that a reload names the route that changed (routes.sales.number).
+        for route in value:
+            yield from _flat(route, f"{prefix}.{route.name}")
     else:
         yield prefix, value
 
@@ -538,8 +598,9 @@ def _status(service: Service) -> str:
     """One line for ``systemctl status``."""
     settings = service.settings
     pbx = f"{settings.pbx.host}:{settings.pbx.port}/{settings.pbx.transport}"
-    state = "registered" if service.registration.registered else "registering"
-    return f"{state} with {pbx} as {settings.pbx.extension}; {service.bridge.active} calls"
+    state = "registered" if service.registered else "registering"
+    extensions = ", ".join(r.config.aor.user or "" for r in service.registrations.values())
+    return f"{state} with {pbx} as {extensions}; {service.bridge.active} calls"
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:
@@ -597,7 +658,7 @@ async def serve(
         # READY=1 once the first registration attempt ended (registered, or failed and
         # retrying): `systemctl start` then returns with the registration's outcome known.
         await _first(
-            service.registration.wait_settled(),
+            service.wait_settled(),
             stop_event.wait(),
             limit=service.registration.config.request_timeout + 1.0,
         )

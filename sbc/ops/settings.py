@@ -65,6 +65,8 @@ __all__ = [
     "PbxSettings",
     "RecordsSettings",
     "RetellSettings",
+    "Route",
+    "RouteSettings",
     "Settings",
     "SipSettings",
     "TransferSettings",
@@ -602,6 +604,68 @@ class RecordsSettings(_Section):
         return state_directory(env) / self.path  # an absolute path stays as it is
 
 
+DEFAULT_ROUTE = "default"  # the name of the one implicit route of a config without [[routes]]
+# A route's password in $CREDENTIALS_DIRECTORY: route_<name>_password (LoadCredential=).
+ROUTE_CREDENTIAL = "route_{name}_password"
+# Keys of [pbx] and [retell] that belong to each [[routes]] entry once there are routes.
+ROUTE_KEYS = {"pbx": ("extension", "auth_id", "password"), "retell": ("number",)}
+_ROUTE_STAND_INS = {"extension": "0", "auth_id": "", "password": "-", "number": "+10000000"}
+
+
+class RouteSettings(_Section):
+    """One ``[[routes]]`` entry: a 3CX extension of its own, bridged to a Retell number of its
+    own. What it leaves unset comes from the top level (``[headers]``, ``[transfer] targets``,
+    ``calls.max_concurrent``); the peers (``[pbx]`` host, port, transport, trusted; ``[retell]``
+    host, trunk credentials) are shared by every route."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    extension: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z*#+._-]+$")
+    auth_id: str = Field(default="", max_length=128)  # "": the extension (filled in at load)
+    password: Secret
+    number: str
+    headers: dict[HeaderName, HeaderTemplate] | None = None  # None: the top-level [headers]
+    transfer_targets: dict[str, str] | None = None  # None: [transfer] targets
+    max_concurrent: int | None = Field(default=None, ge=1)  # None: calls.max_concurrent
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_extension(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("auth_id") in (None, "") and isinstance(data.get("extension"), str):
+                data["auth_id"] = data["extension"]
+        return data
+
+    @field_validator("number")
+    @classmethod
+    def _e164(cls, value: str) -> str:
+        if not _E164.fullmatch(value):
+            raise ValueError(f"must be E.164 like +14155550100, got {value!r}")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _compile_headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            templates.compile_headers(value)
+        return value
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route with its fallbacks resolved: what the service builds one registration and one
+    call config from (:meth:`Settings.effective_routes`)."""
+
+    name: str
+    extension: str
+    auth_id: str
+    password: SecretStr
+    number: str
+    headers: Mapping[str, str]
+    transfer: TransferSettings
+    max_concurrent: int
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_settings` (file + environment).
 
@@ -621,6 +685,9 @@ class Settings(BaseSettings):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     records: RecordsSettings = Field(default_factory=RecordsSettings)
+    # Several extensions, each bridged to its own Retell number (docs/configuration.md,
+    # "Routes"); empty: the one implicit route "default" of [pbx] and [retell].
+    routes: tuple[RouteSettings, ...] = ()
 
     @field_validator("headers")
     @classmethod
@@ -628,6 +695,107 @@ class Settings(BaseSettings):
         # The real compile (names, duplicates differing only in case, line length).
         templates.compile_headers(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_route_keys_from_routes(cls, data: Any) -> Any:
+        """With [[routes]], [pbx] extension/auth_id/password and [retell] number are per route:
+        set there, they are refused (which would they belong to?); left out, they take the
+        first route's values, so that what reads one extension (status line, config show)
+        reads the first route's."""
+        if not isinstance(data, dict) or not data.get("routes"):
+            return data
+        routes = data["routes"]
+        first = routes[0] if isinstance(routes, list | tuple) and routes else None
+        if not isinstance(first, dict):
+            return data  # RouteSettings instances (built in code) or bad input: no filling
+        data = dict(data)
+        for section, keys in ROUTE_KEYS.items():
+            table = data.get(section)
+            if isinstance(table, BaseModel):
+                continue  # a section built in code: it carries its own values
+            table = dict(table) if isinstance(table, dict) else {}
+            for key in keys:
+                if key in table:
+                    raise ValueError(
+                        f"{section}.{key}: set it in each [[routes]] entry, not in [{section}], "
+                        "when [[routes]] is used"
+                    )
+                value = first.get(key)
+                # A missing or bad value is reported on the route (routes[0].number) alone:
+                # a stand-in that passes keeps [pbx]/[retell] from repeating the problem.
+                ok = isinstance(value, str) and (key != "number" or _E164.fullmatch(value))
+                table[key] = value if ok else _ROUTE_STAND_INS[key]
+            data[section] = table
+        return data
+
+    @model_validator(mode="after")
+    def _routes_distinct(self) -> Settings:
+        """Two routes may not share a name, an extension (3CX's INVITE would match both) or a
+        number (Retell's calls would)."""
+        problems: list[str] = []
+        for what in ("name", "extension", "number"):
+            seen: dict[str, tuple[int, str]] = {}
+            for index, route in enumerate(self.routes):
+                value = getattr(route, what)
+                key = value.lower() if what == "name" else value
+                if key in seen:
+                    first, first_name = seen[key]
+                    problems.append(
+                        f"routes[{index}] ({route.name!r}): {what} {value!r} is already "
+                        f"used by routes[{first}] ({first_name!r})"
+                    )
+                else:
+                    seen[key] = (index, route.name)
+        for index, route in enumerate(self.routes):
+            for target, number in (route.transfer_targets or {}).items():
+                if not self.transfer.allow.fullmatch(number):
+                    problems.append(
+                        f"routes[{index}].transfer_targets: target {target!r} = {number!r} does "
+                        f"not match transfer.allow {self.transfer.allow.pattern!r}"
+                    )
+        if problems:
+            raise ValueError("\n".join(problems))  # one line each (see _lines)
+        return self
+
+    def effective_routes(self) -> tuple[Route, ...]:
+        """Every route with its fallbacks filled in, in the order of the file; without
+        [[routes]] the one implicit route :data:`DEFAULT_ROUTE` of [pbx] and [retell]."""
+        if not self.routes:
+            pbx = self.pbx
+            return (
+                Route(
+                    name=DEFAULT_ROUTE,
+                    extension=pbx.extension,
+                    auth_id=pbx.auth_id,
+                    password=pbx.password,
+                    number=self.retell.number,
+                    headers=self.headers,
+                    transfer=self.transfer,
+                    max_concurrent=self.calls.max_concurrent,
+                ),
+            )
+        return tuple(
+            Route(
+                name=route.name,
+                extension=route.extension,
+                auth_id=route.auth_id,
+                password=route.password,
+                number=route.number,
+                headers=self.headers if route.headers is None else route.headers,
+                transfer=(
+                    self.transfer
+                    if route.transfer_targets is None
+                    else self.transfer.model_copy(update={"targets": route.transfer_targets})
+                ),
+                max_concurrent=(
+                    self.calls.max_concurrent
+                    if route.max_concurrent is None
+                    else route.max_concurrent
+                ),
+            )
+            for route in self.routes
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -688,6 +856,10 @@ def load_with_sources(path: Path | str | None, env: Mapping[str, str] | None = N
     for key, name in credential_paths.items():
         sources[key] = name
     _deep_merge(data, credentials)
+    # Each route's secrets: SBC_ROUTES__<NAME>__PASSWORD, then its credential file.
+    route_problems = _route_secrets(data, environ, sources)
+    if route_problems:
+        raise ConfigError(route_problems)
     # A missing required section is reported key by key ("pbx.host: required"), not as a whole.
     for name, field in Settings.model_fields.items():
         if field.is_required() and name not in data:
@@ -696,6 +868,54 @@ def load_with_sources(path: Path | str | None, env: Mapping[str, str] | None = N
         return Loaded(Settings(**data), sources)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, {**env_paths, **credential_paths})) from None
+
+
+ROUTE_ENV_KEYS = ("password", "auth_id")
+
+
+def _route_secrets(
+    data: dict[str, Any], env: Mapping[str, str], sources: dict[str, str]
+) -> list[str]:
+    """Fill each ``[[routes]]`` entry's ``password`` / ``auth_id`` from
+    ``SBC_ROUTES__<NAME>__<KEY>`` and its password from the credential file
+    ``route_<name>_password`` (same precedence as the rest: credential > environment > file).
+    Returns the problems (a variable naming no route, an unreadable credential file)."""
+    problems: list[str] = []
+    routes = data.get("routes")
+    entries = [r for r in routes if isinstance(r, dict)] if isinstance(routes, list) else []
+    by_name = {str(r.get("name", "")).lower(): r for r in entries}
+    for name in sorted(env):
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if not name.upper().startswith(ENV_PREFIX) or parts[0] != "routes" or len(parts) != 3:
+            continue
+        route = by_name.get(parts[1])
+        if route is None:
+            problems.append(f"{name}: no [[routes]] entry named {parts[1]!r}")
+        elif parts[2] not in ROUTE_ENV_KEYS:
+            problems.append(f"{name}: only {', '.join(ROUTE_ENV_KEYS)} of a route can be set here")
+        else:
+            route[parts[2]] = env[name]
+            sources[f"routes.{route.get('name')}.{parts[2]}"] = f"environment {name}"
+    directory = env.get(CREDENTIALS_ENV)
+    for route in entries if directory else ():
+        credential = ROUTE_CREDENTIAL.format(name=route.get("name"))
+        path = Path(str(directory)) / credential
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"credential {credential} ({path}): cannot read: {exc.strerror}")
+            continue
+        try:
+            text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            problems.append(f"credential {credential} ({path}): not UTF-8 text")
+            continue
+        if text.strip():  # blank: the unit's SetCredential= stand-in for "no file"
+            route["password"] = text
+            sources[f"routes.{route.get('name')}.password"] = f"credential {credential}"
+    return problems
 
 
 def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
@@ -817,6 +1037,15 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
         if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV:
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts[0] == "routes" and len(parts) != 2:
+            if len(parts) == 1:  # SBC_ROUTES: the whole array, as JSON
+                value, problem = _env_value(name, env[name], tuple)
+                if problem is None:
+                    overrides["routes"] = value
+                    origins["routes"] = name
+                else:
+                    problems.append(problem)
+            continue  # SBC_ROUTES__<NAME>__<KEY>: _route_secrets
         section = Settings.model_fields.get(parts[0])
         if section is None or len(parts) > 2:
             problems.append(f"{name}: unknown setting (expected SBC_<SECTION>__<KEY>)")
@@ -891,7 +1120,9 @@ def _lines(
         else:
             text = msg[:1].lower() + msg[1:]
             value = error.get("input")
-            secret = any(path == s or path.startswith(s + ".") for s in secrets)
+            secret = any(path == s or path.startswith(s + ".") for s in secrets) or (
+                path.startswith("routes[") and path.endswith(".password")
+            )
             if not secret and isinstance(value, str | int | float):
                 text += f", got {value!r}"
         origin = next(
@@ -899,4 +1130,7 @@ def _lines(
         )
         if origin is not None:
             text += f" (from {origin})"
-        yield f"{path}: {text}"
+        if path:
+            yield f"{path}: {text}"
+        else:  # a check across sections (routes) has no single key: its lines name them
+            yield from text.split("\n")

@@ -464,6 +464,8 @@ def test_example_config_is_valid_and_documents_every_key():
         if "." in name:
             documented[section].add(name.split(".")[1])
     for section, fields in _all_keys().items():
+        if section == "routes":
+            continue  # an array of tables, commented out: test_example_config_documents_routes
         assert section in documented, section
         missing = set(fields) - documented[section]
         assert not missing, f"[{section}] example lacks {sorted(missing)}"
