@@ -265,7 +265,7 @@ def test_service_builds_one_registration_per_route_each_with_its_own_call_id(
 class _Engine:
     """Just what CallManager's constructor reads."""
 
-    class config:  # noqa: N801 - an attribute namespace standing in for TransportConfig
+    class config:  # stands in for TransportConfig
         via_host = "127.0.0.9"
 
 
