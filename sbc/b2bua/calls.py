@@ -8,16 +8,16 @@ Every new server transaction reaches :meth:`CallManager.handle_request` (the eng
   :class:`~sbc.b2bua.messages.BridgeConfig` (``routes``: one per ``[[routes]]`` entry; see
   :meth:`CallManager.route_for_pbx` and :meth:`CallManager.route_for_retell`). From the PBX
   (``pbx.trusted``) it must be for a route's registered extension (else 404) and becomes a
-  :class:`~sbc.b2bua.call.Call` to that route's agent. From Retell (``retell.trusted``: its ``sip_invite`` transfers and outbound calls) it
-  must carry Retell's trunk credentials when ``retell.auth_username`` is set (407 challenge,
-  403 wrong credentials; ``trunk_auth.py``) and name a target the ``[transfer]`` rules allow
-  (Request-URI user, else To user; 403 otherwise), and becomes a
-  :class:`~sbc.b2bua.inbound.RetellCall` to that PBX number. An address in both lists counts as
-  the PBX when the Request-URI's user is a route's extension, else as Retell. From anywhere else:
-  403. Above the route's ``max_concurrent`` calls (or ``max_total`` for all routes together) it
-  is 503 with Retry-After (RFC 3261 §21.5.4), and so is
-  a call the media layer has no ports for (``PortsExhausted``). An accepted INVITE is answered
-  100 at once (§8.2.6.1) and handed to its new call, whose ``run`` is one task;
+  :class:`~sbc.b2bua.call.Call` to that route's agent. From Retell (``retell.trusted``: its
+  ``sip_invite`` transfers and outbound calls) it must carry Retell's trunk credentials when
+  ``retell.auth_username`` is set (407 challenge, 403 wrong credentials; ``trunk_auth.py``)
+  and name a target the route's ``[transfer]`` rules allow (Request-URI user, else To user;
+  403 otherwise), and becomes a :class:`~sbc.b2bua.inbound.RetellCall` to that PBX number. An
+  address in both lists counts as the PBX when the Request-URI's user is a route's extension,
+  else as Retell. From anywhere else: 403. Above the route's ``max_concurrent`` calls (or
+  ``max_total``, all routes together) it is 503 with Retry-After (RFC 3261 §21.5.4), and so
+  is a call the media layer has no ports for (``PortsExhausted``). An accepted INVITE is
+  answered 100 at once (§8.2.6.1) and handed to its new call, whose ``run`` is one task;
 * a request with a To tag is routed by dialog id (Call-ID, our tag) to its call and leg, or
   answered 481 (§12.2.2);
 * a NOTIFY outside a dialog is 3CX's voicemail summary: 200; other methods 405.

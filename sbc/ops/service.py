@@ -331,6 +331,8 @@ class Service:
                 keepalive_interval=settings.sip.keepalive_interval,
                 observer=observer,
             )
+            driver = self.registrations[route.name]
+            driver.log = driver.log.bind(route=route.name)  # its lines name the route
         # The first route's (the only one without [[routes]]): what reads a single one.
         self.registration = next(iter(self.registrations.values()))
         self.admin = AdminServer(

@@ -4,6 +4,7 @@ the call manager picking a route for an INVITE (from 3CX by extension, from Rete
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from sbc.b2bua.calls import CallManager
 from sbc.b2bua.messages import BridgeConfig, RetellTarget
 from sbc.ops import service
 from sbc.ops.settings import DEFAULT_ROUTE, ConfigError, Settings, load_settings, load_with_sources
+from sbc.sip.errors import ServiceUnavailable
 from sbc.sip.message import Request
 from sbc.sip.parser import parse_message
 
@@ -329,3 +331,124 @@ def test_single_config_is_one_route() -> None:
     calls = CallManager(_Engine(), SALES_ROUTE, media=None)  # type: ignore[arg-type]
     assert calls.routes == (SALES_ROUTE,)
     assert calls.route_for_retell(invite("200", "200")) is SALES_ROUTE
+
+
+def test_limit_per_route_and_for_all_routes_together() -> None:
+    limited = BridgeConfig(
+        extension="1002",
+        retell=RetellTarget("r", None, "tcp", "+14155550102"),
+        route="support",
+        max_concurrent=1,
+        max_total=3,
+    )
+    first = BridgeConfig(
+        extension="1001",
+        retell=RetellTarget("r", None, "tcp", "+14155550101"),
+        route="sales",
+        max_total=3,
+    )
+    calls = manager(first, limited)
+    request = invite("1002", "1002")
+    calls._check_capacity(request, limited)  # room
+    calls.route_active["support"] = 1
+    with pytest.raises(ServiceUnavailable) as refused:
+        calls._check_capacity(request, limited)
+    assert ("Retry-After", "30") in refused.value.headers
+    calls._check_capacity(request, first)  # the other route still has room
+    calls.calls = dict.fromkeys("abc")  # type: ignore[assignment] # three calls in all
+    with pytest.raises(ServiceUnavailable):
+        calls._check_capacity(request, first)
+
+
+# -- reload ----------------------------------------------------------------------------------------
+
+
+def test_reload_keeps_the_routes_names_their_changes_and_applies_live_fallbacks(
+    tmp_path: Path,
+) -> None:
+    text = SHARED.replace("[calls]", '[records]\npath = ""\n[calls]')
+    svc = service.Service(load_settings(write(tmp_path, text + SALES + SUPPORT), {}))
+    changed = (
+        text.replace('X-Called = "{called}"', 'X-Called = "v2-{called}"')
+        + SALES.replace("+14155550101", "+14155550109")
+        + SUPPORT.replace('"support"', '"support2"', 1)
+    )
+    live, frozen = svc.reload(load_settings(write(tmp_path, changed), {}))
+    assert live == ["headers.X-Called"]
+    assert "routes.sales.number" in frozen
+    assert "routes.support.name" in frozen and "routes.support2.name" in frozen
+    sales, support = svc.bridge.routes
+    # The running routes stay; the route falling back to [headers] takes the new templates.
+    assert (sales.route, sales.retell.number, support.route) == ("sales", "+14155550101", "support")
+    assert [t.source for t in sales.headers.templates] == ["v2-{called}"]
+    assert [t.header for t in support.headers.templates] == ["X-Route"]
+    assert svc.bridge.config is sales
+    assert svc.bridge.route_for_pbx(invite("1002", "1002")) is support
+
+
+# -- readiness and metrics by route ----------------------------------------------------------------
+
+
+async def test_readyz_per_route_and_404_for_an_unknown_route() -> None:
+    import aiohttp
+
+    from sbc.ops.admin import AdminServer
+    from sbc.ops.metrics import Metrics
+
+    state = {"sales": True, "support": False}
+    admin = AdminServer(
+        "127.0.0.1",
+        0,
+        metrics=Metrics(),
+        ready_checks={"registered": lambda: all(state.values())},
+        route_checks={name: functools.partial(state.__getitem__, name) for name in state},
+    )
+    await admin.start()
+    assert admin.address is not None
+    base = f"http://127.0.0.1:{admin.address[1]}/readyz"
+    got = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for query in ("", "?route=sales", "?route=support", "?route=nope"):
+                async with session.get(base + query) as response:
+                    got.append((response.status, await response.text()))
+    finally:
+        await admin.stop()
+    assert got == [
+        (503, "registered: failing\n"),
+        (200, "route sales registered: ok\n"),
+        (503, "route support registered: failing\n"),
+        (404, "no route 'nope' (routes: sales, support)\n"),
+    ]
+
+
+def test_metrics_by_route_and_registered_only_when_every_route_is() -> None:
+    from sbc.b2bua.events import CallEnded, CallRecord, CallStarted
+    from sbc.ops.metrics import Metrics
+
+    metrics = Metrics()
+    sales, support = metrics.route_observer("sales"), metrics.route_observer("support")
+    sales.set_registered(True)
+    support.register_attempted()
+    support.register_failed(401, "Unauthorized")
+    text = metrics.render().decode()
+    assert "sbc_registered 0.0" in text
+    assert 'sbc_route_registered{route="sales"} 1.0' in text
+    assert 'sbc_route_registered{route="support"} 0.0' in text
+    assert 'sbc_route_register_failures_total{reason="401",route="support"} 1.0' in text
+    assert 'sbc_register_failures_total{reason="401"} 1.0' in text
+    support.set_registered(True)
+    metrics.on_call_event(CallStarted("u1", "support"))
+    record = CallRecord("u1", "p", "r", "c", "1002", 1.0, 2.0, 3.0, 200, 200, "pbx_bye")
+    metrics.on_call_event(
+        CallEnded(
+            record.__class__(
+                **{**{f: getattr(record, f) for f in record.__slots__}, "route": "support"}
+            )
+        )
+    )
+    text = metrics.render().decode()
+    assert "sbc_registered 1.0" in text
+    assert 'sbc_route_calls_started_total{route="support"} 1.0' in text
+    assert 'sbc_route_calls_active{route="support"} 0.0' in text
+    assert 'sbc_route_calls_ended_total{outcome="answered",route="support"} 1.0' in text
