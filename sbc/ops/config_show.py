@@ -39,6 +39,8 @@ def render(loaded: Loaded, path: Path | None = None) -> str:
         elif isinstance(value, dict):
             lines.append(f"[{section}]")
             lines.extend(_table(section, value, sources))
+        elif isinstance(value, tuple) and all(isinstance(item, BaseModel) for item in value):
+            lines.extend(_array(section, value, sources))
         else:  # not in this version's settings; kept generic
             lines.append(_line(section, value, sources.get(section, "default")))
     return "\n".join(lines) + "\n"
@@ -59,6 +61,25 @@ def _section(name: str, model: BaseModel, sources: Mapping[str, str]) -> Iterato
         yield ""
         yield f"[{dotted}]"
         yield from _table(dotted, table, sources)
+
+
+def _array(name: str, models: tuple[BaseModel, ...], sources: Mapping[str, str]) -> Iterator[str]:
+    """An array of tables (``[[routes]]``); a key's source is looked up by the entry's name
+    (``routes.sales.password``), else the array's own."""
+    if not models:
+        yield f"# [[{name}]]: none  # default"
+    for index, model in enumerate(models):
+        if index:
+            yield ""
+        yield f"[[{name}]]"
+        entry = getattr(model, "name", str(index))
+        for key, field in type(model).model_fields.items():
+            value = getattr(model, key)
+            source = sources.get(f"{name}.{entry}.{key}", sources.get(name, "default"))
+            if value is None:
+                source = "default: the top-level setting"  # headers, targets, limit
+            secret = "SecretStr" in repr(field.annotation)
+            yield _line(key, value, source, secret=secret)
 
 
 def _table(dotted: str, table: dict[str, Any], sources: Mapping[str, str]) -> Iterator[str]:
@@ -99,4 +120,6 @@ def _value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # an inline table ([[routes]] headers)
+        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"no TOML form for {type(value).__name__}")

@@ -452,3 +452,21 @@ def test_metrics_by_route_and_registered_only_when_every_route_is() -> None:
     assert 'sbc_route_calls_started_total{route="support"} 1.0' in text
     assert 'sbc_route_calls_active{route="support"} 0.0' in text
     assert 'sbc_route_calls_ended_total{outcome="answered",route="support"} 1.0' in text
+
+
+def test_config_show_prints_each_route_and_never_its_password(tmp_path: Path) -> None:
+    import tomllib
+
+    from sbc.ops.config_show import render
+
+    path = write(tmp_path, SHARED + SALES + SUPPORT)
+    text = render(load_with_sources(path, {"SBC_ROUTES__SALES__PASSWORD": "env-secret"}), path)
+    assert "pw-1002" not in text and "env-secret" not in text
+    assert 'password = "<set>"  # environment SBC_ROUTES__SALES__PASSWORD' in text
+    assert "# max_concurrent is unset  # default: the top-level setting" in text
+    routes = tomllib.loads(text)["routes"]
+    assert [(r["name"], r["extension"], r["number"]) for r in routes] == [
+        ("sales", "1001", "+14155550101"),
+        ("support", "1002", "+14155550102"),
+    ]
+    assert routes[1]["headers"] == {"X-Route": "support"}
