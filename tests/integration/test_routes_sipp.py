@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from peers import free_port
 from sipp_helpers import Sipp, start_sipp
 
@@ -162,27 +163,36 @@ def verdicts(registrar: Sipp) -> list[tuple[str, str, str]]:
     return found
 
 
+async def two_calls(tmp_path: Path, service: Service, port: int) -> tuple[Request, Request, str]:
+    """Both routes registered, ready; one call to each extension: Retell's two INVITEs and
+    the metrics after them."""
+    async with asyncio.timeout(10):
+        for registration in service.registrations.values():
+            await registration.wait_registered()
+    assert (await readyz(service))[0] == 200
+    assert await readyz(service, "?route=support") == (200, "route support registered: ok\n")
+    # Each route registered on its own: its own Call-ID and AOR.
+    aors = {r.core.call_id: str(r.config.aor) for r in service.registrations.values()}
+    assert len(aors) == 2 and {a.split("@")[0] for a in aors.values()} == {
+        "sip:1001",
+        "sip:1002",
+    }
+    (invite_a,) = await call(tmp_path, service, port, "1001")
+    (invite_b,) = await call(tmp_path, service, port, "1002")
+    await settled(service)
+    exposition = await metrics(service)
+    return invite_a, invite_b, exposition
+
+
 async def test_two_routes_register_and_each_call_reaches_its_number_with_its_headers(
     tmp_path: Path,
 ) -> None:
     for extension in ("1001", "1002"):
         (tmp_path / extension).mkdir()
-    async with running(tmp_path, password_2=CREDENTIALS["pass2"]) as (service, registrar, port):
-        async with asyncio.timeout(10):
-            for registration in service.registrations.values():
-                await registration.wait_registered()
-        assert (await readyz(service))[0] == 200
-        assert await readyz(service, "?route=support") == (200, "route support registered: ok\n")
-        # Each route registered on its own: its own Call-ID and AOR.
-        aors = {r.core.call_id: str(r.config.aor) for r in service.registrations.values()}
-        assert len(aors) == 2 and {a.split("@")[0] for a in aors.values()} == {
-            "sip:1001",
-            "sip:1002",
-        }
-        (invite_a,) = await call(tmp_path, service, port, "1001")
-        (invite_b,) = await call(tmp_path, service, port, "1002")
-        await settled(service)
-        exposition = await metrics(service)
+    with structlog.testing.capture_logs() as logs:
+        async with running(tmp_path, password_2=CREDENTIALS["pass2"]) as running_parts:
+            service, registrar, port = running_parts
+            invite_a, invite_b, exposition = await two_calls(tmp_path, service, port)
     # Call to 1001: number A, route 1's headers; to 1002: number B, route 2's (no fallback).
     assert uri_user(invite_a.uri) == NUMBER_A and uri_user(invite_a.to.uri) == NUMBER_A
     assert invite_a.headers.get("X-Route") == "sales"
@@ -205,6 +215,11 @@ async def test_two_routes_register_and_each_call_reaches_its_number_with_its_hea
     assert 'sbc_route_calls_active{route="sales"} 0.0' in exposition
     assert 'sbc_route_registered{route="support"} 1.0' in exposition
     assert "sbc_registered 1.0" in exposition
+    # Log lines name the route: the calls' and each registration's.
+    answered = {e["route"]: e for e in logs if e["event"] == "call_answered"}
+    assert set(answered) == {"sales", "support"}
+    registered = {e["route"] for e in logs if e["event"] == "registered"}
+    assert registered == {"sales", "support"}
 
 
 async def test_wrong_credentials_on_route_2_leave_route_1_working(tmp_path: Path) -> None:

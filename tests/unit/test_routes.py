@@ -470,3 +470,73 @@ def test_config_show_prints_each_route_and_never_its_password(tmp_path: Path) ->
         ("support", "1002", "+14155550102"),
     ]
     assert routes[1]["headers"] == {"X-Route": "support"}
+
+
+# -- calls through the manager, on the scripted engine ---------------------------------------------
+
+
+async def test_each_call_takes_its_routes_number_extension_and_name() -> None:
+    """3CX's INVITE to 102 goes to route 2's number; Retell's INVITE from route 2's number goes
+    to the PBX from extension 102 with route 2's credentials; both calls carry the route."""
+    import dataclasses
+    import ipaddress
+
+    from sbc.b2bua.events import CallEvent, CallStarted
+    from sbc.media.base import PassthroughBackend
+    from sbc.net.addresses import Destination
+    from sbc.net.engine import IncomingRequest
+    from sbc.sip.digest import Credentials
+    from sbc.sip.uri import parse_uri
+    from tests.unit.call_harness import PBX_SOURCE, FakeEngine, a_invite, config
+    from tests.unit.test_inbound import retell_invite
+
+    nets = {
+        "trusted": (ipaddress.ip_network("10.0.0.0/24"),),
+        "retell_trusted": (ipaddress.ip_network("192.0.2.0/24"),),
+    }
+    first = config(route="sales", **nets)
+    second = config(
+        route="support",
+        extension="102",
+        retell=RetellTarget("retell.test", 5060, "tcp", "+14155550102"),
+        pbx_credentials=Credentials("auth-102", "pw-102"),
+        **nets,
+    )
+    engine = FakeEngine()
+    calls = CallManager(engine, first, PassthroughBackend(), routes=(first, second))  # type: ignore[arg-type]
+    events: list[CallEvent] = []
+    calls.events.subscribe(events.append)
+    to_102 = a_invite()
+    to_102 = dataclasses.replace(
+        to_102,
+        uri=parse_uri("sip:102@10.0.0.5:5060"),
+        headers=to_102.headers.set("To", "<sip:102@10.0.0.5>"),
+    )
+    calls.handle_request(IncomingRequest(engine, "k1", to_102, PBX_SOURCE, None))  # type: ignore[arg-type]
+    await engine.wait(lambda: engine.requests("INVITE"))
+    (to_retell,) = engine.requests("INVITE")
+    assert uri_user_of(to_retell.request.uri) == "+14155550102"
+    from_retell = retell_invite("800")
+    from_retell = dataclasses.replace(
+        from_retell,
+        headers=from_retell.headers.set("From", "<sip:+14155550102@sip.retellai.com>;tag=r"),
+    )
+    retell_source = Destination("tcp", "192.0.2.9", 5060)
+    calls.handle_request(IncomingRequest(engine, "k2", from_retell, retell_source, None))  # type: ignore[arg-type]
+    await engine.wait(lambda: len(engine.requests("INVITE")) == 2)
+    to_pbx = engine.requests("INVITE")[1].request
+    assert uri_user_of(to_pbx.uri) == "800"
+    assert uri_user_of(to_pbx.from_.uri) == "102"
+    assert sorted(c.config.route for c in calls.calls.values()) == ["support", "support"]
+    assert calls.route_active == {"support": 2}
+    await calls.stop()
+    assert calls.route_active["support"] == 0
+    started = [e.route for e in events if isinstance(e, CallStarted)]
+    assert started == ["support", "support"]
+    assert sorted(r.route for r in calls.records) == ["support", "support"]
+
+
+def uri_user_of(uri: object) -> str | None:
+    from sbc.b2bua.messages import uri_user
+
+    return uri_user(uri)  # type: ignore[arg-type]
