@@ -512,7 +512,7 @@ async def test_each_call_takes_its_routes_number_extension_and_name() -> None:
         uri=parse_uri("sip:102@10.0.0.5:5060"),
         headers=to_102.headers.set("To", "<sip:102@10.0.0.5>"),
     )
-    calls.handle_request(IncomingRequest(engine, "k1", to_102, PBX_SOURCE, None))  # type: ignore[arg-type]
+    calls.handle_request(IncomingRequest(engine, "k1", to_102, PBX_SOURCE, None))
     await engine.wait(lambda: engine.requests("INVITE"))
     (to_retell,) = engine.requests("INVITE")
     assert uri_user_of(to_retell.request.uri) == "+14155550102"
@@ -522,7 +522,7 @@ async def test_each_call_takes_its_routes_number_extension_and_name() -> None:
         headers=from_retell.headers.set("From", "<sip:+14155550102@sip.retellai.com>;tag=r"),
     )
     retell_source = Destination("tcp", "192.0.2.9", 5060)
-    calls.handle_request(IncomingRequest(engine, "k2", from_retell, retell_source, None))  # type: ignore[arg-type]
+    calls.handle_request(IncomingRequest(engine, "k2", from_retell, retell_source, None))
     await engine.wait(lambda: len(engine.requests("INVITE")) == 2)
     to_pbx = engine.requests("INVITE")[1].request
     assert uri_user_of(to_pbx.uri) == "800"
