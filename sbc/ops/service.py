@@ -2,8 +2,9 @@
 
 :func:`serve` is the whole life of the process, in order:
 
-1. build (:class:`Service`): metrics, the SIP engine (transports + transactions), the
-   registration driver, the admin HTTP endpoint, the media backend and the call manager
+1. build (:class:`Service`): metrics, the SIP engine (transports + transactions), one
+   registration driver per route (``[[routes]]``; without it, the one implicit route), the
+   admin HTTP endpoint, the media backend and the call manager
    (:class:`~sbc.b2bua.calls.CallManager`, "the bridge");
 2. start them (admin, media, SIP, registration); set ``ready`` once SIP listens and the first
    REGISTER is on its way. A part that cannot start (port in use, rtpengine not answering) is a
