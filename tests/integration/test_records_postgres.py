@@ -29,7 +29,8 @@ from pg_server import PASSWORD, PostgresServer, postgres_server
 from sbc_process import REPO, running_sbc_process
 from sipp_helpers import Sipp, start_sipp
 
-from sbc.ops.records import COLUMNS, SCHEMA_VERSION, find_call, list_calls
+from sbc.ops.records import COLUMNS, SCHEMA_VERSION, RecordWriter, find_call, list_calls
+from sbc.ops.records import connect_readonly as sqlite_readonly
 from sbc.ops.records_pg import PostgresRecordWriter, connect_readonly
 from tests.unit.test_records import make_record
 
@@ -49,7 +50,9 @@ def server() -> Iterator[PostgresServer]:
 # -- two sbc instances, one database --------------------------------------------------------------
 
 
-def _settings(server: PostgresServer, instance: str, port: int, registrar: int, retell: int):
+def _settings(
+    server: PostgresServer, instance: str, port: int, registrar: int, retell: int
+) -> dict[str, dict[str, Any]]:
     url = server.url_with_password if instance == "sbc-b" else server.url
     return {
         "sip": {"bind": SBC, "port": port, "t1": 0.25, "t2": 2.0},
@@ -217,14 +220,10 @@ async def test_schema_created_once_and_rows_read_back_like_sqlite(
     assert list(rows[0]) == list(COLUMNS)
     assert rows[1]["instance"] == "w2" and rows[0]["instance"] == "w1"
     # the same record, as SQLite stores and reads it
-    sqlite_writer = __import__("sbc.ops.records", fromlist=["RecordWriter"]).RecordWriter(
-        tmp_path / "calls.sqlite3", instance="w2"
-    )
+    sqlite_writer = RecordWriter(tmp_path / "calls.sqlite3", instance="w2")
     await sqlite_writer.start()
     await sqlite_writer.write(record)
     await sqlite_writer.close()
-    from sbc.ops.records import connect_readonly as sqlite_readonly
-
     lite = sqlite_readonly(tmp_path / "calls.sqlite3")
     expected = find_call(lite, "u-1")
     lite.close()
