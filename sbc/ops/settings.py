@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -582,25 +582,39 @@ POSTGRESQL_SCHEMES = ("postgresql", "postgres")
 _REDACTED = "***"
 
 
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
 def redact_url(text: str) -> str:
-    """``text`` with the password of a URL in it (``scheme://user:PASSWORD@host``, or a
-    ``password=`` query parameter as libpq takes it) replaced by ``***``; anything else as it
-    is. For logs, errors and ``sbc config show``."""
+    """``text`` with the password of every URL in it (``scheme://user:PASSWORD@host``, or a
+    ``password=`` query parameter as libpq takes it) replaced by ``***``; the rest as it is.
+    For logs, errors and ``sbc config show``."""
     if "://" not in text:
         return text
+    return _URL_IN_TEXT.sub(lambda match: _redact_one(match.group(0)), text)
+
+
+def _redact_one(url: str) -> str:
     try:
-        parts = urlsplit(text)
+        parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return _REDACTED  # not a URL we can take apart: show none of it
-    netloc = parts.netloc
-    userinfo, at, hostinfo = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:{_REDACTED}@{hostinfo}"
-    if any(key == "password" for key, _ in query):
-        query = [(k, _REDACTED if k == "password" else v) for k, v in query]
-        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    in_userinfo = bool(at) and ":" in userinfo
+    in_query = any(key == "password" for key, _ in query)
+    if not (in_userinfo or in_query):
+        return url  # as written (urlunsplit would normalise a postgresql:///db?host=... URL)
+    netloc = f"{userinfo.partition(':')[0]}:{_REDACTED}@{hostinfo}" if in_userinfo else parts.netloc
+    text = parts.query
+    if in_query:
+        text = urlencode([(k, _REDACTED if k == "password" else v) for k, v in query], safe="*/")
+    # by hand: urlunsplit drops the // of an empty host (postgresql:///db?host=/run/...)
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{text}" if text else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 def _default_instance() -> str:

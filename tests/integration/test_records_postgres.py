@@ -4,6 +4,8 @@ directory, a loopback port):
 * two ``sbc run`` instances, each with its own 3CX registrar, caller and Retell (SIPp), write
   their calls' records to one database; ``sbc calls --json`` lists both instances' calls, and
   neither instance's log nor ``sbc config show`` has the database password in it;
+* a database that cannot be reached at all (a closed port): the writer starts, counts every
+  record as failed, logs the outage once; ``sbc calls`` says so without the password;
 * the writer in-process: the table created once by two writers starting together, a row read
   back as SQLite gives it, pruning (``keep_days``), a server down at start and lost mid-run
   (records counted as failed, one log line per outage, reconnected after the backoff).
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,15 +32,18 @@ from pg_server import PASSWORD, PostgresServer, postgres_server
 from sbc_process import REPO, running_sbc_process
 from sipp_helpers import Sipp, start_sipp
 
+from sbc.ops import cli
 from sbc.ops.records import COLUMNS, SCHEMA_VERSION, RecordWriter, find_call, list_calls
 from sbc.ops.records import connect_readonly as sqlite_readonly
 from sbc.ops.records_pg import PostgresRecordWriter, connect_readonly
+from sbc.ops.settings import redact_url
 from tests.unit.test_records import make_record
 
 pytestmark = pytest.mark.integration
 
 CALLS = 8  # per instance
 DAY = 86_400.0
+SECRET = "pw-Hunter9"
 NOW = 1_750_000_000.0
 
 
@@ -283,3 +289,50 @@ async def test_a_database_down_at_start_and_lost_mid_run_stops_nothing(
     assert [line["failed"] for line in reconnected] == [4, 2]
     assert all(PASSWORD not in str(line) for line in logs)
     assert sorted(r["call_uuid"] for r in read(server)) == ["e", "h", "i"]
+
+
+# -- no server at all (a closed loopback port) ---------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_sbc_calls_reports_an_unreachable_database_without_its_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "sbc.toml"
+    url = f"postgresql://sbc:{SECRET}@127.0.0.1:{closed_port()}/x"
+    config.write_text(f'[records]\nurl = "{url}"\n')
+    assert cli.main(["calls", "--config", str(config)]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err.startswith("call records postgresql://sbc:***@127.0.0.1:") and SECRET not in err
+
+
+async def test_an_unreachable_database_stops_no_start_and_counts_every_record() -> None:
+    clock = [0.0]
+    url = f"postgresql://sbc:{SECRET}@127.0.0.1:{closed_port()}/x"
+    writer = PostgresRecordWriter(url, monotonic=lambda: clock[0], retry_min=1.0, retry_max=4.0)
+    with structlog.testing.capture_logs() as logs:
+        await writer.start()  # sbc starts all the same
+        assert not writer.connected
+        for second in range(10):  # tries at 1, 3, 7 (backoff 1, 2, 4); fails every record
+            clock[0] = float(second)
+            assert await writer.write_many([make_record(f"a{second}"), make_record("b")]) == [
+                False,
+                False,
+            ]
+        assert await writer.prune() == 0  # nothing to prune, and no second error line
+        await writer.close()
+    assert (writer.written, writer.failed, writer.outages) == (0, 20, 1)
+    events = [line["event"] for line in logs]
+    assert events.count("call_records_unavailable") == 1
+    assert events.count("call_record_write_failed") == 1
+    assert "call_records_prune_failed" not in events
+    assert writer._retry_at == 7.0 + 4.0
+    (unavailable,) = [line for line in logs if line["event"] == "call_records_unavailable"]
+    assert unavailable["path"] == redact_url(url)
+    assert all(SECRET not in str(line) for line in logs)
