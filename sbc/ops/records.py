@@ -420,6 +420,7 @@ class RecordWriter:
             schema=SCHEMA_VERSION,
             migrated_from=found if found != SCHEMA_VERSION else None,
             keep_days=self.keep_days,
+            **self._opened_fields(),
         )
         await self.prune()
         self._pruning = asyncio.ensure_future(self._prune_daily())
@@ -439,6 +440,10 @@ class RecordWriter:
             log.exception("call_records_close_failed", path=self.target)
         await self._shutdown_executor()
         log.info("call_records_closed", path=self.target, written=self.written, failed=self.failed)
+
+    def _opened_fields(self) -> dict[str, Any]:
+        """More for the ``call_records_opened`` line (a store's own)."""
+        return {}
 
     # -- the bus's observer ----------------------------------------------------------------------
     async def on_call_event(self, event: CallEvent) -> None:

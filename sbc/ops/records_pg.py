@@ -236,6 +236,10 @@ class PostgresRecordWriter(RecordWriter):
         """Whether the worker holds a connection (read from any thread: a snapshot)."""
         return self._conn is not None
 
+    def _opened_fields(self) -> dict[str, Any]:
+        # False: the database was down at start (call_records_unavailable said why)
+        return {"instance": self.instance, "connected": self.connected}
+
     def _scrub(self, exc: BaseException) -> str:
         return scrub(str(exc) or type(exc).__name__, self._password, self._params.get("password"))
 

@@ -128,8 +128,15 @@ async def test_two_instances_write_to_one_database_and_sbc_calls_lists_both(
         ):
             for sbc in (a, b):
                 await sbc.wait_event("registered", 30)
-            opened = [(await sbc.wait_event("call_records_opened", 5))["path"] for sbc in (a, b)]
-            assert opened == [server.url, server.url.replace("sbc@", "sbc:***@")]
+            opened = [await sbc.wait_event("call_records_opened", 5) for sbc in (a, b)]
+            assert [line["path"] for line in opened] == [
+                server.url,
+                server.url.replace("sbc@", "sbc:***@"),
+            ]
+            assert [(line["instance"], line["connected"]) for line in opened] == [
+                ("sbc-a", True),
+                ("sbc-b", True),
+            ]
             callers = []
             for _name, port, _ in instances:
                 caller = await start_sipp(
@@ -333,6 +340,8 @@ async def test_an_unreachable_database_stops_no_start_and_counts_every_record() 
     assert events.count("call_record_write_failed") == 1
     assert "call_records_prune_failed" not in events
     assert writer._retry_at == 7.0 + 4.0
+    (opened,) = [line for line in logs if line["event"] == "call_records_opened"]
+    assert opened["connected"] is False
     (unavailable,) = [line for line in logs if line["event"] == "call_records_unavailable"]
     assert unavailable["path"] == redact_url(url)
     assert all(SECRET not in str(line) for line in logs)
