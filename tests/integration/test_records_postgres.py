@@ -177,6 +177,12 @@ async def test_two_instances_write_to_one_database_and_sbc_calls_lists_both(
         assert {r["end_reason"] for r in rows} == {"pbx_bye"}
         assert all(r["x_headers"]["X-Called"] == EXTENSION for r in rows)
         assert [r["started"] for r in rows] == sorted((r["started"] for r in rows), reverse=True)
+        # the text list: a column for the instance, both there
+        code, text, err = await _run(*argv[:4], "--config", str(config_a), env={**environ, **env})
+        assert code == 0, err
+        lines = text.splitlines()
+        assert lines[0].split()[-2:] == ["instance", "call_uuid"]
+        assert {line.split()[-2] for line in lines[1:]} == {"sbc-a", "sbc-b"}
         # ... and `calls show` with the ladder of both legs, read from PostgreSQL
         code, shown, err = await _run(
             *argv[:4], "show", rows[0]["call_uuid"], "--json", "--config", str(config_a),

@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from sbc.ops import calls_cmd, cli, records_pg
+from sbc.ops.ladder_view import render_calls, render_record
 from sbc.ops.records import (
     COLUMNS,
     JSON_COLUMNS,
@@ -308,3 +309,18 @@ def test_sbc_calls_opens_the_configured_postgresql(
     assert "cannot read: down" in capsys.readouterr().err
     with pytest.raises(calls_cmd.UsageError, match="in PostgreSQL"):
         calls_cmd.database_path(None, config, {})
+
+
+def test_sbc_calls_text_shows_the_instance_when_there_are_several() -> None:
+    one = {"call_uuid": "u-1", "started": NOW, "instance": "sbc-a", "end_reason": "pbx_bye"}
+    other = {**one, "call_uuid": "u-2", "instance": "sbc-b-long-name"}
+    listing = render_calls([one, other]).splitlines()
+    assert listing[0].split()[-2:] == ["instance", "call_uuid"]
+    assert [line.split()[-2:] for line in listing[1:]] == [
+        ["sbc-a", "u-1"],
+        ["sbc-b-long-name", "u-2"],
+    ]
+    assert listing[0].index("call_uuid") == listing[1].index("u-1")  # aligned
+    assert "instance" not in render_calls([one])  # one instance: no column
+    shown = render_record({**one, "route": "sales", "ended": NOW + 1, "ladder": []})
+    assert "instance      sbc-a" in shown and "route         sales" in shown
