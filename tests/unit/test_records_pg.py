@@ -324,3 +324,16 @@ def test_sbc_calls_text_shows_the_instance_when_there_are_several() -> None:
     assert "instance" not in render_calls([one])  # one instance: no column
     shown = render_record({**one, "route": "sales", "ended": NOW + 1, "ladder": []})
     assert "instance      sbc-a" in shown and "route         sales" in shown
+
+
+async def test_without_psycopg_the_start_names_the_missing_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` raises ImportError
+    writer = PostgresRecordWriter(f"postgresql://sbc:{SECRET}@db/x")
+    with pytest.raises(RecordsError, match=r"need psycopg: pip install 'sbc\[pg\]'"):
+        await writer.start()
+    await writer.close()  # nothing open; harmless
+    assert (writer.written, writer.failed) == (0, 0)
