@@ -12,8 +12,9 @@ and the rows of the calls meanwhile are counted as failed), not mid-run. The wri
 with a backoff (1 s doubling to 30 s; a batch arriving before the next attempt is due fails at
 once, so the queue keeps moving) and logs one line when an outage begins
 (``call_records_unavailable``) and one when it ends (``call_records_reconnected``). A batch whose
-connection breaks fails whole (PostgreSQL rolled it back); a row that PostgreSQL refuses fails
-alone (the batch is retried row by row).
+connection breaks fails whole (PostgreSQL rolled it back), unless a new connection made at once
+takes it (a server restarted while sbc was idle); a row that PostgreSQL refuses fails alone
+(the batch is retried row by row).
 
 The schema's version lives in the table ``sbc_schema``; it is created or migrated under an
 advisory lock, so that two instances starting together do not race. A database of a newer
@@ -360,13 +361,25 @@ class PostgresRecordWriter(RecordWriter):
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:
         """All the rows in one transaction; if PostgreSQL refuses one, each alone (so only that
-        one fails); when the connection is lost, every row not committed fails."""
+        one fails); when the connection is lost, every row not committed fails. A connection
+        that had died while idle (PostgreSQL restarted between two calls) is replaced at once
+        and the batch tried again: a database that is back loses no record to it."""
+        established = self._conn is not None
+        errors, lost = self._insert_batch_once(records)
+        if lost and established:
+            self._retry_at = 0.0  # one immediate attempt; the backoff applies from then on
+            errors, lost = self._insert_batch_once(records)
+        if self._down_since is not None:
+            self._down_failed += sum(error is not None for error in errors)
+        return errors
+
+    def _insert_batch_once(self, records: list[CallRecord]) -> tuple[list[Exception | None], bool]:
+        """:meth:`_insert_batch`'s errors, and whether the connection was lost meanwhile."""
         psycopg = _driver()
         errors: list[Exception | None] = [None] * len(records)
         conn = self._connection()
         if conn is None:
-            self._down_failed += len(records)
-            return [self._error] * len(records)
+            return [self._error] * len(records), False
         rows: dict[int, tuple[Any, ...]] = {}
         for i, record in enumerate(records):
             try:
@@ -376,14 +389,13 @@ class PostgresRecordWriter(RecordWriter):
         try:
             with conn.transaction(), conn.cursor() as cursor:
                 cursor.executemany(INSERT, list(rows.values()))
-            return errors
+            return errors, False
         except psycopg.Error as exc:
             if isinstance(exc, psycopg.OperationalError) or conn.closed or conn.broken:
                 self._lost(exc)
                 for i in rows:
                     errors[i] = self._error
-                self._down_failed += len(rows)
-                return errors
+                return errors, True
         for i in rows:  # one row was refused: find it
             try:
                 with conn.transaction():
@@ -394,11 +406,11 @@ class PostgresRecordWriter(RecordWriter):
                     for j in rows:
                         if j >= i:
                             errors[j] = self._error
-                    return errors
+                    return errors, True
                 errors[i] = RecordsError(self._scrub(exc))
             except Exception as exc:
                 errors[i] = exc
-        return errors
+        return errors, False
 
     def _delete_before(self, before: float) -> int:
         psycopg = _driver()

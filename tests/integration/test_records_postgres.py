@@ -8,7 +8,8 @@ directory, a loopback port):
   record as failed, logs the outage once; ``sbc calls`` says so without the password;
 * the writer in-process: the table created once by two writers starting together, a row read
   back as SQLite gives it, pruning (``keep_days``), a server down at start and lost mid-run
-  (records counted as failed, one log line per outage, reconnected after the backoff).
+  (records counted as failed, one log line per outage, reconnected after the backoff), a
+  server restarted while the writer was idle (no record lost).
 """
 
 from __future__ import annotations
@@ -351,3 +352,18 @@ async def test_an_unreachable_database_stops_no_start_and_counts_every_record() 
     (unavailable,) = [line for line in logs if line["event"] == "call_records_unavailable"]
     assert unavailable["path"] == redact_url(url)
     assert all(SECRET not in str(line) for line in logs)
+
+
+async def test_a_server_restarted_between_calls_loses_no_record(server: PostgresServer) -> None:
+    writer = writer_for(server)
+    await writer.start()
+    assert await writer.write(make_record("a"))
+    server.stop()  # the writer's connection dies while it is idle
+    server.start()
+    with structlog.testing.capture_logs() as logs:
+        assert await writer.write(make_record("b"))  # a new connection takes the batch
+    await writer.close()
+    assert (writer.written, writer.failed, writer.outages) == (2, 0, 1)
+    events = [(line["event"], line.get("failed")) for line in logs]
+    assert events == [("call_records_unavailable", None), ("call_records_reconnected", 0)]
+    assert sorted(r["call_uuid"] for r in read(server)) == ["a", "b"]
