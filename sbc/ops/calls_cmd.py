@@ -11,10 +11,12 @@ back from now (``90s``, ``15m``, ``1h``, ``2d``, ``1w``) or a local date or time
 contains it. ``show`` takes a call_uuid (or a prefix of one that names a single call) and
 prints the record and the ladder diagram of all its legs (``sbc/ops/ladder_view.py``).
 
-The database is ``--db``, else ``[records] path`` of the settings file (``--config``, else
-``$SBC_CONFIG``) and ``SBC_RECORDS__PATH``, resolved like the service does (relative to the
-state directory). Only the ``[records]`` table is read, so the command works without the
-service's secrets.
+The database is ``--db`` (an SQLite file), else the one of the ``[records]`` table of the
+settings file (``--config``, else ``$SBC_CONFIG``) and ``SBC_RECORDS__*``, as the service uses
+it: the PostgreSQL database of ``url`` (password from the URL, ``records.password``, its
+``records_password`` credential, or libpq's ``PGPASSWORD``/``~/.pgpass``), else the SQLite file
+of ``path`` resolved against the state directory. Only ``[records]`` is read, so the command
+works without the service's other secrets.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sbc.ops import records_pg
 from sbc.ops.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from sbc.ops.ladder_view import render_calls, render_record
 from sbc.ops.records import RecordsError, connect_readonly, find_call, list_calls
-from sbc.ops.settings import CONFIG_ENV, ENV_PREFIX, RecordsSettings
+from sbc.ops.settings import CONFIG_ENV, ENV_PREFIX, RecordsSettings, _credentials
 
-__all__ = ["database_path", "parse_since", "run"]
+__all__ = ["database_path", "open_records", "parse_since", "run"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
@@ -80,6 +83,8 @@ def _records_settings(config: Path | None, env: Mapping[str, str]) -> RecordsSet
         variable = f"{ENV_PREFIX}RECORDS__{name.upper()}"
         if variable in env:
             data[name] = env[variable]
+    # records_password from $CREDENTIALS_DIRECTORY, as the service reads it (run under the unit)
+    data.update(_credentials(env)[0].get("records", {}))
     try:
         return RecordsSettings(**data)
     except ValidationError as exc:
@@ -89,31 +94,49 @@ def _records_settings(config: Path | None, env: Mapping[str, str]) -> RecordsSet
         raise UsageError("\n".join(problems)) from None
 
 
+def _settings(config: Path | None, env: Mapping[str, str]) -> RecordsSettings:
+    if config is None and env.get(CONFIG_ENV):
+        config = Path(env[CONFIG_ENV])
+    return _records_settings(config, env)
+
+
 def database_path(
     db: Path | None, config: Path | None, env: Mapping[str, str] | None = None
 ) -> Path:
-    """The database to read (module docstring)."""
+    """The SQLite database to read (module docstring)."""
     if db is not None:
         return db
     environ = os.environ if env is None else env
-    if config is None and environ.get(CONFIG_ENV):
-        config = Path(environ[CONFIG_ENV])
-    path = _records_settings(config, environ).database(environ)
+    records = _settings(config, environ)
+    path = records.database(environ)
     if path is None:
+        if records.url is not None:
+            raise UsageError("call records are in PostgreSQL (records.url), not in a file")
         raise UsageError('call records are off (records.path = ""); nothing to show')
     return path
+
+
+def open_records(db: Path | None, config: Path | None, env: Mapping[str, str] | None = None) -> Any:
+    """A read-only connection to the records (module docstring): SQLite's or PostgreSQL's,
+    both read by :func:`~sbc.ops.records.list_calls` and :func:`~sbc.ops.records.find_call`.
+    Raises :class:`UsageError` for the settings, :class:`RecordsError` for the database."""
+    environ = os.environ if env is None else env
+    if db is None:
+        records = _settings(config, environ)
+        if records.url is not None:
+            password = records.password.get_secret_value() if records.password else None
+            return records_pg.connect_readonly(records.url, password)
+    return connect_readonly(database_path(db, config, environ))
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``calls`` command (and ``calls show``) of :mod:`sbc.ops.cli`."""
     try:
-        path = database_path(args.db, args.config)
         since = None if args.since is None else parse_since(args.since)
+        db = open_records(args.db, args.config)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        db = connect_readonly(path)
     except RecordsError as exc:
         print(exc, file=sys.stderr)
         return EXIT_FAILURE

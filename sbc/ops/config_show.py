@@ -3,8 +3,9 @@
 What an operator pastes when asking for help: every key with the value in force (file,
 environment, credential file or default, see :func:`sbc.ops.settings.load_with_sources`) and a
 comment naming where it came from. Secrets are never printed: ``"<set>"`` or ``"<unset>"``
-stands in for them. A key whose value is unset (``sip.tls_port``, say) is printed as a comment,
-TOML having no null; everything else parses back with :mod:`tomllib`.
+stands in for them, ``***`` for the password of a URL (``records.url``). A key whose value is
+unset (``sip.tls_port``, say) is printed as a comment, TOML having no null; everything else
+parses back with :mod:`tomllib`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from sbc.ops.settings import Loaded
+from sbc.ops.settings import Loaded, redact_url
 
 __all__ = ["render"]
 
@@ -95,6 +96,8 @@ def _line(key: str, value: Any, source: str, *, secret: bool = False) -> str:
         return f'{key} = "{shown}"  # {source}'
     if value is None:
         return f"# {key} is unset  # {source}"
+    if isinstance(value, str):
+        value = redact_url(value)  # records.url may carry the database user's password
     return f"{key} = {_value(value)}  # {source}"
 
 

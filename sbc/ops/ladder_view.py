@@ -188,8 +188,11 @@ def render_record(record: Mapping[str, Any]) -> str:
         call_ids.append(f"human {record['human_call_id']}")
     x_headers = record.get("x_headers") or {}
     transfers = [t for t in record.get("transfers") or [] if isinstance(t, dict)]
+    # which sbc wrote it (several may share a PostgreSQL database) and the route that took it
+    written_by = [(k, str(record[k])) for k in ("instance", "route") if record.get(k)]
     rows: list[tuple[str, str]] = [
         ("call", str(record.get("call_uuid"))),
+        *written_by,
         ("direction", str(record.get("direction") or "-")),
         ("caller", caller),
         ("called", str(record.get("called") or "-")),
@@ -234,10 +237,16 @@ def render_record(record: Mapping[str, Any]) -> str:
 
 
 def render_calls(records: Iterable[Mapping[str, Any]]) -> str:
-    """The list of ``sbc calls``: one line per record."""
+    """The list of ``sbc calls``: one line per record (with the ``instance`` that wrote it
+    when the records come from several sbc sharing one database)."""
+    records = list(records)
+    instances = {r.get("instance") for r in records}
+    width = max(8, *(len(str(i)) for i in instances)) if len(instances) > 1 else 0
     header = (
         f"{'started':<19}  {'talked':>8}  {'caller':<16}  {'called':<10}  {'end reason':<16}  "
-        f"{'by':<6}  {'3CX':>3}  {'Ret':>3}  {'xfer':<4}  call_uuid"
+        f"{'by':<6}  {'3CX':>3}  {'Ret':>3}  {'xfer':<4}  "
+        + (f"{'instance':<{width}}  " if width else "")
+        + "call_uuid"
     )
     lines = [header]
     for r in records:
@@ -246,10 +255,11 @@ def render_calls(records: Iterable[Mapping[str, Any]]) -> str:
             talked = f"{r['ended'] - r['answered']:.1f}s"
         transfers = r.get("transfers") or []
         xfer = str(transfers[-1].get("outcome", "?"))[:4] if transfers else "-"
+        instance = f"{r.get('instance') or '-'!s:<{width}}  " if width else ""
         lines.append(
             f"{_when(r.get('started')):<19}  {talked:>8}  {r.get('caller') or '-'!s:<16}  "
             f"{r.get('called') or '-'!s:<10}  {r.get('end_reason')!s:<16}  "
             f"{r.get('hung_up_by') or '-'!s:<6}  {r.get('pbx_status') or '-':>3}  "
-            f"{r.get('retell_status') or '-':>3}  {xfer:<4}  {r.get('call_uuid')}"
+            f"{r.get('retell_status') or '-':>3}  {xfer:<4}  {instance}{r.get('call_uuid')}"
         )
     return "\n".join(lines) + "\n"

@@ -105,6 +105,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE calls ADD COLUMN ladder TEXT NOT NULL DEFAULT '[]'",
         "ALTER TABLE calls ADD COLUMN ladder_omitted INTEGER NOT NULL DEFAULT 0",
     ),
+    (  # 3: the route that took the call, and the sbc instance that wrote the row (several
+        # instances may share one PostgreSQL database; sbc/ops/records_pg.py)
+        "ALTER TABLE calls ADD COLUMN route TEXT",
+        "ALTER TABLE calls ADD COLUMN instance TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -134,12 +139,20 @@ COLUMNS = (
     "media",
     "ladder",
     "ladder_omitted",
+    "route",
+    "instance",
 )
 JSON_COLUMNS = frozenset({"x_headers", "transfers", "media", "ladder"})
 _INSERT = (
     f"INSERT OR REPLACE INTO calls ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
 )
+# The SQL of the readers is the same for both stores but for the placeholder and SQLite's
+# instr() (PostgreSQL: strpos()); see select_calls() and find_calls().
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+_PLACEHOLDER = {SQLITE: "?", POSTGRESQL: "%s"}
+_CONTAINS = {SQLITE: "instr(caller, {}) > 0", POSTGRESQL: "strpos(caller, {}) > 0"}
 
 
 class RecordsError(Exception):
@@ -160,8 +173,8 @@ def _counter(media: dict[str, Any] | None, side: str, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def row_of(record: CallRecord) -> tuple[Any, ...]:
-    """The values of :data:`COLUMNS` for ``record``."""
+def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
+    """The values of :data:`COLUMNS` for ``record``, written by the sbc named ``instance``."""
     x_headers: dict[str, str] = {}
     for name, value in record.x_headers:
         x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
@@ -192,11 +205,15 @@ def row_of(record: CallRecord) -> tuple[Any, ...]:
         "media": None if media is None else _json(media),
         "ladder": _json([entry.as_dict() for entry in record.ladder]),
         "ladder_omitted": record.ladder_omitted,
+        # getattr: the route's name is a later field of CallRecord (several routes per process)
+        "route": getattr(record, "route", "") or None,
+        "instance": instance or None,
     }
     return tuple(values[name] for name in COLUMNS)
 
 
-def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+def _decoded(row: Any) -> dict[str, Any]:
+    # an sqlite3.Row, or a dict (psycopg's dict_row; its JSON columns arrive decoded)
     out: dict[str, Any] = {}
     for name in row.keys():  # noqa: SIM118 (sqlite3.Row is no mapping)
         value = row[name]
@@ -248,8 +265,58 @@ def connect_readonly(path: Path | str) -> sqlite3.Connection:
     return db
 
 
+def dialect_of(db: Any) -> str:
+    """:data:`SQLITE` for an ``sqlite3`` connection, else :data:`POSTGRESQL` (psycopg)."""
+    return SQLITE if isinstance(db, sqlite3.Connection) else POSTGRESQL
+
+
+def _read_errors(db: Any) -> tuple[type[Exception], ...]:
+    if isinstance(db, sqlite3.Connection):
+        return (sqlite3.Error,)
+    try:
+        import psycopg  # the PostgreSQL store's driver, an optional dependency (sbc[pg])
+    except ImportError:  # pragma: no cover - a psycopg connection implies psycopg
+        return (sqlite3.Error,)
+    return (psycopg.Error,)
+
+
+def select_calls(
+    dialect: str,
+    *,
+    since: float | None = None,
+    caller: str | None = None,
+    limit: int = 100,
+) -> tuple[str, list[Any]]:
+    """The query of :func:`list_calls` in ``dialect`` and its parameters."""
+    mark = _PLACEHOLDER[dialect]
+    where: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        where.append(f"started >= {mark}")
+        params.append(since)
+    if caller:
+        where.append(_CONTAINS[dialect].format(mark))
+        params.append(caller)
+    sql = "SELECT * FROM calls"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += f" ORDER BY started DESC, call_uuid LIMIT {mark}"
+    params.append(max(0, limit))
+    return sql, params
+
+
+def find_calls(dialect: str, call_uuid: str, *, prefix: bool) -> tuple[str, list[Any]]:
+    """The query of :func:`find_call` (``prefix``: the calls whose uuid starts with it, at most
+    two; LIKE's wildcards in it are literal) in ``dialect`` and its parameters."""
+    mark = _PLACEHOLDER[dialect]
+    if not prefix:
+        return f"SELECT * FROM calls WHERE call_uuid = {mark}", [call_uuid]
+    escaped = call_uuid.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"SELECT * FROM calls WHERE call_uuid LIKE {mark} ESCAPE '\\' LIMIT 2", [escaped + "%"]
+
+
 def list_calls(
-    db: sqlite3.Connection,
+    db: Any,
     *,
     since: float | None = None,
     caller: str | None = None,
@@ -257,23 +324,12 @@ def list_calls(
     ladder: bool = False,
 ) -> list[dict[str, Any]]:
     """Records newest first (by start): started at or after ``since`` (UNIX time), caller
-    number containing ``caller``, at most ``limit``; without the ladder unless asked."""
-    where: list[str] = []
-    params: list[Any] = []
-    if since is not None:
-        where.append("started >= ?")
-        params.append(since)
-    if caller:
-        where.append("instr(caller, ?) > 0")
-        params.append(caller)
-    sql = "SELECT * FROM calls"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY started DESC, call_uuid LIMIT ?"
-    params.append(max(0, limit))
+    number containing ``caller``, at most ``limit``; without the ladder unless asked. ``db``:
+    :func:`connect_readonly`'s SQLite or ``records_pg.connect_readonly``'s PostgreSQL."""
+    sql, params = select_calls(dialect_of(db), since=since, caller=caller, limit=limit)
     try:
         rows = db.execute(sql, params).fetchall()
-    except sqlite3.Error as exc:
+    except _read_errors(db) as exc:
         raise RecordsError(f"call records: cannot read: {exc}") from None
     out = []
     for row in rows:
@@ -284,18 +340,15 @@ def list_calls(
     return out
 
 
-def find_call(db: sqlite3.Connection, call_uuid: str) -> dict[str, Any] | None:
+def find_call(db: Any, call_uuid: str) -> dict[str, Any] | None:
     """The record of ``call_uuid`` (or of the one call whose uuid starts with it)."""
+    dialect = dialect_of(db)
     try:
-        row = db.execute("SELECT * FROM calls WHERE call_uuid = ?", (call_uuid,)).fetchone()
+        row = db.execute(*find_calls(dialect, call_uuid, prefix=False)).fetchone()
         if row is None and call_uuid:
-            escaped = call_uuid.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            rows = db.execute(
-                "SELECT * FROM calls WHERE call_uuid LIKE ? ESCAPE '\\' LIMIT 2",
-                (escaped + "%",),
-            ).fetchall()
+            rows = db.execute(*find_calls(dialect, call_uuid, prefix=True)).fetchall()
             row = rows[0] if len(rows) == 1 else None
-    except sqlite3.Error as exc:
+    except _read_errors(db) as exc:
         raise RecordsError(f"call records: cannot read: {exc}") from None
     return None if row is None else _decoded(row)
 
@@ -313,14 +366,16 @@ class RecordWriter:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         *,
         keep_days: int = 90,
         wall_clock: Callable[[], float] = time.time,
         prune_every: float = PRUNE_EVERY,
         batch_wait: float = BATCH_WAIT,
+        instance: str = "",
     ) -> None:
         self.path = Path(path)
+        self.instance = instance  # the ``instance`` column of every row
         self.keep_days = keep_days
         self.written = 0  # rows committed
         self.failed = 0  # records whose write failed (disk full, I/O error...)
@@ -340,6 +395,11 @@ class RecordWriter:
         self.subscription = bus.subscribe(self.on_call_event, maxsize=maxsize, kinds=(CallEnded,))
 
     @property
+    def target(self) -> str:
+        """Where the rows go, for logs and errors (never a password)."""
+        return str(self.path)
+
+    @property
     def dropped(self) -> int:
         """Records the bus dropped for want of room in the queue (the disk was too slow)."""
         return 0 if self.subscription is None else self.subscription.dropped
@@ -356,10 +416,11 @@ class RecordWriter:
             raise
         log.info(
             "call_records_opened",
-            path=str(self.path),
+            path=self.target,
             schema=SCHEMA_VERSION,
             migrated_from=found if found != SCHEMA_VERSION else None,
             keep_days=self.keep_days,
+            **self._opened_fields(),
         )
         await self.prune()
         self._pruning = asyncio.ensure_future(self._prune_daily())
@@ -376,11 +437,13 @@ class RecordWriter:
         try:
             await self._in_thread(self._close)
         except Exception:
-            log.exception("call_records_close_failed", path=str(self.path))
+            log.exception("call_records_close_failed", path=self.target)
         await self._shutdown_executor()
-        log.info(
-            "call_records_closed", path=str(self.path), written=self.written, failed=self.failed
-        )
+        log.info("call_records_closed", path=self.target, written=self.written, failed=self.failed)
+
+    def _opened_fields(self) -> dict[str, Any]:
+        """More for the ``call_records_opened`` line (a store's own)."""
+        return {}
 
     # -- the bus's observer ----------------------------------------------------------------------
     async def on_call_event(self, event: CallEvent) -> None:
@@ -426,7 +489,7 @@ class RecordWriter:
                     self._failing = True  # one line per run of failures, not one per call
                     log.error(
                         "call_record_write_failed",
-                        path=str(self.path),
+                        path=self.target,
                         call_uuid=record.call_uuid,
                         error=str(error) or type(error).__name__,
                     )
@@ -434,7 +497,7 @@ class RecordWriter:
             self.written += 1
             if self._failing:
                 self._failing = False
-                log.info("call_record_writes_resumed", path=str(self.path), failed=self.failed)
+                log.info("call_record_writes_resumed", path=self.target, failed=self.failed)
         return done
 
     async def prune(self) -> int:
@@ -445,7 +508,7 @@ class RecordWriter:
         try:
             deleted = await self._in_thread(self._delete_before, before)
         except Exception as exc:
-            log.error("call_records_prune_failed", path=str(self.path), error=str(exc))
+            log.error("call_records_prune_failed", path=self.target, error=str(exc))
             return 0
         self.pruned += deleted
         if deleted:
@@ -499,7 +562,7 @@ class RecordWriter:
         db = self._db
         if db is None:
             raise RecordsError("call records: database closed")
-        db.execute(_INSERT, row_of(record))
+        db.execute(_INSERT, row_of(record, self.instance))
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:
         """Insert every record's row in one transaction; per record, the error that kept its

@@ -56,7 +56,15 @@ from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
 from sbc.ops.records import RecordsError, RecordWriter
-from sbc.ops.settings import CallsSettings, ConfigError, PbxSettings, Route, Settings
+from sbc.ops.records_pg import PostgresRecordWriter
+from sbc.ops.settings import (
+    CallsSettings,
+    ConfigError,
+    PbxSettings,
+    RecordsSettings,
+    Route,
+    Settings,
+)
 from sbc.ops.systemd import Notifier
 from sbc.sip.digest import Credentials
 from sbc.sip.registration import RegistrationConfig
@@ -350,10 +358,7 @@ class Service:
         # Call records (sbc/ops/records.py); counters for metrics: records.written,
         # records.failed, records.dropped (queue full; bridge.events.dropped: all observers').
         records = settings.records
-        database = records.database()
-        self.records: RecordWriter | None = (
-            None if database is None else RecordWriter(database, keep_days=records.keep_days)
-        )
+        self.records: RecordWriter | None = records_writer(records)
         configs = bridge_configs(settings)
         self.bridge = CallManager(
             self.engine,
@@ -383,7 +388,7 @@ class Service:
             if self.records is not None:
                 # First in, last out: closed once the calls ended and their events were flushed.
                 await _starting(
-                    f"call records at {self.records.path}",
+                    f"call records at {self.records.target}",
                     self.records.start(),
                     self.records.close,
                 )
@@ -509,6 +514,23 @@ def _changed_keys(old: Settings, new: Settings) -> list[str]:
 
 def _is_live(key: str) -> bool:
     return key.split(".")[0] in LIVE_SECTIONS or key in LIVE_KEYS
+
+
+def records_writer(records: RecordsSettings) -> RecordWriter | None:
+    """The call records' writer of ``[records]``: PostgreSQL with ``url``, else the SQLite
+    file of ``path``; None when records are off."""
+    if records.url is not None:
+        password = None if records.password is None else records.password.get_secret_value()
+        return PostgresRecordWriter(
+            records.url,
+            password=password,
+            keep_days=records.keep_days,
+            instance=records.instance,
+        )
+    database = records.database()
+    if database is None:
+        return None
+    return RecordWriter(database, keep_days=records.keep_days, instance=records.instance)
 
 
 async def _starting(

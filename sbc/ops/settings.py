@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -85,6 +87,7 @@ CREDENTIALS = {
     "pbx_password": "pbx.password",
     "retell_auth_password": "retell.auth_password",
     "admin_token": "admin.token",
+    "records_password": "records.password",
 }
 
 # Retell's published signalling source ranges (docs.retellai.com/deploy/custom-telephony).
@@ -577,13 +580,64 @@ def state_directory(env: Mapping[str, str] | None = None) -> Path:
     return Path(first) if first else DEFAULT_STATE_DIRECTORY
 
 
+POSTGRESQL_SCHEMES = ("postgresql", "postgres")
+_REDACTED = "***"
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it (``scheme://user:PASSWORD@host``, or a
+    ``password=`` query parameter as libpq takes it) replaced by ``***``; the rest as it is.
+    For logs, errors and ``sbc config show``."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda match: _redact_one(match.group(0)), text)
+
+
+def _redact_one(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return _REDACTED  # not a URL we can take apart: show none of it
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    in_userinfo = bool(at) and ":" in userinfo
+    in_query = any(key == "password" for key, _ in query)
+    if not (in_userinfo or in_query):
+        return url  # as written (urlunsplit would normalise a postgresql:///db?host=... URL)
+    netloc = f"{userinfo.partition(':')[0]}:{_REDACTED}@{hostinfo}" if in_userinfo else parts.netloc
+    text = parts.query
+    if in_query:
+        text = urlencode([(k, _REDACTED if k == "password" else v) for k, v in query], safe="*/")
+    # by hand: urlunsplit drops the // of an empty host (postgresql:///db?host=/run/...)
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{text}" if text else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
+def _default_instance() -> str:
+    return socket.gethostname() or "sbc"
+
+
 class RecordsSettings(_Section):
-    """[records]: one SQLite row per finished call (sbc/ops/records.py, ``sbc calls``)."""
+    """[records]: one row per finished call (sbc/ops/records.py, ``sbc calls``), in SQLite
+    (``path``, the default) or PostgreSQL (``url``, sbc/ops/records_pg.py)."""
 
     # Unset: calls.sqlite3 in the state directory; "": no call records. A relative path is
     # relative to the state directory (never to the config file: /etc is read-only for the
     # service under ProtectSystem=strict).
     path: str | None = None
+    # postgresql://user@host:port/dbname: rows go to that PostgreSQL database instead of a file
+    # (several instances may share it). Excludes path. A password in it is accepted, never shown.
+    url: str | None = Field(default=None, repr=False)
+    password: Secret | None = None  # the PostgreSQL user's; overrides one in the url
+    # Written in every row (column instance), so that the rows of several sbc sharing one
+    # database can be told apart. Default: the host name.
+    instance: str = Field(default_factory=_default_instance, min_length=1, max_length=128)
     keep_days: int = Field(default=90, ge=0)  # rows older than this are deleted; 0: never
     queue: int = Field(default=10_000, ge=1, le=1_000_000)  # records waiting for the disk
     ladder_messages: int = Field(default=200, ge=0, le=10_000)  # SIP summaries kept per call
@@ -595,9 +649,47 @@ class RecordsSettings(_Section):
             raise ValueError(f"not a usable file path: {value!r}")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        # Messages never echo the value: it may hold a password.
+        if value is None:
+            return None
+        if any(unicodedata.category(c) == "Cc" or c.isspace() for c in value):
+            raise ValueError("must not contain spaces or control characters")
+        scheme, sep, _ = value.partition("://")
+        if not sep or scheme.lower() not in POSTGRESQL_SCHEMES:
+            raise ValueError("must be a postgresql://user@host:port/dbname URL")
+        try:
+            urlsplit(value).port  # noqa: B018 (a port that is no number raises)
+        except ValueError:
+            raise ValueError("has a port that is not a number in 0-65535") from None
+        return value
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, value: str) -> str:
+        if value != value.strip() or not value.isprintable():
+            raise ValueError(f"must be printable without leading or trailing spaces: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_store(self) -> RecordsSettings:
+        if self.url is not None and self.path is not None:
+            raise ValueError(
+                "url and path are mutually exclusive: set url for PostgreSQL, path for SQLite"
+            )
+        return self
+
+    @property
+    def postgresql(self) -> bool:
+        """The rows go to PostgreSQL (``url``)."""
+        return self.url is not None
+
     def database(self, env: Mapping[str, str] | None = None) -> Path | None:
-        """The database file (None: records are off), resolved against the state directory."""
-        if self.path == "":
+        """The SQLite file (None: records are off, or in PostgreSQL), resolved against the state
+        directory."""
+        if self.path == "" or self.url is not None:
             return None
         if self.path is None:
             return state_directory(env) / RECORDS_FILE
@@ -1123,6 +1215,8 @@ def _lines(
             secret = any(path == s or path.startswith(s + ".") for s in secrets) or (
                 path.startswith("routes[") and path.endswith(".password")
             )
+            if isinstance(value, str):
+                value = redact_url(value)  # records.url: a password in a URL never shown
             if not secret and isinstance(value, str | int | float):
                 text += f", got {value!r}"
         origin = next(
