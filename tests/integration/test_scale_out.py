@@ -1,0 +1,259 @@
+"""Two sbc instances behind one Kamailio dispatcher (``deploy/kamailio-dispatcher.cfg``, run
+unchanged, docs/scale-out.md); one of them SIGKILLed in the middle of a load of short calls.
+
+On loopback: Kamailio on 127.0.0.160, SIPp as Retell on .161 calling the dispatcher over TCP
+with the trunk credentials, two ``sbc run`` processes on .162 and .163 (each its own extension,
+1001 and 1002, registered with its own SIPp "3CX" on .164 and .165, which also answers the
+calls that instance bridges). The dispatcher hashes the Call-ID (so the challenged retry of an
+INVITE reaches the instance that challenged it), probes both instances with OPTIONS every
+second and fails an INVITE over to the other instance when one is silent.
+
+Once both instances have answered calls, instance 1 is killed with SIGKILL. Every call is then
+read back from Retell's message trace: which instance answered it (the Contact of its 200),
+when its INVITE left, whether its INVITE and BYE got their 200. The checks are the issue's:
+only calls that instance 1 held fail; every call of instance 2 and every call placed after the
+kill succeeds; each instance's "3CX" saw exactly the calls of that instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kamailio_helpers import check_config, running_dispatcher
+from peers import free_port
+from rtpengine_helpers import port_range
+from sbc_process import SbcProcess, running_sbc_process
+from sipp_helpers import Sipp, TracedMessage, sipp_server, start_sipp
+
+from sbc.sip.message import Request, Response
+from sbc.sip.uri import SipUri, parse_name_addr
+
+pytestmark = pytest.mark.integration
+
+KAMAILIO = "127.0.0.160"
+RETELL = "127.0.0.161"
+SBC_HOSTS = ("127.0.0.162", "127.0.0.163")
+PBX_HOSTS = ("127.0.0.164", "127.0.0.165")
+NUMBER = "+14155550100"
+TARGET = "800"  # the PBX number Retell's calls are for (allowed by [transfer] allow)
+TRUNK_USER = "retell-trunk"
+TRUNK_PASSWORD = "pa55word"
+
+CALLS = 40  # Retell's calls in all
+RATE = 5  # new calls per second
+HOLD_MS = 2000  # each call lasts this long after its answer
+
+
+def sbc_values(index: int, sip_port: int, pbx: Sipp) -> dict[str, dict[str, Any]]:
+    host = SBC_HOSTS[index]
+    low, high = port_range(host, 100)
+    return {
+        "sip": {"bind": host, "port": sip_port},
+        "pbx": {
+            "host": pbx.host,
+            "port": pbx.port,
+            "extension": f"100{index + 1}",
+            "password": "secret",
+            "trusted": [f"{pbx.host}/32"],
+            "keepalive": "off",
+            "register_expires": 60,
+        },
+        "retell": {
+            "host": RETELL,
+            "number": NUMBER,
+            # Retell's calls come from the dispatcher, so its address is the trusted one.
+            "trusted": [f"{KAMAILIO}/32"],
+            "auth_username": TRUNK_USER,
+            "auth_password": TRUNK_PASSWORD,
+        },
+        "media": {"mode": "relay", "rtp_port_min": low, "rtp_port_max": high},
+        "admin": {"listen": f"{host}:{free_port(host, udp=False)}"},
+        "log": {"format": "json"},
+    }
+
+
+@dataclass
+class CallSeen:
+    """One of Retell's calls as its SIPp trace shows it."""
+
+    call_id: str
+    invited_at: float = 0.0  # the first INVITE sent (seconds since the epoch)
+    answered_at: float | None = None
+    instance: str | None = None  # the host of the answering sbc's Contact
+    invite_finals: list[int] = field(default_factory=list)
+    bye_finals: list[int] = field(default_factory=list)
+    bye_sent: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        return self.invite_finals[-1:] == [200] and self.bye_finals[-1:] == [200]
+
+
+def calls_seen(trace: list[TracedMessage]) -> dict[str, CallSeen]:
+    calls: dict[str, CallSeen] = {}
+    for item in trace:
+        message = item.message
+        call = calls.setdefault(message.call_id, CallSeen(message.call_id))
+        if isinstance(message, Request):
+            if message.method == "INVITE" and not item.received and not call.invited_at:
+                call.invited_at = item.at
+            if message.method == "BYE" and not item.received:
+                call.bye_sent = True
+            continue
+        assert isinstance(message, Response)
+        if not item.received or message.status < 200:
+            continue
+        method = message.cseq.method
+        if method == "INVITE":
+            call.invite_finals.append(message.status)
+            if message.status == 200 and call.answered_at is None:
+                call.answered_at = item.at
+                uri = parse_name_addr(message.headers.get("Contact") or "").uri
+                call.instance = uri.host if isinstance(uri, SipUri) else None
+        elif method == "BYE":
+            call.bye_finals.append(message.status)
+    return calls
+
+
+def invites_received(pbx: Sipp) -> list[str]:
+    return [
+        m.message.call_id
+        for m in pbx.traced()
+        if m.received and isinstance(m.message, Request) and m.message.method == "INVITE"
+    ]
+
+
+def byes_answered(pbx: Sipp) -> set[str]:
+    return {
+        m.message.call_id
+        for m in pbx.traced()
+        if not m.received
+        and isinstance(m.message, Response)
+        and m.message.status == 200
+        and m.message.cseq.method == "BYE"
+    }
+
+
+def test_dispatcher_config_passes_kamailio_check() -> None:
+    """The shipped file parses and its modules load with the defaults an operator gets."""
+    done = check_config()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "config file ok" in done.stdout + done.stderr
+
+
+async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        pbxs = [
+            await stack.enter_async_context(
+                sipp_server(
+                    "pbx_instance_callee.xml",
+                    workdir=tmp_path,
+                    host=host,
+                    calls=CALLS + 10,
+                    time_limit=180,
+                )
+            )
+            for host in PBX_HOSTS
+        ]
+        ports = [free_port(host) for host in SBC_HOSTS]
+        sbcs: list[SbcProcess] = [
+            await stack.enter_async_context(
+                running_sbc_process(tmp_path, sbc_values(i, ports[i], pbxs[i]))
+            )
+            for i in range(2)
+        ]
+        for sbc in sbcs:
+            await sbc.wait_event("registered", 20)
+        dispatcher = await stack.enter_async_context(
+            running_dispatcher(
+                KAMAILIO,
+                tmp_path,
+                [f"sip:{host}:{port}" for host, port in zip(SBC_HOSTS, ports, strict=True)],
+                defines={
+                    "DS_ALG": 0,  # the shipped default, stated: hash over the Call-ID
+                    "DS_PING_INTERVAL": 1,
+                    "DS_PROBING_THRESHOLD": 1,
+                    "FR_TIMER": 1000,
+                    "FR_INV_TIMER": 8000,
+                },
+            )
+        )
+        retell = await start_sipp(
+            "retell_via_dispatcher.xml",
+            workdir=tmp_path,
+            local_ip=RETELL,
+            remote=f"{KAMAILIO}:{dispatcher.port}",
+            transport="t1",
+            calls=CALLS,
+            rate=RATE,
+            time_limit=90,
+            extra=(
+                *("-s", TARGET, "-au", TRUNK_USER, "-ap", TRUNK_PASSWORD),
+                *("-auth_uri", f"{TARGET}@{KAMAILIO}", "-d", str(HOLD_MS)),
+            ),
+        )
+        # Kill instance 1 once both carry calls and two of instance 1's have ended (Retell's BYE
+        # reached it): its finished calls stay finished, the ones it holds are lost.
+        await sbcs[0].wait_event("bye_received", 30, count=2)
+        await sbcs[1].wait_event("call_answered", 30, count=1)
+        killed_at = time.time()
+        sbcs[0].signal(signal.SIGKILL)
+        assert await sbcs[0].wait_exit(5) == -signal.SIGKILL
+        result = await retell.finish(120)
+        listing = await dispatcher.rpc("dispatcher.list")
+        # Instance 2 ends what it holds and unregisters; then its "3CX" has seen every BYE.
+        sbcs[1].signal(signal.SIGTERM)
+        assert await sbcs[1].wait_exit(30) == 0, sbcs[1].log_text()[-3000:]
+    # (the SIPp servers and the dispatcher are stopped here, their traces complete)
+
+    calls = calls_seen(retell.traced())
+    assert len(calls) == CALLS, sorted(calls)
+    assert result.successful + result.failed == CALLS, result.stats
+    sbc1, sbc2 = SBC_HOSTS
+    answered_by = Counter(call.instance for call in calls.values() if call.instance)
+    before = [call for call in calls.values() if call.invited_at < killed_at]
+    after = [call for call in calls.values() if call.invited_at >= killed_at]
+    failed = [call for call in calls.values() if not call.succeeded]
+
+    # The load was spread: both instances answered calls placed before the kill.
+    assert {call.instance for call in before if call.answered_at} == {sbc1, sbc2}
+    # Every call of instance 2 succeeded, and so did every call placed after the kill (the
+    # first of them failed over from the dead instance to the live one).
+    assert all(call.succeeded for call in calls.values() if call.instance == sbc2)
+    # Instance 1's calls that ended before the kill are not touched by it.
+    assert sum(call.succeeded for call in before if call.instance == sbc1) >= 2
+    assert len(after) >= 10, f"the kill came too late to test new calls: {len(after)}"
+    assert all(call.succeeded and call.instance == sbc2 for call in after), [
+        (c.call_id, c.invite_finals, c.bye_finals, c.instance) for c in after if not c.succeeded
+    ]
+    # Only instance 1's calls in progress at the kill failed, and the kill did hit some.
+    assert failed, "no call was in progress on the killed instance"
+    assert len(failed) == result.failed
+    for call in failed:
+        assert call.invited_at < killed_at
+        assert call.instance in (sbc1, None)  # answered by instance 1, or never answered
+        ended_before_kill = call.bye_finals[-1:] == [200]
+        assert not ended_before_kill
+    # Each 3CX saw only its instance's calls: instance 2's every call, each ended by a BYE.
+    pbx_invites = [invites_received(pbx) for pbx in pbxs]
+    assert len(pbx_invites[1]) == answered_by[sbc2]
+    assert set(pbx_invites[1]) <= byes_answered(pbxs[1])
+    assert len(pbx_invites[0]) >= answered_by[sbc1]
+    # The dispatcher's probes took the dead instance out of the rotation.
+    assert f"sip:{sbc1}:{ports[0]}" in listing
+    after_setup = [c.answered_at - c.invited_at for c in after if c.answered_at is not None]
+    print(
+        f"{CALLS} calls at {RATE}/s, {HOLD_MS} ms each: instance 1 answered "
+        f"{answered_by[sbc1]}, instance 2 {answered_by[sbc2]}; instance 1 killed after "
+        f"{len(before)} calls were placed; failed {len(failed)} (all instance 1's, in progress); "
+        f"{len(after)} calls after the kill all succeeded, INVITE->200 at most "
+        f"{max(after_setup) * 1000:.0f} ms (median "
+        f"{sorted(after_setup)[len(after_setup) // 2] * 1000:.0f} ms)\n{listing}"
+    )
