@@ -39,6 +39,7 @@ pytestmark = pytest.mark.integration
 
 KAMAILIO = "127.0.0.160"
 RETELL = "127.0.0.161"
+STRANGER = "127.0.0.166"
 SBC_HOSTS = ("127.0.0.162", "127.0.0.163")
 PBX_HOSTS = ("127.0.0.164", "127.0.0.165")
 NUMBER = "+14155550100"
@@ -177,6 +178,7 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
                 tmp_path,
                 [f"sip:{host}:{port}" for host, port in zip(SBC_HOSTS, ports, strict=True)],
                 defines={
+                    "RETELL_NETS": f'"{RETELL}/32"',
                     "DS_ALG": 0,  # the shipped default, stated: hash over the Call-ID
                     "DS_PING_INTERVAL": 1,
                     "DS_PROBING_THRESHOLD": 1,
@@ -208,6 +210,17 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
         assert await sbcs[0].wait_exit(5) == -signal.SIGKILL
         result = await retell.finish(120)
         listing = await dispatcher.rpc("dispatcher.list")
+        # Only Retell's addresses may call through the proxy (the instances trust the proxy).
+        stranger = await start_sipp(
+            "retell_invite_no_auth.xml",
+            workdir=tmp_path,
+            local_ip=STRANGER,
+            remote=f"{KAMAILIO}:{dispatcher.port}",
+            transport="t1",
+            time_limit=20,
+            extra=("-s", TARGET),
+        )
+        refused = await stranger.finish(30)
         # Instance 2 ends what it holds and unregisters; then its "3CX" has seen every BYE.
         sbcs[1].signal(signal.SIGTERM)
         assert await sbcs[1].wait_exit(30) == 0, sbcs[1].log_text()[-3000:]
@@ -246,8 +259,16 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
     assert len(pbx_invites[1]) == answered_by[sbc2]
     assert set(pbx_invites[1]) <= byes_answered(pbxs[1])
     assert len(pbx_invites[0]) >= answered_by[sbc1]
-    # The dispatcher's probes took the dead instance out of the rotation.
-    assert f"sip:{sbc1}:{ports[0]}" in listing
+    assert (refused.returncode, refused.successful) == (0, 1), refused.errors
+    answers = [m.message for m in stranger.traced() if isinstance(m.message, Response)]
+    assert [(r.status, (r.headers.get("Server") or "").split()[0]) for r in answers] == [
+        (403, "kamailio")
+    ]
+    # The dispatcher's probes took the dead instance out of the rotation ("I": inactive,
+    # "P": still probed, so it comes back by itself once it answers again).
+    dead = listing.split(f"URI: sip:{sbc1}:{ports[0]}")[1].split("}")[0]
+    alive = listing.split(f"URI: sip:{sbc2}:{ports[1]}")[1].split("}")[0]
+    assert "FLAGS: IP" in dead and "FLAGS: AP" in alive, listing
     after_setup = [c.answered_at - c.invited_at for c in after if c.answered_at is not None]
     print(
         f"{CALLS} calls at {RATE}/s, {HOLD_MS} ms each: instance 1 answered "
