@@ -12,11 +12,14 @@ Once both instances have answered calls, instance 1 is killed with SIGKILL. Ever
 read back from Retell's message trace: which instance answered it (the Contact of its 200),
 when its INVITE left, whether its INVITE and BYE got their 200. The checks are the issue's:
 only calls that instance 1 held fail; every call of instance 2 and every call placed after the
-kill succeeds; each instance's "3CX" saw exactly the calls of that instance.
+kill succeeds; each instance's "3CX" saw exactly the calls of that instance. Then instance 1
+is started again on its address: the probes put it back in the rotation and it takes its share
+of a second, smaller load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import time
@@ -50,6 +53,7 @@ TRUNK_PASSWORD = "pa55word"
 CALLS = 40  # Retell's calls in all
 RATE = 5  # new calls per second
 HOLD_MS = 2000  # each call lasts this long after its answer
+AGAIN = 16  # calls once the killed instance is back (16 Call-IDs all hashed to one: 2**-15)
 
 
 def sbc_values(index: int, sip_port: int, pbx: Sipp) -> dict[str, dict[str, Any]]:
@@ -123,11 +127,15 @@ def calls_seen(trace: list[TracedMessage]) -> dict[str, CallSeen]:
     return calls
 
 
-def invites_received(pbx: Sipp) -> list[str]:
+def invites_received(pbx: Sipp, until: float) -> list[str]:
+    """Call-IDs of the INVITEs ``pbx`` received before ``until`` (seconds since the epoch)."""
     return [
         m.message.call_id
         for m in pbx.traced()
-        if m.received and isinstance(m.message, Request) and m.message.method == "INVITE"
+        if m.received
+        and m.at < until
+        and isinstance(m.message, Request)
+        and m.message.method == "INVITE"
     ]
 
 
@@ -140,6 +148,13 @@ def byes_answered(pbx: Sipp) -> set[str]:
         and m.message.status == 200
         and m.message.cseq.method == "BYE"
     }
+
+
+def entry(listing: str, uri: str) -> str:
+    """One destination's block of ``kamcmd dispatcher.list`` output."""
+    _, found, rest = listing.partition(f"URI: {uri}\n")
+    assert found, f"{uri} not in {listing}"
+    return rest.split("}", 1)[0]
 
 
 def test_dispatcher_config_passes_kamailio_check() -> None:
@@ -157,13 +172,14 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
                     "pbx_instance_callee.xml",
                     workdir=tmp_path,
                     host=host,
-                    calls=CALLS + 10,
+                    calls=CALLS + AGAIN + 10,
                     time_limit=180,
                 )
             )
             for host in PBX_HOSTS
         ]
         ports = [free_port(host) for host in SBC_HOSTS]
+        dead_uri = f"sip:{SBC_HOSTS[0]}:{ports[0]}"
         sbcs: list[SbcProcess] = [
             await stack.enter_async_context(
                 running_sbc_process(tmp_path, sbc_values(i, ports[i], pbxs[i]))
@@ -221,6 +237,36 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
             extra=("-s", TARGET),
         )
         refused = await stranger.finish(30)
+        # Instance 1 comes back on its address: one answered probe returns it to the rotation,
+        # and new calls land on it again.
+        revived = await stack.enter_async_context(
+            running_sbc_process(tmp_path, sbc_values(0, ports[0], pbxs[0]))
+        )
+        await revived.wait_event("registered", 20)
+        revived_at = time.monotonic()
+        async with asyncio.timeout(15):
+            # Another process's state: polled.
+            while "FLAGS: AP" not in entry(await dispatcher.rpc("dispatcher.list"), dead_uri):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        back_after = time.monotonic() - revived_at
+        again_at = time.time()
+        again = await start_sipp(
+            "retell_via_dispatcher.xml",
+            workdir=tmp_path,
+            local_ip=RETELL,
+            remote=f"{KAMAILIO}:{dispatcher.port}",
+            transport="t1",
+            calls=AGAIN,
+            rate=10,
+            time_limit=60,
+            extra=(
+                *("-s", TARGET, "-au", TRUNK_USER, "-ap", TRUNK_PASSWORD),
+                *("-auth_uri", f"{TARGET}@{KAMAILIO}", "-d", "300"),
+            ),
+        )
+        again_result = await again.finish(70)
+        revived.signal(signal.SIGTERM)
+        assert await revived.wait_exit(30) == 0, revived.log_text()[-3000:]
         # Instance 2 ends what it holds and unregisters; then its "3CX" has seen every BYE.
         sbcs[1].signal(signal.SIGTERM)
         assert await sbcs[1].wait_exit(30) == 0, sbcs[1].log_text()[-3000:]
@@ -255,7 +301,7 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
         ended_before_kill = call.bye_finals[-1:] == [200]
         assert not ended_before_kill
     # Each 3CX saw only its instance's calls: instance 2's every call, each ended by a BYE.
-    pbx_invites = [invites_received(pbx) for pbx in pbxs]
+    pbx_invites = [invites_received(pbx, until=again_at) for pbx in pbxs]
     assert len(pbx_invites[1]) == answered_by[sbc2]
     assert set(pbx_invites[1]) <= byes_answered(pbxs[1])
     assert len(pbx_invites[0]) >= answered_by[sbc1]
@@ -266,9 +312,12 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
     ]
     # The dispatcher's probes took the dead instance out of the rotation ("I": inactive,
     # "P": still probed, so it comes back by itself once it answers again).
-    dead = listing.split(f"URI: sip:{sbc1}:{ports[0]}")[1].split("}")[0]
-    alive = listing.split(f"URI: sip:{sbc2}:{ports[1]}")[1].split("}")[0]
-    assert "FLAGS: IP" in dead and "FLAGS: AP" in alive, listing
+    assert "FLAGS: IP" in entry(listing, dead_uri), listing
+    assert "FLAGS: AP" in entry(listing, f"sip:{sbc2}:{ports[1]}"), listing
+    # Back in the rotation, the restarted instance takes its share of new calls again.
+    assert (again_result.returncode, again_result.successful) == (0, AGAIN), again_result.stats
+    again_by = Counter(call.instance for call in calls_seen(again.traced()).values())
+    assert set(again_by) == {sbc1, sbc2}, again_by
     after_setup = [c.answered_at - c.invited_at for c in after if c.answered_at is not None]
     print(
         f"{CALLS} calls at {RATE}/s, {HOLD_MS} ms each: instance 1 answered "
@@ -276,5 +325,6 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
         f"{len(before)} calls were placed; failed {len(failed)} (all instance 1's, in progress); "
         f"{len(after)} calls after the kill all succeeded, INVITE->200 at most "
         f"{max(after_setup) * 1000:.0f} ms (median "
-        f"{sorted(after_setup)[len(after_setup) // 2] * 1000:.0f} ms)\n{listing}"
+        f"{sorted(after_setup)[len(after_setup) // 2] * 1000:.0f} ms); restarted, back in the "
+        f"rotation {back_after:.1f} s after registering, then {dict(again_by)} of {AGAIN} calls"
     )
