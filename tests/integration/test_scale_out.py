@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kamailio_helpers import check_config, running_dispatcher
+from kamailio_helpers import Dispatcher, check_config, running_dispatcher
 from peers import free_port
 from rtpengine_helpers import port_range
 from sbc_process import SbcProcess, running_sbc_process
@@ -56,9 +56,12 @@ HOLD_MS = 2000  # each call lasts this long after its answer
 AGAIN = 16  # calls once the killed instance is back (16 Call-IDs all hashed to one: 2**-15)
 
 
-def sbc_values(index: int, sip_port: int, pbx: Sipp) -> dict[str, dict[str, Any]]:
+def sbc_values(
+    index: int, sip_port: int, pbx: Sipp, *, auth: bool = True
+) -> dict[str, dict[str, Any]]:
     host = SBC_HOSTS[index]
     low, high = port_range(host, 100)
+    credentials = {"auth_username": TRUNK_USER, "auth_password": TRUNK_PASSWORD} if auth else {}
     return {
         "sip": {"bind": host, "port": sip_port},
         "pbx": {
@@ -75,8 +78,7 @@ def sbc_values(index: int, sip_port: int, pbx: Sipp) -> dict[str, dict[str, Any]
             "number": NUMBER,
             # Retell's calls come from the dispatcher, so its address is the trusted one.
             "trusted": [f"{KAMAILIO}/32"],
-            "auth_username": TRUNK_USER,
-            "auth_password": TRUNK_PASSWORD,
+            **credentials,
         },
         "media": {"mode": "relay", "rtp_port_min": low, "rtp_port_max": high},
         "admin": {"listen": f"{host}:{free_port(host, udp=False)}"},
@@ -150,6 +152,90 @@ def byes_answered(pbx: Sipp) -> set[str]:
     }
 
 
+@dataclass
+class ScaleOut:
+    """Two instances, each with its 3CX, behind the dispatcher."""
+
+    pbxs: list[Sipp]
+    ports: list[int]
+    sbcs: list[SbcProcess]
+    dispatcher: Dispatcher
+
+    @property
+    def uris(self) -> list[str]:
+        return [f"sip:{host}:{port}" for host, port in zip(SBC_HOSTS, self.ports, strict=True)]
+
+
+async def scale_out(
+    stack: contextlib.AsyncExitStack, workdir: Path, *, calls: int, auth: bool = True
+) -> ScaleOut:
+    """Both 3CX (SIPp, up to ``calls`` calls each), both sbc registered, then the dispatcher
+    (probes every second, failover after 1 s of silence, no call ringing past 8 s); all
+    stopped when ``stack`` closes."""
+    pbxs = [
+        await stack.enter_async_context(
+            sipp_server(
+                "pbx_instance_callee.xml",
+                workdir=workdir,
+                host=host,
+                calls=calls + 10,
+                time_limit=180,
+            )
+        )
+        for host in PBX_HOSTS
+    ]
+    ports = [free_port(host) for host in SBC_HOSTS]
+    sbcs: list[SbcProcess] = [
+        await stack.enter_async_context(
+            running_sbc_process(workdir, sbc_values(i, ports[i], pbxs[i], auth=auth))
+        )
+        for i in range(2)
+    ]
+    for sbc in sbcs:
+        await sbc.wait_event("registered", 20)
+    dispatcher = await stack.enter_async_context(
+        running_dispatcher(
+            KAMAILIO,
+            workdir,
+            [f"sip:{host}:{port}" for host, port in zip(SBC_HOSTS, ports, strict=True)],
+            defines={
+                "RETELL_NETS": f'"{RETELL}/32"',
+                "DS_ALG": 0,  # the shipped default, stated: hash over the Call-ID
+                "DS_PING_INTERVAL": 1,
+                "DS_PROBING_THRESHOLD": 1,
+                "FR_TIMER": 1000,
+                "FR_INV_TIMER": 8000,
+            },
+        )
+    )
+    return ScaleOut(pbxs, ports, sbcs, dispatcher)
+
+
+async def retell_load(
+    workdir: Path, dispatcher: Dispatcher, *, calls: int, rate: float, hold_ms: int, auth: bool
+) -> Sipp:
+    """SIPp as Retell placing ``calls`` calls through the dispatcher over TCP (in the
+    background); with ``auth`` it answers sbc's challenges with the trunk credentials."""
+    if auth:
+        scenario = "retell_via_dispatcher.xml"
+        credentials: tuple[str, ...] = (
+            *("-au", TRUNK_USER, "-ap", TRUNK_PASSWORD, "-auth_uri", f"{TARGET}@{KAMAILIO}"),
+        )
+    else:
+        scenario, credentials = "retell_via_dispatcher_no_auth.xml", ()
+    return await start_sipp(
+        scenario,
+        workdir=workdir,
+        local_ip=RETELL,
+        remote=f"{KAMAILIO}:{dispatcher.port}",
+        transport="t1",
+        calls=calls,
+        rate=rate,
+        time_limit=90,
+        extra=("-s", TARGET, *credentials, "-d", str(hold_ms)),
+    )
+
+
 def entry(listing: str, uri: str) -> str:
     """One destination's block of ``kamcmd dispatcher.list`` output."""
     _, found, rest = listing.partition(f"URI: {uri}\n")
@@ -166,56 +252,11 @@ def test_dispatcher_config_passes_kamailio_check() -> None:
 
 async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        pbxs = [
-            await stack.enter_async_context(
-                sipp_server(
-                    "pbx_instance_callee.xml",
-                    workdir=tmp_path,
-                    host=host,
-                    calls=CALLS + AGAIN + 10,
-                    time_limit=180,
-                )
-            )
-            for host in PBX_HOSTS
-        ]
-        ports = [free_port(host) for host in SBC_HOSTS]
-        dead_uri = f"sip:{SBC_HOSTS[0]}:{ports[0]}"
-        sbcs: list[SbcProcess] = [
-            await stack.enter_async_context(
-                running_sbc_process(tmp_path, sbc_values(i, ports[i], pbxs[i]))
-            )
-            for i in range(2)
-        ]
-        for sbc in sbcs:
-            await sbc.wait_event("registered", 20)
-        dispatcher = await stack.enter_async_context(
-            running_dispatcher(
-                KAMAILIO,
-                tmp_path,
-                [f"sip:{host}:{port}" for host, port in zip(SBC_HOSTS, ports, strict=True)],
-                defines={
-                    "RETELL_NETS": f'"{RETELL}/32"',
-                    "DS_ALG": 0,  # the shipped default, stated: hash over the Call-ID
-                    "DS_PING_INTERVAL": 1,
-                    "DS_PROBING_THRESHOLD": 1,
-                    "FR_TIMER": 1000,
-                    "FR_INV_TIMER": 8000,
-                },
-            )
-        )
-        retell = await start_sipp(
-            "retell_via_dispatcher.xml",
-            workdir=tmp_path,
-            local_ip=RETELL,
-            remote=f"{KAMAILIO}:{dispatcher.port}",
-            transport="t1",
-            calls=CALLS,
-            rate=RATE,
-            time_limit=90,
-            extra=(
-                *("-s", TARGET, "-au", TRUNK_USER, "-ap", TRUNK_PASSWORD),
-                *("-auth_uri", f"{TARGET}@{KAMAILIO}", "-d", str(HOLD_MS)),
-            ),
+        setup = await scale_out(stack, tmp_path, calls=CALLS + AGAIN)
+        pbxs, ports, sbcs, dispatcher = setup.pbxs, setup.ports, setup.sbcs, setup.dispatcher
+        dead_uri = setup.uris[0]
+        retell = await retell_load(
+            tmp_path, dispatcher, calls=CALLS, rate=RATE, hold_ms=HOLD_MS, auth=True
         )
         # Kill instance 1 once both carry calls and three of instance 1's have ended (Retell's
         # BYE reached it): its finished calls stay finished, the ones it holds are lost. (The
@@ -251,19 +292,8 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
                 await asyncio.sleep(0.1)
         back_after = time.monotonic() - revived_at
         again_at = time.time()
-        again = await start_sipp(
-            "retell_via_dispatcher.xml",
-            workdir=tmp_path,
-            local_ip=RETELL,
-            remote=f"{KAMAILIO}:{dispatcher.port}",
-            transport="t1",
-            calls=AGAIN,
-            rate=10,
-            time_limit=60,
-            extra=(
-                *("-s", TARGET, "-au", TRUNK_USER, "-ap", TRUNK_PASSWORD),
-                *("-auth_uri", f"{TARGET}@{KAMAILIO}", "-d", "300"),
-            ),
+        again = await retell_load(
+            tmp_path, dispatcher, calls=AGAIN, rate=10, hold_ms=300, auth=True
         )
         again_result = await again.finish(70)
         revived.signal(signal.SIGTERM)
@@ -328,4 +358,51 @@ async def test_sigkill_of_one_instance_fails_only_its_calls(tmp_path: Path) -> N
         f"{max(after_setup) * 1000:.0f} ms (median "
         f"{sorted(after_setup)[len(after_setup) // 2] * 1000:.0f} ms); restarted, back in the "
         f"rotation {back_after:.1f} s after registering, then {dict(again_by)} of {AGAIN} calls"
+    )
+
+
+async def test_sigterm_of_one_instance_loses_no_call(tmp_path: Path) -> None:
+    """A planned stop (SIGTERM: drain, then unregister) in the middle of the load: the stopping
+    instance answers new INVITEs 503, the dispatcher sends those to the other instance, the calls
+    it holds end normally; not one call fails. (Without trunk credentials: a 503 after sbc's
+    challenge would send Retell's retry to the other instance, which challenges it again; Retell
+    answers that, this SIPp scenario does not.)"""
+    calls, hold_ms = 30, 3000
+    async with contextlib.AsyncExitStack() as stack:
+        setup = await scale_out(stack, tmp_path, calls=calls, auth=False)
+        sbcs = setup.sbcs
+        retell = await retell_load(
+            tmp_path, setup.dispatcher, calls=calls, rate=RATE, hold_ms=hold_ms, auth=False
+        )
+        await sbcs[0].wait_event("call_answered", 30, count=2)
+        await sbcs[1].wait_event("call_answered", 30, count=1)
+        stopped_at = time.time()
+        sbcs[0].signal(signal.SIGTERM)
+        # It drains: its calls end when Retell hangs up (hold_ms), then it unregisters and exits.
+        assert await sbcs[0].wait_exit(30) == 0, sbcs[0].log_text()[-3000:]
+        result = await retell.finish(120)
+        sbcs[1].signal(signal.SIGTERM)
+        assert await sbcs[1].wait_exit(30) == 0, sbcs[1].log_text()[-3000:]
+        dispatcher_log = setup.dispatcher.log_text()
+    assert (result.returncode, result.successful, result.failed) == (0, calls, 0), (
+        f"{result.stats}\n{result.errors}"
+    )
+    seen = calls_seen(retell.traced())
+    # Nothing new reached instance 1 once it was stopping (half a second for the signal to be
+    # handled): what it refused went to instance 2.
+    refused = len(sbcs[0].events("invite_refused_stopping"))
+    late = [
+        c for c in seen.values() if c.instance == SBC_HOSTS[0] and c.invited_at > stopped_at + 0.5
+    ]
+    assert late == []
+    failovers = dispatcher_log.count("failover of ")
+    assert refused >= 1, "no INVITE reached the draining instance"
+    assert failovers >= refused
+    # Every call instance 1 had taken was ended with a BYE to its 3CX: none was cut.
+    taken = invites_received(setup.pbxs[0], until=time.time())
+    assert taken and set(taken) <= byes_answered(setup.pbxs[0])
+    print(
+        f"{calls} calls, instance 1 stopped (SIGTERM) after {len(taken)} of its calls: "
+        f"{refused} INVITEs refused 503 while draining, {failovers} failovers, all "
+        f"{result.successful} calls completed"
     )
