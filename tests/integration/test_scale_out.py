@@ -15,6 +15,9 @@ only calls that instance 1 held fail; every call of instance 2 and every call pl
 kill succeeds; each instance's "3CX" saw exactly the calls of that instance. Then instance 1
 is started again on its address: the probes put it back in the rotation and it takes its share
 of a second, smaller load.
+
+A second test stops an instance the planned way (SIGTERM) in the middle of a load: it drains,
+its 503s to new INVITEs are failed over by the dispatcher, and no call fails.
 """
 
 from __future__ import annotations
