@@ -51,6 +51,7 @@ from sbc.media.relay import RelayBackend
 from sbc.media.rtpengine import RtpengineBackend, RtpengineError
 from sbc.net.addresses import TransportConfig
 from sbc.net.engine import SipEngine
+from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
@@ -211,6 +212,24 @@ def pbx_networks(pbx: PbxSettings) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(host) for host in sorted(hosts))
 
 
+def guard_config(settings: Settings, pbx_trusted: tuple[Network, ...]) -> GuardConfig:
+    """The edge guard's config: ``[security]`` and the networks requests may come from (the
+    PBX's, resolved once by :func:`pbx_networks`, and Retell's)."""
+    security = settings.security
+    return GuardConfig(
+        trusted=(*pbx_trusted, *settings.retell.trusted),
+        untrusted=security.untrusted,
+        rate_limit=security.rate_limit,
+        trusted_rate_limit=security.trusted_rate_limit,
+        rate_window=security.rate_window,
+        ban_time=security.ban_time,
+        max_sources=security.max_sources,
+        new_call_rate=security.new_call_rate,
+        new_call_burst=security.new_call_burst,
+        new_call_retry_after=security.new_call_retry_after,
+    )
+
+
 def number_plan(calls: CallsSettings) -> NumberPlan:
     return NumberPlan(
         country_code=calls.country_code,
@@ -294,7 +313,10 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         contact_host = advertised_host(settings)
-        self.engine = SipEngine(transport_config(settings, contact_host))
+        # Resolved once: the edge guard and the call manager trust the same PBX addresses.
+        pbx_trusted = pbx_networks(settings.pbx)
+        self.guard = Guard(guard_config(settings, pbx_trusted))
+        self.engine = SipEngine(transport_config(settings, contact_host), guard=self.guard)
         registration_observer: RegistrationObserver = self.metrics
         self.registration = RegistrationDriver(
             self.engine,
@@ -321,7 +343,7 @@ class Service:
         )
         self.bridge = CallManager(
             self.engine,
-            bridge_config(settings),
+            bridge_config(settings, trusted=pbx_trusted),
             self.media,
             ladder_messages=records.ladder_messages if self.records is not None else 0,
         )
