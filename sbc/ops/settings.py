@@ -563,9 +563,11 @@ class SecuritySettings(_Section):
     trusted_rate_limit: int = Field(default=1000, ge=1, le=10_000_000)
     max_sources: int = Field(default=10_000, ge=16, le=10_000_000)  # sources tracked at most
     # New calls (INVITEs outside a dialog) per second for the whole bridge, bursts up to
-    # new_call_burst; above it 503 with Retry-After: new_call_retry_after. 0: no cap.
-    new_call_rate: float = Field(default=20.0, ge=0)
-    new_call_burst: int = Field(default=40, ge=1)
+    # new_call_burst; above it 503 with Retry-After: new_call_retry_after. 0: no cap. 250/s is
+    # above the 200/s sbc is benchmarked at (docs/performance.md) and below where one core
+    # falls behind, so a flood of INVITEs is refused cheaply before it slows every call.
+    new_call_rate: float = Field(default=250.0, ge=0)
+    new_call_burst: int = Field(default=500, ge=1)
     new_call_retry_after: int = Field(default=2, ge=1, le=86400)
 
 

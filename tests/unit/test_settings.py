@@ -105,7 +105,7 @@ def test_minimal_file_gets_documented_defaults(write):
     assert s.security.untrusted == "drop"
     assert (s.security.rate_limit, s.security.rate_window, s.security.ban_time) == (30, 2.0, 60.0)
     assert (s.security.trusted_rate_limit, s.security.max_sources) == (1000, 10_000)
-    assert (s.security.new_call_rate, s.security.new_call_burst) == (20.0, 40)
+    assert (s.security.new_call_rate, s.security.new_call_burst) == (250.0, 500)
     assert s.security.new_call_retry_after == 2
     assert s.media.mode == "relay"
     assert (s.media.rtp_port_min, s.media.rtp_port_max) == (20000, 20999)
