@@ -9,8 +9,8 @@ address.
   while a call through sbc carries every RTP packet both ways;
 * a flood of OPTIONS from the PBX's own (trusted) address above its limit: limited, never
   banned, and the call in progress goes on and hangs up normally;
-* ``untrusted = "reject"`` answers every probe the same 403 (no Server header); ``"drop"``
-  answers none;
+* ``untrusted = "reject"`` answers every probe the same 403 (no Server header), over UDP and
+  TCP; ``"drop"`` answers none, and closes a TCP connection at accept;
 * the global new-call cap answers 503 with Retry-After.
 
 Where "nothing came back" is asserted, a request from a trusted address sent after the probes
@@ -278,6 +278,39 @@ async def test_drop_mode_answers_nothing() -> None:
         # Nothing was parsed: the engine never saw a request from the stranger.
         assert rig.service.engine.stats.requests_rejected == 0
         assert rig.manager.active == 0 and rig.manager.records == []
+
+
+async def tcp_probe(rig: Rig, method: str, user: str) -> bytes:
+    """One request over a new TCP connection from the stranger; what came back until sbc
+    closed the connection (or 5 s passed)."""
+    reader, writer = await asyncio.open_connection(SBC, rig.port, local_addr=(STRANGER, 0))
+    try:
+        local = writer.get_extra_info("sockname")[:2]
+        writer.write(probe(method, user, rig, local, 7).replace(b"/UDP ", b"/TCP "))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        async with asyncio.timeout(5):
+            try:
+                return await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                return getattr(exc, "partial", b"")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_over_tcp_reject_answers_403_and_drop_closes_the_connection() -> None:
+    async with running_bridge(SecuritySettings(untrusted="reject")) as rig:
+        answer = await tcp_probe(rig, "INVITE", EXTENSION)
+        assert answer.startswith(b"SIP/2.0 403 Forbidden\r\n"), answer
+        assert b"Server:" not in answer
+        assert rig.guard.stats.rejected == 1
+    async with running_bridge() as rig:
+        # Closed at accept, before a byte is read: EOF or a reset, never an answer.
+        assert await tcp_probe(rig, "INVITE", EXTENSION) == b""
+        assert rig.guard.stats.connections_refused == 1
+        assert rig.service.engine.transports.stats.connections_accepted == 0
 
 
 # -- (a) sipvicious -------------------------------------------------------------------------------
