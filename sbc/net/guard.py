@@ -216,7 +216,9 @@ class Guard:
         if not counted and not self._untrusted_event(host, state):
             return DROP
         if not self.reject:
-            return DROP  # only here for a peer demoted between the two checks
+            # Not reached through the transports (admit_datagram dropped such a datagram);
+            # the verdict still must not rest on the caller's bookkeeping.
+            return DROP
         self.stats.rejected += 1
         return REJECT
 

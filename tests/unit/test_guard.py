@@ -152,3 +152,10 @@ def test_token_bucket_refills_with_time(elapsed: float, expected: bool) -> None:
     bucket = TokenBucket(10.0, 1.0, now=0.0)
     assert bucket.take(0.0)
     assert bucket.take(elapsed) is expected
+
+
+def test_drop_mode_never_rejects_even_when_asked_after_parsing() -> None:
+    guard = make(Clock())
+    assert guard.request_verdict(STRANGER, counted=True, new=True) == DROP
+    assert guard.request_verdict(STRANGER, counted=False, new=True) == DROP
+    assert guard.stats.rejected == 0
