@@ -569,6 +569,8 @@ class SipEngine:
     def _oversized(self, message: Message, source: Destination) -> None:
         if not isinstance(message, Request) or message.method == "ACK":
             return
+        if self.guard is not None and self._guarded(self.guard, message, source):
+            return  # an untrusted source gets its 403 (or nothing), never a telling 513
         try:
             request = stamp_via(message, source)
         except SipError:

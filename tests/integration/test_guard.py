@@ -263,6 +263,14 @@ async def test_reject_mode_answers_every_probe_the_same_403() -> None:
         assert answers == {"SIP/2.0 403 Forbidden\r\nContent-Length: 0"}, answers
         assert rig.guard.stats.rejected == len(PROBES)
         assert rig.manager.active == 0 and rig.manager.records == []
+        # An oversized request gets the same 403, not a 513 that would tell it apart.
+        async with udp_socket(STRANGER) as stranger:
+            big = probe("OPTIONS", "1", rig, stranger.local, 99).replace(
+                b"Max-Forwards", b"X-Pad: " + b"p" * 20_000 + b"\r\nMax-Forwards"
+            )
+            stranger.send(big, rig)
+            await stranger.wait_for(1)
+        assert normalised(stranger.received[0]) == "SIP/2.0 403 Forbidden\r\nContent-Length: 0"
 
 
 async def test_drop_mode_answers_nothing() -> None:
