@@ -637,7 +637,9 @@ class Call:
             return
         self.origin.refused(status)
         try:
-            incoming.respond(status, headers=(*headers, ("Server", self.config.user_agent)))
+            agent = self.config.user_agent  # "": no Server header (settings: sip.user_agent)
+            server = (("Server", agent),) if agent else ()
+            incoming.respond(status, headers=(*headers, *server))
         except SipError as exc:
             self.log.info("a_response_failed", status=status, detail=exc.detail)
 

@@ -495,7 +495,8 @@ class CallManager:
 
     @property
     def _server(self) -> tuple[tuple[str, str], ...]:
-        return (("Server", self.config.user_agent),)
+        agent = self.config.user_agent
+        return (("Server", agent),) if agent else ()
 
     @staticmethod
     def _in(networks: tuple[IPv4Network | IPv6Network, ...], source: Destination) -> bool:

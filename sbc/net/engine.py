@@ -41,6 +41,7 @@ from sbc.net.addresses import (
     target_of_uri,
 )
 from sbc.net.dns import ResolutionFailed, Resolver
+from sbc.net.guard import ADMIT, REJECT, Guard
 from sbc.net.handles import (
     IncomingRequest,
     OutgoingRequest,
@@ -49,7 +50,7 @@ from sbc.net.handles import (
     new_tag,
 )
 from sbc.net.transport import Transports
-from sbc.sip.errors import BadRequest, MessageTooLarge, SipError
+from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, SipError
 from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import split_list
 from sbc.sip.ids import make_branch
@@ -131,6 +132,7 @@ class SipEngine:
         layer: TransactionLayer | None = None,
         client_ssl: ssl.SSLContext | None = None,
         server_ssl: ssl.SSLContext | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.config = config
         self.layer = layer or TransactionLayer(t1=config.t1, t2=config.t2, t4=config.t4)
@@ -146,6 +148,12 @@ class SipEngine:
             server_ssl=server_ssl,
         )
         self.transports.on_oversized = self._oversized
+        # The edge guard (sbc/net/guard.py): source checks before parsing in the transports,
+        # the verdict on each request here, the new-call cap. None: everyone is let in.
+        self.guard = guard
+        if guard is not None:
+            self.transports.admit_datagram = guard.admit_datagram
+            self.transports.admit_connection = guard.admit_connection
         self.stats = EngineStats()
         # Hooks for the layers above.
         self.on_request: RequestHandler | None = None
@@ -425,13 +433,24 @@ class SipEngine:
                 ("Allow", ", ".join(self.allow)),
                 ("Accept", "application/sdp"),
                 ("Supported", ", ".join(sorted(self.supported))),
-                ("Server", self.config.user_agent),
+                *self._server_headers,
             )
         incoming.respond(200, headers=self._options_headers)
 
     def _request_received(self, key: str, request: Request, source: Destination) -> None:
         to_tag = request.to_tag
         incoming = IncomingRequest(self, key, request, source, to_tag)
+        guard = self.guard
+        if (
+            guard is not None
+            and request.method == "INVITE"
+            and to_tag is None
+            and not guard.new_call_allowed()
+        ):
+            # The global new-call cap (RFC 3261 §21.5.4: 503 with Retry-After).
+            retry = ("Retry-After", str(guard.config.new_call_retry_after))
+            incoming.respond(503, headers=(retry, *self._server_headers))
+            return
         if request.method == "INVITE":
             # Kept for a CANCEL (RFC 3261 §9.2), which only an INVITE can get.
             self._incoming[key] = incoming
@@ -464,7 +483,40 @@ class SipEngine:
                 log.warning("request_handler_500_failed", call_id=request.headers.get("Call-ID"))
 
     # -- input from the transports -------------------------------------------------------------
+    @property
+    def _server_headers(self) -> tuple[tuple[str, str], ...]:
+        # No Server header unless one is configured (nothing for a scanner to fingerprint).
+        agent = self.config.user_agent
+        return (("Server", agent),) if agent else ()
+
+    def _guarded(self, guard: Guard, request: Request, source: Destination) -> bool:
+        """The guard's verdict on a parsed request; True when it stops here (dropped, or
+        answered 403 statelessly: the same answer whatever was asked, RFC 3261 §21.4.4)."""
+        method = request.method
+        new = method != "ACK" and method != "CANCEL" and _to_tag(request) is None
+        verdict = guard.request_verdict(source.host, counted=source.transport == "udp", new=new)
+        if verdict == ADMIT:
+            return False
+        if verdict == REJECT and method != "ACK":
+            try:
+                stamped = stamp_via(request, source)
+            except SipError:
+                return True
+            self._reject_stateless(
+                stamped, source, Forbidden("untrusted source", headers=self._server_headers)
+            )
+            self._pump()
+        return True
+
     def _message_received(self, message: Message, source: Destination) -> None:
+        guard = self.guard
+        if guard is not None and isinstance(message, Request):
+            try:
+                if self._guarded(guard, message, source):
+                    return
+            except Exception:
+                log.exception("guard_failed", source=str(source))
+                return
         if self.on_message is not None:
             self._tap("in", message, source)
         counts = self.stats.messages
@@ -517,6 +569,8 @@ class SipEngine:
     def _oversized(self, message: Message, source: Destination) -> None:
         if not isinstance(message, Request) or message.method == "ACK":
             return
+        if self.guard is not None and self._guarded(self.guard, message, source):
+            return  # an untrusted source gets its 403 (or nothing), never a telling 513
         try:
             request = stamp_via(message, source)
         except SipError:
@@ -607,6 +661,8 @@ class SipEngine:
         else:
             method = message.method
             key = ("out", method if method in COUNTED_METHODS else "other", dest.transport)
+            if self.guard is not None:
+                self.guard.note_peer(dest.host)  # its answers and requests are let in
         counts = self.stats.messages
         counts[key] = counts.get(key, 0) + 1
         if self.on_message is not None:

@@ -298,6 +298,10 @@ class Transports:
         self.on_connection_lost: Callable[[StreamConnection], None] | None = None
         # Called with a datagram's message when it exceeds max_message_size (the engine: 513).
         self.on_oversized: OversizedHandler | None = None
+        # The edge guard's source checks (sbc/net/guard.py), set by the engine: a datagram is
+        # dropped before parsing, an inbound connection closed at once, when they say False.
+        self.admit_datagram: Callable[[str], bool] | None = None
+        self.admit_connection: Callable[[str], bool] | None = None
         self.udp_address: tuple[str, int] | None = None
         self.tcp_address: tuple[str, int] | None = None
         self.tls_address: tuple[str, int] | None = None
@@ -366,6 +370,10 @@ class Transports:
         ip = conn.peer[0]
         if not conn.outbound:
             cfg = self.config
+            admit = self.admit_connection
+            if admit is not None and not admit(ip):
+                self.stats.connections_refused += 1
+                return False
             if self._inbound >= cfg.max_connections or (
                 self._per_ip.get(ip, 0) >= cfg.max_connections_per_ip
             ):
@@ -412,6 +420,9 @@ class Transports:
     # -- receiving --------------------------------------------------------------------------
     def _datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.stats.datagrams_received += 1
+        admit = self.admit_datagram
+        if admit is not None and not admit(addr[0]):
+            return  # first, so that what the guard drops costs no parsing (not even a strip)
         if not data.strip(b"\r\n"):
             return  # RFC 5626 §4.4.1 / §3.5.1: a CRLF keep-alive on UDP, nothing to answer
         try:

@@ -287,6 +287,7 @@ class BridgeCollector(Collector):
 
     def _families(self, fill: bool = False) -> Iterator[Metric]:
         yield from self._sip(fill)
+        yield from self._guard(fill)
         yield from self._rtp(fill)
         yield from self._peers_and_records(fill)
 
@@ -319,6 +320,47 @@ class BridgeCollector(Collector):
             retransmissions.add_metric([], engine.stats.retransmissions)
             transactions.add_metric([], len(engine.layer))
         yield from (requests, responses, retransmissions, transactions)
+
+    def _guard(self, fill: bool) -> Iterator[Metric]:
+        """The edge guard's counters (``engine.guard``, sbc/net/guard.py)."""
+        dropped = CounterMetricFamily(
+            "sbc_guard_dropped",
+            "Datagrams and requests the edge guard dropped unanswered: from an untrusted source "
+            "(untrusted), from a banned one (banned), a trusted source's out-of-dialog request "
+            "above its rate limit (trusted_rate)",
+            labels=["reason"],
+        )
+        rejected = CounterMetricFamily(
+            "sbc_guard_rejected", "Requests from untrusted sources answered 403 (reject mode)"
+        )
+        refused = CounterMetricFamily(
+            "sbc_guard_connections_refused",
+            "Inbound TCP/TLS connections closed at once: untrusted (drop mode) or banned source",
+        )
+        bans = CounterMetricFamily(
+            "sbc_guard_bans", "Untrusted sources banned for exceeding security.rate_limit"
+        )
+        banned = GaugeMetricFamily("sbc_guard_banned", "Sources banned right now")
+        tracked = GaugeMetricFamily(
+            "sbc_guard_sources", "Source addresses the guard tracks (at most max_sources)"
+        )
+        limited = CounterMetricFamily(
+            "sbc_guard_new_calls_limited",
+            "New INVITEs answered 503 with Retry-After for the global new-call rate cap",
+        )
+        guard = getattr(self.engine, "guard", None)
+        if fill and guard is not None:
+            stats = guard.stats
+            dropped.add_metric(["untrusted"], stats.dropped_untrusted)
+            dropped.add_metric(["banned"], stats.dropped_banned)
+            dropped.add_metric(["trusted_rate"], stats.dropped_trusted_rate)
+            rejected.add_metric([], stats.rejected)
+            refused.add_metric([], stats.connections_refused)
+            bans.add_metric([], stats.bans)
+            banned.add_metric([], guard.banned())
+            tracked.add_metric([], guard.tracked)
+            limited.add_metric([], stats.new_calls_limited)
+        yield from (dropped, rejected, refused, bans, banned, tracked, limited)
 
     def _rtp(self, fill: bool) -> Iterator[Metric]:
         packets = CounterMetricFamily(

@@ -52,6 +52,7 @@ from sbc.media.relay import RelayBackend
 from sbc.media.rtpengine import RtpengineBackend, RtpengineError
 from sbc.net.addresses import TransportConfig
 from sbc.net.engine import SipEngine
+from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
 from sbc.ops.metrics import Metrics
@@ -225,6 +226,24 @@ def pbx_networks(pbx: PbxSettings) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(host) for host in sorted(hosts))
 
 
+def guard_config(settings: Settings, pbx_trusted: tuple[Network, ...]) -> GuardConfig:
+    """The edge guard's config: ``[security]`` and the networks requests may come from (the
+    PBX's, resolved once by :func:`pbx_networks`, and Retell's)."""
+    security = settings.security
+    return GuardConfig(
+        trusted=(*pbx_trusted, *settings.retell.trusted),
+        untrusted=security.untrusted,
+        rate_limit=security.rate_limit,
+        trusted_rate_limit=security.trusted_rate_limit,
+        rate_window=security.rate_window,
+        ban_time=security.ban_time,
+        max_sources=security.max_sources,
+        new_call_rate=security.new_call_rate,
+        new_call_burst=security.new_call_burst,
+        new_call_retry_after=security.new_call_retry_after,
+    )
+
+
 def number_plan(calls: CallsSettings) -> NumberPlan:
     return NumberPlan(
         country_code=calls.country_code,
@@ -326,7 +345,10 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         contact_host = advertised_host(settings)
-        self.engine = SipEngine(transport_config(settings, contact_host))
+        # Resolved once: the edge guard and the call manager trust the same PBX addresses.
+        pbx_trusted = pbx_networks(settings.pbx)
+        self.guard = Guard(guard_config(settings, pbx_trusted))
+        self.engine = SipEngine(transport_config(settings, contact_host), guard=self.guard)
         # One registration per route, each with its own Call-ID, refresh and backoff: a route
         # whose credentials fail keeps retrying alone while the others take calls.
         self.registrations: dict[str, RegistrationDriver] = {}
@@ -359,7 +381,7 @@ class Service:
         # records.failed, records.dropped (queue full; bridge.events.dropped: all observers').
         records = settings.records
         self.records: RecordWriter | None = records_writer(records)
-        configs = bridge_configs(settings)
+        configs = bridge_configs(settings, trusted=pbx_trusted)
         self.bridge = CallManager(
             self.engine,
             configs[0],

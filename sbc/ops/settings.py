@@ -49,7 +49,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from sbc import __version__
 from sbc.b2bua import templates
 
 __all__ = [
@@ -69,6 +68,7 @@ __all__ = [
     "RetellSettings",
     "Route",
     "RouteSettings",
+    "SecuritySettings",
     "Settings",
     "SipSettings",
     "TransferSettings",
@@ -238,7 +238,9 @@ class SipSettings(_Section):
     tls_port: Port | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    user_agent: str = Field(default=f"sbc/{__version__}", min_length=1, max_length=200)
+    # Server / User-Agent header value; "" (the default): no such header, so nothing tells a
+    # scanner what answers (set e.g. "sbc" or "sbc/1.2" to announce it).
+    user_agent: str = Field(default="", max_length=200)
     t1: Seconds = 0.5  # RFC 3261 §17.1.1.1 (RTT estimate)
     t2: Seconds = 4.0  # RFC 3261 §17.1.2.2 (max non-INVITE retransmit interval)
     t4: Seconds = 5.0  # RFC 3261 §17.1.2.2 (max time a message stays in the network)
@@ -548,6 +550,32 @@ def _read_token_file(path: Path) -> str:
     return token
 
 
+class SecuritySettings(_Section):
+    """[security]: the edge guard (sbc/net/guard.py): who may talk to sbc and how fast.
+
+    Requests are taken from ``pbx.trusted`` and ``retell.trusted`` (and answers from where sbc
+    sent requests); anything else is ``untrusted``: dropped unanswered, or answered 403.
+    """
+
+    untrusted: Annotated[Literal["drop", "reject"], BeforeValidator(_lower)] = "drop"
+    # Per untrusted source: this many datagrams/requests/connections per rate_window, then a
+    # ban of ban_time seconds (Kamailio pike's 30 per 2 s).
+    rate_limit: int = Field(default=30, ge=1, le=1_000_000)
+    rate_window: Seconds = 2.0
+    ban_time: Seconds = 60.0
+    # Per trusted source: out-of-dialog requests per rate_window; above it they are dropped
+    # (never a ban, never an in-dialog request).
+    trusted_rate_limit: int = Field(default=1000, ge=1, le=10_000_000)
+    max_sources: int = Field(default=10_000, ge=16, le=10_000_000)  # sources tracked at most
+    # New calls (INVITEs outside a dialog) per second for the whole bridge, bursts up to
+    # new_call_burst; above it 503 with Retry-After: new_call_retry_after. 0: no cap. 250/s is
+    # above the 200/s sbc is benchmarked at (docs/performance.md) and below where one core
+    # falls behind, so a flood of INVITEs is refused cheaply before it slows every call.
+    new_call_rate: float = Field(default=250.0, ge=0)
+    new_call_burst: int = Field(default=500, ge=1)
+    new_call_retry_after: int = Field(default=2, ge=1, le=86400)
+
+
 class LogSettings(_Section):
     """[log]."""
 
@@ -776,6 +804,7 @@ class Settings(BaseSettings):
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
     records: RecordsSettings = Field(default_factory=RecordsSettings)
     # Several extensions, each bridged to its own Retell number (docs/configuration.md,
     # "Routes"); empty: the one implicit route "default" of [pbx] and [retell].

@@ -29,6 +29,7 @@ from sbc.ops.settings import (
     PbxSettings,
     RecordsSettings,
     RetellSettings,
+    SecuritySettings,
     Settings,
     SipSettings,
     TransferSettings,
@@ -123,11 +124,13 @@ async def running_bridge(
     retell_auth: tuple[str, str] | None = None,
     timers: tuple[float, float, float] = (0.25, 2.0, 5.0),
     records: RecordsSettings | None = None,
+    security: SecuritySettings | None = None,
 ) -> AsyncIterator[Bridge]:
     """SIPp registrar for 3CX, then sbc registered with it; both stopped at the end.
 
     ``timers`` are sip.t1, t2 and t4; ``retell_auth`` retell.auth_username and auth_password;
-    ``records`` the call records' settings (default: calls.sqlite3 in ``workdir``).
+    ``records`` the call records' settings (default: calls.sqlite3 in ``workdir``);
+    ``security`` the edge guard's (default: untrusted sources dropped unanswered).
     """
     registrar_port = free_port(PBX)
     registrar = await start_sipp(
@@ -170,6 +173,7 @@ async def running_bridge(
         transfer=transfer or TransferSettings(),
         admin=AdminSettings(listen=f"{SBC}:{free_port(SBC)}"),
         records=records or RecordsSettings(path=str(workdir / "calls.sqlite3")),
+        security=security or SecuritySettings(),
     )
     service = Service(settings)
     try:

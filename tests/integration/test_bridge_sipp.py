@@ -29,6 +29,7 @@ from bridge_helpers import (
 from peers import free_port
 
 from sbc.b2bua.events import CallEvent, CallStarted
+from sbc.ops.settings import SecuritySettings
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +147,9 @@ async def test_untrusted_source_and_other_extension_create_nothing(tmp_path: Pat
         connections.append(writer.get_extra_info("peername"))
         writer.close()
 
-    async with running_bridge(tmp_path) as bridge:
+    # Reject mode: the stranger is answered 403 (the default, drop, answers nothing at all:
+    # tests/integration/test_guard.py).
+    async with running_bridge(tmp_path, security=SecuritySettings(untrusted="reject")) as bridge:
         server = await asyncio.start_server(accept, RETELL, bridge.retell_port)
         try:
             stranger = await pbx_call(tmp_path, bridge, "pbx_rejected.xml", local_ip=STRANGER)

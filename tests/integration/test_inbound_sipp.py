@@ -31,6 +31,7 @@ from sbc.ops.settings import (
     MediaSettings,
     PbxSettings,
     RetellSettings,
+    SecuritySettings,
     Settings,
     SipSettings,
     TransferSettings,
@@ -103,7 +104,9 @@ def pending_invites(bridge: Bridge) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def running_bridge(workdir: Path) -> AsyncIterator[Bridge]:
+async def running_bridge(
+    workdir: Path, security: SecuritySettings | None = None
+) -> AsyncIterator[Bridge]:
     """3CX's SIPp (registrar and callee), then sbc registered with it; at the end sbc stops
     first (its unregistration is answered), then 3CX's SIPp, whose result is kept."""
     pbx_port = free_port(PBX)
@@ -141,6 +144,7 @@ async def running_bridge(workdir: Path) -> AsyncIterator[Bridge]:
         media=MediaSettings(mode="relay", rtp_port_min=rtp_min, rtp_port_max=rtp_min + 19),
         transfer=TransferSettings(targets={"sales": "800"}),
         admin=AdminSettings(listen=f"{SBC}:{free_port(SBC, udp=False)}"),
+        security=security or SecuritySettings(),
     )
     service = Service(settings)
     bridge = Bridge(service, port, pbx)
@@ -258,7 +262,8 @@ async def test_no_credentials_get_a_challenge_and_nothing_else(tmp_path: Path) -
 
 
 async def test_untrusted_source_is_refused_without_a_challenge(tmp_path: Path) -> None:
-    async with running_bridge(tmp_path) as bridge:
+    # Reject mode answers the stranger 403 (drop, the default, would answer nothing).
+    async with running_bridge(tmp_path, SecuritySettings(untrusted="reject")) as bridge:
         stranger, trace = await retell_call(
             tmp_path, bridge, "retell_invite_no_auth.xml", local_ip=STRANGER
         )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from ipaddress import ip_network
+from types import SimpleNamespace
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from sbc.b2bua.events import CallEnded, CallRecord, CallRefused, CallStarted
 from sbc.b2bua.transfer import TransferRecord
+from sbc.net.guard import Guard, GuardConfig
 from sbc.ops.metrics import Metrics
 
 
@@ -53,3 +57,26 @@ def test_call_events_are_counted() -> None:
     assert got[("sbc_transfers_total", (("mode", "invite"), ("outcome", "transferred")))] == 1
     assert got[("sbc_transfers_total", (("mode", "refer"), ("outcome", "failed")))] == 1
     assert got[("sbc_call_duration_seconds_sum", ())] == 60.0
+
+
+def test_edge_guard_counters_are_read_when_scraped() -> None:
+    now = [0.0]
+    guard = Guard(
+        GuardConfig(trusted=(ip_network("10.0.0.0/8"),), rate_limit=2), clock=lambda: now[0]
+    )
+    for _ in range(5):
+        guard.admit_datagram("192.0.2.1")  # 2 dropped as untrusted, then a ban: 3 as banned
+    guard.admit_connection("192.0.2.1")
+    metrics = Metrics()
+    stats = SimpleNamespace(messages={}, retransmissions=0)
+    metrics.watch(engine=SimpleNamespace(guard=guard, stats=stats, layer=()))
+    got = samples(metrics)
+    assert got[("sbc_guard_dropped_total", (("reason", "untrusted"),))] == 2
+    assert got[("sbc_guard_dropped_total", (("reason", "banned"),))] == 4
+    assert got[("sbc_guard_dropped_total", (("reason", "trusted_rate"),))] == 0
+    assert got[("sbc_guard_bans_total", ())] == 1
+    assert got[("sbc_guard_banned", ())] == 1
+    assert got[("sbc_guard_connections_refused_total", ())] == 1
+    assert got[("sbc_guard_sources", ())] == 1
+    assert got[("sbc_guard_rejected_total", ())] == 0
+    assert got[("sbc_guard_new_calls_limited_total", ())] == 0

@@ -101,7 +101,12 @@ def test_minimal_file_gets_documented_defaults(write):
     assert s.retell.trusted == tuple(ip_network(n) for n in RETELL_SIGNALLING_NETWORKS)
     assert s.retell.answer_timeout == 90
     assert (s.sip.port, s.sip.t1, s.sip.t2, s.sip.max_message_size) == (5060, 0.5, 4.0, 16384)
-    assert s.sip.user_agent.startswith("sbc/")
+    assert s.sip.user_agent == ""  # no Server / User-Agent header unless configured
+    assert s.security.untrusted == "drop"
+    assert (s.security.rate_limit, s.security.rate_window, s.security.ban_time) == (30, 2.0, 60.0)
+    assert (s.security.trusted_rate_limit, s.security.max_sources) == (1000, 10_000)
+    assert (s.security.new_call_rate, s.security.new_call_burst) == (250.0, 500)
+    assert s.security.new_call_retry_after == 2
     assert s.media.mode == "relay"
     assert (s.media.rtp_port_min, s.media.rtp_port_max) == (20000, 20999)
     assert s.media.codecs == ("PCMU", "PCMA", "G722", "telephone-event")
@@ -706,3 +711,38 @@ def test_drain_timeout_default_and_bounds(write):
     assert load_settings(write(_merged(calls={"drain_timeout": 0})), {}).calls.drain_timeout == 0
     (problem,) = _problems(write(_merged(calls={"drain_timeout": -1})))
     assert problem.startswith("calls.drain_timeout: input should be greater than or equal to 0")
+
+
+def test_security_section_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "sbc.toml"
+    path.write_text(
+        '[pbx]\nhost = "pbx.example.com"\nextension = "1000"\npassword = "x"\n'
+        '[retell]\nnumber = "+14155550100"\n'
+        '[security]\nuntrusted = "REJECT"\nrate_limit = 10\nnew_call_rate = 0\n'
+    )
+    s = load_settings(path, {"SBC_SECURITY__BAN_TIME": "5", "SBC_SIP__USER_AGENT": "sbc/9"})
+    assert s.security.untrusted == "reject"
+    assert (s.security.rate_limit, s.security.ban_time, s.security.new_call_rate) == (10, 5, 0)
+    assert s.sip.user_agent == "sbc/9"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("untrusted", "ignore", "security.untrusted: input should be 'drop' or 'reject'"),
+        ("rate_limit", "0", "security.rate_limit: input should be greater than or equal to 1"),
+        ("rate_window", "0", "security.rate_window: input should be greater than 0"),
+        ("new_call_rate", "-1", "security.new_call_rate: input should be greater than or equal"),
+    ],
+)
+def test_security_section_is_validated(key: str, value: str, problem: str) -> None:
+    env = {
+        "SBC_PBX__HOST": "pbx.example.com",
+        "SBC_PBX__EXTENSION": "1000",
+        "SBC_PBX__PASSWORD": "x",
+        "SBC_RETELL__NUMBER": "+14155550100",
+        f"SBC_SECURITY__{key.upper()}": value,
+    }
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert any(line.startswith(problem) for line in info.value.problems), info.value.problems
