@@ -49,11 +49,12 @@ from sbc.net.handles import (
     new_tag,
 )
 from sbc.net.transport import Transports
-from sbc.sip.errors import BadRequest, MessageTooLarge, SipError
+from sbc.sip.errors import BadRequest, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import split_list
 from sbc.sip.ids import make_branch
 from sbc.sip.message import Request, Response, with_top_via
+from sbc.sip.serializer import serialize
 from sbc.sip.server_transaction import ServerState
 from sbc.sip.transaction import (
     AckReceived,
@@ -66,6 +67,7 @@ from sbc.sip.transaction import (
     TransactionTimedOut,
     build_cancel,
     build_response,
+    server_key,
 )
 from sbc.sip.uri import SipUri, parse_name_addr, parse_uri
 from sbc.sip.validate import DEFAULT_ACCEPT, DEFAULT_SUPPORTED, validate_request, validate_response
@@ -78,6 +80,13 @@ RequestHandler = Callable[[IncomingRequest], None]
 MessageTap = Callable[[str, Message, Destination], None]
 
 DEFAULT_ALLOW = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER", "NOTIFY")
+# RFC 3261 §18.1.1: a request larger than this goes over a congestion-controlled transport.
+LARGE_REQUEST = 1300
+# After a TCP connection to a UDP peer failed, its large requests go over UDP for this long
+# (only the first one pays for the failed connect).
+TCP_REFUSED_MEMORY = 300.0
+# Retry-After of the stateless 503 for a source over max_transactions_per_source.
+TRANSACTIONS_RETRY_AFTER = "5"
 # Methods counted by name in EngineStats.messages; any other is counted as "other", so that
 # requests from the network cannot grow the table (and the metric's label values) without bound.
 COUNTED_METHODS = frozenset(
@@ -118,6 +127,13 @@ class EngineStats:
     # Every message received from / handed to a transport, retransmissions included, by
     # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport).
     messages: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
+    # Requests refused because their source had max_transactions_per_source server
+    # transactions open (answered 503 statelessly).
+    transactions_refused: int = 0
+    # RFC 3261 §18.1.1: attempts of large requests over TCP to a UDP peer, and those that
+    # went back to UDP because the TCP connection could not be made.
+    large_over_tcp: int = 0
+    large_tcp_fallbacks: int = 0
 
 
 class SipEngine:
@@ -182,6 +198,13 @@ class SipEngine:
         # (RFC 3263 §4.3 failover).
         self._pending: dict[OutgoingRequest, list[Destination]] = {}
         self._running = False
+        # Open server transactions by source address (max_transactions_per_source), and the
+        # source of each by key, to count it down when it terminates.
+        self._source_transactions: dict[str, int] = {}
+        self._transaction_sources: dict[str, str] = {}
+        # (host, port) of UDP peers whose TCP connect failed, until when large requests to
+        # them stay on UDP.
+        self._no_tcp_until: dict[tuple[str, int], float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -285,6 +308,8 @@ class SipEngine:
             self._finish(handle, build_response(handle.request, 503, "Service Unavailable"))
             return
         # A request sent with its own Via goes to one destination only.
+        if handle.owns_via:
+            destinations = self._large_over_tcp(handle, destinations)
         self._pending[handle] = destinations if handle.owns_via else destinations[:1]
         try:
             self._attempt(handle)
@@ -308,6 +333,10 @@ class SipEngine:
         handle.destination = dest
         handle.local_failure = None
         handle.attempts += 1
+        if dest.transport == "tcp" and self._pending[handle][:1] == [
+            dataclasses.replace(dest, transport="udp")
+        ]:
+            self.stats.large_over_tcp += 1
         try:
             key = self.layer.send_request(
                 request, dest=dest, reliable=dest.reliable, now=self._now()
@@ -325,6 +354,50 @@ class SipEngine:
         self._key_branches[key] = branch_key
         handle.mark_sent()
         self._pump()
+
+    def _large_over_tcp(
+        self, handle: OutgoingRequest, destinations: list[Destination]
+    ) -> list[Destination]:
+        """RFC 3261 §18.1.1: a request over 1300 bytes for a UDP destination goes over TCP to
+        the same address and port first, the UDP destination kept right behind it as the
+        failover (a peer that does not take TCP still gets the request, as before).
+
+        Only where the peer's transport was not stated: a target URI without ``transport=``
+        (a Destination given by the caller, or ``transport=udp``, is kept as it is), with
+        ``large_requests_over_tcp`` set and TCP enabled; and not to a peer whose TCP connect
+        failed in the last ``TCP_REFUSED_MEMORY`` seconds.
+        """
+        config = self.config
+        if not (config.large_requests_over_tcp and config.tcp):
+            return destinations
+        if all(dest.transport != "udp" for dest in destinations):
+            return destinations
+        target = handle.target
+        if isinstance(target, Destination):
+            return destinations
+        try:
+            uri = (
+                self._next_hop(handle.request)
+                if target is None
+                else parse_uri(target)
+                if isinstance(target, str)
+                else target
+            )
+        except (ResolutionFailed, SipError):
+            return destinations
+        if not isinstance(uri, SipUri) or uri.transport is not None or uri.is_secure:
+            return destinations
+        # The Via written per attempt is not there yet: one of the same shape stands in.
+        size = len(serialize(handle.request)) + len(self.make_via("udp")) + len("Via: \r\n")
+        if size <= LARGE_REQUEST:
+            return destinations
+        now = self._now()
+        out: list[Destination] = []
+        for dest in destinations:
+            if dest.transport == "udp" and self._no_tcp_until.get((dest.host, dest.port), 0) <= now:
+                out.append(dataclasses.replace(dest, transport="tcp", connection_id=None))
+            out.append(dest)
+        return out
 
     def _finish(self, handle: OutgoingRequest, response: Response) -> None:
         handle.deliver(response)
@@ -366,6 +439,7 @@ class SipEngine:
             return
         if response.status >= 200 and self._should_fail_over(handle, key, response):
             self.stats.failovers += 1
+            self._note_tcp_fallback(handle, key)
             log.info(
                 "request_failover",
                 call_id=response.headers.get("Call-ID"),
@@ -379,6 +453,19 @@ class SipEngine:
         if response.status >= 200:
             self._pending.pop(handle, None)
             self._finished[key] = handle
+
+    def _note_tcp_fallback(self, handle: OutgoingRequest, key: str) -> None:
+        """A large request's TCP attempt failed and its UDP twin is next: remember the peer."""
+        tried = handle.destination
+        following = self._pending.get(handle)
+        if tried is None or tried.transport != "tcp" or not following:
+            return
+        after = following[0]
+        if after.transport == "udp" and (after.host, after.port) == (tried.host, tried.port):
+            self.stats.large_tcp_fallbacks += 1
+            if key in self._transport_failed:
+                self._no_tcp_until[(tried.host, tried.port)] = self._now() + TCP_REFUSED_MEMORY
+            log.info("large_request_back_to_udp", dest=f"{tried.host}:{tried.port}")
 
     def _should_fail_over(self, handle: OutgoingRequest, key: str, response: Response) -> bool:
         """RFC 3263 §4.3: a transport failure, a timeout or a 503 moves on to the next
@@ -430,6 +517,10 @@ class SipEngine:
         incoming.respond(200, headers=self._options_headers)
 
     def _request_received(self, key: str, request: Request, source: Destination) -> None:
+        host = source.host
+        self._transaction_sources[key] = host
+        counts = self._source_transactions
+        counts[host] = counts.get(host, 0) + 1
         to_tag = request.to_tag
         incoming = IncomingRequest(self, key, request, source, to_tag)
         if request.method == "INVITE":
@@ -511,6 +602,22 @@ class SipEngine:
                     detail=exc.detail,
                 )
                 self._reject_stateless(request, source, exc)
+                return
+            if (
+                request.method != "CANCEL"
+                and self._source_transactions.get(source.host, 0)
+                >= self.config.max_transactions_per_source
+                and self.layer.server_state(server_key(request)) is None
+            ):
+                # Stateless, so that the refusal itself holds no transaction; retransmissions
+                # of a request already in a transaction still reach it. CANCEL is let through:
+                # it ends an INVITE's transaction sooner.
+                self.stats.transactions_refused += 1
+                log.info("request_over_source_transactions", source=source.host)
+                retry = (("Retry-After", TRANSACTIONS_RETRY_AFTER),)
+                self._reject_stateless(
+                    request, source, ServiceUnavailable("too many transactions", headers=retry)
+                )
                 return
         self.layer.receive(request, source=source, reliable=source.reliable, now=self._now())
 
@@ -676,6 +783,13 @@ class SipEngine:
             self._terminated(event.key)
 
     def _terminated(self, key: str) -> None:
+        host = self._transaction_sources.pop(key, None)
+        if host is not None:
+            left = self._source_transactions.get(host, 1) - 1
+            if left > 0:
+                self._source_transactions[host] = left
+            else:
+                self._source_transactions.pop(host, None)
         self._incoming.pop(key, None)
         handle = self._clients.pop(key, None)
         self._finished.pop(key, None)
