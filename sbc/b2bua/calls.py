@@ -193,6 +193,11 @@ class CallManager:
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
         self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
+        # Calls in progress by the address their first INVITE came from, and that address by
+        # call_uuid (max_calls_per_source); INVITEs refused for it.
+        self.calls_by_source: dict[str, int] = {}
+        self._call_sources: dict[str, str] = {}
+        self.refused_per_source = 0
 
     def attach(self) -> None:
         """Take the engine's ACK, CANCEL and late-response hooks (the service sets on_request
@@ -304,10 +309,12 @@ class CallManager:
                 log.info("invite_other_extension", uri=str(request.uri), call_id=request.call_id)
                 raise NotFound(f"not extension {self.config.extension}", headers=self._server)
             self._check_capacity(request)
+            self._check_source(incoming)
             self._start(incoming, Call(incoming, **self._call_kwargs()))
         elif from_retell:
             target = self._retell_target(incoming)
             self._check_capacity(request)
+            self._check_source(incoming)
             self._start(incoming, RetellCall(incoming, target=target, **self._call_kwargs()))
         else:
             log.info("invite_untrusted", source=str(source), call_id=request.call_id)
@@ -366,6 +373,23 @@ class CallManager:
         detail = "shutting down" if self._stopping else "over capacity"
         raise ServiceUnavailable(detail, headers=(retry, *self._server))
 
+    def _check_source(self, incoming: IncomingRequest) -> None:
+        """503 with Retry-After once the INVITE's source address has max_calls_per_source
+        calls (dialogs) in progress: one trusted address gone wrong cannot take every call."""
+        host = incoming.source.host
+        active = self.calls_by_source.get(host, 0)
+        if active < self.config.max_calls_per_source:
+            return
+        self.refused_per_source += 1
+        log.warning(
+            "invite_over_source_limit",
+            source=host,
+            active=active,
+            call_id=incoming.request.call_id,
+        )
+        retry = ("Retry-After", str(self.config.retry_after))
+        raise ServiceUnavailable("too many calls from this source", headers=(retry, *self._server))
+
     def _call_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "config": self.config,
@@ -397,6 +421,9 @@ class CallManager:
                 )
         incoming.respond(100)
         self.calls[call.call_uuid] = call
+        host = incoming.source.host
+        self._call_sources[call.call_uuid] = host
+        self.calls_by_source[host] = self.calls_by_source.get(host, 0) + 1
         self._idle.clear()
         call.on_new_leg = lambda leg: self._route(call, leg)
         call.on_b_reached = self._b_reached
@@ -428,6 +455,13 @@ class CallManager:
             await call.run()
         finally:
             self.calls.pop(call.call_uuid, None)
+            host = self._call_sources.pop(call.call_uuid, None)
+            if host is not None:
+                left = self.calls_by_source.get(host, 1) - 1
+                if left > 0:
+                    self.calls_by_source[host] = left
+                else:
+                    self.calls_by_source.pop(host, None)
             if not self.calls:
                 self._idle.set()
             for leg in call.all_legs:

@@ -309,6 +309,7 @@ class BridgeConfig:
     trusted: tuple[IPv4Network | IPv6Network, ...] = ()  # where the PBX's INVITEs come from
     answer_timeout: float = 90.0
     max_concurrent: int = 100
+    max_calls_per_source: int = 100  # calls whose first INVITE came from one address
     max_duration: float = 7200.0
     retry_after: int = 30
     number_plan: NumberPlan = field(default_factory=NumberPlan)

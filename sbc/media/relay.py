@@ -483,6 +483,19 @@ class RelayBackend(MediaBackend):
         self.sessions: set[RelaySession] = set()
         # Packets and bytes received by the sessions already closed, by (side, "rtp"/"rtcp").
         self._ended: dict[tuple[Side, str], tuple[int, int]] = {}
+        # Packets the closed sessions dropped, by (side, reason) (see drops()).
+        self._ended_drops: dict[tuple[Side, str], int] = {}
+
+    def drops(self) -> dict[tuple[Side, str], int]:
+        """Packets (RTP and RTCP) dropped on the sockets facing each side, over the backend's
+        whole life, by reason: ``foreign_source`` (not the latched source after the learning
+        window, or a source the side's SDP moved away from: RTP Bleed) and ``no_route`` (the
+        call has no address on the other side yet). Packets to a port of the pool that no call
+        holds never reach sbc: the kernel drops them (``sbc_udp_no_port_datagrams``)."""
+        totals = dict(self._ended_drops)
+        for session in self.sessions:
+            _add_drops(totals, session)
+        return totals
 
     def counters(self) -> dict[tuple[Side, str], tuple[int, int]]:
         """(packets, bytes) received from each side, RTP and RTCP apart, over the backend's
@@ -498,6 +511,7 @@ class RelayBackend(MediaBackend):
         if session in self.sessions:
             self.sessions.discard(session)
             _add_counters(self._ended, session)
+            _add_drops(self._ended_drops, session)
 
     async def allocate(self, call_id: str) -> RelaySession:
         loop = asyncio.get_running_loop()
@@ -529,3 +543,13 @@ def _add_counters(totals: dict[tuple[Side, str], tuple[int, int]], session: Rela
         for side, relay_socket in sockets.items():
             packets, size = totals.get((side, kind), (0, 0))
             totals[(side, kind)] = (packets + relay_socket.packets, size + relay_socket.bytes)
+
+
+def _add_drops(totals: dict[tuple[Side, str], int], session: RelaySession) -> None:
+    for sockets in (session.rtp, session.rtcp):
+        for side, relay_socket in sockets.items():
+            for reason, count in (
+                ("foreign_source", relay_socket.dropped),
+                ("no_route", relay_socket.unroutable),
+            ):
+                totals[(side, reason)] = totals.get((side, reason), 0) + count

@@ -26,8 +26,9 @@ import dataclasses
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -237,6 +238,11 @@ class SipEngine:
         self._clients.clear()
         await self.resolver.aclose()
         await self.transports.stop()
+
+    @property
+    def transactions_by_source(self) -> Mapping[str, int]:
+        """Server transactions open, by source address (read-only view)."""
+        return MappingProxyType(self._source_transactions)
 
     def _now(self) -> float:
         assert self._loop is not None, "engine not started"

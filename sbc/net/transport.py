@@ -64,8 +64,9 @@ class TransportStats:
     pongs_sent: int = 0
     pings_sent: int = 0
     pong_timeouts: int = 0
-    # Messages refused by a parse-time limit (sbc.sip.parser.ParseLimits), by limit name:
-    # "headers", "via", "uri". Datagrams are dropped, stream connections closed.
+    # Refusals by limit name: a parse-time limit (sbc.sip.parser.ParseLimits: "headers", "via",
+    # "uri"; datagrams are dropped, stream connections closed) or a connection limit
+    # ("connections", "connections_per_source"; the connection is aborted).
     limit_exceeded: dict[str, int] = field(default_factory=dict)
 
     def count_limit(self, limit: str) -> None:
@@ -382,10 +383,15 @@ class Transports:
         ip = conn.peer[0]
         if not conn.outbound:
             cfg = self.config
-            if self._inbound >= cfg.max_connections or (
-                self._per_ip.get(ip, 0) >= cfg.max_connections_per_ip
-            ):
+            if self._inbound >= cfg.max_connections:
+                limit = "connections"
+            elif self._per_ip.get(ip, 0) >= cfg.max_connections_per_ip:
+                limit = "connections_per_source"
+            else:
+                limit = ""
+            if limit:
                 self.stats.connections_refused += 1
+                self.stats.count_limit(limit)
                 log.debug("stream_connection_refused", peer=conn.peer)
                 return False
             self._inbound += 1

@@ -1,0 +1,200 @@
+"""A flood on one call's relay port does not slow the others (issue "Hardening", Media).
+
+Two calls through the built-in relay on loopback. Once call A latched its PBX source and the
+learning window passed, a separate process floods A's PBX-facing RTP port from a foreign
+address (127.0.0.4) with RTP-sized packets as fast as it can, while call B's PBX sends 20 ms
+paced audio. B's packets must all come out on B's Retell side (a small loss margin for a loaded
+machine), the flood is dropped and counted (``foreign_source``), and A's latched source is kept.
+The figures are printed (``pytest -s``) for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+from typing import cast
+
+import pytest
+
+from sbc.media.ports import PortPool
+from sbc.media.relay import RelayBackend, RelaySession
+from sbc.media.rtp import RtpHeader, build_rtp
+from sbc.sdp.model import SessionDescription
+from sbc.sdp.parser import parse_sdp
+
+pytestmark = pytest.mark.integration
+
+RELAY = "127.0.0.1"
+PBX = "127.0.0.2"
+RETELL = "127.0.0.3"
+FOREIGN = "127.0.0.4"
+AUDIO_PACKETS = 150  # 3 s of 20 ms audio on call B
+FLOOD_PACKETS = 300_000  # upper bound; the flooder also stops after FLOOD_SECONDS
+FLOOD_SECONDS = 3.5
+
+# The flooder: a plain blocking socket in its own process (the relay's event loop must not pay
+# for producing the flood, only for receiving it). Prints "sent elapsed".
+FLOODER = """
+import socket, sys, time
+host, port, count, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[5], 0))
+packet = bytes([0x80, 9]) + bytes(10) + bytes(160)
+sent = 0
+start = time.monotonic()
+end = start + seconds
+while sent < count:
+    try:
+        sock.sendto(packet, (host, port))
+    except OSError:
+        pass
+    sent += 1
+    if sent % 1000 == 0 and time.monotonic() > end:
+        break
+print(sent, time.monotonic() - start)
+"""
+
+
+class Endpoint(asyncio.DatagramProtocol):
+    """A fake peer's UDP socket: every datagram received goes to a queue."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait(data)
+
+    @property
+    def port(self) -> int:
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+
+
+async def open_endpoint(host: str) -> Endpoint:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_datagram_endpoint(Endpoint, local_addr=(host, 0))
+    return protocol
+
+
+def sdp(owner: str, address: str, port: int) -> SessionDescription:
+    return parse_sdp(
+        f"v=0\r\no={owner} 1 1 IN IP4 {address}\r\ns=call\r\nc=IN IP4 {address}\r\nt=0 0\r\n"
+        f"m=audio {port} RTP/AVP 9 0\r\na=rtpmap:9 G722/8000\r\na=rtpmap:0 PCMU/8000\r\n"
+        "a=ptime:20\r\n"
+    )
+
+
+def rtp(seq: int, ssrc: int) -> bytes:
+    return build_rtp(RtpHeader(9, seq & 0xFFFF, seq * 160, ssrc), bytes(160))
+
+
+async def open_call(backend: RelayBackend, name: str) -> tuple[RelaySession, Endpoint, Endpoint]:
+    session = await backend.allocate(name)
+    pbx = await open_endpoint(PBX)
+    retell = await open_endpoint(RETELL)
+    await session.offer("a", sdp("3cxPS", PBX, pbx.port))
+    await session.answer("b", sdp("-", RETELL, retell.port))
+    return session, pbx, retell
+
+
+async def paced_audio(sender: Endpoint, target: tuple[str, int], ssrc: int, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(count):
+        sender.send(rtp(i, ssrc), target)
+        # Pacing, as a phone sends: 20 ms per packet on the loop clock.
+        await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - loop.time()))
+
+
+async def collect(receiver: Endpoint, count: int, quiet: float) -> list[float]:
+    """Arrival times of up to ``count`` packets; stops after ``quiet`` s without one."""
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    while len(times) < count:
+        try:
+            await asyncio.wait_for(receiver.queue.get(), quiet)
+        except TimeoutError:
+            break
+        times.append(loop.time())
+    return times
+
+
+async def test_flood_on_one_call_does_not_slow_another() -> None:
+    base = 44000 + (os.getpid() % 200) * 20
+    backend = RelayBackend(RELAY, RELAY, PortPool(base, base + 19), learning_window=0.2)
+    loop = asyncio.get_running_loop()
+    a, a_pbx, a_retell = await open_call(backend, "call-a")
+    b, b_pbx, b_retell = await open_call(backend, "call-b")
+    a_target = (RELAY, a.port("a"))
+    b_target = (RELAY, b.port("a"))
+    flooder = None
+    try:
+        a_pbx.send(rtp(0, 1), a_target)
+        await asyncio.wait_for(a_retell.queue.get(), 2.0)
+        learnt_at = loop.time()
+        # The only wait on time itself: let A's 0.2 s learning window pass on the loop clock.
+        await asyncio.sleep(learnt_at + 0.25 - loop.time())
+
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            FLOODER,
+            RELAY,
+            str(a_target[1]),
+            str(FLOOD_PACKETS),
+            str(FLOOD_SECONDS),
+            FOREIGN,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        # Call B's audio (and A's own) while the flood runs.
+        b_arrivals = asyncio.create_task(collect(b_retell, AUDIO_PACKETS, quiet=2.0))
+        a_arrivals = asyncio.create_task(collect(a_retell, AUDIO_PACKETS, quiet=2.0))
+        await asyncio.gather(
+            paced_audio(b_pbx, b_target, 2, AUDIO_PACKETS),
+            paced_audio(a_pbx, a_target, 1, AUDIO_PACKETS),
+        )
+        async with asyncio.timeout(30):
+            out, _ = await flooder.communicate()
+        sent, seconds = out.decode().split()
+        b_times = await b_arrivals
+        a_times = await a_arrivals
+
+        dropped = a.rtp["a"].dropped
+        gaps = [later - earlier for earlier, later in itertools.pairwise(b_times)]
+        print(
+            f"\nflood: {sent} packets in {float(seconds):.2f} s "
+            f"({int(sent) / float(seconds):.0f}/s) at call A; relay dropped {dropped} "
+            f"(foreign_source), the rest lost in the kernel's receive buffer\n"
+            f"call B: {len(b_times)}/{AUDIO_PACKETS} packets relayed, "
+            f"largest gap between arrivals {max(gaps) * 1000:.1f} ms (sent every 20 ms)\n"
+            f"call A (flooded port): {len(a_times)}/{AUDIO_PACKETS} of its own packets relayed"
+        )
+        # B: no loss beyond a small margin, no stall beyond a few packet times.
+        assert len(b_times) >= AUDIO_PACKETS * 0.97, len(b_times)
+        assert max(gaps) < 0.5, max(gaps)
+        # The flood reached the relay, was dropped and counted, and never re-latched A.
+        assert dropped > 1000
+        assert a.rtp["a"].remote == (PBX, a_pbx.port)
+        assert b.rtp["a"].dropped == 0
+        assert backend.drops()[("a", "foreign_source")] == dropped
+    finally:
+        if flooder is not None and flooder.returncode is None:
+            flooder.kill()
+            await flooder.wait()
+        for endpoint in (a_pbx, a_retell, b_pbx, b_retell):
+            assert endpoint.transport is not None
+            endpoint.transport.close()
+        await backend.close()
+    # Closed sessions keep their drops in the backend's totals; every port went back.
+    assert backend.drops()[("a", "foreign_source")] == dropped
+    assert backend.pool.in_use == 0
