@@ -352,6 +352,9 @@ class Transports:
                 cfg.bind,
                 cfg.tls_port,
                 ssl=self._server_ssl,
+                # A peer stalling its handshake holds no counted connection yet (connection_made
+                # comes after the handshake): bound it by the read deadline, not asyncio's 60 s.
+                ssl_handshake_timeout=cfg.read_timeout,
                 reuse_address=True,
             )
             self._servers.append(server)
