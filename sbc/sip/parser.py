@@ -142,7 +142,6 @@ class _Head:
             self.uri = _parse_request_uri(uri_text)
         items: list[tuple[str, str]] = []
         names = _NAME_CACHE
-        vias = 0
         for line in lines[1:]:
             first = line[:1]
             if first == " " or first == "\t":
@@ -157,15 +156,15 @@ class _Head:
             raw, colon, value = line.partition(":")
             if not colon:
                 raise ParseError(f"header line without colon: {line[:40]!r}")
-            name = names.get(raw) or _header_name(raw)
-            value = value.strip(" \t")
-            if name == "Via":
-                # Commas separate entries; a comma inside a quoted Via parameter over-counts,
-                # which only matters for a message already at the limit.
-                vias += 1 + value.count(",")
-            items.append((name, value))
-        if vias > limits.max_via:
-            raise LimitExceeded(f"{vias} Via entries", limit="via")
+            items.append((names.get(raw) or _header_name(raw), value.strip(" \t")))
+        # Via entries are at most the header lines plus the commas: when even that is within
+        # the limit (every ordinary message) nothing is counted per field.
+        if n_crlf + text.count(",") > limits.max_via:
+            # Commas separate entries; one inside a quoted Via parameter over-counts, which
+            # only matters for a message already at the limit.
+            vias = sum(1 + value.count(",") for name, value in items if name == "Via")
+            if vias > limits.max_via:
+                raise LimitExceeded(f"{vias} Via entries", limit="via")
         self.items = tuple(items)
         self.content_lengths = [value for name, value in items if name == "Content-Length"]
 

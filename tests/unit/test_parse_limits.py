@@ -122,3 +122,11 @@ def test_stream_head_too_large_has_no_head() -> None:
     with pytest.raises(MessageTooLarge) as err:
         stream.feed(b"OPTIONS sip:a@b SIP/2.0\r\nX: " + b"y" * 2000)
     assert not isinstance(err.value, StreamMessageTooLarge)
+
+
+def test_commas_outside_via_do_not_count_as_via_entries() -> None:
+    # Lines plus commas exceed the limit, so the Via entries are counted exactly: one.
+    data = request(extra=0).replace(
+        b"Max-Forwards: 70\r\n", b"Max-Forwards: 70\r\nAllow: " + b"A, " * 30 + b"B\r\n"
+    )
+    assert isinstance(parse_message(data, ParseLimits(max_via=2)), Request)
