@@ -107,7 +107,8 @@ class TransportConfig:
     max_connections: int = 1024
     max_connections_per_ip: int = 64
     idle_timeout: float = 120.0
-    # Server transactions open per source address; over it new requests get a stateless 503.
+    # Server transactions not answered yet per source address; over it new requests get a
+    # stateless 503.
     max_transactions_per_source: int = 1000
     # RFC 3261 §18.1.1: requests over 1300 bytes to a UDP peer try TCP first (engine.py).
     large_requests_over_tcp: bool = True

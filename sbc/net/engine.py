@@ -199,8 +199,11 @@ class SipEngine:
         # (RFC 3263 §4.3 failover).
         self._pending: dict[OutgoingRequest, list[Destination]] = {}
         self._running = False
-        # Open server transactions by source address (max_transactions_per_source), and the
-        # source of each by key, to count it down when it terminates.
+        # Server transactions not answered yet (no final response) by source address
+        # (max_transactions_per_source), and the source of each by key, to count it down at its
+        # final response or its end. Answered ones (absorbing retransmissions until Timer J)
+        # are not counted: they end by themselves, and a source's rate of new ones is the
+        # rate limiter's business.
         self._source_transactions: dict[str, int] = {}
         self._transaction_sources: dict[str, str] = {}
         # (host, port) of UDP peers whose TCP connect failed, until when large requests to
@@ -241,7 +244,8 @@ class SipEngine:
 
     @property
     def transactions_by_source(self) -> Mapping[str, int]:
-        """Server transactions open, by source address (read-only view)."""
+        """Server transactions not answered yet (no final response), by source address
+        (read-only view)."""
         return MappingProxyType(self._source_transactions)
 
     def _now(self) -> float:
@@ -493,8 +497,11 @@ class SipEngine:
     # -- server side ---------------------------------------------------------------------------
     def respond(self, server_key: str, response: Response) -> None:
         """Send a response through the server transaction ``server_key``."""
-        if response.status >= 200 and self.layer.server_state(server_key) is ServerState.ACCEPTED:
-            self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
+        if response.status >= 200:
+            if self.layer.server_state(server_key) is ServerState.ACCEPTED:
+                self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
+            else:
+                self._unanswered_done(server_key)
         self.layer.respond(server_key, response, now=self._now())
         self._pump()
 
@@ -788,7 +795,7 @@ class SipEngine:
         elif isinstance(event, TransactionTerminated):
             self._terminated(event.key)
 
-    def _terminated(self, key: str) -> None:
+    def _unanswered_done(self, key: str) -> None:
         host = self._transaction_sources.pop(key, None)
         if host is not None:
             left = self._source_transactions.get(host, 1) - 1
@@ -796,6 +803,9 @@ class SipEngine:
                 self._source_transactions[host] = left
             else:
                 self._source_transactions.pop(host, None)
+
+    def _terminated(self, key: str) -> None:
+        self._unanswered_done(key)
         self._incoming.pop(key, None)
         handle = self._clients.pop(key, None)
         self._finished.pop(key, None)

@@ -248,7 +248,8 @@ class SipSettings(_Section):
     max_headers: int = Field(default=128, ge=16, le=4096)  # header lines
     max_via: int = Field(default=64, ge=2, le=1024)  # Via entries
     max_uri_length: int = Field(default=1024, ge=64, le=65536)  # Request-URI characters
-    # Server transactions open per source address; over it a stateless 503 (Retry-After: 5).
+    # Server transactions not answered yet per source address; over it a stateless 503
+    # (Retry-After: 5).
     max_transactions_per_source: int = Field(default=1000, ge=1)
     # RFC 3261 §18.1.1: requests over 1300 bytes to a UDP peer (URI without transport=) try
     # TCP to the same address first, back to UDP when the connection cannot be made.

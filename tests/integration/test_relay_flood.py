@@ -37,8 +37,8 @@ PBX = "127.0.0.2"
 RETELL = "127.0.0.3"
 FOREIGN = "127.0.0.4"
 AUDIO_PACKETS = 150  # 3 s of 20 ms audio on call B
-FLOOD_PACKETS = 300_000  # upper bound; the flooder also stops after FLOOD_SECONDS
-FLOOD_SECONDS = 3.5
+FLOOD_PACKETS = 2_000_000  # upper bound; the flooder stops after FLOOD_SECONDS
+FLOOD_SECONDS = 3.2  # the whole of B's 3 s of audio
 
 # The flooder: a plain blocking socket in its own process (the relay's event loop must not pay
 # for producing the flood, only for receiving it). Prints "sent elapsed".
@@ -48,6 +48,7 @@ host, port, count, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), fl
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind((sys.argv[5], 0))
 packet = bytes([0x80, 9]) + bytes(10) + bytes(160)
+print("go", flush=True)
 sent = 0
 start = time.monotonic()
 end = start + seconds
@@ -176,6 +177,9 @@ async def flood_scenario(loop_name: str) -> None:
             FOREIGN,
             stdout=asyncio.subprocess.PIPE,
         )
+        assert flooder.stdout is not None
+        async with asyncio.timeout(10):
+            assert await flooder.stdout.readline() == b"go\n"  # flooding from now on
         # Call B's audio (and A's own) while the flood runs.
         b_arrivals = asyncio.create_task(collect(b_retell, AUDIO_PACKETS, quiet=2.0))
         a_arrivals = asyncio.create_task(collect(a_retell, AUDIO_PACKETS, quiet=2.0))
