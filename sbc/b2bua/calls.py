@@ -378,7 +378,8 @@ class CallManager:
         calls (dialogs) in progress: one trusted address gone wrong cannot take every call."""
         host = incoming.source.host
         active = self.calls_by_source.get(host, 0)
-        if active < self.config.max_calls_per_source:
+        limit = self.config.max_calls_per_source
+        if active < (self.config.max_concurrent if limit is None else limit):
             return
         self.refused_per_source += 1
         log.warning(

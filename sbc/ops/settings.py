@@ -365,9 +365,10 @@ class CallsSettings(_Section):
     """
 
     max_concurrent: int = Field(default=100, ge=1)
-    # Calls in progress per source address of their INVITE (the PBX's address carries all of
-    # its calls: keep this at least what it may place at once); over it 503 with Retry-After.
-    max_calls_per_source: int = Field(default=100, ge=1)
+    # Calls in progress per source address of their INVITE; over it 503 with Retry-After.
+    # None: max_concurrent (the PBX's one address carries all of its calls); set it lower when
+    # several sources share the bridge (Retell's addresses, a second PBX).
+    max_calls_per_source: int | None = Field(default=None, ge=1)
     max_duration: Seconds = 7200.0
     # Seconds in the Retry-After of a 503 sent for overload (max_concurrent, no free RTP ports).
     retry_after: int = Field(default=30, ge=1, le=86400)

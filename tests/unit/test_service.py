@@ -372,3 +372,18 @@ async def test_calls_per_source_capped_with_503_and_counted_back_to_zero() -> No
     assert bridge.calls_by_source == {}
     assert bridge._call_sources == {}
     await bridge.stop()
+
+
+async def test_calls_per_source_defaults_to_max_concurrent() -> None:
+    media = SlowPorts()
+    bridge, engine, _ = manager(media, max_concurrent=2)
+    assert bridge.config.max_calls_per_source is None
+    for call_id in ("one@10.0.0.1", "two@10.0.0.1"):
+        bridge.handle_request(incoming(engine, request("INVITE", body=SDP, call_id=call_id)))
+    assert [r.status for r in engine.responses] == [100, 100]
+    assert bridge.calls_by_source == {PBX.host: 2}
+    assert bridge.refused_per_source == 0
+    media.release.set()
+    async with asyncio.timeout(LIMIT):
+        await bridge.wait_idle()
+    await bridge.stop()

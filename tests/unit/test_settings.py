@@ -111,7 +111,7 @@ def test_minimal_file_gets_documented_defaults(write):
     assert (s.admin.host, s.admin.port) == ("127.0.0.1", 8081)
     assert (s.log.level, s.log.format) == ("info", "auto")
     assert (s.calls.max_concurrent, s.calls.max_duration, s.calls.retry_after) == (100, 7200, 30)
-    assert s.calls.max_calls_per_source == 100
+    assert s.calls.max_calls_per_source is None  # max_concurrent
     sip = s.sip
     assert (sip.max_headers, sip.max_via, sip.max_uri_length) == (128, 64, 1024)
     assert (sip.max_transactions_per_source, sip.large_requests_over_tcp) == (1000, True)
