@@ -11,9 +11,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sbc.net.addresses import Destination, TransportConfig
 from sbc.net.engine import LARGE_REQUEST, IncomingRequest, SipEngine
+from sbc.ops.service import Service
+from sbc.ops.settings import (
+    AdminSettings,
+    MediaSettings,
+    PbxSettings,
+    RecordsSettings,
+    RetellSettings,
+    Settings,
+    SipSettings,
+)
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import ParseLimits, StreamParser, parse_message
@@ -325,3 +336,83 @@ async def test_large_requests_stay_on_udp_when_switched_off(engines: Any) -> Non
     assert (await a.send_request(large_request(uri, "big", 2000))).status == 200
     assert seen.get_nowait()[0] == "udp"
     assert a.stats.large_over_tcp == 0
+
+
+# -- the whole service: settings to limits to metrics ------------------------------------------
+
+
+async def test_service_applies_the_limit_settings_and_counts_each_hit(
+    tmp_path: Any, free_port_factory: Callable[..., int]
+) -> None:
+    """From the [sip] settings to a running Service: over-limit datagrams dropped, a stream
+    message too large answered 513 and closed, an OPTIONS still answered, and each hit in
+    sbc_limit_hits_total."""
+    port = free_port_factory(A_HOST)
+    settings = Settings(
+        sip=SipSettings(
+            bind=A_HOST,
+            port=port,
+            max_message_size=1024,
+            max_headers=20,
+            max_via=2,
+            max_uri_length=64,
+        ),
+        pbx=PbxSettings(
+            host=B_HOST,  # nothing there: registration keeps failing, which is not tested here
+            port=free_port_factory(B_HOST),
+            extension="6001",
+            password="secret",  # type: ignore[arg-type]
+            trusted=("127.0.0.0/8",),  # type: ignore[arg-type]
+            keepalive="off",
+        ),
+        retell=RetellSettings(number="+14155550100", host=C_HOST),
+        media=MediaSettings(mode="passthrough"),
+        admin=AdminSettings(listen=f"{A_HOST}:{free_port_factory(A_HOST)}"),
+        records=RecordsSettings(path=""),
+    )
+    service = Service(settings)
+    await service.start()
+    peer = UdpPeer(A_HOST)
+    try:
+        engine = service.engine
+        fillers = "".join(f"X-F{i}: {i}\r\n" for i in range(20))
+        vias = "".join(f"Via: SIP/2.0/UDP 192.0.2.{i}:5060;branch=z9hG4bKv{i}\r\n" for i in (1, 2))
+        for data in (
+            raw_request(extra=fillers),
+            raw_request(extra=vias),
+            raw_request(uri="sip:" + "u" * 64 + "@127.0.0.1"),
+        ):
+            await peer.send(engine, data)
+        await peer.send(engine, raw_request(call_id="after"))
+        response = await peer.receive()
+        assert (response.status, response.call_id) == (200, "after")
+
+        assert engine.transports.tcp_address is not None
+        reader, writer = await asyncio.open_connection(*engine.transports.tcp_address)
+        big = raw_request("MESSAGE", transport="TCP", call_id="big").replace(
+            b"Content-Length: 0", b"Content-Length: 2000"
+        )
+        writer.write(big)
+        async with asyncio.timeout(3):
+            answer = await reader.read()
+        writer.close()
+        too_large = parse_message(answer)
+        assert isinstance(too_large, Response)
+        assert (too_large.status, too_large.call_id) == (513, "big")
+
+        text = service.metrics.render().decode()
+        hits = {
+            sample.labels["limit"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "sbc_limit_hits_total"
+        }
+        assert hits["headers"] == 1
+        assert hits["via"] == 1
+        assert hits["uri"] == 1
+        assert hits["message_size"] == 1
+        assert hits["transactions_per_source"] == 0
+        assert hits["calls_per_source"] == 0
+    finally:
+        peer.close()
+        await service.stop()
