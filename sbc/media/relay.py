@@ -318,6 +318,7 @@ class RelaySocket(asyncio.DatagramProtocol):
             "seq_gaps": self.seq_gaps,
             "lost": self.lost,
             "injected": self.injected,
+            "locked": self.locked,  # only the latched source reaches the socket (docstring)
             "last": self.last,
             "remote": None if self.remote is None else f"{self.remote[0]}:{self.remote[1]}",
         }
