@@ -447,9 +447,10 @@ class SipEngine:
             if self.on_late_response is not None:
                 self.on_late_response(handle, response)
             return
+        if response.status >= 200:
+            self._settle_large_over_tcp(handle, key)
         if response.status >= 200 and self._should_fail_over(handle, key, response):
             self.stats.failovers += 1
-            self._note_tcp_fallback(handle, key)
             log.info(
                 "request_failover",
                 call_id=response.headers.get("Call-ID"),
@@ -464,18 +465,25 @@ class SipEngine:
             self._pending.pop(handle, None)
             self._finished[key] = handle
 
-    def _note_tcp_fallback(self, handle: OutgoingRequest, key: str) -> None:
-        """A large request's TCP attempt failed and its UDP twin is next: remember the peer."""
+    def _settle_large_over_tcp(self, handle: OutgoingRequest, key: str) -> None:
+        """A final response to a large request sent over TCP in front of its UDP twin (see
+        :meth:`_large_over_tcp`). The twin is for a connection that could not be made: then
+        it goes next and the peer is remembered. Any other outcome came from the peer itself
+        (an answer, or a timeout after it took the connection): the twin is dropped, so that
+        a 503 fails over to the next server, not to the same one over UDP."""
         tried = handle.destination
         following = self._pending.get(handle)
         if tried is None or tried.transport != "tcp" or not following:
             return
         after = following[0]
-        if after.transport == "udp" and (after.host, after.port) == (tried.host, tried.port):
-            self.stats.large_tcp_fallbacks += 1
-            if key in self._transport_failed:
-                self._no_tcp_until[(tried.host, tried.port)] = self._now() + TCP_REFUSED_MEMORY
-            log.info("large_request_back_to_udp", dest=f"{tried.host}:{tried.port}")
+        if after.transport != "udp" or (after.host, after.port) != (tried.host, tried.port):
+            return
+        if key not in self._transport_failed:
+            del following[0]
+            return
+        self.stats.large_tcp_fallbacks += 1
+        self._no_tcp_until[(tried.host, tried.port)] = self._now() + TCP_REFUSED_MEMORY
+        log.info("large_request_back_to_udp", dest=f"{tried.host}:{tried.port}")
 
     def _should_fail_over(self, handle: OutgoingRequest, key: str, response: Response) -> bool:
         """RFC 3263 §4.3: a transport failure, a timeout or a 503 moves on to the next
@@ -626,7 +634,8 @@ class SipEngine:
                 # of a request already in a transaction still reach it. CANCEL is let through:
                 # it ends an INVITE's transaction sooner.
                 self.stats.transactions_refused += 1
-                log.info("request_over_source_transactions", source=source.host)
+                # Debug only: one line per refused request would let a flood fill the log.
+                log.debug("request_over_source_transactions", source=source.host)
                 retry = (("Retry-After", TRANSACTIONS_RETRY_AFTER),)
                 self._reject_stateless(
                     request, source, ServiceUnavailable("too many transactions", headers=retry)

@@ -328,6 +328,25 @@ async def test_large_request_falls_back_to_udp_when_tcp_is_refused(engines: Any)
     assert a.transports.stats.connect_failures == 1
 
 
+async def test_a_peer_answering_over_tcp_gets_no_udp_copy(engines: Any) -> None:
+    """The UDP fallback is for a connection that could not be made: a 503 that came over TCP
+    is the peer's answer, not a reason to send the same request to it again over UDP."""
+    a = await engines(A_HOST)
+    b = await engines(B_HOST)
+    seen: list[str] = []
+
+    def busy(incoming: IncomingRequest) -> None:
+        seen.append(incoming.source.transport)
+        incoming.respond(503)
+
+    b.on_request = busy
+    handle = a.send_request(large_request(f"sip:b@{B_HOST}:{b.config.port}", "busy", 2000))
+    assert (await handle).status == 503
+    assert handle.attempts == 1
+    assert seen == ["tcp"]
+    assert (a.stats.large_over_tcp, a.stats.large_tcp_fallbacks) == (1, 0)
+
+
 async def test_large_requests_stay_on_udp_when_switched_off(engines: Any) -> None:
     a = await engines(A_HOST, large_requests_over_tcp=False)
     b = await engines(B_HOST)
