@@ -295,6 +295,14 @@ def test_secret_not_echoed_in_problems(write):
         ),
         ({"sip": {"t1": 5.0}}, "sip.t2: must be >= sip.t1 (5.0), got 4.0"),
         (
+            {"sip": {"max_headers": 8}},
+            "sip.max_headers: input should be greater than or equal to 16",
+        ),
+        ({"sip": {"max_via": 1}}, "sip.max_via: input should be greater than or equal to 2, got 1"),
+        ({"sip": {"max_uri_length": 10}}, "sip.max_uri_length: input should be greater than or"),
+        ({"sip": {"max_transactions_per_source": 0}}, "sip.max_transactions_per_source: input"),
+        ({"calls": {"max_calls_per_source": 0}}, "calls.max_calls_per_source: input should be"),
+        (
             {"sip": {"tls_port": 5061, "tls_key": str(ROOT / "pyproject.toml")}},
             "sip.tls_cert: required when sip.tls_port is set",
         ),
