@@ -227,3 +227,31 @@ async def flood_scenario(loop_name: str) -> None:
             endpoint.transport.close()
         await backend.close()
     assert backend.pool.in_use == 0
+
+
+async def test_rtp_to_a_port_of_no_call_is_dropped_and_counted() -> None:
+    """A port of the range that no call holds is not bound: the kernel drops what is sent to
+    it and counts it (NoPorts, sbc_udp_kernel_drops{reason="no_port"}); nothing reaches sbc."""
+    base = 44000 + (os.getpid() % 200) * 20
+    pool = PortPool(base, base + 19)
+    backend = RelayBackend(RELAY, RELAY, pool, learning_window=0.2)
+    session, pbx, retell = await open_call(backend, "held")
+    held = (session.port("a"), session.port("b"))
+    idle_port = next(port for port in range(base, base + 20, 2) if port not in held)
+    before = kernel_udp_drops()["no_port"]
+    sender = await open_endpoint(FOREIGN)
+    try:
+        for seq in range(50):
+            sender.send(rtp(seq, 9), (RELAY, idle_port))
+        # The last one out proves the earlier ones were handled: a packet to the call itself.
+        pbx.send(rtp(0, 1), (RELAY, session.port("a")))
+        await asyncio.wait_for(retell.queue.get(), 2.0)
+        assert kernel_udp_drops()["no_port"] - before >= 50
+        assert backend.counters()[("a", "rtp")] == (1, 172)
+        assert sum(backend.drops().values()) == 0
+    finally:
+        for endpoint in (sender, pbx, retell):
+            assert endpoint.transport is not None
+            endpoint.transport.close()
+        await backend.close()
+    assert pool.in_use == 0
