@@ -206,6 +206,11 @@ class CallManager:
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
         self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
+        # Calls in progress by the address their first INVITE came from, and that address by
+        # call_uuid (max_calls_per_source); INVITEs refused for it.
+        self.calls_by_source: dict[str, int] = {}
+        self._call_sources: dict[str, str] = {}
+        self.refused_per_source = 0
 
     def attach(self) -> None:
         """Take the engine's ACK, CANCEL and late-response hooks (the service sets on_request
@@ -346,11 +351,13 @@ class CallManager:
                 extensions = ", ".join(self._by_extension)
                 raise NotFound(f"not extension {extensions}", headers=self._server)
             self._check_capacity(request, route)
+            self._check_source(incoming)
             self._start(incoming, Call(incoming, **self._call_kwargs(route)))
         elif from_retell:
             route = self.route_for_retell(request)
             target = self._retell_target(incoming, route)
             self._check_capacity(request, route)
+            self._check_source(incoming)
             self._start(incoming, RetellCall(incoming, target=target, **self._call_kwargs(route)))
         else:
             log.info("invite_untrusted", source=str(source), call_id=request.call_id)
@@ -417,6 +424,26 @@ class CallManager:
         detail = "shutting down" if self._stopping else "over capacity"
         raise ServiceUnavailable(detail, headers=(retry, *self._server))
 
+    def _check_source(self, incoming: IncomingRequest) -> None:
+        """503 with Retry-After once the INVITE's source address has max_calls_per_source
+        calls (dialogs) in progress: one trusted address gone wrong cannot take every call."""
+        host = incoming.source.host
+        active = self.calls_by_source.get(host, 0)
+        limit = self.config.max_calls_per_source
+        if limit is None:  # default: the process-wide call limit
+            limit = self.config.max_total or self.config.max_concurrent
+        if active < limit:
+            return
+        self.refused_per_source += 1
+        log.warning(
+            "invite_over_source_limit",
+            source=host,
+            active=active,
+            call_id=incoming.request.call_id,
+        )
+        retry = ("Retry-After", str(self.config.retry_after))
+        raise ServiceUnavailable("too many calls from this source", headers=(retry, *self._server))
+
     def _call_kwargs(self, route: BridgeConfig | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "config": self.config if route is None else route,
@@ -449,6 +476,9 @@ class CallManager:
         incoming.respond(100)
         self.calls[call.call_uuid] = call
         self.route_active[call.config.route] += 1
+        host = incoming.source.host
+        self._call_sources[call.call_uuid] = host
+        self.calls_by_source[host] = self.calls_by_source.get(host, 0) + 1
         self._idle.clear()
         call.on_new_leg = lambda leg: self._route(call, leg)
         call.on_b_reached = self._b_reached
@@ -481,6 +511,13 @@ class CallManager:
         finally:
             if self.calls.pop(call.call_uuid, None) is not None:
                 self.route_active[call.config.route] -= 1
+            host = self._call_sources.pop(call.call_uuid, None)
+            if host is not None:
+                left = self.calls_by_source.get(host, 1) - 1
+                if left > 0:
+                    self.calls_by_source[host] = left
+                else:
+                    self.calls_by_source.pop(host, None)
             if not self.calls:
                 self._idle.set()
             for leg in call.all_legs:

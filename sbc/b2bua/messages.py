@@ -309,6 +309,9 @@ class BridgeConfig:
     trusted: tuple[IPv4Network | IPv6Network, ...] = ()  # where the PBX's INVITEs come from
     answer_timeout: float = 90.0
     max_concurrent: int = 100
+    # Calls whose first INVITE came from one address; None: max_concurrent (the PBX's address
+    # carries all of its calls).
+    max_calls_per_source: int | None = None
     max_duration: float = 7200.0
     retry_after: int = 30
     number_plan: NumberPlan = field(default_factory=NumberPlan)

@@ -9,8 +9,18 @@ receive on): a side's remote address starts as the one its SDP names (``c=`` and
 RFC 3605 ``a=rtcp`` or port + 1) and follows the source of the packets received on that side's
 socket during ``learning_window`` seconds from the first one, so a PBX behind NAT that writes a
 private address in its SDP still gets audio. After the window, a packet from any other source is
-dropped and counted: this closes the "RTP Bleed" hole of relays that re-latch at any time. A new
-SDP address for the side (re-INVITE) opens a new window. Nothing here logs per packet.
+dropped: this closes the "RTP Bleed" hole of relays that re-latch at any time. A new SDP address
+for the side (re-INVITE) opens a new window. Nothing here logs per packet.
+
+The first packet from another source after the window also *locks* the socket: it is
+``connect()``-ed to the latched source, so that Linux delivers only that source's datagrams to it.
+The rest of a flood is then dropped by the kernel (counted in its UDP NoPorts,
+``sbc_udp_kernel_drops``) instead of filling the socket's receive buffer and costing the event
+loop a callback per packet, and the flooded call keeps its own audio too. Locking on the first
+stray packet rather than when the window ends costs nothing per forwarded packet and no timer. A
+new window disconnects the socket again (``connect`` to AF_UNSPEC; where that cannot be done the
+lock is re-aimed at the new SDP address). What reaches user space from another source (before
+the lock, or queued when it was made) is counted in ``dropped``.
 
 DTMF injection (:meth:`RelaySession.send_dtmf`, the SIP INFO to RFC 4733 conversion): the events
 go out of the RTP socket facing the side, to its latched remote, inside the audio stream the relay
@@ -28,8 +38,11 @@ untouched; the per-packet cost of the feature is then one attribute test and one
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import ipaddress
 import random
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -55,6 +68,35 @@ from sbc.sdp.offer_answer import rewrite_connection
 CLOSE_TIMEOUT = 1.0
 # RFC 4733 §2.5.1.2: event packets go at the audio packetization interval, 50 ms at most apart.
 _EVENT_INTERVAL_MS = (10, 50)
+
+
+class _SockAddr(ctypes.Structure):
+    _fields_ = (("family", ctypes.c_ushort), ("data", ctypes.c_char * 14))
+
+
+def _load_connect() -> Any:
+    try:
+        connect = ctypes.CDLL(None, use_errno=True).connect
+    except (OSError, AttributeError):
+        return None
+    connect.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
+    connect.restype = ctypes.c_int
+    return connect
+
+
+# libc's connect(2), for the AF_UNSPEC disconnect Python's socket module cannot express.
+_LIBC_CONNECT = _load_connect()
+_UNSPEC = _SockAddr(socket.AF_UNSPEC)
+
+
+def _disconnect(sock: socket.socket) -> bool:
+    """Dissolve a UDP socket's association (connect(2) to AF_UNSPEC); False if impossible."""
+    if _LIBC_CONNECT is None:
+        return False
+    fileno = sock.fileno()
+    if fileno < 0:
+        return False
+    return bool(_LIBC_CONNECT(fileno, ctypes.byref(_UNSPEC), ctypes.sizeof(_UNSPEC)) == 0)
 
 
 def _usable(address: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -83,6 +125,7 @@ class RelaySocket(asyncio.DatagramProtocol):
         "is_rtp",
         "last",
         "last_rtp",
+        "locked",
         "lost",
         "lost_future",
         "muted",
@@ -125,6 +168,8 @@ class RelaySocket(asyncio.DatagramProtocol):
         self.sdp_remote: tuple[str, int] | None = None
         self.retired: set[tuple[str, int]] = set()  # sources replaced by a new SDP: never again
         self.first_at: float | None = None
+        # Set once the socket is connect()-ed to `remote` after the window (module docstring).
+        self.locked = False
         self.send_allowed = True  # False while the SDP sent to `side` is recvonly/inactive
         self.lost_future: asyncio.Future[None] = loop.create_future()
         self.packets = 0
@@ -163,10 +208,13 @@ class RelaySocket(asyncio.DatagramProtocol):
         if remote is None or addr[0] != remote[0] or addr[1] != remote[1]:
             first = self.first_at
             source = (addr[0], addr[1])
-            if (first is not None and now - first > self.window) or source in self.retired:
+            late = first is not None and now - first > self.window
+            if late or source in self.retired:
                 # RTP Bleed: only the latched source after the window; and never a source the
                 # side's SDP moved away from (the agent still talking after a transfer).
                 self.dropped += 1
+                if late and not self.locked and remote is not None:
+                    self._lock(remote)
                 return
             self.remote = source
         if self.first_at is None:
@@ -228,6 +276,19 @@ class RelaySocket(asyncio.DatagramProtocol):
         self.injected += 1
         return True
 
+    def _lock(self, remote: tuple[str, int]) -> None:
+        """Let only ``remote``'s datagrams reach the socket (module docstring)."""
+        try:
+            self.sock.connect(remote)
+        except (OSError, AttributeError):
+            return  # user-space filtering goes on (AttributeError: a test's socket stand-in)
+        self.locked = True
+
+    def unlock(self) -> None:
+        """Undo the lock (a new window): every source may reach the socket again."""
+        if self.locked and _disconnect(self.sock):
+            self.locked = False
+
     def set_sdp_remote(self, address: tuple[str, int] | None) -> None:
         """The side's SDP names ``address``; a new one restarts latching (and retires the
         source latched so far), the same keeps it."""
@@ -237,6 +298,11 @@ class RelaySocket(asyncio.DatagramProtocol):
         if self.first_at is not None and self.remote is not None and self.remote != address:
             self.retired.add(self.remote)  # the source media came from until now
         self.retired.discard(address)
+        self.unlock()
+        if self.locked:
+            # Cannot disconnect: re-aim the lock at the new address (no NAT re-latching).
+            with contextlib.suppress(OSError):
+                self.sock.connect(address)
         self.sdp_remote = address
         self.remote = address
         self.first_at = None
@@ -252,6 +318,7 @@ class RelaySocket(asyncio.DatagramProtocol):
             "seq_gaps": self.seq_gaps,
             "lost": self.lost,
             "injected": self.injected,
+            "locked": self.locked,  # only the latched source reaches the socket (docstring)
             "last": self.last,
             "remote": None if self.remote is None else f"{self.remote[0]}:{self.remote[1]}",
         }
@@ -483,6 +550,19 @@ class RelayBackend(MediaBackend):
         self.sessions: set[RelaySession] = set()
         # Packets and bytes received by the sessions already closed, by (side, "rtp"/"rtcp").
         self._ended: dict[tuple[Side, str], tuple[int, int]] = {}
+        # Packets the closed sessions dropped, by (side, reason) (see drops()).
+        self._ended_drops: dict[tuple[Side, str], int] = {}
+
+    def drops(self) -> dict[tuple[Side, str], int]:
+        """Packets (RTP and RTCP) dropped on the sockets facing each side, over the backend's
+        whole life, by reason: ``foreign_source`` (not the latched source after the learning
+        window, or a source the side's SDP moved away from: RTP Bleed) and ``no_route`` (the
+        call has no address on the other side yet). Packets to a port of the pool that no call
+        holds never reach sbc: the kernel drops them (``sbc_udp_no_port_datagrams``)."""
+        totals = dict(self._ended_drops)
+        for session in self.sessions:
+            _add_drops(totals, session)
+        return totals
 
     def counters(self) -> dict[tuple[Side, str], tuple[int, int]]:
         """(packets, bytes) received from each side, RTP and RTCP apart, over the backend's
@@ -498,6 +578,7 @@ class RelayBackend(MediaBackend):
         if session in self.sessions:
             self.sessions.discard(session)
             _add_counters(self._ended, session)
+            _add_drops(self._ended_drops, session)
 
     async def allocate(self, call_id: str) -> RelaySession:
         loop = asyncio.get_running_loop()
@@ -529,3 +610,13 @@ def _add_counters(totals: dict[tuple[Side, str], tuple[int, int]], session: Rela
         for side, relay_socket in sockets.items():
             packets, size = totals.get((side, kind), (0, 0))
             totals[(side, kind)] = (packets + relay_socket.packets, size + relay_socket.bytes)
+
+
+def _add_drops(totals: dict[tuple[Side, str], int], session: RelaySession) -> None:
+    for sockets in (session.rtp, session.rtcp):
+        for side, relay_socket in sockets.items():
+            for reason, count in (
+                ("foreign_source", relay_socket.dropped),
+                ("no_route", relay_socket.unroutable),
+            ):
+                totals[(side, reason)] = totals.get((side, reason), 0) + count

@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from sbc.sip.errors import BadRequest
+from sbc.sip.parser import DEFAULT_LIMITS, ParseLimits
 from sbc.sip.uri import SipUri
 
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -100,11 +101,17 @@ class TransportConfig:
     tls_verify: bool = True
     tls_ca_file: str | None = None
     max_message_size: int = 16384
+    parse_limits: ParseLimits = DEFAULT_LIMITS  # header lines, Via entries, Request-URI length
     udp_buffer_size: int = 2 * 1024 * 1024  # SO_RCVBUF/SO_SNDBUF; bursts drop less (kernel caps)
     read_timeout: float = 10.0
     max_connections: int = 1024
     max_connections_per_ip: int = 64
     idle_timeout: float = 120.0
+    # Server transactions not answered yet per source address; over it new requests get a
+    # stateless 503.
+    max_transactions_per_source: int = 1000
+    # RFC 3261 §18.1.1: requests over 1300 bytes to a UDP peer try TCP first (engine.py).
+    large_requests_over_tcp: bool = True
     # RFC 5626 §4.4.1: CRLFCRLF pings on our outbound connections (None: off), and how long to
     # wait for the pong before closing (the RFC's 10 s).
     keepalive_interval: float | None = None

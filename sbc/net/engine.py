@@ -26,8 +26,9 @@ import dataclasses
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -50,11 +51,12 @@ from sbc.net.handles import (
     new_tag,
 )
 from sbc.net.transport import Transports
-from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, SipError
+from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import split_list
 from sbc.sip.ids import make_branch
 from sbc.sip.message import Request, Response, with_top_via
+from sbc.sip.serializer import serialize
 from sbc.sip.server_transaction import ServerState
 from sbc.sip.transaction import (
     AckReceived,
@@ -67,6 +69,7 @@ from sbc.sip.transaction import (
     TransactionTimedOut,
     build_cancel,
     build_response,
+    server_key,
 )
 from sbc.sip.uri import SipUri, parse_name_addr, parse_uri
 from sbc.sip.validate import DEFAULT_ACCEPT, DEFAULT_SUPPORTED, validate_request, validate_response
@@ -79,6 +82,13 @@ RequestHandler = Callable[[IncomingRequest], None]
 MessageTap = Callable[[str, Message, Destination], None]
 
 DEFAULT_ALLOW = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REFER", "NOTIFY")
+# RFC 3261 §18.1.1: a request larger than this goes over a congestion-controlled transport.
+LARGE_REQUEST = 1300
+# After a TCP connection to a UDP peer failed, its large requests go over UDP for this long
+# (only the first one pays for the failed connect).
+TCP_REFUSED_MEMORY = 300.0
+# Retry-After of the stateless 503 for a source over max_transactions_per_source.
+TRANSACTIONS_RETRY_AFTER = "5"
 # Methods counted by name in EngineStats.messages; any other is counted as "other", so that
 # requests from the network cannot grow the table (and the metric's label values) without bound.
 COUNTED_METHODS = frozenset(
@@ -119,6 +129,13 @@ class EngineStats:
     # Every message received from / handed to a transport, retransmissions included, by
     # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport).
     messages: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
+    # Requests refused because their source had max_transactions_per_source server
+    # transactions open (answered 503 statelessly).
+    transactions_refused: int = 0
+    # RFC 3261 §18.1.1: attempts of large requests over TCP to a UDP peer, and those that
+    # went back to UDP because the TCP connection could not be made.
+    large_over_tcp: int = 0
+    large_tcp_fallbacks: int = 0
 
 
 class SipEngine:
@@ -190,6 +207,16 @@ class SipEngine:
         # (RFC 3263 §4.3 failover).
         self._pending: dict[OutgoingRequest, list[Destination]] = {}
         self._running = False
+        # Server transactions not answered yet (no final response) by source address
+        # (max_transactions_per_source), and the source of each by key, to count it down at its
+        # final response or its end. Answered ones (absorbing retransmissions until Timer J)
+        # are not counted: they end by themselves, and a source's rate of new ones is the
+        # rate limiter's business.
+        self._source_transactions: dict[str, int] = {}
+        self._transaction_sources: dict[str, str] = {}
+        # (host, port) of UDP peers whose TCP connect failed, until when large requests to
+        # them stay on UDP.
+        self._no_tcp_until: dict[tuple[str, int], float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,6 +249,12 @@ class SipEngine:
         self._clients.clear()
         await self.resolver.aclose()
         await self.transports.stop()
+
+    @property
+    def transactions_by_source(self) -> Mapping[str, int]:
+        """Server transactions not answered yet (no final response), by source address
+        (read-only view)."""
+        return MappingProxyType(self._source_transactions)
 
     def _now(self) -> float:
         assert self._loop is not None, "engine not started"
@@ -293,6 +326,8 @@ class SipEngine:
             self._finish(handle, build_response(handle.request, 503, "Service Unavailable"))
             return
         # A request sent with its own Via goes to one destination only.
+        if handle.owns_via:
+            destinations = self._large_over_tcp(handle, destinations)
         self._pending[handle] = destinations if handle.owns_via else destinations[:1]
         try:
             self._attempt(handle)
@@ -316,6 +351,10 @@ class SipEngine:
         handle.destination = dest
         handle.local_failure = None
         handle.attempts += 1
+        if dest.transport == "tcp" and self._pending[handle][:1] == [
+            dataclasses.replace(dest, transport="udp")
+        ]:
+            self.stats.large_over_tcp += 1
         try:
             key = self.layer.send_request(
                 request, dest=dest, reliable=dest.reliable, now=self._now()
@@ -333,6 +372,50 @@ class SipEngine:
         self._key_branches[key] = branch_key
         handle.mark_sent()
         self._pump()
+
+    def _large_over_tcp(
+        self, handle: OutgoingRequest, destinations: list[Destination]
+    ) -> list[Destination]:
+        """RFC 3261 §18.1.1: a request over 1300 bytes for a UDP destination goes over TCP to
+        the same address and port first, the UDP destination kept right behind it as the
+        failover (a peer that does not take TCP still gets the request, as before).
+
+        Only where the peer's transport was not stated: a target URI without ``transport=``
+        (a Destination given by the caller, or ``transport=udp``, is kept as it is), with
+        ``large_requests_over_tcp`` set and TCP enabled; and not to a peer whose TCP connect
+        failed in the last ``TCP_REFUSED_MEMORY`` seconds.
+        """
+        config = self.config
+        if not (config.large_requests_over_tcp and config.tcp):
+            return destinations
+        if all(dest.transport != "udp" for dest in destinations):
+            return destinations
+        target = handle.target
+        if isinstance(target, Destination):
+            return destinations
+        try:
+            uri = (
+                self._next_hop(handle.request)
+                if target is None
+                else parse_uri(target)
+                if isinstance(target, str)
+                else target
+            )
+        except (ResolutionFailed, SipError):
+            return destinations
+        if not isinstance(uri, SipUri) or uri.transport is not None or uri.is_secure:
+            return destinations
+        # The Via written per attempt is not there yet: one of the same shape stands in.
+        size = len(serialize(handle.request)) + len(self.make_via("udp")) + len("Via: \r\n")
+        if size <= LARGE_REQUEST:
+            return destinations
+        now = self._now()
+        out: list[Destination] = []
+        for dest in destinations:
+            if dest.transport == "udp" and self._no_tcp_until.get((dest.host, dest.port), 0) <= now:
+                out.append(dataclasses.replace(dest, transport="tcp", connection_id=None))
+            out.append(dest)
+        return out
 
     def _finish(self, handle: OutgoingRequest, response: Response) -> None:
         handle.deliver(response)
@@ -372,6 +455,8 @@ class SipEngine:
             if self.on_late_response is not None:
                 self.on_late_response(handle, response)
             return
+        if response.status >= 200:
+            self._settle_large_over_tcp(handle, key)
         if response.status >= 200 and self._should_fail_over(handle, key, response):
             self.stats.failovers += 1
             log.info(
@@ -387,6 +472,26 @@ class SipEngine:
         if response.status >= 200:
             self._pending.pop(handle, None)
             self._finished[key] = handle
+
+    def _settle_large_over_tcp(self, handle: OutgoingRequest, key: str) -> None:
+        """A final response to a large request sent over TCP in front of its UDP twin (see
+        :meth:`_large_over_tcp`). The twin is for a connection that could not be made: then
+        it goes next and the peer is remembered. Any other outcome came from the peer itself
+        (an answer, or a timeout after it took the connection): the twin is dropped, so that
+        a 503 fails over to the next server, not to the same one over UDP."""
+        tried = handle.destination
+        following = self._pending.get(handle)
+        if tried is None or tried.transport != "tcp" or not following:
+            return
+        after = following[0]
+        if after.transport != "udp" or (after.host, after.port) != (tried.host, tried.port):
+            return
+        if key not in self._transport_failed:
+            del following[0]
+            return
+        self.stats.large_tcp_fallbacks += 1
+        self._no_tcp_until[(tried.host, tried.port)] = self._now() + TCP_REFUSED_MEMORY
+        log.info("large_request_back_to_udp", dest=f"{tried.host}:{tried.port}")
 
     def _should_fail_over(self, handle: OutgoingRequest, key: str, response: Response) -> bool:
         """RFC 3263 §4.3: a transport failure, a timeout or a 503 moves on to the next
@@ -408,8 +513,11 @@ class SipEngine:
     # -- server side ---------------------------------------------------------------------------
     def respond(self, server_key: str, response: Response) -> None:
         """Send a response through the server transaction ``server_key``."""
-        if response.status >= 200 and self.layer.server_state(server_key) is ServerState.ACCEPTED:
-            self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
+        if response.status >= 200:
+            if self.layer.server_state(server_key) is ServerState.ACCEPTED:
+                self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
+            else:
+                self._unanswered_done(server_key)
         self.layer.respond(server_key, response, now=self._now())
         self._pump()
 
@@ -438,6 +546,10 @@ class SipEngine:
         incoming.respond(200, headers=self._options_headers)
 
     def _request_received(self, key: str, request: Request, source: Destination) -> None:
+        host = source.host
+        self._transaction_sources[key] = host
+        counts = self._source_transactions
+        counts[host] = counts.get(host, 0) + 1
         to_tag = request.to_tag
         incoming = IncomingRequest(self, key, request, source, to_tag)
         guard = self.guard
@@ -563,6 +675,23 @@ class SipEngine:
                     detail=exc.detail,
                 )
                 self._reject_stateless(request, source, exc)
+                return
+            if (
+                request.method != "CANCEL"
+                and self._source_transactions.get(source.host, 0)
+                >= self.config.max_transactions_per_source
+                and self.layer.server_state(server_key(request)) is None
+            ):
+                # Stateless, so that the refusal itself holds no transaction; retransmissions
+                # of a request already in a transaction still reach it. CANCEL is let through:
+                # it ends an INVITE's transaction sooner.
+                self.stats.transactions_refused += 1
+                # Debug only: one line per refused request would let a flood fill the log.
+                log.debug("request_over_source_transactions", source=source.host)
+                retry = (("Retry-After", TRANSACTIONS_RETRY_AFTER),)
+                self._reject_stateless(
+                    request, source, ServiceUnavailable("too many transactions", headers=retry)
+                )
                 return
         self.layer.receive(request, source=source, reliable=source.reliable, now=self._now())
 
@@ -731,7 +860,17 @@ class SipEngine:
         elif isinstance(event, TransactionTerminated):
             self._terminated(event.key)
 
+    def _unanswered_done(self, key: str) -> None:
+        host = self._transaction_sources.pop(key, None)
+        if host is not None:
+            left = self._source_transactions.get(host, 1) - 1
+            if left > 0:
+                self._source_transactions[host] = left
+            else:
+                self._source_transactions.pop(host, None)
+
     def _terminated(self, key: str) -> None:
+        self._unanswered_done(key)
         self._incoming.pop(key, None)
         handle = self._clients.pop(key, None)
         self._finished.pop(key, None)

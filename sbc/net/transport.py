@@ -23,15 +23,15 @@ import itertools
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
 
 from sbc.net.addresses import Destination, TransportConfig
-from sbc.sip.errors import MessageTooLarge, SipError
+from sbc.sip.errors import LimitExceeded, MessageTooLarge, SipError
 from sbc.sip.message import Request, Response
-from sbc.sip.parser import StreamParser, parse_message
+from sbc.sip.parser import StreamMessageTooLarge, StreamParser, parse_message
 from sbc.sip.serializer import serialize
 
 log = structlog.get_logger(__name__)
@@ -64,6 +64,13 @@ class TransportStats:
     pongs_sent: int = 0
     pings_sent: int = 0
     pong_timeouts: int = 0
+    # Refusals by limit name: a parse-time limit (sbc.sip.parser.ParseLimits: "headers", "via",
+    # "uri"; datagrams are dropped, stream connections closed) or a connection limit
+    # ("connections", "connections_per_source"; the connection is aborted).
+    limit_exceeded: dict[str, int] = field(default_factory=dict)
+
+    def count_limit(self, limit: str) -> None:
+        self.limit_exceeded[limit] = self.limit_exceeded.get(limit, 0) + 1
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -89,7 +96,7 @@ class StreamConnection(asyncio.Protocol):
         self.closed = False
         self._owner = owner
         self._config = owner.config
-        self._parser = StreamParser(owner.config.max_message_size)
+        self._parser = StreamParser(owner.config.max_message_size, owner.config.parse_limits)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._read_deadline: asyncio.TimerHandle | None = None
@@ -124,9 +131,19 @@ class StreamConnection(asyncio.Protocol):
         try:
             messages = self._parser.feed(data)
         except MessageTooLarge as exc:
-            # The stream cannot be resynchronised: refuse by closing (RFC 3261 §18.3).
+            # The stream cannot be resynchronised: refuse by closing (RFC 3261 §18.3). When the
+            # head parsed, a request is answered 513 first (the engine writes it on this
+            # connection; close() flushes what was written before it closes).
             self._owner.stats.oversized += 1
             log.info("stream_message_too_large", peer=self.peer, detail=exc.detail)
+            handler = self._owner.on_oversized
+            if isinstance(exc, StreamMessageTooLarge) and exc.message is not None and handler:
+                handler(exc.message, self.destination)
+            self.close()
+            return
+        except LimitExceeded as exc:
+            self._owner.stats.count_limit(exc.limit)
+            log.info("stream_limit_exceeded", peer=self.peer, limit=exc.limit, detail=exc.detail)
             self.close()
             return
         except SipError as exc:
@@ -339,6 +356,9 @@ class Transports:
                 cfg.bind,
                 cfg.tls_port,
                 ssl=self._server_ssl,
+                # A peer stalling its handshake holds no counted connection yet (connection_made
+                # comes after the handshake): bound it by the read deadline, not asyncio's 60 s.
+                ssl_handshake_timeout=cfg.read_timeout,
                 reuse_address=True,
             )
             self._servers.append(server)
@@ -374,10 +394,15 @@ class Transports:
             if admit is not None and not admit(ip):
                 self.stats.connections_refused += 1
                 return False
-            if self._inbound >= cfg.max_connections or (
-                self._per_ip.get(ip, 0) >= cfg.max_connections_per_ip
-            ):
+            if self._inbound >= cfg.max_connections:
+                limit = "connections"
+            elif self._per_ip.get(ip, 0) >= cfg.max_connections_per_ip:
+                limit = "connections_per_source"
+            else:
+                limit = ""
+            if limit:
                 self.stats.connections_refused += 1
+                self.stats.count_limit(limit)
                 log.debug("stream_connection_refused", peer=conn.peer)
                 return False
             self._inbound += 1
@@ -426,7 +451,12 @@ class Transports:
         if not data.strip(b"\r\n"):
             return  # RFC 5626 §4.4.1 / §3.5.1: a CRLF keep-alive on UDP, nothing to answer
         try:
-            message = parse_message(data)
+            message = parse_message(data, self.config.parse_limits)
+        except LimitExceeded as exc:
+            self.stats.datagrams_dropped += 1
+            self.stats.count_limit(exc.limit)
+            log.debug("datagram_over_limit", peer=addr[:2], limit=exc.limit)
+            return
         except SipError as exc:
             # Nothing parsed means no Via to answer to: drop and count.
             self.stats.datagrams_dropped += 1

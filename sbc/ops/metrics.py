@@ -289,6 +289,7 @@ class BridgeCollector(Collector):
         yield from self._sip(fill)
         yield from self._guard(fill)
         yield from self._rtp(fill)
+        yield from self._limits(fill)
         yield from self._peers_and_records(fill)
 
     def _sip(self, fill: bool) -> Iterator[Metric]:
@@ -387,6 +388,59 @@ class BridgeCollector(Collector):
             capacity.add_metric([], 2 * pool.capacity)
         yield from (packets, size, in_use, capacity)
 
+    def _limits(self, fill: bool) -> Iterator[Metric]:
+        hits = CounterMetricFamily(
+            "sbc_limit_hits",
+            "Messages, connections and calls refused by a configured limit, by limit: headers, "
+            "via, uri (parse-time limits), message_size, connections, connections_per_source, "
+            "read_timeout (a stream message not finished in time), transactions_per_source, "
+            "calls_per_source",
+            labels=["limit"],
+        )
+        large = CounterMetricFamily(
+            "sbc_sip_large_requests",
+            "Requests over 1300 bytes to a UDP peer sent over TCP first (RFC 3261 §18.1.1): "
+            "tcp counts the attempts, udp_fallback those sent over UDP after TCP failed",
+            labels=["outcome"],
+        )
+        dropped = CounterMetricFamily(
+            "sbc_rtp_dropped",
+            "RTP and RTCP packets the relay dropped on the sockets facing each side, by reason: "
+            "foreign_source (not the latched source after the learning window), no_route (the "
+            "call has no address on the other side yet)",
+            labels=["side", "reason"],
+        )
+        kernel = CounterMetricFamily(
+            "sbc_udp_kernel_drops",
+            "UDP datagrams the host's kernel dropped (all processes; Linux /proc/net/snmp and "
+            "snmp6): no_port (to a port nobody holds, such as an RTP port of no call), "
+            "rcvbuf (a socket's receive buffer was full)",
+            labels=["reason"],
+        )
+        engine = self.engine
+        transports = getattr(engine, "transports", None)
+        if fill and engine is not None and transports is not None:
+            transport = transports.stats
+            counts = dict(transport.limit_exceeded)
+            counts["message_size"] = transport.oversized
+            counts["read_timeout"] = transport.read_timeouts
+            counts["transactions_per_source"] = engine.stats.transactions_refused
+            bridge = self.bridge
+            if bridge is not None:
+                counts["calls_per_source"] = getattr(bridge, "refused_per_source", 0)
+            for limit, count in sorted(counts.items()):
+                hits.add_metric([limit], count)
+            large.add_metric(["tcp"], engine.stats.large_over_tcp)
+            large.add_metric(["udp_fallback"], engine.stats.large_tcp_fallbacks)
+        drops = getattr(self.media, "drops", None)
+        if fill and drops is not None:
+            for (side, reason), count in sorted(drops().items()):
+                dropped.add_metric([side, reason], count)
+        if fill:
+            for reason, count in kernel_udp_drops().items():
+                kernel.add_metric([reason], count)
+        yield from (hits, large, dropped, kernel)
+
     def _peers_and_records(self, fill: bool) -> Iterator[Metric]:
         reachable = GaugeMetricFamily(
             "sbc_retell_reachable",
@@ -416,6 +470,38 @@ class BridgeCollector(Collector):
             dropped.add_metric(["write_failed"], records.failed)
             dropped.add_metric(["queue_full"], getattr(records, "dropped", 0))
         yield from (reachable, dropped_events, written, dropped)
+
+
+_SNMP_FILES = (("/proc/net/snmp", "Udp:"), ("/proc/net/snmp6", "Udp6"))
+
+
+def kernel_udp_drops(files: tuple[tuple[str, str], ...] = _SNMP_FILES) -> dict[str, int]:
+    """The kernel's UDP NoPorts and RcvbufErrors counters, IPv4 and IPv6 summed; empty where
+    the files do not exist (not Linux)."""
+    totals: dict[str, int] = {}
+    names = {"NoPorts": "no_port", "RcvbufErrors": "rcvbuf"}
+    for path, prefix in files:
+        try:
+            with open(path, encoding="ascii") as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            continue
+        if prefix == "Udp:":
+            # Two lines: "Udp: Name Name ..." then "Udp: value value ...".
+            rows = [line.split()[1:] for line in lines if line.startswith(prefix)]
+            pairs = zip(rows[0], rows[1], strict=False) if len(rows) >= 2 else iter(())
+        else:
+            # One "Udp6NoPorts   123" per line.
+            pairs = (
+                (fields[0][len(prefix) :], fields[1])
+                for fields in (line.split() for line in lines)
+                if len(fields) == 2 and fields[0].startswith(prefix)
+            )
+        for name, value in pairs:
+            label = names.get(name)
+            if label is not None and value.isdigit():
+                totals[label] = totals.get(label, 0) + int(value)
+    return totals
 
 
 def _retell_reachability(bridge: Any) -> Any:

@@ -68,6 +68,7 @@ from sbc.ops.settings import (
 )
 from sbc.ops.systemd import Notifier
 from sbc.sip.digest import Credentials
+from sbc.sip.parser import ParseLimits
 from sbc.sip.registration import RegistrationConfig
 from sbc.sip.uri import SipUri
 
@@ -164,6 +165,11 @@ def transport_config(settings: Settings, advertised: str | None = None) -> Trans
         max_connections=sip.max_connections,
         max_connections_per_ip=sip.max_connections_per_ip,
         idle_timeout=sip.idle_timeout,
+        parse_limits=ParseLimits(
+            max_headers=sip.max_headers, max_via=sip.max_via, max_uri_length=sip.max_uri_length
+        ),
+        max_transactions_per_source=sip.max_transactions_per_source,
+        large_requests_over_tcp=sip.large_requests_over_tcp,
         t1=sip.t1,
         t2=sip.t2,
         t4=sip.t4,
@@ -267,6 +273,7 @@ def bridge_config(
         trusted=pbx_networks(pbx) if trusted is None else trusted,
         answer_timeout=retell.answer_timeout,
         max_concurrent=route.max_concurrent,
+        max_calls_per_source=calls.max_calls_per_source,
         max_duration=calls.max_duration,
         retry_after=calls.retry_after,
         number_plan=number_plan(calls),

@@ -250,6 +250,17 @@ class SipSettings(_Section):
     max_connections_per_ip: int = Field(default=64, ge=1)
     idle_timeout: Seconds = 120.0
     keepalive_interval: Seconds = 25.0
+    # Parse-time limits (sbc.sip.parser.ParseLimits): a message over one is dropped (UDP) or
+    # its connection closed (TCP/TLS), and counted in sbc_limit_hits_total.
+    max_headers: int = Field(default=128, ge=16, le=4096)  # header lines
+    max_via: int = Field(default=64, ge=2, le=1024)  # Via entries
+    max_uri_length: int = Field(default=1024, ge=64, le=65536)  # Request-URI characters
+    # Server transactions not answered yet per source address; over it a stateless 503
+    # (Retry-After: 5).
+    max_transactions_per_source: int = Field(default=1000, ge=1)
+    # RFC 3261 §18.1.1: requests over 1300 bytes to a UDP peer (URI without transport=) try
+    # TCP to the same address first, back to UDP when the connection cannot be made.
+    large_requests_over_tcp: bool = True
 
     @field_validator("t2")
     @classmethod
@@ -361,6 +372,10 @@ class CallsSettings(_Section):
     """
 
     max_concurrent: int = Field(default=100, ge=1)
+    # Calls in progress per source address of their INVITE; over it 503 with Retry-After.
+    # None: max_concurrent (the PBX's one address carries all of its calls); set it lower when
+    # several sources share the bridge (Retell's addresses, a second PBX).
+    max_calls_per_source: int | None = Field(default=None, ge=1)
     max_duration: Seconds = 7200.0
     # Seconds in the Retry-After of a 503 sent for overload (max_concurrent, no free RTP ports).
     retry_after: int = Field(default=30, ge=1, le=86400)

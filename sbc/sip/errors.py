@@ -27,6 +27,15 @@ class ParseError(SipError):
     reason = "Bad Request"
 
 
+class LimitExceeded(ParseError):
+    """A message over one of the parser's limits (:class:`sbc.sip.parser.ParseLimits`): too many
+    header fields or Via entries, a Request-URI too long. ``limit`` names which one (metrics)."""
+
+    def __init__(self, detail: str = "", *, limit: str = "") -> None:
+        super().__init__(detail)
+        self.limit = limit
+
+
 class BadRequest(SipError):
     """Well-formed bytes, semantically wrong request (missing or duplicated fields...)."""
 

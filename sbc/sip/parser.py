@@ -17,9 +17,10 @@ A ``SIP/...`` start line that is not a valid version is malformed.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
-from sbc.sip.errors import MessageTooLarge, ParseError
+from sbc.sip.errors import LimitExceeded, MessageTooLarge, ParseError
 from sbc.sip.fields import parse_int_header
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import SIP_VERSION, Request, Response
@@ -33,6 +34,35 @@ _CRLF = b"\r\n"
 _END_OF_HEAD = b"\r\n\r\n"
 
 DEFAULT_MAX_MESSAGE_SIZE = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class ParseLimits:
+    """Parse-time limits against hostile messages (the sanity checks of Kamailio's kind).
+
+    ``max_headers`` counts the lines of the header block (continuation lines included: the
+    work is per line), ``max_via`` the Via entries (a field with commas holds several),
+    ``max_uri_length`` the characters of the Request-URI. Over any of them the parser raises
+    :class:`LimitExceeded` (a :class:`ParseError`) naming the limit. The defaults leave room
+    for every well-formed RFC 4475 message (``longreq`` has 30 Via entries).
+    """
+
+    max_headers: int = 128
+    max_via: int = 64
+    max_uri_length: int = 1024
+
+
+DEFAULT_LIMITS = ParseLimits()
+
+
+class StreamMessageTooLarge(MessageTooLarge):
+    """A stream message over the size limit whose head parsed: ``message`` is that head (with
+    an empty body), so that the transport can answer a request 513 before it closes."""
+
+    def __init__(self, detail: str = "", *, message: Request | Response | None = None) -> None:
+        super().__init__(detail)
+        self.message = message
+
 
 # A peer sends many requests to the same Request-URI (every OPTIONS ping, every request of a
 # dialog); the parsed URI is immutable, so a bounded memo by text shares it between them.
@@ -69,11 +99,14 @@ class _Head:
 
     __slots__ = ("content_lengths", "items", "method", "reason", "status", "uri", "version")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, limits: ParseLimits = DEFAULT_LIMITS) -> None:
         # RFC 3261 §7: lines end in CRLF; a bare CR or LF is malformed (and an injection risk).
         n_crlf = text.count("\r\n")
         if text.count("\n") != n_crlf or text.count("\r") != n_crlf:
             raise ParseError("bare CR or LF in the header block")
+        if n_crlf > limits.max_headers:
+            # Checked before any line is looked at: the cost of a refusal stays flat.
+            raise LimitExceeded(f"{n_crlf} header lines", limit="headers")
         lines = text.split("\r\n")
         start = lines[0]
         self.method: str = ""
@@ -100,6 +133,8 @@ class _Head:
             if len(parts) != 3:
                 raise ParseError(f"bad request line {start!r}")
             method, uri_text, version = parts
+            if len(uri_text) > limits.max_uri_length:
+                raise LimitExceeded(f"Request-URI of {len(uri_text)} characters", limit="uri")
             if _TOKEN_RE.fullmatch(method) is None:
                 raise ParseError(f"bad method in {start!r}")
             self.method = method
@@ -122,6 +157,14 @@ class _Head:
             if not colon:
                 raise ParseError(f"header line without colon: {line[:40]!r}")
             items.append((names.get(raw) or _header_name(raw), value.strip(" \t")))
+        # Via entries are at most the header lines plus the commas: when even that is within
+        # the limit (every ordinary message) nothing is counted per field.
+        if n_crlf + text.count(",") > limits.max_via:
+            # Commas separate entries; one inside a quoted Via parameter over-counts, which
+            # only matters for a message already at the limit.
+            vias = sum(1 + value.count(",") for name, value in items if name == "Via")
+            if vias > limits.max_via:
+                raise LimitExceeded(f"{vias} Via entries", limit="via")
         self.items = tuple(items)
         self.content_lengths = [value for name, value in items if name == "Content-Length"]
 
@@ -152,7 +195,7 @@ def _decode(head: bytes) -> str:
     return head.decode("utf-8", "surrogateescape")
 
 
-def parse_message(data: bytes) -> Message:
+def parse_message(data: bytes, limits: ParseLimits = DEFAULT_LIMITS) -> Message:
     """Parse one UDP datagram into a Request or Response.
 
     Leading CRLFs are skipped (RFC 3261 §7.5). The body is exactly Content-Length octets;
@@ -167,7 +210,7 @@ def parse_message(data: bytes) -> Message:
     end = data.find(_END_OF_HEAD, start)
     if end < 0:
         raise ParseError("no empty line after the header fields")
-    head = _Head(_decode(data[start:end]))
+    head = _Head(_decode(data[start:end]), limits)
     body_start = end + 4
     try:
         length = head.body_length()
@@ -189,7 +232,9 @@ class StreamParser:
 
     :meth:`feed` accepts any chunking and returns the messages completed by that chunk.
     Content-Length is mandatory on streams; a message larger than ``max_message_size`` raises
-    :class:`MessageTooLarge` (513). CRLFs between messages are skipped; each double CRLF is a
+    :class:`MessageTooLarge` (513; :class:`StreamMessageTooLarge` with the head when the head
+    parsed and only the declared body makes it too large), and one over ``limits`` raises
+    :class:`LimitExceeded`. CRLFs between messages are skipped; each double CRLF is a
     keep-alive ping (RFC 5626 §4.4.1) that the transport answers with a single CRLF pong: see
     :attr:`pings_received` and :meth:`take_pongs`.
 
@@ -206,12 +251,16 @@ class StreamParser:
         "_pongs_due",
         "_scan_from",
         "_total",
+        "limits",
         "max_message_size",
         "pings_received",
     )
 
-    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, limits: ParseLimits = DEFAULT_LIMITS
+    ) -> None:
         self.max_message_size = max_message_size
+        self.limits = limits
         self.pings_received = 0
         self._buf = bytearray()
         self._broken: ParseError | MessageTooLarge | None = None
@@ -283,14 +332,16 @@ class StreamParser:
                 return None
             if end + 4 > self.max_message_size:
                 raise MessageTooLarge("header block exceeds the message size limit")
-            head = _Head(_decode(bytes(buf[:end])))
+            head = _Head(_decode(bytes(buf[:end])), self.limits)
             length = head.body_length()
             if length is None:
                 # RFC 3261 §18.3: Content-Length MUST be used with stream transports.
                 raise ParseError("missing Content-Length on a stream transport")
             total = end + 4 + length
             if total > self.max_message_size:
-                raise MessageTooLarge(f"message of {total} octets exceeds the limit")
+                raise StreamMessageTooLarge(
+                    f"message of {total} octets exceeds the limit", message=head.build(b"")
+                )
             self._head = head
             self._head_end = end + 4
             self._total = total

@@ -258,6 +258,49 @@ async def test_after_the_learning_window_other_sources_are_dropped(call: Call) -
         close_endpoints(intruder)
 
 
+async def test_a_stray_packet_after_the_window_locks_the_socket_and_a_new_sdp_unlocks_it(
+    call: Call,
+) -> None:
+    """After the first stray packet past the window the socket is connected to the latched
+    source: further strays never reach the relay (the kernel drops them); a new SDP address
+    (re-INVITE) opens a new window in which a NAT source may be latched again."""
+    loop = asyncio.get_running_loop()
+    intruder = await open_endpoint(PBX)
+    natted = await open_endpoint(PBX)
+    try:
+        call.pbx.send(packets(1, 1, ssrc=1)[0], call.pbx_target)
+        await call.retell.receive(1)
+        learnt_at = loop.time()
+        # The only wait on time itself: let the 0.2 s window pass on the loop clock.
+        await asyncio.sleep(learnt_at + 0.25 - loop.time())
+        facing_pbx = call.session.rtp["a"]
+        assert not facing_pbx.locked
+        intruder.send(b"stray", call.pbx_target)
+        legit = packets(3, 2, ssrc=1)
+        call.pbx.send(legit[0], call.pbx_target)
+        assert (await call.retell.receive(1))[0][0] == legit[0]
+        assert facing_pbx.locked
+        assert facing_pbx.dropped == 1
+        for _ in range(20):
+            intruder.send(b"stray", call.pbx_target)
+        call.pbx.send(legit[1], call.pbx_target)
+        assert (await call.retell.receive(1))[0][0] == legit[1]
+        assert facing_pbx.dropped == 1  # the kernel dropped the other twenty
+        # Retell's side still sends to the latched PBX address through the locked socket.
+        back = packets(1, 9, ssrc=7)[0]
+        call.retell.send(back, call.retell_target)
+        assert (await call.pbx.receive(1))[0][0] == back
+        # A re-INVITE names a new address: unlocked, and a NAT source is latched in the window.
+        moved = await call.session.reoffer("a", sdp("3cxPS", "10.9.9.9", 4000))
+        assert moved.media[0].port == call.pbx_target[1]
+        assert not facing_pbx.locked
+        natted.send(legit[2], call.pbx_target)
+        assert (await call.retell.receive(1))[0][0] == legit[2]
+        assert facing_pbx.remote == (PBX, natted.port)
+    finally:
+        close_endpoints(intruder, natted)
+
+
 async def test_reoffer_keeps_the_relay_address_and_relearns_a_new_pbx_address(call: Call) -> None:
     moved = await open_endpoint(PBX)
     try:

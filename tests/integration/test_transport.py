@@ -73,9 +73,12 @@ async def setup(
         await transports.stop()
 
 
-async def _connect(transports: Transports) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(
+    transports: Transports, source: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert transports.tcp_address is not None
-    reader, writer = await asyncio.open_connection(*transports.tcp_address)
+    local = None if source is None else (source, 0)
+    reader, writer = await asyncio.open_connection(*transports.tcp_address, local_addr=local)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return reader, writer
 
@@ -198,11 +201,17 @@ async def test_connections_per_address_capped(setup: tuple[Transports, Recorder]
     reader3, writer3 = await _connect(transports)
     assert await _closed_within(reader3, 3.0)
     assert transports.stats.connections_refused == 1
-    # The two admitted connections still work.
+    assert transports.stats.limit_exceeded == {"connections_per_source": 1}
+    # The two admitted connections still work, and another source address is admitted.
     kept[1][1].write(options(call_id="ok"))
     await recorder.wait_for(1)
     assert recorder.messages[0][0].call_id == "ok"
-    for _, w in [*kept, (reader3, writer3)]:
+    other = await _connect(transports, "127.0.0.2")
+    other[1].write(options(call_id="other"))
+    await recorder.wait_for(2)
+    assert recorder.messages[1][0].call_id == "other"
+    assert transports.stats.connections_refused == 1
+    for _, w in [*kept, (reader3, writer3), other]:
         w.close()
 
 
@@ -213,6 +222,7 @@ async def test_total_connections_capped(setup: tuple[Transports, Recorder]) -> N
     reader2, writer2 = await _connect(transports)
     assert await _closed_within(reader2, 3.0)
     assert transports.stats.connections_refused == 1
+    assert transports.stats.limit_exceeded == {"connections": 1}
     writer1.close()
     writer2.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import ssl
@@ -13,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from peers import free_port
 
 from sbc.net.addresses import Destination, TransportConfig
 from sbc.net.engine import SipEngine
@@ -179,3 +181,37 @@ def test_client_context_defaults() -> None:
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     relaxed = client_context(TransportConfig(tls_verify=False))
     assert relaxed.verify_mode == ssl.CERT_NONE
+
+
+async def test_stalled_tls_handshake_cut_at_the_read_deadline(
+    pki: dict[str, Path], tls_pair: Callable[..., object]
+) -> None:
+    """Slowloris on the TLS port: a peer that opens the connection and trickles a handshake
+    that never completes is closed after read_timeout, not asyncio's default 60 s."""
+    b = await tls_pair(  # type: ignore[misc]
+        B_HOST,
+        tls_port=free_port(B_HOST),
+        tls_cert=str(pki["cert"]),
+        tls_key=str(pki["key"]),
+        read_timeout=0.5,
+    )
+    assert isinstance(b, SipEngine) and b.transports.tls_address is not None
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(*b.transports.tls_address)
+    started = loop.time()
+
+    async def trickle() -> None:
+        # The first bytes of a TLS record header (handshake, TLS 1.0 record version), slowly.
+        for byte in b"\x16\x03\x01\x02\x00":
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+
+    sender = asyncio.create_task(trickle())
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    elapsed = loop.time() - started
+    sender.cancel()
+    await asyncio.gather(sender, return_exceptions=True)
+    writer.close()
+    assert 0.4 <= elapsed < 3.0, elapsed
+    assert b.transports.connection_count == 0

@@ -318,3 +318,62 @@ def test_dtmf_duration_is_clamped() -> None:
 async def test_passthrough_cannot_inject_dtmf() -> None:
     session = PassthroughSession("call-1")
     assert await session.send_dtmf("b", "5", 160) is False
+
+
+class LockSocket:
+    """Records connect() calls; fileno -1 makes the AF_UNSPEC disconnect impossible."""
+
+    def __init__(self, fileno: int = -1, fail: bool = False) -> None:
+        self.connected: list[tuple[str, int]] = []
+        self._fileno = fileno
+        self.fail = fail
+
+    def connect(self, address: tuple[str, int]) -> None:
+        if self.fail:
+            raise OSError("refused")
+        self.connected.append(address)
+
+    def fileno(self) -> int:
+        return self._fileno
+
+
+def test_first_stray_packet_after_the_window_locks_the_socket_to_the_latched_source() -> None:
+    loop, facing_pbx, _, _ = pair(window=0.2)
+    sock = facing_pbx.sock = LockSocket()
+    facing_pbx.datagram_received(rtp(1), OTHER)  # within the window: latched, no lock
+    facing_pbx.datagram_received(rtp(2), NAT)
+    assert (facing_pbx.locked, sock.connected) == (False, [])
+    loop.now += 0.25
+    facing_pbx.datagram_received(rtp(3), NAT)  # the latched source: nothing to do
+    assert sock.connected == []
+    facing_pbx.datagram_received(rtp(4), OTHER)
+    assert (facing_pbx.locked, sock.connected, facing_pbx.dropped) == (True, [NAT], 1)
+    facing_pbx.datagram_received(rtp(5), OTHER)  # queued before the lock: dropped, no new lock
+    assert (sock.connected, facing_pbx.dropped) == ([NAT], 2)
+    assert (facing_pbx.counters()["dropped"], facing_pbx.counters()["locked"]) == (2, True)
+
+
+def test_a_lock_that_cannot_be_undone_is_re_aimed_at_the_new_sdp_address() -> None:
+    loop, facing_pbx, _, _ = pair(window=0.2)
+    sock = facing_pbx.sock = LockSocket(fileno=-1)
+    facing_pbx.datagram_received(rtp(1), NAT)
+    loop.now += 0.25
+    facing_pbx.datagram_received(rtp(2), OTHER)
+    assert facing_pbx.locked
+    moved = ("10.0.0.3", 9002)
+    facing_pbx.set_sdp_remote(moved)
+    assert facing_pbx.locked  # still connected, now to the new SDP address
+    assert sock.connected == [NAT, moved]
+    assert facing_pbx.remote == moved
+
+
+def test_a_failed_lock_leaves_filtering_in_user_space() -> None:
+    loop, facing_pbx, _, _ = pair(window=0.2)
+    facing_pbx.sock = LockSocket(fail=True)
+    facing_pbx.datagram_received(rtp(1), NAT)
+    loop.now += 0.25
+    for seq in (2, 3):
+        facing_pbx.datagram_received(rtp(seq), OTHER)
+    assert not facing_pbx.locked
+    assert facing_pbx.dropped == 2
+    assert facing_pbx.remote == NAT

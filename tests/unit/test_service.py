@@ -322,3 +322,68 @@ async def test_a_retry_after_from_the_media_layer_is_kept() -> None:
     assert final.status == 503
     assert final.headers.get_all("Retry-After") == ["300"]
     await bridge.stop()
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+def test_transport_config_maps_the_limits() -> None:
+    s = settings(
+        sip={
+            "max_headers": 50,
+            "max_via": 8,
+            "max_uri_length": 256,
+            "max_transactions_per_source": 20,
+            "large_requests_over_tcp": "false",
+        },
+        calls={"max_calls_per_source": 3},
+    )
+    cfg = service.transport_config(s)
+    limits = cfg.parse_limits
+    assert (limits.max_headers, limits.max_via, limits.max_uri_length) == (50, 8, 256)
+    assert (cfg.max_transactions_per_source, cfg.large_requests_over_tcp) == (20, False)
+    assert service.bridge_config(s).max_calls_per_source == 3
+
+
+async def test_calls_per_source_capped_with_503_and_counted_back_to_zero() -> None:
+    media = SlowPorts()
+    bridge, engine, metrics = manager(media, max_calls_per_source=1, retry_after=20)
+    bridge.handle_request(incoming(engine, request("INVITE", body=SDP)))
+    async with asyncio.timeout(LIMIT):
+        await media.waiting.wait()
+    assert bridge.calls_by_source == {PBX.host: 1}
+    second = request("INVITE", body=SDP, call_id="second@10.0.0.1")
+    bridge.handle_request(incoming(engine, second))
+    refused = [r for r in engine.responses if r.call_id == "second@10.0.0.1"]
+    assert [r.status for r in refused] == [503]
+    assert refused[0].headers.get("Retry-After") == "20"
+    assert bridge.refused_per_source == 1
+    # Another address of the PBX's network is not affected by the first one's calls.
+    third = request("INVITE", body=SDP, call_id="third@10.0.0.2")
+    other = Destination("udp", "10.0.0.2", 5060)
+    bridge.handle_request(IncomingRequest(engine, "key-third", third, other, None))
+    assert [r.status for r in engine.responses if r.call_id == "third@10.0.0.2"] == [100]
+    assert bridge.calls_by_source == {PBX.host: 1, "10.0.0.2": 1}
+    await bridge.events.flush()
+    assert metrics.refused == [503]
+    media.release.set()
+    async with asyncio.timeout(LIMIT):
+        await bridge.wait_idle()
+    assert bridge.calls_by_source == {}
+    assert bridge._call_sources == {}
+    await bridge.stop()
+
+
+async def test_calls_per_source_defaults_to_max_concurrent() -> None:
+    media = SlowPorts()
+    bridge, engine, _ = manager(media, max_concurrent=2)
+    assert bridge.config.max_calls_per_source is None
+    for call_id in ("one@10.0.0.1", "two@10.0.0.1"):
+        bridge.handle_request(incoming(engine, request("INVITE", body=SDP, call_id=call_id)))
+    assert [r.status for r in engine.responses] == [100, 100]
+    assert bridge.calls_by_source == {PBX.host: 2}
+    assert bridge.refused_per_source == 0
+    media.release.set()
+    async with asyncio.timeout(LIMIT):
+        await bridge.wait_idle()
+    await bridge.stop()

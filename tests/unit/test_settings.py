@@ -116,6 +116,10 @@ def test_minimal_file_gets_documented_defaults(write):
     assert (s.admin.host, s.admin.port) == ("127.0.0.1", 8081)
     assert (s.log.level, s.log.format) == ("info", "auto")
     assert (s.calls.max_concurrent, s.calls.max_duration, s.calls.retry_after) == (100, 7200, 30)
+    assert s.calls.max_calls_per_source is None  # max_concurrent
+    sip = s.sip
+    assert (sip.max_headers, sip.max_via, sip.max_uri_length) == (128, 64, 1024)
+    assert (sip.max_transactions_per_source, sip.large_requests_over_tcp) == (1000, True)
     # NANP: country code 1, trunk prefix 1, exit code 011, ten-digit numbers are national.
     calls = s.calls
     assert (calls.country_code, calls.national_prefix, calls.international_prefix) == (
@@ -295,6 +299,14 @@ def test_secret_not_echoed_in_problems(write):
             "pbx.register_backoff_max: must be >= pbx.register_backoff_base (60.0), got 30.0",
         ),
         ({"sip": {"t1": 5.0}}, "sip.t2: must be >= sip.t1 (5.0), got 4.0"),
+        (
+            {"sip": {"max_headers": 8}},
+            "sip.max_headers: input should be greater than or equal to 16",
+        ),
+        ({"sip": {"max_via": 1}}, "sip.max_via: input should be greater than or equal to 2, got 1"),
+        ({"sip": {"max_uri_length": 10}}, "sip.max_uri_length: input should be greater than or"),
+        ({"sip": {"max_transactions_per_source": 0}}, "sip.max_transactions_per_source: input"),
+        ({"calls": {"max_calls_per_source": 0}}, "calls.max_calls_per_source: input should be"),
         (
             {"sip": {"tls_port": 5061, "tls_key": str(ROOT / "pyproject.toml")}},
             "sip.tls_cert: required when sip.tls_port is set",
