@@ -193,7 +193,19 @@ def row_of(record: CallRecord) -> tuple[Any, ...]:
         "ladder": _json([entry.as_dict() for entry in record.ladder]),
         "ladder_omitted": record.ladder_omitted,
     }
-    return tuple(values[name] for name in COLUMNS)
+    return tuple(_storable(values[name]) for name in COLUMNS)
+
+
+def _storable(value: Any) -> Any:
+    """``value``, with any lone surrogate in a text written as its escape: the parser keeps
+    octets that are not UTF-8 as surrogates (a caller's name from a PBX sending Latin-1), and
+    SQLite refuses those, which would lose the whole row (found by fuzzing)."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _decoded(row: sqlite3.Row) -> dict[str, Any]:
