@@ -37,6 +37,7 @@ from sbc.ops.settings import (
     RetellSettings,
     Settings,
     SipSettings,
+    TransferSettings,
 )
 from sbc.sip.message import Response
 from sbc.sip.parser import parse_message
@@ -92,6 +93,7 @@ def settings(
     register_expires: int = 300,
     backoff: float = 30.0,
     answer_timeout: float = 30.0,
+    ring_timeout: float = 30.0,
 ) -> Settings:
     rtp_min = free_port(SBC) & ~1
     return Settings(
@@ -116,6 +118,7 @@ def settings(
             answer_timeout=answer_timeout,
         ),
         calls=CallsSettings(country_code="44"),
+        transfer=TransferSettings(mode="refer", ring_timeout=ring_timeout),
         media=MediaSettings(mode="relay", rtp_port_min=rtp_min, rtp_port_max=rtp_min + 39),
         admin=AdminSettings(listen=f"{SBC}:{free_port(SBC, udp=False)}"),
     )
@@ -526,3 +529,76 @@ async def test_registrar_gone_and_back_registers_again_by_backoff_and_takes_call
         await hang_up(rig, call, retell_call)
         await rig.drained()
         assert rig.record().pbx_status == 200
+
+
+# -- transfers by REFER: a NOTIFY that never comes, BYEs in the middle -----------------------------
+
+RING_TIMEOUT = 1.0
+TRANSFER_TIMER = RING_TIMEOUT + 64 * T1  # refer mode: the target's ringing, then Timer F's bound
+
+
+async def transferring(rig: Rig) -> tuple[PbxCall, RetellCall]:
+    """A connected call whose agent transfers to 800; 3CX accepts the REFER (202) and then
+    sends no NOTIFY at all."""
+
+    async def silent(call: PbxCall, seen: Any) -> None:
+        seen.done.set()
+
+    accepted = asyncio.Event()
+    referred = rig.pbx._referred
+
+    def noting(call: PbxCall, incoming: Any) -> None:
+        referred(call, incoming)
+        if call.refer is not None and call.refer.accepted is not None:
+            accepted.set()
+
+    rig.pbx._notify_refer = silent  # type: ignore[method-assign]
+    rig.pbx._referred = noting  # type: ignore[method-assign]
+    call, retell_call = await connected_call(rig)
+    async with asyncio.timeout(5):
+        assert await rig.retell.refer(retell_call, "800") == 202
+        await accepted.wait()  # 3CX answered sbc's REFER 202 (after its challenge)
+    return call, retell_call
+
+
+async def test_notify_that_never_comes_ends_the_transfer_on_its_timer() -> None:
+    async with running_rig(settings(ring_timeout=RING_TIMEOUT)) as rig:
+        call, retell_call = await transferring(rig)
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(TRANSFER_TIMER + 5):
+            await retell_call.transfer_done.wait()
+        elapsed = asyncio.get_running_loop().time() - started
+        assert TRANSFER_TIMER - 0.5 <= elapsed <= TRANSFER_TIMER + 2.0, elapsed
+        final = retell_call.notifies[-1]
+        assert (final.status, final.subscription_state.split(";")[0]) == (408, "terminated")
+        # The caller stays with the agent; the call goes on and ends the ordinary way.
+        assert not call.ended.is_set() and rig.service.bridge.active == 1
+        await hang_up(rig, call, retell_call)
+        await rig.drained()
+        assert rig.record().transfers[0].outcome == "failed"
+
+
+async def test_the_callers_bye_during_a_transfer_ends_every_leg() -> None:
+    async with running_rig(settings(ring_timeout=RING_TIMEOUT)) as rig:
+        call, retell_call = await transferring(rig)
+        async with asyncio.timeout(5):
+            assert await rig.pbx.hang_up(call) == 200
+            await retell_call.ended.wait()
+        assert retell_call.bye_received
+        await rig.drained()
+        record = rig.record()
+        assert (record.end_reason, record.transfers[0].outcome) == ("pbx_bye", "aborted")
+
+
+async def test_retells_bye_during_a_failing_transfer_hangs_up_the_caller() -> None:
+    async with running_rig(settings(ring_timeout=RING_TIMEOUT)) as rig:
+        call, retell_call = await transferring(rig)
+        async with asyncio.timeout(5):
+            assert await rig.retell.hang_up(retell_call) == 200
+        assert not call.ended.is_set()  # 3CX may still be moving the caller
+        async with asyncio.timeout(TRANSFER_TIMER + 5):
+            await call.ended.wait()  # the transfer timed out: nobody is left for the caller
+        assert call.bye_received
+        await rig.drained()
+        record = rig.record()
+        assert (record.end_reason, record.transfers[0].outcome) == ("retell_bye", "failed")
