@@ -131,6 +131,7 @@ async def running_rig(
     ring: float = 0.1,
     pbx_expires: int = 60,
     resolver: Resolver | None = None,
+    with_retell: bool = True,
 ) -> AsyncIterator[Rig]:
     values = values or settings()
     pbx = PbxStandIn(
@@ -146,7 +147,8 @@ async def running_rig(
     if resolver is not None:
         service.engine.resolver = resolver
     await pbx.start()
-    await retell.start()
+    if with_retell:
+        await retell.start()
     try:
         await service.start()
         async with asyncio.timeout(10):
@@ -154,7 +156,8 @@ async def running_rig(
         yield Rig(service, values, pbx, retell)
     finally:
         await service.stop()
-        await retell.stop()
+        if with_retell:
+            await retell.stop()
         await pbx.stop()
 
 
@@ -602,3 +605,38 @@ async def test_retells_bye_during_a_failing_transfer_hangs_up_the_caller() -> No
         await rig.drained()
         record = rig.record()
         assert (record.end_reason, record.transfers[0].outcome) == ("retell_bye", "failed")
+
+
+# -- Retell silent ---------------------------------------------------------------------------------
+
+
+async def test_silent_retell_gets_the_pbx_a_final_answer_within_answer_timeout() -> None:
+    """Retell's server takes the TCP connection and never says a word (no 100, nothing)."""
+    answer_timeout = 2.0
+    values = settings(answer_timeout=answer_timeout)
+    heard: list[bytes] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            heard.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(mute, RETELL, values.retell.port)
+    try:
+        async with running_rig(values, with_retell=False) as rig:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with asyncio.timeout(answer_timeout + 5):
+                call = await rig.pbx.call()
+            elapsed = loop.time() - started
+            assert call.statuses[-1] == 480, call.statuses
+            assert answer_timeout - 0.1 <= elapsed <= answer_timeout + 1.0, elapsed
+            assert b"".join(heard).startswith(b"INVITE ")
+            # Nothing to CANCEL before a provisional (RFC 3261 §9.1): the INVITE's client
+            # transaction ends on Timer B (64*T1), and everything is released.
+            await rig.drained(64 * T1 + 10)
+            record = rig.record()
+            assert (record.end_reason, record.pbx_status) == ("answer_timeout", 480)
+    finally:
+        server.close()
+        await server.wait_closed()
