@@ -21,7 +21,7 @@ from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from sbc.b2bua.leg import Bridge, Leg
+from sbc.b2bua.leg import Bridge, Leg, glare_wait
 from sbc.b2bua.messages import (
     BridgeConfig,
     Peer,
@@ -95,8 +95,10 @@ class Absorber:
 
     async def reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
         """Answer a re-INVITE here (hold, resume, refresh); never forwarded (docs/peers.md)."""
-        if leg in self._reinvite_pending:
-            incoming.respond(491)  # RFC 3261 §14.2: one INVITE transaction at a time
+        if leg in self._reinvite_pending or leg.invites_in_progress:
+            # RFC 3261 §14.2: one INVITE transaction at a time each way, and 491 to a
+            # re-INVITE crossing one sbc sent (glare; the peer retries after §14.1's wait).
+            incoming.respond(491)
             return
         request = incoming.request
         timer = self._renegotiate(leg, request)
@@ -118,6 +120,9 @@ class Absorber:
     async def update(self, leg: Leg, incoming: IncomingRequest) -> None:
         """RFC 3311: an UPDATE with SDP is a re-offer, without it a session refresh."""
         request = incoming.request
+        if request.body and leg.invites_in_progress:
+            incoming.respond(491)  # RFC 3311 §5.2: an offer crossing sbc's re-INVITE offer
+            return
         timer = self._renegotiate(leg, request)
         body = await self._reoffer(leg, request) if request.body else b""
         headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
@@ -150,16 +155,22 @@ class Absorber:
         Returns the final status (408 or 481: the dialog is gone)."""
         timer = leg.timer
         assert timer is not None
-        headers = [("Contact", leg.local.contact), *timer.refresh_headers]
-        if allows_update:
-            request = leg.in_dialog("UPDATE", headers=tuple(headers))
-        else:
-            headers.append(("Content-Type", "application/sdp"))
-            request = leg.in_dialog("INVITE", headers=tuple(headers), body=leg.sdp_sent)
-        response = await leg.request(request)
-        leg.log.info("session_refreshed", method=request.method, status=response.status)
-        if request.method == "INVITE" and 200 <= response.status < 300:
-            await leg.send_ack(response)
+        for attempt in range(2):
+            headers = [("Contact", leg.local.contact), *timer.refresh_headers]
+            if allows_update:
+                request = leg.in_dialog("UPDATE", headers=tuple(headers))
+            else:
+                headers.append(("Content-Type", "application/sdp"))
+                request = leg.in_dialog("INVITE", headers=tuple(headers), body=leg.sdp_sent)
+            response = await leg.request(request)
+            leg.log.info("session_refreshed", method=request.method, status=response.status)
+            if request.method == "INVITE" and 200 <= response.status < 300:
+                await leg.send_ack(response)
+            if response.status != 491 or attempt or not leg.up:
+                break
+            # Glare (RFC 3261 §14.1): the peer's own re-INVITE crossed this one; once more
+            # after the wait, a new transaction with a new CSeq.
+            await asyncio.sleep(glare_wait(leg))
         return response.status
 
     async def _reoffer(self, leg: Leg, request: Request) -> bytes:

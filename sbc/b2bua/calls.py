@@ -64,6 +64,7 @@ from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.media.base import MediaBackend, MediaSession
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
+from sbc.net.transport import StreamConnection
 from sbc.sip.digest import Verdict
 from sbc.sip.errors import (
     Forbidden,
@@ -224,6 +225,18 @@ class CallManager:
         self.engine.accept = self.engine.accept | {"application/dtmf-relay", "application/dtmf"}
         if self.ladder_messages > 0:
             self.engine.on_message = self.handle_message
+        # Stream connections reset under a call (below); kept alongside any earlier watcher.
+        # The scripted engines of the unit tests have no transports.
+        transports = getattr(self.engine, "transports", None)
+        if transports is not None:
+            previous = transports.on_connection_lost
+
+            def lost(conn: StreamConnection) -> None:
+                if previous is not None:
+                    previous(conn)
+                self.connection_lost(conn)
+
+            transports.on_connection_lost = lost
 
     @property
     def active(self) -> int:
@@ -238,6 +251,25 @@ class CallManager:
         call.log.info("hang_up_requested", reason=reason, state=call.state.value)
         call.hang_up(reason)
         return True
+
+    def connection_lost(self, conn: StreamConnection) -> None:
+        """A stream connection went: when Retell reset it (not an orderly close, not sbc's own
+        close), every call whose Retell leg it carried is hung up (BYE to the PBX, and to
+        Retell over a new connection): the agent behind that flow is gone, and the caller must
+        not be left in silence until the media timeout. An orderly close keeps the calls: RFC
+        3261 §18 opens a new connection for the next request."""
+        if conn.lost_error is None:
+            return
+        for call in list(self.calls.values()):
+            for leg in list(call.legs.values()):
+                if leg.peer is Peer.RETELL and leg.up and _carried_by(leg, conn):
+                    call.log.warning(
+                        "retell_connection_reset",
+                        peer=f"{conn.peer[0]}:{conn.peer[1]}",
+                        error=str(conn.lost_error) or type(conn.lost_error).__name__,
+                    )
+                    self.hang_up(call.call_uuid, "retell_connection_lost")
+                    break
 
     async def wait_idle(self) -> None:
         """Return once no call is left (tests, graceful shutdown)."""
@@ -615,3 +647,15 @@ class CallManager:
         if found is not None:
             call, leg = found
             call.response_again(leg, response)
+
+
+def _carried_by(leg: Leg, conn: StreamConnection) -> bool:
+    """Whether ``leg``'s dialog lives on ``conn``: the connection its INVITE came in on (sbc
+    the UAS), or the one sbc opened to where it sent its INVITE (sbc the UAC)."""
+    if leg.incoming is not None:
+        return leg.incoming.source.connection_id == conn.id
+    outgoing = leg.outgoing
+    if outgoing is None or outgoing.destination is None or not conn.outbound:
+        return False
+    dest = outgoing.destination
+    return (dest.transport, dest.host, dest.port) == (conn.transport_name, *conn.peer)

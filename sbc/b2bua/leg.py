@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -41,7 +42,7 @@ from sbc.sip.fields import parse_via
 from sbc.sip.ids import new_branch, new_cnonce
 from sbc.sip.message import Request, Response
 
-__all__ = ["Bridge", "Leg", "LegState", "Role", "hang_up_all"]
+__all__ = ["Bridge", "Leg", "LegState", "Role", "glare_wait", "hang_up_all"]
 
 HeaderList = tuple[tuple[str, str], ...]
 
@@ -94,6 +95,9 @@ class Leg:
         self.outgoing: OutgoingRequest | None = None  # UAC legs: the INVITE sent
         self.ack: Request | None = None  # UAC legs: our ACK of the 2xx, sent again on copies
         self.gone = asyncio.Event()  # set when the leg has ended
+        # INVITEs sbc sent in the dialog with no final response yet: a re-INVITE crossing one
+        # is answered 491 (RFC 3261 §14.2, glare).
+        self.invites_in_progress = 0
         self.log = log.bind(leg=role.value)
         self._random = random_bytes
         self._user_agent = user_agent
@@ -194,18 +198,26 @@ class Leg:
         answered with the peer's credentials when the leg has them (at most twice)."""
         dialog = self.dialog
         assert dialog is not None
-        for _ in range(3):
-            response = await self.engine.send_request(request)
-            if response.status not in (401, 407) or self._auth is None:
-                break
-            retry = self._auth.authorize(
-                response, request, new_cnonce(self._random(8)), branch=new_branch(self._random(12))
-            )
-            if retry is None:
-                self.log.warning("pbx_refused_credentials", method=request.method)
-                break
-            dialog.advance_local_cseq(retry.cseq.seq)
-            request = retry
+        invite = request.method == "INVITE"
+        self.invites_in_progress += invite
+        try:
+            for _ in range(3):
+                response = await self.engine.send_request(request)
+                if response.status not in (401, 407) or self._auth is None:
+                    break
+                retry = self._auth.authorize(
+                    response,
+                    request,
+                    new_cnonce(self._random(8)),
+                    branch=new_branch(self._random(12)),
+                )
+                if retry is None:
+                    self.log.warning("pbx_refused_credentials", method=request.method)
+                    break
+                dialog.advance_local_cseq(retry.cseq.seq)
+                request = retry
+        finally:
+            self.invites_in_progress -= invite
         dialog.update_from_response(response)
         return response
 
@@ -221,6 +233,18 @@ class Leg:
             self.dialog.terminate()
         self.state = LegState.ENDED
         self.gone.set()
+
+
+_glare_random = random.Random()
+
+
+def glare_wait(leg: Leg, rng: random.Random = _glare_random) -> float:
+    """Seconds to wait before sending again a re-INVITE (or UPDATE, RFC 3311 §5.2) that
+    ``leg``'s peer answered 491: RFC 3261 §14.1, in units of 10 ms, 2.1 to 4 s when sbc owns
+    the dialog's Call-ID (it sent the INVITE that made it), else 0 to 2 s, so that the two
+    ends of a glare do not retry together."""
+    owner = leg.incoming is None
+    return (rng.randint(210, 400) if owner else rng.randint(0, 200)) / 100
 
 
 @dataclass(slots=True)

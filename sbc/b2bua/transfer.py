@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sbc.b2bua.callstate import TransferEnded
-from sbc.b2bua.leg import Leg, Role
+from sbc.b2bua.leg import Leg, Role, glare_wait
 from sbc.b2bua.messages import LegIds, build_pbx_invite
 from sbc.b2bua.transfer_rules import (
     ReferProgress,
@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from sbc.b2bua.call import Call
 
 __all__ = ["Transfer", "TransferRecord"]
-
-GLARE_RETRY = 1.0  # RFC 3261 §14.1: a re-INVITE answered 491 by its Call-ID owner's peer
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +254,7 @@ class Transfer:
                 return
             if response.status != 491 or attempt:
                 raise SipError(f"caller refused the re-INVITE: {response.status}")
-            await asyncio.sleep(GLARE_RETRY)
+            await asyncio.sleep(glare_wait(caller))
 
     async def _cancel_human(self) -> None:
         """End the human's unanswered INVITE (CANCEL once it rang; a 2xx that crosses it is

@@ -663,36 +663,40 @@ class SipEngine:
             # No usable top Via: there is nowhere to send an answer to (RFC 3261 §18.2.2).
             self.stats.requests_rejected += 1
             return
-        if request.method != "ACK":
-            try:
-                validate_request(request, supported=self.supported, accept=self.accept)
-            except SipError as exc:
-                self.stats.requests_rejected += 1
-                log.info(
-                    "request_rejected",
-                    call_id=request.headers.get("Call-ID"),
-                    status=exc.status,
-                    detail=exc.detail,
-                )
-                self._reject_stateless(request, source, exc)
+        try:
+            validate_request(request, supported=self.supported, accept=self.accept)
+        except SipError as exc:
+            self.stats.requests_rejected += 1
+            if request.method == "ACK":
+                # Never answered (RFC 3261 §17.2.3): one sbc cannot read is dropped here, not
+                # left to fail in the transaction layer or the call manager (found by fuzzing).
+                log.debug("ack_dropped", call_id=request.headers.get("Call-ID"), detail=exc.detail)
                 return
-            if (
-                request.method != "CANCEL"
-                and self._source_transactions.get(source.host, 0)
-                >= self.config.max_transactions_per_source
-                and self.layer.server_state(server_key(request)) is None
-            ):
-                # Stateless, so that the refusal itself holds no transaction; retransmissions
-                # of a request already in a transaction still reach it. CANCEL is let through:
-                # it ends an INVITE's transaction sooner.
-                self.stats.transactions_refused += 1
-                # Debug only: one line per refused request would let a flood fill the log.
-                log.debug("request_over_source_transactions", source=source.host)
-                retry = (("Retry-After", TRANSACTIONS_RETRY_AFTER),)
-                self._reject_stateless(
-                    request, source, ServiceUnavailable("too many transactions", headers=retry)
-                )
-                return
+            log.info(
+                "request_rejected",
+                call_id=request.headers.get("Call-ID"),
+                status=exc.status,
+                detail=exc.detail,
+            )
+            self._reject_stateless(request, source, exc)
+            return
+        if (
+            request.method not in ("ACK", "CANCEL")
+            and self._source_transactions.get(source.host, 0)
+            >= self.config.max_transactions_per_source
+            and self.layer.server_state(server_key(request)) is None
+        ):
+            # Stateless, so that the refusal itself holds no transaction; retransmissions
+            # of a request already in a transaction still reach it. CANCEL is let through:
+            # it ends an INVITE's transaction sooner; an ACK makes none.
+            self.stats.transactions_refused += 1
+            # Debug only: one line per refused request would let a flood fill the log.
+            log.debug("request_over_source_transactions", source=source.host)
+            retry = (("Retry-After", TRANSACTIONS_RETRY_AFTER),)
+            self._reject_stateless(
+                request, source, ServiceUnavailable("too many transactions", headers=retry)
+            )
+            return
         self.layer.receive(request, source=source, reliable=source.reliable, now=self._now())
 
     def _oversized(self, message: Message, source: Destination) -> None:
@@ -777,7 +781,7 @@ class SipEngine:
                     try:
                         self._dispatch(event)
                     except Exception:
-                        log.exception("event_dispatch_failed", event=type(event).__name__)
+                        log.exception("event_dispatch_failed", kind=type(event).__name__)
         finally:
             self._pumping = False
         self._arm_timer()

@@ -105,6 +105,10 @@ class StreamConnection(asyncio.Protocol):
         self._pong_deadline: asyncio.TimerHandle | None = None
         self.last_activity = self._loop.time()
         self.last_received = self.last_activity
+        # Why the connection went, once it has: the error when the peer reset it (or the network
+        # failed it) while neither side was closing it; None after an orderly close by either
+        # side or sbc's own close (idle, limits, stop). The B2BUA ends the calls it carried.
+        self.lost_error: Exception | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -178,6 +182,8 @@ class StreamConnection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.lost_error = exc
         self.closed = True
         self._cancel_timers()
         self._owner._unregister(self)

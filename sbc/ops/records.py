@@ -209,7 +209,19 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
         "route": getattr(record, "route", "") or None,
         "instance": instance or None,
     }
-    return tuple(values[name] for name in COLUMNS)
+    return tuple(_storable(values[name]) for name in COLUMNS)
+
+
+def _storable(value: Any) -> Any:
+    """``value``, with any lone surrogate in a text written as its escape: the parser keeps
+    octets that are not UTF-8 as surrogates (a caller's name from a PBX sending Latin-1), and
+    SQLite refuses those, which would lose the whole row (found by fuzzing)."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _decoded(row: Any) -> dict[str, Any]:

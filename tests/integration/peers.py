@@ -65,12 +65,14 @@ class FakeDns(asyncio.DatagramProtocol):
     """A tiny authoritative DNS server on loopback for tests (conftest's ``fake_dns`` fixture).
 
     ``records[(name, type)] = (ttl, [rdata text...])``; names in ``silent`` get no answer at all
-    (a dead resolver); anything else is NXDOMAIN. ``queries`` lists what was asked.
+    (a dead resolver), names in ``servfail`` SERVFAIL; anything else is NXDOMAIN. ``queries``
+    lists what was asked.
     """
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], tuple[int, list[str]]] = {}
         self.silent: set[str] = set()
+        self.servfail: set[str] = set()  # names answered SERVFAIL (a broken upstream)
         self.queries: list[tuple[str, str]] = []
         self.queried = asyncio.Event()  # set on every query
         self.transport: asyncio.DatagramTransport | None = None
@@ -98,7 +100,9 @@ class FakeDns(asyncio.DatagramProtocol):
             return
         response = dns.message.make_response(query)
         found = self.records.get((name, rdtype))
-        if found is not None:
+        if name in self.servfail:
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif found is not None:
             ttl, rdata = found
             response.answer.append(dns.rrset.from_text(question.name, ttl, "IN", rdtype, *rdata))
         elif not any(key[0] == name for key in self.records):

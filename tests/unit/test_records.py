@@ -136,6 +136,24 @@ async def test_json_round_trip(tmp_path: Path) -> None:
     assert (found["pbx_status"], found["retell_status"]) == (200, 200)
 
 
+async def test_octets_that_are_not_utf8_do_not_lose_the_row(tmp_path: Path) -> None:
+    # The parser keeps such octets as lone surrogates (a Latin-1 display name from a PBX):
+    # SQLite refuses those, so they are stored escaped and the rest of the row is kept.
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    name = b"Zo\xeb".decode("utf-8", "surrogateescape")
+    record = make_record("u-8", caller_name=name, pbx_call_id=f"p-{name}")
+    assert await writer.write(record)
+    await writer.close()
+    assert (writer.written, writer.failed) == (1, 0)
+    db = connect_readonly(path)
+    found = find_call(db, "u-8")
+    db.close()
+    assert found is not None
+    assert (found["caller_name"], found["pbx_call_id"]) == ("Zo\\udceb", "p-Zo\\udceb")
+    assert found["caller"] == record.caller
+
+
 async def test_a_record_without_media_or_optional_fields(tmp_path: Path) -> None:
     path = tmp_path / "calls.sqlite3"
     writer = await started_writer(path)

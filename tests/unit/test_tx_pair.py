@@ -182,19 +182,19 @@ def test_random_interleavings_never_duplicate_events(
     for action in actions:
         collect()
         if action == "tick":
-            target = now + ticks[tick_index % len(ticks)]
+            until = now + ticks[tick_index % len(ticks)]
             tick_index += 1
             # Step through each timer deadline on the way, as a real clock would: a late
             # handle_timer would fire a retransmission after a timer it precedes.
             for _ in range(1000):
                 due = (uac.next_deadline(), uas.next_deadline(), ok_next)
-                now = min([d for d in due if d is not None and now < d < target] + [target])
+                now = min([d for d in due if d is not None and now < d < until] + [until])
                 age_out()
                 uac.handle_timer(now)
                 uas.handle_timer(now)
                 tu_timers()
                 collect()
-                if now >= target:
+                if now >= until:
                     break
         elif action == "answer" and server_key is not None and answered < 2:
             status = 180 if answered == 0 and method == "INVITE" else final
