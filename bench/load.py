@@ -39,7 +39,9 @@ B2BUAs alternated step by step in one run (the machine's drift hits both alike):
    from the caller's timestamp just before its INVITE leaves and the answerer's when that call's
    INVITE arrives (SIPp's ``gettimeofday`` action, microseconds, written by a ``<log>`` action;
    calls matched by the X-PBX-Call-ID header sbc renders, or by the Call-ID Sippy keeps). So it
-   includes both loopback hops and SIPp's own reaction time, the same for both B2BUAs.
+   includes both loopback hops and SIPp's own reaction time, the same for both B2BUAs; with
+   ``--baseline`` (on, except with ``--quick``) each rate is also run SIPp to SIPp without a
+   B2BUA, and the summary subtracts that run's percentiles.
 2. ``hold``: ``--hold-calls`` long calls placed at ``--hold-rate``, each held until all are
    up plus ``--hold-margin`` (20 s). Once the answerer has seen every INVITE (its statistics
    file) and 3 s more, RSS
@@ -323,7 +325,8 @@ class Bridge:
     """One B2BUA between a fresh SIPp answerer (and, for sbc, registrar)."""
 
     system: str
-    process: Child
+    process: Child | None  # None: the caller reaches the answerer directly (the baseline)
+    host: str
     sip_port: int
     admin_port: int | None
     answerer: Sipp
@@ -376,6 +379,8 @@ def start_bridge(
         extra=("-max_socket", "1000"),
     )  # fmt: skip
     wait_listening(answerer.child, RETELL, retell_port, tcp=out == "t1")
+    if system == "direct":
+        return Bridge(system, None, RETELL, retell_port, None, answerer, "u1")
     sip_port = free_port(B2BUA)
     if system == "sippy":
         assert options.sippy is not None
@@ -387,7 +392,7 @@ def start_bridge(
             log=workdir / "sippy.log",
         )  # fmt: skip
         wait_listening(process, B2BUA, sip_port, tcp=False)
-        return Bridge(system, process, sip_port, None, answerer, "u1")
+        return Bridge(system, process, B2BUA, sip_port, None, answerer, "u1")
     registrar_port = free_port(PBX)
     registrar = start_sipp(
         children, "registrar", "pbx_registrar.xml", workdir,
@@ -408,7 +413,7 @@ def start_bridge(
         env=sbc_environment(options.repo),
     )
     wait_ready(process, admin_port)
-    return Bridge(system, process, sip_port, admin_port, answerer, options.sbc_in)
+    return Bridge(system, process, B2BUA, sip_port, admin_port, answerer, options.sbc_in)
 
 
 def place_calls(
@@ -445,7 +450,7 @@ def place_calls(
         calls=calls,
         time_limit=calls / rate + hold_s + 120,
         recv_timeout_ms=recv_timeout_ms,
-        remote=f"{B2BUA}:{bridge.sip_port}",
+        remote=f"{bridge.host}:{bridge.sip_port}",
         extra=extra,
     )
 
@@ -461,7 +466,8 @@ def warm_up(bridge: Bridge, children: Children, workdir: Path, calls: int) -> No
         errors = (caller.directory / "errors.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(
             f"{bridge.system}: warm-up calls failed (SIPp exit {code}): "
-            f"{stat(stats, 'SuccessfulCall(C)')}/{calls} ok\n{errors}\n{bridge.process.tail()}"
+            f"{stat(stats, 'SuccessfulCall(C)')}/{calls} ok\n{errors}\n"
+            f"{bridge.process.tail() if bridge.process else ''}"
         )
 
 
@@ -506,17 +512,18 @@ def ramp_step(system: str, rate: float, seconds: float, options: Options, workdi
             recv_timeout_ms=32_000,
         )  # fmt: skip
         warm_up(bridge, children, workdir, options.warmup)
-        pid = bridge.process.proc.pid
+        pid = bridge.process.proc.pid if bridge.process else None
         time.sleep(0.5)
-        cpu_before, rss_before = cpu_seconds(pid), rss_mib(pid)
+        cpu_before = cpu_seconds(pid) if pid else 0.0
+        rss_before = rss_mib(pid) if pid else 0.0
         started = time.monotonic()
         caller = place_calls(bridge, children, workdir, "caller", calls=calls, rate=rate)
         caller_exit = caller.finish(limit)
         answerer_exit = bridge.answerer.finish(30.0)
         elapsed = time.monotonic() - started
-        cpu = cpu_seconds(pid) - cpu_before
-        rss_after = rss_mib(pid)
-        alive = bridge.process.running()
+        cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
+        rss_after = rss_mib(pid) if pid else 0.0
+        alive = bridge.process.running() if bridge.process else True
     finally:
         children.stop_all()
     result = ends(caller, caller_exit, bridge.answerer, answerer_exit, options.warmup, calls)
@@ -579,6 +586,7 @@ def hold_phase(system: str, calls: int, rate: float, margin: float, options: Opt
             recv_timeout_ms=hold_ms + 32_000,
         )  # fmt: skip
         warm_up(bridge, children, workdir, options.warmup)
+        assert bridge.process is not None
         pid = bridge.process.proc.pid
         time.sleep(0.5)
         rss_idle = rss_mib(pid)
@@ -638,6 +646,7 @@ def memory_phase(system: str, calls: int, rate: float, linger: float, options: O
             recv_timeout_ms=32_000,
         )  # fmt: skip
         warm_up(bridge, children, workdir, options.warmup)
+        assert bridge.process is not None
         pid = bridge.process.proc.pid
         time.sleep(0.5)
         rss_idle = rss_mib(pid)
@@ -690,16 +699,21 @@ def print_counts(r: dict[str, Any]) -> str:
 
 def print_step(r: dict[str, Any]) -> None:
     verdict = "PASS" if r["passed"] else "FAIL (" + ", ".join(r["why_failed"]) + ")"
+    cpu = (
+        "no B2BUA (SIPp to SIPp)"
+        if r["system"] == "direct"
+        else f"CPU {r['cpu_seconds']:.2f} s ({100 * r['cpu_share']:.0f} % of a core) = "
+        f"{r['cpu_ms_per_call']:.3f} ms/call; RSS {r['rss_mib_before']:.1f} -> "
+        f"{r['rss_mib_after']:.1f} MiB"
+    )
     print(
         f"  ramp {r['system']:5} {r['rate']:g}/s x {r['seconds']:g} s: {verdict}\n"
         f"    {print_counts(r)}\n"
-        f"    placed {_num(r['placed_rate'], '.1f')}/s; CPU {r['cpu_seconds']:.2f} s "
-        f"({100 * r['cpu_share']:.0f} % of a core) = {r['cpu_ms_per_call']:.3f} ms/call; "
+        f"    placed {_num(r['placed_rate'], '.1f')}/s; {cpu}; "
         f"INVITE->200 mean {_ms(r['invite_200_ms_mean'])} p50 {_ms(r['invite_200_ms_p50'])} "
         f"p99 {_ms(r['invite_200_ms_p99'])} ms; post-dial delay p50 "
         f"{_ms(r['post_dial_ms_p50'])} p99 {_ms(r['post_dial_ms_p99'])} ms "
-        f"({r['post_dial_samples']} calls); RSS {r['rss_mib_before']:.1f} -> "
-        f"{r['rss_mib_after']:.1f} MiB",
+        f"({r['post_dial_samples']} calls)",
         flush=True,
     )
 
@@ -740,6 +754,16 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
     half = None
     if best is not None:
         half = min(passed, key=lambda s: abs(s["rate"] - best["rate"] / 2))
+
+    def baseline(step: dict[str, Any] | None, key: str) -> float | None:
+        """The same step's post-dial percentile minus SIPp-to-SIPp's at the same rate."""
+        direct = [
+            s for s in steps if s["system"] == "direct" and step and s["rate"] == step["rate"]
+        ]
+        if step is None or not direct or step[key] is None or direct[0][key] is None:
+            return None
+        return float(step[key] - direct[0][key])
+
     return {
         "system": system,
         "steps": len(mine),
@@ -748,9 +772,13 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
         "invite_200_ms_mean": best["invite_200_ms_mean"] if best else None,
         "post_dial_ms_p50": best["post_dial_ms_p50"] if best else None,
         "post_dial_ms_p99": best["post_dial_ms_p99"] if best else None,
+        "post_dial_added_ms_p50": baseline(best, "post_dial_ms_p50"),
+        "post_dial_added_ms_p99": baseline(best, "post_dial_ms_p99"),
         "half_rate": half["rate"] if half else None,
         "half_post_dial_ms_p50": half["post_dial_ms_p50"] if half else None,
         "half_post_dial_ms_p99": half["post_dial_ms_p99"] if half else None,
+        "half_post_dial_added_ms_p50": baseline(half, "post_dial_ms_p50"),
+        "half_post_dial_added_ms_p99": baseline(half, "post_dial_ms_p99"),
         "held_calls": hold["calls"] if hold and hold["passed"] else None,
         "rss_kib_per_held_call": hold["rss_kib_per_held_call"] if hold else None,
         "rss_kib_retained_per_call": memory["rss_kib_retained_per_call"] if memory else None,
@@ -764,9 +792,13 @@ SUMMARY_ROWS = (
     ("invite_200_ms_mean", "mean INVITE->200 at that rate, ms", ".2f"),
     ("post_dial_ms_p50", "post-dial delay p50 at that rate, ms", ".3f"),
     ("post_dial_ms_p99", "post-dial delay p99 at that rate, ms", ".3f"),
+    ("post_dial_added_ms_p50", "  minus SIPp to SIPp (baseline), p50, ms", ".3f"),
+    ("post_dial_added_ms_p99", "  minus SIPp to SIPp (baseline), p99, ms", ".3f"),
     ("half_rate", "rate nearest half the highest, calls/s", ".0f"),
     ("half_post_dial_ms_p50", "post-dial delay p50 there, ms", ".3f"),
     ("half_post_dial_ms_p99", "post-dial delay p99 there, ms", ".3f"),
+    ("half_post_dial_added_ms_p50", "  minus SIPp to SIPp (baseline), p50, ms", ".3f"),
+    ("half_post_dial_added_ms_p99", "  minus SIPp to SIPp (baseline), p99, ms", ".3f"),
     ("held_calls", "concurrent calls held, none failed", ".0f"),
     ("rss_kib_per_held_call", "RSS per held call, KiB", ".2f"),
     ("rss_kib_retained_per_call", "retained per completed call (timers running), KiB", ".2f"),
@@ -836,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "no linger, 2 warm-up calls (explicit options still win)")  # fmt: skip
     parser.add_argument("--rates", type=rates_list, help=f"ramp steps, calls/s ({DEFAULT_RATES})")
     parser.add_argument("--step-seconds", type=float, help="seconds per ramp step (30)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction,
+                        help="each ramp rate also SIPp to SIPp, no B2BUA: the post-dial delay "
+                             "SIPp itself accounts for (on; off with --quick)")  # fmt: skip
     parser.add_argument("--hold-calls", type=int, help="long calls held at once (20000)")
     parser.add_argument("--hold-rate", type=float, help="calls/s placing them (250)")
     parser.add_argument("--hold-margin", type=float,
@@ -861,12 +896,12 @@ def apply_defaults(args: argparse.Namespace) -> None:
     quick = {
         "rates": [10.0], "step_seconds": 2.0, "hold_calls": 40, "hold_rate": 40.0,
         "hold_margin": 4.0,
-        "memory_calls": 30, "memory_rate": 30.0, "linger": 0.0, "warmup": 2,
+        "memory_calls": 30, "memory_rate": 30.0, "linger": 0.0, "warmup": 2, "baseline": False,
     }  # fmt: skip
     full = {
         "rates": rates_list(DEFAULT_RATES), "step_seconds": 30.0, "hold_calls": 20_000,
         "hold_rate": 250.0, "hold_margin": 20.0, "memory_calls": 3000, "memory_rate": 100.0,
-        "linger": 40.0, "warmup": 20,
+        "linger": 40.0, "warmup": 20, "baseline": True,
     }  # fmt: skip
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -929,13 +964,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "ramp" in args.phases:
             ramping = list(args.systems)
             for rate in args.rates:
-                for system in list(ramping):
+                for system in (["direct"] if args.baseline else []) + list(ramping):
                     step_dir = workdir / f"{next(counter):02d}-ramp-{system}-{rate:g}"
                     step_dir.mkdir()
                     result = ramp_step(system, rate, args.step_seconds, options, step_dir)
                     steps.append(result)
                     print_step(result)
-                    if not result["passed"]:
+                    if not result["passed"] and system in ramping:
                         ramping.remove(system)
                 if not ramping:
                     break
