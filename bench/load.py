@@ -768,6 +768,8 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
         "system": system,
         "steps": len(mine),
         "max_rate": best["rate"] if best else None,
+        # None when every step passed: the ramp ran out of rates, the ceiling is higher.
+        "first_failed_rate": min((s["rate"] for s in mine if not s["passed"]), default=None),
         "cpu_ms_per_call": best["cpu_ms_per_call"] if best else None,
         "invite_200_ms_mean": best["invite_200_ms_mean"] if best else None,
         "post_dial_ms_p50": best["post_dial_ms_p50"] if best else None,
@@ -788,6 +790,7 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
 
 SUMMARY_ROWS = (
     ("max_rate", "highest rate passed, calls/s", ".0f"),
+    ("first_failed_rate", "first rate failed (- : none, add rates), calls/s", ".0f"),
     ("cpu_ms_per_call", "CPU per call at that rate, ms", ".3f"),
     ("invite_200_ms_mean", "mean INVITE->200 at that rate, ms", ".2f"),
     ("post_dial_ms_p50", "post-dial delay p50 at that rate, ms", ".3f"),
