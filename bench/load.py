@@ -671,6 +671,9 @@ def memory_phase(system: str, calls: int, rate: float, linger: float, options: O
         rss_kib_retained_per_call=1024 * (rss_after - rss_idle) / calls,
         rss_mib_after_linger=rss_lingered,
         rss_after_linger_over_idle=rss_lingered / rss_idle if rss_lingered else None,
+        rss_kib_retained_per_call_after_linger=(
+            1024 * (rss_lingered - rss_idle) / calls if rss_lingered else None
+        ),
         alive=alive,
     )
     result["passed"] = bool(result["all_ok"] and alive)
@@ -785,6 +788,9 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
         "rss_kib_per_held_call": hold["rss_kib_per_held_call"] if hold else None,
         "rss_kib_retained_per_call": memory["rss_kib_retained_per_call"] if memory else None,
         "rss_after_linger_over_idle": memory["rss_after_linger_over_idle"] if memory else None,
+        "rss_kib_retained_per_call_after_linger": (
+            memory["rss_kib_retained_per_call_after_linger"] if memory else None
+        ),
     }
 
 
@@ -806,6 +812,7 @@ SUMMARY_ROWS = (
     ("rss_kib_per_held_call", "RSS per held call, KiB", ".2f"),
     ("rss_kib_retained_per_call", "retained per completed call (timers running), KiB", ".2f"),
     ("rss_after_linger_over_idle", "RSS after the timers expired / idle", ".3f"),
+    ("rss_kib_retained_per_call_after_linger", "retained per call after they expired, KiB", ".2f"),
 )
 
 
