@@ -3,7 +3,7 @@
 Run from the repository root (``sipp`` from Debian ``sip-tester``; ``b2bua_simple`` from PyPI
 ``sippy`` 2.5.0 for the Sippy side):
 
-    python bench/load.py                       # the full run, both B2BUAs (about 15-20 minutes)
+    python bench/load.py                       # the full run, both B2BUAs (about 20-25 minutes)
     python bench/load.py --quick --systems sbc # smoke run: a few calls per phase
     python bench/load.py --phases ramp --rates 100,200,400 --step-seconds 30 --json FILE
 
