@@ -215,6 +215,21 @@ class SipEngine:
         await self.resolver.aclose()
         await self.transports.stop()
 
+    def table_sizes(self) -> dict[str, int]:
+        """Entries of every per-request table the engine keeps (leak checks: all return to 0,
+        or to a bound, once the traffic and its timers have ended)."""
+        return {
+            "engine_clients": len(self._clients),
+            "engine_finished": len(self._finished),
+            "engine_branch_keys": len(self._branch_keys),
+            "engine_key_branches": len(self._key_branches),
+            "engine_incoming": len(self._incoming),
+            "engine_transport_failed": len(self._transport_failed),
+            "engine_pending": len(self._pending),
+            "engine_tasks": len(self._tasks),
+            "transaction_timers": self.layer.timers_pending,
+        }
+
     def _now(self) -> float:
         assert self._loop is not None, "engine not started"
         return self._loop.time()

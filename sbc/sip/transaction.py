@@ -333,6 +333,12 @@ class TransactionLayer:
     def __len__(self) -> int:
         return len(self._clients) + len(self._servers)
 
+    @property
+    def timers_pending(self) -> int:
+        """Timer entries still in the heap, those of ended or re-armed transactions included
+        (they are dropped lazily once due): bounded by the longest timer, not by traffic."""
+        return len(self._heap)
+
     # -- owner callbacks (called by the transactions) ----------------------------------
     def send(self, dest: object, message: Message) -> None:
         self._outbox.append((dest, message))
