@@ -42,6 +42,7 @@ Exit status 1 when a call failed, anything was left after a batch, or sbc died.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -56,7 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_calls import (  # noqa: E402  (bench/ is not a package)
+from bench_calls import (  # bench/ is not a package: found through sys.path
     REPO,
     SCENARIOS,
     Child,
@@ -121,7 +122,12 @@ class SoakLoad:
 
 
 def sbc_config(
-    sip_port: int, registrar_port: int, retell_port: int, admin_port: int, load: SoakLoad, work: Path
+    sip_port: int,
+    registrar_port: int,
+    retell_port: int,
+    admin_port: int,
+    load: SoakLoad,
+    work: Path,
 ) -> str:
     return f"""\
 # bench/soak.py: sbc between SIPp as 3CX ({PBX}) and SIPp as Retell ({RETELL})
@@ -169,7 +175,7 @@ allow = "^8[0-9]{{2}}$"
 targets = {{ sales = "800" }}
 
 [records]
-path = "{work / 'calls.sqlite3'}"
+path = "{work / "calls.sqlite3"}"
 
 [admin]
 listen = "{SBC}:{admin_port}"
@@ -231,6 +237,10 @@ def counters(admin_port: int) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(wanted)}
 
 
+def nonzero_only(counts: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in counts.items() if v}
+
+
 def wait_zero(admin_port: int, limit: float) -> tuple[dict[str, float], float]:
     """Poll /metrics until every leftover is 0; returns the last reading and the wait."""
     started = time.monotonic()
@@ -262,9 +272,8 @@ def top_growth(first: Path, last: Path, count: int = 15) -> list[str]:
     stats = after.filter_traces(ignore).compare_to(before.filter_traces(ignore), "traceback")
     lines = []
     for stat_ in stats[:count]:
-        frames = " <- ".join(
-            f"{Path(frame.filename).name}:{frame.lineno}" for frame in stat_.traceback[:6]
-        )
+        newest_first = list(stat_.traceback)[::-1][:6]  # a Traceback lists the oldest first
+        frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in newest_first)
         lines.append(f"{stat_.size_diff / 1024:+9.1f} KiB {stat_.count_diff:+7d} blocks  {frames}")
     return lines
 
@@ -370,7 +379,7 @@ def run_soak(load: SoakLoad, workdir: Path, repo: Path = REPO, echo: bool = True
                 f"batch {number}: {ok_total}/{load.per_batch} calls ok in {calls_seconds:.1f} s "
                 f"({kinds}); RSS right after "
                 f"{rss_busy:.2f} MiB, all back to 0 after {waited:.1f} s: "
-                f"{'yes' if not nonzero else nonzero}; RSS then {rss_idle:.2f} MiB"
+                f"{nonzero or 'yes'}; RSS then {rss_idle:.2f} MiB"
             )
 
         result["counters"] = counters(admin_port) if sbc.running() else {}
@@ -379,7 +388,7 @@ def run_soak(load: SoakLoad, workdir: Path, repo: Path = REPO, echo: bool = True
         left, waited = wait_zero(admin_port, load.settle)
         result["leftovers_end"] = left
         if any(left.values()):
-            failures.append(f"after Retell stopped: left {dict((k, v) for k, v in left.items() if v)}")
+            failures.append(f"after Retell stopped: left {nonzero_only(left)}")
         retell_stats = retell.stats()
         result["retell"] = {
             "exit": retell_exit,
@@ -420,7 +429,7 @@ def figures(result: dict[str, Any], load: SoakLoad) -> None:
             1024 * (last["rss_settled_mib"] - first["rss_settled_mib"]) / calls
         )
         steps = [
-            b["rss_settled_mib"] - a["rss_settled_mib"] for a, b in zip(batches, batches[1:])
+            b["rss_settled_mib"] - a["rss_settled_mib"] for a, b in itertools.pairwise(batches)
         ]
         result["rss_step_mib"] = steps
 
@@ -488,7 +497,8 @@ def report(result: dict[str, Any]) -> None:
         + ", ".join(f"{b['rss_after_calls_mib']:.2f}" for b in batches)
     )
     if "kib_per_call_first_batch" in result:
-        print(f"KiB per call, batch 1 (warm-up) over idle: {result['kib_per_call_first_batch']:.2f}")
+        first = result["kib_per_call_first_batch"]
+        print(f"KiB per call, batch 1 (warm-up) over idle: {first:.2f}")
         retained = result["kib_per_call_retained_while_timers_run"]
         print(
             "KiB per call retained while timers run (after calls - settled), by batch: "
@@ -502,8 +512,8 @@ def report(result: dict[str, Any]) -> None:
             + ")"
         )
     print(f"counted by sbc: {json.dumps(result.get('counters', {}))}")
-    print(f"Retell SIPp: {result.get('retell')}; left at the end: "
-          f"{ {k: v for k, v in result.get('leftovers_end', {}).items() if v} or 'nothing'}")  # fmt: skip
+    left = nonzero_only(result.get("leftovers_end", {}))
+    print(f"Retell SIPp: {result.get('retell')}; left at the end: {left or 'nothing'}")
     for line in result.get("tracemalloc_top", []):
         print("  " + line)
 

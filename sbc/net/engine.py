@@ -228,6 +228,9 @@ class SipEngine:
             "engine_pending": len(self._pending),
             "engine_tasks": len(self._tasks),
             "transaction_timers": self.layer.timers_pending,
+            # Only the (side, method, state) present: what a transaction count that does not
+            # drain is made of.
+            **{f"tx_{key}": count for key, count in self.layer.census().items()},
         }
 
     def _now(self) -> float:

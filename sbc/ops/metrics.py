@@ -302,7 +302,6 @@ class BridgeCollector(Collector):
             dropped.add_metric(["queue_full"], getattr(records, "dropped", 0))
         yield from (reachable, dropped_events, written, dropped)
 
-
     def _tables(self, fill: bool) -> Iterator[Metric]:
         # What must return to zero once calls and their transaction timers have ended (the
         # soak, bench/soak.py, reads these): dialogs and stream connections, and the size of
