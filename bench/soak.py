@@ -230,10 +230,16 @@ def leftovers(admin_port: int) -> dict[str, float]:
 
 
 def counters(admin_port: int) -> dict[str, float]:
-    """What sbc counted: calls started, ended by outcome, refused, transfers by outcome."""
+    """What sbc counted: calls started, ended by outcome, transfers by outcome; and the
+    garbage collector's runs by generation."""
     _, body = http_get(SBC, admin_port, "/metrics")
     metrics = parse_metrics(body)
-    wanted = ("sbc_calls_started_total", "sbc_calls_ended_total", "sbc_transfers_total")
+    wanted = (
+        "sbc_calls_started_total",
+        "sbc_calls_ended_total",
+        "sbc_transfers_total",
+        "python_gc_collections_total",  # by generation: were ended calls waiting for gen 2?
+    )
     return {k: v for k, v in metrics.items() if k.startswith(wanted)}
 
 
