@@ -10,6 +10,8 @@ through a real ``sbc run``, and what was found by it.
   below an ended call stayed at about 20 KiB until a full garbage collection.
 * A relay session, once closed, is freed by reference counting (its sockets pointed at each
   other and at their transports).
+* The manager lets an ended call go: with the cyclic collector off, nothing holds the call or
+  its media session once its transactions are over.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bridge_helpers import assert_both_ends, pbx_call, retell, running_bridge
 from peers import require_binary
 
+from sbc.b2bua.events import CallStarted
 from sbc.media.ports import PortPool
 from sbc.media.relay import RelayBackend, RelaySession, RelaySocket
+from sbc.ops.settings import MediaSettings
 from sbc.sdp.parser import parse_sdp
 
 pytestmark = pytest.mark.integration
@@ -128,3 +133,36 @@ async def test_a_closed_relay_session_is_freed_without_the_cyclic_collector() ->
     assert cyclic == []
     assert pool.in_use == 0
     assert backend.sessions == set()
+
+
+async def test_the_manager_lets_an_ended_call_go_without_the_cyclic_collector(
+    tmp_path: Path,
+) -> None:
+    """An in-process bridge (relay media), one call from SIPp 3CX to SIPp Retell: once it
+    ended and its transactions are over, nothing holds the call or its media session, with
+    the cyclic collector off from the answer on (the manager disposes of the call)."""
+    require_binary("sipp")
+    async with running_bridge(
+        tmp_path, media=MediaSettings(mode="relay"), timers=(0.1, 1.0, 0.5)
+    ) as bridge:
+        started = asyncio.Event()
+        bridge.calls.events.subscribe(lambda event: started.set(), kinds=(CallStarted,))
+        far = await retell(tmp_path, bridge, "retell_uas.xml")
+        near = await pbx_call(tmp_path, bridge, "pbx_caller.xml", extra=("-d", "1500"))
+        async with asyncio.timeout(10):
+            await started.wait()
+            (call,) = bridge.calls.calls.values()
+            await call.up.wait()
+        gone = weakref.ref(call)
+        media = weakref.ref(call.bridge.media)
+        del call
+        gc.collect()
+        gc.disable()
+        try:
+            assert_both_ends("3CX", await near.finish(30), near, 1)
+            assert_both_ends("Retell", await far.finish(30), far, 1)
+            await bridge.drained(64 * 0.1 + 5)
+            assert gone() is None
+            assert media() is None
+        finally:
+            gc.enable()
