@@ -334,7 +334,7 @@ class TransactionLayer:
         return len(self._clients) + len(self._servers)
 
     def census(self) -> dict[str, int]:
-        """Transactions by side, method and state, e.g. ``client_INVITE_proceeding``: which
+        """Transactions by side, method and state, e.g. ``client_INVITE_Proceeding``: which
         ones are left when a count that should drain does not."""
         out: dict[str, int] = {}
         for side, table in (("client", self._clients), ("server", self._servers)):
