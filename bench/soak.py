@@ -32,9 +32,12 @@ back to zero. Batch 1 is the warm-up (caches, pymalloc arenas, SQLite pages); th
 the end of batch 1 to the end of the last batch, divided by the calls placed in between, is
 the figure that must stay near 0 (KiB per call).
 
-``--tracemalloc FRAMES`` runs sbc under tracemalloc (slower) and dumps a snapshot at the end
-of every batch (SIGUSR2 to a small wrapper around ``python -m sbc``), then prints the 15
-allocation sites that grew most from the end of batch 1 to the end of the last batch.
+``--tracemalloc FRAMES`` runs sbc under tracemalloc (slower) through a small wrapper around
+``python -m sbc``: the traced Python heap is read right after each batch's calls and once
+everything is back to 0 (SIGUSR1; unlike RSS it falls when memory is freed, so the difference
+is what a call holds while its transactions' timers run), a snapshot is dumped at the end of
+every batch (SIGUSR2), and the 15 allocation sites that grew most from the end of batch 1 to
+the end of the last batch are printed.
 
 Exit status 1 when a call failed, anything was left after a batch, or sbc died.
 """
@@ -98,6 +101,14 @@ def dump(signum, frame):
     tracemalloc.take_snapshot().dump(f"{os.environ['SOAK_SNAPSHOT']}.{count[0]}")
     open(f"{os.environ['SOAK_SNAPSHOT']}.{count[0]}.done", "w").close()
 signal.signal(signal.SIGUSR2, dump)
+reads = [0]
+def traced(signum, frame):
+    reads[0] += 1
+    path = f"{os.environ['SOAK_SNAPSHOT']}.mem.{reads[0]}"
+    with open(path + ".tmp", "w") as out:
+        out.write(str(tracemalloc.get_traced_memory()[0]))
+    os.replace(path + ".tmp", path)
+signal.signal(signal.SIGUSR1, traced)
 sys.argv = ["sbc", *sys.argv[1:]]
 runpy.run_module("sbc", run_name="__main__", alter_sys=True)
 """
@@ -259,6 +270,19 @@ def wait_zero(admin_port: int, limit: float) -> tuple[dict[str, float], float]:
         time.sleep(0.25)  # the timers run in another process: nothing to wait on but time
 
 
+def traced_mib(sbc_pid: int, base: Path, index: int, limit: float = 30.0) -> float:
+    """Python's traced heap in sbc (tracemalloc wrapper, SIGUSR1 read ``index``), MiB: unlike
+    RSS it falls when memory is freed, so it shows what is held while timers run."""
+    path = Path(f"{base}.mem.{index}")
+    os.kill(sbc_pid, signal.SIGUSR1)
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no tracemalloc reading {index} after {limit} s")
+        time.sleep(0.05)
+    return int(path.read_text()) / 2**20
+
+
 def snapshot(sbc_pid: int, base: Path, index: int, limit: float = 60.0) -> Path:
     """Ask the tracemalloc wrapper for snapshot ``index`` and wait until it is written."""
     done = Path(f"{base}.{index}.done")
@@ -361,8 +385,13 @@ def run_soak(load: SoakLoad, workdir: Path, repo: Path = REPO, echo: bool = True
                 failures.append(f"sbc exited ({sbc.proc.returncode}) during batch {number}")
                 break
             rss_busy = rss_mib(sbc.proc.pid)
+            heap_busy = heap_idle = None
+            if load.tracemalloc:
+                heap_busy = traced_mib(sbc.proc.pid, workdir / "snapshot", 2 * number - 1)
             left, waited = wait_zero(admin_port, load.settle)
             rss_idle = rss_mib(sbc.proc.pid)
+            if load.tracemalloc:
+                heap_idle = traced_mib(sbc.proc.pid, workdir / "snapshot", 2 * number)
             nonzero = {k: v for k, v in left.items() if v}
             if nonzero:
                 failures.append(f"batch {number}: left after {waited:.0f} s: {nonzero}")
@@ -374,6 +403,8 @@ def run_soak(load: SoakLoad, workdir: Path, repo: Path = REPO, echo: bool = True
                 "settle_seconds": waited,
                 "rss_after_calls_mib": rss_busy,
                 "rss_settled_mib": rss_idle,
+                "traced_after_calls_mib": heap_busy,
+                "traced_settled_mib": heap_idle,
                 "leftovers": left,
             }
             batches.append(batch)
@@ -428,6 +459,11 @@ def figures(result: dict[str, Any], load: SoakLoad) -> None:
     result["kib_per_call_retained_while_timers_run"] = [
         1024 * (b["rss_after_calls_mib"] - b["rss_settled_mib"]) / per_batch for b in batches
     ]
+    if batches[0]["traced_settled_mib"] is not None:
+        result["traced_kib_per_call_while_timers_run"] = [
+            1024 * (b["traced_after_calls_mib"] - b["traced_settled_mib"]) / per_batch
+            for b in batches
+        ]
     if len(batches) >= 2:
         last = batches[-1]
         calls = per_batch * (len(batches) - 1)
@@ -516,6 +552,16 @@ def report(result: dict[str, Any]) -> None:
             f"{result['kib_per_call_after_warmup']:.3f} (steps MiB: "
             + ", ".join(f"{s:+.2f}" for s in result["rss_step_mib"])
             + ")"
+        )
+    if "traced_kib_per_call_while_timers_run" in result:
+        print(
+            "Python heap (tracemalloc) MiB right after each batch's calls -> settled: "
+            + ", ".join(
+                f"{b['traced_after_calls_mib']:.2f} -> {b['traced_settled_mib']:.2f}"
+                for b in batches
+            )
+            + "; KiB per call held while timers run: "
+            + ", ".join(f"{v:.2f}" for v in result["traced_kib_per_call_while_timers_run"])
         )
     print(f"counted by sbc: {json.dumps(result.get('counters', {}))}")
     left = nonzero_only(result.get("leftovers_end", {}))
