@@ -417,8 +417,8 @@ async def running_engine_target(workdir: Path) -> AsyncIterator[EngineTarget]:
         PbxSettings,
         RecordsSettings,
         RetellSettings,
-        Settings,
         SecuritySettings,
+        Settings,
         SipSettings,
     )
 

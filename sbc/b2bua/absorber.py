@@ -40,6 +40,15 @@ HeaderList = tuple[tuple[str, str], ...]
 __all__ = ["Absorber"]
 
 
+def _no_bridge() -> Bridge | None:
+    return None
+
+
+def _no_spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]:
+    coro.close()
+    raise RuntimeError("the call has ended")
+
+
 class Absorber:
     """The in-dialog answers of one call; ``bridge`` gives the call's bridge (legs and media
     session) once it exists, ``spawn`` runs a coroutine as one of the call's tasks."""
@@ -58,6 +67,13 @@ class Absorber:
         self.log = log
         self._acks: dict[tuple[Leg, int], asyncio.Future[Request]] = {}
         self._reinvite_pending: set[Leg] = set()
+
+    def dispose(self) -> None:
+        """The call ended: let go of its bridge and task runner (closures over the call)."""
+        self._bridge = _no_bridge
+        self._spawn = _no_spawn
+        self._acks.clear()
+        self._reinvite_pending.clear()
 
     def ack_arrived(self, leg: Leg, request: Request) -> None:
         """The ACK of a 2xx sbc sent on ``leg`` (copies of it are ignored)."""

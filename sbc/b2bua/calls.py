@@ -242,6 +242,25 @@ class CallManager:
     def active(self) -> int:
         return len(self.calls)
 
+    @property
+    def dialogs(self) -> int:
+        """SIP dialogs the calls hold (each leg once its dialog exists), as routed by
+        (Call-ID, sbc's tag)."""
+        return len(self._dialogs)
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries of every per-call table the manager keeps (leak checks: all 0 once the
+        calls ended)."""
+        return {
+            "calls": len(self.calls),
+            "dialogs": len(self._dialogs),
+            "invites": len(self._invites),
+            "uac_call_ids": len(self._uac_call_ids),
+            "call_tasks": len(self._tasks),
+            "ladders": len(self._ladders),
+            "ladder_legs": len(self._ladder_legs),
+        }
+
     def hang_up(self, call_uuid: str, reason: str = "admin") -> bool:
         """End the call ``call_uuid`` from outside (the admin API): BYE on every leg that is
         up (CANCEL while it rings); returns at once, False when there is no such call."""
@@ -561,6 +580,7 @@ class CallManager:
             self.records.append(record)
             del self.records[:-100]
             self.events.publish(CallEnded(record))
+            call.dispose()  # no cycle left: freed now, not at the next full collection
 
     @property
     def _server(self) -> tuple[tuple[str, str], ...]:

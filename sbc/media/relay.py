@@ -517,6 +517,12 @@ class RelaySession(MediaSession):
                 # connection_lost runs on the next loop iteration and closes the socket first.
                 await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
         finally:
+            for relay_socket in self._sockets():
+                # The two sockets of a stream point at each other (and each at its closed
+                # transport): a cycle that would keep them and their transports alive until a
+                # full garbage collection, long after the call (found by bench/soak.py).
+                relay_socket.peer = None
+                relay_socket.transport = None
             for pair in self._pairs.values():
                 self._backend.pool.release(pair.port)
             self._backend.retire(self)

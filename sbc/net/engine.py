@@ -256,6 +256,27 @@ class SipEngine:
         (read-only view)."""
         return MappingProxyType(self._source_transactions)
 
+    def table_sizes(self) -> dict[str, int]:
+        """Entries of every per-request table the engine keeps (leak checks: all return to 0,
+        or to a bound, once the traffic and its timers have ended)."""
+        return {
+            "engine_clients": len(self._clients),
+            "engine_finished": len(self._finished),
+            "engine_branch_keys": len(self._branch_keys),
+            "engine_key_branches": len(self._key_branches),
+            "engine_incoming": len(self._incoming),
+            "engine_transport_failed": len(self._transport_failed),
+            "engine_pending": len(self._pending),
+            "engine_tasks": len(self._tasks),
+            # Per-source counts of unanswered server transactions ([sip] limits).
+            "engine_source_transactions": len(self._source_transactions),
+            "engine_transaction_sources": len(self._transaction_sources),
+            "transaction_timers": self.layer.timers_pending,
+            # Only the (side, method, state) present: what a transaction count that does not
+            # drain is made of.
+            **{f"tx_{key}": count for key, count in self.layer.census().items()},
+        }
+
     def _now(self) -> float:
         assert self._loop is not None, "engine not started"
         return self._loop.time()

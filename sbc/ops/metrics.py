@@ -291,6 +291,7 @@ class BridgeCollector(Collector):
         yield from self._rtp(fill)
         yield from self._limits(fill)
         yield from self._peers_and_records(fill)
+        yield from self._tables(fill)
 
     def _sip(self, fill: bool) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -470,6 +471,37 @@ class BridgeCollector(Collector):
             dropped.add_metric(["write_failed"], records.failed)
             dropped.add_metric(["queue_full"], getattr(records, "dropped", 0))
         yield from (reachable, dropped_events, written, dropped)
+
+    def _tables(self, fill: bool) -> Iterator[Metric]:
+        # What must return to zero once calls and their transaction timers have ended (the
+        # soak, bench/soak.py, reads these): dialogs and stream connections, and the size of
+        # every per-call or per-request table, so a leak names the table it is in.
+        dialogs = GaugeMetricFamily("sbc_sip_dialogs", "SIP dialogs held by calls in progress")
+        connections = GaugeMetricFamily(
+            "sbc_sip_connections", "TCP and TLS connections open (inbound and outbound)"
+        )
+        entries = GaugeMetricFamily(
+            "sbc_table_entries",
+            "Entries of sbc's per-call and per-request tables (0 once idle; transaction_timers "
+            "once the longest transaction timer has run out)",
+            labels=["table"],
+        )
+        transports = getattr(self.engine, "transports", None)
+        engine_tables = getattr(self.engine, "table_sizes", None)
+        bridge_tables = getattr(self.bridge, "table_sizes", None)
+        if fill and transports is not None:
+            connections.add_metric([], transports.connection_count)
+        if fill and engine_tables is not None:
+            for table, size in engine_tables().items():
+                entries.add_metric([table], size)
+        if fill and bridge_tables is not None:
+            dialogs.add_metric([], self.bridge.dialogs)
+            for table, size in bridge_tables().items():
+                entries.add_metric([table], size)
+        sessions = getattr(self.media, "sessions", None)
+        if fill and sessions is not None:
+            entries.add_metric(["media_sessions"], len(sessions))
+        yield from (dialogs, connections, entries)
 
 
 _SNMP_FILES = (("/proc/net/snmp", "Udp:"), ("/proc/net/snmp6", "Udp6"))

@@ -333,6 +333,22 @@ class TransactionLayer:
     def __len__(self) -> int:
         return len(self._clients) + len(self._servers)
 
+    def census(self) -> dict[str, int]:
+        """Transactions by side, method and state, e.g. ``client_INVITE_Proceeding``: which
+        ones are left when a count that should drain does not."""
+        out: dict[str, int] = {}
+        for side, table in (("client", self._clients), ("server", self._servers)):
+            for tx in table.values():
+                key = f"{side}_{tx.request.method}_{tx.state.value}"
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    @property
+    def timers_pending(self) -> int:
+        """Timer entries still in the heap, those of ended or re-armed transactions included
+        (they are dropped lazily once due): bounded by the longest timer, not by traffic."""
+        return len(self._heap)
+
     # -- owner callbacks (called by the transactions) ----------------------------------
     def send(self, dest: object, message: Message) -> None:
         self._outbox.append((dest, message))

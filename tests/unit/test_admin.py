@@ -16,6 +16,7 @@ from sbc.b2bua.messages import Peer
 from sbc.b2bua.reachability import Reachability
 from sbc.net.addresses import Destination, TransportConfig
 from sbc.net.engine import IncomingRequest, SipEngine
+from sbc.net.transport import TransportStats
 from sbc.ops import cli
 from sbc.ops.admin import describe_call
 from sbc.ops.metrics import Metrics
@@ -182,12 +183,29 @@ def value(got: Samples, name: str, **labels: str) -> float:
 class FakeStats:
     messages: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
     retransmissions: int = 0
+    transactions_refused: int = 0
+    large_over_tcp: int = 0
+    large_tcp_fallbacks: int = 0
 
 
 @dataclass
 class FakeEngine:
     stats: FakeStats
     layer: list[object]
+
+
+@dataclass
+class FakeTransports:
+    connection_count: int = 3
+    stats: TransportStats = field(default_factory=TransportStats)
+
+
+@dataclass
+class FakeTablesEngine(FakeEngine):
+    transports: FakeTransports = field(default_factory=FakeTransports)
+
+    def table_sizes(self) -> dict[str, int]:
+        return {"engine_clients": 2, "transaction_timers": 9}
 
 
 @dataclass
@@ -253,6 +271,35 @@ def test_scrape_time_families_read_the_parts_of_the_bridge() -> None:
     assert samples(metrics)[("sbc_retell_reachable", ())] == 0
     retell.answered()
     assert samples(metrics)[("sbc_retell_reachable", ())] == 1
+
+
+@dataclass
+class FakeTablesBridge(FakeBridge):
+    dialogs: int = 4
+
+    def table_sizes(self) -> dict[str, int]:
+        return {"calls": 1, "dialogs": 4}
+
+
+@dataclass
+class FakeSessionsRelay:
+    sessions: set[object] = field(default_factory=lambda: {object(), object()})
+
+
+def test_leak_check_families_count_dialogs_connections_and_tables() -> None:
+    metrics = Metrics()
+    metrics.watch(
+        engine=FakeTablesEngine(FakeStats(), []),
+        bridge=FakeTablesBridge(FakeBus(), {}),
+        media=FakeSessionsRelay(),
+    )
+    got = samples(metrics)
+    assert value(got, "sbc_sip_dialogs") == 4
+    assert value(got, "sbc_sip_connections") == 3
+    assert value(got, "sbc_table_entries", table="engine_clients") == 2
+    assert value(got, "sbc_table_entries", table="transaction_timers") == 9
+    assert value(got, "sbc_table_entries", table="calls") == 1
+    assert value(got, "sbc_table_entries", table="media_sessions") == 2
 
 
 def test_families_without_their_parts_are_empty_and_build_info_is_there() -> None:

@@ -37,7 +37,9 @@ def test_every_limit_hit_is_a_labelled_counter() -> None:
         transport.count_limit(limit)
     engine_stats = EngineStats(transactions_refused=4, large_over_tcp=6, large_tcp_fallbacks=1)
     engine = SimpleNamespace(
-        stats=engine_stats, layer=[], transports=SimpleNamespace(stats=transport)
+        stats=engine_stats,
+        layer=[],
+        transports=SimpleNamespace(stats=transport, connection_count=0),
     )
     bridge = SimpleNamespace(
         refused_per_source=7, events=SimpleNamespace(dropped=0), reachability={}

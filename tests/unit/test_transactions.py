@@ -428,3 +428,18 @@ def test_cancel_in_other_invite_states_changes_nothing() -> None:
     other = TransactionLayer()
     other.send_request(build_cancel(make_request()), dest=UAS, reliable=False, now=0.0)
     assert len(other.datagrams_to_send()) == 1
+
+
+def test_census_names_each_transaction_by_side_method_and_state() -> None:
+    # What the leak checks read (sbc_table_entries{table="tx_..."}): which transactions a count
+    # that does not drain is made of, and the timer entries still waiting in the heap.
+    layer = TransactionLayer()
+    invite = make_request("INVITE")
+    layer.send_request(invite, dest="pbx", reliable=False, now=0.0)
+    bye = make_request("BYE", branch="z9hG4bKbye")
+    layer.receive(bye, source="pbx", reliable=False, now=0.0)
+    assert layer.census() == {"client_INVITE_Calling": 1, "server_BYE_Trying": 1}
+    assert layer.timers_pending == 2  # Timers A and B; the BYE waits for its answer, no timer
+    layer.receive(reply(invite, 180), source="pbx", reliable=False, now=0.1)
+    assert layer.census() == {"client_INVITE_Proceeding": 1, "server_BYE_Trying": 1}
+    assert layer.timers_pending == 2  # cancelled entries stay until due (lazy deletion)
