@@ -148,7 +148,7 @@ async def test_untrusted_source_and_other_extension_create_nothing(tmp_path: Pat
         writer.close()
 
     # Reject mode: the stranger is answered 403 (the default, drop, answers nothing at all:
-    # tests/integration/test_guard.py).
+    # tests/integration/test_edge_guard.py).
     async with running_bridge(tmp_path, security=SecuritySettings(untrusted="reject")) as bridge:
         server = await asyncio.start_server(accept, RETELL, bridge.retell_port)
         try:
