@@ -164,9 +164,11 @@ async def test_cached_answers_are_served_without_a_coroutine(fake_dns: Any) -> N
     direct = await resolver.resolve(port_target)
     asked = len(fake_dns.queries)
     assert resolver.resolve_cached(srv_target) == via_srv
-    assert resolver.resolve_cached(port_target) == direct == [
-        Destination("udp", "127.0.0.22", 5080, None, "plain.test")
-    ]
+    assert (
+        resolver.resolve_cached(port_target)
+        == direct
+        == [Destination("udp", "127.0.0.22", 5080, None, "plain.test")]
+    )
     assert len(fake_dns.queries) == asked
     now[0] += 4000.0  # past every TTL (max_ttl is 3600 s)
     assert resolver.resolve_cached(srv_target) is None
