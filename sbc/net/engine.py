@@ -359,9 +359,12 @@ class SipEngine:
         handle.destination = dest
         handle.local_failure = None
         handle.attempts += 1
-        if dest.transport == "tcp" and self._pending[handle][:1] == [
-            dataclasses.replace(dest, transport="udp")
-        ]:
+        left = self._pending[handle]
+        if (
+            left
+            and dest.transport == "tcp"
+            and left[0] == dataclasses.replace(dest, transport="udp")
+        ):
             self.stats.large_over_tcp += 1
         try:
             key = self.layer.send_request(
