@@ -866,6 +866,9 @@ class Call:
             return await self.facts.get()
         if deadline <= self._loop_time():
             return None
+        if not self.facts.empty():
+            # Already there: no timeout armed (each one is a timer handle on the loop).
+            return self.facts.get_nowait()
         try:
             async with asyncio.timeout_at(deadline):
                 return await self.facts.get()

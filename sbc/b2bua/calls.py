@@ -42,12 +42,13 @@ imports ops).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import structlog
@@ -589,11 +590,8 @@ class CallManager:
 
     @staticmethod
     def _in(networks: tuple[IPv4Network | IPv6Network, ...], source: Destination) -> bool:
-        try:
-            address = ipaddress.ip_address(source.host)
-        except ValueError:
-            return False
-        return any(address in network for network in networks)
+        address = _address(source.host)
+        return address is not None and any(address in network for network in networks)
 
     # -- the ladder ----------------------------------------------------------------------------
     def handle_message(
@@ -679,3 +677,13 @@ def _carried_by(leg: Leg, conn: StreamConnection) -> bool:
         return False
     dest = outgoing.destination
     return (dest.transport, dest.host, dest.port) == (conn.transport_name, *conn.peer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(host: str) -> IPv4Address | IPv6Address | None:
+    """``host`` as an address (None for anything else), remembered: the sources of INVITEs
+    are few, and ``ipaddress`` parses the text anew each time."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None

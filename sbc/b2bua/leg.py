@@ -278,8 +278,15 @@ class Bridge:
 
 async def hang_up_all(legs: list[Leg], limit: float) -> None:
     """BYE on every leg that is up, all at once, bounded by ``limit`` seconds."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(limit):
-            await asyncio.gather(*(leg.hang_up() for leg in legs))
+    # Usually one leg is still up (its peer's BYE ended the other): awaited directly, since
+    # gather() would make a task of every coroutine, legs with nothing to send included.
+    up = [leg for leg in legs if leg.up]
+    if up:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                if len(up) == 1:
+                    await up[0].hang_up()
+                else:
+                    await asyncio.gather(*(leg.hang_up() for leg in up))
     for leg in legs:
         leg.ended()

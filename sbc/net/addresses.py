@@ -8,6 +8,7 @@ each (re)transmission.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -59,8 +60,13 @@ class Target:
     transport: str
 
 
+@functools.lru_cache(maxsize=1024)
 def ip_literal(host: str) -> str | None:
-    """The address ``host`` spells (brackets of IPv6 references dropped), or None for names."""
+    """The address ``host`` spells (brackets of IPv6 references dropped), or None for names.
+
+    Remembered: every request sbc sends resolves its peer's host through here, and the hosts
+    are few (the PBX, Retell, the Contacts of their dialogs), while ``ipaddress`` parses the
+    text anew each time."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         return str(ipaddress.ip_address(text))

@@ -98,6 +98,59 @@ class Resolver:
         except TimeoutError as exc:
             raise ResolutionFailed(f"DNS lookup of {target.host} timed out") from exc
 
+    def resolve_cached(self, target: Target) -> list[Destination] | None:
+        """What :meth:`resolve` returns when it needs no lookup (an IP literal, or every record
+        it reads fresh in the cache), without a coroutine; None when a record must be fetched.
+
+        The engine sends most requests through here: at call rates the records are always
+        cached, and the coroutine path costs two tasks (the A and AAAA lookups are gathered)
+        and a timeout per request. Raises :class:`ResolutionFailed` as :meth:`resolve` would.
+        """
+        literal = ip_literal(target.host)
+        if literal is not None:
+            port = target.port or DEFAULT_PORTS[target.transport]
+            return [Destination(target.transport, literal, port)]
+        name = target.host.rstrip(".") or target.host
+        out: list[Destination] = []
+        if target.port is None:
+            srv = self._fresh(f"{SRV_PREFIX[target.transport]}.{name}", "SRV")
+            if srv is None:
+                return None
+            for record in self._order_srv(srv):
+                addresses = self._fresh_addresses(record.target)
+                if addresses is None:
+                    return None
+                for address in addresses:
+                    out.append(Destination(target.transport, address, record.port, None, name))
+            if srv:
+                if not out:
+                    raise ResolutionFailed(f"no address for the SRV targets of {name}")
+                return out
+        port = target.port or DEFAULT_PORTS[target.transport]
+        addresses = self._fresh_addresses(name)
+        if addresses is None:
+            return None
+        for address in addresses:
+            out.append(Destination(target.transport, address, port, None, name))
+        if not out:
+            raise ResolutionFailed(f"no address for {name}")
+        return out
+
+    def _fresh(self, name: str, rdtype: str) -> tuple[Any, ...] | None:
+        entry = self._cache.get((name.lower(), rdtype))
+        if entry is not None and entry.expires > self._clock():
+            return entry.records
+        return None
+
+    def _fresh_addresses(self, name: str) -> list[str] | None:
+        out: list[str] = []
+        for rdtype in self._address_types:
+            records = self._fresh(name, rdtype)
+            if records is None:
+                return None
+            out.extend(str(address) for address in records)
+        return out
+
     async def _resolve_name(self, target: Target, name: str) -> list[Destination]:
         out: list[Destination] = []
         if target.port is None:

@@ -303,7 +303,12 @@ class SipEngine:
         owns_via = "Via" not in request.headers
         handle = OutgoingRequest(request, target, owns_via)
         self._pending[handle] = []
-        self._spawn(self._start_client(handle))
+        destinations = self._destinations_now(request, target)
+        if destinations is None:
+            self._spawn(self._start_client(handle))  # a DNS lookup first
+        else:
+            # Sent at once: no task per request when no lookup is needed (the usual case).
+            self._send_to(handle, destinations)
         return handle
 
     def cancel(self, invite: OutgoingRequest) -> OutgoingRequest:
@@ -346,6 +351,9 @@ class SipEngine:
             handle.local_failure = f"unresolved: {exc}"
             self._finish(handle, build_response(handle.request, 503, "Service Unavailable"))
             return
+        self._send_to(handle, destinations)
+
+    def _send_to(self, handle: OutgoingRequest, destinations: list[Destination]) -> None:
         # A request sent with its own Via goes to one destination only.
         if handle.owns_via:
             destinations = self._large_over_tcp(handle, destinations)
@@ -372,9 +380,12 @@ class SipEngine:
         handle.destination = dest
         handle.local_failure = None
         handle.attempts += 1
-        if dest.transport == "tcp" and self._pending[handle][:1] == [
-            dataclasses.replace(dest, transport="udp")
-        ]:
+        left = self._pending[handle]
+        if (
+            left
+            and dest.transport == "tcp"
+            and left[0] == dataclasses.replace(dest, transport="udp")
+        ):
             self.stats.large_over_tcp += 1
         try:
             key = self.layer.send_request(
@@ -442,9 +453,28 @@ class SipEngine:
         handle.deliver(response)
         self._pending.pop(handle, None)
 
-    async def _destinations(self, request: Request, target: RequestTarget) -> list[Destination]:
+    def _destinations_now(
+        self, request: Request, target: RequestTarget
+    ) -> list[Destination] | None:
+        """The destinations of ``request`` when finding them needs no DNS lookup (a
+        Destination, an IP literal, records fresh in the resolver's cache); None otherwise,
+        and also on any error, which :meth:`_start_client` then meets and reports."""
         if isinstance(target, Destination):
             return [target]
+        try:
+            if target is None:
+                target = self._next_hop(request)
+            uri = parse_uri(target) if isinstance(target, str) else target
+            if not isinstance(uri, SipUri):
+                return None
+            return self.resolver.resolve_cached(target_of_uri(uri))
+        except (ResolutionFailed, SipError):
+            return None
+
+    async def _destinations(self, request: Request, target: RequestTarget) -> list[Destination]:
+        known = self._destinations_now(request, target)
+        if known is not None:
+            return known
         if target is None:
             target = self._next_hop(request)
         uri = parse_uri(target) if isinstance(target, str) else target

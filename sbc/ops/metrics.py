@@ -151,6 +151,7 @@ class Metrics:
             registry=self.registry,
         )
         self._routes_registered: dict[str, bool] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
         self.build = Info(
             "sbc_build", "The running sbc: its version and Python's", registry=self.registry
         )
@@ -213,25 +214,34 @@ class Metrics:
         self.calls_started.inc()
         self.calls_active.inc()
         if route:
-            self.route_calls_started.labels(route=route).inc()
-            self.route_calls_active.labels(route=route).inc()
+            self._child(self.route_calls_started, route).inc()
+            self._child(self.route_calls_active, route).inc()
 
     def call_ended(self, record: CallRecord) -> None:
         self.calls_active.dec()
+        outcome = "answered" if record.answered is not None else "unanswered"
         if record.route:
-            self.route_calls_active.labels(route=record.route).dec()
-            outcome = "answered" if record.answered is not None else "unanswered"
-            self.route_calls_ended.labels(route=record.route, outcome=outcome).inc()
-        answered = record.answered is not None
-        self.calls_ended.labels(outcome="answered" if answered else "unanswered").inc()
+            self._child(self.route_calls_active, record.route).dec()
+            self._child(self.route_calls_ended, record.route, outcome).inc()
+        self._child(self.calls_ended, outcome).inc()
         if record.answered is not None:
             self.call_duration.observe(max(0.0, record.ended - record.answered))
             self.call_setup.observe(max(0.0, record.answered - record.started))
         for transfer in record.transfers:
-            self.transfers.labels(mode=transfer.mode, outcome=transfer.outcome).inc()
+            self._child(self.transfers, transfer.mode, transfer.outcome).inc()
 
     def call_refused(self, status: int) -> None:
-        self.calls_refused.labels(status=str(status)).inc()
+        self._child(self.calls_refused, str(status)).inc()
+
+    def _child(self, family: Any, *values: str) -> Any:
+        """``family.labels(*values)``, remembered: every call updates the same few children,
+        and the client library validates the values and takes a lock on each ``labels()``.
+        The label sets are few (routes, outcomes, statuses), so the cache stays small."""
+        key = (id(family), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
 
     # -- exposition ------------------------------------------------------------------------------
     def render(self) -> bytes:

@@ -143,3 +143,33 @@ async def test_srv_dot_target_means_no_service(fake_dns: Any) -> None:
     fake_dns.add("_sip._udp.none.test", "SRV", "0 0 0 .")
     with pytest.raises(ResolutionFailed):
         await _resolver(fake_dns, address_types=("A",)).resolve(Target("none.test", None, "udp"))
+
+
+async def test_cached_answers_are_served_without_a_coroutine(fake_dns: Any) -> None:
+    """resolve_cached (the engine's path for every request) gives what resolve() gives once the
+    records are cached and fresh, None while one must be fetched, and asks no server."""
+    fake_dns.add("_sip._tcp.pbx.test", "SRV", "10 0 5070 a.pbx.test.")
+    fake_dns.add("a.pbx.test", "A", "127.0.0.21")
+    fake_dns.add("plain.test", "A", "127.0.0.22")
+    now = [0.0]
+    resolver = _resolver(fake_dns, address_types=("A",), clock=lambda: now[0])
+    srv_target, port_target = Target("pbx.test", None, "tcp"), Target("plain.test", 5080, "udp")
+    assert resolver.resolve_cached(Target("127.0.0.7", None, "tls")) == [
+        Destination("tls", "127.0.0.7", 5061)
+    ]
+    assert resolver.resolve_cached(srv_target) is None
+    assert resolver.resolve_cached(port_target) is None
+    assert fake_dns.queries == []
+    via_srv = await resolver.resolve(srv_target)
+    direct = await resolver.resolve(port_target)
+    asked = len(fake_dns.queries)
+    assert resolver.resolve_cached(srv_target) == via_srv
+    assert (
+        resolver.resolve_cached(port_target)
+        == direct
+        == [Destination("udp", "127.0.0.22", 5080, None, "plain.test")]
+    )
+    assert len(fake_dns.queries) == asked
+    now[0] += 4000.0  # past every TTL (max_ttl is 3600 s)
+    assert resolver.resolve_cached(srv_target) is None
+    assert resolver.resolve_cached(port_target) is None

@@ -136,3 +136,33 @@ def test_closed_stream_counts_as_not_a_terminal():
     assert any(
         isinstance(p, structlog.processors.JSONRenderer) for p in handler.formatter.processors
     )
+
+
+def test_unnamed_logger_is_named_after_its_module():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger().info("hello")
+    (line,) = _lines(out)
+    assert line["logger"] == __name__
+
+
+def test_both_paths_share_one_stream_in_order():
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1")
+    log.debug("first")
+    logging.getLogger("aiohttp.server").warning("second")
+    log.info("third %s", "with argument")
+    assert [(x["event"], x["level"]) for x in _lines(out)] == [
+        ("first", "debug"),
+        ("second", "warning"),
+        ("third with argument", "info"),
+    ]
+
+
+def test_a_closed_stream_loses_the_line_without_raising():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test")
+    out.close()
+    log.info("lost")  # a call must not fail because stderr went away

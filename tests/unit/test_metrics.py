@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from ipaddress import ip_network
 from types import SimpleNamespace
 
@@ -80,3 +81,29 @@ def test_edge_guard_counters_are_read_when_scraped() -> None:
     assert got[("sbc_guard_sources", ())] == 1
     assert got[("sbc_guard_rejected_total", ())] == 0
     assert got[("sbc_guard_new_calls_limited_total", ())] == 0
+
+
+def test_route_counters_stay_apart_over_many_calls() -> None:
+    """Each route and outcome has its own children, however many events updated them."""
+    metrics = Metrics()
+    for i in range(3):
+        metrics.on_call_event(CallStarted(f"a{i}", route="sales"))
+    metrics.on_call_event(CallStarted("b0", route="support"))
+    for i in range(2):
+        done = record(answered=None if i else 10.0)
+        metrics.on_call_event(
+            CallEnded(dataclasses.replace(done, call_uuid=f"a{i}", route="sales"))
+        )
+    metrics.on_call_event(CallRefused(503))
+    metrics.on_call_event(CallRefused(503))
+    got = samples(metrics)
+    assert got[("sbc_route_calls_started_total", (("route", "sales"),))] == 3
+    assert got[("sbc_route_calls_started_total", (("route", "support"),))] == 1
+    assert got[("sbc_route_calls_active", (("route", "sales"),))] == 1
+    assert got[("sbc_route_calls_active", (("route", "support"),))] == 1
+    ended = "sbc_route_calls_ended_total"
+    assert got[(ended, (("outcome", "answered"), ("route", "sales")))] == 1
+    assert got[(ended, (("outcome", "unanswered"), ("route", "sales")))] == 1
+    assert got[("sbc_calls_ended_total", (("outcome", "answered"),))] == 1
+    assert got[("sbc_calls_refused_total", (("status", "503"),))] == 2
+    assert got[("sbc_calls_active", ())] == 2
