@@ -190,7 +190,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         owner: ClientOwner,
     ) -> None:
         self.key = key
-        self.request = request
+        # Dropped (None) at the final response: Completed and Accepted only absorb or resend
+        # the ACK, and wait up to 32 s (Timers D, K, M) holding what the transaction keeps.
+        self.request: Request | None = request
         self.dest = dest
         self.reliable = reliable
         self.config = config
@@ -209,6 +211,7 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     # -- inputs from the layer ----------------------------------------------------------
     def start(self, now: float) -> None:
         """Send the request and arm the timers of the initial state (§17.1.1.2, §17.1.2.2)."""
+        assert self.request is not None
         self._owner.send(self.dest, self.request)
         retransmit, timeout = (Timer.A, Timer.B) if self.is_invite else (Timer.E, Timer.F)
         if not self.reliable:
@@ -235,12 +238,14 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     # -- actions ------------------------------------------------------------------------
     def _retransmit(self, response: Response | None, now: float) -> None:
         # §17.1.1.2 (Timer A doubles) and §17.1.2.2 (Timer E doubles up to T2).
+        assert self.request is not None
         self._owner.send(self.dest, self.request)
         timer = Timer.A if self.is_invite else Timer.E
         self._interval = self.config.next_interval(timer, self._interval)
         self._arm(timer, self._interval, now)
 
     def _retransmit_t2(self, response: Response | None, now: float) -> None:
+        assert self.request is not None
         self._owner.send(self.dest, self.request)
         self._interval = self.config.t2
         self._arm(Timer.E, self._interval, now)
@@ -267,6 +272,7 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         # RFC 6026 §8.4: a 2xx moves to Accepted for Timer M; the ACK is the TU's (§13.2.2.4).
         assert response is not None
         self._disarm(Timer.A, Timer.B)
+        self.request = None
         self._tags_2xx.add(response.to_tag)
         self._owner.response_received(self, response, retransmission=False)
         self._arm(Timer.M, self.config.initial(Timer.M, reliable=self.reliable), now)
@@ -286,7 +292,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         # §17.1.1.3: ACK the non-2xx final ourselves, then wait Timer D for retransmissions.
         assert response is not None
         self._disarm(Timer.A, Timer.B)
+        assert self.request is not None
         self._ack = build_ack(self.request, response)
+        self.request = None
         self._owner.response_received(self, response, retransmission=False)
         self._owner.send(self.dest, self._ack)
         self._arm(Timer.D, self.config.initial(Timer.D, reliable=self.reliable), now)
@@ -298,5 +306,6 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     def _complete_non_invite(self, response: Response | None, now: float) -> None:
         # §17.1.2.2: a final response stops Timers E and F and starts Timer K.
         self._disarm(Timer.E, Timer.F)
+        self.request = None
         self._pass_up(response, now)
         self._arm(Timer.K, self.config.initial(Timer.K, reliable=self.reliable), now)

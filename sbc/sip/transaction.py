@@ -357,6 +357,8 @@ class TransactionLayer:
 
     def transport_failed(self, tx: ClientTransaction) -> None:
         # RFC 3261 §8.1.3.1: a transport error is reported to the TU as a 503.
+        # Transport errors reach the TU only before a final response: the request is there.
+        assert tx.request is not None
         synthetic = build_response(tx.request, 503, "Service Unavailable")
         self._events.append(ResponseReceived(tx.key, synthetic))
 
@@ -423,7 +425,7 @@ class TransactionLayer:
 
 
 def _response_to_tag(tx: ServerTransaction) -> str | None:
-    return None if tx.last_response is None else tx.last_response.to_tag
+    return tx.last_to_tag
 
 
 def _is_rfc3261_branch(branch: str | None) -> bool:
@@ -435,4 +437,4 @@ def _ack_matches(tx: ServerTransaction, ack: Request) -> bool:
     """RFC 3261 §17.2.3: an RFC 2543 ACK also needs the To tag of the response sent."""
     if _is_rfc3261_branch(ack.top_via.branch):
         return True
-    return tx.last_response is not None and ack.to_tag == tx.last_response.to_tag
+    return tx.responded and ack.to_tag == tx.last_to_tag
