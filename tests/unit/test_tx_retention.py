@@ -21,7 +21,7 @@ from sbc.sip.transaction import (
 
 def _server(method: str = "INVITE", **kw: object) -> tuple[TransactionLayer, str]:
     layer = TransactionLayer()
-    layer.receive(make_request(method, **kw), source=UAC, reliable=False, now=0.0)  # type: ignore[arg-type]
+    layer.receive(make_request(method, **kw), source=UAC, reliable=False, now=0.0)
     [event] = layer.events()
     assert isinstance(event, RequestReceived)
     return layer, event.key
