@@ -164,13 +164,13 @@ def build_response(
         value = src.get(name)
         if value is None:
             continue
-        if name == "To" and to_tag is not None and status != 100:
+        if name == "To" and to_tag is not None and status != 100 and request.to.tag is None:
+            # A To that has a tag (a request inside a dialog) is copied as it is: only the
+            # To of a dialog-creating request, the same text call after call, is parsed here.
             to, text = _to_and_text(value)
-            if to.tag is None:
-                # with_tag appends a tag parameter that is absent, so its text is the old
-                # text plus ";tag=..."; a valueless ";tag" is replaced where it stands.
-                tagged = to.with_tag(to_tag) if to.has_param("tag") else f"{text};tag={to_tag}"
-                value = str(tagged)
+            # with_tag appends a tag parameter that is absent, so its text is the old text
+            # plus ";tag=..."; a valueless ";tag" is replaced where it stands.
+            value = str(to.with_tag(to_tag)) if to.has_param("tag") else f"{text};tag={to_tag}"
         items.append((name, value))
     if status == 100:
         timestamp = src.get("Timestamp")
