@@ -38,6 +38,10 @@ class ClientState(Enum):
     ACCEPTED = "Accepted"  # RFC 6026 §8.4
     TERMINATED = "Terminated"
 
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
+
 
 class ClientInput(Enum):
     PROVISIONAL = "1xx"
@@ -53,6 +57,10 @@ class ClientInput(Enum):
     TIMER_M = "Timer M"
     TRANSPORT_ERROR = "transport error"
     CANCEL_SENT = "CANCEL sent"  # INVITE only
+
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
 
 
 S = ClientState

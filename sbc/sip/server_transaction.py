@@ -42,6 +42,10 @@ class ServerState(Enum):
     ACCEPTED = "Accepted"  # RFC 6026 §8.7
     TERMINATED = "Terminated"
 
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
+
 
 class ServerInput(Enum):
     REQUEST = "request retransmission"
@@ -57,6 +61,10 @@ class ServerInput(Enum):
     TIMER_L = "Timer L"
     TIMER_TRYING = "Trying timer"
     TRANSPORT_ERROR = "transport error"
+
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
 
 
 S = ServerState
