@@ -8,6 +8,7 @@ One call is what sbc's core does for a call from 3CX (UDP) bridged to Retell (TC
   agent leg, sbc is UAC (layer ``retell``, reliable):
     INVITE out (build, send_request, serialize), 100, 180, 200 in (StreamParser, validate,
     receive), ACK out (send_stateless), BYE out, 200 in
+  the dialogs of both legs (from_uas, from_uac, create_request for the ACK and BYE to Retell)
 
 Every call has its own Call-ID, tags and branches (memos by text must not flatter it). The
 messages a peer sends are made before the measured part. Reports:
@@ -34,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sbc.sip.dialog import Dialog
+from sbc.sip.fields import parse_via
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import StreamParser, parse_message
@@ -41,6 +44,7 @@ from sbc.sip.serializer import serialize
 from sbc.sip.server_transaction import build_response
 from sbc.sip.transaction import (
     AckReceived,
+    Event,
     RequestReceived,
     ResponseReceived,
     TransactionLayer,
@@ -190,6 +194,18 @@ def agent_request(i: int, method: str, seq: int, branch: str, to_tag: str | None
     return Request(method, AGENT_URI, Headers(items), body)
 
 
+def in_dialog(dialog: Dialog, method: str, i: int, branch: str, cseq: int | None = None) -> Request:
+    """A request in ``dialog`` as a leg makes it (its Via parsed, then given the branch)."""
+    via = parse_via("SIP/2.0/TCP 127.0.0.1:5061;branch=z9hG4bKx;rport")
+    return dialog.create_request(
+        method,
+        via=via,
+        branch=f"z9hG4bKsbc{i:x}{branch}",
+        cseq=cseq,
+        headers=[("User-Agent", "sbc")],
+    )
+
+
 def one_call(
     i: int,
     pbx_in: tuple[bytes, bytes, bytes],
@@ -202,7 +218,9 @@ def one_call(
     sent = 0
     invite_raw, ack_raw, bye_raw = pbx_in
 
-    def inbound(layer: TransactionLayer, message: Request | Response, source: object) -> list:
+    def inbound(
+        layer: TransactionLayer, message: Request | Response, source: object
+    ) -> list[Event]:
         if isinstance(message, Request):
             validate_request(message)
         else:
@@ -220,16 +238,16 @@ def one_call(
     tag = f"s{i}"
     pbx.respond(req.key, build_response(invite_in, 180, to_tag=tag), now=now)
     # Agent leg: sbc's INVITE to Retell, then its responses.
-    retell.send_request(
-        agent_request(i, "INVITE", 1, "i", None), dest=RETELL, reliable=True, now=now
-    )
+    agent_invite = agent_request(i, "INVITE", 1, "i", None)
+    retell.send_request(agent_invite, dest=RETELL, reliable=True, now=now)
     sent += flush(retell)
     stream = StreamParser()
     responses = stream.feed(retell_in)
     for resp in responses[:3]:
         for event in inbound(retell, resp, RETELL):
             assert isinstance(event, ResponseReceived)
-    retell.send_stateless(agent_request(i, "ACK", 1, "a", f"r{i:x}"), dest=RETELL)
+    agent = Dialog.from_uac(agent_invite, responses[2])  # type: ignore[arg-type]
+    retell.send_stateless(in_dialog(agent, "ACK", i, "a", cseq=1), dest=RETELL)
     sent += flush(retell)
     # Caller leg: 200 with sbc's SDP, the ACK, later the caller's BYE.
     ok = build_response(
@@ -240,6 +258,7 @@ def one_call(
         body=SDP_RETELL,
     )
     pbx.respond(req.key, ok, now=now)
+    caller = Dialog.from_uas(invite_in, ok)
     sent += flush(pbx)
     [ack] = inbound(pbx, parse_message(ack_raw), PBX)
     assert isinstance(ack, AckReceived)
@@ -248,9 +267,9 @@ def one_call(
     pbx.respond(bye.key, build_response(bye.request, 200, to_tag=tag), now=now)
     sent += flush(pbx)
     # Agent leg: BYE to Retell and its 200.
-    retell.send_request(
-        agent_request(i, "BYE", 2, "b", f"r{i:x}"), dest=RETELL, reliable=True, now=now
-    )
+    caller.receive_request(bye.request)
+    caller.terminate()
+    retell.send_request(in_dialog(agent, "BYE", i, "b"), dest=RETELL, reliable=True, now=now)
     sent += flush(retell)
     events = inbound(retell, responses[3], RETELL)
     assert isinstance(events[0], ResponseReceived)
