@@ -19,8 +19,8 @@ from enum import Enum
 from sbc.sip.errors import CallDoesNotExist, ProtocolError, RequestOutOfOrder
 from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import Headers
-from sbc.sip.message import Request, Response
-from sbc.sip.uri import NameAddr, SipUri, Uri, parse_name_addr
+from sbc.sip.message import Request, Response, parse_address
+from sbc.sip.uri import NameAddr, SipUri, Uri
 
 __all__ = [
     "DIALOG_TABLE",
@@ -87,15 +87,17 @@ class DialogId:
     remote_tag: str | None
 
 
+# A peer's Contact and Record-Route texts repeat from call to call: the memoised parser
+# (same values as parse_name_addr) parses each text once.
 def _contact_uri(message: Request | Response) -> Uri | None:
     values = message.headers.values("Contact")
     if not values:
         return None
-    return parse_name_addr(values[0]).uri
+    return parse_address(values[0]).uri
 
 
 def _record_route(message: Request | Response) -> tuple[NameAddr, ...]:
-    return tuple(parse_name_addr(v) for v in message.headers.values("Record-Route"))
+    return tuple(parse_address(v) for v in message.headers.values("Record-Route"))
 
 
 class Dialog:
