@@ -11,7 +11,7 @@ stripped; interpreting them is the job of the accessors in :mod:`sbc.sip.message
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar, cast
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -218,7 +218,8 @@ class Headers:
         if cache is None:
             cache = self._cache = {}
         elif key in cache:
-            return cast(T, cache[key])
+            # Not typing.cast: that is a function call, on the path of every accessor hit.
+            return cache[key]  # type: ignore[return-value]
         value = compute(self)
         cache[key] = value
         return value
