@@ -317,19 +317,15 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4), so only the
         # To tag of the 2xx is kept (CANCEL answers and RFC 2543 ACK matching read it).
         self._send_final(message, now)
-        self._drop_last_response()
+        assert isinstance(message, Response)
+        self._final_to_tag = message.to_tag
+        self.last_response = None
         self._arm(Timer.L, self.config.initial(Timer.L, reliable=self.reliable), now)
 
     def _send_2xx_copy(self, message: Request | Response | None, now: float) -> None:
         # RFC 6026 §7.1: a 2xx retransmitted by the TU in Accepted goes out, and is not kept.
         assert isinstance(message, Response)
         self._owner.send(self.source, message)
-
-    def _drop_last_response(self) -> None:
-        last = self.last_response
-        if last is not None:
-            self._final_to_tag = last.to_tag
-            self.last_response = None
 
     def _complete_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.1: retransmit the final response (Timer G, unreliable only) until the ACK

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from test_tx_helpers import UAC, UAS, make_request, reply
 
+from sbc.sip.errors import ParseError
+from sbc.sip.message import parse_address
 from sbc.sip.transaction import (
     AckReceived,
     CancelReceived,
@@ -17,6 +19,7 @@ from sbc.sip.transaction import (
     TransactionTerminated,
     build_cancel,
 )
+from sbc.sip.uri import parse_name_addr
 
 
 def _server(method: str = "INVITE", **kw: object) -> tuple[TransactionLayer, str]:
@@ -143,3 +146,23 @@ def test_completed_invite_client_resends_its_ack_without_the_request() -> None:
     assert layer._clients[key].request is None
     layer.receive(busy, source=UAS, reliable=False, now=0.2)
     assert layer.datagrams_to_send() == [(UAS, ack)]
+
+
+def test_from_memo_by_uri_gives_the_parsers_values() -> None:
+    # The quoted display name is split off before the memo; what follows must still be a
+    # <URI> for that (else the whole value is parsed, and may fail as the parser fails).
+    for text in (
+        '"+14155550100"<sip:10000@192.0.2.1:5060>;tag=a1',
+        '"Doe" <sip:j@x;transport=tcp>;x=1;tag=b2',
+        '"no angle" sip:j@x;tag=c3',
+        '"esc\\"aped" <sip:j@x>;tag=d4',
+    ):
+        try:
+            expected: object = parse_name_addr(text)
+        except ParseError:
+            expected = "ParseError"
+        try:
+            got: object = parse_address(text)
+        except ParseError:
+            got = "ParseError"
+        assert got == expected
