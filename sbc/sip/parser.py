@@ -206,7 +206,7 @@ class _Head:
         return Response(self.status, self.reason, headers, body, self.version)
 
 
-def _decode(head: bytes) -> str:
+def _decode(head: bytes | bytearray) -> str:
     # RFC 3261 §7.3.1: header values are UTF-8; undecodable octets survive a round trip.
     return head.decode("utf-8", "surrogateescape")
 
@@ -348,7 +348,7 @@ class StreamParser:
                 return None
             if end + 4 > self.max_message_size:
                 raise MessageTooLarge("header block exceeds the message size limit")
-            head = _Head(_decode(bytes(buf[:end])), self.limits)
+            head = _Head(_decode(buf[:end]), self.limits)
             length = head.body_length()
             if length is None:
                 # RFC 3261 §18.3: Content-Length MUST be used with stream transports.

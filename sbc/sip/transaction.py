@@ -382,8 +382,10 @@ class TransactionLayer:
 
     def _receive_response(self, response: Response, source: object, now: float) -> None:
         tx = None
-        # RFC 3261 §18.1.2: a response with more than one Via is not for us.
-        if len(response.headers.values("Via")) == 1:
+        # RFC 3261 §18.1.2: a response with more than one Via is not for us. One line without
+        # a comma is one Via (the usual case, no splitting needed).
+        lines = response.headers.get_all("Via")
+        if (len(lines) == 1 and "," not in lines[0]) or len(response.headers.values("Via")) == 1:
             try:
                 branch = response.top_via.branch
                 method = response.cseq.method
