@@ -104,7 +104,6 @@ class Dialog:
     """One dialog, seen from this user agent (mutable; owned by one call leg)."""
 
     __slots__ = (
-        "_addresses",
         "_invite_seq",
         "id",
         "is_uac",
@@ -145,9 +144,6 @@ class Dialog:
         self.state = state
         self.is_uac = is_uac
         self._invite_seq = invite_seq
-        # (local_uri, remote_uri, id, From text, To text): the From and To of every request
-        # sent in the dialog, written once (see _from_and_to).
-        self._addresses: tuple[NameAddr, NameAddr, DialogId, str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Dialog {self.id.call_id} {self.state.value}>"
@@ -242,27 +238,16 @@ class Dialog:
             ("Max-Forwards", str(max_forwards)),
         ]
         items.extend(("Route", str(route)) for route in routes)
-        from_text, to_text = self._from_and_to()
-        items.append(("From", from_text))
-        items.append(("To", to_text))
+        dialog_id = self.id
+        remote = self.remote_uri
+        to = remote if dialog_id.remote_tag is None else remote.with_tag(dialog_id.remote_tag)
+        items.append(("From", str(self.local_uri.with_tag(dialog_id.local_tag))))
+        items.append(("To", str(to)))
         items.append(("Call-ID", self.id.call_id))
         items.append(("CSeq", f"{seq} {method}"))
         # The names above are canonical already; only the caller's need normalising.
         items.extend((canonical_name(name), value) for name, value in headers)
         return Request(method, uri, Headers._trusted(tuple(items)), body)
-
-    def _from_and_to(self) -> tuple[str, str]:
-        """The From and To of a request in the dialog, written again only when the URIs or the
-        id were replaced."""
-        local, remote, dialog_id = self.local_uri, self.remote_uri, self.id
-        memo = self._addresses
-        if memo is not None and memo[0] is local and memo[1] is remote and memo[2] is dialog_id:
-            return memo[3], memo[4]
-        to = remote if dialog_id.remote_tag is None else remote.with_tag(dialog_id.remote_tag)
-        from_text = str(local.with_tag(dialog_id.local_tag))
-        to_text = str(to)
-        self._addresses = (local, remote, dialog_id, from_text, to_text)
-        return from_text, to_text
 
     def _target_and_routes(self) -> tuple[Uri, tuple[NameAddr, ...]]:
         routes = self.route_set
