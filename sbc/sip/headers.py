@@ -104,8 +104,16 @@ _CANONICAL: dict[str, str] = {name.lower(): name for name in _CANONICAL_NAMES}
 _CANONICAL.update({short: long for short, long in COMPACT_FORMS.items()})
 
 
+# The canonical spellings themselves: most names given are already canonical, and this finds
+# them without lower-casing first.
+_EXACT: dict[str, str] = {name: name for name in _CANONICAL_NAMES}
+
+
 def canonical_name(name: str) -> str:
     """The spelling a header is stored and written under (compact forms expanded)."""
+    found = _EXACT.get(name)
+    if found is not None:
+        return found
     return _CANONICAL.get(name.lower(), name)
 
 
@@ -185,7 +193,7 @@ class Headers:
     _cache: dict[str, object] | None  # see cached()
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items = tuple((canonical_name(name), value) for name, value in items)
+        self._items = tuple([(canonical_name(name), value) for name, value in items])
         self._keys = None
         self._cache = None
 
