@@ -38,6 +38,10 @@ class ClientState(Enum):
     ACCEPTED = "Accepted"  # RFC 6026 §8.4
     TERMINATED = "Terminated"
 
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
+
 
 class ClientInput(Enum):
     PROVISIONAL = "1xx"
@@ -53,6 +57,10 @@ class ClientInput(Enum):
     TIMER_M = "Timer M"
     TRANSPORT_ERROR = "transport error"
     CANCEL_SENT = "CANCEL sent"  # INVITE only
+
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
 
 
 S = ClientState
@@ -190,7 +198,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         owner: ClientOwner,
     ) -> None:
         self.key = key
-        self.request = request
+        # Dropped (None) at the final response: Completed and Accepted only absorb or resend
+        # the ACK, and wait up to 32 s (Timers D, K, M) holding what the transaction keeps.
+        self.request: Request | None = request
         self.dest = dest
         self.reliable = reliable
         self.config = config
@@ -201,7 +211,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         self.timers: dict[Timer, int] = {}
         self._interval = config.t1
         self._ack: Request | None = None
-        self._tags_2xx: set[str | None] = set()
+        # To tags of the 2xx seen (one per fork; usually one): a tuple, as an empty set alone
+        # costs 216 bytes and the transaction waits 32 s in Accepted.
+        self._tags_2xx: tuple[str | None, ...] = ()
 
     def __repr__(self) -> str:
         return f"<ClientTransaction {self.key} {self.state.value}>"
@@ -209,6 +221,7 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     # -- inputs from the layer ----------------------------------------------------------
     def start(self, now: float) -> None:
         """Send the request and arm the timers of the initial state (§17.1.1.2, §17.1.2.2)."""
+        assert self.request is not None
         self._owner.send(self.dest, self.request)
         retransmit, timeout = (Timer.A, Timer.B) if self.is_invite else (Timer.E, Timer.F)
         if not self.reliable:
@@ -235,12 +248,14 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     # -- actions ------------------------------------------------------------------------
     def _retransmit(self, response: Response | None, now: float) -> None:
         # §17.1.1.2 (Timer A doubles) and §17.1.2.2 (Timer E doubles up to T2).
+        assert self.request is not None
         self._owner.send(self.dest, self.request)
         timer = Timer.A if self.is_invite else Timer.E
         self._interval = self.config.next_interval(timer, self._interval)
         self._arm(timer, self._interval, now)
 
     def _retransmit_t2(self, response: Response | None, now: float) -> None:
+        assert self.request is not None
         self._owner.send(self.dest, self.request)
         self._interval = self.config.t2
         self._arm(Timer.E, self._interval, now)
@@ -267,7 +282,8 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         # RFC 6026 §8.4: a 2xx moves to Accepted for Timer M; the ACK is the TU's (§13.2.2.4).
         assert response is not None
         self._disarm(Timer.A, Timer.B)
-        self._tags_2xx.add(response.to_tag)
+        self.request = None
+        self._tags_2xx = (response.to_tag,)
         self._owner.response_received(self, response, retransmission=False)
         self._arm(Timer.M, self.config.initial(Timer.M, reliable=self.reliable), now)
 
@@ -276,7 +292,8 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         assert response is not None
         tag = response.to_tag
         seen = tag in self._tags_2xx
-        self._tags_2xx.add(tag)
+        if not seen:
+            self._tags_2xx = (*self._tags_2xx, tag)
         self._owner.response_received(self, response, retransmission=seen)
 
     def _await_cancel(self, response: Response | None, now: float) -> None:
@@ -286,7 +303,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         # §17.1.1.3: ACK the non-2xx final ourselves, then wait Timer D for retransmissions.
         assert response is not None
         self._disarm(Timer.A, Timer.B)
+        assert self.request is not None
         self._ack = build_ack(self.request, response)
+        self.request = None
         self._owner.response_received(self, response, retransmission=False)
         self._owner.send(self.dest, self._ack)
         self._arm(Timer.D, self.config.initial(Timer.D, reliable=self.reliable), now)
@@ -298,5 +317,6 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     def _complete_non_invite(self, response: Response | None, now: float) -> None:
         # §17.1.2.2: a final response stops Timers E and F and starts Timer K.
         self._disarm(Timer.E, Timer.F)
+        self.request = None
         self._pass_up(response, now)
         self._arm(Timer.K, self.config.initial(Timer.K, reliable=self.reliable), now)

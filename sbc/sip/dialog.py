@@ -18,9 +18,9 @@ from enum import Enum
 
 from sbc.sip.errors import CallDoesNotExist, ProtocolError, RequestOutOfOrder
 from sbc.sip.fields import Via, parse_via
-from sbc.sip.headers import Headers
-from sbc.sip.message import Request, Response
-from sbc.sip.uri import NameAddr, SipUri, Uri, parse_name_addr
+from sbc.sip.headers import Headers, canonical_name
+from sbc.sip.message import Request, Response, parse_address
+from sbc.sip.uri import NameAddr, SipUri, Uri
 
 __all__ = [
     "DIALOG_TABLE",
@@ -87,15 +87,17 @@ class DialogId:
     remote_tag: str | None
 
 
+# A peer's Contact and Record-Route texts repeat from call to call: the memoised parser
+# (same values as parse_name_addr) parses each text once.
 def _contact_uri(message: Request | Response) -> Uri | None:
     values = message.headers.values("Contact")
     if not values:
         return None
-    return parse_name_addr(values[0]).uri
+    return parse_address(values[0]).uri
 
 
 def _record_route(message: Request | Response) -> tuple[NameAddr, ...]:
-    return tuple(parse_name_addr(v) for v in message.headers.values("Record-Route"))
+    return tuple(parse_address(v) for v in message.headers.values("Record-Route"))
 
 
 class Dialog:
@@ -236,17 +238,16 @@ class Dialog:
             ("Max-Forwards", str(max_forwards)),
         ]
         items.extend(("Route", str(route)) for route in routes)
-        to = (
-            self.remote_uri
-            if self.id.remote_tag is None
-            else self.remote_uri.with_tag(self.id.remote_tag)
-        )
-        items.append(("From", str(self.local_uri.with_tag(self.id.local_tag))))
+        dialog_id = self.id
+        remote = self.remote_uri
+        to = remote if dialog_id.remote_tag is None else remote.with_tag(dialog_id.remote_tag)
+        items.append(("From", str(self.local_uri.with_tag(dialog_id.local_tag))))
         items.append(("To", str(to)))
         items.append(("Call-ID", self.id.call_id))
         items.append(("CSeq", f"{seq} {method}"))
-        items.extend(headers)
-        return Request(method, uri, Headers(items), body)
+        # The names above are canonical already; only the caller's need normalising.
+        items.extend((canonical_name(name), value) for name, value in headers)
+        return Request(method, uri, Headers._trusted(tuple(items)), body)
 
     def _target_and_routes(self) -> tuple[Uri, tuple[NameAddr, ...]]:
         routes = self.route_set

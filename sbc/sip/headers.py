@@ -11,7 +11,7 @@ stripped; interpreting them is the job of the accessors in :mod:`sbc.sip.message
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar, cast
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -104,8 +104,16 @@ _CANONICAL: dict[str, str] = {name.lower(): name for name in _CANONICAL_NAMES}
 _CANONICAL.update({short: long for short, long in COMPACT_FORMS.items()})
 
 
+# The canonical spellings themselves: most names given are already canonical, and this finds
+# them without lower-casing first.
+_EXACT: dict[str, str] = {name: name for name in _CANONICAL_NAMES}
+
+
 def canonical_name(name: str) -> str:
     """The spelling a header is stored and written under (compact forms expanded)."""
+    found = _EXACT.get(name)
+    if found is not None:
+        return found
     return _CANONICAL.get(name.lower(), name)
 
 
@@ -185,7 +193,7 @@ class Headers:
     _cache: dict[str, object] | None  # see cached()
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items = tuple((canonical_name(name), value) for name, value in items)
+        self._items = tuple([(canonical_name(name), value) for name, value in items])
         self._keys = None
         self._cache = None
 
@@ -218,7 +226,8 @@ class Headers:
         if cache is None:
             cache = self._cache = {}
         elif key in cache:
-            return cast(T, cache[key])
+            # Not typing.cast: that is a function call, on the path of every accessor hit.
+            return cache[key]  # type: ignore[return-value]
         value = compute(self)
         cache[key] = value
         return value

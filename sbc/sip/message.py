@@ -99,10 +99,26 @@ def parse_address(text: str) -> NameAddr:
     found = _TAG_AT_END.search(text)
     if found is not None:
         try:
-            base = _parse_address_text(text[: found.start()])
+            base = _parse_untagged(text[: found.start()])
         except ParseError:
             return _parse_address_text(text)
         return NameAddr(base.uri, base.display, (*base.params, ("tag", found.group(1))))
+    return _parse_address_text(text)
+
+
+def _parse_untagged(text: str) -> NameAddr:
+    """The part of a tagged value before its tag, parsed; a quoted display name is split off
+    first, so that the memo is by the ``<URI>`` text: 3CX puts the caller's number or name in
+    the display name of its From, which then differs from call to call."""
+    if text[:1] == '"':
+        close = text.find('"', 1)
+        # Without a backslash, the first quote after the opening one closes the display name
+        # and the name is the text between them (RFC 3261 §25.1 quoted-string).
+        if close > 0 and "\\" not in text[1:close]:
+            rest = text[close + 1 :].lstrip(" \t")
+            if rest[:1] == "<":
+                inner = _parse_address_text(rest)
+                return NameAddr(inner.uri, text[1:close], inner.params)
     return _parse_address_text(text)
 
 

@@ -69,21 +69,23 @@ class StreamMessageTooLarge(MessageTooLarge):
 _parse_request_uri = lru_cache(maxsize=1024)(parse_uri)
 
 # Raw header names as written (before the colon, trailing LWS included) mapped to their
-# canonical spelling once validated. Bounded so that hostile input cannot grow it forever.
-_NAME_CACHE: dict[str, str] = {}
+# canonical spelling and its lower-cased lookup key (what ``Headers`` indexes by) once
+# validated. Bounded so that hostile input cannot grow it forever.
+_NAME_CACHE: dict[str, tuple[str, str]] = {}
 _NAME_CACHE_LIMIT = 1024
 
 
-def _header_name(raw: str) -> str:
-    """The canonical name for a raw name not in ``_NAME_CACHE`` yet (the caller looked)."""
+def _header_name(raw: str) -> tuple[str, str]:
+    """Canonical name and lookup key for a raw name not in ``_NAME_CACHE`` yet."""
     # RFC 3261 §7.3.1: LWS is allowed between the field name and the colon.
     name = raw.rstrip(" \t")
     if _TOKEN_RE.fullmatch(name) is None:
         raise ParseError(f"bad header field name {raw!r}")
     canonical = canonical_name(name)
+    entry = (canonical, canonical.lower())
     if len(_NAME_CACHE) < _NAME_CACHE_LIMIT:
-        _NAME_CACHE[raw] = canonical
-    return canonical
+        _NAME_CACHE[raw] = entry
+    return entry
 
 
 def _version(text: str) -> str:
@@ -97,7 +99,16 @@ def _version(text: str) -> str:
 class _Head:
     """A parsed start line and header block, waiting for its body."""
 
-    __slots__ = ("content_lengths", "items", "method", "reason", "status", "uri", "version")
+    __slots__ = (
+        "content_lengths",
+        "items",
+        "keys",
+        "method",
+        "reason",
+        "status",
+        "uri",
+        "version",
+    )
 
     def __init__(self, text: str, limits: ParseLimits = DEFAULT_LIMITS) -> None:
         # RFC 3261 §7: lines end in CRLF; a bare CR or LF is malformed (and an injection risk).
@@ -141,6 +152,7 @@ class _Head:
             self.version = _version(version)
             self.uri = _parse_request_uri(uri_text)
         items: list[tuple[str, str]] = []
+        keys: list[str] = []
         names = _NAME_CACHE
         for line in lines[1:]:
             first = line[:1]
@@ -156,7 +168,9 @@ class _Head:
             raw, colon, value = line.partition(":")
             if not colon:
                 raise ParseError(f"header line without colon: {line[:40]!r}")
-            items.append((names.get(raw) or _header_name(raw), value.strip(" \t")))
+            name, key = names.get(raw) or _header_name(raw)
+            items.append((name, value.strip(" \t")))
+            keys.append(key)
         # Via entries are at most the header lines plus the commas: when even that is within
         # the limit (every ordinary message) nothing is counted per field.
         if n_crlf + text.count(",") > limits.max_via:
@@ -166,6 +180,8 @@ class _Head:
             if vias > limits.max_via:
                 raise LimitExceeded(f"{vias} Via entries", limit="via")
         self.items = tuple(items)
+        # The lookup keys, so that the message's Headers need not lower-case every name again.
+        self.keys = tuple(keys)
         self.content_lengths = [value for name, value in items if name == "Content-Length"]
 
     def body_length(self) -> int | None:
@@ -184,13 +200,13 @@ class _Head:
         return first
 
     def build(self, body: bytes) -> Message:
-        headers = Headers._trusted(self.items)
+        headers = Headers._trusted(self.items, self.keys)
         if self.uri is not None:
             return Request(self.method, self.uri, headers, body, self.version)
         return Response(self.status, self.reason, headers, body, self.version)
 
 
-def _decode(head: bytes) -> str:
+def _decode(head: bytes | bytearray) -> str:
     # RFC 3261 §7.3.1: header values are UTF-8; undecodable octets survive a round trip.
     return head.decode("utf-8", "surrogateescape")
 
@@ -332,7 +348,7 @@ class StreamParser:
                 return None
             if end + 4 > self.max_message_size:
                 raise MessageTooLarge("header block exceeds the message size limit")
-            head = _Head(_decode(bytes(buf[:end])), self.limits)
+            head = _Head(_decode(buf[:end]), self.limits)
             length = head.body_length()
             if length is None:
                 # RFC 3261 §18.3: Content-Length MUST be used with stream transports.

@@ -42,6 +42,10 @@ class ServerState(Enum):
     ACCEPTED = "Accepted"  # RFC 6026 §8.7
     TERMINATED = "Terminated"
 
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
+
 
 class ServerInput(Enum):
     REQUEST = "request retransmission"
@@ -57,6 +61,10 @@ class ServerInput(Enum):
     TIMER_L = "Timer L"
     TIMER_TRYING = "Trying timer"
     TRANSPORT_ERROR = "transport error"
+
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
 
 
 S = ServerState
@@ -87,7 +95,7 @@ INVITE_SERVER_TABLE: dict[tuple[ServerState, ServerInput], tuple[str, ServerStat
     # RFC 6026 §7.1: INVITE copies are absorbed, ACKs passed up, 2xx from the TU sent.
     (S.ACCEPTED, In.REQUEST): ("_absorb", None),
     (S.ACCEPTED, In.ACK): ("_pass_ack", None),
-    (S.ACCEPTED, In.TU_SUCCESS): ("_send", None),
+    (S.ACCEPTED, In.TU_SUCCESS): ("_send_2xx_copy", None),
     (S.ACCEPTED, In.TIMER_L): ("_absorb", S.TERMINATED),
     (S.ACCEPTED, In.TRANSPORT_ERROR): ("_absorb", S.TERMINATED),
 }
@@ -164,13 +172,13 @@ def build_response(
         value = src.get(name)
         if value is None:
             continue
-        if name == "To" and to_tag is not None and status != 100:
+        if name == "To" and to_tag is not None and status != 100 and request.to.tag is None:
+            # A To that has a tag (a request inside a dialog) is copied as it is: only the
+            # To of a dialog-creating request, the same text call after call, is parsed here.
             to, text = _to_and_text(value)
-            if to.tag is None:
-                # with_tag appends a tag parameter that is absent, so its text is the old
-                # text plus ";tag=..."; a valueless ";tag" is replaced where it stands.
-                tagged = to.with_tag(to_tag) if to.has_param("tag") else f"{text};tag={to_tag}"
-                value = str(tagged)
+            # with_tag appends a tag parameter that is absent, so its text is the old text
+            # plus ";tag=..."; a valueless ";tag" is replaced where it stands.
+            value = str(to.with_tag(to_tag)) if to.has_param("tag") else f"{text};tag={to_tag}"
         items.append((name, value))
     if status == 100:
         timestamp = src.get("Timestamp")
@@ -196,6 +204,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
     """One server transaction; ``is_invite`` picks the table (Figure 7 or Figure 8)."""
 
     __slots__ = (
+        "_final_to_tag",
         "_interval",
         "config",
         "is_invite",
@@ -222,7 +231,9 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         owner: ServerOwner,
     ) -> None:
         self.key = key
-        self.request = request
+        # Dropped (None) once a final response is sent: nothing after it needs the request,
+        # and a completed transaction waits up to 32 s (Timers J, L) holding what it keeps.
+        self.request: Request | None = request
         self.source = source
         self.reliable = reliable
         self.config = config
@@ -232,11 +243,26 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # §17.2.1: an INVITE server transaction starts in Proceeding; Figure 8 in Trying.
         self.state = S.PROCEEDING if self.is_invite else S.TRYING
         self.timers: dict[Timer, int] = {}
+        # The last response sent, kept while a request copy or Timer G may need it again;
+        # after a 2xx only its To tag is kept (RFC 6026 Accepted resends nothing itself).
         self.last_response: Response | None = None
+        self._final_to_tag: str | None = None
         self._interval = config.t1
 
     def __repr__(self) -> str:
         return f"<ServerTransaction {self.key} {self.state.value}>"
+
+    @property
+    def responded(self) -> bool:
+        """True once a response was sent (the request is dropped at the final one)."""
+        return self.last_response is not None or self.request is None
+
+    @property
+    def last_to_tag(self) -> str | None:
+        """The To tag of the last response sent (None before any response)."""
+        if self.last_response is not None:
+            return self.last_response.to_tag
+        return self._final_to_tag
 
     # -- inputs from the layer ----------------------------------------------------------
     def start(self, now: float) -> None:
@@ -273,7 +299,9 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
             self._owner.send(self.source, self.last_response)
 
     def _send_trying(self, message: Request | Response | None, now: float) -> None:
-        # Any response from the TU disarms this timer, so nothing was sent yet.
+        # Any response from the TU disarms this timer, so nothing was sent yet (and the
+        # request, dropped at the final response, is still here).
+        assert self.request is not None
         self._send(build_trying(self.request), now)
 
     def _send_provisional(self, message: Request | Response | None, now: float) -> None:
@@ -281,14 +309,23 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
 
     def _send_final(self, message: Request | Response | None, now: float) -> None:
         self._send(message, now)
-        # The request is kept for seconds now, its parsed fields no longer needed here.
-        self.request.headers.forget_cached()
+        # The transaction now waits for seconds; no action from here on reads the request.
+        self.request = None
 
     def _accept(self, message: Request | Response | None, now: float) -> None:
         # RFC 6026 §7.1: after a 2xx the transaction waits Timer L, absorbing INVITE copies;
-        # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4).
+        # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4), so only the
+        # To tag of the 2xx is kept (CANCEL answers and RFC 2543 ACK matching read it).
         self._send_final(message, now)
+        assert isinstance(message, Response)
+        self._final_to_tag = message.to_tag
+        self.last_response = None
         self._arm(Timer.L, self.config.initial(Timer.L, reliable=self.reliable), now)
+
+    def _send_2xx_copy(self, message: Request | Response | None, now: float) -> None:
+        # RFC 6026 §7.1: a 2xx retransmitted by the TU in Accepted goes out, and is not kept.
+        assert isinstance(message, Response)
+        self._owner.send(self.source, message)
 
     def _complete_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.1: retransmit the final response (Timer G, unreliable only) until the ACK

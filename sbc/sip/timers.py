@@ -37,6 +37,10 @@ class Timer(Enum):
     M = "M"  # RFC 6026: INVITE client, wait time for retransmitted 2xx
     TRYING = "Trying"  # RFC 3261 §17.2.1: 200 ms before an automatic 100 Trying
 
+    # Members are singletons: hashing by identity is what Enum's hash by name means, done
+    # in C (the transition tables and timer maps hash these on every input).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class TimerConfig:

@@ -338,8 +338,10 @@ class TransactionLayer:
         ones are left when a count that should drain does not."""
         out: dict[str, int] = {}
         for side, table in (("client", self._clients), ("server", self._servers)):
-            for tx in table.values():
-                key = f"{side}_{tx.request.method}_{tx.state.value}"
+            for tx_key, tx in table.items():
+                # The method from the key (every key ends with it): a finished transaction
+                # no longer keeps its request.
+                key = f"{side}_{tx_key.rsplit('|', 1)[-1]}_{tx.state.value}"
                 out[key] = out.get(key, 0) + 1
         return out
 
@@ -373,6 +375,8 @@ class TransactionLayer:
 
     def transport_failed(self, tx: ClientTransaction) -> None:
         # RFC 3261 §8.1.3.1: a transport error is reported to the TU as a 503.
+        # Transport errors reach the TU only before a final response: the request is there.
+        assert tx.request is not None
         synthetic = build_response(tx.request, 503, "Service Unavailable")
         self._events.append(ResponseReceived(tx.key, synthetic))
 
@@ -396,8 +400,10 @@ class TransactionLayer:
 
     def _receive_response(self, response: Response, source: object, now: float) -> None:
         tx = None
-        # RFC 3261 §18.1.2: a response with more than one Via is not for us.
-        if len(response.headers.values("Via")) == 1:
+        # RFC 3261 §18.1.2: a response with more than one Via is not for us. One line without
+        # a comma is one Via (the usual case, no splitting needed).
+        lines = response.headers.get_all("Via")
+        if (len(lines) == 1 and "," not in lines[0]) or len(response.headers.values("Via")) == 1:
             try:
                 branch = response.top_via.branch
                 method = response.cseq.method
@@ -439,7 +445,7 @@ class TransactionLayer:
 
 
 def _response_to_tag(tx: ServerTransaction) -> str | None:
-    return None if tx.last_response is None else tx.last_response.to_tag
+    return tx.last_to_tag
 
 
 def _is_rfc3261_branch(branch: str | None) -> bool:
@@ -451,4 +457,4 @@ def _ack_matches(tx: ServerTransaction, ack: Request) -> bool:
     """RFC 3261 §17.2.3: an RFC 2543 ACK also needs the To tag of the response sent."""
     if _is_rfc3261_branch(ack.top_via.branch):
         return True
-    return tx.last_response is not None and ack.to_tag == tx.last_response.to_tag
+    return tx.responded and ack.to_tag == tx.last_to_tag

@@ -485,16 +485,22 @@ def test_response_to_tag(to: str, expected: str) -> None:
     assert build_response(req, 100, to_tag="t1").headers.get("To") == to
 
 
-def test_completed_transaction_forgets_parsed_fields() -> None:
+def test_completed_transaction_keeps_only_what_a_copy_needs() -> None:
+    # A completed transaction waits 32 s (Timer J over UDP): it keeps the response a request
+    # copy is answered with, not the request.
     layer = TransactionLayer()
     req = stamp_via(request(), SOURCE)
     validate_request(req)
-    assert req.headers._cache
     layer.receive(req, source=SOURCE, reliable=False, now=0.0)
     (event,) = layer.events()
-    layer.respond(event.key, build_response(req, 200, to_tag="t"), now=0.0)  # type: ignore[union-attr]
-    assert not req.headers._cache
-    assert req.top_via.branch == "z9hG4bK-1-1-0"  # parsed again on demand
+    ok = build_response(req, 200, to_tag="t")
+    layer.respond(event.key, ok, now=0.0)  # type: ignore[union-attr]
+    assert layer.datagrams_to_send() == [(SOURCE, ok)]
+    tx = layer._servers[event.key]  # type: ignore[union-attr]
+    assert tx.request is None
+    layer.receive(req, source=SOURCE, reliable=False, now=1.0)
+    assert layer.datagrams_to_send() == [(SOURCE, ok)]
+    assert layer.events() == []
     # Timer J still fires from the heap and ends the transaction (RFC 3261 §17.2.2).
     deadline = layer.next_deadline()
     assert deadline is not None

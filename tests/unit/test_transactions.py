@@ -22,6 +22,7 @@ from sbc.sip.transaction import (
     TransactionTimedOut,
     build_cancel,
     client_key,
+    server_key,
 )
 
 KEY = client_key("z9hG4bKaaa", "INVITE")
@@ -443,3 +444,6 @@ def test_census_names_each_transaction_by_side_method_and_state() -> None:
     layer.receive(reply(invite, 180), source="pbx", reliable=False, now=0.1)
     assert layer.census() == {"client_INVITE_Proceeding": 1, "server_BYE_Trying": 1}
     assert layer.timers_pending == 2  # cancelled entries stay until due (lazy deletion)
+    # Answered, the BYE's transaction keeps no request: the census reads the method off its key.
+    layer.respond(server_key(bye), reply(bye, 200), now=0.2)
+    assert layer.census() == {"client_INVITE_Proceeding": 1, "server_BYE_Completed": 1}

@@ -1,0 +1,43 @@
+"""bench/bench_core.py's call runs through the core as the bench measures it, and ends clean."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from sbc.sip.transaction import TransactionLayer, TransactionTerminated
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "bench_core.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_core", _PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_core", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bridged_calls_leave_only_timed_transactions_then_nothing() -> None:
+    bench = _bench()
+    pbx, retell = TransactionLayer(), TransactionLayer()
+    sent = [
+        bench.one_call(i, bench.pbx_messages(i), bench.retell_responses(i), pbx, retell, 1.0 + i)
+        for i in range(5)
+    ]
+    # 180, 200 and the BYE's 200 to 3CX; INVITE, ACK and BYE to Retell: the same every call.
+    assert len(set(sent)) == 1 and sent[0] > 2000
+    # Waiting: PBX INVITE (Timer L) and BYE (Timer J), Retell INVITE (Timer M); each keeps
+    # neither its request nor, for the INVITEs, the 2xx.
+    assert (len(pbx), len(retell)) == (10, 5)
+    for layer in (pbx, retell):
+        layer.events()
+        assert all(tx.request is None for tx in layer._servers.values())
+        assert all(tx.request is None for tx in layer._clients.values())
+        while (deadline := layer.next_deadline()) is not None:
+            layer.handle_timer(deadline)
+        assert len(layer) == 0
+        assert all(isinstance(e, TransactionTerminated) for e in layer.events())
