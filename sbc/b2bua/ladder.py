@@ -107,11 +107,58 @@ def first_line(message: Request | Response) -> str:
     """The request line (without the version) or the status line; a password in the
     Request-URI is replaced by :data:`REDACTED`."""
     if isinstance(message, Response):
-        return f"SIP/2.0 {message.status} {message.reason}".rstrip()
-    uri = message.uri
-    if isinstance(uri, SipUri) and uri.password is not None:
-        uri = dataclasses.replace(uri, password=REDACTED)
-    return f"{message.method} {uri}"
+        return _first_line(message.status, message.reason)
+    return _first_line(message.method, message.uri)
+
+
+def _first_line(head: str | int, tail: object) -> str:
+    """:func:`first_line` of a response (``head`` its status, ``tail`` its reason) or of a
+    request (``head`` its method, ``tail`` its Request-URI)."""
+    if type(head) is int:
+        return f"SIP/2.0 {head} {tail}".rstrip()
+    if isinstance(tail, SipUri) and tail.password is not None:
+        tail = dataclasses.replace(tail, password=REDACTED)
+    return f"{head} {tail}"
+
+
+# What a summary takes from the header fields, by name (Headers keeps canonical names):
+# the index in _fields()'s list.
+_WANTED = {
+    "Call-ID": 0,
+    "CSeq": 1,
+    "Via": 2,
+    "To": 3,
+    "Authorization": 4,
+    "Proxy-Authorization": 5,
+}
+
+
+def _fields(message: Request | Response) -> tuple[str, str, str, str, str]:
+    """Call-ID, CSeq, the first Via line, To (responses only: a request's To is no part of
+    its identity) and the names of the credential fields it carries, in one pass over the
+    fields (one lookup by name each cost several times more); the first field of a name
+    counts, as ``Headers.get`` finds it."""
+    found: list[str | None] = [None, None, None, None, None, None]
+    wanted = _WANTED.get
+    for name, value in message.headers.items():
+        i = wanted(name)
+        if i is not None and found[i] is None:
+            found[i] = value
+    if found[4] is None and found[5] is None:
+        credentials = ""
+    else:
+        credentials = ", ".join(
+            name
+            for name, value in zip(CREDENTIAL_HEADERS, found[4:], strict=True)
+            if value is not None
+        )
+    return (
+        found[0] or "",
+        found[1] or "",
+        found[2] or "",
+        (found[3] or "") if isinstance(message, Response) else "",
+        credentials,
+    )
 
 
 def summarize(
@@ -126,26 +173,80 @@ def summarize(
 ) -> LadderEntry:
     """The ladder entry of ``message`` (``direction`` ``in`` or ``out``; ``peer_address`` where
     it came from or went to; ``local`` sbc's own address toward it)."""
-    headers = message.headers
-    remote = str(peer_address)
-    found = [name for name in CREDENTIAL_HEADERS if headers.get(name) is not None]
-    return LadderEntry(
-        at=at,
-        direction=direction,
-        leg=leg,
-        peer=peer,
-        source=remote if direction == "in" else local,
-        destination=local if direction == "in" else remote,
-        first_line=first_line(message),
-        call_id=headers.get("Call-ID") or "",
-        cseq=headers.get("CSeq") or "",
-        credentials=", ".join(found),
+    return _summary(_raw(direction, message, peer_address, local, leg, peer, at))
+
+
+# A message as the event loop notes it (``Ladder.note``), summarised later: only what the
+# summary needs (the message itself is let go): at, direction, status or method, reason or
+# Request-URI, Call-ID, CSeq, Via, To (responses), credential names, peer address, sbc's local
+# address, leg, peer.
+_Raw = tuple[float, str, "str | int", object, str, str, str, str, str, Destination, str, str, str]
+
+
+def _raw(
+    direction: str,
+    message: Request | Response,
+    peer_address: Destination,
+    local: str,
+    leg: str,
+    peer: str,
+    at: float,
+) -> _Raw:
+    if isinstance(message, Response):
+        head: str | int = message.status
+        tail: object = message.reason
+    else:
+        head = message.method
+        tail = message.uri
+    call_id, cseq, via, to, credentials = _fields(message)
+    return (
+        at,
+        direction,
+        head,
+        tail,
+        call_id,
+        cseq,
+        via,
+        to,
+        credentials,
+        peer_address,
+        local,
+        leg,
+        peer,
     )
 
 
-# A message as the event loop notes it, summarised later (``Ladder.note``): at, direction,
-# message, peer address, sbc's local address, leg, peer.
-_Raw = tuple[float, str, Request | Response, Destination, str, str, str]
+def _summary(raw: _Raw) -> LadderEntry:
+    (
+        at,
+        direction,
+        head,
+        tail,
+        call_id,
+        cseq,
+        _via,
+        _to,
+        credentials,
+        peer_address,
+        local,
+        leg,
+        peer,
+    ) = raw
+    remote = str(peer_address)
+    inbound = direction == "in"
+    return LadderEntry(
+        at,
+        direction,
+        leg,
+        peer,
+        remote if inbound else local,
+        local if inbound else remote,
+        _first_line(head, tail),
+        call_id,
+        cseq,
+        False,
+        credentials,
+    )
 
 
 class Ladder:
@@ -176,8 +277,9 @@ class Ladder:
     def add(self, entry: LadderEntry, message: Request | Response) -> None:
         """Keep ``entry``, the summary of ``message``, marked when it is a retransmission."""
         self._resolve()
-        entry = self._marked(entry, message)
-        self._keep(entry, None)
+        _, _, via, to, _ = _fields(message)
+        key = (entry.direction, entry.first_line, entry.cseq, entry.call_id, via, to)
+        self._keep(self._marked(entry, key), None)
 
     def note(
         self,
@@ -190,12 +292,14 @@ class Ladder:
         peer: str,
         at: float,
     ) -> None:
-        """Keep ``message`` (as :func:`summarize` takes it), summarised when first read."""
+        """Keep what :func:`summarize` needs of ``message`` (not the message: a held call
+        would keep its every message alive), summarised when first read."""
+        raw = _raw(direction, message, peer_address, local, leg, peer, at)
         if len(self._head) < self.limit - self.tail_size:
-            self._head.append((at, direction, message, peer_address, local, leg, peer))
+            self._head.append(raw)
             self._pending += 1
             return
-        self._keep(None, (at, direction, message, peer_address, local, leg, peer))
+        self._keep(None, raw)
 
     def _keep(self, entry: LadderEntry | None, raw: _Raw | None) -> None:
         item: LadderEntry | _Raw = entry if entry is not None else raw  # type: ignore[assignment]
@@ -208,7 +312,7 @@ class Ladder:
             # be seen first, as an eager ladder would have (a rare path: long calls only).
             self._resolve()
             if raw is not None:
-                item = self._marked(_summary(raw), raw[2])
+                item = _resolved(self, raw)
                 raw = None
             self.omitted += 1
             if self.tail_size == 0:
@@ -236,11 +340,10 @@ class Ladder:
             for items in (self._head, self._tail):
                 for i, item in enumerate(items):
                     if type(item) is tuple:
-                        items[i] = self._marked(_summary(item), item[2])
+                        items[i] = _resolved(self, item)
             self._pending = 0
 
-    def _marked(self, entry: LadderEntry, message: Request | Response) -> LadderEntry:
-        key = _identity(entry, message)
+    def _marked(self, entry: LadderEntry, key: tuple[str, ...]) -> LadderEntry:
         if key in self._seen:
             return dataclasses.replace(entry, retransmission=True)
         if len(self._seen) < 4 * self.limit:
@@ -291,9 +394,12 @@ class LadderSnapshot(Sequence[LadderEntry]):
         return repr(self._all())
 
 
-def _summary(raw: _Raw) -> LadderEntry:
-    at, direction, message, peer_address, local, leg, peer = raw
-    return summarize(direction, message, peer_address, local, leg=leg, peer=peer, at=at)
+def _resolved(ladder: Ladder, raw: _Raw) -> LadderEntry:
+    """The summary of ``raw``, marked when ``ladder`` saw the same message before."""
+    entry = _summary(raw)
+    # A message's identity: direction, first line, CSeq, Call-ID, Via, To (responses).
+    key = (raw[1], entry.first_line, raw[5], raw[4], raw[6], raw[7])
+    return ladder._marked(entry, key)
 
 
 def gap_index(count: int, omitted: int) -> int | None:
@@ -302,10 +408,3 @@ def gap_index(count: int, omitted: int) -> int | None:
     if omitted <= 0:
         return None
     return count - min(MAX_TAIL, count // 4)
-
-
-def _identity(entry: LadderEntry, message: Request | Response) -> tuple[str, ...]:
-    headers = message.headers
-    via = headers.get("Via") or ""
-    to = (headers.get("To") or "") if isinstance(message, Response) else ""
-    return (entry.direction, entry.first_line, entry.cseq, entry.call_id, via, to)

@@ -179,37 +179,39 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     for name, value in record.x_headers:
         x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
     media = record.media
-    values: dict[str, Any] = {
-        "call_uuid": record.call_uuid,
-        "direction": record.direction,
-        "pbx_call_id": record.pbx_call_id,
-        "retell_call_id": record.retell_call_id,
-        "human_call_id": record.human_call_id or None,
-        "caller": record.caller,
-        "caller_name": record.caller_name or None,
-        "called": record.called,
-        "retell_number": record.retell_number or None,
-        "x_headers": _json(x_headers),
-        "started": record.started,
-        "answered": record.answered,
-        "ended": record.ended,
-        "end_reason": record.end_reason,
-        "hung_up_by": record.hung_up_by or None,
-        "pbx_status": record.pbx_status,
-        "retell_status": record.retell_status,
-        "transfers": _json([dataclasses.asdict(t) for t in record.transfers]),
-        "a_packets": _counter(media, "a", "packets"),
-        "a_bytes": _counter(media, "a", "bytes"),
-        "b_packets": _counter(media, "b", "packets"),
-        "b_bytes": _counter(media, "b", "bytes"),
-        "media": None if media is None else _json(media),
-        "ladder": _json([entry.as_dict() for entry in record.ladder]),
-        "ladder_omitted": record.ladder_omitted,
+    # In COLUMNS' order (a tuple straight away: no dict per row).
+    values = (
+        record.call_uuid,
+        record.direction,
+        record.pbx_call_id,
+        record.retell_call_id,
+        record.human_call_id or None,
+        record.caller,
+        record.caller_name or None,
+        record.called,
+        record.retell_number or None,
+        _json(x_headers),
+        record.started,
+        record.answered,
+        record.ended,
+        record.end_reason,
+        record.hung_up_by or None,
+        record.pbx_status,
+        record.retell_status,
+        _json([dataclasses.asdict(t) for t in record.transfers]) if record.transfers else "[]",
+        _counter(media, "a", "packets"),
+        _counter(media, "a", "bytes"),
+        _counter(media, "b", "packets"),
+        _counter(media, "b", "bytes"),
+        None if media is None else _json(media),
+        _json([entry.as_dict() for entry in record.ladder]),
+        record.ladder_omitted,
         # getattr: the route's name is a later field of CallRecord (several routes per process)
-        "route": getattr(record, "route", "") or None,
-        "instance": instance or None,
-    }
-    return tuple(_storable(values[name]) for name in COLUMNS)
+        getattr(record, "route", "") or None,
+        instance or None,
+    )
+    # Only a text that is not ASCII can hold a lone surrogate (_storable).
+    return tuple([v if type(v) is not str or v.isascii() else _storable(v) for v in values])
 
 
 def _storable(value: Any) -> Any:
