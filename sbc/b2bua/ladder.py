@@ -4,7 +4,8 @@ The engine hands every message it receives or transmits to one tap (``SipEngine.
 the call manager finds the call and leg by Call-ID and notes the message in that call's
 :class:`Ladder`, which the call's record carries when the call ends (``sbc calls show`` draws it
 as a ladder diagram of both legs, as sngrep does). The :class:`LadderEntry` summaries are made
-when the ladder is read, by the records writer's thread: the event loop only keeps the message.
+when the ladder is read, by the records writer's thread: the event loop only keeps, per
+message, the few fields they are made of (not the message: a held call would keep them all).
 
 An entry keeps the time, the direction seen from sbc (``in``: sbc received it, ``out``: sbc sent
 it), the leg (role and peer), source and destination, the first line, Call-ID and CSeq. The
@@ -21,10 +22,13 @@ The ladder is bounded: the first ``limit - tail`` messages, then the last ``tail
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from typing import Any, overload
 
 from sbc.net.addresses import Destination
@@ -38,6 +42,7 @@ __all__ = [
     "LadderEntry",
     "first_line",
     "gap_index",
+    "ladder_json",
     "summarize",
 ]
 
@@ -183,6 +188,9 @@ def summarize(
 _Raw = tuple[float, str, "str | int", object, str, str, str, str, str, Destination, str, str, str]
 
 
+_RAW_SIZE = 13  # a _Raw's length (a _Summary has 11 items)
+
+
 def _raw(
     direction: str,
     message: Request | Response,
@@ -216,7 +224,13 @@ def _raw(
     )
 
 
-def _summary(raw: _Raw) -> LadderEntry:
+# A summary as the ladder keeps it once made: LadderEntry's fields, in its order, as a plain
+# tuple (a frozen dataclass costs several times more to make, and the records writer only
+# needs the JSON text, ladder_json()).
+_Summary = tuple[float, str, str, str, str, str, str, str, str, bool, str]
+
+
+def _summary_of(raw: _Raw) -> _Summary:
     (
         at,
         direction,
@@ -233,28 +247,92 @@ def _summary(raw: _Raw) -> LadderEntry:
         peer,
     ) = raw
     remote = str(peer_address)
-    inbound = direction == "in"
-    return LadderEntry(
-        at,
-        direction,
-        leg,
-        peer,
-        remote if inbound else local,
-        local if inbound else remote,
-        _first_line(head, tail),
-        call_id,
-        cseq,
-        False,
-        credentials,
+    if direction == "in":
+        source, destination = remote, local
+    else:
+        source, destination = local, remote
+    line = _first_line(head, tail)
+    return (at, direction, leg, peer, source, destination, line, call_id, cseq, False, credentials)
+
+
+def _summary(raw: _Raw) -> LadderEntry:
+    return LadderEntry(*_summary_of(raw))
+
+
+def _fields_of(entry: LadderEntry) -> _Summary:
+    return (
+        entry.at,
+        entry.direction,
+        entry.leg,
+        entry.peer,
+        entry.source,
+        entry.destination,
+        entry.first_line,
+        entry.call_id,
+        entry.cseq,
+        entry.retransmission,
+        entry.credentials,
     )
+
+
+def ladder_json(entries: Iterable[LadderEntry]) -> str:
+    """The JSON text of ``entries`` as the records store it: a list of
+    :meth:`LadderEntry.as_dict` objects (as ``json.dumps(..., separators=(",", ":"),
+    ensure_ascii=False)`` writes it)."""
+    if isinstance(entries, LadderSnapshot):
+        return entries.json()
+    return _summaries_json([_fields_of(entry) for entry in entries])
+
+
+def _summaries_json(summaries: Iterable[_Summary]) -> str:
+    # Written by hand: a third of what json.dumps() of a dict per entry costs.
+    q = encode_basestring
+    try:
+        parts = [
+            f'{{"at":{_number(at)},"direction":{q(direction)},"leg":{q(leg)},'
+            f'"peer":{q(peer)},"source":{q(source)},"destination":{q(destination)},'
+            f'"first_line":{q(line)},"call_id":{q(call_id)},"cseq":{q(cseq)},'
+            f'"retransmission":{"true" if again else "false"},'
+            f'"credentials":{q(credentials)}}}'
+            for (
+                at,
+                direction,
+                leg,
+                peer,
+                source,
+                destination,
+                line,
+                call_id,
+                cseq,
+                again,
+                credentials,
+            ) in summaries
+        ]
+    except TypeError:  # a value that is no text (an entry made by hand): as json writes it
+        return json.dumps(
+            [LadderEntry(*fields).as_dict() for fields in summaries],
+            separators=(",", ":"),
+            ensure_ascii=False,
+            default=str,
+        )
+    return f"[{','.join(parts)}]"
+
+
+def _number(value: float) -> str:
+    text = repr(value)
+    if type(value) is float and not math.isfinite(value):
+        return json.dumps(value)  # NaN, Infinity: as json writes them
+    if type(value) is not float and type(value) is not int:
+        raise TypeError(text)
+    return text
 
 
 class Ladder:
     """A call's message summaries, bounded (module docstring).
 
-    :meth:`note` is what the engine's tap calls for every message: it keeps the message itself
-    (messages are immutable; a call holds its ~11 until its record is written) and leaves the
-    summary (first line, addresses, credentials, retransmission mark) to whoever reads
+    :meth:`note` is what the engine's tap calls for every message: it keeps the fields the
+    summary is made of (one pass over the header fields; the message itself is let go) and
+    leaves the summary (first line, addresses, credentials, retransmission mark) to whoever reads
     :meth:`entries` first, which is the records writer's thread for an ended call, off the
     event loop. Summaries are made in the order the messages came, so the marks are those an
     eager ladder would give; a message about to leave the bound is summarised before it goes.
@@ -263,8 +341,9 @@ class Ladder:
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = max(0, limit)
         self.tail_size = min(MAX_TAIL, self.limit // 4)
-        self._head: list[LadderEntry | _Raw] = []
-        self._tail: deque[LadderEntry | _Raw] = deque(maxlen=self.tail_size or None)
+        # Each item: a LadderEntry (add()), a message noted (_Raw, pending) or its summary.
+        self._head: list[LadderEntry | _Raw | _Summary] = []
+        self._tail: deque[LadderEntry | _Raw | _Summary] = deque(maxlen=self.tail_size or None)
         self.omitted = 0
         self._pending = 0  # kept messages not summarised yet: always the last ones
         self._lock = threading.Lock()  # entries() may run in the records writer's thread
@@ -279,7 +358,9 @@ class Ladder:
         self._resolve()
         _, _, via, to, _ = _fields(message)
         key = (entry.direction, entry.first_line, entry.cseq, entry.call_id, via, to)
-        self._keep(self._marked(entry, key), None)
+        if self._seen_before(key):
+            entry = dataclasses.replace(entry, retransmission=True)
+        self._keep(entry, None)
 
     def note(
         self,
@@ -302,7 +383,7 @@ class Ladder:
         self._keep(None, raw)
 
     def _keep(self, entry: LadderEntry | None, raw: _Raw | None) -> None:
-        item: LadderEntry | _Raw = entry if entry is not None else raw  # type: ignore[assignment]
+        item: LadderEntry | _Raw | _Summary = entry if entry is not None else raw  # type: ignore[assignment]
         if len(self._head) < self.limit - self.tail_size:
             self._head.append(item)
             self._pending += raw is not None
@@ -321,8 +402,22 @@ class Ladder:
         self._pending += raw is not None
 
     def entries(self) -> tuple[LadderEntry, ...]:
+        return tuple(
+            [
+                item if type(item) is LadderEntry else LadderEntry(*item)  # type: ignore[misc]
+                for item in self._summaries()
+            ]
+        )
+
+    def _summaries(self) -> list[LadderEntry | _Summary]:
         self._resolve()
-        return (*self._head, *self._tail)  # type: ignore[arg-type]
+        return [*self._head, *self._tail]  # type: ignore[list-item]
+
+    def json(self) -> str:
+        """:func:`ladder_json` of the entries, without making them."""
+        return _summaries_json(
+            [item if type(item) is tuple else _fields_of(item) for item in self._summaries()]  # type: ignore[arg-type]
+        )
 
     def snapshot(self) -> LadderSnapshot:
         """The entries as a sequence summarised on first access: for the call record, so that
@@ -339,16 +434,18 @@ class Ladder:
                 return
             for items in (self._head, self._tail):
                 for i, item in enumerate(items):
-                    if type(item) is tuple:
-                        items[i] = _resolved(self, item)
+                    if type(item) is tuple and len(item) == _RAW_SIZE:
+                        items[i] = _resolved(self, item)  # type: ignore[arg-type]
             self._pending = 0
 
-    def _marked(self, entry: LadderEntry, key: tuple[str, ...]) -> LadderEntry:
+    def _seen_before(self, key: tuple[str, ...]) -> bool:
+        """Whether a message of identity ``key`` was kept before (then it is a
+        retransmission); remembers it otherwise."""
         if key in self._seen:
-            return dataclasses.replace(entry, retransmission=True)
+            return True
         if len(self._seen) < 4 * self.limit:
             self._seen.add(key)
-        return entry
+        return False
 
 
 class LadderSnapshot(Sequence[LadderEntry]):
@@ -359,6 +456,12 @@ class LadderSnapshot(Sequence[LadderEntry]):
     def __init__(self, ladder: Ladder) -> None:
         self._ladder = ladder
         self._entries: tuple[LadderEntry, ...] | None = None
+
+    def json(self) -> str:
+        """:func:`ladder_json` of the entries (made from the summaries when no entry was)."""
+        if self._entries is not None:
+            return _summaries_json([_fields_of(entry) for entry in self._entries])
+        return self._ladder.json()
 
     def _all(self) -> tuple[LadderEntry, ...]:
         if self._entries is None:
@@ -394,12 +497,13 @@ class LadderSnapshot(Sequence[LadderEntry]):
         return repr(self._all())
 
 
-def _resolved(ladder: Ladder, raw: _Raw) -> LadderEntry:
+def _resolved(ladder: Ladder, raw: _Raw) -> _Summary:
     """The summary of ``raw``, marked when ``ladder`` saw the same message before."""
-    entry = _summary(raw)
+    summary = _summary_of(raw)
     # A message's identity: direction, first line, CSeq, Call-ID, Via, To (responses).
-    key = (raw[1], entry.first_line, raw[5], raw[4], raw[6], raw[7])
-    return ladder._marked(entry, key)
+    if ladder._seen_before((raw[1], summary[6], raw[5], raw[4], raw[6], raw[7])):
+        return (*summary[:9], True, summary[10])
+    return summary
 
 
 def gap_index(count: int, omitted: int) -> int | None:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import structlog
 
 from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, EventBus, Subscription
+from sbc.b2bua.ladder import ladder_json
 
 __all__ = [
     "COLUMNS",
@@ -204,7 +205,7 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
         _counter(media, "b", "packets"),
         _counter(media, "b", "bytes"),
         None if media is None else _json(media),
-        _json([entry.as_dict() for entry in record.ladder]),
+        ladder_json(record.ladder),
         record.ladder_omitted,
         # getattr: the route's name is a later field of CallRecord (several routes per process)
         getattr(record, "route", "") or None,

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from sbc.b2bua.calls import CallManager, hung_up_by
-from sbc.b2bua.ladder import REDACTED, Ladder, LadderEntry, gap_index, summarize
+from sbc.b2bua.ladder import REDACTED, Ladder, LadderEntry, gap_index, ladder_json, summarize
 from sbc.media.base import PassthroughBackend
 from sbc.net.addresses import Destination, TransportConfig
 from sbc.net.engine import IncomingRequest, SipEngine
@@ -183,6 +183,73 @@ def test_snapshot_entries_are_summarised_when_first_read() -> None:
     assert SECRET_DIGEST not in repr(deferred)
     assert deferred[1].label == "200 OK"
     assert ladder.snapshot() == ladder.entries()  # once summarised, the same entries
+
+
+def test_the_ladder_keeps_no_message_only_its_summary_fields() -> None:
+    """A held call's ladder must not keep its messages alive (RSS per held call)."""
+    request = bye(("Authorization", SECRET_DIGEST), ("Proxy-Authorization", SECRET_DIGEST))
+    ladder = noted([("in", request), ("out", build_response(request, 200))], 10)
+    kept = [value for item in ladder._head for value in item]  # type: ignore[union-attr]
+    assert not any(isinstance(value, Request | Response | Headers) for value in kept)
+    assert SECRET_DIGEST not in repr(kept)
+    assert ladder.entries()[0].credentials == "Authorization, Proxy-Authorization"
+
+
+def test_the_first_field_of_a_name_is_the_one_summarised() -> None:
+    request = bye(("Via", "SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKsecond"))
+    again = bye(("Via", "SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKother"))
+    ladder = noted([("in", request), ("in", again)], 10)
+    # the top Via (the same in both) makes them one message seen twice
+    assert [e.retransmission for e in ladder.entries()] == [False, True]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        (),
+        (
+            LadderEntry(1, "in", "caller", "pbx", "udp:a", "udp:b", "INVITE sip:x", "c", "1 X"),
+            LadderEntry(
+                1765000000.123456,
+                "out",
+                "agent",
+                "retell",
+                "tcp:[::1]:5060",
+                "udp:b",
+                'SIP/2.0 200 O\\K "quoted" \u00e9\u4e2d\ud800\t\x01',
+                "id@h",
+                "2 BYE",
+                retransmission=True,
+                credentials="Authorization",
+            ),
+            LadderEntry(float("nan"), "in", "x", "y", "", "", "", "", ""),
+            LadderEntry(float("inf"), "in", "x", "y", "", "", "", "", ""),
+        ),
+        (LadderEntry(2.5, "in", None, "y", "", "", "", "", ""),),  # type: ignore[arg-type]
+    ],
+)
+def test_ladder_json_is_what_json_dumps_writes(entries: tuple[LadderEntry, ...]) -> None:
+    reference = json.dumps(
+        [e.as_dict() for e in entries], separators=(",", ":"), ensure_ascii=False, default=str
+    )
+    assert ladder_json(entries) == reference
+    assert ladder_json(list(entries)) == reference
+
+
+def test_a_snapshots_json_is_that_of_its_entries_read_or_not() -> None:
+    request = bye(("Proxy-Authorization", SECRET_DIGEST))
+    messages: list[tuple[str, Request | Response]] = [
+        ("in", request),
+        ("out", build_response(request, 200)),
+        ("in", request),
+    ]
+    unread = noted(messages, 10).snapshot()
+    text = ladder_json(unread)
+    read = noted(messages, 10).snapshot()
+    entries = tuple(read)
+    assert text == ladder_json(read) == ladder_json(entries)
+    assert [LadderEntry.from_dict(d) for d in json.loads(text)] == list(entries)
+    assert SECRET_DIGEST not in text
 
 
 # -- the manager's tap ----------------------------------------------------------------------------
