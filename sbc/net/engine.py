@@ -56,7 +56,7 @@ from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import split_list
 from sbc.sip.ids import make_branch
 from sbc.sip.message import Request, Response, with_top_via
-from sbc.sip.serializer import serialize
+from sbc.sip.serializer import serialized_size
 from sbc.sip.server_transaction import ServerState
 from sbc.sip.transaction import (
     AckReceived,
@@ -438,7 +438,8 @@ class SipEngine:
         if not isinstance(uri, SipUri) or uri.transport is not None or uri.is_secure:
             return destinations
         # The Via written per attempt is not there yet: one of the same shape stands in.
-        size = len(serialize(handle.request)) + len(self.make_via("udp")) + len("Via: \r\n")
+        # (counted, not serialised: the transport serialises the request once its Via is set)
+        size = serialized_size(handle.request) + len(self.make_via("udp")) + len("Via: \r\n")
         if size <= LARGE_REQUEST:
             return destinations
         now = self._now()

@@ -39,3 +39,24 @@ def serialize(msg: Message) -> bytes:
     if text.count("\n") != n_breaks or text.count("\r") != n_breaks:
         raise ValueError("CR or LF inside a start line, header name or header value")
     return text.encode("utf-8", "surrogateescape") + body
+
+
+def serialized_size(msg: Message) -> int:
+    """``len(serialize(msg))`` without writing the message out: what RFC 3261 §18.1.1's size
+    rule needs to know of a request before its Via, and so its bytes, are final."""
+    if isinstance(msg, Request):
+        start = f"{msg.method} {msg.uri} {msg.version}"
+    else:
+        start = f"{msg.version} {msg.status:03d} {msg.reason}"
+    body = msg.body
+    # start line, Content-Length line and the empty line, each with its CRLF, and the body
+    size = _encoded_len(start) + len(f"Content-Length: {len(body)}") + 6 + len(body)
+    # each field as "name: value" and CRLF; a given Content-Length is replaced (counted above)
+    fields = [name + value for name, value in msg.headers.items() if name != "Content-Length"]
+    return size + _encoded_len("".join(fields)) + 4 * len(fields)
+
+
+def _encoded_len(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogateescape"))
