@@ -1,0 +1,161 @@
+"""Cost of the call-records path per call, in one process: the ladder's tap, the row, SQLite.
+
+Run from the repository root:
+
+    python bench/bench_records.py [--calls 2000] [--repeat 5]
+
+One call is the twelve messages of a bridged call as the engine's tap sees them (3CX INVITE in,
+100 out, INVITE to Retell out, its 100 and 200 in, 200 to 3CX out, both ACKs, the BYE from
+3CX, its 200, the BYE to Retell and its 200), each parsed from its own bytes. Printed (best of
+``--repeat`` runs, microseconds per call): ``note`` the event loop's share (``Ladder.note`` of
+each message), ``row`` the writer thread's ``row_of`` (the ladder's summaries and JSON
+included), ``sqlite`` the insert in batches of 20 calls per transaction (``_insert_batch``,
+the row made again from the summaries minus ``row_of`` of made summaries), and ``held`` the
+bytes a held call's ladder keeps after its first eight messages (tracemalloc, the messages
+themselves let go, as the call would let them go).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sqlite3
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sbc.b2bua.events import CallRecord
+from sbc.b2bua.ladder import Ladder
+from sbc.net.addresses import Destination
+from sbc.ops import records
+from sbc.sip.parser import parse_message
+
+PBX = Destination("udp", "192.168.1.10", 5060)
+RETELL = Destination("tcp", "127.0.0.53", 5060)
+LOCAL = "udp:127.0.0.52:5060"
+VIA_PBX = "SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-1;rport=5060"
+VIA_SBC = "SIP/2.0/TCP 127.0.0.52:5060;branch=z9hG4bKsbc1"
+PBX_CALL, RETELL_CALL = "pbx-call-1@192.168.1.10", "sbc-retell-abcdef"
+INVITE_PBX = "INVITE sip:201@192.168.1.50:5060;transport=UDP SIP/2.0"
+INVITE_RETELL = "INVITE sip:+14155550100@127.0.0.53;transport=tcp SIP/2.0"
+
+
+def wire(first: str, call_id: str, cseq: str, via: str, to_tag: str = "") -> bytes:
+    return (
+        f"{first}\r\nVia: {via}\r\nMax-Forwards: 70\r\n"
+        f'From: "+14155550100" <sip:10000@192.168.1.10>;tag=ft1\r\n'
+        f"To: <sip:201@192.168.1.50>{to_tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\n"
+        f"Contact: <sip:10000@192.168.1.10:5060>\r\nUser-Agent: 3CX\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+A = (PBX, "caller", "pbx")
+B = (RETELL, "agent", "retell")
+CALL = [
+    ("in", wire(INVITE_PBX, PBX_CALL, "2 INVITE", VIA_PBX), A),
+    ("out", wire("SIP/2.0 100 Trying", PBX_CALL, "2 INVITE", VIA_PBX), A),
+    ("out", wire(INVITE_RETELL, RETELL_CALL, "1 INVITE", VIA_SBC), B),
+    ("in", wire("SIP/2.0 100 Trying", RETELL_CALL, "1 INVITE", VIA_SBC), B),
+    ("in", wire("SIP/2.0 200 OK", RETELL_CALL, "1 INVITE", VIA_SBC, ";tag=r1"), B),
+    ("out", wire("SIP/2.0 200 OK", PBX_CALL, "2 INVITE", VIA_PBX, ";tag=s1"), A),
+    ("in", wire("ACK sip:201@192.168.1.50 SIP/2.0", PBX_CALL, "2 ACK", VIA_PBX, ";tag=s1"), A),
+    ("out", wire("ACK sip:+1@127.0.0.53 SIP/2.0", RETELL_CALL, "1 ACK", VIA_SBC, ";tag=r1"), B),
+    ("in", wire("BYE sip:201@192.168.1.50 SIP/2.0", PBX_CALL, "3 BYE", VIA_PBX, ";tag=s1"), A),
+    ("out", wire("SIP/2.0 200 OK", PBX_CALL, "3 BYE", VIA_PBX, ";tag=s1"), A),
+    ("out", wire("BYE sip:+1@127.0.0.53 SIP/2.0", RETELL_CALL, "2 BYE", VIA_SBC, ";tag=r1"), B),
+    ("in", wire("SIP/2.0 200 OK", RETELL_CALL, "2 BYE", VIA_SBC, ";tag=r1"), B),
+]
+
+
+def record(n: int, ladder: Ladder) -> CallRecord:
+    return CallRecord(
+        call_uuid=f"u-{n}",
+        pbx_call_id=PBX_CALL,
+        retell_call_id=RETELL_CALL,
+        caller="+14155550100",
+        called="201",
+        started=1.7e9 + n,
+        answered=1.7e9 + n + 0.1,
+        ended=1.7e9 + n + 1,
+        pbx_status=200,
+        retell_status=200,
+        end_reason="pbx_bye",
+        x_headers=(("X-Caller", "+14155550100"), ("X-Route", "default")),
+        ladder=ladder.snapshot(),
+        ladder_omitted=ladder.omitted,
+    )
+
+
+def one_run(calls: int, first: int) -> dict[str, float]:
+    messages = [[(d, parse_message(data), peer) for d, data, peer in CALL] for _ in range(calls)]
+    start = time.perf_counter()
+    ladders = []
+    for n, call in enumerate(messages):
+        ladder = Ladder(200)
+        for direction, message, (dest, leg, peer) in call:
+            ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + n)
+        ladders.append(ladder)
+    note = time.perf_counter() - start
+    recs = [record(first + n, ladder) for n, ladder in enumerate(ladders)]
+    start = time.perf_counter()
+    for rec in recs:
+        records.row_of(rec)
+    row = time.perf_counter() - start
+    start = time.perf_counter()
+    for rec in recs:
+        records.row_of(rec)
+    row_again = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calls.sqlite3"
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        records.migrate(db, path)
+        writer = records.RecordWriter(path)
+        writer._db = db  # the worker thread's connection, used here directly
+        start = time.perf_counter()
+        for i in range(0, calls, 20):
+            writer._insert_batch(recs[i : i + 20])
+        insert = time.perf_counter() - start
+        db.close()
+    return {"note": note, "row": row, "sqlite": insert - row_again}
+
+
+def held_bytes(calls: int) -> float:
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    ladders = []
+    for n in range(calls):
+        ladder = Ladder(200)
+        for direction, data, (dest, leg, peer) in CALL[:8]:
+            message = parse_message(data)
+            ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + n)
+        ladders.append(ladder)
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return kept / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    best: dict[str, float] = {}
+    for r in range(args.repeat):
+        for name, seconds in one_run(args.calls, r * args.calls).items():
+            best[name] = min(best.get(name, seconds), seconds)
+    for name, seconds in best.items():
+        print(f"{name:8s} {seconds / args.calls * 1e6:7.1f} us/call")
+    print(f"{'total':8s} {sum(best.values()) / args.calls * 1e6:7.1f} us/call")
+    print(f"{'held':8s} {held_bytes(args.calls):7.0f} B per held call (ladder of 8 messages)")
+
+
+if __name__ == "__main__":
+    main()
