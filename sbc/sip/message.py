@@ -250,7 +250,20 @@ def with_top_via(request: Request, text: str, parsed: Via | None = None) -> Requ
     ``parse_via(text)``: it is remembered as the new message's ``top_via`` so that ``text`` is
     not parsed again.
     """
-    headers = request.headers.remove_first("Via").prepend("Via", text)
+    old = request.headers
+    keys = old._keys or old._lower_keys()
+    i = keys.index("via") if "via" in keys else -1
+    items = old._items
+    if i >= 0 and "," not in items[i][1]:
+        # The usual case, a line of one element: the fields remove_first() and prepend()
+        # make (before the next Via line, else at the top), without their name lookups.
+        rest, rest_keys = (*items[:i], *items[i + 1 :]), (*keys[:i], *keys[i + 1 :])
+        j = rest_keys.index("via") if "via" in rest_keys else 0
+        headers = Headers._trusted(
+            (*rest[:j], ("Via", text), *rest[j:]), (*rest_keys[:j], "via", *rest_keys[j:])
+        )
+    else:
+        headers = old.remove_first("Via").prepend("Via", text)
     if parsed is not None:
         headers.cached("top_via", lambda _: parsed)
     return Request(request.method, request.uri, headers, request.body, request.version)

@@ -464,6 +464,33 @@ def test_with_top_via_is_remove_first_then_prepend() -> None:
     assert seeded.top_via == parse_via(text)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("Via", "SIP/2.0/UDP a;branch=z9hG4bK1"), ("Call-ID", "c")],
+        [("Call-ID", "c"), ("Via", "SIP/2.0/UDP a;branch=z9hG4bK1"), ("CSeq", "1 X")],
+        [("Call-ID", "c"), ("v", "SIP/2.0/UDP a;branch=z9hG4bK1"), ("Via", "SIP/2.0/UDP b")],
+        [("Call-ID", "c"), ("Via", "SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b")],
+        [("Call-ID", "c"), ("Via", "SIP/2.0/UDP a"), ("To", "t"), ("Via", "SIP/2.0/UDP b")],
+        [("Call-ID", "c")],
+    ],
+)
+def test_with_top_via_keeps_the_order_remove_first_then_prepend_gives(
+    fields: list[tuple[str, str]],
+) -> None:
+    """The one-step path for a one-element Via line makes the same fields, in the same
+    order (a lone Via moves to the top, as prepend() puts it), keys included."""
+    req = dataclasses.replace(request(), headers=Headers(fields))
+    text = "SIP/2.0/UDP new;branch=z9hG4bK3;received=192.0.2.7"
+    expected = req.headers.remove_first("Via").prepend("Via", text)
+    replaced = with_top_via(req, text)
+    assert replaced.headers.items() == expected.items()
+    assert replaced.headers.get_all("Via") == expected.get_all("Via")
+    assert [replaced.headers.get(n) for n in ("call-id", "to", "cseq")] == [
+        expected.get(n) for n in ("Call-ID", "To", "CSeq")
+    ]
+
+
 # -- responses and transactions --------------------------------------------------------------
 
 
