@@ -338,12 +338,15 @@ class Ladder:
     eager ladder would give; a message about to leave the bound is summarised before it goes.
     """
 
+    # Slots, and no tail until the head is full (long calls only): every call has a ladder.
+    __slots__ = ("_head", "_lock", "_pending", "_seen", "_tail", "limit", "omitted", "tail_size")
+
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = max(0, limit)
         self.tail_size = min(MAX_TAIL, self.limit // 4)
         # Each item: a LadderEntry (add()), a message noted (_Raw, pending) or its summary.
         self._head: list[LadderEntry | _Raw | _Summary] = []
-        self._tail: deque[LadderEntry | _Raw | _Summary] = deque(maxlen=self.tail_size or None)
+        self._tail: deque[LadderEntry | _Raw | _Summary] | tuple[()] = ()
         self.omitted = 0
         self._pending = 0  # kept messages not summarised yet: always the last ones
         self._lock = threading.Lock()  # entries() may run in the records writer's thread
@@ -398,6 +401,8 @@ class Ladder:
             self.omitted += 1
             if self.tail_size == 0:
                 return
+        if not isinstance(self._tail, deque):
+            self._tail = deque(maxlen=self.tail_size)
         self._tail.append(item)
         self._pending += raw is not None
 
@@ -411,7 +416,7 @@ class Ladder:
 
     def _summaries(self) -> list[LadderEntry | _Summary]:
         self._resolve()
-        return [*self._head, *self._tail]  # type: ignore[list-item]
+        return [*self._head, *self._tail]
 
     def json(self) -> str:
         """:func:`ladder_json` of the entries, without making them."""
@@ -435,7 +440,7 @@ class Ladder:
             for items in (self._head, self._tail):
                 for i, item in enumerate(items):
                     if type(item) is tuple and len(item) == _RAW_SIZE:
-                        items[i] = _resolved(self, item)  # type: ignore[arg-type]
+                        items[i] = _resolved(self, item)  # type: ignore[arg-type, index]
             self._pending = 0
 
     def _seen_before(self, key: tuple[str, ...]) -> bool:
