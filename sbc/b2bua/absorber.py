@@ -53,6 +53,8 @@ class Absorber:
     """The in-dialog answers of one call; ``bridge`` gives the call's bridge (legs and media
     session) once it exists, ``spawn`` runs a coroutine as one of the call's tasks."""
 
+    __slots__ = ("_acks", "_bridge", "_reinvite_pending", "_spawn", "config", "log")
+
     def __init__(
         self,
         *,
