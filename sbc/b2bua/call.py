@@ -617,6 +617,7 @@ class Call:
         if self._late_offer:
             self._b_ok = response
         self._answer_a(serialize_sdp(to_a))
+        b.settle()
         self.up.set()
         self.log.info("call_answered")
         return True
