@@ -103,16 +103,20 @@ class FactQueue:
 
     What an :class:`asyncio.Queue` would do here, without its three deques (about 2.3 KiB per
     call held) and without :func:`asyncio.timeout_at` around each wait (a Timeout object and
-    a cancellation of the call's task when it fires): a deadline is one timer handle that
-    wakes the waiter, cancelled as soon as a fact comes first."""
+    a cancellation of the call's task when it fires). A deadline is one timer handle that
+    wakes the waiter; it stays armed across waits for the same deadline (the flow waits for
+    the same answer timeout or call limit fact after fact) and is re-armed only when the
+    deadline changes. :meth:`close` cancels it when the call ends."""
 
-    __slots__ = ("_facts", "_waiter")
+    __slots__ = ("_deadline", "_facts", "_timer", "_waiter")
 
     def __init__(self) -> None:
         # A list, not a deque: rarely more than one fact waits, and an empty deque is a block
         # of 64 slots (760 bytes) held for the whole call.
         self._facts: list[Fact] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = float("inf")  # what _timer is armed for
 
     def put_nowait(self, fact: Fact) -> None:
         self._facts.append(fact)
@@ -132,14 +136,31 @@ class FactQueue:
             return self._facts.pop(0)
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = None if deadline == float("inf") else loop.call_at(deadline, _wake, waiter)
+        if deadline != self._deadline:
+            self.close()
+            if deadline != float("inf"):
+                self._timer = loop.call_at(deadline, self._expire)
+                self._deadline = deadline
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
         return self._facts.pop(0) if self._facts else None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._deadline = float("inf")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        """No more waits with a deadline: cancel the armed timer (an ended call's would
+        otherwise stay in the loop's heap until its limit, hours away)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = float("inf")
 
 
 class Flag:
@@ -174,11 +195,6 @@ class Flag:
                 if self._waiters is not None and waiter in self._waiters:
                     self._waiters.remove(waiter)
         return True
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class Call:
@@ -483,6 +499,7 @@ class Call:
         finally:
             self._close()
             await self._release()
+            self.facts.close()
         self.ended = self._wall()
         self.log.info(
             "call_ended",
@@ -981,6 +998,7 @@ class Call:
         (``sbc.ops.cli.GC_THRESHOLD``): found by the soak (bench/soak.py), where ended calls
         piled up at about 20 KiB each between full collections. Only for a call whose
         :meth:`run` has returned."""
+        self.facts.close()
         self.on_new_leg = _no_leg
         self.on_b_reached = _no_reach
         self.transfer = None

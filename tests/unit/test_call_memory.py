@@ -64,16 +64,33 @@ async def test_fact_queue_deadline_and_order() -> None:
     facts = FactQueue()
     assert await facts.get(loop.time() + 0.01) is None  # the deadline passed first
     assert live_timers() == 0
-    first, second = ShutdownRequested("a"), ShutdownRequested("b")
-    getter = asyncio.ensure_future(facts.get(loop.time() + 60))
+    first, second, third = (ShutdownRequested(reason) for reason in "abc")
+    limit = loop.time() + 60
+    getter = asyncio.ensure_future(facts.get(limit))
     await asyncio.sleep(0)
     facts.put_nowait(first)
     facts.put_nowait(second)
     assert await getter is first
-    assert live_timers() == 0  # the 60 s timer went with the wait it bounded
     assert not facts.empty()
     assert facts.get_nowait() is second
     assert facts.empty()
+    # The next wait for the same limit reuses the timer armed for it: one, not one per wait.
+    assert live_timers() == 1
+    getter = asyncio.ensure_future(facts.get(limit))
+    await asyncio.sleep(0)
+    assert live_timers() == 1
+    facts.put_nowait(third)
+    assert await getter is third
+    # Another deadline re-arms it; close (the call ended) cancels it.
+    getter = asyncio.ensure_future(facts.get(loop.time() + 0.01))
+    assert await getter is None
+    assert live_timers() == 0
+    getter = asyncio.ensure_future(facts.get(limit))
+    await asyncio.sleep(0)
+    facts.put_nowait(first)
+    assert await getter is first
+    facts.close()
+    assert live_timers() == 0
 
 
 async def test_flag_wakes_its_waiters_once_set() -> None:
