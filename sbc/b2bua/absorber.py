@@ -15,7 +15,6 @@ one and hands it each absorbed request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -53,6 +52,8 @@ class Absorber:
     """The in-dialog answers of one call; ``bridge`` gives the call's bridge (legs and media
     session) once it exists, ``spawn`` runs a coroutine as one of the call's tasks."""
 
+    __slots__ = ("_acks", "_bridge", "_reinvite_pending", "_spawn", "config", "log")
+
     def __init__(
         self,
         *,
@@ -65,7 +66,7 @@ class Absorber:
         self._bridge = bridge
         self._spawn = spawn
         self.log = log
-        self._acks: dict[tuple[Leg, int], asyncio.Future[Request]] = {}
+        self._acks: dict[tuple[Leg, int], asyncio.Future[Request | None]] = {}
         self._reinvite_pending: set[Leg] = set()
 
     def dispose(self) -> None:
@@ -87,26 +88,17 @@ class Absorber:
         """Send a 2xx to an INVITE and repeat it until its ACK (RFC 3261 §13.3.1.4); returns
         the ACK (it carries the answer when the 2xx held an offer), None when none came."""
         seq = response.cseq.seq
-        acked: asyncio.Future[Request] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[Request | None] = loop.create_future()
         self._acks[(leg, seq)] = acked
-        interval = self.config.t1
-        deadline = _loop_time() + 64 * self.config.t1
+        resend: _Resend | None = None
         try:
             incoming.send(response)
-            while True:
-                wait = min(interval, deadline - _loop_time())
-                if wait <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(acked), wait)
-                if _loop_time() >= deadline:
-                    return None  # given up: no copy at the very moment of giving up
-                try:
-                    incoming.send(response)
-                except SipError:
-                    return None  # the transaction is gone (Timer L)
-                interval = min(2 * interval, self.config.t2)
+            resend = _Resend(loop, acked, incoming, response, self.config.t1, self.config.t2)
+            return await acked
         finally:
+            if resend is not None:
+                resend.stop()
             self._acks.pop((leg, seq), None)
 
     async def reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
@@ -224,6 +216,67 @@ class Absorber:
         if has_body:
             items.append(("Content-Type", "application/sdp"))
         return tuple(items)
+
+
+class _Resend:
+    """The copies of a 2xx until its ACK (RFC 3261 §13.3.1.4): one timer handle re-armed at
+    T1, 2*T1... capped at T2, that gives up (``acked`` gets None) after 64*T1 or once the
+    transaction is gone. Callbacks, not a loop of ``wait_for(shield(...))``, which cost two
+    futures and a timer per wait for every call answered."""
+
+    __slots__ = (
+        "_acked", "_deadline", "_incoming", "_interval", "_loop", "_response", "_t2", "_timer",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        acked: asyncio.Future[Request | None],
+        incoming: IncomingRequest,
+        response: Response,
+        t1: float,
+        t2: float,
+    ) -> None:
+        self._loop = loop
+        self._acked = acked
+        self._incoming = incoming
+        self._response = response
+        self._interval = t1
+        self._t2 = t2
+        self._deadline = loop.time() + 64 * t1
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        wait = min(self._interval, self._deadline - self._loop.time())
+        if wait <= 0:
+            self._give_up()
+        else:
+            self._timer = self._loop.call_later(wait, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._acked.done():
+            return
+        if self._loop.time() >= self._deadline:
+            self._give_up()  # no copy at the very moment of giving up
+            return
+        try:
+            self._incoming.send(self._response)
+        except SipError:
+            self._give_up()  # the transaction is gone (Timer L)
+            return
+        self._interval = min(2 * self._interval, self._t2)
+        self._arm()
+
+    def _give_up(self) -> None:
+        if not self._acked.done():
+            self._acked.set_result(None)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _loop_time() -> float:

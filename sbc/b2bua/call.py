@@ -80,11 +80,12 @@ __all__ = ["Call", "CallInput", "CallState"]
 
 In = CallInput
 HeaderList = tuple[tuple[str, str], ...]
-DialogHandler = Callable[[Leg, IncomingRequest], Awaitable[CallInput | None]]
+DialogHandler = Callable[["Call", Leg, IncomingRequest], Awaitable[CallInput | None]]
 
 
 def _no_leg(leg: Leg) -> None:
-    """What an ended call tells the manager of a new leg: nothing (see Call.dispose)."""
+    """What a call tells the manager of a new leg before the manager routes its legs, and
+    after it ended (see Call.dispose): nothing. Module functions, not a lambda per call."""
 
 
 def _no_reach(peer: Peer, failure: str | None) -> None:
@@ -97,8 +98,145 @@ def _call_id_key(role: Role, *, initial: bool = True) -> str:
     return f"{role.peer.value if initial else role.value}_call_id"
 
 
+class FactQueue:
+    """The call's facts, read by its flow alone: a list and at most one waiting future.
+
+    What an :class:`asyncio.Queue` would do here, without its three deques (about 2.3 KiB per
+    call held) and without :func:`asyncio.timeout_at` around each wait (a Timeout object and
+    a cancellation of the call's task when it fires). A deadline is one timer handle that
+    wakes the waiter; it stays armed across waits for the same deadline (the flow waits for
+    the same answer timeout or call limit fact after fact) and is re-armed only when the
+    deadline changes. :meth:`close` cancels it when the call ends."""
+
+    __slots__ = ("_deadline", "_facts", "_timer", "_waiter")
+
+    def __init__(self) -> None:
+        # A list, not a deque: rarely more than one fact waits, and an empty deque is a block
+        # of 64 slots (760 bytes) held for the whole call.
+        self._facts: list[Fact] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = float("inf")  # what _timer is armed for
+
+    def put_nowait(self, fact: Fact) -> None:
+        self._facts.append(fact)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._facts
+
+    def get_nowait(self) -> Fact:
+        return self._facts.pop(0)  # IndexError when empty, like QueueEmpty
+
+    async def get(self, deadline: float = float("inf")) -> Fact | None:
+        """The next fact; None once ``deadline`` (loop time) passes first."""
+        if self._facts:
+            return self._facts.pop(0)
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if deadline != self._deadline:
+            self.close()
+            if deadline != float("inf"):
+                self._timer = loop.call_at(deadline, self._expire)
+                self._deadline = deadline
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+        return self._facts.pop(0) if self._facts else None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._deadline = float("inf")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        """No more waits with a deadline: cancel the armed timer (an ended call's would
+        otherwise stay in the loop's heap until its limit, hours away)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadline = float("inf")
+
+
+class Flag:
+    """What the call's ``up`` needs of an :class:`asyncio.Event` (set, is_set, wait), without
+    its deque of waiters (about 760 bytes per call held): nobody waits on most calls'."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> bool:
+        if not self._set:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return True
+
+
 class Call:
     """One call; the manager (``sbc/b2bua/calls.py``) creates it, feeds it and awaits ``run``."""
+
+    # Slots: no dict per call, held for the whole call (bench/bench_held.py measures it).
+    __slots__ = (
+        "__weakref__",
+        "_b_ok",
+        "_closing",
+        "_last_provisional",
+        "_last_relayed",
+        "_late_offer",
+        "_random",
+        "_ring_again_at",
+        "_tasks",
+        "_wall",
+        "a_invite",
+        "absorber",
+        "all_legs",
+        "answered",
+        "bridge",
+        "call_uuid",
+        "called",
+        "caller",
+        "config",
+        "end_reason",
+        "ended",
+        "engine",
+        "facts",
+        "legs",
+        "log",
+        "media_backend",
+        "on_b_reached",
+        "on_new_leg",
+        "started",
+        "state",
+        "transfer",
+        "transfers",
+        "up",
+        "x_headers",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -121,20 +259,20 @@ class Call:
         self._random = random_bytes
         self.started = wall_clock()
         self.answered: float | None = None
-        self.up = asyncio.Event()  # set once legs a and b are answered
+        self.up = Flag()  # set once legs a and b are answered
         self.ended: float | None = None
         self.end_reason = ""
         self.caller = self._caller_of(self.a_invite)
         self.called = called_of(self.a_invite)
-        self.facts: asyncio.Queue[Fact] = asyncio.Queue()
+        self.facts = FactQueue()
         self.x_headers: HeaderList = ()  # the X- headers sent to Retell (a transfer keeps them)
         self.transfer: Transfer | None = None
         self.transfers: list[TransferRecord] = []  # every transfer tried, in order
         self.all_legs: list[Leg] = []  # every leg the call ever had (the manager routes them)
-        self.on_new_leg: Callable[[Leg], None] = lambda leg: None  # the manager routes to it
+        self.on_new_leg: Callable[[Leg], None] = _no_leg  # the manager routes to it
         # Leg b's INVITE reached its peer (None) or failed locally (the engine's own 408/503:
         # what went wrong); the manager logs outages once (sbc/b2bua/reachability.py).
-        self.on_b_reached: Callable[[Peer, str | None], None] = lambda peer, failure: None
+        self.on_b_reached: Callable[[Peer, str | None], None] = _no_reach
         self._tasks: set[asyncio.Task[Any]] = set()
         # Set once the flow hangs up its legs and reads no more facts: a request arriving
         # then (the peer's BYE crossing sbc's) is answered at once, not queued for nobody,
@@ -169,16 +307,6 @@ class Call:
         self.absorber = Absorber(
             config=config, bridge=lambda: self.bridge, spawn=self.spawn, log=self.log
         )
-        # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them.
-        self._handlers: dict[str, DialogHandler] = {
-            "BYE": self._bye_received,
-            "INVITE": self._absorbed(self.absorber.reinvite),
-            "UPDATE": self._absorbed(self.absorber.update),
-            "INFO": self._absorbed(self.absorber.dtmf_info),
-            "OPTIONS": self._absorbed(self._options),
-            "REFER": self._absorbed(self._refer),
-            "NOTIFY": self._absorbed(self._notify),
-        }
 
     # -- what differs by direction (RetellCall overrides these) -------------------------------
     roles: tuple[Role, Role] = (Role.CALLER, Role.AGENT)  # leg a's role, leg b's
@@ -371,6 +499,7 @@ class Call:
         finally:
             self._close()
             await self._release()
+            self.facts.close()
         self.ended = self._wall()
         self.log.info(
             "call_ended",
@@ -507,6 +636,7 @@ class Call:
         if self._late_offer:
             self._b_ok = response
         self._answer_a(serialize_sdp(to_a))
+        b.settle()
         self.up.set()
         self.log.info("call_answered")
         return True
@@ -708,7 +838,7 @@ class Call:
             return None
         try:
             dialog.receive_request(request)
-            handler = self._handlers.get(request.method)
+            handler = _DIALOG_HANDLERS.get(request.method)
             if handler is None:
                 raise NotImplementedMethod(f"{request.method} in a dialog")
             if request.method not in HANDLED[leg.peer]:
@@ -717,7 +847,7 @@ class Call:
                     f"{request.method} in a {leg.peer.value} dialog",
                     headers=(("Allow", leg.allow),),
                 )
-            return await handler(leg, incoming)
+            return await handler(self, leg, incoming)
         except SipError as exc:
             if not incoming.final_sent:
                 incoming.reject(exc)
@@ -732,15 +862,6 @@ class Call:
         if leg is self.bridge.b:
             return In.B_BYE
         return None  # a leg no longer bridged (the agent after a transfer) just ends
-
-    @staticmethod
-    def _absorbed(
-        serve: Callable[[Leg, IncomingRequest], Awaitable[None]],
-    ) -> DialogHandler:
-        async def handler(leg: Leg, incoming: IncomingRequest) -> None:
-            await serve(leg, incoming)
-
-        return handler
 
     async def _options(self, leg: Leg, incoming: IncomingRequest) -> None:
         incoming.respond(200, headers=(("Allow", leg.allow),))
@@ -862,18 +983,9 @@ class Call:
 
     async def _next_fact(self, deadline: float) -> Fact | None:
         """The next fact, or None once ``deadline`` (loop time) has passed."""
-        if deadline == float("inf"):
-            return await self.facts.get()
         if deadline <= self._loop_time():
             return None
-        if not self.facts.empty():
-            # Already there: no timeout armed (each one is a timer handle on the loop).
-            return self.facts.get_nowait()
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self.facts.get()
-        except TimeoutError:
-            return None
+        return await self.facts.get(deadline)
 
     def _loop_time(self) -> float:
         return asyncio.get_running_loop().time()
@@ -886,7 +998,7 @@ class Call:
         (``sbc.ops.cli.GC_THRESHOLD``): found by the soak (bench/soak.py), where ended calls
         piled up at about 20 KiB each between full collections. Only for a call whose
         :meth:`run` has returned."""
-        self._handlers.clear()
+        self.facts.close()
         self.on_new_leg = _no_leg
         self.on_b_reached = _no_reach
         self.transfer = None
@@ -899,3 +1011,18 @@ class Call:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+# In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them. One
+# table for all calls, not a dict of bound methods and closures per call (about 1.2 KiB each,
+# and a reference cycle): each entry looks its server up on the call, so a subclass's
+# override (RetellCall, a test's) still applies.
+_DIALOG_HANDLERS: dict[str, DialogHandler] = {
+    "BYE": lambda call, leg, incoming: call._bye_received(leg, incoming),
+    "INVITE": lambda call, leg, incoming: call.absorber.reinvite(leg, incoming),
+    "UPDATE": lambda call, leg, incoming: call.absorber.update(leg, incoming),
+    "INFO": lambda call, leg, incoming: call.absorber.dtmf_info(leg, incoming),
+    "OPTIONS": lambda call, leg, incoming: call._options(leg, incoming),
+    "REFER": lambda call, leg, incoming: call._refer(leg, incoming),
+    "NOTIFY": lambda call, leg, incoming: call._notify(leg, incoming),
+}

@@ -672,10 +672,9 @@ def _carried_by(leg: Leg, conn: StreamConnection) -> bool:
     the UAS), or the one sbc opened to where it sent its INVITE (sbc the UAC)."""
     if leg.incoming is not None:
         return leg.incoming.source.connection_id == conn.id
-    outgoing = leg.outgoing
-    if outgoing is None or outgoing.destination is None or not conn.outbound:
+    dest = leg.destination
+    if dest is None or not conn.outbound:
         return False
-    dest = outgoing.destination
     return (dest.transport, dest.host, dest.port) == (conn.transport_name, *conn.peer)
 
 

@@ -97,6 +97,8 @@ class RetellCall(Call):
     Request-URI's user; the other arguments are :class:`~sbc.b2bua.call.Call`'s.
     """
 
+    __slots__ = ("target",)
+
     roles = (Role.AGENT, Role.HUMAN)  # leg a: Retell's INVITE; leg b: sbc's INVITE to the PBX
 
     def __init__(self, incoming: IncomingRequest, *, target: str, **kwargs: Any) -> None:

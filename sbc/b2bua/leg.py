@@ -35,6 +35,7 @@ from structlog.typing import FilteringBoundLogger
 
 from sbc.b2bua.messages import LocalAddress, Peer, SessionTimer, allow_header
 from sbc.media.base import SIDES, MediaSession, Side
+from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
 from sbc.sip.dialog import Dialog, DialogState
 from sbc.sip.digest import ClientAuth
@@ -67,6 +68,14 @@ class LegState(Enum):
 class Leg:
     """One dialog of a call with one peer (see the module docstring)."""
 
+    # Slots: a leg lives as long as its call, and a dict per leg is about 1 KiB of each held
+    # call (bench/bench_held.py).
+    __slots__ = (
+        "__weakref__", "_auth", "_destination", "_log", "_parent_log", "_random", "_user_agent",
+        "ack", "call_id", "dialog", "engine", "incoming", "invites_in_progress", "local",
+        "local_tag", "outgoing", "refreshed_at", "role", "sdp_sent", "state", "status", "timer",
+    )  # fmt: skip
+
     def __init__(
         self,
         role: Role,
@@ -93,15 +102,29 @@ class Leg:
         self.refreshed_at = 0.0  # loop time of the session's last refresh
         self.incoming: IncomingRequest | None = None  # UAS legs: the INVITE received
         self.outgoing: OutgoingRequest | None = None  # UAC legs: the INVITE sent
+        self._destination: Destination | None = None  # where it went, once settled
         self.ack: Request | None = None  # UAC legs: our ACK of the 2xx, sent again on copies
-        self.gone = asyncio.Event()  # set when the leg has ended
         # INVITEs sbc sent in the dialog with no final response yet: a re-INVITE crossing one
         # is answered 491 (RFC 3261 §14.2, glare).
         self.invites_in_progress = 0
-        self.log = log.bind(leg=role.value)
+        # Bound on first use: a leg logs only when something happens to it (a challenge, its
+        # BYE), and a bound logger is a context dict of its own, held for the whole call.
+        self._parent_log = log
+        self._log: FilteringBoundLogger | None = None
         self._random = random_bytes
         self._user_agent = user_agent
         self._auth = auth
+
+    @property
+    def log(self) -> FilteringBoundLogger:
+        log = self._log
+        if log is None:
+            log = self._log = self._parent_log.bind(leg=self.role.value)
+        return log
+
+    @log.setter
+    def log(self, log: FilteringBoundLogger) -> None:
+        self._log = log
 
     def __repr__(self) -> str:
         return f"<Leg {self.role.value} {self.state.value} {self.call_id}>"
@@ -152,6 +175,21 @@ class Leg:
                 self.log.warning("credentials_refused", status=final.status)
             deliver(final)
             return
+
+    @property
+    def destination(self) -> Destination | None:
+        """Where the leg's INVITE went (UAC legs; None for a UAS leg or before it went)."""
+        outgoing = self.outgoing
+        return self._destination if outgoing is None else outgoing.destination
+
+    def settle(self) -> None:
+        """The leg's INVITE is answered and its call up: let go of the transaction's handle,
+        which holds the INVITE as sent and every response to it (about 5 KB held for the
+        whole call), keeping only where it went. A copy of the 2xx is ACKed from ``ack``."""
+        outgoing = self.outgoing
+        if outgoing is not None and outgoing.done:
+            self._destination = outgoing.destination
+            self.outgoing = None
 
     def confirmed_as_uac(self, response: Response) -> None:
         """A 2xx to the leg's INVITE: the dialog is confirmed (RFC 3261 §13.2.2.4)."""
@@ -232,7 +270,6 @@ class Leg:
         if self.dialog is not None:
             self.dialog.terminate()
         self.state = LegState.ENDED
-        self.gone.set()
 
 
 _glare_random = random.Random()

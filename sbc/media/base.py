@@ -132,6 +132,10 @@ def clamp_dtmf_duration(duration_ms: int) -> int:
 class MediaSession(ABC):
     """The media of one call (see the module docstring for the offer/answer semantics)."""
 
+    # Slots for the pass-through session, held for the whole call with nothing else: no dict
+    # per call. Subclasses without __slots__ (the relay, rtpengine) still get one.
+    __slots__ = ("__weakref__", "_origins", "_received", "_sent", "call_id", "closed", "codecs")
+
     def __init__(self, call_id: str, *, codecs: Sequence[str] = DEFAULT_CODECS) -> None:
         self.call_id = call_id
         self.codecs = tuple(codecs)
@@ -279,6 +283,8 @@ def audio_ports(sd: SessionDescription, port: int) -> list[int]:
 class PassthroughSession(MediaSession):
     """SDP filtered to the codec list and re-stamped; media addresses untouched (RTP flows
     directly between the peers of side a and side b)."""
+
+    __slots__ = ()
 
     async def offer(self, side: Side, sdp: SessionDescription) -> SessionDescription:
         self._check_open()
