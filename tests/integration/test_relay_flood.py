@@ -216,7 +216,9 @@ async def flood_scenario(loop_name: str) -> None:
         assert no_port >= int(sent) * 0.9, (no_port, sent)
         assert a.rtp["a"].locked and not b.rtp["a"].locked
         assert 1 <= dropped < int(sent) * 0.1, dropped
-        assert a.rtp["a"].packets == 1 + AUDIO_PACKETS
+        # Counted from the latched source: every packet relayed, none of the flood's. The kernel
+        # may lose one of A's own packets under the flood (the 97 % margin above), so not ==.
+        assert 1 + len(a_times) <= a.rtp["a"].packets <= 1 + AUDIO_PACKETS
         assert backend.drops()[("a", "foreign_source")] == dropped
     finally:
         if flooder is not None and flooder.returncode is None:
