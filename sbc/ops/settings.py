@@ -206,6 +206,22 @@ def _check_secret(value: SecretStr) -> SecretStr:
     return value
 
 
+def _check_e164(value: str) -> str:
+    if not _E164.fullmatch(value):
+        raise ValueError(f"must be E.164 like +14155550100, got {value!r}")
+    return value
+
+
+def _auth_id_from_extension(data: Any) -> Any:
+    """A ``mode="before"`` step of [pbx] and each [[routes]] entry: an unset or empty
+    ``auth_id`` is the extension."""
+    if isinstance(data, dict):
+        data = dict(data)
+        if data.get("auth_id") in (None, "") and isinstance(data.get("extension"), str):
+            data["auth_id"] = data["extension"]
+    return data
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 Host = Annotated[str, AfterValidator(_check_host)]
@@ -217,6 +233,8 @@ XHeaderName = Annotated[str, AfterValidator(_check_x_header)]
 Regex = Annotated[re.Pattern[str], PlainValidator(_compile_regex)]
 Transport = Annotated[Literal["udp", "tcp", "tls"], BeforeValidator(_lower)]
 Secret = Annotated[SecretStr, AfterValidator(_check_secret)]
+E164 = Annotated[str, AfterValidator(_check_e164)]
+Extension = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z*#+._-]+$")]
 
 
 class _Section(BaseModel):
@@ -289,7 +307,7 @@ class PbxSettings(_Section):
     port: Port = 5060
     transport: Transport = "udp"
     domain: Host | None = None  # SIP domain of From/To/Request-URI; defaults to host
-    extension: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z*#+._-]+$")
+    extension: Extension
     auth_id: str = Field(default="", max_length=128)  # "": the extension (filled in at load)
     password: Secret
     register_expires: int = Field(default=300, ge=10, le=86400)
@@ -298,14 +316,7 @@ class PbxSettings(_Section):
     trusted: tuple[Network, ...] = ()  # empty: pbx.host's resolved addresses only
     keepalive: Annotated[Literal["options", "crlf", "off"], BeforeValidator(_lower)] = "options"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_from_extension(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            if data.get("auth_id") in (None, "") and isinstance(data.get("extension"), str):
-                data["auth_id"] = data["extension"]
-        return data
+    _defaults_from_extension = model_validator(mode="before")(_auth_id_from_extension)
 
     @field_validator("register_backoff_max")
     @classmethod
@@ -328,20 +339,13 @@ class RetellSettings(_Section):
     host: Host = "sip.retellai.com"
     port: Port = 5060
     transport: Transport = "tcp"
-    number: str  # the imported number in E.164; Request-URI and To user of every INVITE
+    number: E164  # the imported number in E.164; Request-URI and To user of every INVITE
     trusted: tuple[Network, ...] = tuple(
         ipaddress.ip_network(n) for n in RETELL_SIGNALLING_NETWORKS
     )
     auth_username: str | None = None  # digest credentials Retell uses toward sbc, if set
     auth_password: Secret | None = None
     answer_timeout: Seconds = 90.0  # keep the PBX leg ringing this long at most
-
-    @field_validator("number")
-    @classmethod
-    def _e164(cls, value: str) -> str:
-        if not _E164.fullmatch(value):
-            raise ValueError(f"must be E.164 like +14155550100, got {value!r}")
-        return value
 
     @field_validator("auth_password")
     @classmethod
@@ -754,29 +758,15 @@ class RouteSettings(_Section):
     host, trunk credentials) are shared by every route."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    extension: str = Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z*#+._-]+$")
+    extension: Extension
     auth_id: str = Field(default="", max_length=128)  # "": the extension (filled in at load)
     password: Secret
-    number: str
+    number: E164
     headers: dict[HeaderName, HeaderTemplate] | None = None  # None: the top-level [headers]
     transfer_targets: dict[str, str] | None = None  # None: [transfer] targets
     max_concurrent: int | None = Field(default=None, ge=1)  # None: calls.max_concurrent
 
-    @model_validator(mode="before")
-    @classmethod
-    def _defaults_from_extension(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            if data.get("auth_id") in (None, "") and isinstance(data.get("extension"), str):
-                data["auth_id"] = data["extension"]
-        return data
-
-    @field_validator("number")
-    @classmethod
-    def _e164(cls, value: str) -> str:
-        if not _E164.fullmatch(value):
-            raise ValueError(f"must be E.164 like +14155550100, got {value!r}")
-        return value
+    _defaults_from_extension = model_validator(mode="before")(_auth_id_from_extension)
 
     @field_validator("headers")
     @classmethod
