@@ -488,44 +488,59 @@ class Load:
         return int(self.rate * (self.hold_ms / 1000 + 5)) + 100
 
 
+def peer_sections(pbx: str, registrar_port: int, password: str, retell: str, retell_port: int,
+                  retell_transport: str = "tcp", number: str = RETELL_NUMBER) -> str:  # fmt: skip
+    """sbc's [pbx], [retell] and [calls] sections, shared by the bench scripts: SIPp as 3CX's
+    registrar at ``pbx`` (UDP, trusted, no keepalive), SIPp as Retell at ``retell`` (trusted) and no
+    cap on calls."""
+    return f"""\
+[pbx]
+host = "{pbx}"
+port = {registrar_port}
+transport = "udp"
+extension = "{EXTENSION}"
+password = "{password}"
+register_expires = 3600
+trusted = ["{pbx}/32"]
+keepalive = "off"
+
+[retell]
+host = "{retell}"
+port = {retell_port}
+transport = "{retell_transport}"
+number = "{number}"
+trusted = ["{retell}/32"]
+answer_timeout = 30
+
+[calls]
+max_concurrent = 100000
+max_duration = 3600
+"""
+
+
+# The [headers] section of bench_calls.py's and load.py's sbc: every header sbc can add.
+ALL_HEADERS = """\
+[headers]
+X-Caller-Number = "{caller_number}"
+X-Caller-Name = "{caller_name}"
+X-Called = "{called}"
+X-PBX-Call-ID = "{pbx_call_id}"
+X-Call-UUID = "{call_uuid}"
+"""
+
+
 def sbc_config(
     sip_port: int, registrar_port: int, retell_port: int, admin_port: int, load: Load
 ) -> str:
+    peers = peer_sections(PBX, registrar_port, "bench", RETELL, retell_port)
     return f"""\
 # bench/bench_calls.py: sbc between SIPp as 3CX ({PBX}) and SIPp as Retell ({RETELL})
 [sip]
 bind = "{SBC}"
 port = {sip_port}
 
-[pbx]
-host = "{PBX}"
-port = {registrar_port}
-transport = "udp"
-extension = "{EXTENSION}"
-password = "bench"
-register_expires = 3600
-trusted = ["{PBX}/32"]
-keepalive = "off"
-
-[retell]
-host = "{RETELL}"
-port = {retell_port}
-transport = "tcp"
-number = "{RETELL_NUMBER}"
-trusted = ["{RETELL}/32"]
-answer_timeout = 30
-
-[headers]
-X-Caller-Number = "{{caller_number}}"
-X-Caller-Name = "{{caller_name}}"
-X-Called = "{{called}}"
-X-PBX-Call-ID = "{{pbx_call_id}}"
-X-Call-UUID = "{{call_uuid}}"
-
-[calls]
-max_concurrent = 100000
-max_duration = 3600
-
+{peers}
+{ALL_HEADERS}
 [media]
 mode = "passthrough"
 
@@ -538,14 +553,15 @@ format = "json"
 """
 
 
-def wait_ready(sbc: Child, admin_port: int, limit: float = 20.0) -> None:
+def wait_ready(sbc: Child, admin_port: int, limit: float = 20.0, host: str = SBC) -> None:
+    """Until sbc's ``GET /readyz`` at ``host`` says 200 (registered with the SIPp registrar)."""
     deadline = time.monotonic() + limit
     last = "no answer"
     while time.monotonic() < deadline:
         if not sbc.running():
             raise RuntimeError(f"sbc exited ({sbc.proc.returncode}) on start:\n{sbc.tail()}")
         try:
-            status, body = http_get(SBC, admin_port, "/readyz", timeout=1.0)
+            status, body = http_get(host, admin_port, "/readyz", timeout=1.0)
         except OSError as exc:
             last = str(exc)
         else:

@@ -80,6 +80,7 @@ from typing import Any
 # bench/ is on sys.path when this file runs as a script: share bench_calls.py's process and
 # SIPp plumbing rather than repeat it.
 from bench_calls import (
+    ALL_HEADERS,
     Child,
     Children,
     cpu_seconds,
@@ -90,12 +91,14 @@ from bench_calls import (
     machine,
     metric_sum,
     parse_metrics,
+    peer_sections,
     read_stats,
     rss_mib,
     sbc_environment,
     sipp_binary,
     stat,
     wait_listening,
+    wait_ready,
 )
 
 BENCH = Path(__file__).resolve().parent
@@ -277,35 +280,8 @@ bind = "{B2BUA}"
 port = {sip_port}
 max_transactions_per_source = 1000000
 
-[pbx]
-host = "{PBX}"
-port = {registrar}
-transport = "udp"
-extension = "{EXTENSION}"
-password = "load"
-register_expires = 3600
-trusted = ["{PBX}/32"]
-keepalive = "off"
-
-[retell]
-host = "{RETELL}"
-port = {retell}
-transport = "{options.sbc_out}"
-number = "{RETELL_NUMBER}"
-trusted = ["{RETELL}/32"]
-answer_timeout = 30
-
-[headers]
-X-Caller-Number = "{{caller_number}}"
-X-Caller-Name = "{{caller_name}}"
-X-Called = "{{called}}"
-X-PBX-Call-ID = "{{pbx_call_id}}"
-X-Call-UUID = "{{call_uuid}}"
-
-[calls]
-max_concurrent = 100000
-max_duration = 3600
-
+{peer_sections(PBX, registrar, "load", RETELL, retell, options.sbc_out)}
+{ALL_HEADERS}
 [media]
 mode = "passthrough"
 
@@ -348,24 +324,6 @@ class Bridge:
         except OSError:
             return None
         return metric_sum(parse_metrics(body), "sbc_calls_active") if status == 200 else None
-
-
-def wait_ready(sbc: Child, admin_port: int, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not sbc.running():
-            raise RuntimeError(f"sbc exited ({sbc.proc.returncode}) on start:\n{sbc.tail()}")
-        try:
-            status, body = http_get(B2BUA, admin_port, "/readyz", timeout=1.0)
-        except OSError as exc:
-            last = str(exc)
-        else:
-            if status == 200:
-                return
-            last = f"{status} {body.strip()}"
-        time.sleep(0.05)
-    raise RuntimeError(f"sbc not ready after {limit} s (/readyz: {last}):\n{sbc.tail()}")
 
 
 def start_bridge(
@@ -420,7 +378,7 @@ def start_bridge(
         log=workdir / "sbc.log",
         env=sbc_environment(options.repo),
     )
-    wait_ready(process, admin_port)
+    wait_ready(process, admin_port, limit=30.0, host=B2BUA)
     return Bridge(system, process, B2BUA, sip_port, admin_port, answerer, options.sbc_in)
 
 

@@ -63,17 +63,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_calls import (  # bench/ is not a package: found through sys.path
     REPO,
     SCENARIOS,
-    Child,
     Children,
     free_port,
     http_get,
     parse_metrics,
+    peer_sections,
     rss_mib,
     sbc_environment,
     sipp_binary,
     start_sipp,
     stat,
     wait_listening,
+    wait_ready,
 )
 
 PBX = "127.0.0.61"  # SIPp: registrar and callers (3CX)
@@ -149,31 +150,10 @@ t1 = {load.t1}
 t2 = {max(4.0, load.t1)}
 idle_timeout = {load.idle_timeout}
 
-[pbx]
-host = "{PBX}"
-port = {registrar_port}
-transport = "udp"
-extension = "{EXTENSION}"
-password = "soak"
-register_expires = 3600
-trusted = ["{PBX}/32"]
-keepalive = "off"
-
-[retell]
-host = "{RETELL}"
-port = {retell_port}
-transport = "tcp"
-number = "+14155550100"
-trusted = ["{RETELL}/32"]
-answer_timeout = 30
-
+{peer_sections(PBX, registrar_port, "soak", RETELL, retell_port)}
 [headers]
 X-Caller-Number = "{{caller_number}}"
 X-Call-UUID = "{{call_uuid}}"
-
-[calls]
-max_concurrent = 100000
-max_duration = 3600
 
 [media]
 mode = "relay"
@@ -195,25 +175,6 @@ listen = "{SBC}:{admin_port}"
 level = "{load.log_level}"
 format = "json"
 """
-
-
-def wait_ready(sbc: Child, admin_port: int, limit: float) -> None:
-    """Until ``GET /readyz`` says 200 (registered with the SIPp registrar)."""
-    deadline = time.monotonic() + limit
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if not sbc.running():
-            raise RuntimeError(f"sbc exited ({sbc.proc.returncode}) on start:\n{sbc.tail()}")
-        try:
-            status, body = http_get(SBC, admin_port, "/readyz", timeout=1.0)
-        except OSError as exc:
-            last = str(exc)
-        else:
-            if status == 200:
-                return
-            last = f"{status} {body.strip()}"
-        time.sleep(0.05)
-    raise RuntimeError(f"sbc not ready after {limit} s (/readyz: {last}):\n{sbc.tail()}")
 
 
 # The gauges that must all read 0 once a batch and its timers are over.
@@ -348,7 +309,7 @@ def run_soak(load: SoakLoad, workdir: Path, repo: Path = REPO, echo: bool = True
         else:
             command = [load.python, "-m", "sbc", "run", "--config", str(config)]
         sbc = children.start("sbc", command, cwd=workdir, log=workdir / "sbc.log", env=env)
-        wait_ready(sbc, admin_port, limit=60.0)
+        wait_ready(sbc, admin_port, limit=60.0, host=SBC)
         time.sleep(1.0)
         result["rss_idle_mib"] = rss_mib(sbc.proc.pid)
         say(
