@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peers import free_port
 from sipp_helpers import Sipp, SippResult, start_sipp
@@ -45,8 +46,10 @@ __all__ = [
     "STRANGER",
     "Bridge",
     "assert_both_ends",
+    "demo_pbx",
     "final_statuses",
     "pbx_call",
+    "quick_sip",
     "retell",
     "running_bridge",
 ]
@@ -109,6 +112,25 @@ class Bridge:
             if loop.time() > give_up:
                 raise AssertionError(f"left after {limit} s: {self.leftovers()}")
             await asyncio.sleep(0.05)  # transaction timers have no event to wait for
+
+
+def quick_sip(bind: str) -> SipSettings:
+    """sbc's SIP on ``bind`` (a free port), with the short timers the in-process tests use."""
+    return SipSettings(bind=bind, port=free_port(bind), t1=0.25, t2=2.0)
+
+
+def demo_pbx(host: str, extension: str, **extra: Any) -> PbxSettings:
+    """The PBX stand-in's account on ``host`` (a free port), without keepalives; ``extra`` adds
+    or overrides fields."""
+    fields: dict[str, Any] = {
+        "host": host,
+        "port": free_port(host),
+        "extension": extension,
+        "auth_id": "demo1000",
+        "password": "secret",
+        "keepalive": "off",
+    }
+    return PbxSettings(**(fields | extra))
 
 
 @contextlib.asynccontextmanager

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import pytest
+from bridge_helpers import demo_pbx, quick_sip
 from peers import free_port
 from rtpengine_helpers import running_rtpengine
 
@@ -39,10 +40,8 @@ from sbc.ops.settings import (
     AdminSettings,
     CallsSettings,
     MediaSettings,
-    PbxSettings,
     RetellSettings,
     Settings,
-    SipSettings,
 )
 from sbc.sdp.model import SessionDescription
 from sbc.sdp.parser import parse_sdp
@@ -218,15 +217,8 @@ EXTENSION = "1000"
 def bridge_settings() -> Settings:
     rtp_min = free_port(SBC) & ~1
     return Settings(
-        sip=SipSettings(bind=SBC, port=free_port(SBC), t1=0.25, t2=2.0),
-        pbx=PbxSettings(
-            host=PBX_SIP,
-            port=free_port(PBX_SIP),
-            extension=EXTENSION,
-            auth_id="demo1000",
-            password="secret",  # type: ignore[arg-type]
-            keepalive="off",
-        ),
+        sip=quick_sip(SBC),
+        pbx=demo_pbx(PBX_SIP, EXTENSION),
         retell=RetellSettings(
             host=RETELL_SIP, port=free_port(RETELL_SIP), transport="tcp", number="+14155550100"
         ),

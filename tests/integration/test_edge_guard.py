@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bridge_helpers import demo_pbx, quick_sip
 from peers import free_port, require_binary
 
 from sbc.b2bua.calls import CallManager
@@ -42,11 +43,9 @@ from sbc.ops.settings import (
     AdminSettings,
     CallsSettings,
     MediaSettings,
-    PbxSettings,
     RetellSettings,
     SecuritySettings,
     Settings,
-    SipSettings,
 )
 
 pytestmark = pytest.mark.integration
@@ -86,15 +85,8 @@ class Rig:
 def settings_for(security: SecuritySettings | None = None) -> Settings:
     rtp_min = free_port(SBC) & ~1
     return Settings(
-        sip=SipSettings(bind=SBC, port=free_port(SBC), t1=0.25, t2=2.0),
-        pbx=PbxSettings(
-            host=PBX,
-            port=free_port(PBX),
-            extension=EXTENSION,
-            auth_id="demo1000",
-            password="secret",  # type: ignore[arg-type]
-            keepalive="off",
-        ),
+        sip=quick_sip(SBC),
+        pbx=demo_pbx(PBX, EXTENSION),
         # Retell's default trusted ranges (its public ones): the stand-in on loopback is let in
         # only as the peer sbc sends its INVITEs to.
         retell=RetellSettings(host=RETELL, port=free_port(RETELL), transport="tcp", number=NUMBER),

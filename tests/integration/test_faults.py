@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import structlog
+from bridge_helpers import demo_pbx
 from peers import FakeDns, free_port
 
 from sbc.demo.pbx import PbxCall, PbxStandIn
@@ -33,7 +34,6 @@ from sbc.ops.settings import (
     AdminSettings,
     CallsSettings,
     MediaSettings,
-    PbxSettings,
     RetellSettings,
     Settings,
     SipSettings,
@@ -98,14 +98,10 @@ def settings(
     rtp_min = free_port(SBC) & ~1
     return Settings(
         sip=SipSettings(bind=SBC, port=free_port(SBC), t1=t1, t2=max(0.4, 4 * t1), t4=0.5),
-        pbx=PbxSettings(
-            host=PBX,
-            port=free_port(PBX),
-            extension=EXTENSION,
-            auth_id="demo1000",
-            password="secret",  # type: ignore[arg-type]
-            trusted=(f"{PBX}/32",),  # type: ignore[arg-type]
-            keepalive="off",
+        pbx=demo_pbx(
+            PBX,
+            EXTENSION,
+            trusted=(f"{PBX}/32",),
             register_expires=register_expires,
             register_backoff_base=backoff,
             register_backoff_max=max(backoff, 60.0),

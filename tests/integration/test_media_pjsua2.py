@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bridge_helpers import demo_pbx, quick_sip
 from peers import free_port, require_pjsua2
 from rtpengine_helpers import Media, Rtpengine, running_rtpengine
 
@@ -47,10 +48,8 @@ from sbc.ops.settings import (
     AdminSettings,
     CallsSettings,
     MediaSettings,
-    PbxSettings,
     RetellSettings,
     Settings,
-    SipSettings,
 )
 
 pytestmark = pytest.mark.integration
@@ -157,15 +156,8 @@ def bridge_settings(
     media = media or Media(SBC)
     rtp_min = free_port(SBC) & ~1
     return Settings(
-        sip=SipSettings(bind=SBC, port=free_port(SBC), t1=0.25, t2=2.0),
-        pbx=PbxSettings(
-            host=PBX,
-            port=free_port(PBX),
-            extension=EXTENSION,
-            auth_id="demo1000",
-            password="secret",  # type: ignore[arg-type]
-            keepalive="off",
-        ),
+        sip=quick_sip(SBC),
+        pbx=demo_pbx(PBX, EXTENSION),
         retell=RetellSettings(host=RETELL, port=free_port(RETELL), transport="tcp", number=NUMBER),
         headers=HEADERS,
         calls=CallsSettings(country_code="31", max_concurrent=max_concurrent),
