@@ -148,9 +148,8 @@ class _Classifier:
             address = ipaddress.ip_address(host.strip("[]").split("%")[0])
         except ValueError:
             return False
-        if isinstance(address, ipaddress.IPv4Address):
-            value = int(address)
-            return any(value & mask == net for net, mask in self.v4)
+        if not isinstance(address, ipaddress.IPv6Address):
+            return False  # not reached: text with a colon never parses as IPv4
         mapped = address.ipv4_mapped
         if mapped is not None:
             value = int(mapped)
