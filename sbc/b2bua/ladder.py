@@ -284,8 +284,11 @@ def ladder_json(entries: Iterable[LadderEntry]) -> str:
     return _summaries_json([_fields_of(entry) for entry in entries])
 
 
-def _summaries_json(summaries: Iterable[_Summary]) -> str:
-    # Written by hand: a third of what json.dumps() of a dict per entry costs.
+def _summaries_json(summaries: Sequence[_Summary]) -> str:
+    # Written by hand because every call's record pays for it: measured on 12 typical entries,
+    # 16 us against 41 us for json.dumps() of a dict per entry (52 us via as_dict()), i.e.
+    # ~30 us of the ~1.8 ms of CPU a call costs at 600 calls/s. A Sequence, not any Iterable:
+    # the fallback below reads the entries a second time.
     q = encode_basestring
     try:
         parts = [

@@ -139,6 +139,11 @@ def _driver() -> ModuleType:
     return psycopg
 
 
+def _connection_lost(psycopg: ModuleType, exc: Exception, conn: Any) -> bool:
+    """Whether ``exc`` cost the connection too, not only its statement."""
+    return isinstance(exc, psycopg.OperationalError) or bool(conn.closed) or bool(conn.broken)
+
+
 def scrub(text: str, *secrets: str | None) -> str:
     """``text`` without any of ``secrets`` in it and without a URL's password."""
     for secret in secrets:
@@ -391,7 +396,7 @@ class PostgresRecordWriter(RecordWriter):
                 cursor.executemany(INSERT, list(rows.values()))
             return errors, False
         except psycopg.Error as exc:
-            if isinstance(exc, psycopg.OperationalError) or conn.closed or conn.broken:
+            if _connection_lost(psycopg, exc, conn):
                 self._lost(exc)
                 for i in rows:
                     errors[i] = self._error
@@ -401,7 +406,7 @@ class PostgresRecordWriter(RecordWriter):
                 with conn.transaction():
                     self._insert(records[i])
             except psycopg.Error as exc:
-                if isinstance(exc, psycopg.OperationalError) or conn.closed or conn.broken:
+                if _connection_lost(psycopg, exc, conn):
                     self._lost(exc)
                     for j in rows:
                         if j >= i:
@@ -422,7 +427,7 @@ class PostgresRecordWriter(RecordWriter):
                 cursor = conn.execute("DELETE FROM calls WHERE ended < %s", (before,))
                 return int(cursor.rowcount)
         except psycopg.Error as exc:
-            if isinstance(exc, psycopg.OperationalError) or conn.closed or conn.broken:
+            if _connection_lost(psycopg, exc, conn):
                 self._lost(exc)
             raise RecordsError(self._scrub(exc)) from None
 
