@@ -538,6 +538,28 @@ def ramp_step(system: str, rate: float, seconds: float, options: Options, workdi
     return result
 
 
+def idle_bridge(
+    system: str,
+    children: Children,
+    workdir: Path,
+    options: Options,
+    calls: int,
+    time_limit: float,
+    recv_timeout_ms: int,
+) -> tuple[Bridge, Child, float]:
+    """A warmed-up B2BUA (not the baseline) whose answerer takes ``calls`` more calls: the bridge,
+    its process and its RSS (MiB) at rest before them."""
+    bridge = start_bridge(
+        system, children, workdir, options,
+        answerer_calls=options.warmup + calls, time_limit=time_limit,
+        recv_timeout_ms=recv_timeout_ms,
+    )  # fmt: skip
+    warm_up(bridge, children, workdir, options.warmup)
+    assert bridge.process is not None
+    time.sleep(0.5)
+    return bridge, bridge.process, rss_mib(bridge.process.proc.pid)
+
+
 def hold_phase(system: str, calls: int, rate: float, margin: float, options: Options,
                workdir: Path) -> dict[str, Any]:  # fmt: skip
     children = Children()
@@ -546,16 +568,10 @@ def hold_phase(system: str, calls: int, rate: float, margin: float, options: Opt
     limit = placing + hold_ms / 1000 + 180
     held_at: float | None = None
     try:
-        bridge = start_bridge(
-            system, children, workdir, options,
-            answerer_calls=options.warmup + calls, time_limit=limit + 60,
-            recv_timeout_ms=hold_ms + 32_000,
-        )  # fmt: skip
-        warm_up(bridge, children, workdir, options.warmup)
-        assert bridge.process is not None
-        pid = bridge.process.proc.pid
-        time.sleep(0.5)
-        rss_idle = rss_mib(pid)
+        bridge, process, rss_idle = idle_bridge(
+            system, children, workdir, options, calls, limit + 60, hold_ms + 32_000
+        )
+        pid = process.proc.pid
         started = time.monotonic()
         caller = place_calls(
             bridge, children, workdir, "caller", calls=calls, rate=rate, long_ms=hold_ms,
@@ -576,7 +592,7 @@ def hold_phase(system: str, calls: int, rate: float, margin: float, options: Opt
         active = bridge.calls_active()
         caller_exit = caller.finish(limit)
         answerer_exit = bridge.answerer.finish(30.0)
-        alive = bridge.process.running()
+        alive = process.running()
     finally:
         children.stop_all()
     result = ends(caller, caller_exit, bridge.answerer, answerer_exit, options.warmup, calls)
@@ -606,16 +622,10 @@ def memory_phase(system: str, calls: int, rate: float, linger: float, options: O
     limit = calls / rate + 180
     rss_lingered: float | None = None
     try:
-        bridge = start_bridge(
-            system, children, workdir, options,
-            answerer_calls=options.warmup + calls, time_limit=limit + 60,
-            recv_timeout_ms=32_000,
-        )  # fmt: skip
-        warm_up(bridge, children, workdir, options.warmup)
-        assert bridge.process is not None
-        pid = bridge.process.proc.pid
-        time.sleep(0.5)
-        rss_idle = rss_mib(pid)
+        bridge, process, rss_idle = idle_bridge(
+            system, children, workdir, options, calls, limit + 60, 32_000
+        )
+        pid = process.proc.pid
         caller = place_calls(bridge, children, workdir, "caller", calls=calls, rate=rate)
         caller_exit = caller.finish(limit)
         answerer_exit = bridge.answerer.finish(30.0)
@@ -623,7 +633,7 @@ def memory_phase(system: str, calls: int, rate: float, linger: float, options: O
         if linger > 0:
             time.sleep(linger)
             rss_lingered = rss_mib(pid)
-        alive = bridge.process.running()
+        alive = process.running()
     finally:
         children.stop_all()
     result = ends(caller, caller_exit, bridge.answerer, answerer_exit, options.warmup, calls)
