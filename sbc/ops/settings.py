@@ -1025,20 +1025,8 @@ def _route_secrets(
     directory = env.get(CREDENTIALS_ENV)
     for route in entries if directory else ():
         credential = ROUTE_CREDENTIAL.format(name=route.get("name"))
-        path = Path(str(directory)) / credential
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            problems.append(f"credential {credential} ({path}): cannot read: {exc.strerror}")
-            continue
-        try:
-            text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
-        except UnicodeDecodeError:
-            problems.append(f"credential {credential} ({path}): not UTF-8 text")
-            continue
-        if text.strip():  # blank: the unit's SetCredential= stand-in for "no file"
+        text = _read_credential(Path(str(directory)), credential, problems)
+        if text is not None:
             route["password"] = text
             sources[f"routes.{route.get('name')}.password"] = f"credential {credential}"
     return problems
@@ -1052,6 +1040,28 @@ def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
             yield from _leaves(value, dotted + ".")
         else:
             yield dotted
+
+
+def _read_credential(directory: Path, name: str, problems: list[str]) -> str | None:
+    """The text of credential file ``name`` in ``directory``; None when it is missing, blank
+    (the unit's ``SetCredential=`` stand-in for "no file") or unreadable (then a line in
+    ``problems``)."""
+    path = directory / name
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        problems.append(f"credential {name} ({path}): cannot read: {exc.strerror}")
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        problems.append(f"credential {name} ({path}): not UTF-8 text")
+        return None
+    # `echo secret > file` leaves a newline that is no part of the secret.
+    text = text.removesuffix("\n").removesuffix("\r")
+    return text if text.strip() else None
 
 
 def _credentials(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -1072,22 +1082,8 @@ def _credentials(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]
             continue
         if key not in model.model_fields:
             continue  # a credential for a setting this version does not have
-        path = Path(directory) / name
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            problems.append(f"credential {name} ({path}): cannot read: {exc.strerror}")
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            problems.append(f"credential {name} ({path}): not UTF-8 text")
-            continue
-        # `echo secret > file` leaves a newline that is no part of the secret.
-        text = text.removesuffix("\n").removesuffix("\r")
-        if not text.strip():
+        text = _read_credential(Path(directory), name, problems)
+        if text is None:
             continue
         overrides.setdefault(section, {})[key] = text
         origins[dotted] = f"credential {name}"
