@@ -15,12 +15,14 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from peers import free_port
 from sipp_helpers import Sipp, SippResult, start_sipp
 
 from sbc.b2bua.calls import CallManager
+from sbc.demo.pbx import PbxCall, PbxStandIn
+from sbc.demo.retell import RetellCall, RetellStandIn
 from sbc.media.relay import RelayBackend
 from sbc.ops.service import Service
 from sbc.ops.settings import (
@@ -45,10 +47,14 @@ __all__ = [
     "SBC",
     "STRANGER",
     "Bridge",
+    "StandIns",
     "assert_both_ends",
+    "connected_call",
     "demo_pbx",
     "final_statuses",
+    "hang_up",
     "pbx_call",
+    "pbx_stand_in",
     "quick_sip",
     "retell",
     "running_bridge",
@@ -131,6 +137,46 @@ def demo_pbx(host: str, extension: str, **extra: Any) -> PbxSettings:
         "keepalive": "off",
     }
     return PbxSettings(**(fields | extra))
+
+
+def pbx_stand_in(settings: Settings, port: int | None = None, **extra: Any) -> PbxStandIn:
+    """The 3CX stand-in (registrar) for sbc's ``settings.pbx`` account, on its port or ``port``."""
+    return PbxStandIn(
+        settings.pbx.host,
+        port or settings.pbx.port,
+        extension=settings.pbx.extension,
+        auth_id=settings.pbx.auth_id,
+        password=settings.pbx.password.get_secret_value(),
+        **extra,
+    )
+
+
+class StandIns(Protocol):
+    """A test rig with both stand-ins running."""
+
+    pbx: PbxStandIn
+    retell: RetellStandIn
+
+
+async def connected_call(
+    rig: StandIns, frames: list[bytes] | None = None
+) -> tuple[PbxCall, RetellCall]:
+    """3CX calls the extension; returns once both legs are up and Retell was ACKed."""
+    async with asyncio.timeout(10):
+        call = await rig.pbx.call(frames=frames)
+    assert call.final is not None and call.final.status == 200, call.statuses
+    retell_call = rig.retell.calls[next(reversed(rig.retell.calls))]
+    async with asyncio.timeout(5):
+        await retell_call.acked.wait()
+    return call, retell_call
+
+
+async def hang_up(rig: StandIns, call: PbxCall, retell_call: RetellCall) -> None:
+    """3CX hangs up; Retell gets the BYE."""
+    async with asyncio.timeout(10):
+        assert await rig.pbx.hang_up(call) == 200
+        await retell_call.ended.wait()
+    assert retell_call.bye_received
 
 
 @contextlib.asynccontextmanager

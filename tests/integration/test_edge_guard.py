@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from bridge_helpers import demo_pbx, quick_sip
+from bridge_helpers import connected_call, demo_pbx, hang_up, pbx_stand_in, quick_sip
 from peers import free_port, require_binary
 
 from sbc.b2bua.calls import CallManager
@@ -102,13 +102,7 @@ async def running_bridge(
     security: SecuritySettings | None = None, frames: list[bytes] | None = None
 ) -> AsyncIterator[Rig]:
     settings = settings_for(security)
-    pbx = PbxStandIn(
-        PBX,
-        settings.pbx.port,
-        extension=EXTENSION,
-        auth_id=settings.pbx.auth_id,
-        password=settings.pbx.password.get_secret_value(),
-    )
+    pbx = pbx_stand_in(settings)
     retell = RetellStandIn(RETELL, settings.retell.port, ring=0.1, frames=frames)
     service = Service(settings)
     await pbx.start()
@@ -126,23 +120,6 @@ async def running_bridge(
 
 def numbered(count: int, size: int = 160) -> list[bytes]:
     return [struct.pack("!I", n) + bytes([n % 251]) * (size - 4) for n in range(count)]
-
-
-async def connected_call(rig: Rig, frames: list[bytes]) -> tuple[PbxCall, RetellCall]:
-    async with asyncio.timeout(10):
-        call = await rig.pbx.call(frames=frames)
-    assert call.final is not None and call.final.status == 200, call.statuses
-    retell_call = rig.retell.calls[next(reversed(rig.retell.calls))]
-    async with asyncio.timeout(5):
-        await retell_call.acked.wait()
-    return call, retell_call
-
-
-async def hang_up(rig: Rig, call: PbxCall, retell_call: RetellCall) -> None:
-    async with asyncio.timeout(10):
-        assert await rig.pbx.hang_up(call) == 200
-        await retell_call.ended.wait()
-    assert retell_call.bye_received
 
 
 # -- raw probes -----------------------------------------------------------------------------------

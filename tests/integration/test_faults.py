@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import structlog
-from bridge_helpers import demo_pbx
+from bridge_helpers import connected_call, demo_pbx, hang_up, pbx_stand_in
 from peers import FakeDns, free_port
 
 from sbc.demo.pbx import PbxCall, PbxStandIn
@@ -130,14 +130,7 @@ async def running_rig(
     with_retell: bool = True,
 ) -> AsyncIterator[Rig]:
     values = values or settings()
-    pbx = PbxStandIn(
-        PBX,
-        values.pbx.port,
-        extension=EXTENSION,
-        auth_id=values.pbx.auth_id,
-        password=values.pbx.password.get_secret_value(),
-        expires=pbx_expires,
-    )
+    pbx = pbx_stand_in(values, expires=pbx_expires)
     retell = RetellStandIn(RETELL, values.retell.port, ring=ring)
     service = Service(values)
     if resolver is not None:
@@ -155,22 +148,6 @@ async def running_rig(
         if with_retell:
             await retell.stop()
         await pbx.stop()
-
-
-async def connected_call(rig: Rig) -> tuple[PbxCall, RetellCall]:
-    async with asyncio.timeout(10):
-        call = await rig.pbx.call()
-    assert call.final is not None and call.final.status == 200, call.statuses
-    retell_call = rig.retell.calls[next(reversed(rig.retell.calls))]
-    async with asyncio.timeout(5):
-        await retell_call.acked.wait()
-    return call, retell_call
-
-
-async def hang_up(rig: Rig, call: PbxCall, retell_call: RetellCall) -> None:
-    async with asyncio.timeout(10):
-        assert await rig.pbx.hang_up(call) == 200
-        await retell_call.ended.wait()
 
 
 # -- raw datagrams from the PBX's address --------------------------------------------------------

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bridge_helpers import demo_pbx, quick_sip
+from bridge_helpers import connected_call, demo_pbx, hang_up, pbx_stand_in, quick_sip
 from peers import free_port, require_pjsua2
 from rtpengine_helpers import Media, Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager
-from sbc.demo.pbx import PbxCall, PbxStandIn
-from sbc.demo.retell import RetellCall, RetellStandIn
+from sbc.demo.pbx import PbxStandIn
+from sbc.demo.retell import RetellStandIn
 from sbc.media.rtpengine import NgClient, NgReply, RtpengineBackend, RtpengineError, rtp_totals
 from sbc.ops.service import Service
 from sbc.ops.settings import (
@@ -182,13 +182,7 @@ async def running_bridge(
     media: Media | None = None,
 ) -> AsyncIterator[Rig]:
     """The 3CX stand-in (registrar), optionally the Retell stand-in, and sbc registered."""
-    pbx = PbxStandIn(
-        PBX,
-        settings.pbx.port,
-        extension=EXTENSION,
-        auth_id=settings.pbx.auth_id,
-        password=settings.pbx.password.get_secret_value(),
-    )
+    pbx = pbx_stand_in(settings)
     retell_standin = RetellStandIn(RETELL, settings.retell.port, ring=ring, frames=frames)
     service = Service(settings)
     await pbx.start()
@@ -213,24 +207,6 @@ def numbered(count: int, size: int = 160) -> list[bytes]:
 
 def packets(stream: list[Any]) -> list[tuple[int, int, bytes]]:
     return [(p.header.sequence, p.header.payload_type, p.payload) for p in stream]
-
-
-async def connected_call(rig: Rig, frames: list[bytes] | None = None) -> tuple[PbxCall, RetellCall]:
-    """3CX calls the extension; returns once both legs are up and Retell was ACKed."""
-    async with asyncio.timeout(10):
-        call = await rig.pbx.call(frames=frames)
-    assert call.final is not None and call.final.status == 200, call.statuses
-    retell_call = rig.retell.calls[next(reversed(rig.retell.calls))]
-    async with asyncio.timeout(5):
-        await retell_call.acked.wait()
-    return call, retell_call
-
-
-async def hang_up(rig: Rig, call: PbxCall, retell_call: RetellCall) -> None:
-    async with asyncio.timeout(10):
-        assert await rig.pbx.hang_up(call) == 200
-        await retell_call.ended.wait()
-    assert retell_call.bye_received
 
 
 # -- pjsua2 -------------------------------------------------------------------------------------

@@ -39,13 +39,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from bridge_helpers import demo_pbx, quick_sip
+from bridge_helpers import demo_pbx, pbx_stand_in, quick_sip
 from peers import free_port, require_pjsua2
 from rtpengine_helpers import Media, Rtpengine, running_rtpengine
 
 from sbc.b2bua.calls import CallManager
 from sbc.b2bua.transfer import TransferRecord
-from sbc.demo.pbx import PbxStandIn
 from sbc.media.rtpengine import NgClient, RtpengineBackend, RtpengineError
 from sbc.ops.service import Service
 from sbc.ops.settings import (
@@ -206,13 +205,7 @@ async def running_bridge(media: Media) -> AsyncIterator[Rig]:
     """The registrar behind 3CX's address, sbc registered with it."""
     settings = bridge_settings(media)
     loop = asyncio.get_running_loop()
-    registrar = PbxStandIn(
-        PBX,
-        free_port(PBX),
-        extension=EXTENSION,
-        auth_id=settings.pbx.auth_id,
-        password=settings.pbx.password.get_secret_value(),
-    )
+    registrar = pbx_stand_in(settings, free_port(PBX))
     queue_port = free_port(PBX)
     front = PbxFront((PBX, registrar.port), (PBX, queue_port))
     await registrar.start()
