@@ -242,6 +242,9 @@ class Response(_Common):
 Message = Request | Response
 
 
+_VIA_CACHE_KEYS = frozenset(("top_via", "vias"))  # what Headers.cached holds of the Via fields
+
+
 def with_top_via(request: Request, text: str, parsed: Via | None = None) -> Request:
     """``request`` with its top Via element replaced by ``text`` (RFC 3261 §18.2.1 stamping).
 
@@ -264,6 +267,11 @@ def with_top_via(request: Request, text: str, parsed: Via | None = None) -> Requ
         )
     else:
         headers = old.remove_first("Via").prepend("Via", text)
+    # The fields other than Via are the same objects: what was parsed of them (To, From, CSeq:
+    # the edge guard reads the To tag before stamping) stays parsed.
+    kept = old._cache
+    if kept:
+        headers._cache = {k: v for k, v in kept.items() if k not in _VIA_CACHE_KEYS}
     if parsed is not None:
         headers.cached("top_via", lambda _: parsed)
     return Request(request.method, request.uri, headers, request.body, request.version)

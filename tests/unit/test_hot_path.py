@@ -464,6 +464,15 @@ def test_with_top_via_is_remove_first_then_prepend() -> None:
     assert seeded.top_via == parse_via(text)
 
 
+def test_with_top_via_keeps_what_was_parsed_of_the_other_fields() -> None:
+    req = request()
+    to, cseq, old_via = req.to, req.cseq, req.top_via  # parsed and cached before stamping
+    text = "SIP/2.0/UDP new;branch=z9hG4bK3"
+    for replaced in (with_top_via(req, text), with_top_via(req, text, parse_via(text))):
+        assert replaced.to is to and replaced.cseq is cseq  # not parsed again
+        assert replaced.top_via == parse_via(text) != old_via  # the Via's own entry is not kept
+
+
 @pytest.mark.parametrize(
     "fields",
     [
