@@ -188,7 +188,8 @@ async def test_metrics_count_a_test_call(tmp_path: Path) -> None:
             d("sbc_sip_responses_total", direction="out", status=status, transport="udp") == count
         )
     assert d("sbc_sip_retransmissions_total") == 0
-    assert value(after, "sbc_sip_transactions") >= 0
+    # A gauge whose value depends on timers still running; value() reads a missing one as 0.
+    assert ("sbc_sip_transactions", ()) in after
     assert d("sbc_calls_started_total") == 1
     assert d("sbc_call_setup_seconds_count") == 1
     assert 0 < d("sbc_call_setup_seconds_sum") < 5
