@@ -56,6 +56,17 @@ def raw_request(
     ).encode()
 
 
+def over_limits(uri_length: int) -> tuple[bytes, ...]:
+    """One request each over max_headers=20, max_via=2 and max_uri_length=``uri_length``."""
+    fillers = "".join(f"X-F{i}: {i}\r\n" for i in range(20))
+    vias = "".join(f"Via: SIP/2.0/UDP 192.0.2.{i}:5060;branch=z9hG4bKv{i}\r\n" for i in (1, 2))
+    return (
+        raw_request(extra=fillers),
+        raw_request(extra=vias),
+        raw_request(uri="sip:" + "u" * uri_length + "@127.0.0.1"),
+    )
+
+
 @pytest.fixture
 async def engines(
     free_port_factory: Callable[..., int],
@@ -116,13 +127,7 @@ async def test_over_limit_datagrams_dropped_counted_and_the_listener_serves_on(
     engine = await engines(parse_limits=ParseLimits(max_headers=20, max_via=2, max_uri_length=40))
     peer = UdpPeer(A_HOST)
     try:
-        fillers = "".join(f"X-F{i}: {i}\r\n" for i in range(20))
-        vias = "".join(f"Via: SIP/2.0/UDP 192.0.2.{i}:5060;branch=z9hG4bKv{i}\r\n" for i in (1, 2))
-        for data in (
-            raw_request(extra=fillers),
-            raw_request(extra=vias),
-            raw_request(uri="sip:" + "u" * 40 + "@127.0.0.1"),
-        ):
+        for data in over_limits(uri_length=40):
             await peer.send(engine, data)
         await peer.send(engine, raw_request(call_id="after"))
         response = await peer.receive()
@@ -394,13 +399,7 @@ async def test_service_applies_the_limit_settings_and_counts_each_hit(
     peer = UdpPeer(A_HOST)
     try:
         engine = service.engine
-        fillers = "".join(f"X-F{i}: {i}\r\n" for i in range(20))
-        vias = "".join(f"Via: SIP/2.0/UDP 192.0.2.{i}:5060;branch=z9hG4bKv{i}\r\n" for i in (1, 2))
-        for data in (
-            raw_request(extra=fillers),
-            raw_request(extra=vias),
-            raw_request(uri="sip:" + "u" * 64 + "@127.0.0.1"),
-        ):
+        for data in over_limits(uri_length=64):
             await peer.send(engine, data)
         await peer.send(engine, raw_request(call_id="after"))
         response = await peer.receive()
