@@ -167,13 +167,17 @@ async def test_slowloris_connections_cut_at_the_read_deadline_while_others_are_s
     loop = asyncio.get_running_loop()
     data = raw_request(transport="TCP") * 10  # longer than the deadline at this pace
 
-    async def trickle() -> float:
+    trickling = [loop.create_future() for _ in range(20)]
+
+    async def trickle(first_byte_sent: asyncio.Future[None]) -> float:
         reader, writer = await asyncio.open_connection(*address)
         started = loop.time()
         try:
             for i in range(len(data)):
                 writer.write(data[i : i + 1])
                 await writer.drain()
+                if not first_byte_sent.done():
+                    first_byte_sent.set_result(None)
                 if reader.at_eof():
                     break
                 try:
@@ -188,8 +192,9 @@ async def test_slowloris_connections_cut_at_the_read_deadline_while_others_are_s
             writer.close()
         return loop.time() - started
 
-    slow = [asyncio.create_task(trickle()) for _ in range(20)]
-    await asyncio.sleep(0.2)
+    slow = [asyncio.create_task(trickle(started)) for started in trickling]
+    async with asyncio.timeout(5):
+        await asyncio.gather(*trickling)  # all twenty are trickling before the good client comes
     reader, writer = await asyncio.open_connection(*address)
     writer.write(raw_request(transport="TCP", call_id="good"))
     parser = StreamParser()
