@@ -413,6 +413,30 @@ class Sipp:
         return read_stats(self.stat_file)
 
 
+def sipp_command(scenario: Path, directory: Path, *, local_ip: str, port: int, transport: str,
+                 calls: int, timeout_s: int, remote: str | None = None,
+                 extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """SIPp's command line for the bench scripts: ``calls`` calls of ``scenario`` from
+    ``local_ip:port``, failed after ``timeout_s``, its statistics and errors in ``directory``."""
+    return [
+        sipp_binary(),
+        "-sf", str(scenario),
+        *([remote] if remote else []),
+        "-t", transport,
+        "-i", local_ip,
+        "-p", str(port),
+        "-cp", str(free_port("0.0.0.0", udp_too=True)),  # SIPp binds its control socket everywhere
+        "-m", str(calls),
+        "-timeout", f"{timeout_s}s",
+        "-timeout_error",
+        "-buff_size", "4194304",
+        "-trace_stat", "-stf", str(directory / "stat.csv"), "-fd", "1",
+        "-trace_err", "-error_file", str(directory / "errors.log"),
+        "-nostdin",
+        *extra,
+    ]  # fmt: skip
+
+
 def start_sipp(
     children: Children,
     name: str,
@@ -430,37 +454,10 @@ def start_sipp(
     directory = workdir / name
     directory.mkdir()
     stat_file = directory / "stat.csv"
-    command = [
-        sipp_binary(),
-        "-sf",
-        str(SCENARIOS / scenario),
-        *([remote] if remote else []),
-        "-t",
-        transport,
-        "-i",
-        local_ip,
-        "-p",
-        str(port),
-        "-cp",
-        str(free_port("0.0.0.0", udp_too=True)),  # SIPp binds its control socket everywhere
-        "-m",
-        str(calls),
-        "-timeout",
-        f"{int(time_limit)}s",
-        "-timeout_error",
-        "-buff_size",
-        "4194304",
-        "-trace_stat",
-        "-stf",
-        str(stat_file),
-        "-fd",
-        "1",
-        "-trace_err",
-        "-error_file",
-        str(directory / "errors.log"),
-        "-nostdin",
-        *extra,
-    ]
+    command = sipp_command(
+        SCENARIOS / scenario, directory, local_ip=local_ip, port=port, transport=transport,
+        calls=calls, timeout_s=int(time_limit), remote=remote, extra=extra,
+    )  # fmt: skip
     child = children.start(name, command, cwd=directory, log=directory / "output.log")
     return Sipp(child, directory, stat_file, time.monotonic())
 

@@ -96,6 +96,7 @@ from bench_calls import (
     rss_mib,
     sbc_environment,
     sipp_binary,
+    sipp_command,
     stat,
     wait_listening,
     wait_ready,
@@ -167,26 +168,16 @@ def start_sipp(
 ) -> Sipp:
     directory = workdir / name
     directory.mkdir()
-    command = [
-        sipp_binary(),
-        "-sf", str(SCENARIOS / scenario),
-        *([remote] if remote else []),
-        "-t", transport,
-        "-key", "tp", "tcp" if transport.startswith("t") else "udp",
-        "-i", local_ip,
-        "-p", str(port),
-        "-cp", str(free_port("0.0.0.0")),  # SIPp binds its control socket everywhere
-        "-m", str(calls),
-        "-timeout", f"{math.ceil(time_limit)}s",
-        "-timeout_error",
-        "-recv_timeout", str(recv_timeout_ms),
-        "-buff_size", "4194304",
-        "-trace_stat", "-stf", str(directory / "stat.csv"), "-fd", "1",
-        "-trace_err", "-error_file", str(directory / "errors.log"),
-        "-trace_logs", "-log_file", str(directory / "calls.log"),
-        "-nostdin",
-        *extra,
-    ]  # fmt: skip
+    command = sipp_command(
+        SCENARIOS / scenario, directory, local_ip=local_ip, port=port, transport=transport,
+        calls=calls, timeout_s=math.ceil(time_limit), remote=remote,
+        extra=[
+            "-key", "tp", "tcp" if transport.startswith("t") else "udp",
+            "-recv_timeout", str(recv_timeout_ms),
+            "-trace_logs", "-log_file", str(directory / "calls.log"),
+            *extra,
+        ],
+    )  # fmt: skip
     child = children.start(name, command, cwd=directory, log=directory / "output.log")
     return Sipp(child, directory)
 
