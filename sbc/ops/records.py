@@ -259,6 +259,10 @@ def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
     for version in range(found, SCHEMA_VERSION):
         with db:  # one transaction per step; a failed step leaves the previous version
             db.execute("BEGIN IMMEDIATE")
+            # Read again under the write lock: another sbc sharing the file may have taken
+            # this step since the version was read (two instances starting at once).
+            if _user_version(db) > version:
+                continue
             for statement in MIGRATIONS[version]:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {version + 1}")

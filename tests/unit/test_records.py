@@ -441,3 +441,24 @@ def test_record_defaults_keep_old_constructors_working() -> None:
     record = CallRecord("u", "p", "r", "+1", "101", 0.0, None, 1.0, 200, 200, "pbx_bye")
     assert (record.ladder, record.media, record.x_headers, record.hung_up_by) == ((), None, (), "")
     assert dataclasses.replace(record, hung_up_by="pbx").hung_up_by == "pbx"
+
+
+def test_migration_taken_by_another_process_meanwhile_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two sbc sharing one file start at once: both read version 0, one migrates first. The
+    # other must see, under the write lock, that the steps are done ("table calls already
+    # exists" stopped the second instance before).
+    from sbc.ops import records
+
+    path = tmp_path / "calls.sqlite3"
+    first = sqlite3.connect(path, isolation_level=None)
+    assert records.migrate(first, path) == 0
+    first.close()
+    stale = [0]  # what the second one read before the first had migrated
+    real = records._user_version
+    monkeypatch.setattr(records, "_user_version", lambda db: stale.pop() if stale else real(db))
+    second = sqlite3.connect(path, isolation_level=None)
+    assert records.migrate(second, path) == 0  # the stale read, then nothing done twice
+    assert real(second) == SCHEMA_VERSION
+    second.close()
