@@ -526,6 +526,18 @@ X-Call-UUID = "{call_uuid}"
 """
 
 
+# The limits a bench lifts: one trusted PBX sends far above what the edge guard's defaults admit
+# (250 new calls/s; 1,000 out-of-dialog requests per 2 s from a trusted source; 1,000 unanswered
+# transactions per source). An operator sizing a bridge for such a rate raises them the same way.
+# Without this, a run above 250 calls/s measures the guard's 503s, not the bridge.
+LOAD_SECURITY = """\
+[security]
+new_call_rate = 0
+trusted_rate_limit = 10000000
+"""
+LOAD_SIP_LIMITS = "max_transactions_per_source = 1000000"
+
+
 def sbc_config(
     sip_port: int, registrar_port: int, retell_port: int, admin_port: int, load: Load
 ) -> str:
@@ -535,12 +547,14 @@ def sbc_config(
 [sip]
 bind = "{SBC}"
 port = {sip_port}
+{LOAD_SIP_LIMITS}
 
 {peers}
 {ALL_HEADERS}
 [media]
 mode = "passthrough"
 
+{LOAD_SECURITY}
 [admin]
 listen = "{SBC}:{admin_port}"
 

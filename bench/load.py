@@ -81,6 +81,8 @@ from typing import Any
 # SIPp plumbing rather than repeat it.
 from bench_calls import (
     ALL_HEADERS,
+    LOAD_SECURITY,
+    LOAD_SIP_LIMITS,
     Child,
     Children,
     cpu_seconds,
@@ -269,20 +271,14 @@ def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin:
 [sip]
 bind = "{B2BUA}"
 port = {sip_port}
-max_transactions_per_source = 1000000
+{LOAD_SIP_LIMITS}
 
 {peer_sections(PBX, registrar, "load", RETELL, retell, options.sbc_out)}
 {ALL_HEADERS}
 [media]
 mode = "passthrough"
 
-[security]
-# One trusted PBX far above what the defaults admit (250 new calls/s; 1,000 out-of-dialog
-# requests per 2 s from a trusted source; 1,000 unanswered transactions per source): an operator
-# sizing a bridge for this rate raises them the same way.
-new_call_rate = 0
-trusted_rate_limit = 10000000
-
+{LOAD_SECURITY}
 [records]
 path = "{records}"
 
