@@ -64,7 +64,7 @@ from sbc.b2bua.transfer_rules import TransferRefused, resolve_target
 from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.media.base import MediaBackend, MediaSession
 from sbc.net.addresses import Destination
-from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
+from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.net.transport import StreamConnection
 from sbc.sip.digest import Verdict
 from sbc.sip.errors import (
@@ -654,8 +654,8 @@ class CallManager:
             call, leg = found
             call.cancelled(leg)
 
-    def handle_late_response(self, handle: OutgoingRequest, response: Response) -> None:
-        self.handle_stray_response(response, handle.destination)
+    def handle_late_response(self, destination: Destination | None, response: Response) -> None:
+        self.handle_stray_response(response, destination)
 
     def handle_stray_response(self, response: Response, source: Destination | None) -> None:
         """RFC 3261 §13.2.2.4: a 2xx copy to an INVITE sbc sent is ACKed again."""

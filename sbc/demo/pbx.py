@@ -347,16 +347,16 @@ class PbxStandIn:
         call.ack = await self.engine.send_ack(ack)
         call.rtp.start(media_target(final.body))
 
-    def _late_response(self, handle: OutgoingRequest, response: Response) -> None:
+    def _late_response(self, destination: Destination | None, response: Response) -> None:
         """RFC 3261 §13.2.2.4: a retransmitted 2xx gets the same ACK again."""
         call = self.calls.get(response.call_id)
         if (
             call is not None
             and call.ack is not None
-            and handle.destination is not None
+            and destination is not None
             and 200 <= response.status < 300
         ):
-            self.engine.send_stateless(call.ack, handle.destination)
+            self.engine.send_stateless(call.ack, destination)
 
     async def hang_up(self, call: PbxCall) -> int:
         """Send BYE in the call's dialog; returns the status of the answer."""

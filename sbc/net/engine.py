@@ -177,7 +177,9 @@ class SipEngine:
         self.on_ack: Callable[[Request, Destination], None] | None = None
         self.on_cancel: Callable[[IncomingRequest, Request], None] | None = None
         self.on_stray_response: Callable[[Response, Destination], None] | None = None
-        self.on_late_response: Callable[[OutgoingRequest, Response], None] | None = None
+        # A response to a client transaction whose final response already came (a 2xx copy
+        # for an ACK, RFC 6026 §8.4), with where that request went.
+        self.on_late_response: Callable[[Destination | None, Response], None] | None = None
         # The message tap: called with ("in", message, source) for every message received and
         # ("out", message, destination) for every message handed to a transport, retransmissions
         # included (call ladders, the SIP trace). Unset, it costs one attribute check each way.
@@ -197,7 +199,10 @@ class SipEngine:
         self._timer_at: float | None = None
         self._pumping = False
         self._clients: dict[str, OutgoingRequest] = {}
-        self._finished: dict[str, OutgoingRequest] = {}
+        # Client transactions past their final response (up to Timer M/K), by key: only where
+        # the request went, which is all a late response needs. Not the handle: it holds the
+        # request as sent and every response (about 5 KB an INVITE), 32 s per call.
+        self._finished: dict[str, Destination | None] = {}
         self._branch_keys: dict[tuple[str, str], str] = {}
         self._key_branches: dict[str, tuple[str, str]] = {}
         self._incoming: dict[str, IncomingRequest] = {}
@@ -498,14 +503,13 @@ class SipEngine:
     def _client_response(self, key: str, response: Response, retransmission: bool) -> None:
         handle = self._clients.get(key)
         if handle is None or handle.key != key:
-            handle = self._finished.get(key)
-            if handle is not None and self.on_late_response is not None:
+            if key in self._finished and self.on_late_response is not None:
                 # RFC 6026 §8.4: 2xx retransmissions (or other forks) reach the TU for an ACK.
-                self.on_late_response(handle, response)
+                self.on_late_response(self._finished[key], response)
             return
         if handle.final is not None:
             if self.on_late_response is not None:
-                self.on_late_response(handle, response)
+                self.on_late_response(handle.destination, response)
             return
         if response.status >= 200:
             self._settle_large_over_tcp(handle, key)
@@ -523,7 +527,10 @@ class SipEngine:
         handle.deliver(response)
         if response.status >= 200:
             self._pending.pop(handle, None)
-            self._finished[key] = handle
+            # From now on the transaction only absorbs copies: the engine lets go of the
+            # handle (the TU keeps it as long as it needs it).
+            del self._clients[key]
+            self._finished[key] = handle.destination
 
     def _settle_large_over_tcp(self, handle: OutgoingRequest, key: str) -> None:
         """A final response to a large request sent over TCP in front of its UDP twin (see
@@ -571,6 +578,10 @@ class SipEngine:
             else:
                 self._unanswered_done(server_key)
         self.layer.respond(server_key, response, now=self._now())
+        if response.status >= 200:
+            # A CANCEL can no longer change anything (RFC 3261 §9.2): the INVITE as received
+            # is not kept for it until Timer L or H (32 s); the TU keeps what it needs.
+            self._incoming.pop(server_key, None)
         self._pump()
 
     def _cancel_received(self, event: CancelReceived) -> None:
