@@ -69,6 +69,7 @@ from sbc.sip.errors import (
     ProtocolError,
     SipError,
 )
+from sbc.sip.headers import Headers
 from sbc.sip.ids import new_call_id, new_tag
 from sbc.sip.message import Request, Response
 
@@ -636,6 +637,8 @@ class Call:
         if self._late_offer:
             self._b_ok = response
         self._answer_a(serialize_sdp(to_a))
+        # Only ringing needs these (the 18x repeated to leg a, LiveKit's repeated 180).
+        self._last_provisional = self._last_relayed = None
         b.settle()
         self.up.set()
         self.log.info("call_answered")
@@ -655,7 +658,11 @@ class Call:
         """Both legs are up: serve in-dialog requests and transfers until a BYE or a limit."""
         ends_at = self._loop_time() + self.config.max_duration
         a = self.origin
+        fact: Fact | None = None
         while True:
+            # The fact served last (leg a's ACK, a request) is not kept while the call waits,
+            # possibly for hours, for the next one.
+            fact = None
             timer = a.timer
             refresh_at = timer.refresh_at(a.refreshed_at) if timer else float("inf")
             expires_at = timer.expires_at(a.refreshed_at) if timer else float("inf")
@@ -726,7 +733,19 @@ class Call:
             self.log.warning("a_ack_missing")
             return False
         self._move(In.A_ACK)
+        self._slim_a_invite()
         return True
+
+    def _slim_a_invite(self) -> None:
+        """Leg a's INVITE is answered and ACKed: keep only the fields a response to it is
+        built from and those read later (Allow, for a session refresh by UPDATE), not the
+        whole parsed request with its body and parsed fields (about 3 KB held by the call and
+        by leg a's IncomingRequest for the whole call; bench/bench_held.py)."""
+        invite = self.a_invite
+        kept = tuple((n, v) for n, v in invite.headers.items() if n in _A_INVITE_KEPT)
+        slim = Request(invite.method, invite.uri, Headers(kept), b"", invite.version)
+        self.a_invite = slim
+        self.incoming.request = slim
 
     async def _end(self, what: CallInput, reason: str) -> None:
         """Move to ENDING for ``reason`` and hang up every leg still up."""
@@ -1012,6 +1031,12 @@ class Call:
         task.add_done_callback(self._tasks.discard)
         return task
 
+
+# The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): those that
+# build_response copies, and what the call reads later (canonical names: the parser's).
+_A_INVITE_KEPT = frozenset(
+    {"Via", "From", "To", "Call-ID", "CSeq", "Timestamp", "Record-Route", "Allow", "Supported"}
+)
 
 # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them. One
 # table for all calls, not a dict of bound methods and closures per call (about 1.2 KiB each,
