@@ -8,6 +8,7 @@ not type are kept in order (RFC 8866 §5: unknown types are ignored, not rejecte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from sbc.sdp.model import (
     Attribute,
@@ -50,6 +51,7 @@ def _origin(value: str) -> Origin:
     return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
 
 
+@lru_cache(maxsize=256)
 def _connection(value: str) -> Connection:
     parts = value.split()
     if len(parts) != 3:
@@ -71,11 +73,18 @@ def _timing(value: str) -> Timing:
     return Timing(_int(parts[0], "t= start"), _int(parts[1], "t= stop"))
 
 
-def _attribute(value: str) -> Attribute:
+def _parse_attribute(value: str) -> Attribute:
     name, sep, rest = value.partition(":")
     if not name or " " in name:
         raise SdpError("malformed a= line")
     return (name, rest if sep else None)
+
+
+# A peer writes the same a= and c= lines call after call (its codecs, ptime, direction, its
+# media address): the parsed values are immutable, so each text's is shared by every SDP
+# that has it, instead of a tuple and strings per line held by each call's media session
+# (issue 12, memory per held call). Bounded; a text that does not parse raises every time.
+_attribute = lru_cache(maxsize=1024)(_parse_attribute)
 
 
 def _media(value: str) -> MediaDescription:
