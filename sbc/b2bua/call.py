@@ -1035,7 +1035,7 @@ class Call:
 # The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): those that
 # build_response copies, and what the call reads later (canonical names: the parser's).
 _A_INVITE_KEPT = frozenset(
-    {"Via", "From", "To", "Call-ID", "CSeq", "Timestamp", "Record-Route", "Allow", "Supported"}
+    {"Via", "From", "To", "Call-ID", "CSeq", "Timestamp", "Record-Route", "Allow"}
 )
 
 # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them. One
