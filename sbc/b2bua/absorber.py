@@ -67,14 +67,16 @@ class Absorber:
         self._spawn = spawn
         self.log = log
         self._acks: dict[tuple[Leg, int], asyncio.Future[Request | None]] = {}
-        self._reinvite_pending: set[Leg] = set()
+        # A frozenset, replaced on change: the empty one is shared (an empty set is 216 bytes
+        # of every held call), and re-INVITEs are rare.
+        self._reinvite_pending: frozenset[Leg] = frozenset()
 
     def dispose(self) -> None:
         """The call ended: let go of its bridge and task runner (closures over the call)."""
         self._bridge = _no_bridge
         self._spawn = _no_spawn
         self._acks.clear()
-        self._reinvite_pending.clear()
+        self._reinvite_pending = frozenset()
 
     def ack_arrived(self, leg: Leg, request: Request) -> None:
         """The ACK of a 2xx sbc sent on ``leg`` (copies of it are ignored)."""
@@ -100,6 +102,9 @@ class Absorber:
             if resend is not None:
                 resend.stop()
             self._acks.pop((leg, seq), None)
+            if not self._acks:
+                # A dict that held an entry keeps its table; a new empty one has none.
+                self._acks = {}
 
     async def reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
         """Answer a re-INVITE here (hold, resume, refresh); never forwarded (docs/peers.md)."""
@@ -113,7 +118,7 @@ class Absorber:
         body = await self._reoffer(leg, request)
         headers = self._refresh_headers(leg, request, timer, has_body=bool(body))
         response = incoming.response(200, headers=headers, body=body)
-        self._reinvite_pending.add(leg)
+        self._reinvite_pending |= {leg}
         leg.log.info("reinvite_absorbed", cseq=request.cseq.seq, sdp=bool(request.body))
 
         async def answer() -> None:
@@ -121,7 +126,7 @@ class Absorber:
                 if await self.send_2xx(leg, incoming, response) is None:
                     leg.log.warning("reinvite_ack_missing")
             finally:
-                self._reinvite_pending.discard(leg)
+                self._reinvite_pending -= {leg}
 
         self._spawn(answer())
 
