@@ -528,9 +528,14 @@ class SipEngine:
         if response.status >= 200:
             self._pending.pop(handle, None)
             # From now on the transaction only absorbs copies: the engine lets go of the
-            # handle (the TU keeps it as long as it needs it).
+            # handle (the TU keeps it as long as it needs it), and of what maps a transport
+            # failure to it (it sends nothing more that could fail: an ACK is not mapped).
             del self._clients[key]
             self._finished[key] = handle.destination
+            self._transport_failed.discard(key)
+            branch_key = self._key_branches.pop(key, None)
+            if branch_key is not None and self._branch_keys.get(branch_key) == key:
+                del self._branch_keys[branch_key]
 
     def _settle_large_over_tcp(self, handle: OutgoingRequest, key: str) -> None:
         """A final response to a large request sent over TCP in front of its UDP twin (see

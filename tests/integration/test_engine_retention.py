@@ -90,6 +90,7 @@ async def test_answered_invite_leaves_neither_handle_nor_request_in_the_engines(
     # ... while a keeps only where the INVITE went, and b nothing of the INVITE received.
     assert a.table_sizes()["engine_clients"] == 0
     assert a.table_sizes()["engine_finished"] == 1
+    assert a.table_sizes()["engine_branch_keys"] == a.table_sizes()["engine_key_branches"] == 0
     assert b.table_sizes()["engine_incoming"] == 0
     sent = handle.request  # what a CANCEL copies, kept here (the TU's business)
     gone = weakref.ref(handle)
