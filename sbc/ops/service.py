@@ -55,7 +55,6 @@ from sbc.net.engine import SipEngine
 from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
-from sbc.ops.heap import HEAP_TRIM_INTERVAL, trim_heap_every
 from sbc.ops.metrics import Metrics
 from sbc.ops.records import RecordsError, RecordWriter
 from sbc.ops.records_pg import PostgresRecordWriter
@@ -700,8 +699,6 @@ async def serve(
     )
     interval = notify.watchdog_interval
     watchdog = asyncio.ensure_future(_watchdog(notify, interval)) if interval else None
-    # Freed heap pages back to the system after bursts (sbc/ops/heap.py).
-    trimmer = asyncio.ensure_future(trim_heap_every(HEAP_TRIM_INTERVAL))
     started = False
     try:
         try:
@@ -731,8 +728,6 @@ async def serve(
         if watchdog is not None:
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
-        trimmer.cancel()
-        await asyncio.gather(trimmer, return_exceptions=True)
         notify.close()
     return 0
 
