@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -387,7 +388,7 @@ class Call:
             transport = transport or (pbx.transport if pbx is not None else "udp")
             user = self.config.extension
         port = self.engine.config.via_port(transport)
-        return LocalAddress(self.engine.config.via_host, port, transport, user)
+        return _local_address(self.engine.config.via_host, port, transport, user)
 
     @property
     def origin(self) -> Leg:
@@ -1031,6 +1032,10 @@ class Call:
         task.add_done_callback(self._tasks.discard)
         return task
 
+
+# sbc's address toward a peer is the same for every call: one immutable LocalAddress shared
+# by all legs (bounded: a few per transport and route), not one per leg of each held call.
+_local_address = functools.lru_cache(maxsize=64)(LocalAddress)
 
 # The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): those that
 # build_response copies, and what the call reads later (canonical names: the parser's).
