@@ -539,7 +539,8 @@ class Call:
         b = self.bridge.b
         invite = self._b_invite(b, sdp)
         b.sdp_sent = sdp
-        self.spawn(b.send_invite(invite, lambda r: self.facts.put_nowait(InviteResponded(b, r))))
+        # No task: the responses come as facts straight from the engine's delivery.
+        b.start_invite(invite, lambda r: self.facts.put_nowait(InviteResponded(b, r)))
         self._move(In.OFFER_SENT)
 
     async def _await_b(self) -> bool:
@@ -974,10 +975,10 @@ class Call:
 
     # -- helpers -------------------------------------------------------------------------------
     def _move(self, what: CallInput, reason: str | None = None) -> None:
-        key = (self.state, what)
-        if key not in TRANSITIONS:
+        state = TRANSITIONS.get((self.state, what))  # one lookup: enum keys hash in Python
+        if state is None:
             raise ProtocolError(f"call: {what.value} in state {self.state.value}")
-        self.state = TRANSITIONS[key]
+        self.state = state
         if reason is not None and not self.end_reason:
             self.end_reason = reason
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,9 +54,12 @@ class Role(Enum):
     AGENT = "agent"  # sbc's call to Retell
     HUMAN = "human"  # sbc's call to a PBX queue, a transfer by INVITE
 
-    @property
-    def peer(self) -> Peer:
-        return Peer.RETELL if self is Role.AGENT else Peer.PBX
+    peer: Peer  # set below: a plain attribute, read several times per call (no property call)
+
+
+for _role in Role:
+    _role.peer = Peer.RETELL if _role is Role.AGENT else Peer.PBX
+del _role
 
 
 class LegState(Enum):
@@ -175,6 +179,49 @@ class Leg:
                 self.log.warning("credentials_refused", status=final.status)
             deliver(final)
             return
+
+    def start_invite(self, invite: Request, deliver: Callable[[Response], None]) -> None:
+        """:meth:`send_invite` without a task: the INVITE goes now and each response reaches
+        ``deliver`` from the engine's delivery (``OutgoingRequest.subscribe``), a challenge
+        answered the same way. For a call's leg b, whose flow reads the responses as facts:
+        no task, async iterator and future per response for each call."""
+        self.outgoing = outgoing = self.engine.send_request(invite)
+        outgoing.subscribe(functools.partial(self._invite_response, invite, deliver, 0))
+
+    def _invite_response(
+        self,
+        request: Request,
+        deliver: Callable[[Response], None],
+        attempt: int,
+        response: Response,
+    ) -> None:
+        """One response to :meth:`start_invite`'s INVITE (the same steps as send_invite)."""
+        if response.status < 200:
+            deliver(response)
+            return
+        if response.status in (401, 407) and self._auth is not None and attempt < 2:
+            try:
+                retry = self._auth.authorize(
+                    response,
+                    request,
+                    new_cnonce(self._random(8)),
+                    branch=new_branch(self._random(12)),
+                )
+            except Exception:
+                # Called by the engine as it delivers: never raise into it; the flow gets the
+                # challenge as the INVITE's final response (refused) instead.
+                self.log.exception("invite_challenge_failed", status=response.status)
+                retry = None
+            else:
+                if retry is not None:
+                    self.log.info("invite_challenged", status=response.status)
+                    self.outgoing = outgoing = self.engine.send_request(retry)
+                    outgoing.subscribe(
+                        functools.partial(self._invite_response, retry, deliver, attempt + 1)
+                    )
+                    return
+                self.log.warning("credentials_refused", status=response.status)
+        deliver(response)
 
     @property
     def destination(self) -> Destination | None:

@@ -159,6 +159,10 @@ def format_now(now: float) -> str:
 
 def _control_reason(text: str) -> str | None:
     """Why ``text`` cannot go into a header line, or None when it can."""
+    if text.isprintable():
+        # No character of the categories "Other" (Cc, Cs among them) or "Separator" but the
+        # space (U+2028, U+2029): nothing to report, without a lookup per character.
+        return None
     for ch in text:
         category = unicodedata.category(ch)
         if category == "Cc" or ch in "\u2028\u2029":
