@@ -650,7 +650,8 @@ class Call:
         a.answered_as_uas(self.a_invite, ok)
         a.sdp_sent = body
         a.refreshed_at = self._loop_time()
-        self.spawn(self._await_ack(a, ok))
+        # No task: the ACK (or its absence after 64*T1) comes back as a fact by callback.
+        self.absorber.send_2xx_then(a, self.incoming, ok, lambda ack: self._ack_settled(a, ack))
 
     async def _talk(self) -> None:
         """Both legs are up: serve in-dialog requests and transfers until a BYE or a limit."""
@@ -816,9 +817,7 @@ class Call:
         except SipError as exc:
             self.log.info("a_response_failed", status=status, detail=exc.detail)
 
-    async def _await_ack(self, leg: Leg, ok: Response) -> None:
-        assert leg.incoming is not None
-        ack = await self.absorber.send_2xx(leg, leg.incoming, ok)
+    def _ack_settled(self, leg: Leg, ack: Request | None) -> None:
         self.facts.put_nowait(AckSettled(leg, ack))
 
     async def _refresh(self, leg: Leg) -> None:
@@ -966,6 +965,7 @@ class Call:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.absorber.cancel_waits()
         media = self.bridge.media
         if media is not None:
             try:

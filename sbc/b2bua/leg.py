@@ -40,7 +40,7 @@ from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
 from sbc.sip.dialog import Dialog, DialogState
 from sbc.sip.digest import ClientAuth
-from sbc.sip.fields import parse_via
+from sbc.sip.fields import Via, parse_via
 from sbc.sip.ids import new_branch, new_cnonce
 from sbc.sip.message import Request, Response
 
@@ -270,7 +270,7 @@ class Leg:
         self, method: str, *, cseq: int | None = None, headers: HeaderList = (), body: bytes = b""
     ) -> Request:
         assert self.dialog is not None
-        via = parse_via(self.engine.make_via(self.local.transport))
+        via = _via_of(self.engine.make_via(self.local.transport))
         branch = new_branch(self._random(12))
         if self._user_agent:
             headers = (*headers, ("User-Agent", self._user_agent))
@@ -317,6 +317,20 @@ class Leg:
         if self.dialog is not None:
             self.dialog.terminate()
         self.state = LegState.ENDED
+
+
+def _via_of(text: str) -> Via:
+    """``text`` (the engine's Via for a request) parsed, as far as the dialog uses it: the
+    branch is replaced anyway (``Dialog.create_request``, in place), so every Via the engine
+    writes for one transport parses alike and is parsed once."""
+    head, found, rest = text.partition(";branch=")
+    if not found:
+        return parse_via(text)
+    _, semicolon, tail = rest.partition(";")
+    return _parse_via_shape(f"{head};branch=z9hG4bK{semicolon}{tail}")
+
+
+_parse_via_shape = functools.lru_cache(maxsize=64)(parse_via)
 
 
 _glare_random = random.Random()

@@ -249,6 +249,9 @@ def _compile_field(header: str, field: str) -> Part:
 
 def render_template(template: Template, facts: CallFacts) -> str:
     """The template's text with every variable replaced (no checks: see :func:`check_value`)."""
+    parts = template.parts
+    if len(parts) == 1 and type(parts[0]) is Variable:
+        return facts.value(parts[0].name)  # the usual template: one variable, nothing around
     out: list[str] = []
     for part in template.parts:
         if isinstance(part, Literal):

@@ -18,8 +18,10 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
+import structlog
 
-from sbc.b2bua.leg import Leg, Role
+from sbc.b2bua.absorber import Absorber
+from sbc.b2bua.leg import Leg, Role, _via_of
 from sbc.b2bua.messages import (
     Caller,
     LegIds,
@@ -28,19 +30,34 @@ from sbc.b2bua.messages import (
     RetellTarget,
     _b_invite_fixed,
     build_b_invite,
+    call_facts,
     escape_user,
 )
-from sbc.b2bua.templates import _control_reason
+from sbc.b2bua.templates import (
+    Literal,
+    Variable,
+    _control_reason,
+    compile_template,
+    render_template,
+)
 from sbc.media.base import PassthroughSession
-from sbc.net.handles import OutgoingRequest
+from sbc.net.handles import IncomingRequest, OutgoingRequest
 from sbc.sdp.model import NoCommonCodec
 from sbc.sdp.offer_answer import filter_codecs
 from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.digest import ClientAuth, Credentials
+from sbc.sip.fields import parse_via
 from sbc.sip.message import Request, Response
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import NameAddr
-from tests.unit.call_harness import PBX_SDP, FakeEngine, FakeHandle, a_invite, config
+from tests.unit.call_harness import (
+    PBX_SDP,
+    PBX_SOURCE,
+    FakeEngine,
+    FakeHandle,
+    a_invite,
+    config,
+)
 
 # -- leg b's INVITE: callbacks against the task -------------------------------------------------
 
@@ -55,7 +72,7 @@ def _leg(engine: FakeEngine, *, auth: bool = True) -> Leg:
         engine=engine,  # type: ignore[arg-type]
         random_bytes=lambda n: next(drawn).to_bytes(n, "big"),
         user_agent="sbc",
-        log=__import__("structlog").get_logger("test"),
+        log=structlog.get_logger("test"),
         auth=ClientAuth(Credentials("user", "pw")) if auth else None,
     )
 
@@ -262,3 +279,97 @@ def test_fixed_parts_of_the_b_invite_are_built_as_before(transport: str) -> None
     assert contact == local.contact
     assert Role.AGENT.peer is Peer.RETELL
     assert Role.CALLER.peer is Role.HUMAN.peer is Peer.PBX
+
+
+# -- the 200 to leg a, repeated until its ACK -------------------------------------------------
+
+
+def _absorber_and_leg(engine: FakeEngine) -> tuple[Absorber, Leg, IncomingRequest, Response]:
+    absorber = Absorber(
+        config=config(t1=0.01, t2=0.04),
+        bridge=lambda: None,
+        spawn=asyncio.ensure_future,
+        log=structlog.get_logger("test"),
+    )
+    leg = _leg(engine)
+    incoming = IncomingRequest(engine, "k", a_invite(), PBX_SOURCE, None)
+    return absorber, leg, incoming, incoming.response(200)
+
+
+async def _settle_2xx(fast: bool, acked: bool) -> Request | None:
+    engine = FakeEngine()
+    absorber, leg, incoming, ok = _absorber_and_leg(engine)
+    result: asyncio.Future[Request | None] = asyncio.get_running_loop().create_future()
+    if fast:
+        absorber.send_2xx_then(leg, incoming, ok, result.set_result)
+    else:
+        task = asyncio.ensure_future(absorber.send_2xx(leg, incoming, ok))
+        task.add_done_callback(lambda t: result.set_result(t.result()))
+    await engine.wait(lambda: len(engine.to_pbx) >= 3)  # the 200 and two copies
+    ack = Request("ACK", a_invite().uri, a_invite().headers.set("CSeq", "1 ACK"))
+    if acked:
+        absorber.ack_arrived(leg, ack)
+    got = await asyncio.wait_for(result, 2)
+    assert got == (ack if acked else None)
+    copies = len(engine.to_pbx)
+    await asyncio.sleep(0.05)  # over a resend interval (t2): no copy after it settled
+    assert len(engine.to_pbx) == copies
+    assert not absorber._acks
+    return got
+
+
+@pytest.mark.parametrize("acked", [True, False], ids=["acked", "no_ack"])
+async def test_send_2xx_then_repeats_and_settles_as_send_2xx(acked: bool) -> None:
+    assert await _settle_2xx(True, acked) == await _settle_2xx(False, acked)
+
+
+async def test_cancel_waits_stops_the_copies_without_settling() -> None:
+    engine = FakeEngine()
+    absorber, leg, incoming, ok = _absorber_and_leg(engine)
+    settled: list[Request | None] = []
+    absorber.send_2xx_then(leg, incoming, ok, settled.append)
+    await engine.wait(lambda: len(engine.to_pbx) >= 2)
+    absorber.cancel_waits()
+    await asyncio.sleep(0)  # the wait's callback
+    copies = len(engine.to_pbx)
+    await asyncio.sleep(0.05)
+    assert len(engine.to_pbx) == copies and settled == [] and not absorber._acks
+
+
+# -- the Via of in-dialog requests, templates --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKabc123;rport",
+        "SIP/2.0/TCP 10.0.0.5:5070;branch=z9hG4bKdef;rport",
+        "SIP/2.0/TLS [2001:db8::5]:5061;branch=z9hG4bK9",
+        "SIP/2.0/UDP host.example;rport;branch=z9hG4bK1;alias",
+        "SIP/2.0/UDP 10.0.0.5:5060;rport",
+    ],
+)
+def test_via_of_gives_what_parse_via_gives(text: str) -> None:
+    for branch in ("z9hG4bKone", "z9hG4bKtwo"):
+        want = parse_via(text).with_param("branch", branch)
+        assert _via_of(text).with_param("branch", branch) == want
+        assert str(_via_of(text).with_param("branch", branch)) == str(want)
+
+
+@pytest.mark.parametrize(
+    "source", ["{caller_number}", "{now}", "id-{call_uuid}", "{called}{caller_name}", "x"]
+)
+def test_one_variable_templates_render_as_the_general_loop(source: str) -> None:
+    template = compile_template("X-Test", source)
+    facts = call_facts(
+        a_invite(), Caller("+442071234567", "Alice"), "101", "uuid-1", 1_795_000_000.0
+    )
+    general = "".join(
+        part.text
+        if isinstance(part, Literal)
+        else facts.value(part.name)
+        if isinstance(part, Variable)
+        else ", ".join(facts.headers.get_all(part.name))
+        for part in template.parts
+    )
+    assert render_template(template, facts) == general
