@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -90,6 +91,12 @@ def _no_leg(leg: Leg) -> None:
 
 def _no_reach(peer: Peer, failure: str | None) -> None:
     """What an ended call reports about reaching a peer: nothing (see Call.dispose)."""
+
+
+@functools.cache
+def _direction(roles: tuple[Role, Role]) -> str:
+    """``pbx->retell`` for a call of leg a's and leg b's roles (two per process)."""
+    return f"{roles[0].peer.value}->{roles[1].peer.value}"
 
 
 def _call_id_key(role: Role, *, initial: bool = True) -> str:
@@ -488,7 +495,7 @@ class Call:
             caller=self.caller.number,
             called=self.called,
             source=str(self.incoming.source),
-            direction=f"{self.origin.peer.value}->{self.bridge.b.peer.value}",
+            direction=_direction(self.roles),
         )
         try:
             if await self._set_up():

@@ -21,6 +21,7 @@ import pytest
 import structlog
 
 from sbc.b2bua.absorber import Absorber
+from sbc.b2bua.calls import hung_up_by
 from sbc.b2bua.leg import Leg, Role, _via_of
 from sbc.b2bua.messages import (
     Caller,
@@ -373,3 +374,23 @@ def test_one_variable_templates_render_as_the_general_loop(source: str) -> None:
         for part in template.parts
     )
     assert render_template(template, facts) == general
+
+
+def _hung_up_by_general(end_reason: str) -> str:
+    for peer in Peer:
+        name = peer.value
+        if end_reason in (f"{name}_bye", f"{name}_cancel") or end_reason.startswith(f"{name}:"):
+            return name
+    return "sbc"
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "pbx_bye", "retell_bye", "pbx_cancel", "retell_cancel", "retell:486", "pbx:503",
+        "retell:", "pbx", "retell_byee", "media_timeout", "refused:488", "transferred", "",
+        "sbc:1", "retell_lost", "error", "shutdown", ":486", "x:retell:1",
+    ],
+)  # fmt: skip
+def test_hung_up_by_matches_the_loop_over_peers(reason: str) -> None:
+    assert hung_up_by(reason) == _hung_up_by_general(reason)
