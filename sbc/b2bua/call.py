@@ -341,10 +341,11 @@ class Call:
 
     def _a_headers(self, request: Request, *, has_body: bool, with_timer: bool) -> HeaderList:
         """Headers of a dialog-forming response to leg a (18x with tag, 2xx)."""
-        timer = self.origin.timer if with_timer else None
+        a = self.bridge.a  # leg a (origin), read directly: the answer path's hot spot
+        timer = a.timer if with_timer else None
         return pbx_dialog_headers(
             request,
-            self.origin.local,
+            a.local,
             user_agent=self.config.user_agent,
             timer=timer,
             has_body=has_body,
@@ -410,7 +411,7 @@ class Call:
 
     @property
     def incoming(self) -> IncomingRequest:
-        incoming = self.origin.incoming
+        incoming = self.bridge.a.incoming
         assert incoming is not None
         return incoming
 
@@ -651,14 +652,16 @@ class Call:
 
     def _answer_a(self, body: bytes) -> None:
         """200 to leg a (repeated until its ACK, see Absorber.send_2xx)."""
-        a = self.origin
+        a = self.bridge.a
+        incoming = a.incoming
+        assert incoming is not None
         headers = self._a_headers(self.a_invite, has_body=True, with_timer=True)
-        ok = self.incoming.response(200, headers=headers, body=body)
+        ok = incoming.response(200, headers=headers, body=body)
         a.answered_as_uas(self.a_invite, ok)
         a.sdp_sent = body
         a.refreshed_at = self._loop_time()
         # No task: the ACK (or its absence after 64*T1) comes back as a fact by callback.
-        self.absorber.send_2xx_then(a, self.incoming, ok, lambda ack: self._ack_settled(a, ack))
+        self.absorber.send_2xx_then(a, incoming, ok, lambda ack: self._ack_settled(a, ack))
 
     async def _talk(self) -> None:
         """Both legs are up: serve in-dialog requests and transfers until a BYE or a limit."""
