@@ -137,7 +137,14 @@ class LocalAddress:
 
     @property
     def contact(self) -> str:
-        return f"<{self.contact_uri}>"
+        return _contact_of(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _contact_of(local: LocalAddress) -> str:
+    """The Contact text of ``local``: the same few addresses in every dialog-forming message of
+    every call, built once each (``LocalAddress`` is frozen)."""
+    return f"<{local.contact_uri}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +270,11 @@ def build_b_invite(
     return Request("INVITE", request_uri, Headers(items), sdp)
 
 
+# Header values that never change: built once, not per message (the tables are constants).
 _MAX_FORWARDS_TEXT = str(MAX_FORWARDS)
 _ALLOW_RETELL = allow_header(Peer.RETELL)
+_ALLOW_PBX = allow_header(Peer.PBX)
+_SUPPORTED_PBX = SUPPORTED[Peer.PBX]
 
 
 @functools.lru_cache(maxsize=64)
@@ -472,8 +482,8 @@ def pbx_dialog_headers(
     """
     items = [("Record-Route", v) for v in invite.headers.get_all("Record-Route")]
     items.append(("Contact", local.contact))
-    items.append(("Allow", allow_header(Peer.PBX)))
-    items.append(("Supported", SUPPORTED[Peer.PBX]))
+    items.append(("Allow", _ALLOW_PBX))
+    items.append(("Supported", _SUPPORTED_PBX))
     if timer is not None:
         items.append(("Session-Expires", timer.header))
         # RFC 4028 §9: Require: timer MUST go with refresher=uac, SHOULD with uas when the

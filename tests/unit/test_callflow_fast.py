@@ -394,3 +394,11 @@ def _hung_up_by_general(end_reason: str) -> str:
 )  # fmt: skip
 def test_hung_up_by_matches_the_loop_over_peers(reason: str) -> None:
     assert hung_up_by(reason) == _hung_up_by_general(reason)
+
+
+@pytest.mark.parametrize("user", [None, "101", "+44 20", "a;b"])
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
+def test_contact_is_built_once_as_before(user: str | None, transport: str) -> None:
+    local = LocalAddress("10.0.0.5", 5062, transport, user)
+    assert local.contact == f"<{local.contact_uri}>"
+    assert local.contact is LocalAddress("10.0.0.5", 5062, transport, user).contact  # once
