@@ -673,7 +673,8 @@ class Call:
             expires_at = timer.expires_at(a.refreshed_at) if timer else float("inf")
             silent_at = self.bridge.silent_at(self.config.media_timeout)
             fact = await self._next_fact(min(ends_at, expires_at, refresh_at, silent_at))
-            now = self._loop_time()
+            # The clock matters only when no fact came (a deadline passed): not read per fact.
+            now = self._loop_time() if fact is None else 0.0
             if fact is None and refresh_at <= now < ends_at:
                 a.refreshed_at = now
                 self.spawn(self._refresh(a))
