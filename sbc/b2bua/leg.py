@@ -54,6 +54,10 @@ class Role(Enum):
     AGENT = "agent"  # sbc's call to Retell
     HUMAN = "human"  # sbc's call to a PBX queue, a transfer by INVITE
 
+    # Members are singletons compared by identity: hash them by identity too (C), not by
+    # Enum.__hash__ (a Python call per dict lookup: per-call tables and state machines).
+    __hash__ = object.__hash__
+
     peer: Peer  # set below: a plain attribute, read several times per call (no property call)
 
 

@@ -38,6 +38,10 @@ class Peer(Enum):
     PBX = "pbx"
     RETELL = "retell"
 
+    # Members are singletons compared by identity: hash them by identity too (C), not by
+    # Enum.__hash__ (a Python call per dict lookup: per-call tables and state machines).
+    __hash__ = object.__hash__
+
 
 # Methods each peer may send in one of its dialogs with sbc, and so what its Allow says
 # (RFC 3261 §20.5). Retell's LiveKit stack answers INFO, UPDATE, PRACK, MESSAGE and SUBSCRIBE

@@ -15,6 +15,7 @@ import asyncio
 import sys
 import unicodedata
 from collections.abc import Callable
+from enum import Enum
 from urllib.parse import quote
 
 import pytest
@@ -22,6 +23,7 @@ import structlog
 
 from sbc.b2bua.absorber import Absorber
 from sbc.b2bua.calls import hung_up_by
+from sbc.b2bua.callstate import TRANSITIONS, CallInput, CallState
 from sbc.b2bua.leg import Leg, Role, _via_of
 from sbc.b2bua.messages import (
     Caller,
@@ -402,3 +404,20 @@ def test_contact_is_built_once_as_before(user: str | None, transport: str) -> No
     local = LocalAddress("10.0.0.5", 5062, transport, user)
     assert local.contact == f"<{local.contact_uri}>"
     assert local.contact is LocalAddress("10.0.0.5", 5062, transport, user).contact  # once
+
+
+@pytest.mark.parametrize("kind", [Role, Peer, CallState, CallInput])
+def test_call_enums_hash_by_identity_and_work_as_keys(kind: type[Enum]) -> None:
+    members = list(kind)
+    table = {member: index for index, member in enumerate(members)}
+    for index, member in enumerate(members):
+        assert hash(member) == object.__hash__(member)
+        assert table[kind(member.value)] == index  # looked up by value: the same member
+        assert (member, member) in {(m, m) for m in members}
+    assert len(set(members)) == len(members)
+    assert all(table.get((m, m)) is None for m in members)  # type: ignore[call-overload]
+
+
+def test_transitions_are_found_by_state_and_input() -> None:
+    for (state, what), target in TRANSITIONS.items():
+        assert TRANSITIONS.get((CallState(state.value), CallInput(what.value))) is target
