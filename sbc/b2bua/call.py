@@ -986,7 +986,7 @@ class Call:
 
     # -- helpers -------------------------------------------------------------------------------
     def _move(self, what: CallInput, reason: str | None = None) -> None:
-        state = TRANSITIONS.get((self.state, what))  # one lookup: enum keys hash in Python
+        state = TRANSITIONS.get((self.state, what))  # one lookup, not a test and an index
         if state is None:
             raise ProtocolError(f"call: {what.value} in state {self.state.value}")
         self.state = state
