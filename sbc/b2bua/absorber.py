@@ -106,6 +106,42 @@ class Absorber:
                 # A dict that held an entry keeps its table; a new empty one has none.
                 self._acks = {}
 
+    def send_2xx_then(
+        self,
+        leg: Leg,
+        incoming: IncomingRequest,
+        response: Response,
+        settled: Callable[[Request | None], None],
+    ) -> None:
+        """:meth:`send_2xx` without a task to await it (the 200 that answers a call):
+        ``settled`` gets the ACK, or None when none came; never once :meth:`cancel_waits`
+        (the call ending) cancelled the wait."""
+        seq = response.cseq.seq
+        key = (leg, seq)
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[Request | None] = loop.create_future()
+        self._acks[key] = acked
+        try:
+            incoming.send(response)
+        except BaseException:
+            del self._acks[key]
+            raise
+        resend = _Resend(loop, acked, incoming, response, self.config.t1, self.config.t2)
+
+        def done(future: asyncio.Future[Request | None]) -> None:
+            resend.stop()
+            if self._acks.get(key) is future:
+                del self._acks[key]
+            if not future.cancelled():
+                settled(future.result())
+
+        acked.add_done_callback(done)
+
+    def cancel_waits(self) -> None:
+        """The call ends: stop every 2xx still repeated for want of its ACK."""
+        for acked in list(self._acks.values()):
+            acked.cancel()
+
     async def reinvite(self, leg: Leg, incoming: IncomingRequest) -> None:
         """Answer a re-INVITE here (hold, resume, refresh); never forwarded (docs/peers.md)."""
         if leg in self._reinvite_pending or leg.invites_in_progress:

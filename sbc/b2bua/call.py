@@ -94,6 +94,12 @@ def _no_reach(peer: Peer, failure: str | None) -> None:
     """What an ended call reports about reaching a peer: nothing (see Call.dispose)."""
 
 
+@functools.cache
+def _direction(roles: tuple[Role, Role]) -> str:
+    """``pbx->retell`` for a call of leg a's and leg b's roles (two per process)."""
+    return f"{roles[0].peer.value}->{roles[1].peer.value}"
+
+
 def _call_id_key(role: Role, *, initial: bool = True) -> str:
     """The log key of a leg's Call-ID: by peer for the two legs a call starts with
     (``pbx_call_id``, ``retell_call_id``), by role for one added later (``human_call_id``)."""
@@ -336,10 +342,11 @@ class Call:
 
     def _a_headers(self, request: Request, *, has_body: bool, with_timer: bool) -> HeaderList:
         """Headers of a dialog-forming response to leg a (18x with tag, 2xx)."""
-        timer = self.origin.timer if with_timer else None
+        a = self.bridge.a  # leg a (origin), read directly: the answer path's hot spot
+        timer = a.timer if with_timer else None
         return pbx_dialog_headers(
             request,
-            self.origin.local,
+            a.local,
             user_agent=self.config.user_agent,
             timer=timer,
             has_body=has_body,
@@ -405,7 +412,7 @@ class Call:
 
     @property
     def incoming(self) -> IncomingRequest:
-        incoming = self.origin.incoming
+        incoming = self.bridge.a.incoming
         assert incoming is not None
         return incoming
 
@@ -490,7 +497,7 @@ class Call:
             caller=self.caller.number,
             called=self.called,
             source=str(self.incoming.source),
-            direction=f"{self.origin.peer.value}->{self.bridge.b.peer.value}",
+            direction=_direction(self.roles),
         )
         try:
             if await self._set_up():
@@ -541,7 +548,8 @@ class Call:
         b = self.bridge.b
         invite = self._b_invite(b, sdp)
         b.sdp_sent = sdp
-        self.spawn(b.send_invite(invite, lambda r: self.facts.put_nowait(InviteResponded(b, r))))
+        # No task: the responses come as facts straight from the engine's delivery.
+        b.start_invite(invite, lambda r: self.facts.put_nowait(InviteResponded(b, r)))
         self._move(In.OFFER_SENT)
 
     async def _await_b(self) -> bool:
@@ -647,13 +655,16 @@ class Call:
 
     def _answer_a(self, body: bytes) -> None:
         """200 to leg a (repeated until its ACK, see Absorber.send_2xx)."""
-        a = self.origin
+        a = self.bridge.a
+        incoming = a.incoming
+        assert incoming is not None
         headers = self._a_headers(self.a_invite, has_body=True, with_timer=True)
-        ok = self.incoming.response(200, headers=headers, body=body)
+        ok = incoming.response(200, headers=headers, body=body)
         a.answered_as_uas(self.a_invite, ok)
         a.sdp_sent = body
         a.refreshed_at = self._loop_time()
-        self.spawn(self._await_ack(a, ok))
+        # No task: the ACK (or its absence after 64*T1) comes back as a fact by callback.
+        self.absorber.send_2xx_then(a, incoming, ok, lambda ack: self._ack_settled(a, ack))
 
     async def _talk(self) -> None:
         """Both legs are up: serve in-dialog requests and transfers until a BYE or a limit."""
@@ -669,7 +680,8 @@ class Call:
             expires_at = timer.expires_at(a.refreshed_at) if timer else float("inf")
             silent_at = self.bridge.silent_at(self.config.media_timeout)
             fact = await self._next_fact(min(ends_at, expires_at, refresh_at, silent_at))
-            now = self._loop_time()
+            # The clock matters only when no fact came (a deadline passed): not read per fact.
+            now = self._loop_time() if fact is None else 0.0
             if fact is None and refresh_at <= now < ends_at:
                 a.refreshed_at = now
                 self.spawn(self._refresh(a))
@@ -835,9 +847,7 @@ class Call:
         except SipError as exc:
             self.log.info("a_response_failed", status=status, detail=exc.detail)
 
-    async def _await_ack(self, leg: Leg, ok: Response) -> None:
-        assert leg.incoming is not None
-        ack = await self.absorber.send_2xx(leg, leg.incoming, ok)
+    def _ack_settled(self, leg: Leg, ack: Request | None) -> None:
         self.facts.put_nowait(AckSettled(leg, ack))
 
     async def _refresh(self, leg: Leg) -> None:
@@ -985,6 +995,7 @@ class Call:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.absorber.cancel_waits()
         media = self.bridge.media
         if media is not None:
             try:
@@ -994,10 +1005,10 @@ class Call:
 
     # -- helpers -------------------------------------------------------------------------------
     def _move(self, what: CallInput, reason: str | None = None) -> None:
-        key = (self.state, what)
-        if key not in TRANSITIONS:
+        state = TRANSITIONS.get((self.state, what))  # one lookup, not a test and an index
+        if state is None:
             raise ProtocolError(f"call: {what.value} in state {self.state.value}")
-        self.state = TRANSITIONS[key]
+        self.state = state
         if reason is not None and not self.end_reason:
             self.end_reason = reason
 

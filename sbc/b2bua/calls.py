@@ -125,11 +125,16 @@ def hung_up_by(end_reason: str) -> str:
     """Which side ended the call, from its end reason: the peer that sent the BYE or CANCEL
     (``pbx_bye``, ``retell_cancel``) or refused the INVITE (``retell:486``), else sbc (limits,
     timeouts, shutdown, refusals of its own, a completed REFER transfer)."""
-    for peer in Peer:
-        name = peer.value
-        if end_reason in (f"{name}_bye", f"{name}_cancel") or end_reason.startswith(f"{name}:"):
-            return name
-    return "sbc"
+    name = _HUNG_UP_BY.get(end_reason)
+    if name is not None:
+        return name
+    head, colon, _ = end_reason.partition(":")
+    return head if colon and head in _PEER_NAMES else "sbc"
+
+
+# The end reasons of a peer's BYE or CANCEL, and the peers' names (a refusal is "name:status").
+_HUNG_UP_BY = {f"{p.value}_{what}": p.value for p in Peer for what in ("bye", "cancel")}
+_PEER_NAMES = frozenset(p.value for p in Peer)
 
 
 class _RetryLater(MediaBackend):

@@ -47,6 +47,10 @@ class CallState(Enum):
     ENDING = "ending"  # BYEs under way
     ENDED = "ended"
 
+    # Members are singletons compared by identity: hash them by identity too (C), not by
+    # Enum.__hash__ (a Python call per dict lookup: per-call tables and state machines).
+    __hash__ = object.__hash__
+
 
 class CallInput(Enum):
     OFFER_SENT = "INVITE sent on leg b"
@@ -68,6 +72,10 @@ class CallInput(Enum):
     SHUTDOWN = "bridge stopping"
     FAILED = "internal error"
     HUNG_UP = "every leg ended"
+
+    # Members are singletons compared by identity: hash them by identity too (C), not by
+    # Enum.__hash__ (a Python call per dict lookup: per-call tables and state machines).
+    __hash__ = object.__hash__
 
 
 S = CallState

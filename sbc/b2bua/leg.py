@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
 from sbc.sip.dialog import Dialog, DialogState
 from sbc.sip.digest import ClientAuth
-from sbc.sip.fields import parse_via
+from sbc.sip.fields import Via, parse_via
 from sbc.sip.ids import new_branch, new_cnonce
 from sbc.sip.message import Request, Response
 
@@ -53,9 +54,16 @@ class Role(Enum):
     AGENT = "agent"  # sbc's call to Retell
     HUMAN = "human"  # sbc's call to a PBX queue, a transfer by INVITE
 
-    @property
-    def peer(self) -> Peer:
-        return Peer.RETELL if self is Role.AGENT else Peer.PBX
+    # Members are singletons compared by identity: hash them by identity too (C), not by
+    # Enum.__hash__ (a Python call per dict lookup: per-call tables and state machines).
+    __hash__ = object.__hash__
+
+    peer: Peer  # set below: a plain attribute, read several times per call (no property call)
+
+
+for _role in Role:
+    _role.peer = Peer.RETELL if _role is Role.AGENT else Peer.PBX
+del _role
 
 
 class LegState(Enum):
@@ -176,6 +184,49 @@ class Leg:
             deliver(final)
             return
 
+    def start_invite(self, invite: Request, deliver: Callable[[Response], None]) -> None:
+        """:meth:`send_invite` without a task: the INVITE goes now and each response reaches
+        ``deliver`` from the engine's delivery (``OutgoingRequest.subscribe``), a challenge
+        answered the same way. For a call's leg b, whose flow reads the responses as facts:
+        no task, async iterator and future per response for each call."""
+        self.outgoing = outgoing = self.engine.send_request(invite)
+        outgoing.subscribe(functools.partial(self._invite_response, invite, deliver, 0))
+
+    def _invite_response(
+        self,
+        request: Request,
+        deliver: Callable[[Response], None],
+        attempt: int,
+        response: Response,
+    ) -> None:
+        """One response to :meth:`start_invite`'s INVITE (the same steps as send_invite)."""
+        if response.status < 200:
+            deliver(response)
+            return
+        if response.status in (401, 407) and self._auth is not None and attempt < 2:
+            try:
+                retry = self._auth.authorize(
+                    response,
+                    request,
+                    new_cnonce(self._random(8)),
+                    branch=new_branch(self._random(12)),
+                )
+            except Exception:
+                # Called by the engine as it delivers: never raise into it; the flow gets the
+                # challenge as the INVITE's final response (refused) instead.
+                self.log.exception("invite_challenge_failed", status=response.status)
+                retry = None
+            else:
+                if retry is not None:
+                    self.log.info("invite_challenged", status=response.status)
+                    self.outgoing = outgoing = self.engine.send_request(retry)
+                    outgoing.subscribe(
+                        functools.partial(self._invite_response, retry, deliver, attempt + 1)
+                    )
+                    return
+                self.log.warning("credentials_refused", status=response.status)
+        deliver(response)
+
     @property
     def destination(self) -> Destination | None:
         """Where the leg's INVITE went (UAC legs; None for a UAS leg or before it went)."""
@@ -223,7 +274,7 @@ class Leg:
         self, method: str, *, cseq: int | None = None, headers: HeaderList = (), body: bytes = b""
     ) -> Request:
         assert self.dialog is not None
-        via = parse_via(self.engine.make_via(self.local.transport))
+        via = _via_of(self.engine.make_via(self.local.transport))
         branch = new_branch(self._random(12))
         if self._user_agent:
             headers = (*headers, ("User-Agent", self._user_agent))
@@ -270,6 +321,20 @@ class Leg:
         if self.dialog is not None:
             self.dialog.terminate()
         self.state = LegState.ENDED
+
+
+def _via_of(text: str) -> Via:
+    """``text`` (the engine's Via for a request) parsed, as far as the dialog uses it: the
+    branch is replaced anyway (``Dialog.create_request``, in place), so every Via the engine
+    writes for one transport parses alike and is parsed once."""
+    head, found, rest = text.partition(";branch=")
+    if not found:
+        return parse_via(text)
+    _, semicolon, tail = rest.partition(";")
+    return _parse_via_shape(f"{head};branch=z9hG4bK{semicolon}{tail}")
+
+
+_parse_via_shape = functools.lru_cache(maxsize=64)(parse_via)
 
 
 _glare_random = random.Random()

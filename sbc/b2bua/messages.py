@@ -16,6 +16,8 @@ Retell's responses are mapped to what the PBX is told by :func:`pbx_status_for_f
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from ipaddress import IPv4Network, IPv6Network
@@ -35,6 +37,10 @@ from sbc.sip.uri import NameAddr, SipUri, TelUri, Uri, parse_name_addr, unescape
 class Peer(Enum):
     PBX = "pbx"
     RETELL = "retell"
+
+    # Members are singletons compared by identity: hash them by identity too (C), not by
+    # Enum.__hash__ (a Python call per dict lookup: per-call tables and state machines).
+    __hash__ = object.__hash__
 
 
 # Methods each peer may send in one of its dialogs with sbc, and so what its Allow says
@@ -135,7 +141,14 @@ class LocalAddress:
 
     @property
     def contact(self) -> str:
-        return f"<{self.contact_uri}>"
+        return _contact_of(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _contact_of(local: LocalAddress) -> str:
+    """The Contact text of ``local``: the same few addresses in every dialog-forming message of
+    every call, built once each (``LocalAddress`` is frozen)."""
+    return f"<{local.contact_uri}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +168,13 @@ class Caller:
 
 def escape_user(user: str) -> str:
     """Escape ``user`` for the user part of a SIP URI (RFC 3261 §25.1)."""
+    if _USER_UNESCAPED.fullmatch(user) is not None:
+        return user  # what quote() returns for it, without encoding and decoding it
     return quote(user, safe=_USER_SAFE)
+
+
+# The users quote() leaves as they are: only its always-safe characters and _USER_SAFE.
+_USER_UNESCAPED = re.compile("[A-Za-z0-9_.~" + re.escape(_USER_SAFE) + "]*")
 
 
 def uri_user(uri: Uri) -> str | None:
@@ -233,27 +252,42 @@ def build_b_invite(
     target = config.retell
     user_agent = config.user_agent
     user = escape_user(caller.number) if caller.number else "anonymous"
-    scheme = "sips" if target.transport == "tls" else "sip"
+    request_uri, scheme, to, contact = _b_invite_fixed(target, local)
     from_uri = SipUri(scheme, user, None, local.host)
     # The display name is always quoted: several peers mis-read unquoted multi-word names.
     display = "" if caller.display is None else quote_string(caller.display) + " "
     from_ = f"{display}<{from_uri}>;tag={ids.from_tag}"
-    to = NameAddr(target.to_uri)
     items: list[tuple[str, str]] = [
-        ("Max-Forwards", str(MAX_FORWARDS)),
+        ("Max-Forwards", _MAX_FORWARDS_TEXT),
         ("From", from_),
-        ("To", str(to)),
+        ("To", to),
         ("Call-ID", ids.call_id),
         ("CSeq", f"{ids.cseq} INVITE"),
-        ("Contact", local.contact),
-        ("Allow", allow_header(Peer.RETELL)),
+        ("Contact", contact),
+        ("Allow", _ALLOW_RETELL),
     ]
     if user_agent:
         items.append(("User-Agent", user_agent))
     items.extend(x_headers)
     if sdp:
         items.append(("Content-Type", "application/sdp"))
-    return Request("INVITE", target.request_uri, Headers(items), sdp)
+    return Request("INVITE", request_uri, Headers(items), sdp)
+
+
+# Header values that never change: built once, not per message (the tables are constants).
+_MAX_FORWARDS_TEXT = str(MAX_FORWARDS)
+_ALLOW_RETELL = allow_header(Peer.RETELL)
+_ALLOW_PBX = allow_header(Peer.PBX)
+_SUPPORTED_PBX = SUPPORTED[Peer.PBX]
+
+
+@functools.lru_cache(maxsize=64)
+def _b_invite_fixed(target: RetellTarget, local: LocalAddress) -> tuple[SipUri, str, str, str]:
+    """What every INVITE to ``target`` from ``local`` shares: Request-URI, From's scheme, To
+    and Contact. Built once per route and address instead of per call (a SipUri is frozen,
+    so one object serves every request)."""
+    scheme = "sips" if target.transport == "tls" else "sip"
+    return target.request_uri, scheme, str(NameAddr(target.to_uri)), local.contact
 
 
 def build_pbx_invite(
@@ -452,8 +486,8 @@ def pbx_dialog_headers(
     """
     items = [("Record-Route", v) for v in invite.headers.get_all("Record-Route")]
     items.append(("Contact", local.contact))
-    items.append(("Allow", allow_header(Peer.PBX)))
-    items.append(("Supported", SUPPORTED[Peer.PBX]))
+    items.append(("Allow", _ALLOW_PBX))
+    items.append(("Supported", _SUPPORTED_PBX))
     if timer is not None:
         items.append(("Session-Expires", timer.header))
         # RFC 4028 §9: Require: timer MUST go with refresher=uac, SHOULD with uas when the

@@ -159,6 +159,10 @@ def format_now(now: float) -> str:
 
 def _control_reason(text: str) -> str | None:
     """Why ``text`` cannot go into a header line, or None when it can."""
+    if text.isprintable():
+        # No character of the categories "Other" (Cc, Cs among them) or "Separator" but the
+        # space (U+2028, U+2029): nothing to report, without a lookup per character.
+        return None
     for ch in text:
         category = unicodedata.category(ch)
         if category == "Cc" or ch in "\u2028\u2029":
@@ -245,6 +249,9 @@ def _compile_field(header: str, field: str) -> Part:
 
 def render_template(template: Template, facts: CallFacts) -> str:
     """The template's text with every variable replaced (no checks: see :func:`check_value`)."""
+    parts = template.parts
+    if len(parts) == 1 and type(parts[0]) is Variable:
+        return facts.value(parts[0].name)  # the usual template: one variable, nothing around
     out: list[str] = []
     for part in template.parts:
         if isinstance(part, Literal):

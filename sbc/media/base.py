@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
-from sbc.sdp.model import Origin, SessionDescription
+from sbc.sdp.model import MediaDescription, Origin, SessionDescription
 from sbc.sdp.offer_answer import answer_for_hold, filter_codecs
 from sbc.sip.errors import RequestPending
 
@@ -230,8 +230,22 @@ class MediaSession(ABC):
         return None
 
     def filter(self, sdp: SessionDescription) -> SessionDescription:
-        """``sdp`` with only this session's codecs (488 when none is left)."""
-        return filter_codecs(sdp, self.codecs)
+        """``sdp`` with only this session's codecs (488 when none is left).
+
+        Whether filtering changes an SDP at all depends only on the shape of its streams
+        (kind, profile, disabled or not, formats, attributes), which a peer repeats call
+        after call with other addresses and ports: an SDP whose shape was already seen to
+        pass unchanged is returned as it is, without parsing its rtpmaps again."""
+        key = (self.codecs, *[_stream_shape(m) for m in sdp.media])
+        unchanged = _UNCHANGED_BY_FILTER.get(key)
+        if unchanged:
+            return sdp
+        filtered = filter_codecs(sdp, self.codecs)
+        if unchanged is None:
+            if len(_UNCHANGED_BY_FILTER) >= _UNCHANGED_BY_FILTER_MAX:
+                _UNCHANGED_BY_FILTER.clear()
+            _UNCHANGED_BY_FILTER[key] = filtered == sdp
+        return filtered
 
     def _stamp(self, side: Side, sd: SessionDescription, address: str) -> SessionDescription:
         """Put the bridge's ``o=`` line for ``side`` on ``sd``, bumping the version only when
@@ -248,6 +262,8 @@ class MediaSession(ABC):
             stamped = replace(sd, origin=origin)
         self._origins[side] = origin
         self._sent[side] = stamped
+        if type(self)._set_sending is MediaSession._set_sending:
+            return stamped  # nothing listens (pass-through): no need to find the direction
         audio = stamped.audio()
         # RFC 3264 §6.1: a stream we marked recvonly or inactive toward `side` gets no RTP from us.
         self._set_sending(side, audio is not None and stamped.direction(audio) in _SENDING)
@@ -255,6 +271,17 @@ class MediaSession(ABC):
 
     def _set_sending(self, side: Side, allowed: bool) -> None:  # noqa: B027 - optional hook
         """Hook: whether the bridge may send RTP to ``side``, per the last SDP sent on it."""
+
+
+def _stream_shape(m: MediaDescription) -> tuple[object, ...]:
+    """What :func:`~sbc.sdp.offer_answer.filter_codecs` reads of a stream (not its address)."""
+    return (m.media, m.proto, m.port == 0, m.formats, m.attributes)
+
+
+# Stream shapes (with the codec list) -> whether filter_codecs leaves them as they are; a
+# few entries per peer, cleared whole when full (bounded whatever peers send).
+_UNCHANGED_BY_FILTER: dict[tuple[object, ...], bool] = {}
+_UNCHANGED_BY_FILTER_MAX = 256
 
 
 class MediaBackend(ABC):

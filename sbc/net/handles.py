@@ -4,7 +4,8 @@ to await.
 :class:`IncomingRequest` wraps a server transaction (answer it with ``respond``);
 :class:`OutgoingRequest` is the handle of a request sent with ``SipEngine.send_request``:
 ``async for response in handle`` yields its responses up to the final one, ``await handle``
-returns the final one.
+returns the final one; or ``handle.subscribe(callback)`` has each response handed over as
+the engine delivers it, with no task or future (a call's INVITE, ``Leg.start_invite``).
 
 This module does not import the engine: an :class:`IncomingRequest` answers through any
 :class:`Responder`, and the engine feeds an :class:`OutgoingRequest` through its public
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Protocol
 
 from sbc.net.addresses import Destination
@@ -140,6 +141,7 @@ class OutgoingRequest:
         self.local_failure: str | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._sent = asyncio.get_running_loop().create_future()
+        self._subscriber: Callable[[Response], None] | None = None
 
     # -- consumer side -------------------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[Response]:
@@ -173,6 +175,18 @@ class OutgoingRequest:
     def done(self) -> bool:
         return self.final is not None
 
+    def subscribe(self, callback: Callable[[Response], None]) -> None:
+        """Hand every response to ``callback``: those already delivered at once, the others
+        as :meth:`deliver` receives them, in the engine's call (a callback must not raise).
+        What ``async for`` does without a task to run it and a future per response: a
+        call's INVITE is awaited by nobody but the call's own flow, fed by facts. One
+        subscriber; it is let go after the final response (no reference cycle is kept)."""
+        self._subscriber = callback
+        for response in list(self.responses):
+            if response.status >= 200:
+                self._subscriber = None
+            callback(response)
+
     # -- engine side ---------------------------------------------------------------------------
     def mark_sent(self) -> None:
         """The request went to the transport: wake :meth:`wait_sent` (idempotent)."""
@@ -184,10 +198,14 @@ class OutgoingRequest:
         if self.final is not None:
             return
         self.responses.append(response)
+        subscriber = self._subscriber
         if response.status >= 200:
             self.final = response
             self.mark_sent()
+            self._subscriber = None
         self._wake()
+        if subscriber is not None:
+            subscriber(response)
 
     # -- internals -----------------------------------------------------------------------------
     def _changed(self) -> asyncio.Future[None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 from sbc.b2bua.call import Call, CallState
@@ -58,6 +58,7 @@ class FakeHandle:
         self.destination = None
         self.local_failure: str | None = None  # set to fail it the way the engine does
         self._changed = asyncio.Event()
+        self._subscriber: Callable[[Response], None] | None = None
 
     def deliver(
         self,
@@ -79,10 +80,22 @@ class FakeHandle:
             body=body,
         )
         self.responses.append(response)
+        subscriber = self._subscriber
         if status >= 200:
             self.final = response
+            self._subscriber = None
         self._changed.set()
+        if subscriber is not None:
+            subscriber(response)
         return response
+
+    def subscribe(self, callback: Callable[[Response], None]) -> None:
+        """As OutgoingRequest.subscribe: past responses now, the others as delivered."""
+        self._subscriber = callback
+        for response in list(self.responses):
+            if response.status >= 200:
+                self._subscriber = None
+            callback(response)
 
     @property
     def done(self) -> bool:
