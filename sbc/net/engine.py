@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
-import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,8 +53,8 @@ from sbc.net.handles import (
 from sbc.net.transport import Transports
 from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
-from sbc.sip.headers import split_list
-from sbc.sip.ids import make_branch
+from sbc.sip.headers import Headers, split_list
+from sbc.sip.ids import BRANCH_COOKIE
 from sbc.sip.message import Request, Response, with_top_via
 from sbc.sip.serializer import serialized_size
 from sbc.sip.server_transaction import ServerState
@@ -196,6 +196,10 @@ class SipEngine:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pumping = False
+        self._pump_again = False
+        # make_via's text before the branch, by transport, for self._via_config.
+        self._via_prefixes: dict[str, str] = {}
+        self._via_config: TransportConfig | None = None
         self._clients: dict[str, OutgoingRequest] = {}
         self._finished: dict[str, OutgoingRequest] = {}
         self._branch_keys: dict[tuple[str, str], str] = {}
@@ -284,12 +288,18 @@ class SipEngine:
     # -- client side ---------------------------------------------------------------------------
     def make_via(self, transport: str) -> str:
         """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
-        branch = make_branch(secrets.token_hex(12))
-        port = self.config.via_port(transport)
-        return (
-            f"SIP/2.0/{VIA_TRANSPORT[transport]} {self.config.via_host}:{port}"
-            f";branch={branch};rport"
-        )
+        config = self.config
+        if self._via_config is not config:
+            self._via_prefixes = {}
+            self._via_config = config
+        prefix = self._via_prefixes.get(transport)
+        if prefix is None:
+            # Once per transport: the advertised address and port do not change per request.
+            port = config.via_port(transport)
+            prefix = f"SIP/2.0/{VIA_TRANSPORT[transport]} {config.via_host}:{port};branch="
+            self._via_prefixes[transport] = prefix
+        # make_branch(secrets.token_hex(12)) without its two Python frames: the same bytes.
+        return f"{prefix}{BRANCH_COOKIE}{os.urandom(12).hex()};rport"
 
     def send_request(self, request: Request, target: RequestTarget = None) -> OutgoingRequest:
         """Start a client transaction for ``request``; returns its handle at once.
@@ -325,7 +335,7 @@ class SipEngine:
         dest = destinations[0]
         if "Via" not in ack.headers:
             via = self.make_via(dest.transport)
-            ack = dataclasses.replace(ack, headers=ack.headers.prepend("Via", via))
+            ack = _with_headers(ack, ack.headers.prepend("Via", via))
         self.layer.send_stateless(ack, dest=dest)
         self._pump()
         return ack
@@ -373,9 +383,7 @@ class SipEngine:
             headers = request.headers
             if handle.attempts:
                 headers = headers.remove_first("Via")
-            request = dataclasses.replace(
-                request, headers=headers.prepend("Via", self.make_via(dest.transport))
-            )
+            request = _with_headers(request, headers.prepend("Via", self.make_via(dest.transport)))
         handle.request = request
         handle.destination = dest
         handle.local_failure = None
@@ -389,7 +397,7 @@ class SipEngine:
             self.stats.large_over_tcp += 1
         try:
             key = self.layer.send_request(
-                request, dest=dest, reliable=dest.reliable, now=self._now()
+                request, dest=dest, reliable=dest.transport != "udp", now=self._now()
             )
         except SipError as exc:
             log.warning(
@@ -420,8 +428,11 @@ class SipEngine:
         config = self.config
         if not (config.large_requests_over_tcp and config.tcp):
             return destinations
-        if all(dest.transport != "udp" for dest in destinations):
-            return destinations
+        for dest in destinations:
+            if dest.transport == "udp":
+                break
+        else:
+            return destinations  # nothing over UDP (no generator per request)
         target = handle.target
         if isinstance(target, Destination):
             return destinations
@@ -566,10 +577,13 @@ class SipEngine:
     def respond(self, server_key: str, response: Response) -> None:
         """Send a response through the server transaction ``server_key``."""
         if response.status >= 200:
-            if self.layer.server_state(server_key) is ServerState.ACCEPTED:
+            # The first final response finds its transaction still counted as unanswered;
+            # only a later one needs the layer's state.
+            host = self._transaction_sources.pop(server_key, None)
+            if host is not None:
+                self._source_done(host)
+            elif self.layer.server_state(server_key) is ServerState.ACCEPTED:
                 self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
-            else:
-                self._unanswered_done(server_key)
         self.layer.respond(server_key, response, now=self._now())
         self._pump()
 
@@ -657,7 +671,13 @@ class SipEngine:
         """The guard's verdict on a parsed request; True when it stops here (dropped, or
         answered 403 statelessly: the same answer whatever was asked, RFC 3261 §21.4.4)."""
         method = request.method
-        new = method != "ACK" and method != "CANCEL" and _to_tag(request) is None
+        if method == "ACK" or method == "CANCEL":
+            new = False
+        else:
+            try:
+                new = request.to_tag is None
+            except SipError:
+                new = True  # no readable To: treated as outside any dialog
         verdict = guard.request_verdict(source.host, counted=source.transport == "udp", new=new)
         if verdict == ADMIT:
             return False
@@ -681,8 +701,13 @@ class SipEngine:
             except Exception:
                 log.exception("guard_failed", source=str(source))
                 return
-        if self.on_message is not None:
-            self._tap("in", message, source)
+        tap = self.on_message
+        if tap is not None:
+            try:
+                tap("in", message, source)
+            except Exception:
+                # A tap's bug must not stop a message.
+                log.exception("message_tap_failed", direction="in")
         counts = self.stats.messages
         try:
             if isinstance(message, Request):
@@ -749,7 +774,9 @@ class SipEngine:
                 request, source, ServiceUnavailable("too many transactions", headers=retry)
             )
             return
-        self.layer.receive(request, source=source, reliable=source.reliable, now=self._now())
+        self.layer.receive(
+            request, source=source, reliable=source.transport != "udp", now=self._now()
+        )
 
     def _oversized(self, message: Message, source: Destination) -> None:
         if not isinstance(message, Request) or message.method == "ACK":
@@ -782,11 +809,14 @@ class SipEngine:
             self.stats.responses_dropped += 1
             return
         # RFC 3261 §18.1.2: a response whose top Via is not ours is discarded.
-        if via.host.lower() != self.config.via_host.lower():
+        host = via.host
+        if host != self.config.via_host and host.lower() != self.config.via_host.lower():
             self.stats.responses_dropped += 1
             log.debug("response_not_ours", sent_by=via.host, source=str(source))
             return
-        self.layer.receive(response, source=source, reliable=source.reliable, now=self._now())
+        self.layer.receive(
+            response, source=source, reliable=source.transport != "udp", now=self._now()
+        )
 
     def _send_failed(self, dest: Destination, messages: list[Message], reason: str) -> None:
         now = self._now()
@@ -819,21 +849,27 @@ class SipEngine:
     def _pump(self) -> None:
         """Drain the layer's output and events, then re-arm the timer (re-entrant safe)."""
         if self._pumping:
+            # Called while a pump runs (a handler answered, a request went out, a send
+            # failed): whatever that queued in the layer is taken by one more round of it.
+            self._pump_again = True
             return
         self._pumping = True
+        layer = self.layer
         try:
             while True:
-                outgoing = self.layer.datagrams_to_send()
-                events = self.layer.events()
-                if not outgoing and not events:
-                    break
-                for dest, message in outgoing:
+                # Every engine method that queues output or events in the layer pumps right
+                # after, so a round that none of them ran in left nothing behind: no second
+                # pair of empty reads per message (11 pumps per bridged call).
+                self._pump_again = False
+                for dest, message in layer.datagrams_to_send():
                     self._transmit(dest, message)
-                for event in events:
+                for event in layer.events():
                     try:
                         self._dispatch(event)
                     except Exception:
                         log.exception("event_dispatch_failed", kind=type(event).__name__)
+                if not self._pump_again:
+                    break
         finally:
             self._pumping = False
         self._arm_timer()
@@ -850,18 +886,14 @@ class SipEngine:
                 self.guard.note_peer(dest.host)  # its answers and requests are let in
         counts = self.stats.messages
         counts[key] = counts.get(key, 0) + 1
-        if self.on_message is not None:
-            self._tap("out", message, dest)
-        self.transports.send(dest, message)
-
-    def _tap(self, direction: str, message: Message, peer: Destination) -> None:
         tap = self.on_message
-        assert tap is not None
-        try:
-            tap(direction, message, peer)
-        except Exception:
-            # A tap's bug must not stop a message.
-            log.exception("message_tap_failed", direction=direction)
+        if tap is not None:
+            try:
+                tap("out", message, dest)
+            except Exception:
+                # A tap's bug must not stop a message.
+                log.exception("message_tap_failed", direction="out")
+        self.transports.send(dest, message)
 
     def _response_destination(self, source: Destination, response: Response) -> Destination:
         """RFC 3261 §18.2.2 with RFC 3581 §4: where a response to a request from ``source`` goes."""
@@ -896,10 +928,12 @@ class SipEngine:
         return Destination(source.transport, literal, port)
 
     def _dispatch(self, event: object) -> None:
-        if isinstance(event, RequestReceived):
+        # The two events of nearly every message first, by exact type (the layer's own
+        # classes, never subclassed): no isinstance call each.
+        if type(event) is RequestReceived:
             assert isinstance(event.source, Destination)
             self._request_received(event.key, event.request, event.source)
-        elif isinstance(event, ResponseReceived):
+        elif type(event) is ResponseReceived:
             self._client_response(event.key, event.response, event.retransmission)
         elif isinstance(event, AckReceived):
             if self.on_ack is not None:
@@ -919,11 +953,14 @@ class SipEngine:
     def _unanswered_done(self, key: str) -> None:
         host = self._transaction_sources.pop(key, None)
         if host is not None:
-            left = self._source_transactions.get(host, 1) - 1
-            if left > 0:
-                self._source_transactions[host] = left
-            else:
-                self._source_transactions.pop(host, None)
+            self._source_done(host)
+
+    def _source_done(self, host: str) -> None:
+        left = self._source_transactions.get(host, 1) - 1
+        if left > 0:
+            self._source_transactions[host] = left
+        else:
+            self._source_transactions.pop(host, None)
 
     def _terminated(self, key: str) -> None:
         self._unanswered_done(key)
@@ -991,6 +1028,30 @@ def stamp_via(request: Request, source: Destination) -> Request:
         via = request.top_via  # the same parse, remembered for when nothing is stamped
     else:
         via = parse_via(first)
+    params = via.params
+    port = source.port
+    if (
+        params
+        and first.endswith(";rport")
+        and first[-7:-6] not in (" ", "\t")
+        and params[-1][1] is None
+        and '"' not in first
+        and 0 <= port <= 65535
+        and _IP_LITERAL_CHARS.fullmatch(source.host) is not None
+    ):
+        low = first.lower()
+        if low.find("rport") == len(low) - 5 and params[-1][0].lower() == "rport":
+            # What SIPp and most phones send: one valueless rport, written last. The general
+            # path's regex replacement and parameter search (_stamp) give the same text and
+            # Via here (tests/unit/test_hot_path.py compares them).
+            text = f"{first[:-6]};rport={port};received={source.host}"
+            stamped = (*params[:-1], ("rport", str(port)), ("received", source.host))
+            return with_top_via(request, text, Via(via.transport, via.host, via.port, stamped))
+    return _stamp(request, source, first, via)
+
+
+def _stamp(request: Request, source: Destination, first: str, via: Via) -> Request:
+    """stamp_via for any top Via ``first`` (parsed: ``via``)."""
     host = via.host
     if host.startswith("["):
         host = host[1:-1]
@@ -1023,6 +1084,12 @@ def stamp_via(request: Request, source: Destination) -> Request:
 _IP_LITERAL_CHARS = re.compile(r"[0-9A-Za-z.:%_\-]+")
 # A valueless rport parameter of a Via (RFC 3581 §3), LWS allowed around ';' (RFC 3261 §25.1).
 _BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
+
+
+def _with_headers(request: Request, headers: Headers) -> Request:
+    """``request`` with other header fields (dataclasses.replace walks the fields by name and
+    costs several times this)."""
+    return Request(request.method, request.uri, headers, request.body, request.version)
 
 
 def _branch(message: Message) -> str | None:
