@@ -471,13 +471,13 @@ class SipEngine:
         """The destinations of ``request`` when finding them needs no DNS lookup (a
         Destination, an IP literal, records fresh in the resolver's cache); None otherwise,
         and also on any error, which :meth:`_start_client` then meets and reports."""
-        if isinstance(target, Destination):
+        if type(target) is Destination:
             return [target]
         try:
             if target is None:
                 target = self._next_hop(request)
-            uri = parse_uri(target) if isinstance(target, str) else target
-            if not isinstance(uri, SipUri):
+            uri = parse_uri(target) if type(target) is str else target
+            if type(uri) is not SipUri:
                 return None
             return self.resolver.resolve_cached(target_of_uri(uri))
         except (ResolutionFailed, SipError):
@@ -875,7 +875,7 @@ class SipEngine:
         self._arm_timer()
 
     def _transmit(self, dest: object, message: Message) -> None:
-        assert isinstance(dest, Destination)
+        assert type(dest) is Destination  # what the engine gave the layer with each message
         if isinstance(message, Response):
             dest = self._response_destination(dest, message)
             key: tuple[str, str | int, str] = ("out", message.status, dest.transport)

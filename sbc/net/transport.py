@@ -95,6 +95,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport_name = transport_name
         self.outbound = outbound
         self.peer: tuple[str, int] = ("", 0)
+        self._destination: Destination | None = None
         self.closed = False
         self._owner = owner
         self._config = owner.config
@@ -118,6 +119,7 @@ class StreamConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        self._destination = None
         if not self._owner._register(self):
             self.closed = True
             self._transport.abort()
@@ -193,7 +195,13 @@ class StreamConnection(asyncio.Protocol):
     # -- API --------------------------------------------------------------------------------
     @property
     def destination(self) -> Destination:
-        return Destination(self.transport_name, self.peer[0], self.peer[1], self.id)
+        # One per connection (peer and id are set once it is made), shared by its messages:
+        # each would otherwise be kept by the transaction of its message.
+        dest = self._destination
+        if dest is None:
+            dest = Destination(self.transport_name, self.peer[0], self.peer[1], self.id)
+            self._destination = dest
+        return dest
 
     def write(self, data: bytes) -> bool:
         if self.closed or self._transport is None or self._transport.is_closing():
@@ -456,8 +464,10 @@ class Transports:
         admit = self.admit_datagram
         if admit is not None and not admit(addr[0]):
             return  # first, so that what the guard drops costs no parsing (not even a strip)
-        if not data.strip(b"\r\n"):
-            return  # RFC 5626 §4.4.1 / §3.5.1: a CRLF keep-alive on UDP, nothing to answer
+        if (not data or data[0] == 13 or data[0] == 10) and not data.strip(b"\r\n"):
+            # RFC 5626 §4.4.1 / §3.5.1: a CRLF keep-alive on UDP, nothing to answer. (A
+            # message starts with a letter: no copy of it made by strip() to find that out.)
+            return
         try:
             message = parse_message(data, self.config.parse_limits)
         except LimitExceeded as exc:
