@@ -200,3 +200,57 @@ def test_make_via_per_transport_and_config() -> None:
     )
     assert re.fullmatch(shape % ("UDP", r"\[2001:db8::5\]:5080"), engine.make_via("udp"))
     assert parse_via(engine.make_via("tcp")).port == 5080
+
+
+# -- the engine's one loop timer ----------------------------------------------------------------
+
+INVITE = (
+    "INVITE sip:101@127.0.0.1:5060 SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK{n};rport\r\n"
+    "From: <sip:pbx@192.0.2.7>;tag=f{n}\r\n"
+    "To: <sip:101@127.0.0.1>\r\n"
+    "Call-ID: {n}@192.0.2.7\r\n"
+    "CSeq: 1 INVITE\r\n"
+    "Contact: <sip:pbx@192.0.2.7:5060>\r\n"
+    "Max-Forwards: 70\r\n"
+    "Content-Length: 0\r\n\r\n"
+)
+
+
+async def test_a_deadline_that_moves_later_keeps_the_loop_timer() -> None:
+    """Each INVITE arms its 200 ms Trying timer and its answer disarms it: the loop timer is
+    armed once for all of them, never after the layer's next deadline, and an early wake-up
+    re-arms it for what is due next (Timer L here ends every transaction on time)."""
+    engine, sink = engine_without_sockets()
+    engine.config = dataclasses.replace(engine.config, t1=0.01, t2=0.04)
+    engine.layer.config = dataclasses.replace(engine.layer.config, t1=0.01, t2=0.04)
+    engine._running = True
+    waiting: list[IncomingRequest] = []
+    engine.on_request = waiting.append
+    contact = (("Contact", "<sip:101@127.0.0.1:5060>"),)
+    for n in range(21):
+        # As in a bridge: each INVITE is answered after the next one came in (the far leg
+        # answers later), so its Trying timer is armed in the layer, then disarmed.
+        if n < 20:
+            engine.transports._datagram_received(INVITE.format(n=n).encode(), ("192.0.2.7", 5060))
+        if n:
+            waiting[n - 1].respond(200, headers=contact)
+        deadline = engine.layer.next_deadline()
+        assert engine._timer_at is not None and deadline is not None
+        assert engine._timer_at <= deadline
+    assert len(sink.sent) == 20 and engine.stats.timer_arms == 1
+    drained = asyncio.Event()
+    terminated = engine._terminated
+
+    def on_terminated(key: str) -> None:
+        terminated(key)
+        if not len(engine.layer):
+            drained.set()
+
+    engine._terminated = on_terminated  # type: ignore[method-assign]
+    # Timer L is 64 * T1 = 0.64 s; the bound is generous for a loaded machine.
+    await asyncio.wait_for(drained.wait(), 10.0)
+    # No ACK came: Timer L ended each INVITE's transaction, and nothing is armed any more.
+    assert all(data.startswith(b"SIP/2.0 200 ") for data in sink.sent)
+    assert engine.layer.next_deadline() is None
+    assert 2 <= engine.stats.timer_arms <= 20
