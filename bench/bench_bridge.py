@@ -157,9 +157,13 @@ class Pbx(asyncio.DatagramProtocol):
 class Retell(asyncio.Protocol):
     """Retell's SIP server on one TCP connection: 200 to INVITE (SDP) and BYE."""
 
-    def __init__(self) -> None:
+    # Requests seen by method, over every connection (the bench checks each call's ACK and BYE).
+    seen: dict[str, int] = {}
+
+    def __init__(self, port: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
+        self.contact = f"Contact: <sip:retell@{RETELL}:{port};transport=tcp>\r\n"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -180,11 +184,13 @@ class Retell(asyncio.Protocol):
 
     def request(self, head: str) -> None:
         assert self.transport is not None
+        method = head.split(" ", 1)[0]
+        self.seen[method] = self.seen.get(method, 0) + 1
         if head.startswith("INVITE "):
             response = answer(
                 _TO.sub(lambda m: m.group(0).rstrip("\r") + ";tag=retell", head, count=1),
                 "200 OK",
-                f"Contact: <sip:retell@{RETELL};transport=tcp>\r\n",
+                self.contact,
                 RETELL_SDP.format(retell=RETELL),
             )
             self.transport.write(response)
@@ -229,6 +235,7 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
     from sbc.ops.settings import load_settings
 
     loop = asyncio.get_running_loop()
+    Retell.seen = {}
     sip_port = free_port(SBC, socket.SOCK_DGRAM)
     pbx_port = free_port(PBX, socket.SOCK_DGRAM)
     retell_port = free_port(RETELL, socket.SOCK_STREAM)
@@ -237,7 +244,7 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
         configure_logging(settings.log.level, settings.log.format, stream=log)
         pbx = Pbx()
         await loop.create_datagram_endpoint(lambda: pbx, local_addr=(PBX, pbx_port))
-        server = await loop.create_server(Retell, RETELL, retell_port)
+        server = await loop.create_server(lambda: Retell(retell_port), RETELL, retell_port)
         service = Service(settings)
         await service.start()
         try:
@@ -291,6 +298,7 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
                     report(profiler, calls)
                 results.append((1e6 * cpu / calls, 1e6 * wall / calls))
             active = service.bridge.active
+            transport_stats = service.engine.transports.stats
         finally:
             await service.stop()
             server.close()
@@ -298,6 +306,13 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
             pbx.transport.close()
     if active:
         raise RuntimeError(f"{active} calls still active after the run")
+    placed = warmup + calls * repeat
+    expected = {"INVITE": placed, "ACK": placed, "BYE": placed}
+    if Retell.seen != expected or transport_stats.connections_opened != 1:
+        raise RuntimeError(
+            f"Retell saw {Retell.seen}, expected {expected}; sbc opened "
+            f"{transport_stats.connections_opened} connections to it (one is reused)"
+        )
     cpus = [c for c, _ in results]
     walls = [w for _, w in results]
     print(
