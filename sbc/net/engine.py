@@ -696,24 +696,26 @@ class SipEngine:
         return True
 
     def _message_received(self, message: Message, source: Destination) -> None:
-        guard = self.guard
-        if guard is not None and isinstance(message, Request):
-            try:
-                if self._guarded(guard, message, source):
-                    return
-            except Exception:
-                log.exception("guard_failed", source=str(source))
-                return
-        tap = self.on_message
-        if tap is not None:
-            try:
-                tap("in", message, source)
-            except Exception:
-                # A tap's bug must not stop a message.
-                log.exception("message_tap_failed", direction="in")
+        # One branch per kind, each with the same steps (the guard for requests only): the
+        # tap, the count, the processing.
         counts = self.stats.messages
+        tap = self.on_message
         try:
             if isinstance(message, Request):
+                guard = self.guard
+                if guard is not None:
+                    try:
+                        if self._guarded(guard, message, source):
+                            return
+                    except Exception:
+                        log.exception("guard_failed", source=str(source))
+                        return
+                if tap is not None:
+                    try:
+                        tap("in", message, source)
+                    except Exception:
+                        # A tap's bug must not stop a message.
+                        log.exception("message_tap_failed", direction="in")
                 method = message.method
                 key: tuple[str, str | int, str] = (
                     "in",
@@ -723,6 +725,11 @@ class SipEngine:
                 counts[key] = counts.get(key, 0) + 1
                 self._incoming_request(message, source)
             else:
+                if tap is not None:
+                    try:
+                        tap("in", message, source)
+                    except Exception:
+                        log.exception("message_tap_failed", direction="in")
                 key = ("in", message.status, source.transport)
                 counts[key] = counts.get(key, 0) + 1
                 self._incoming_response(message, source)
@@ -934,19 +941,19 @@ class SipEngine:
         # The two events of nearly every message first, by exact type (the layer's own
         # classes, never subclassed): no isinstance call each.
         if type(event) is RequestReceived:
-            assert isinstance(event.source, Destination)
+            assert type(event.source) is Destination
             self._request_received(event.key, event.request, event.source)
         elif type(event) is ResponseReceived:
             self._client_response(event.key, event.response, event.retransmission)
         elif isinstance(event, AckReceived):
             if self.on_ack is not None:
-                assert isinstance(event.source, Destination)
+                assert type(event.source) is Destination
                 self.on_ack(event.request, event.source)
         elif isinstance(event, CancelReceived):
             self._cancel_received(event)
         elif isinstance(event, StrayResponse):
             if self.on_stray_response is not None:
-                assert isinstance(event.source, Destination)
+                assert type(event.source) is Destination
                 self.on_stray_response(event.response, event.source)
         elif isinstance(event, TransactionTimedOut):
             self._timed_out(event.key)
@@ -1052,7 +1059,8 @@ def stamp_via(request: Request, source: Destination) -> Request:
         and _IP_LITERAL_CHARS.fullmatch(source.host) is not None
     ):
         low = first.lower()
-        if low.find("rport") == len(low) - 5 and params[-1][0].lower() == "rport":
+        # The text ends with ";rport": so does the name of the last parameter, as written.
+        if low.find("rport") == len(low) - 5 and params[-1][0] == "rport":
             # What SIPp and most phones send: one valueless rport, written last. The general
             # path's regex replacement and parameter search (_stamp) give the same text and
             # Via here (tests/unit/test_hot_path.py compares them).
