@@ -512,7 +512,9 @@ class Transports:
         if dest.connection_id is not None:
             conn = self.connection(dest.connection_id)
         if conn is None:
-            conn = self.connection_to(dest.transport, dest.host, dest.port)
+            # connection_to() without its frame (write() checks that it is open): a resolved
+            # destination, without connection id, is how every request to Retell is sent.
+            conn = self._by_address.get((dest.transport, dest.host, dest.port))
         if conn is not None and conn.write(serialize(message)):
             self.stats.messages_sent += 1
             return
