@@ -201,7 +201,7 @@ class SipEngine:
         self._pumping = False
         self._pump_again = False
         # make_via's text before the branch, by transport, for self._via_config.
-        self._via_prefixes: dict[str, str] = {}
+        self._via_prefixes: dict[str, tuple[str, Via | None]] = {}
         self._via_config: TransportConfig | None = None
         self._clients: dict[str, OutgoingRequest] = {}
         self._finished: dict[str, OutgoingRequest] = {}
@@ -291,18 +291,36 @@ class SipEngine:
     # -- client side ---------------------------------------------------------------------------
     def make_via(self, transport: str) -> str:
         """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
+        return self._new_via(transport)[0]
+
+    def _new_via(self, transport: str) -> tuple[str, Via | None]:
+        """make_via's text and, when known, what parsing it gives (not parsed per request)."""
         config = self.config
         if self._via_config is not config:
             self._via_prefixes = {}
             self._via_config = config
-        prefix = self._via_prefixes.get(transport)
-        if prefix is None:
-            # Once per transport: the advertised address and port do not change per request.
+        known = self._via_prefixes.get(transport)
+        if known is None:
+            # Once per transport: the advertised address and port do not change per request,
+            # so neither does the Via but for its branch.
             port = config.via_port(transport)
             prefix = f"SIP/2.0/{VIA_TRANSPORT[transport]} {config.via_host}:{port};branch="
-            self._via_prefixes[transport] = prefix
+            shape: Via | None
+            try:
+                shape = parse_via(f"{prefix}{BRANCH_COOKIE}0;rport")
+            except SipError:
+                shape = None  # an advertised name the parser refuses: the layer does, as before
+            if shape is not None and shape.params != (("branch", f"{BRANCH_COOKIE}0"), _RPORT):
+                shape = None  # (not reached) then each request's Via is parsed when read
+            known = (prefix, shape)
+            self._via_prefixes[transport] = known
+        prefix, shape = known
         # make_branch(secrets.token_hex(12)) without its two Python frames: the same bytes.
-        return f"{prefix}{BRANCH_COOKIE}{os.urandom(12).hex()};rport"
+        branch = f"{BRANCH_COOKIE}{os.urandom(12).hex()}"
+        text = f"{prefix}{branch};rport"
+        if shape is None:
+            return text, None
+        return text, Via(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
 
     def send_request(self, request: Request, target: RequestTarget = None) -> OutgoingRequest:
         """Start a client transaction for ``request``; returns its handle at once.
@@ -386,7 +404,12 @@ class SipEngine:
             headers = request.headers
             if handle.attempts:
                 headers = headers.remove_first("Via")
-            request = _with_headers(request, headers.prepend("Via", self.make_via(dest.transport)))
+            text, via = self._new_via(dest.transport)
+            headers = headers.prepend("Via", text)
+            if via is not None:
+                # The layer and the branch table read the top Via: it need not be parsed.
+                headers.cached("top_via", lambda _: via)
+            request = _with_headers(request, headers)
         handle.request = request
         handle.destination = dest
         handle.local_failure = None
@@ -1104,6 +1127,9 @@ def _stamp(request: Request, source: Destination, first: str, via: Via) -> Reque
 _IP_LITERAL_CHARS = re.compile(r"[0-9A-Za-z.:%_\-]+")
 # A valueless rport parameter of a Via (RFC 3581 §3), LWS allowed around ';' (RFC 3261 §25.1).
 _BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
+
+
+_RPORT = ("rport", None)
 
 
 def _with_headers(request: Request, headers: Headers) -> Request:

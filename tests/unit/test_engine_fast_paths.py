@@ -254,3 +254,41 @@ async def test_a_deadline_that_moves_later_keeps_the_loop_timer() -> None:
     assert all(data.startswith(b"SIP/2.0 200 ") for data in sink.sent)
     assert engine.layer.next_deadline() is None
     assert 2 <= engine.stats.timer_arms <= 20
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TransportConfig(bind="127.0.0.1", port=5060, tls_port=5061),
+        TransportConfig(bind="::1", port=5070),
+        TransportConfig(bind="0.0.0.0", advertised_address="sbc.example.com", advertised_port=5080),
+        TransportConfig(bind="0.0.0.0", advertised_address="2001:db8::5"),
+        TransportConfig(bind="0.0.0.0", advertised_address="bad host!"),
+    ],
+)
+def test_the_via_sent_is_what_parsing_its_text_gives(config: TransportConfig) -> None:
+    engine = SipEngine(config)
+    for transport in ("udp", "tcp", "tls"):
+        text, via = engine._new_via(transport)
+        try:
+            parsed = parse_via(text)
+        except SipError:
+            assert via is None  # then the layer parses (and refuses) it as before
+            continue
+        assert via == parsed
+        assert text.startswith(f"SIP/2.0/{transport.upper()} ")
+
+
+async def test_a_request_sent_carries_its_parsed_via() -> None:
+    engine, _ = engine_without_sockets()
+    engine._running = True
+    message = parse_message(OPTIONS % (3, 3, 3))
+    assert isinstance(message, Request)
+    handle = engine.send_request(
+        dataclasses.replace(message, headers=message.headers.remove("Via")),
+        Destination("udp", "127.0.0.1", 5070),
+    )
+    sent = handle.request
+    text = sent.headers.get("Via")
+    assert text is not None and sent.top_via == parse_via(text)
+    assert engine._branch_keys == {(sent.top_via.branch, "OPTIONS"): handle.key}
