@@ -1018,8 +1018,9 @@ class SipEngine:
             # The earliest timer went away (a request answered before its Trying or
             # retransmission timer, a transaction ended): the loop timer stays and fires early,
             # finds nothing due and is armed again then. Re-arming at each such change cost a
-            # new loop timer and a cancel about twice per call (every INVITE's 200 ms timer).
-            # Still never late: it is re-armed whenever a deadline comes before it.
+            # new loop timer and a cancel each time (a UDP request answered before Timer A/E,
+            # an INVITE answered after its Trying timer was armed). Still never late: it is
+            # re-armed whenever a deadline comes before it.
             return
         if self._timer is not None:
             self._timer.cancel()
