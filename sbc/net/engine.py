@@ -352,7 +352,8 @@ class SipEngine:
 
         Send the returned ACK again (same Via) for each retransmitted 2xx.
         """
-        destinations = await self._destinations(ack, target)
+        # No second coroutine when no lookup is needed (an ACK goes where its INVITE went).
+        destinations = self._destinations_now(ack, target) or await self._destinations(ack, target)
         dest = destinations[0]
         if "Via" not in ack.headers:
             via = self.make_via(dest.transport)
@@ -544,19 +545,21 @@ class SipEngine:
             if self.on_late_response is not None:
                 self.on_late_response(handle, response)
             return
-        if response.status >= 200:
+        # A final response with destinations left to try (RFC 3263 failover, a large
+        # request's UDP twin); without any, as nearly always, neither step has work.
+        if response.status >= 200 and self._pending.get(handle):
             self._settle_large_over_tcp(handle, key)
-        if response.status >= 200 and self._should_fail_over(handle, key, response):
-            self.stats.failovers += 1
-            log.info(
-                "request_failover",
-                call_id=response.headers.get("Call-ID"),
-                failed=str(handle.destination),
-                status=response.status,
-            )
-            self._clients.pop(key, None)
-            self._attempt(handle)
-            return
+            if self._should_fail_over(handle, key, response):
+                self.stats.failovers += 1
+                log.info(
+                    "request_failover",
+                    call_id=response.headers.get("Call-ID"),
+                    failed=str(handle.destination),
+                    status=response.status,
+                )
+                self._clients.pop(key, None)
+                self._attempt(handle)
+                return
         handle.deliver(response)
         if response.status >= 200:
             self._pending.pop(handle, None)
