@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python bench/bench_engine.py [--count 20000] [--repeat 5] [--no-gc] [--profile]
+    python bench/bench_engine.py [--count 20000] [--repeat 5] [--no-gc] [--profile] [--whole-only]
 
 Feeds ``--count`` distinct SIPp-style OPTIONS datagrams (one branch, From tag and Call-ID each, as
 SIPp's ``options_uac.xml`` sends them; To, Contact and Request-URI the same in all) straight
@@ -204,6 +204,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-gc", action="store_true", help="disable the garbage collector")
     parser.add_argument("--profile", action="store_true", help="cProfile one run")
+    parser.add_argument(
+        "--whole-only",
+        action="store_true",
+        help="skip the stage timings (callgrind: run with two --count values, take the difference)",
+    )
     args = parser.parse_args()
     _quiet_logging()
     if args.no_gc:
@@ -212,7 +217,8 @@ def main() -> None:
         asyncio.run(_whole_path(args.count, profile=True))
         return
     whole_path(args.count, args.repeat)
-    stages(args.count)
+    if not args.whole_only:
+        stages(args.count)
 
 
 if __name__ == "__main__":

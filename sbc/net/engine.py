@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
-import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,8 +53,8 @@ from sbc.net.handles import (
 from sbc.net.transport import Transports
 from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
-from sbc.sip.headers import split_list
-from sbc.sip.ids import make_branch
+from sbc.sip.headers import Headers, split_list
+from sbc.sip.ids import BRANCH_COOKIE
 from sbc.sip.message import Request, Response, with_top_via
 from sbc.sip.serializer import serialized_size
 from sbc.sip.server_transaction import ServerState
@@ -136,6 +136,9 @@ class EngineStats:
     # went back to UDP because the TCP connection could not be made.
     large_over_tcp: int = 0
     large_tcp_fallbacks: int = 0
+    # Loop timers armed for the transaction layer's next deadline (one engine timer; see
+    # SipEngine._arm_timer): what the timer bookkeeping costs the event loop.
+    timer_arms: int = 0
 
 
 class SipEngine:
@@ -198,6 +201,10 @@ class SipEngine:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pumping = False
+        self._pump_again = False
+        # make_via's text before the branch, by transport, for self._via_config.
+        self._via_prefixes: dict[str, tuple[str, Via | None]] = {}
+        self._via_config: TransportConfig | None = None
         self._clients: dict[str, OutgoingRequest] = {}
         # Client transactions past their final response (up to Timer M/K), by key: only where
         # the request went, which is all a late response needs. Not the handle: it holds the
@@ -289,12 +296,36 @@ class SipEngine:
     # -- client side ---------------------------------------------------------------------------
     def make_via(self, transport: str) -> str:
         """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
-        branch = make_branch(secrets.token_hex(12))
-        port = self.config.via_port(transport)
-        return (
-            f"SIP/2.0/{VIA_TRANSPORT[transport]} {self.config.via_host}:{port}"
-            f";branch={branch};rport"
-        )
+        return self._new_via(transport)[0]
+
+    def _new_via(self, transport: str) -> tuple[str, Via | None]:
+        """make_via's text and, when known, what parsing it gives (not parsed per request)."""
+        config = self.config
+        if self._via_config is not config:
+            self._via_prefixes = {}
+            self._via_config = config
+        known = self._via_prefixes.get(transport)
+        if known is None:
+            # Once per transport: the advertised address and port do not change per request,
+            # so neither does the Via but for its branch.
+            port = config.via_port(transport)
+            prefix = f"SIP/2.0/{VIA_TRANSPORT[transport]} {config.via_host}:{port};branch="
+            shape: Via | None
+            try:
+                shape = parse_via(f"{prefix}{BRANCH_COOKIE}0;rport")
+            except SipError:
+                shape = None  # an advertised name the parser refuses: the layer does, as before
+            if shape is not None and shape.params != (("branch", f"{BRANCH_COOKIE}0"), _RPORT):
+                shape = None  # (not reached) then each request's Via is parsed when read
+            known = (prefix, shape)
+            self._via_prefixes[transport] = known
+        prefix, shape = known
+        # make_branch(secrets.token_hex(12)) without its two Python frames: the same bytes.
+        branch = f"{BRANCH_COOKIE}{os.urandom(12).hex()}"
+        text = f"{prefix}{branch};rport"
+        if shape is None:
+            return text, None
+        return text, Via(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
 
     def send_request(self, request: Request, target: RequestTarget = None) -> OutgoingRequest:
         """Start a client transaction for ``request``; returns its handle at once.
@@ -326,11 +357,12 @@ class SipEngine:
 
         Send the returned ACK again (same Via) for each retransmitted 2xx.
         """
-        destinations = await self._destinations(ack, target)
+        # No second coroutine when no lookup is needed (an ACK goes where its INVITE went).
+        destinations = self._destinations_now(ack, target) or await self._destinations(ack, target)
         dest = destinations[0]
         if "Via" not in ack.headers:
             via = self.make_via(dest.transport)
-            ack = dataclasses.replace(ack, headers=ack.headers.prepend("Via", via))
+            ack = _with_headers(ack, ack.headers.prepend("Via", via))
         self.layer.send_stateless(ack, dest=dest)
         self._pump()
         return ack
@@ -378,9 +410,12 @@ class SipEngine:
             headers = request.headers
             if handle.attempts:
                 headers = headers.remove_first("Via")
-            request = dataclasses.replace(
-                request, headers=headers.prepend("Via", self.make_via(dest.transport))
-            )
+            text, via = self._new_via(dest.transport)
+            headers = headers.prepend("Via", text)
+            if via is not None:
+                # The layer and the branch table read the top Via: it need not be parsed.
+                headers.cached("top_via", lambda _: via)
+            request = _with_headers(request, headers)
         handle.request = request
         handle.destination = dest
         handle.local_failure = None
@@ -394,7 +429,7 @@ class SipEngine:
             self.stats.large_over_tcp += 1
         try:
             key = self.layer.send_request(
-                request, dest=dest, reliable=dest.reliable, now=self._now()
+                request, dest=dest, reliable=dest.transport != "udp", now=self._now()
             )
         except SipError as exc:
             log.warning(
@@ -425,8 +460,11 @@ class SipEngine:
         config = self.config
         if not (config.large_requests_over_tcp and config.tcp):
             return destinations
-        if all(dest.transport != "udp" for dest in destinations):
-            return destinations
+        for dest in destinations:
+            if dest.transport == "udp":
+                break
+        else:
+            return destinations  # nothing over UDP (no generator per request)
         target = handle.target
         if isinstance(target, Destination):
             return destinations
@@ -465,13 +503,13 @@ class SipEngine:
         """The destinations of ``request`` when finding them needs no DNS lookup (a
         Destination, an IP literal, records fresh in the resolver's cache); None otherwise,
         and also on any error, which :meth:`_start_client` then meets and reports."""
-        if isinstance(target, Destination):
+        if type(target) is Destination:
             return [target]
         try:
             if target is None:
                 target = self._next_hop(request)
-            uri = parse_uri(target) if isinstance(target, str) else target
-            if not isinstance(uri, SipUri):
+            uri = parse_uri(target) if type(target) is str else target
+            if type(uri) is not SipUri:
                 return None
             return self.resolver.resolve_cached(target_of_uri(uri))
         except (ResolutionFailed, SipError):
@@ -511,19 +549,21 @@ class SipEngine:
             if self.on_late_response is not None:
                 self.on_late_response(handle.destination, response)
             return
-        if response.status >= 200:
+        # A final response with destinations left to try (RFC 3263 failover, a large
+        # request's UDP twin); without any, as nearly always, neither step has work.
+        if response.status >= 200 and self._pending.get(handle):
             self._settle_large_over_tcp(handle, key)
-        if response.status >= 200 and self._should_fail_over(handle, key, response):
-            self.stats.failovers += 1
-            log.info(
-                "request_failover",
-                call_id=response.headers.get("Call-ID"),
-                failed=str(handle.destination),
-                status=response.status,
-            )
-            self._clients.pop(key, None)
-            self._attempt(handle)
-            return
+            if self._should_fail_over(handle, key, response):
+                self.stats.failovers += 1
+                log.info(
+                    "request_failover",
+                    call_id=response.headers.get("Call-ID"),
+                    failed=str(handle.destination),
+                    status=response.status,
+                )
+                self._clients.pop(key, None)
+                self._attempt(handle)
+                return
         handle.deliver(response)
         if response.status >= 200:
             self._pending.pop(handle, None)
@@ -578,10 +618,13 @@ class SipEngine:
     def respond(self, server_key: str, response: Response) -> None:
         """Send a response through the server transaction ``server_key``."""
         if response.status >= 200:
-            if self.layer.server_state(server_key) is ServerState.ACCEPTED:
+            # The first final response finds its transaction still counted as unanswered;
+            # only a later one needs the layer's state.
+            host = self._transaction_sources.pop(server_key, None)
+            if host is not None:
+                self._source_done(host)
+            elif self.layer.server_state(server_key) is ServerState.ACCEPTED:
                 self.stats.retransmissions += 1  # the TU's 2xx again, until its ACK
-            else:
-                self._unanswered_done(server_key)
         self.layer.respond(server_key, response, now=self._now())
         if response.status >= 200:
             # A CANCEL can no longer change anything (RFC 3261 §9.2): the INVITE as received
@@ -673,7 +716,13 @@ class SipEngine:
         """The guard's verdict on a parsed request; True when it stops here (dropped, or
         answered 403 statelessly: the same answer whatever was asked, RFC 3261 §21.4.4)."""
         method = request.method
-        new = method != "ACK" and method != "CANCEL" and _to_tag(request) is None
+        if method == "ACK" or method == "CANCEL":
+            new = False
+        else:
+            try:
+                new = request.to_tag is None
+            except SipError:
+                new = True  # no readable To: treated as outside any dialog
         verdict = guard.request_verdict(source.host, counted=source.transport == "udp", new=new)
         if verdict == ADMIT:
             return False
@@ -689,19 +738,26 @@ class SipEngine:
         return True
 
     def _message_received(self, message: Message, source: Destination) -> None:
-        guard = self.guard
-        if guard is not None and isinstance(message, Request):
-            try:
-                if self._guarded(guard, message, source):
-                    return
-            except Exception:
-                log.exception("guard_failed", source=str(source))
-                return
-        if self.on_message is not None:
-            self._tap("in", message, source)
+        # One branch per kind, each with the same steps (the guard for requests only): the
+        # tap, the count, the processing.
         counts = self.stats.messages
+        tap = self.on_message
         try:
             if isinstance(message, Request):
+                guard = self.guard
+                if guard is not None:
+                    try:
+                        if self._guarded(guard, message, source):
+                            return
+                    except Exception:
+                        log.exception("guard_failed", source=str(source))
+                        return
+                if tap is not None:
+                    try:
+                        tap("in", message, source)
+                    except Exception:
+                        # A tap's bug must not stop a message.
+                        log.exception("message_tap_failed", direction="in")
                 method = message.method
                 key: tuple[str, str | int, str] = (
                     "in",
@@ -711,6 +767,11 @@ class SipEngine:
                 counts[key] = counts.get(key, 0) + 1
                 self._incoming_request(message, source)
             else:
+                if tap is not None:
+                    try:
+                        tap("in", message, source)
+                    except Exception:
+                        log.exception("message_tap_failed", direction="in")
                 key = ("in", message.status, source.transport)
                 counts[key] = counts.get(key, 0) + 1
                 self._incoming_response(message, source)
@@ -765,7 +826,9 @@ class SipEngine:
                 request, source, ServiceUnavailable("too many transactions", headers=retry)
             )
             return
-        self.layer.receive(request, source=source, reliable=source.reliable, now=self._now())
+        self.layer.receive(
+            request, source=source, reliable=source.transport != "udp", now=self._now()
+        )
 
     def _oversized(self, message: Message, source: Destination) -> None:
         if not isinstance(message, Request) or message.method == "ACK":
@@ -798,11 +861,14 @@ class SipEngine:
             self.stats.responses_dropped += 1
             return
         # RFC 3261 §18.1.2: a response whose top Via is not ours is discarded.
-        if via.host.lower() != self.config.via_host.lower():
+        host = via.host
+        if host != self.config.via_host and host.lower() != self.config.via_host.lower():
             self.stats.responses_dropped += 1
             log.debug("response_not_ours", sent_by=via.host, source=str(source))
             return
-        self.layer.receive(response, source=source, reliable=source.reliable, now=self._now())
+        self.layer.receive(
+            response, source=source, reliable=source.transport != "udp", now=self._now()
+        )
 
     def _send_failed(self, dest: Destination, messages: list[Message], reason: str) -> None:
         now = self._now()
@@ -835,27 +901,33 @@ class SipEngine:
     def _pump(self) -> None:
         """Drain the layer's output and events, then re-arm the timer (re-entrant safe)."""
         if self._pumping:
+            # Called while a pump runs (a handler answered, a request went out, a send
+            # failed): whatever that queued in the layer is taken by one more round of it.
+            self._pump_again = True
             return
         self._pumping = True
+        layer = self.layer
         try:
             while True:
-                outgoing = self.layer.datagrams_to_send()
-                events = self.layer.events()
-                if not outgoing and not events:
-                    break
-                for dest, message in outgoing:
+                # Every engine method that queues output or events in the layer pumps right
+                # after, so a round that none of them ran in left nothing behind: no second
+                # pair of empty reads per message (11 pumps per bridged call).
+                self._pump_again = False
+                for dest, message in layer.datagrams_to_send():
                     self._transmit(dest, message)
-                for event in events:
+                for event in layer.events():
                     try:
                         self._dispatch(event)
                     except Exception:
                         log.exception("event_dispatch_failed", kind=type(event).__name__)
+                if not self._pump_again:
+                    break
         finally:
             self._pumping = False
         self._arm_timer()
 
     def _transmit(self, dest: object, message: Message) -> None:
-        assert isinstance(dest, Destination)
+        assert type(dest) is Destination  # what the engine gave the layer with each message
         if isinstance(message, Response):
             dest = self._response_destination(dest, message)
             key: tuple[str, str | int, str] = ("out", message.status, dest.transport)
@@ -866,18 +938,14 @@ class SipEngine:
                 self.guard.note_peer(dest.host)  # its answers and requests are let in
         counts = self.stats.messages
         counts[key] = counts.get(key, 0) + 1
-        if self.on_message is not None:
-            self._tap("out", message, dest)
-        self.transports.send(dest, message)
-
-    def _tap(self, direction: str, message: Message, peer: Destination) -> None:
         tap = self.on_message
-        assert tap is not None
-        try:
-            tap(direction, message, peer)
-        except Exception:
-            # A tap's bug must not stop a message.
-            log.exception("message_tap_failed", direction=direction)
+        if tap is not None:
+            try:
+                tap("out", message, dest)
+            except Exception:
+                # A tap's bug must not stop a message.
+                log.exception("message_tap_failed", direction="out")
+        self.transports.send(dest, message)
 
     def _response_destination(self, source: Destination, response: Response) -> Destination:
         """RFC 3261 §18.2.2 with RFC 3581 §4: where a response to a request from ``source`` goes."""
@@ -912,20 +980,22 @@ class SipEngine:
         return Destination(source.transport, literal, port)
 
     def _dispatch(self, event: object) -> None:
-        if isinstance(event, RequestReceived):
-            assert isinstance(event.source, Destination)
+        # The two events of nearly every message first, by exact type (the layer's own
+        # classes, never subclassed): no isinstance call each.
+        if type(event) is RequestReceived:
+            assert type(event.source) is Destination
             self._request_received(event.key, event.request, event.source)
-        elif isinstance(event, ResponseReceived):
+        elif type(event) is ResponseReceived:
             self._client_response(event.key, event.response, event.retransmission)
         elif isinstance(event, AckReceived):
             if self.on_ack is not None:
-                assert isinstance(event.source, Destination)
+                assert type(event.source) is Destination
                 self.on_ack(event.request, event.source)
         elif isinstance(event, CancelReceived):
             self._cancel_received(event)
         elif isinstance(event, StrayResponse):
             if self.on_stray_response is not None:
-                assert isinstance(event.source, Destination)
+                assert type(event.source) is Destination
                 self.on_stray_response(event.response, event.source)
         elif isinstance(event, TransactionTimedOut):
             self._timed_out(event.key)
@@ -935,11 +1005,14 @@ class SipEngine:
     def _unanswered_done(self, key: str) -> None:
         host = self._transaction_sources.pop(key, None)
         if host is not None:
-            left = self._source_transactions.get(host, 1) - 1
-            if left > 0:
-                self._source_transactions[host] = left
-            else:
-                self._source_transactions.pop(host, None)
+            self._source_done(host)
+
+    def _source_done(self, host: str) -> None:
+        left = self._source_transactions.get(host, 1) - 1
+        if left > 0:
+            self._source_transactions[host] = left
+        else:
+            self._source_transactions.pop(host, None)
 
     def _terminated(self, key: str) -> None:
         self._unanswered_done(key)
@@ -957,7 +1030,16 @@ class SipEngine:
 
     def _arm_timer(self) -> None:
         deadline = self.layer.next_deadline()
-        if deadline == self._timer_at:
+        armed = self._timer_at
+        if deadline == armed:
+            return
+        if self._timer is not None and armed is not None and (deadline is None or deadline > armed):
+            # The earliest timer went away (a request answered before its Trying or
+            # retransmission timer, a transaction ended): the loop timer stays and fires early,
+            # finds nothing due and is armed again then. Re-arming at each such change cost a
+            # new loop timer and a cancel each time (a UDP request answered before Timer A/E,
+            # an INVITE answered after its Trying timer was armed). Still never late: it is
+            # re-armed whenever a deadline comes before it.
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -965,6 +1047,7 @@ class SipEngine:
         self._timer_at = deadline
         if deadline is not None and self._loop is not None and self._running:
             self._timer = self._loop.call_at(deadline, self._timer_fired)
+            self.stats.timer_arms += 1
 
     def _timer_fired(self) -> None:
         self._timer = None
@@ -1007,6 +1090,31 @@ def stamp_via(request: Request, source: Destination) -> Request:
         via = request.top_via  # the same parse, remembered for when nothing is stamped
     else:
         via = parse_via(first)
+    params = via.params
+    port = source.port
+    if (
+        params
+        and first.endswith(";rport")
+        and first[-7:-6] not in (" ", "\t")
+        and params[-1][1] is None
+        and '"' not in first
+        and 0 <= port <= 65535
+        and _IP_LITERAL_CHARS.fullmatch(source.host) is not None
+    ):
+        low = first.lower()
+        # The text ends with ";rport": so does the name of the last parameter, as written.
+        if low.find("rport") == len(low) - 5 and params[-1][0] == "rport":
+            # What SIPp and most phones send: one valueless rport, written last. The general
+            # path's regex replacement and parameter search (_stamp) give the same text and
+            # Via here (tests/unit/test_hot_path.py compares them).
+            text = f"{first[:-6]};rport={port};received={source.host}"
+            stamped = (*params[:-1], ("rport", str(port)), ("received", source.host))
+            return with_top_via(request, text, Via(via.transport, via.host, via.port, stamped))
+    return _stamp(request, source, first, via)
+
+
+def _stamp(request: Request, source: Destination, first: str, via: Via) -> Request:
+    """stamp_via for any top Via ``first`` (parsed: ``via``)."""
     host = via.host
     if host.startswith("["):
         host = host[1:-1]
@@ -1039,6 +1147,15 @@ def stamp_via(request: Request, source: Destination) -> Request:
 _IP_LITERAL_CHARS = re.compile(r"[0-9A-Za-z.:%_\-]+")
 # A valueless rport parameter of a Via (RFC 3581 §3), LWS allowed around ';' (RFC 3261 §25.1).
 _BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
+
+
+_RPORT = ("rport", None)
+
+
+def _with_headers(request: Request, headers: Headers) -> Request:
+    """``request`` with other header fields (dataclasses.replace walks the fields by name and
+    costs several times this)."""
+    return Request(request.method, request.uri, headers, request.body, request.version)
 
 
 def _branch(message: Message) -> str | None:
