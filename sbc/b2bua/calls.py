@@ -209,7 +209,8 @@ class CallManager:
         # ladder_messages summaries per call; 0 keeps none and leaves the tap unset.
         self.ladder_messages = ladder_messages
         self._ladders: dict[str, Ladder] = {}  # by call_uuid
-        self._ladder_legs: dict[str, tuple[Ladder, Leg]] = {}  # by the leg's Call-ID
+        # By the leg's Call-ID: the ladder, the leg's role and peer (as the ladder writes them)
+        self._ladder_legs: dict[str, tuple[Ladder, str, str]] = {}
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
         self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
@@ -560,7 +561,7 @@ class CallManager:
             self._uac_call_ids[leg.call_id] = (call, leg)
         ladder = self._ladders.get(call.call_uuid)
         if ladder is not None:
-            self._ladder_legs[leg.call_id] = (ladder, leg)
+            self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value)
 
     async def _run(self, call: Call, invite_key: str) -> None:
         try:
@@ -613,15 +614,18 @@ class CallManager:
             if direction == "in" and isinstance(message, Request) and message.method == "INVITE":
                 self._arriving = (message, peer, self._local(peer), self._now())
             return
-        ladder, leg = found
+        # Eleven messages a call: _local() and _now() inlined for their common case.
+        ladder, role, far = found
+        local = self._locals.get(peer.transport)
+        wall = self._wall
         ladder.note(
             direction,
             message,
             peer,
-            self._local(peer),
-            leg=leg.role.value,
-            peer=leg.peer.value,
-            at=self._now(),
+            local if local is not None else self._local(peer),
+            leg=role,
+            peer=far,
+            at=wall() if wall is not None else time.time(),
         )
 
     def _local(self, peer: Destination) -> str:

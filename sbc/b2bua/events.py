@@ -7,6 +7,11 @@ observer (call records on a slow disk) only fills its own queue; once full, furt
 it are dropped and counted (``dropped``), logged on the first drop of a run of drops. A failing
 observer is logged and keeps receiving. :meth:`EventBus.flush` waits until every queued event
 was handled (shutdown: nothing lost).
+
+An observer that only counts (metrics) may be subscribed ``inline``: :meth:`EventBus.publish`
+calls it at once, with no queue or task (a queued event cost more than a few counters: a
+future, a task step and the queue's bookkeeping per event and observer). It must be a plain
+function that neither blocks nor waits; a failure is logged, as for the others.
 """
 
 from __future__ import annotations
@@ -94,9 +99,15 @@ class Subscription:
     """One observer's queue; ``dropped`` counts the events that found it full."""
 
     def __init__(
-        self, observer: Observer, maxsize: int, kinds: tuple[type[CallEvent], ...] | None = None
+        self,
+        observer: Observer,
+        maxsize: int,
+        kinds: tuple[type[CallEvent], ...] | None = None,
+        *,
+        inline: bool = False,
     ) -> None:
         self.observer = observer
+        self.inline = inline  # called by publish() itself (no queue, no task)
         self.name = getattr(observer, "__qualname__", repr(observer))
         self.queue: asyncio.Queue[CallEvent] = asyncio.Queue(maxsize)
         self.kinds = kinds  # the event types it takes (None: all)
@@ -129,11 +140,15 @@ class EventBus:
         *,
         maxsize: int = DEFAULT_QUEUE,
         kinds: tuple[type[CallEvent], ...] | None = None,
+        inline: bool = False,
     ) -> Subscription:
         """Deliver events to ``observer`` through a queue of ``maxsize``; only those of
         ``kinds`` when given (call records take CallEnded alone: the others would only take
-        room in their queue)."""
-        subscription = Subscription(observer, maxsize, kinds)
+        room in their queue). ``inline``: no queue, ``observer`` is called by :meth:`publish`
+        (a plain function that only counts; module docstring)."""
+        if inline and inspect.iscoroutinefunction(observer):
+            raise ValueError("an inline observer must be a plain function")
+        subscription = Subscription(observer, maxsize, kinds, inline=inline)
         self._subscriptions.append(subscription)
         return subscription
 
@@ -145,6 +160,12 @@ class EventBus:
         """Queue ``event`` for every observer; never blocks, never raises."""
         for sub in self._subscriptions:
             if sub.kinds is not None and not isinstance(event, sub.kinds):
+                continue
+            if sub.inline:
+                try:
+                    sub.observer(event)
+                except Exception:
+                    log.exception("call_observer_failed", observer=sub.name)
                 continue
             if sub.task is None:
                 sub.task = asyncio.ensure_future(sub.deliver())

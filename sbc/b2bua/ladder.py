@@ -381,7 +381,29 @@ class Ladder:
     ) -> None:
         """Keep what :func:`summarize` needs of ``message`` (not the message: a held call
         would keep its every message alive), summarised when first read."""
-        raw = _raw(direction, message, peer_address, local, leg, peer, at)
+        # _raw(), inlined: the engine's tap calls this for every message of every call.
+        if isinstance(message, Response):
+            head: str | int = message.status
+            tail: object = message.reason
+        else:
+            head = message.method
+            tail = message.uri
+        call_id, cseq, via, to, credentials = _fields(message)
+        raw: _Raw = (
+            at,
+            direction,
+            head,
+            tail,
+            call_id,
+            cseq,
+            via,
+            to,
+            credentials,
+            peer_address,
+            local,
+            leg,
+            peer,
+        )
         if len(self._head) < self.limit - self.tail_size:
             self._head.append(raw)
             self._pending += 1

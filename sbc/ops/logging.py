@@ -16,12 +16,17 @@ about five lines at info (docs/performance.md, "Call layer").
 
 from __future__ import annotations
 
+import datetime
+import json.encoder
 import logging
 import sys
 import threading
+import time
+from json.encoder import encode_basestring_ascii as _encode_string
 from typing import Any, TextIO
 
 import structlog
+from structlog.processors import _json_fallback_handler as _json_fallback
 from structlog.types import Processor
 
 __all__ = ["LEVELS", "configure_logging"]
@@ -36,6 +41,8 @@ LEVELS = {
 FORMATS = ("auto", "json", "console")
 
 _HANDLER_NAME = "sbc"
+# The encoder json.dumps() uses (None without the C accelerator: then _JsonLine is not used).
+_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
 
 
 def configure_logging(level: str, fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -65,14 +72,17 @@ def configure_logging(level: str, fmt: str = "auto", stream: TextIO | None = Non
     if as_json:
         renderer = structlog.processors.JSONRenderer()
         final = [structlog.processors.dict_tracebacks, renderer]
+        # sbc's own lines: the same chain in one step (_JsonLine), byte for byte.
+        own: list[Processor] = [_JsonLine([*shared, *final])]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=_isatty(out))
         final = [renderer]
+        own = [*shared, *final]
 
     handler = logging.StreamHandler(out)
     lock = handler.lock if handler.lock is not None else threading.RLock()
     structlog.configure(
-        processors=[*shared, *final],
+        processors=own,
         logger_factory=_LineWriterFactory(out, lock),
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
         # Not cached: a logger taken before configure_logging() follows the current setup.
@@ -95,6 +105,66 @@ def configure_logging(level: str, fmt: str = "auto", stream: TextIO | None = Non
     root.setLevel(threshold)
     # Access lines of the admin endpoint are noise at info level.
     logging.getLogger("aiohttp.access").setLevel(max(threshold, logging.WARNING))
+
+
+class _JsonLine:
+    """The JSON chain (``general``: merge_contextvars, add_logger_name, add_log_level,
+    TimeStamper(iso, utc), StackInfoRenderer, dict_tracebacks, JSONRenderer) as one processor,
+    for the lines that carry neither ``exc_info`` nor ``stack_info`` (every line of a call).
+
+    The same line, byte for byte, for a third fewer instructions (bench/bench_logging.py under
+    callgrind: 102k -> 68k per line; what is left is mostly the JSON encoding itself): six
+    processor calls fewer per line, the timestamp's date and time of day formatted once per
+    second rather than a datetime made and formatted per line, and the encoder of json.dumps()
+    made directly (json.dumps() with ``default`` builds a JSONEncoder per line). A line with an
+    exception or a stack, or whose encoding fails, takes ``general`` itself.
+    """
+
+    __slots__ = ("_general", "_second")
+
+    def __init__(self, general: list[Processor]) -> None:
+        self._general = general
+        # A UNIX second and its date and time of day ("2026-12-06T19:08:36"), in one
+        # attribute so that a thread never reads the text of another second.
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, logger: Any, method_name: str, event_dict: Any) -> Any:
+        if "exc_info" in event_dict or "stack_info" in event_dict or _make_encoder is None:
+            return self._slow(logger, method_name, event_dict)
+        event_dict = structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
+        if "_record" in event_dict:  # a LogRecord's fields: add_logger_name reads it
+            return self._slow(logger, method_name, event_dict)
+        event_dict["logger"] = logger.name
+        event_dict["level"] = _LEVEL_NAMES.get(method_name, method_name)
+        # TimeStamper: datetime.now(timezone.utc).isoformat() with "Z" for "+00:00". now()
+        # takes the system clock's microseconds rounded down, as time_ns() // 1000 does, and
+        # isoformat() leaves out a fraction that is zero.
+        micros = time.time_ns() // 1000
+        second, fraction = divmod(micros, 1_000_000)
+        known, prefix = self._second
+        if second != known:
+            moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            prefix = moment.replace(tzinfo=None).isoformat()
+            self._second = (second, prefix)
+        event_dict["timestamp"] = f"{prefix}.{fraction:06d}Z" if fraction else f"{prefix}Z"
+        try:
+            # A new encoder per line: its record of the containers being encoded (for
+            # circular references) must not be shared between threads.
+            encode = _make_encoder(
+                {}, _json_fallback, _encode_string, None, ": ", ", ", False, False, True
+            )
+            return "".join(encode(event_dict, 0))
+        except Exception:  # as json.dumps() fails, from JSONRenderer itself
+            return self._general[-1](logger, method_name, event_dict)
+
+    def _slow(self, logger: Any, method_name: str, event_dict: Any) -> Any:
+        for processor in self._general:
+            event_dict = processor(logger, method_name, event_dict)
+        return event_dict
+
+
+# What add_log_level writes for a method name other than itself.
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}
 
 
 class _LineWriter:

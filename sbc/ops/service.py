@@ -396,7 +396,7 @@ class Service:
             ladder_messages=records.ladder_messages if self.records is not None else 0,
             routes=configs,
         )
-        self.bridge.events.subscribe(self.metrics.on_call_event)
+        self.bridge.events.subscribe(self.metrics.on_call_event, inline=True)  # counters only
         if self.records is not None:
             self.records.subscribe(self.bridge.events, records.queue)
         self.bridge.attach()

@@ -59,16 +59,16 @@ ROW_DELAY = 0.03  # seconds each row takes: ~33 rows/s, fewer than the calls tha
 def throttle(writer: RecordWriter, delay: float = ROW_DELAY) -> list[float]:
     """Make every row take ``delay`` seconds more (in the writer's thread, as a slow disk
     would); returns the list of write durations, filled as rows are written."""
-    real_insert = writer._insert
+    real_insert = writer._insert_many
     took: list[float] = []
 
-    def slow_insert(record: CallRecord) -> None:
+    def slow_insert(records: list[CallRecord]) -> None:
         began = time.perf_counter()
-        time.sleep(delay)
-        real_insert(record)
-        took.append(time.perf_counter() - began)
+        time.sleep(delay * len(records))
+        real_insert(records)
+        took.extend([(time.perf_counter() - began) / len(records)] * len(records))
 
-    writer._insert = slow_insert  # type: ignore[method-assign]
+    writer._insert_many = slow_insert  # type: ignore[method-assign]
     return took
 
 

@@ -73,3 +73,45 @@ async def test_a_failing_observer_is_logged_and_keeps_receiving(
     await bus.flush()
     assert got[-1] == CallRefused(486)
     await bus.close()
+
+
+async def test_an_inline_observer_gets_each_event_during_publish_as_a_queued_one_gets_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bus = EventBus()
+    inline: list[CallEvent] = []
+    queued: list[CallEvent] = []
+    ended_only: list[CallEvent] = []
+
+    def counting(event: CallEvent) -> None:
+        inline.append(event)
+        if isinstance(event, CallRefused) and event.status == 500:
+            raise RuntimeError("counter broke")
+
+    bus.subscribe(counting, inline=True)
+    bus.subscribe(queued.append)
+    bus.subscribe(ended_only.append, inline=True, kinds=(CallRefused,))
+    events: list[CallEvent] = [
+        CallStarted("u1"),
+        CallRefused(500),
+        CallStarted("u2"),
+        CallRefused(486),
+    ]
+    for n, event in enumerate(events, 1):
+        bus.publish(event)
+        assert len(inline) == n  # called by publish itself, failure or not
+    assert queued == []
+    await bus.flush()
+    assert inline == queued == events
+    assert ended_only == [CallRefused(500), CallRefused(486)]
+    assert bus.dropped == 0
+    assert "call_observer_failed" in capsys.readouterr().out
+    await bus.close()
+
+
+def test_a_coroutine_cannot_be_an_inline_observer() -> None:
+    async def waits(event: CallEvent) -> None:
+        await asyncio.sleep(0)
+
+    with pytest.raises(ValueError, match="plain function"):
+        EventBus().subscribe(waits, inline=True)

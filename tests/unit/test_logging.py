@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import structlog
 
+from sbc.ops import logging as sbc_logging
 from sbc.ops.logging import configure_logging
 
 
@@ -166,3 +169,105 @@ def test_a_closed_stream_loses_the_line_without_raising():
     log = structlog.get_logger("sbc.test")
     out.close()
     log.info("lost")  # a call must not fail because stderr went away
+
+
+def _json_line() -> Any:
+    (processor,) = structlog.get_config()["processors"]
+    assert type(processor).__name__ == "_JsonLine"
+    return processor
+
+
+class _Thing:
+    def __repr__(self) -> str:
+        return "<thing é>"
+
+
+class _Structured:
+    def __structlog__(self) -> dict[str, int]:
+        return {"n": 1}
+
+
+@pytest.mark.parametrize(
+    "event_kw",
+    [
+        {"event": "call_ended", "reason": "bye", "pbx_status": 200, "talked": 1.002},
+        {"event": 'ünïcode ☎ \x00 "quoted" \\ \n', "caller": "Zoë", "n": -(2**70)},
+        {"event": "nested", "x": [1, 2.5, None, True, False, {"k": ("t", "u")}], "y": {}},
+        {"event": "odd floats", "a": float("nan"), "b": float("inf"), "c": -0.0, "d": 1e300},
+        {"event": "fallback", "thing": _Thing(), "structured": _Structured(), 3: "int key"},
+        {"event": "overrides", "level": "mine", "logger": "mine", "timestamp": "mine"},
+        {"event": "surrogate", "name": "Zo\udceb"},
+    ],
+)
+def test_the_one_step_json_line_is_the_general_chain_byte_for_byte(
+    event_kw: dict[Any, Any],
+) -> None:
+    """sbc's lines take _JsonLine (the chain in one step); every line must read as the general
+    chain (merge_contextvars ... JSONRenderer) writes it, timestamps aside (their format is
+    tested below)."""
+    assert sbc_logging._make_encoder is not None  # else every line takes the general chain
+    configure_logging("info", "json", stream=io.StringIO())
+    fast = _json_line()
+    writer = structlog.get_logger("sbc.test").bind()._logger
+    for method in ("info", "warning", "warn", "debug", "error", "critical"):
+        general = fast._slow(writer, method, dict(event_kw))
+        line = fast(writer, method, dict(event_kw))
+        stamp = json.loads(general)["timestamp"]
+        ours = json.loads(line)["timestamp"]
+        if "mine" in ours:  # a timestamp given is replaced, as TimeStamper does
+            assert stamp == ours
+        assert line.replace(json.dumps(ours), json.dumps(stamp)) == general
+
+
+def test_the_one_step_json_line_takes_the_general_chain_for_exceptions_stacks_contextvars():
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test")
+    structlog.contextvars.bind_contextvars(call_id="ctx-1")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed", n=1)
+    log.info("with stack", stack_info=True)
+    log.info("plain", call_id="own")  # a field given wins over the context's
+    failed, stacked, plain = _lines(out)
+    exception = failed["exception"]
+    assert isinstance(exception, list) and exception[0]["exc_type"] == "RuntimeError"
+    assert failed["level"] == "error"
+    assert failed["call_id"] == stacked["call_id"] == "ctx-1"
+    assert "stack_info" not in stacked and "test_logging.py" in str(stacked["stack"])
+    assert plain["call_id"] == "own"
+    assert list(plain) == ["call_id", "event", "logger", "level", "timestamp"]
+
+
+def test_a_line_that_cannot_be_encoded_fails_as_json_dumps_does():
+    configure_logging("info", "json", stream=io.StringIO())
+    circular: list[Any] = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular reference"):
+        structlog.get_logger("sbc.test").info("loop", value=circular)
+    structlog.get_logger("sbc.test").info("still fine", value=[circular[:0]])  # encoder intact
+
+
+@pytest.mark.parametrize(
+    "nanoseconds",
+    [
+        1_765_051_716_352_034_999,  # rounded down to the microsecond, as datetime.now()
+        1_765_051_716_000_000_000,  # no fraction: isoformat() writes none
+        1_765_051_716_000_000_999,
+        1_765_051_716_999_999_999,
+        946_684_799_000_001_000,  # the last second of 1999
+    ],
+)
+def test_timestamps_are_written_as_timestamper_writes_datetime_now(
+    monkeypatch: pytest.MonkeyPatch, nanoseconds: int
+) -> None:
+    configure_logging("info", "json", stream=io.StringIO())
+    fast = _json_line()
+    writer = structlog.get_logger("sbc.test").bind()._logger
+    monkeypatch.setattr(time, "time_ns", lambda: nanoseconds)
+    for _ in range(2):  # the second line reuses the second's text
+        stamp = json.loads(fast(writer, "info", {"event": "x"}))["timestamp"]
+        micros = nanoseconds // 1000
+        now = datetime.fromtimestamp(micros // 10**6, UTC).replace(microsecond=micros % 10**6)
+        assert stamp == now.isoformat().replace("+00:00", "Z")

@@ -20,6 +20,7 @@ from sbc.b2bua.ladder import LadderEntry
 from sbc.b2bua.transfer import TransferRecord
 from sbc.ops.records import (
     MIGRATIONS,
+    ROWS_PER_INSERT,
     SCHEMA_VERSION,
     RecordsError,
     RecordWriter,
@@ -253,14 +254,14 @@ async def test_keep_days_zero_keeps_everything(tmp_path: Path) -> None:
 async def test_failed_writes_are_counted_and_logged_once_per_run(tmp_path: Path) -> None:
     writer = await started_writer(tmp_path / "calls.sqlite3")
     fail = [True]
-    real_insert = writer._insert
+    real_insert = writer._insert_many
 
-    def flaky(record: CallRecord) -> None:
+    def flaky(records: list[CallRecord]) -> None:
         if fail[0]:
             raise sqlite3.OperationalError("disk I/O error")
-        real_insert(record)
+        real_insert(records)
 
-    writer._insert = flaky  # type: ignore[method-assign]
+    writer._insert_many = flaky  # type: ignore[method-assign]
     with structlog.testing.capture_logs() as logs:
         assert not await writer.write(make_record("a"))
         assert not await writer.write(make_record("b"))
@@ -276,15 +277,15 @@ async def test_failed_writes_are_counted_and_logged_once_per_run(tmp_path: Path)
 async def test_a_batch_is_one_transaction_and_a_failed_row_fails_alone(tmp_path: Path) -> None:
     path = tmp_path / "calls.sqlite3"
     writer = await started_writer(path)
-    real_insert = writer._insert
+    real_insert = writer._insert_many
 
-    def picky(record: CallRecord) -> None:
-        if record.call_uuid == "bad":
+    def picky(records: list[CallRecord]) -> None:
+        if any(record.call_uuid == "bad" for record in records):
             raise ValueError("cannot serialise")
         assert writer._db is not None and writer._db.in_transaction
-        real_insert(record)
+        real_insert(records)
 
-    writer._insert = picky  # type: ignore[method-assign]
+    writer._insert_many = picky  # type: ignore[method-assign]
     records = [make_record("a"), make_record("bad"), make_record("c")]
     assert await writer.write_many(records) == [True, False, True]
     await writer.close()
@@ -296,20 +297,63 @@ async def test_a_batch_is_one_transaction_and_a_failed_row_fails_alone(tmp_path:
 
 async def test_a_rolled_back_batch_fails_every_row_in_it(tmp_path: Path) -> None:
     writer = await started_writer(tmp_path / "calls.sqlite3")
-    real_insert = writer._insert
+    real_insert = writer._insert_many
 
-    def full(record: CallRecord) -> None:
-        if record.call_uuid == "b":
+    def full(records: list[CallRecord]) -> None:
+        if any(record.call_uuid == "b" for record in records):
             assert writer._db is not None
             writer._db.execute("ROLLBACK")  # as SQLite does on a full disk
             raise sqlite3.OperationalError("database or disk is full")
-        real_insert(record)
+        real_insert(records)
 
-    writer._insert = full  # type: ignore[method-assign]
+    writer._insert_many = full  # type: ignore[method-assign]
     records = [make_record(u) for u in ("a", "b", "c")]
     assert await writer.write_many(records) == [False, False, True]
     await writer.close()
     assert (writer.written, writer.failed) == (1, 2)
+
+
+async def test_rows_written_many_per_statement_equal_rows_written_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """A batch goes in up to ROWS_PER_INSERT rows per INSERT (the general path: one row per
+    statement); both must store the same rows."""
+    many = [make_record(f"u-{i}", started=NOW + i, caller=f"+4420{i:07d}") for i in range(70)]
+    batched = await started_writer(tmp_path / "batched.sqlite3")
+    statements: list[str] = []
+    assert batched._db is not None
+    db = batched._db
+    await batched._in_thread(db.set_trace_callback, statements.append)
+    assert await batched.write_many(many) == [True] * 70
+    await batched._in_thread(db.set_trace_callback, None)
+    await batched.close()
+    inserts = [sql for sql in statements if sql.startswith("INSERT")]
+    # 32 + 32 + 4 + 2 rows: statements of a few sizes only (each is kept prepared)
+    assert ROWS_PER_INSERT == 32
+    assert [sql.count("), (") + 1 for sql in inserts] == [32, 32, 4, 2]
+    single = await started_writer(tmp_path / "single.sqlite3")
+    for record in many:
+        assert await single.write(record)
+    await single.close()
+    read = [connect_readonly(tmp_path / name) for name in ("batched.sqlite3", "single.sqlite3")]
+    a, b = (list_calls(db, limit=100, ladder=True) for db in read)
+    for db in read:
+        db.close()
+    assert len(a) == 70 and a == b
+
+
+async def test_a_row_sqlite_refuses_fails_alone_in_a_many_row_statement(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path)
+    many = [make_record(f"u-{i}") for i in range(40)]
+    many[5] = make_record("u-5", pbx_status=2**70)  # no SQLite integer holds it
+    done = await writer.write_many(many)
+    await writer.close()
+    assert done == [i != 5 for i in range(40)]
+    assert (writer.written, writer.failed) == (39, 1)
+    db = connect_readonly(path)
+    assert len(list_calls(db, limit=100)) == 39
+    db.close()
 
 
 async def test_records_queued_during_a_write_go_in_one_batch(tmp_path: Path) -> None:
@@ -346,13 +390,13 @@ async def test_only_ended_calls_are_written(tmp_path: Path) -> None:
 async def test_writes_run_off_the_event_loop(tmp_path: Path) -> None:
     writer = await started_writer(tmp_path / "calls.sqlite3")
     threads: list[str] = []
-    real_insert = writer._insert
+    real_insert = writer._insert_many
 
-    def noting(record: CallRecord) -> None:
+    def noting(records: list[CallRecord]) -> None:
         threads.append(threading.current_thread().name)
-        real_insert(record)
+        real_insert(records)
 
-    writer._insert = noting  # type: ignore[method-assign]
+    writer._insert_many = noting  # type: ignore[method-assign]
     await writer.write(make_record())
     await writer.close()
     assert threads and threads[0].startswith("sbc-records")
@@ -363,13 +407,13 @@ async def test_a_slow_disk_fills_only_the_writers_queue(tmp_path: Path) -> None:
     """Publishing never waits for the disk; what the queue cannot hold is dropped and counted;
     what it holds is written by flush + close."""
     writer = await started_writer(tmp_path / "calls.sqlite3")
-    real_insert = writer._insert
+    real_insert = writer._insert_many
 
-    def slow(record: CallRecord) -> None:
-        time.sleep(0.02)
-        real_insert(record)
+    def slow(records: list[CallRecord]) -> None:
+        time.sleep(0.02 * len(records))
+        real_insert(records)
 
-    writer._insert = slow  # type: ignore[method-assign]
+    writer._insert_many = slow  # type: ignore[method-assign]
     bus = EventBus()
     writer.subscribe(bus, 5)
     with structlog.testing.capture_logs() as logs:
