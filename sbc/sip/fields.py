@@ -131,15 +131,20 @@ def find_param(params: Params, name: str) -> int:
     """Index of parameter ``name`` (case-insensitive) in ``params``, or -1."""
     key = name.lower()
     for i, (n, _) in enumerate(params):
-        if n.lower() == key:
+        # Names are nearly always written in lower case: the comparison spares lower().
+        if n == key or n.lower() == key:
             return i
     return -1
 
 
 def get_param(params: Params, name: str) -> str | None:
     """The value of parameter ``name`` (None when absent or valueless)."""
-    i = find_param(params, name)
-    return None if i < 0 else params[i][1]
+    # find_param, inlined: the branch, tag, rport... of every message are read through here.
+    key = name.lower()
+    for n, value in params:
+        if n == key or n.lower() == key:
+            return value
+    return None
 
 
 def set_param(params: Params, name: str, value: str | None) -> Params:
@@ -287,21 +292,57 @@ def _check_via_params(params: Params) -> None:
             parse_int_header(value, "ttl", 255)
 
 
+# Sent-protocol and sent-by texts (what precedes the first ';' of a Via element) that the
+# fast path below parsed, with what they gave: a peer's Via differs from message to message by
+# its branch only. Bounded so that hostile input cannot grow it forever.
+_VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
+_VIA_HEADS_LIMIT = 1024
+
+
 def parse_via(text: str) -> Via:
     """Parse one Via element (split a Via line with ``Headers.values`` first).
 
     RFC 3261 §25.1 allows LWS around ``/`` (SLASH = SWS "/" SWS) and between the
     sent-protocol and sent-by; RFC 4475 §3.1.1.1 uses both.
     """
-    text = text.strip(_LWS)
-    fast = _VIA_FAST_RE.fullmatch(text)
+    head, semi, param_text = text.partition(";")
+    sent = _VIA_HEADS.get(head)
+    if sent is None or (semi and _PARAMS_FAST_RE.fullmatch(param_text) is None):
+        return _parse_via(text)
+    # A known head and parameters in the plain spelling: what _parse_via gives (its fast
+    # path, then parse_params' fast path and _check_via_params), in one loop.
+    params: list[tuple[str, str | None]] = []
+    if semi:
+        for item in param_text.split(";"):
+            name, eq, value = item.partition("=")
+            if eq:
+                params.append((name, value))
+                key = name.lower()
+                if key == "rport":
+                    parse_int_header(value, "rport", 65535)
+                elif key == "ttl":
+                    parse_int_header(value, "ttl", 255)
+            else:
+                params.append((name, None))
+    return Via(sent[0], sent[1], sent[2], tuple(params))
+
+
+def _parse_via(text: str) -> Via:
+    """:func:`parse_via` without the memo of Via heads (it fills the memo)."""
+    stripped = text.strip(_LWS)
+    fast = _VIA_FAST_RE.fullmatch(stripped)
     if fast is not None:
         transport, host, port_text, param_text = fast.groups()
         port = None if port_text is None else int(port_text)
         if port is None or port <= 65535:
             params = () if param_text is None else parse_params(param_text)
             _check_via_params(params)
-            return Via(transport.upper(), host, port, params)
+            transport = transport.upper()
+            if len(stripped) == len(text) and len(_VIA_HEADS) < _VIA_HEADS_LIMIT:
+                # The head of a Via that needed no stripping parses the same in any Via.
+                _VIA_HEADS[text.partition(";")[0]] = (transport, host, port)
+            return Via(transport, host, port, params)
+    text = stripped
     if text.startswith("SIP/2.0/"):
         # The ordinary spelling with something unusual (an IPv6 reference, a bad port...).
         rest = text[8:]
@@ -344,8 +385,32 @@ class CSeq:
         return f"{self.seq} {self.method}"
 
 
+# The methods a CSeq nearly always names: known tokens, so the token check can be skipped.
+_METHODS = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "SUBSCRIBE"}
+    | {"INFO", "UPDATE", "PRACK", "MESSAGE", "PUBLISH"}
+)
+
+
 def parse_cseq(text: str) -> CSeq:
     """Parse ``<seq> <method>``; seq must be below 2**31 (RFC 3261 §8.1.1.5)."""
+    seq_text, space, method = text.partition(" ")
+    if (
+        space
+        and method in _METHODS
+        and seq_text.isascii()
+        and seq_text.isdigit()
+        and len(seq_text) < 10
+    ):
+        # The usual spelling ("1 INVITE": one space, no LWS, a known method, a short number):
+        # what the general code below gives, without its split and regex; nine digits at
+        # most are below MAX_CSEQ.
+        return CSeq(int(seq_text), method)
+    return _parse_cseq(text)
+
+
+def _parse_cseq(text: str) -> CSeq:
+    """:func:`parse_cseq` without its fast path."""
     parts = text.split()
     if len(parts) != 2:
         raise ParseError(f"bad CSeq {text!r}")
