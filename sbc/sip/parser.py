@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sbc.sip.errors import LimitExceeded, MessageTooLarge, ParseError
-from sbc.sip.fields import parse_int_header
+from sbc.sip.fields import COMMON_METHODS, parse_int_header
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import SIP_VERSION, Request, Response
 from sbc.sip.uri import Uri, parse_uri
@@ -130,7 +130,8 @@ class _Head:
             parts = start.split(" ", 2)
             if len(parts) < 2:
                 raise ParseError(f"bad status line {start!r}")
-            self.version = _version(parts[0])
+            version = parts[0]
+            self.version = version if version == SIP_VERSION else _version(version)
             code = parts[1]
             # RFC 3261 §21: status codes run from 100 to 699 (RFC 4475 §3.1.2.19).
             if len(code) != 3 or not (code.isascii() and code.isdigit()) or code[0] not in "123456":
@@ -146,13 +147,48 @@ class _Head:
             method, uri_text, version = parts
             if len(uri_text) > limits.max_uri_length:
                 raise LimitExceeded(f"Request-URI of {len(uri_text)} characters", limit="uri")
-            if _TOKEN_RE.fullmatch(method) is None:
+            if method not in COMMON_METHODS and _TOKEN_RE.fullmatch(method) is None:
                 raise ParseError(f"bad method in {start!r}")
             self.method = method
-            self.version = _version(version)
+            self.version = version if version == SIP_VERSION else _version(version)
             self.uri = _parse_request_uri(uri_text)
         items: list[tuple[str, str]] = []
         keys: list[str] = []
+        names = _NAME_CACHE
+        if "\r\n " in text or "\r\n\t" in text:
+            self._folded_fields(lines, items, keys)
+        else:
+            # No line continues another (every message of the bridge's peers): the loop of
+            # _folded_fields without its test for a continuation line.
+            append, add_key = items.append, keys.append
+            for line in lines[1:]:
+                raw, colon, value = line.partition(":")
+                if not colon:
+                    raise ParseError(f"header line without colon: {line[:40]!r}")
+                name, key = names.get(raw) or _header_name(raw)
+                append((name, value.strip(" \t")))
+                add_key(key)
+        # Via entries are at most the header lines plus the commas: when even that is within
+        # the limit (every ordinary message) nothing is counted per field.
+        if n_crlf + text.count(",") > limits.max_via:
+            # Commas separate entries; one inside a quoted Via parameter over-counts, which
+            # only matters for a message already at the limit.
+            vias = sum(1 + value.count(",") for name, value in items if name == "Via")
+            if vias > limits.max_via:
+                raise LimitExceeded(f"{vias} Via entries", limit="via")
+        self.items = tuple(items)
+        # The lookup keys, so that the message's Headers need not lower-case every name again.
+        self.keys = tuple(keys)
+        n = keys.count("content-length")
+        if n == 1:
+            self.content_lengths = [items[keys.index("content-length")][1]]
+        else:
+            self.content_lengths = [value for name, value in items if name == "Content-Length"]
+
+    @staticmethod
+    def _folded_fields(lines: list[str], items: list[tuple[str, str]], keys: list[str]) -> None:
+        """The header fields of ``lines`` (after the start line) into ``items`` and ``keys``,
+        continuation lines joined to the field they continue."""
         names = _NAME_CACHE
         for line in lines[1:]:
             first = line[:1]
@@ -171,18 +207,6 @@ class _Head:
             name, key = names.get(raw) or _header_name(raw)
             items.append((name, value.strip(" \t")))
             keys.append(key)
-        # Via entries are at most the header lines plus the commas: when even that is within
-        # the limit (every ordinary message) nothing is counted per field.
-        if n_crlf + text.count(",") > limits.max_via:
-            # Commas separate entries; one inside a quoted Via parameter over-counts, which
-            # only matters for a message already at the limit.
-            vias = sum(1 + value.count(",") for name, value in items if name == "Via")
-            if vias > limits.max_via:
-                raise LimitExceeded(f"{vias} Via entries", limit="via")
-        self.items = tuple(items)
-        # The lookup keys, so that the message's Headers need not lower-case every name again.
-        self.keys = tuple(keys)
-        self.content_lengths = [value for name, value in items if name == "Content-Length"]
 
     def body_length(self) -> int | None:
         """The declared body length; None when no Content-Length was given.

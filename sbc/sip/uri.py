@@ -285,9 +285,13 @@ def uri_equal(a: Uri, b: Uri) -> bool:
 # -- name-addr / addr-spec (RFC 3261 §20.10, §25.1) -------------------------------------------
 
 
+# Tokens separated by single spaces: a display name written without quotes.
+_TOKEN_WORDS_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+(?: [A-Za-z0-9\-.!%*_+`'~]+)*")
+
+
 def _needs_quotes(display: str) -> bool:
-    words = display.split(" ")
-    return not all(is_token(w) for w in words)
+    # One regex for what splitting at spaces and checking each word for a token decides.
+    return _TOKEN_WORDS_RE.fullmatch(display) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +333,10 @@ class NameAddr:
                 head = self.display + " "
             else:
                 head = quote_string(self.display) + " "
-        return f"{head}<{self.uri}>{format_params(self.params)}"
+        params = self.params
+        if not params:
+            return f"{head}<{self.uri}>"
+        return f"{head}<{self.uri}>{format_params(params)}"
 
 
 def _display_and_rest(text: str) -> tuple[str | None, str]:

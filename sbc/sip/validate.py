@@ -72,6 +72,9 @@ _READ = frozenset(
 )
 
 
+_MANDATORY_SET = frozenset(_MANDATORY)
+
+
 def _scan(headers: Headers) -> dict[str, list[str]]:
     """The lines of the fields in ``_READ``, by name, in one pass over the fields."""
     lines: dict[str, list[str]] = {}
@@ -93,9 +96,10 @@ def _check_common(
     ``lines`` is ``_scan(message.headers)``. The top Via, From, To and CSeq are read through
     the message's accessors, which remember what they parsed for the layers after this one.
     """
-    for name in _MANDATORY:
-        if name not in lines:
-            raise error(f"missing {name}")
+    if not lines.keys() >= _MANDATORY_SET:
+        for name in _MANDATORY:
+            if name not in lines:
+                raise error(f"missing {name}")
     for name in _SINGLE_VALUE:
         values = lines.get(name)
         if values is None:

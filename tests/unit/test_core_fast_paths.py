@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sbc.sip import fields
-from sbc.sip.errors import ParseError
+from sbc.sip.errors import ParseError, SipError
 from sbc.sip.fields import (
     CSeq,
     Params,
@@ -18,16 +18,22 @@ from sbc.sip.fields import (
     _parse_via,
     find_param,
     get_param,
+    is_token,
     parse_cseq,
     parse_via,
 )
+from sbc.sip.headers import Headers
+from sbc.sip.message import Request, _top_via, _top_via_of_lines, parse_address
+from sbc.sip.parser import _Head
+from sbc.sip.server_transaction import build_response
+from sbc.sip.uri import _needs_quotes, parse_name_addr, parse_uri
 
 
 def outcome(parse: Callable[[str], object], text: str) -> object:
     try:
         return parse(text)
-    except ParseError as exc:
-        return ("ParseError", str(exc))
+    except SipError as exc:
+        return (type(exc).__name__, str(exc))
 
 
 _HEADS = st.sampled_from(
@@ -129,3 +135,126 @@ def test_param_lookups_equal_the_lower_case_scan(params: Params, name: str) -> N
     i = _reference_find(params, name)
     assert find_param(params, name) == i
     assert get_param(params, name) == (None if i < 0 else params[i][1])
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+_FIELD_LINES = st.sampled_from(
+    [
+        "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+        "v:SIP/2.0/TCP h",
+        "Content-Length: 0",
+        "l: 12",
+        "content-length :7",
+        "X-Odd \t: a:b ",
+        "To: <sip:a@b>",
+        "Subject:",
+        "NoColon",
+        "Bad Name: x",
+    ]
+)
+
+
+@given(st.lists(_FIELD_LINES, max_size=6))
+def test_unfolded_header_loop_equals_the_folding_loop(lines: list[str]) -> None:
+    text = "\r\n".join(["OPTIONS sip:a@b SIP/2.0", *lines])
+    expected: object
+    items: list[tuple[str, str]] = []
+    keys: list[str] = []
+    try:
+        _Head._folded_fields(text.split("\r\n"), items, keys)
+        expected = (tuple(items), tuple(keys))
+        contents = [v for n, v in items if n == "Content-Length"]
+    except ParseError as exc:
+        expected = ("ParseError", str(exc))
+    try:
+        head = _Head(text)
+    except ParseError as exc:
+        assert expected == ("ParseError", str(exc))
+        return
+    assert (head.items, head.keys) == expected
+    assert head.content_lengths == contents
+
+
+def test_folded_lines_take_the_folding_loop() -> None:
+    head = _Head("OPTIONS sip:a@b SIP/2.0\r\nSubject: a\r\n \tb\r\nTo: <sip:a@b>")
+    assert head.items == (("Subject", "a b"), ("To", "<sip:a@b>"))
+    with pytest.raises(ParseError, match="continuation line before"):
+        _Head("OPTIONS sip:a@b SIP/2.0\r\n x: y")
+
+
+# -- addresses, accessors, responses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("tag", ["abc1", "x-y.z", "é", "a b", "", "a;b", "a>", "Z~'`"])
+@pytest.mark.parametrize(
+    "base", ['"Bob" <sip:a@b>', "<sip:a@b>;x=1", "sip:a@b", '"q\\"x" <sip:a@b>', '"o <', "<"]
+)
+def test_tagged_address_parses_like_the_whole_value(base: str, tag: str) -> None:
+    text = f"{base};tag={tag}"
+    assert outcome(parse_address, text) == outcome(parse_name_addr, text)
+
+
+@given(
+    st.lists(
+        st.sampled_from(["SIP/2.0/UDP h;branch=z9hG4bK1", " ", "", "SIP/2.0/TCP a, SIP/2.0/UDP b"]),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_top_via_fast_path_equals_the_line_by_line_path(lines: list[str]) -> None:
+    headers = Headers([("Via", line) for line in lines] + [("To", "<sip:a@b>")])
+    assert outcome(lambda _: _top_via(headers), "") == outcome(
+        lambda _: _top_via_of_lines(headers), ""
+    )
+
+
+@given(st.text(alphabet="ab -\t\"\\é'~", max_size=8))
+def test_display_name_quoting_equals_the_word_check(display: str) -> None:
+    words = display.split(" ")
+    assert _needs_quotes(display) == (not all(is_token(w) for w in words))
+
+
+def _reference_response(request: Request, status: int, to_tag: str | None) -> list[object]:
+    """build_response's copied fields as Headers.get and get_all find them."""
+    src = request.headers
+    items: list[tuple[str, str]] = [("Via", v) for v in src.get_all("Via")]
+    for name in ("From", "To", "Call-ID", "CSeq"):
+        value = src.get(name)
+        if value is None:
+            continue
+        if name == "To" and to_tag is not None and status != 100 and request.to.tag is None:
+            value = str(parse_name_addr(value).with_tag(to_tag))
+        items.append((name, value))
+    return [status, items]
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                ("Via", "SIP/2.0/UDP h;branch=z9hG4bK1"),
+                ("v", "SIP/2.0/UDP g;branch=z9hG4bK2"),
+                ("From", "<sip:a@b>;tag=1"),
+                ("To", "<sip:c@d>"),
+                ("t", "<sip:c@d>;tag=9"),
+                ("To", "<sip:c@d>;tag"),
+                ("Call-ID", "x@y"),
+                ("CSeq", "1 INVITE"),
+                ("Contact", "<sip:a@b>"),
+            ]
+        ),
+        max_size=8,
+    ),
+    st.sampled_from([100, 180, 200, 486]),
+    st.none() | st.just("s1"),
+)
+def test_build_response_copies_what_get_finds(
+    fields_: list[tuple[str, str]], status: int, to_tag: str | None
+) -> None:
+    request = Request("INVITE", parse_uri("sip:a@b"), Headers(fields_))
+    expected = outcome(lambda _: _reference_response(request, status, to_tag), "")
+    got = outcome(
+        lambda _: [status, list(build_response(request, status, to_tag=to_tag).headers)], ""
+    )
+    assert got == expected
