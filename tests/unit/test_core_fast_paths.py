@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sbc.sip import fields
-from sbc.sip.errors import ParseError, SipError
+from sbc.sip.errors import LimitExceeded, ParseError, SipError
 from sbc.sip.fields import (
     CSeq,
     Params,
@@ -24,7 +24,7 @@ from sbc.sip.fields import (
 )
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, _top_via, _top_via_of_lines, parse_address
-from sbc.sip.parser import _Head
+from sbc.sip.parser import ParseLimits, _Head
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import _needs_quotes, parse_name_addr, parse_uri
 
@@ -151,12 +151,15 @@ _FIELD_LINES = st.sampled_from(
         "Subject:",
         "NoColon",
         "Bad Name: x",
+        " continued",
+        "\tmore: x",
+        " ",
     ]
 )
 
 
 @given(st.lists(_FIELD_LINES, max_size=6))
-def test_unfolded_header_loop_equals_the_folding_loop(lines: list[str]) -> None:
+def test_header_loop_equals_the_folding_loop(lines: list[str]) -> None:
     text = "\r\n".join(["OPTIONS sip:a@b SIP/2.0", *lines])
     expected: object
     items: list[tuple[str, str]] = []
@@ -174,6 +177,44 @@ def test_unfolded_header_loop_equals_the_folding_loop(lines: list[str]) -> None:
         return
     assert (head.items, head.keys) == expected
     assert head.content_lengths == contents
+
+
+@pytest.mark.parametrize(
+    ("vias", "max_via", "raises"),
+    [
+        ([], 0, False),
+        (["a"], 0, True),
+        (["a"], 1, False),
+        (["a, b"], 1, True),
+        (["a", "b"], 1, True),
+        (["a", "b, c"], 3, False),
+        (['a;x="1,2"', "b"], 2, True),  # the quoted comma counts
+    ],
+)
+def test_via_limit_counts_entries_only_when_needed(
+    vias: list[str], max_via: int, raises: bool
+) -> None:
+    text = "\r\n".join(["OPTIONS sip:a@b SIP/2.0", *(f"Via: {v}" for v in vias), "To: x"])
+    limits = ParseLimits(max_via=max_via)
+    if raises:
+        with pytest.raises(LimitExceeded):
+            _Head(text, limits)
+    else:
+        assert _Head(text, limits).keys.count("via") == len(vias)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("OPTIONS sip:a@b SIP/2.0\r\nTo: x\nFrom: y", "bare CR or LF"),
+        ("OPTIONS sip:a@b SIP/2.0\r\nTo: x\rFrom: y", "bare CR or LF"),
+        ("OPTIONS sip:a@b SIP/2.0" + "\r\nX: y" * 3, "3 header lines"),
+        ("OPTIONS sip:a@b SIP/2.0" + "\nX: y" * 3, "bare CR or LF"),
+    ],
+)
+def test_line_checks_before_the_fields(text: str, error: str) -> None:
+    with pytest.raises(ParseError, match=error):
+        _Head(text, ParseLimits(max_headers=2))
 
 
 def test_folded_lines_take_the_folding_loop() -> None:
