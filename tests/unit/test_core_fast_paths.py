@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sbc.sip import fields
-from sbc.sip.errors import LimitExceeded, ParseError, SipError
+from sbc.sip import fields, validate
+from sbc.sip.errors import BadRequest, LimitExceeded, ParseError, SipError
 from sbc.sip.fields import (
     CSeq,
     Params,
@@ -27,6 +27,7 @@ from sbc.sip.message import Request, _top_via, _top_via_of_lines, parse_address
 from sbc.sip.parser import ParseLimits, _Head
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import _needs_quotes, parse_name_addr, parse_uri
+from sbc.sip.validate import _check_single_values, _media_type, _scan, _valid_media_type
 
 
 def outcome(parse: Callable[[str], object], text: str) -> object:
@@ -299,3 +300,50 @@ def test_build_response_copies_what_get_finds(
         lambda _: [status, list(build_response(request, status, to_tag=to_tag).headers)], ""
     )
     assert got == expected
+
+
+# -- validation -------------------------------------------------------------------------------
+
+_VALIDATED_FIELDS = st.sampled_from(
+    [
+        ("From", "<sip:a@b>;tag=1"),
+        ("From", '"Doe, J" <sip:a@b>;tag=1'),
+        ("To", "<sip:c@d>, <sip:e@f>"),
+        ("To", "<sip:c@d>"),
+        ("Call-ID", "x@y"),
+        ("CSeq", "1 INVITE"),
+        ("Max-Forwards", "70"),
+        ("Content-Length", "0"),
+        ("Content-Type", "application/sdp"),
+        ("Content-Type", "a/b, c/d"),
+        ("Via", "SIP/2.0/UDP h;branch=z9hG4bK1, SIP/2.0/UDP g"),
+        ("Contact", "<sip:a@b>, <sip:c@d>"),
+        ("Route", "<sip:p;lr>"),
+    ]
+)
+
+
+@given(st.lists(_VALIDATED_FIELDS, max_size=10))
+def test_single_value_check_is_skipped_only_when_it_cannot_fail(
+    fields_: list[tuple[str, str]],
+) -> None:
+    lines, suspect = _scan(Headers(fields_))
+    if not suspect:
+        _check_single_values(lines, BadRequest)  # must not raise
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/sdp", "Application/SDP ; x=1", "a/b/c", "nosl", "a/", "é/x", " text/plain"],
+)
+def test_media_type_memo_gives_the_checked_type(content_type: str) -> None:
+    def uncached(text: str) -> object:
+        media = _media_type(text)
+        if "/" not in media or not all(is_token(p) for p in media.split("/")):
+            raise BadRequest(f"bad Content-Type {text!r}")
+        return media
+
+    expected = outcome(uncached, content_type)
+    validate._MEDIA_TYPES.clear()
+    assert outcome(_valid_media_type, content_type) == expected
+    assert outcome(_valid_media_type, content_type) == expected  # from the memo
