@@ -15,6 +15,7 @@ Accessors for the attributes the bridge needs (``rtpmap``, ``fmtp``, direction, 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Literal
 
 from sbc.sip.errors import NotAcceptableHere, SipError
@@ -142,6 +143,9 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+# A peer writes the same rtpmap lines in every body: the result is immutable, so a bounded
+# memo by text shares it.
+@lru_cache(maxsize=256)
 def parse_rtpmap(value: str) -> RtpMap | None:
     """The value of an ``a=rtpmap`` attribute, or None when it is not well formed."""
     pt_text, _, rest = value.strip().partition(" ")

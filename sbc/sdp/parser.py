@@ -7,7 +7,7 @@ not type are kept in order (RFC 8866 §5: unknown types are ignored, not rejecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import lru_cache
 
 from sbc.sdp.model import (
     Attribute,
@@ -50,6 +50,9 @@ def _origin(value: str) -> Origin:
     return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
 
 
+# c= and t= lines repeat from body to body (a peer's address, "0 0"): their values are
+# immutable, so bounded memos by text share them; errors are raised every time.
+@lru_cache(maxsize=256)
 def _connection(value: str) -> Connection:
     parts = value.split()
     if len(parts) != 3:
@@ -64,6 +67,7 @@ def _bandwidth(value: str) -> Bandwidth:
     return Bandwidth(bwtype, _int(amount, "b= bandwidth"))
 
 
+@lru_cache(maxsize=256)
 def _timing(value: str) -> Timing:
     parts = value.split()
     if len(parts) != 2:
@@ -78,7 +82,11 @@ def _attribute(value: str) -> Attribute:
     return (name, rest if sep else None)
 
 
-def _media(value: str) -> MediaDescription:
+_MediaLine = tuple[str, int, str, tuple[str, ...], int | None]
+
+
+def _media(value: str) -> _MediaLine:
+    """The fields of an ``m=`` line: media, port, proto, formats and port count."""
     parts = value.split()
     if len(parts) < 4:
         # RFC 8866 §5.14: m=<media> <port> <proto> 1*(<fmt>)
@@ -86,25 +94,31 @@ def _media(value: str) -> MediaDescription:
     port_text, slash, count_text = parts[1].partition("/")
     port = _int(port_text, "m= port", upper=65535)
     count = _int(count_text, "m= port count") if slash else None
-    media = MediaDescription(parts[0], port, parts[2], tuple(parts[3:]), port_count=count)
-    if media.is_rtp:
+    proto = parts[2]
+    formats = tuple(parts[3:])
+    if "RTP/" in proto.upper():  # MediaDescription.is_rtp
         # RFC 3551 §3: RTP payload types are 0-127.
-        for fmt in media.formats:
+        for fmt in formats:
             if not (fmt.isascii() and fmt.isdigit() and len(fmt) < 4 and int(fmt) <= 127):
                 # The general check: raises, or accepts a long spelling such as "0101".
                 _int(fmt, "RTP payload type", upper=127)
-    return media
+    return parts[0], port, proto, formats, count
 
 
-@dataclass(slots=True)
 class _MediaBuilder:
-    media: MediaDescription
-    connection: Connection | None = None
-    bandwidths: list[Bandwidth] = field(default_factory=list)
-    attributes: list[Attribute] = field(default_factory=list)
-    head: list[Line] = field(default_factory=list)
-    tail: list[Line] = field(default_factory=list)
-    past_head: bool = False
+    """The lines of one media section while it is read (a plain class: one is made per
+    section of every body, and a dataclass with list defaults costs more to make)."""
+
+    __slots__ = ("attributes", "bandwidths", "connection", "head", "line", "past_head", "tail")
+
+    def __init__(self, line: _MediaLine) -> None:
+        self.line = line
+        self.connection: Connection | None = None
+        self.bandwidths: list[Bandwidth] = []
+        self.attributes: list[Attribute] = []
+        self.head: list[Line] = []
+        self.tail: list[Line] = []
+        self.past_head = False
 
     def add(self, kind: str, value: str) -> None:
         """A line other than ``a=`` (parse_sdp appends those itself)."""
@@ -124,18 +138,18 @@ class _MediaBuilder:
             self.head.append((kind, value))
 
     def build(self) -> MediaDescription:
-        m = self.media
+        media, port, proto, formats, count = self.line
         return MediaDescription(
-            m.media,
-            m.port,
-            m.proto,
-            m.formats,
-            port_count=m.port_count,
-            connection=self.connection,
-            bandwidths=tuple(self.bandwidths),
-            attributes=tuple(self.attributes),
-            extra_head=tuple(self.head),
-            extra_tail=tuple(self.tail),
+            media,
+            port,
+            proto,
+            formats,
+            count,
+            self.connection,
+            tuple(self.bandwidths),
+            tuple(self.attributes),
+            tuple(self.head),
+            tuple(self.tail),
         )
 
 
@@ -146,11 +160,11 @@ def _lines(body: bytes | str) -> list[str]:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SdpError("SDP body is not UTF-8") from exc
-    n_crlf = body.count("\r\n")
+    lines = body.split("\r\n")
+    n_crlf = len(lines) - 1
     if n_crlf == body.count("\n") and n_crlf == body.count("\r"):
-        # Every line ends in CRLF, as RFC 8866 writes them (every peer of the bridge): one
+        # Every line ends in CRLF, as RFC 8866 writes them (every peer of the bridge): the
         # split gives what the general path below gives, and no line holds a CR.
-        lines = body.split("\r\n")
         if lines[-1] == "":
             lines.pop()
         if "" not in lines:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sbc.sdp.model import (
     STATIC_PAYLOAD_TYPES,
+    Bandwidth,
     Connection,
     MediaDescription,
     NoCommonCodec,
@@ -27,7 +28,7 @@ from sbc.sdp.offer_answer import (
     _with_media,
     filter_codecs,
 )
-from sbc.sdp.parser import _any_lines, _lines, parse_sdp
+from sbc.sdp.parser import _any_lines, _connection, _lines, _timing, parse_sdp
 
 _PIECES = ["v=0", "a=x", "m=audio 1 RTP/AVP 0", "", " ", "\r\n", "\n", "\r"]
 
@@ -207,3 +208,44 @@ def test_direct_builds_equal_replace() -> None:
         m, port=9, formats=("8",), attributes=()
     )
     assert _with_media(sd, ()) == dataclasses.replace(sd, media=())
+
+
+@pytest.mark.parametrize("value", ["IN IP4 192.0.2.1", "IN IP6 ::1", "IN IP4", "a b c d"])
+def test_connection_memo_gives_the_parse_and_raises_every_time(value: str) -> None:
+    for _ in range(2):
+        try:
+            expected: object = _connection.__wrapped__(value)
+        except SdpError:
+            with pytest.raises(SdpError):
+                _connection(value)
+        else:
+            assert _connection(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0 0", "1 2", "0", "x 0"])
+def test_timing_memo_gives_the_parse_and_raises_every_time(value: str) -> None:
+    for _ in range(2):
+        try:
+            expected: object = _timing.__wrapped__(value)
+        except SdpError:
+            with pytest.raises(SdpError):
+                _timing(value)
+        else:
+            assert _timing(value) == expected
+
+
+def test_media_sections_build_what_the_lines_say() -> None:
+    body = _audio("0 8", "i=info", "c=IN IP4 192.0.2.2", "b=AS:64", "k=clear:x", "a=sendrecv")
+    (m,) = parse_sdp(body).media
+    assert m == MediaDescription(
+        "audio",
+        4000,
+        "RTP/AVP",
+        ("0", "8"),
+        connection=Connection("IN", "IP4", "192.0.2.2"),
+        bandwidths=(Bandwidth("AS", 64),),
+        attributes=(("sendrecv", None),),
+        extra_head=(("i", "info"),),
+        extra_tail=(("k", "clear:x"),),
+    )
+    assert parse_rtpmap("0 PCMU/8000") is parse_rtpmap("0 PCMU/8000")
