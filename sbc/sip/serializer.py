@@ -16,25 +16,24 @@ Message = Request | Response
 
 def serialize(msg: Message) -> bytes:
     if isinstance(msg, Request):
-        start = f"{msg.method} {msg.uri} {msg.version}"
+        lines = [f"{msg.method} {msg.uri} {msg.version}"]
     else:
-        start = f"{msg.version} {msg.status:03d} {msg.reason}"
+        lines = [f"{msg.version} {msg.status:03d} {msg.reason}"]
     body = msg.body
     length_line = f"Content-Length: {len(body)}"
-    # Every field as written, each Content-Length replaced by the computed one: a
-    # comprehension costs less per field than a loop of appends.
-    fields = [length_line if n == "Content-Length" else f"{n}: {v}" for n, v in msg.headers._items]
-    # Only a Content-Length field writes length_line (names are canonical): the first one
-    # stays where it stood, any other goes.
-    placed = fields.count(length_line)
-    if placed == 0:
-        fields.append(length_line)
-    elif placed > 1:
-        first = fields.index(length_line) + 1
-        fields[first:] = [line for line in fields[first:] if line != length_line]
-    lines = [start]
-    lines += fields
-    lines += ("", "")
+    placed = False
+    append = lines.append
+    for name, value in msg.headers.items():
+        if name == "Content-Length":
+            if not placed:
+                append(length_line)
+                placed = True
+            continue
+        append(f"{name}: {value}")
+    if not placed:
+        append(length_line)
+    append("")
+    append("")
     text = "\r\n".join(lines)
     n_breaks = len(lines) - 1
     if text.count("\n") != n_breaks or text.count("\r") != n_breaks:

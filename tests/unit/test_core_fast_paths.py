@@ -23,9 +23,8 @@ from sbc.sip.fields import (
     parse_via,
 )
 from sbc.sip.headers import Headers
-from sbc.sip.message import Request, Response, _top_via, _top_via_of_lines, parse_address
+from sbc.sip.message import Request, _top_via, _top_via_of_lines, parse_address
 from sbc.sip.parser import ParseLimits, _Head
-from sbc.sip.serializer import serialize
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import _needs_quotes, parse_name_addr, parse_uri
 from sbc.sip.validate import _check_single_values, _media_type, _scan, _valid_media_type
@@ -348,67 +347,3 @@ def test_media_type_memo_gives_the_checked_type(content_type: str) -> None:
     validate._MEDIA_TYPES.clear()
     assert outcome(_valid_media_type, content_type) == expected
     assert outcome(_valid_media_type, content_type) == expected  # from the memo
-
-
-# -- serialisation ----------------------------------------------------------------------------
-
-
-def _serialize_by_loop(msg: Request | Response) -> bytes:
-    """serialize() as written before its comprehension: one append per field."""
-    if isinstance(msg, Request):
-        lines = [f"{msg.method} {msg.uri} {msg.version}"]
-    else:
-        lines = [f"{msg.version} {msg.status:03d} {msg.reason}"]
-    length_line = f"Content-Length: {len(msg.body)}"
-    placed = False
-    for name, value in msg.headers.items():
-        if name == "Content-Length":
-            if not placed:
-                lines.append(length_line)
-                placed = True
-            continue
-        lines.append(f"{name}: {value}")
-    if not placed:
-        lines.append(length_line)
-    lines += ["", ""]
-    text = "\r\n".join(lines)
-    n_breaks = len(lines) - 1
-    if text.count("\n") != n_breaks or text.count("\r") != n_breaks:
-        raise ValueError("CR or LF")
-    return text.encode("utf-8", "surrogateescape") + msg.body
-
-
-@given(
-    st.lists(
-        st.sampled_from(
-            [
-                ("Content-Length", "0"),
-                ("Content-Length", "3"),
-                ("Content-Length", "x"),
-                ("To", "<sip:a@b>"),
-                ("X-A", "Content-Length: 3"),
-                ("X-B", "a\r\nb"),
-                ("X-C", "\udcff"),
-            ]
-        ),
-        max_size=6,
-    ),
-    st.sampled_from([b"", b"abc"]),
-    st.booleans(),
-)
-def test_serialize_equals_the_loop(
-    fields_: list[tuple[str, str]], body: bytes, is_request: bool
-) -> None:
-    headers = Headers(fields_)
-    msg: Request | Response = (
-        Request("INVITE", parse_uri("sip:a@b"), headers, body)
-        if is_request
-        else Response(200, "OK", headers, body)
-    )
-    try:
-        expected: object = _serialize_by_loop(msg)
-    except ValueError:
-        with pytest.raises(ValueError):
-            serialize(msg)
-    else:
-        assert serialize(msg) == expected
