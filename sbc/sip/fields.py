@@ -246,7 +246,11 @@ class Via:
 
     @property
     def branch(self) -> str | None:
-        return self.param("branch")
+        # get_param inlined: the transaction layer reads the branch of every message.
+        for name, value in self.params:
+            if name == "branch" or name.lower() == "branch":
+                return value
+        return None
 
     @property
     def received(self) -> str | None:

@@ -304,7 +304,11 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
-        return get_param(self.params, "tag")
+        # get_param inlined: the To and From tags of every message are read through here.
+        for name, value in self.params:
+            if name == "tag" or name.lower() == "tag":
+                return value
+        return None
 
     def param(self, name: str) -> str | None:
         return get_param(self.params, name)

@@ -14,6 +14,7 @@ from sbc.sip.errors import BadRequest, LimitExceeded, ParseError, SipError
 from sbc.sip.fields import (
     CSeq,
     Params,
+    Via,
     _parse_cseq,
     _parse_via,
     find_param,
@@ -26,7 +27,7 @@ from sbc.sip.headers import Headers
 from sbc.sip.message import Request, _top_via, _top_via_of_lines, parse_address
 from sbc.sip.parser import ParseLimits, _Head
 from sbc.sip.server_transaction import build_response
-from sbc.sip.uri import _needs_quotes, parse_name_addr, parse_uri
+from sbc.sip.uri import NameAddr, _needs_quotes, parse_name_addr, parse_uri
 from sbc.sip.validate import _check_single_values, _media_type, _scan, _valid_media_type
 
 
@@ -347,3 +348,17 @@ def test_media_type_memo_gives_the_checked_type(content_type: str) -> None:
     validate._MEDIA_TYPES.clear()
     assert outcome(_valid_media_type, content_type) == expected
     assert outcome(_valid_media_type, content_type) == expected  # from the memo
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["tag", "TAG", "branch", "Branch", "x"]),
+            st.none() | st.sampled_from(["1", "z9hG4bK2"]),
+        ),
+        max_size=4,
+    ).map(tuple)
+)
+def test_branch_and_tag_read_what_get_param_reads(params: Params) -> None:
+    assert Via("UDP", "h", None, params).branch == get_param(params, "branch")
+    assert NameAddr(parse_uri("sip:a@b"), None, params).tag == get_param(params, "tag")
