@@ -89,8 +89,7 @@ def _header_name(raw: str) -> tuple[str, str]:
 
 
 def _version(text: str) -> str:
-    if text == SIP_VERSION:
-        return text
+    """A version other than "SIP/2.0" (callers test for that first), checked."""
     if _VERSION_RE.fullmatch(text) is None:
         raise ParseError(f"bad SIP version {text!r}")
     return text.upper()

@@ -121,9 +121,8 @@ def _check_common(
     """
     lines, suspect = scanned
     if not lines.keys() >= _MANDATORY_SET:
-        for name in _MANDATORY:
-            if name not in lines:
-                raise error(f"missing {name}")
+        missing = [name for name in _MANDATORY if name not in lines]
+        raise error(f"missing {missing[0]}")
     if suspect:
         _check_single_values(lines, error)
     via_lines = lines["Via"]

@@ -362,3 +362,27 @@ def test_media_type_memo_gives_the_checked_type(content_type: str) -> None:
 def test_branch_and_tag_read_what_get_param_reads(params: Params) -> None:
     assert Via("UDP", "h", None, params).branch == get_param(params, "branch")
     assert NameAddr(parse_uri("sip:a@b"), None, params).tag == get_param(params, "tag")
+
+
+def test_media_type_memo_is_bounded() -> None:
+    validate._MEDIA_TYPES.clear()
+    for i in range(300):
+        assert _valid_media_type(f"application/x-{i}") == f"application/x-{i}"
+    assert len(validate._MEDIA_TYPES) == 256
+    validate._MEDIA_TYPES.clear()
+
+
+@pytest.mark.parametrize("missing", ["To", "From", "Call-ID", "CSeq", "Via"])
+def test_the_first_missing_mandatory_field_is_named(missing: str) -> None:
+    fields_ = [
+        ("Via", "SIP/2.0/UDP h;branch=z9hG4bK1"),
+        ("To", "<sip:a@b>"),
+        ("From", "<sip:a@b>;tag=1"),
+        ("Call-ID", "c"),
+        ("CSeq", "1 OPTIONS"),
+    ]
+    request = Request(
+        "OPTIONS", parse_uri("sip:a@b"), Headers([f for f in fields_ if f[0] != missing])
+    )
+    with pytest.raises(BadRequest, match=f"missing {missing}"):
+        validate.validate_request(request)
