@@ -162,12 +162,20 @@ def drop_param(params: Params, name: str) -> Params:
     return tuple(p for p in params if p[0].lower() != key)
 
 
+# Texts of small numbers already read (Content-Length, Max-Forwards, rport... repeat from
+# message to message), with their value. Bounded so that hostile input cannot grow it.
+_SMALL_INTS: dict[str, int] = {}
+
+
 def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> int:
     """A non-negative decimal header value (Max-Forwards, Expires, Content-Length, Min-Expires).
 
     Raises ParseError for anything but ASCII digits or for a value above ``maximum``
     (RFC 4475 §3.1.2.4: overlarge scalars are malformed).
     """
+    known = _SMALL_INTS.get(value)
+    if known is not None and known <= maximum:
+        return known
     text = value.strip(_LWS)
     if not (text.isascii() and text.isdigit()):
         raise ParseError(f"{name}: not a non-negative integer: {value!r}")
@@ -176,6 +184,8 @@ def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> in
         number = int(text)
         if number > maximum:
             raise ParseError(f"{name}: value too large: {value!r}")
+        if len(_SMALL_INTS) < 1024:
+            _SMALL_INTS[value] = number
         return number
     # Leading zeros are legal (RFC 4475 §3.1.1.1 has "0068"); bound the length before int().
     stripped = text.lstrip("0")

@@ -21,6 +21,7 @@ from sbc.sip.fields import (
     get_param,
     is_token,
     parse_cseq,
+    parse_int_header,
     parse_via,
 )
 from sbc.sip.headers import Headers
@@ -386,3 +387,34 @@ def test_the_first_missing_mandatory_field_is_named(missing: str) -> None:
     )
     with pytest.raises(BadRequest, match=f"missing {missing}"):
         validate.validate_request(request)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["0", "70", " 70", "0070", "256", "65536", "x", "", "1" * 12, "²"]),
+            st.sampled_from([255, 65535, 2**32 - 1]),
+        ),
+        max_size=6,
+    )
+)
+def test_small_int_memo_reads_what_parsing_reads(reads: list[tuple[str, int]]) -> None:
+    fields._SMALL_INTS.clear()
+    for value, maximum in reads:
+
+        def read(v: str, maximum: int = maximum) -> int:
+            return parse_int_header(v, "X", maximum)
+
+        got = outcome(read, value)
+        saved = dict(fields._SMALL_INTS)
+        fields._SMALL_INTS.clear()
+        assert got == outcome(read, value)
+        fields._SMALL_INTS.update(saved)
+
+
+def test_small_int_memo_is_bounded() -> None:
+    fields._SMALL_INTS.clear()
+    for i in range(1100):
+        assert parse_int_header(str(i), "X") == i
+    assert len(fields._SMALL_INTS) == 1024
+    fields._SMALL_INTS.clear()
