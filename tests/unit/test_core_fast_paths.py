@@ -25,9 +25,17 @@ from sbc.sip.fields import (
     parse_via,
 )
 from sbc.sip.headers import Headers
-from sbc.sip.message import Request, _top_via, _top_via_of_lines, parse_address
+from sbc.sip.message import Request, Response, _top_via, _top_via_of_lines, parse_address
 from sbc.sip.parser import ParseLimits, _Head
 from sbc.sip.server_transaction import build_response
+from sbc.sip.transaction import (
+    ResponseReceived,
+    StrayResponse,
+    TransactionLayer,
+    _is_rfc3261_branch,
+    _sent_by,
+    server_key,
+)
 from sbc.sip.uri import NameAddr, _needs_quotes, parse_name_addr, parse_uri
 from sbc.sip.validate import _check_single_values, _media_type, _scan, _valid_media_type
 
@@ -418,3 +426,66 @@ def test_small_int_memo_is_bounded() -> None:
         assert parse_int_header(str(i), "X") == i
     assert len(fields._SMALL_INTS) == 1024
     fields._SMALL_INTS.clear()
+
+
+# -- transaction layer ------------------------------------------------------------------------
+
+
+@given(
+    st.sampled_from(["z9hG4bK1", "z9hG4bK", "abc", None, "Z9HG4BKx"]),
+    st.sampled_from(["Host.Example", "192.0.2.1", "[::1]"]),
+    st.none() | st.sampled_from([5060, 0]),
+    st.sampled_from(["INVITE", "ACK", "BYE"]),
+)
+def test_server_key_is_the_rfc3261_key_or_the_2543_one(
+    branch: str | None, host: str, port: int | None, method: str
+) -> None:
+    params: Params = () if branch is None else (("branch", branch),)
+    via = Via("UDP", host, port, params)
+    headers = Headers(
+        [("Via", str(via)), ("From", "<sip:a@b>;tag=1"), ("Call-ID", "c"), ("CSeq", f"1 {method}")]
+    )
+    request = Request(method, parse_uri("sip:a@b"), headers)
+    key = server_key(request)
+    if _is_rfc3261_branch(request.top_via.branch):
+        expected = (
+            f"s|{request.top_via.branch}|{_sent_by(request.top_via)}|"
+            f"{'INVITE' if method == 'ACK' else method}"
+        )
+        assert key == expected
+    else:
+        assert key.startswith("s2543|")
+
+
+@pytest.mark.parametrize(
+    ("vias", "matched"),
+    [
+        (["SIP/2.0/UDP h;branch=z9hG4bKc1"], True),
+        (["SIP/2.0/UDP h;branch=z9hG4bKc1, SIP/2.0/UDP g"], False),
+        (["SIP/2.0/UDP h;branch=z9hG4bKc1", "SIP/2.0/UDP g"], False),
+        (["SIP/2.0/UDP h;branch=z9hG4bKc1,"], True),  # one element after all
+    ],
+)
+def test_responses_match_only_with_one_via(vias: list[str], matched: bool) -> None:
+    layer = TransactionLayer()
+    invite = Request(
+        "INVITE",
+        parse_uri("sip:a@b"),
+        Headers(
+            [
+                ("Via", "SIP/2.0/UDP h;branch=z9hG4bKc1"),
+                ("From", "<sip:a@b>;tag=1"),
+                ("To", "<sip:c@d>"),
+                ("Call-ID", "c"),
+                ("CSeq", "1 INVITE"),
+            ]
+        ),
+    )
+    layer.send_request(invite, dest="d", reliable=True, now=0.0)
+    fields_ = [("Via", v) for v in vias]
+    fields_ += [("From", "<sip:a@b>;tag=1"), ("To", "<sip:c@d>"), ("Call-ID", "c")]
+    response = Response(180, "Ringing", Headers([*fields_, ("CSeq", "1 INVITE")]))
+    layer.receive(response, source="d", reliable=True, now=0.0)
+    [event] = layer.events()
+    assert isinstance(event, ResponseReceived) is matched
+    assert isinstance(event, StrayResponse) is not matched
