@@ -319,6 +319,13 @@ class NameAddr:
     def with_tag(self, tag: str) -> NameAddr:
         return self.with_param("tag", tag)
 
+    def tagged_text(self, tag: str) -> str:
+        """``str(self.with_tag(tag))``: a tag parameter that is absent is appended, so its
+        text is this address's text plus ``;tag=...``, without the tagged copy."""
+        if self.has_param("tag"):
+            return str(self.with_tag(tag))
+        return f"{self};tag={tag}"
+
     # Built directly rather than with dataclasses.replace, which costs several times more
     # (it walks the fields): From and To are retagged for every request and response.
     def with_param(self, name: str, value: str | None = None) -> NameAddr:

@@ -489,3 +489,13 @@ def test_responses_match_only_with_one_via(vias: list[str], matched: bool) -> No
     [event] = layer.events()
     assert isinstance(event, ResponseReceived) is matched
     assert isinstance(event, StrayResponse) is not matched
+
+
+@given(
+    st.sampled_from(['"Bob" <sip:a@b>', "<sip:a@b;lr>", "sip:a@b", '"" <tel:+1>', "Al B <sip:x>"]),
+    st.lists(st.sampled_from([";x=1", ";tag", ";TAG=o", ";tag=old", ";y"]), max_size=3),
+    st.sampled_from(["new", "a-b.c"]),
+)
+def test_tagged_text_is_the_tagged_copy_written(base: str, params: list[str], tag: str) -> None:
+    address = parse_name_addr(base + "".join(params))
+    assert address.tagged_text(tag) == str(address.with_tag(tag))
