@@ -184,7 +184,8 @@ def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> in
         number = int(text)
         if number > maximum:
             raise ParseError(f"{name}: value too large: {value!r}")
-        if len(_SMALL_INTS) < 1024:
+        if len(_SMALL_INTS) < 1024 and len(value) == len(text):
+            # Only texts without LWS: a key is then at most nine characters long.
             _SMALL_INTS[value] = number
         return number
     # Leading zeros are legal (RFC 4475 §3.1.1.1 has "0068"); bound the length before int().
@@ -312,6 +313,7 @@ def _check_via_params(params: Params) -> None:
 # its branch only. Bounded so that hostile input cannot grow it forever.
 _VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
 _VIA_HEADS_LIMIT = 1024
+_VIA_HEAD_MAX = 128  # characters of a remembered head: the memo stays small
 
 
 def parse_via(text: str) -> Via:
@@ -353,9 +355,14 @@ def _parse_via(text: str) -> Via:
             params = () if param_text is None else parse_params(param_text)
             _check_via_params(params)
             transport = transport.upper()
-            if len(stripped) == len(text) and len(_VIA_HEADS) < _VIA_HEADS_LIMIT:
+            head = text.partition(";")[0]
+            if (
+                len(stripped) == len(text)
+                and len(head) <= _VIA_HEAD_MAX
+                and len(_VIA_HEADS) < _VIA_HEADS_LIMIT
+            ):
                 # The head of a Via that needed no stripping parses the same in any Via.
-                _VIA_HEADS[text.partition(";")[0]] = (transport, host, port)
+                _VIA_HEADS[head] = (transport, host, port)
             return Via(transport, host, port, params)
     text = stripped
     if text.startswith("SIP/2.0/"):

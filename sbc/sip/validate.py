@@ -169,7 +169,7 @@ def _valid_media_type(content_type: str) -> str:
     media_type = _media_type(content_type)
     if "/" not in media_type or not all(is_token(p) for p in media_type.split("/")):
         raise BadRequest(f"bad Content-Type {content_type!r}")
-    if len(_MEDIA_TYPES) < 256:
+    if len(_MEDIA_TYPES) < 256 and len(content_type) <= 128:
         _MEDIA_TYPES[content_type] = media_type
     return media_type
 

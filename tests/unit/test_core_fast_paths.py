@@ -499,3 +499,16 @@ def test_responses_match_only_with_one_via(vias: list[str], matched: bool) -> No
 def test_tagged_text_is_the_tagged_copy_written(base: str, params: list[str], tag: str) -> None:
     address = parse_name_addr(base + "".join(params))
     assert address.tagged_text(tag) == str(address.with_tag(tag))
+
+
+def test_memos_keep_only_short_texts() -> None:
+    fields._SMALL_INTS.clear()
+    fields._VIA_HEADS.clear()
+    validate._MEDIA_TYPES.clear()
+    assert parse_int_header(" " * 50 + "7", "X") == 7
+    assert parse_via("SIP/2.0/UDP " + "h" * 200 + ";branch=z9hG4bK1").host == "h" * 200
+    assert _valid_media_type("application/" + "x" * 200) == "application/" + "x" * 200
+    assert parse_int_header("7", "X") == 7
+    assert not fields._VIA_HEADS and not validate._MEDIA_TYPES
+    assert list(fields._SMALL_INTS) == ["7"]
+    fields._SMALL_INTS.clear()
