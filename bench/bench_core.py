@@ -11,7 +11,14 @@ One call is what sbc's core does for a call from 3CX (UDP) bridged to Retell (TC
   the dialogs of both legs (from_uas, from_uac, create_request for the ACK and BYE to Retell)
 
 Every call has its own Call-ID, tags and branches (memos by text must not flatter it). The
-messages a peer sends are made before the measured part. Reports:
+messages a peer sends are made before the measured part.
+
+With ``--sdp`` each call also does what pass-through media does to the two SDP bodies with the
+sans-I/O SDP code (``sbc.sdp``): the 3CX offer parsed, filtered to the default codecs, given
+sbc's ``o=`` line and written out for Retell; Retell's answer parsed, given sbc's ``o=`` line
+and written out for 3CX; the offer's and the answer's first audio stream and direction read
+(what the media session reads to decide where RTP goes). Each call's SDP has its own
+session id and port. Reports:
 
 * us/call: wall time of the measured part divided by the calls (noisy on a shared machine);
 * retained bytes per completed transaction (tracemalloc): what the layers still hold after the
@@ -27,6 +34,7 @@ Run from the repository root:  python bench/bench_core.py [--calls 2000]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -35,6 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sbc.sdp.model import Origin
+from sbc.sdp.offer_answer import filter_codecs
+from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.dialog import Dialog
 from sbc.sip.fields import parse_via
 from sbc.sip.headers import Headers
@@ -55,32 +66,60 @@ from sbc.sip.validate import validate_request, validate_response
 PBX = ("192.168.1.10", 5060, "udp")
 RETELL = ("sip.retellai.com", 5060, "tcp")
 
-SDP_3CX = (
-    b"v=0\r\n"
-    b"o=3cxPS 297321271296 734282285057 IN IP4 192.168.1.10\r\n"
-    b"s=3cxPS Audio call\r\n"
-    b"c=IN IP4 192.168.1.10\r\n"
-    b"t=0 0\r\n"
-    b"m=audio 7078 RTP/AVP 0 8 9 101\r\n"
-    b"a=rtpmap:0 PCMU/8000\r\n"
-    b"a=rtpmap:8 PCMA/8000\r\n"
-    b"a=rtpmap:9 G722/8000\r\n"
-    b"a=rtpmap:101 telephone-event/8000\r\n"
-    b"a=fmtp:101 0-11,16\r\n"
-    b"a=sendrecv\r\n"
-)
-SDP_RETELL = (
-    b"v=0\r\n"
-    b"o=- 3942342 3942343 IN IP4 10.20.30.40\r\n"
-    b"s=-\r\n"
-    b"c=IN IP4 10.20.30.40\r\n"
-    b"t=0 0\r\n"
-    b"m=audio 30000 RTP/AVP 0 101\r\n"
-    b"a=rtpmap:0 PCMU/8000\r\n"
-    b"a=rtpmap:101 telephone-event/8000\r\n"
-    b"a=fmtp:101 0-16\r\n"
-    b"a=sendrecv\r\n"
-)
+
+def sdp_3cx(i: int) -> bytes:
+    """3CX's offer for call ``i`` (its own session id and RTP port; same length every call)."""
+    return (
+        b"v=0\r\n"
+        b"o=3cxPS %d %d IN IP4 192.168.1.10\r\n"
+        b"s=3cxPS Audio call\r\n"
+        b"c=IN IP4 192.168.1.10\r\n"
+        b"t=0 0\r\n"
+        b"m=audio %d RTP/AVP 0 8 9 101\r\n"
+        b"a=rtpmap:0 PCMU/8000\r\n"
+        b"a=rtpmap:8 PCMA/8000\r\n"
+        b"a=rtpmap:9 G722/8000\r\n"
+        b"a=rtpmap:101 telephone-event/8000\r\n"
+        b"a=fmtp:101 0-11,16\r\n"
+        b"a=sendrecv\r\n"
+    ) % (297321271296 + i, 734282285057 + i, 7078 + 2 * (i % 1000))
+
+
+def sdp_retell(i: int) -> bytes:
+    """Retell's answer for call ``i`` (its own session id and RTP port)."""
+    return (
+        b"v=0\r\n"
+        b"o=- %d %d IN IP4 10.20.30.40\r\n"
+        b"s=-\r\n"
+        b"c=IN IP4 10.20.30.40\r\n"
+        b"t=0 0\r\n"
+        b"m=audio %d RTP/AVP 0 101\r\n"
+        b"a=rtpmap:0 PCMU/8000\r\n"
+        b"a=rtpmap:101 telephone-event/8000\r\n"
+        b"a=fmtp:101 0-16\r\n"
+        b"a=sendrecv\r\n"
+    ) % (3942342 + i, 3942343 + i, 30000 + 2 * (i % 10000))
+
+
+# What pass-through media puts in the o= line of what it sends, and its default codecs.
+SBC_ORIGIN = Origin("sbc", "1804289383", 1804289383, "IN", "IP4", "192.168.1.50")
+CODECS = ("PCMU", "PCMA", "G722", "telephone-event")
+
+
+def sdp_offer(body: bytes) -> bytes:
+    """3CX's offer as sbc sends it on to Retell (pass-through media)."""
+    offer = parse_sdp(body)
+    audio = offer.audio()
+    assert audio is not None and offer.direction(audio) == "sendrecv"
+    return serialize_sdp(dataclasses.replace(filter_codecs(offer, CODECS), origin=SBC_ORIGIN))
+
+
+def sdp_answer(body: bytes) -> bytes:
+    """Retell's answer as sbc sends it on to 3CX (pass-through media)."""
+    answer = parse_sdp(body)
+    audio = answer.audio()
+    assert audio is not None and answer.direction(audio) == "sendrecv"
+    return serialize_sdp(dataclasses.replace(answer, origin=SBC_ORIGIN))
 
 
 def _msg(head: str, body: bytes = b"") -> bytes:
@@ -112,7 +151,7 @@ def pbx_messages(i: int) -> tuple[bytes, bytes, bytes]:
         "Session-Expires: 1800;refresher=uac\n"
         "Min-SE: 90\n"
         "X-3CX-CallID: 00000191A2B3C4D5",
-        SDP_3CX,
+        sdp_3cx(i),
     )
     to = f'To: "Retell Agent"<sip:201@192.168.1.50:5060>;tag=s{i}\n'
     ack = _msg(
@@ -159,7 +198,7 @@ def retell_responses(i: int) -> bytes:
             "Contact: <sip:10.20.30.40:5060;transport=tcp>\n"
             "Allow: INVITE, ACK, CANCEL, BYE, REFER, OPTIONS\n"
             "Content-Type: application/sdp",
-            SDP_RETELL,
+            sdp_retell(i),
         ),
         _msg(f"SIP/2.0 200 OK\n{bye_via}{common}{to}CSeq: 2 BYE"),
     ]
@@ -169,7 +208,9 @@ def retell_responses(i: int) -> bytes:
 AGENT_URI = parse_uri("sip:+14155550199@sip.retellai.com;transport=tcp")
 
 
-def agent_request(i: int, method: str, seq: int, branch: str, to_tag: str | None) -> Request:
+def agent_request(
+    i: int, method: str, seq: int, branch: str, to_tag: str | None, body: bytes = b""
+) -> Request:
     """A request sbc sends to Retell for call ``i``, built as the b2bua builds its own."""
     to = "<sip:+14155550199@sip.retellai.com>"
     if to_tag is not None:
@@ -183,14 +224,12 @@ def agent_request(i: int, method: str, seq: int, branch: str, to_tag: str | None
         ("CSeq", f"{seq} {method}"),
         ("User-Agent", "sbc"),
     ]
-    body = b""
     if method == "INVITE":
         items += [
             ("Contact", "<sip:sbc@127.0.0.1:5061;transport=tcp>"),
             ("X-Retell-Call", f"call-{i}"),
             ("Content-Type", "application/sdp"),
         ]
-        body = SDP_3CX
     return Request(method, AGENT_URI, Headers(items), body)
 
 
@@ -213,8 +252,12 @@ def one_call(
     pbx: TransactionLayer,
     retell: TransactionLayer,
     now: float,
+    sdp: bool = False,
 ) -> int:
-    """Run call ``i``; returns the octets sbc sent (so that nothing is optimised away)."""
+    """Run call ``i``; returns the octets sbc sent (so that nothing is optimised away).
+
+    With ``sdp`` the bodies sbc sends are made from the peers' by :func:`sdp_offer` and
+    :func:`sdp_answer`; without, the peers' bodies are sent on as they came."""
     sent = 0
     invite_raw, ack_raw, bye_raw = pbx_in
 
@@ -238,7 +281,8 @@ def one_call(
     tag = f"s{i}"
     pbx.respond(req.key, build_response(invite_in, 180, to_tag=tag), now=now)
     # Agent leg: sbc's INVITE to Retell, then its responses.
-    agent_invite = agent_request(i, "INVITE", 1, "i", None)
+    offer = sdp_offer(invite_in.body) if sdp else invite_in.body
+    agent_invite = agent_request(i, "INVITE", 1, "i", None, offer)
     retell.send_request(agent_invite, dest=RETELL, reliable=True, now=now)
     sent += flush(retell)
     stream = StreamParser()
@@ -255,7 +299,7 @@ def one_call(
         200,
         to_tag=tag,
         headers=[("Contact", "<sip:201@192.168.1.50:5060>"), ("Content-Type", "application/sdp")],
-        body=SDP_RETELL,
+        body=sdp_answer(responses[2].body) if sdp else responses[2].body,
     )
     pbx.respond(req.key, ok, now=now)
     caller = Dialog.from_uas(invite_in, ok)
@@ -281,6 +325,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--phase", choices=("setup", "all"), default="all")
     ap.add_argument("--memory", action="store_true", help="trace allocations (slower run)")
+    ap.add_argument("--sdp", action="store_true", help="also the SDP work of pass-through media")
     ap.add_argument(
         "--rate", type=float, default=1000.0, help="calls per second of the simulated clock"
     )
@@ -303,7 +348,7 @@ def main() -> None:
         now = 1.0 + i / args.rate
         pbx.handle_timer(now)
         retell.handle_timer(now)
-        sent += one_call(i, pbx_in[i], retell_in[i], pbx, retell, now=now)
+        sent += one_call(i, pbx_in[i], retell_in[i], pbx, retell, now=now, sdp=args.sdp)
     elapsed = time.perf_counter() - t0
     pbx.events()
     retell.events()

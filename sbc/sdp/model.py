@@ -15,6 +15,7 @@ Accessors for the attributes the bridge needs (``rtpmap``, ``fmtp``, direction, 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Literal
 
 from sbc.sip.errors import NotAcceptableHere, SipError
@@ -137,16 +138,29 @@ STATIC_PAYLOAD_TYPES: dict[int, RtpMap] = {
 }
 
 
+def _is_number(text: str) -> bool:
+    # isdigit alone takes other scripts' digits ("²", "٣"), which int() refuses or reads.
+    return text.isascii() and text.isdigit()
+
+
+# A peer writes the same rtpmap lines in every body: the result is immutable, so a bounded
+# memo by text shares it.
+@lru_cache(maxsize=256)
 def parse_rtpmap(value: str) -> RtpMap | None:
     """The value of an ``a=rtpmap`` attribute, or None when it is not well formed."""
     pt_text, _, rest = value.strip().partition(" ")
     parts = rest.strip().split("/")
-    if not pt_text.isdigit() or len(parts) not in (2, 3) or not parts[0]:
+    n = len(parts)
+    if n == 2:
+        channels = 1
+    elif n == 3 and _is_number(parts[2]):
+        channels = int(parts[2])
+    else:
         return None
-    if not all(p.isdigit() for p in parts[1:]):
+    encoding, rate = parts[0], parts[1]
+    if not encoding or not _is_number(pt_text) or not _is_number(rate):
         return None
-    channels = int(parts[2]) if len(parts) == 3 else 1
-    return RtpMap(int(pt_text), parts[0], int(parts[1]), channels)
+    return RtpMap(int(pt_text), encoding, int(rate), channels)
 
 
 def parse_rtcp(value: str) -> RtcpAddress | None:
@@ -223,9 +237,22 @@ class MediaDescription:
                     return rm
         return STATIC_PAYLOAD_TYPES.get(payload_type)
 
+    def rtpmap_table(self) -> dict[int, RtpMap]:
+        """Every payload type's encoding from its ``a=rtpmap`` line (the first well-formed one
+        when several name it; static types without a line are not in it): what
+        :meth:`rtpmap` finds for each type, with the attributes read once."""
+        table: dict[int, RtpMap] = {}
+        for key, value in self.attributes:
+            if key == "rtpmap" and value is not None:
+                rm = parse_rtpmap(value)
+                if rm is not None and rm.payload_type not in table:
+                    table[rm.payload_type] = rm
+        return table
+
     def codecs(self) -> tuple[RtpMap, ...]:
         """The known encodings of the formats, in the ``m=`` line's (preference) order."""
-        found = (self.rtpmap(pt) for pt in self.payload_types)
+        table = self.rtpmap_table()
+        found = (table.get(pt) or STATIC_PAYLOAD_TYPES.get(pt) for pt in self.payload_types)
         return tuple(rm for rm in found if rm is not None)
 
     def fmtp(self, payload_type: int) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from sbc.sdp.model import (
     DIRECTIONS,
+    STATIC_PAYLOAD_TYPES,
     Attribute,
     Connection,
     Direction,
@@ -79,11 +80,50 @@ def _pt_of(attribute: Attribute) -> int | None:
     return int(fmt) if fmt.isascii() and fmt.isdigit() else None
 
 
+def _media_with(
+    m: MediaDescription, port: int, formats: tuple[str, ...], attributes: tuple[Attribute, ...]
+) -> MediaDescription:
+    """``replace(m, port=..., formats=..., attributes=...)`` built directly: ``replace``
+    walks the fields by name and costs several times more (two per call)."""
+    return MediaDescription(
+        m.media,
+        port,
+        m.proto,
+        formats,
+        m.port_count,
+        m.connection,
+        m.bandwidths,
+        attributes,
+        m.extra_head,
+        m.extra_tail,
+    )
+
+
+def _with_media(sd: SessionDescription, media: tuple[MediaDescription, ...]) -> SessionDescription:
+    """``replace(sd, media=media)`` built directly (see :func:`_media_with`)."""
+    return SessionDescription(
+        sd.origin,
+        sd.session_name,
+        sd.connection,
+        sd.bandwidths,
+        sd.timings,
+        sd.attributes,
+        media,
+        sd.version,
+        sd.extra_head,
+        sd.extra_tail,
+    )
+
+
 def _keep_formats(m: MediaDescription, keep: Sequence[int]) -> MediaDescription:
     kept = set(keep)
     # An rtcp-fb line for "*" (every format, RFC 4585 §4.2) names no PT and stays.
-    attributes = tuple(a for a in m.attributes if (pt := _pt_of(a)) is None or pt in kept)
-    return replace(m, formats=tuple(str(pt) for pt in keep), attributes=attributes)
+    attributes = tuple([a for a in m.attributes if (pt := _pt_of(a)) is None or pt in kept])
+    formats = tuple([str(pt) for pt in keep])
+    if formats == m.formats and attributes == m.attributes:
+        # Nothing removed (an offer of the configured codecs only): the same value.
+        return m
+    return _media_with(m, m.port, formats, attributes)
 
 
 def filter_codecs(sd: SessionDescription, allowed: Sequence[str]) -> SessionDescription:
@@ -100,21 +140,25 @@ def filter_codecs(sd: SessionDescription, allowed: Sequence[str]) -> SessionDesc
     usable = False
     for m in sd.media:
         if m.media != "audio" or not m.is_rtp or m.port == 0:
-            media.append(m if m.port == 0 else replace(m, port=0))
+            media.append(m if m.port == 0 else _media_with(m, 0, m.formats, m.attributes))
             continue
-        kept = [
-            (pt, encoding)
-            for pt in m.payload_types
-            if (rm := m.rtpmap(pt)) and (encoding := rm.encoding.casefold()) in names
-        ]
-        if any(encoding not in AUXILIARY_ENCODINGS for _, encoding in kept):
+        # What m.rtpmap(pt) gives for each pt, with the attributes parsed once.
+        table = m.rtpmap_table()
+        kept: list[tuple[int, str]] = []
+        real = False
+        for pt in m.payload_types:
+            rm = table.get(pt) or STATIC_PAYLOAD_TYPES.get(pt)
+            if rm is not None and (encoding := rm.encoding.casefold()) in names:
+                kept.append((pt, encoding))
+                real = real or encoding not in AUXILIARY_ENCODINGS
+        if real:
             usable = True
             media.append(_keep_formats(m, [pt for pt, _ in kept]))
         else:
-            media.append(replace(m, port=0))
+            media.append(_media_with(m, 0, m.formats, m.attributes))
     if not usable:
         raise NoCommonCodec("no common audio codec")
-    return replace(sd, media=tuple(media))
+    return _with_media(sd, tuple(media))
 
 
 def _addrtype(address: str) -> str:

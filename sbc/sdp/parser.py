@@ -7,7 +7,6 @@ not type are kept in order (RFC 8866 §5: unknown types are ignored, not rejecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 from sbc.sdp.model import (
@@ -51,6 +50,8 @@ def _origin(value: str) -> Origin:
     return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
 
 
+# c= and t= lines repeat from body to body (a peer's address, "0 0"): their values are
+# immutable, so bounded memos by text share them; errors are raised every time.
 @lru_cache(maxsize=256)
 def _connection(value: str) -> Connection:
     parts = value.split()
@@ -66,6 +67,7 @@ def _bandwidth(value: str) -> Bandwidth:
     return Bandwidth(bwtype, _int(amount, "b= bandwidth"))
 
 
+@lru_cache(maxsize=256)
 def _timing(value: str) -> Timing:
     parts = value.split()
     if len(parts) != 2:
@@ -87,7 +89,11 @@ def _parse_attribute(value: str) -> Attribute:
 _attribute = lru_cache(maxsize=1024)(_parse_attribute)
 
 
-def _media(value: str) -> MediaDescription:
+_MediaLine = tuple[str, int, str, tuple[str, ...], int | None]
+
+
+def _media(value: str) -> _MediaLine:
+    """The fields of an ``m=`` line: media, port, proto, formats and port count."""
     parts = value.split()
     if len(parts) < 4:
         # RFC 8866 §5.14: m=<media> <port> <proto> 1*(<fmt>)
@@ -95,25 +101,34 @@ def _media(value: str) -> MediaDescription:
     port_text, slash, count_text = parts[1].partition("/")
     port = _int(port_text, "m= port", upper=65535)
     count = _int(count_text, "m= port count") if slash else None
-    media = MediaDescription(parts[0], port, parts[2], tuple(parts[3:]), port_count=count)
-    if media.is_rtp:
+    proto = parts[2]
+    formats = tuple(parts[3:])
+    if "RTP/" in proto.upper():  # MediaDescription.is_rtp
         # RFC 3551 §3: RTP payload types are 0-127.
-        for fmt in media.formats:
-            _int(fmt, "RTP payload type", upper=127)
-    return media
+        for fmt in formats:
+            if not (fmt.isascii() and fmt.isdigit() and len(fmt) < 4 and int(fmt) <= 127):
+                # The general check: raises, or accepts a long spelling such as "0101".
+                _int(fmt, "RTP payload type", upper=127)
+    return parts[0], port, proto, formats, count
 
 
-@dataclass(slots=True)
 class _MediaBuilder:
-    media: MediaDescription
-    connection: Connection | None = None
-    bandwidths: list[Bandwidth] = field(default_factory=list)
-    attributes: list[Attribute] = field(default_factory=list)
-    head: list[Line] = field(default_factory=list)
-    tail: list[Line] = field(default_factory=list)
-    past_head: bool = False
+    """The lines of one media section while it is read (a plain class: one is made per
+    section of every body, and a dataclass with list defaults costs more to make)."""
+
+    __slots__ = ("attributes", "bandwidths", "connection", "head", "line", "past_head", "tail")
+
+    def __init__(self, line: _MediaLine) -> None:
+        self.line = line
+        self.connection: Connection | None = None
+        self.bandwidths: list[Bandwidth] = []
+        self.attributes: list[Attribute] = []
+        self.head: list[Line] = []
+        self.tail: list[Line] = []
+        self.past_head = False
 
     def add(self, kind: str, value: str) -> None:
+        """A line other than ``a=`` (parse_sdp appends those itself)."""
         if kind == "c":
             if self.connection is not None:
                 raise SdpError("more than one c= line in a media section")
@@ -122,8 +137,6 @@ class _MediaBuilder:
         elif kind == "b":
             self.bandwidths.append(_bandwidth(value))
             self.past_head = True
-        elif kind == "a":
-            self.attributes.append(_attribute(value))
         elif kind in "vostrz":
             raise SdpError(f"{kind}= line inside a media section")
         elif self.past_head:
@@ -132,18 +145,18 @@ class _MediaBuilder:
             self.head.append((kind, value))
 
     def build(self) -> MediaDescription:
-        m = self.media
+        media, port, proto, formats, count = self.line
         return MediaDescription(
-            m.media,
-            m.port,
-            m.proto,
-            m.formats,
-            port_count=m.port_count,
-            connection=self.connection,
-            bandwidths=tuple(self.bandwidths),
-            attributes=tuple(self.attributes),
-            extra_head=tuple(self.head),
-            extra_tail=tuple(self.tail),
+            media,
+            port,
+            proto,
+            formats,
+            count,
+            self.connection,
+            tuple(self.bandwidths),
+            tuple(self.attributes),
+            tuple(self.head),
+            tuple(self.tail),
         )
 
 
@@ -154,6 +167,21 @@ def _lines(body: bytes | str) -> list[str]:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SdpError("SDP body is not UTF-8") from exc
+    lines = body.split("\r\n")
+    n_crlf = len(lines) - 1
+    if n_crlf == body.count("\n") and n_crlf == body.count("\r"):
+        # Every line ends in CRLF, as RFC 8866 writes them (every peer of the bridge): the
+        # split gives what the general path below gives, and no line holds a CR.
+        if lines[-1] == "":
+            lines.pop()
+        if "" not in lines:
+            return lines
+        return [line for line in lines if line]
+    return _any_lines(body)
+
+
+def _any_lines(body: str) -> list[str]:
+    """The non-empty lines of ``body``, each without its LF or CRLF (RFC 8866 §5 tolerance)."""
     lines = [line[:-1] if line.endswith("\r") else line for line in body.split("\n")]
     return [line for line in lines if line]
 
@@ -186,8 +214,19 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
     past_head = False
 
     for raw in lines[3:]:
-        kind, value = _split_line(raw)
-        if kind == "m":
+        # _split_line, inlined for the usual line (a dozen lines per body).
+        kind = raw[0]
+        if raw[1:2] == "=" and kind in _TYPES and "\r" not in raw and "\x00" not in raw:
+            value = raw[2:]
+        else:
+            kind, value = _split_line(raw)  # raises
+        if kind == "a" and current is not None:
+            # _attribute, inlined: most lines of a body are media-level attributes.
+            name, sep, rest = value.partition(":")
+            if not name or " " in name:
+                raise SdpError("malformed a= line")
+            current.attributes.append((name, rest if sep else None))
+        elif kind == "m":
             if current is not None:
                 media.append(current.build())
             current = _MediaBuilder(_media(value))
@@ -234,25 +273,25 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
     )
 
 
-def _attribute_line(attribute: Attribute) -> str:
-    name, value = attribute
-    return f"a={name}" if value is None else f"a={name}:{value}"
-
-
 def _connection_line(conn: Connection) -> str:
     return f"c={conn.nettype} {conn.addrtype} {conn.address}"
 
 
-def _media_lines(m: MediaDescription) -> list[str]:
+def _media_lines(m: MediaDescription, out: list[str]) -> None:
     port = f"{m.port}" if m.port_count is None else f"{m.port}/{m.port_count}"
-    out = [f"m={m.media} {port} {m.proto} {' '.join(m.formats)}"]
-    out.extend(f"{kind}={value}" for kind, value in m.extra_head)
+    out.append(f"m={m.media} {port} {m.proto} {' '.join(m.formats)}")
+    for kind, value in m.extra_head:
+        out.append(f"{kind}={value}")
     if m.connection is not None:
         out.append(_connection_line(m.connection))
-    out.extend(f"b={b.bwtype}:{b.bandwidth}" for b in m.bandwidths)
-    out.extend(f"{kind}={value}" for kind, value in m.extra_tail)
-    out.extend(_attribute_line(a) for a in m.attributes)
-    return out
+    for b in m.bandwidths:
+        out.append(f"b={b.bwtype}:{b.bandwidth}")
+    for kind, value in m.extra_tail:
+        out.append(f"{kind}={value}")
+    # Loops, not generators fed to extend: a body has a dozen lines, and a generator's
+    # set-up costs more than its few items.
+    for name, attr in m.attributes:
+        out.append(f"a={name}" if attr is None else f"a={name}:{attr}")
 
 
 def serialize_sdp(sd: SessionDescription) -> bytes:
@@ -263,15 +302,21 @@ def serialize_sdp(sd: SessionDescription) -> bytes:
         f"o={o.username} {o.sess_id} {o.sess_version} {o.nettype} {o.addrtype} {o.address}",
         f"s={sd.session_name}",
     ]
-    out.extend(f"{kind}={value}" for kind, value in sd.extra_head)
+    for kind, value in sd.extra_head:
+        out.append(f"{kind}={value}")
     if sd.connection is not None:
         out.append(_connection_line(sd.connection))
-    out.extend(f"b={b.bwtype}:{b.bandwidth}" for b in sd.bandwidths)
+    for b in sd.bandwidths:
+        out.append(f"b={b.bwtype}:{b.bandwidth}")
     for t in sd.timings:
         out.append(f"t={t.start} {t.stop}")
-        out.extend(f"r={r}" for r in t.repeats)
-    out.extend(f"{kind}={value}" for kind, value in sd.extra_tail)
-    out.extend(_attribute_line(a) for a in sd.attributes)
+        for r in t.repeats:
+            out.append(f"r={r}")
+    for kind, value in sd.extra_tail:
+        out.append(f"{kind}={value}")
+    for name, attr in sd.attributes:
+        out.append(f"a={name}" if attr is None else f"a={name}:{attr}")
     for m in sd.media:
-        out.extend(_media_lines(m))
-    return ("\r\n".join(out) + "\r\n").encode("utf-8")
+        _media_lines(m, out)
+    out.append("")
+    return "\r\n".join(out).encode("utf-8")

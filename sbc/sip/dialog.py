@@ -240,9 +240,10 @@ class Dialog:
         items.extend(("Route", str(route)) for route in routes)
         dialog_id = self.id
         remote = self.remote_uri
-        to = remote if dialog_id.remote_tag is None else remote.with_tag(dialog_id.remote_tag)
-        items.append(("From", str(self.local_uri.with_tag(dialog_id.local_tag))))
-        items.append(("To", str(to)))
+        remote_tag = dialog_id.remote_tag
+        to = str(remote) if remote_tag is None else remote.tagged_text(remote_tag)
+        items.append(("From", self.local_uri.tagged_text(dialog_id.local_tag)))
+        items.append(("To", to))
         items.append(("Call-ID", self.id.call_id))
         items.append(("CSeq", f"{seq} {method}"))
         # The names above are canonical already; only the caller's need normalising.

@@ -124,22 +124,28 @@ def parse_params(text: str) -> Params:
 
 def format_params(params: Params) -> str:
     """``;name=value;flag`` for ``params`` (empty string for none)."""
-    return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+    # A list, not a generator: join() makes one of it anyway, at a higher cost.
+    return "".join([f";{n}" if v is None else f";{n}={v}" for n, v in params])
 
 
 def find_param(params: Params, name: str) -> int:
     """Index of parameter ``name`` (case-insensitive) in ``params``, or -1."""
     key = name.lower()
     for i, (n, _) in enumerate(params):
-        if n.lower() == key:
+        # Names are nearly always written in lower case: the comparison spares lower().
+        if n == key or n.lower() == key:
             return i
     return -1
 
 
 def get_param(params: Params, name: str) -> str | None:
     """The value of parameter ``name`` (None when absent or valueless)."""
-    i = find_param(params, name)
-    return None if i < 0 else params[i][1]
+    # find_param, inlined: the branch, tag, rport... of every message are read through here.
+    key = name.lower()
+    for n, value in params:
+        if n == key or n.lower() == key:
+            return value
+    return None
 
 
 def set_param(params: Params, name: str, value: str | None) -> Params:
@@ -156,12 +162,20 @@ def drop_param(params: Params, name: str) -> Params:
     return tuple(p for p in params if p[0].lower() != key)
 
 
+# Texts of small numbers already read (Content-Length, Max-Forwards, rport... repeat from
+# message to message), with their value. Bounded so that hostile input cannot grow it.
+_SMALL_INTS: dict[str, int] = {}
+
+
 def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> int:
     """A non-negative decimal header value (Max-Forwards, Expires, Content-Length, Min-Expires).
 
     Raises ParseError for anything but ASCII digits or for a value above ``maximum``
     (RFC 4475 §3.1.2.4: overlarge scalars are malformed).
     """
+    known = _SMALL_INTS.get(value)
+    if known is not None and known <= maximum:
+        return known
     text = value.strip(_LWS)
     if not (text.isascii() and text.isdigit()):
         raise ParseError(f"{name}: not a non-negative integer: {value!r}")
@@ -170,6 +184,9 @@ def parse_int_header(value: str, name: str, maximum: int = MAX_INT_HEADER) -> in
         number = int(text)
         if number > maximum:
             raise ParseError(f"{name}: value too large: {value!r}")
+        if len(_SMALL_INTS) < 1024 and len(value) == len(text):
+            # Only texts without LWS: a key is then at most nine characters long.
+            _SMALL_INTS[value] = number
         return number
     # Leading zeros are legal (RFC 4475 §3.1.1.1 has "0068"); bound the length before int().
     stripped = text.lstrip("0")
@@ -240,7 +257,11 @@ class Via:
 
     @property
     def branch(self) -> str | None:
-        return self.param("branch")
+        # get_param inlined: the transaction layer reads the branch of every message.
+        for name, value in self.params:
+            if name == "branch" or name.lower() == "branch":
+                return value
+        return None
 
     @property
     def received(self) -> str | None:
@@ -287,21 +308,63 @@ def _check_via_params(params: Params) -> None:
             parse_int_header(value, "ttl", 255)
 
 
+# Sent-protocol and sent-by texts (what precedes the first ';' of a Via element) that the
+# fast path below parsed, with what they gave: a peer's Via differs from message to message by
+# its branch only. Bounded so that hostile input cannot grow it forever.
+_VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
+_VIA_HEADS_LIMIT = 1024
+_VIA_HEAD_MAX = 128  # characters of a remembered head: the memo stays small
+
+
 def parse_via(text: str) -> Via:
     """Parse one Via element (split a Via line with ``Headers.values`` first).
 
     RFC 3261 §25.1 allows LWS around ``/`` (SLASH = SWS "/" SWS) and between the
     sent-protocol and sent-by; RFC 4475 §3.1.1.1 uses both.
     """
-    text = text.strip(_LWS)
-    fast = _VIA_FAST_RE.fullmatch(text)
+    head, semi, param_text = text.partition(";")
+    sent = _VIA_HEADS.get(head)
+    if sent is None or (semi and _PARAMS_FAST_RE.fullmatch(param_text) is None):
+        return _parse_via(text)
+    # A known head and parameters in the plain spelling: what _parse_via gives (its fast
+    # path, then parse_params' fast path and _check_via_params), in one loop.
+    params: list[tuple[str, str | None]] = []
+    if semi:
+        for item in param_text.split(";"):
+            name, eq, value = item.partition("=")
+            if eq:
+                params.append((name, value))
+                key = name.lower()
+                if key == "rport":
+                    parse_int_header(value, "rport", 65535)
+                elif key == "ttl":
+                    parse_int_header(value, "ttl", 255)
+            else:
+                params.append((name, None))
+    return Via(sent[0], sent[1], sent[2], tuple(params))
+
+
+def _parse_via(text: str) -> Via:
+    """:func:`parse_via` without the memo of Via heads (it fills the memo)."""
+    stripped = text.strip(_LWS)
+    fast = _VIA_FAST_RE.fullmatch(stripped)
     if fast is not None:
         transport, host, port_text, param_text = fast.groups()
         port = None if port_text is None else int(port_text)
         if port is None or port <= 65535:
             params = () if param_text is None else parse_params(param_text)
             _check_via_params(params)
-            return Via(transport.upper(), host, port, params)
+            transport = transport.upper()
+            head = text.partition(";")[0]
+            if (
+                len(stripped) == len(text)
+                and len(head) <= _VIA_HEAD_MAX
+                and len(_VIA_HEADS) < _VIA_HEADS_LIMIT
+            ):
+                # The head of a Via that needed no stripping parses the same in any Via.
+                _VIA_HEADS[head] = (transport, host, port)
+            return Via(transport, host, port, params)
+    text = stripped
     if text.startswith("SIP/2.0/"):
         # The ordinary spelling with something unusual (an IPv6 reference, a bad port...).
         rest = text[8:]
@@ -344,8 +407,32 @@ class CSeq:
         return f"{self.seq} {self.method}"
 
 
+# The methods nearly every message names (tokens): a name found here needs no token check.
+COMMON_METHODS = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "SUBSCRIBE"}
+    | {"INFO", "UPDATE", "PRACK", "MESSAGE", "PUBLISH"}
+)
+
+
 def parse_cseq(text: str) -> CSeq:
     """Parse ``<seq> <method>``; seq must be below 2**31 (RFC 3261 §8.1.1.5)."""
+    seq_text, space, method = text.partition(" ")
+    if (
+        space
+        and method in COMMON_METHODS
+        and seq_text.isascii()
+        and seq_text.isdigit()
+        and len(seq_text) < 10
+    ):
+        # The usual spelling ("1 INVITE": one space, no LWS, a known method, a short number):
+        # what the general code below gives, without its split and regex; nine digits at
+        # most are below MAX_CSEQ.
+        return CSeq(int(seq_text), method)
+    return _parse_cseq(text)
+
+
+def _parse_cseq(text: str) -> CSeq:
+    """:func:`parse_cseq` without its fast path."""
     parts = text.split()
     if len(parts) != 2:
         raise ParseError(f"bad CSeq {text!r}")

@@ -85,8 +85,8 @@ def reason_phrase(status: int) -> str:
 
 
 _parse_address_text = lru_cache(maxsize=1024)(parse_name_addr)
-# A tag parameter last in the value (RFC 3261 §19.3: tag = token), as peers write From and To.
-_TAG_AT_END = re.compile(r";tag=([A-Za-z0-9\-.!%*_+`'~]+)\Z")
+# RFC 3261 §19.3: tag = token.
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 
 
 def parse_address(text: str) -> NameAddr:
@@ -96,20 +96,24 @@ def parse_address(text: str) -> NameAddr:
     parsed as the memoised text before the tag with the tag parameter appended, which is
     what parsing the whole value gives (the tag is the last header parameter either way).
     """
-    found = _TAG_AT_END.search(text)
-    if found is not None:
-        try:
-            base = _parse_untagged(text[: found.start()])
-        except ParseError:
-            return _parse_address_text(text)
-        return NameAddr(base.uri, base.display, (*base.params, ("tag", found.group(1))))
+    i = text.rfind(";tag=")
+    if i >= 0:
+        # The last ";tag=" ends the value with a token, or no ";tag=<token>" does: every
+        # ";tag=" before it is followed by a ';', which no token holds.
+        tag = text[i + 5 :]
+        if tag and ((tag.isascii() and tag.isalnum()) or _TOKEN.fullmatch(tag) is not None):
+            try:
+                return _parse_tagged(text[:i], tag)
+            except ParseError:
+                pass
     return _parse_address_text(text)
 
 
-def _parse_untagged(text: str) -> NameAddr:
-    """The part of a tagged value before its tag, parsed; a quoted display name is split off
-    first, so that the memo is by the ``<URI>`` text: 3CX puts the caller's number or name in
-    the display name of its From, which then differs from call to call."""
+def _parse_tagged(text: str, tag: str) -> NameAddr:
+    """The part of a tagged value before its tag, parsed, with the tag appended; a quoted
+    display name is split off first, so that the memo is by the ``<URI>`` text: 3CX puts the
+    caller's number or name in the display name of its From, which then differs from call to
+    call."""
     if text[:1] == '"':
         close = text.find('"', 1)
         # Without a backslash, the first quote after the opening one closes the display name
@@ -118,8 +122,9 @@ def _parse_untagged(text: str) -> NameAddr:
             rest = text[close + 1 :].lstrip(" \t")
             if rest[:1] == "<":
                 inner = _parse_address_text(rest)
-                return NameAddr(inner.uri, text[1:close], inner.params)
-    return _parse_address_text(text)
+                return NameAddr(inner.uri, text[1:close], (*inner.params, ("tag", tag)))
+    base = _parse_address_text(text)
+    return NameAddr(base.uri, base.display, (*base.params, ("tag", tag)))
 
 
 @lru_cache(maxsize=256)
@@ -140,6 +145,19 @@ def _vias(headers: Headers) -> tuple[Via, ...]:
 
 
 def _top_via(headers: Headers) -> Via:
+    keys = headers._keys or headers._lower_keys()
+    if "via" in keys:
+        first = headers._items[keys.index("via")][1]
+        if "," not in first:
+            # One element on the first Via line (every message but a proxied request's):
+            # what split_list gives for it, without the list.
+            stripped = first.strip()
+            if stripped:
+                return parse_via(stripped)
+    return _top_via_of_lines(headers)
+
+
+def _top_via_of_lines(headers: Headers) -> Via:
     lines = headers.get_all("Via")
     if lines:
         # Usually the first line holds the top Via; only an empty first line needs them all.
@@ -184,8 +202,14 @@ class _Common:
             raise BadRequest("missing Call-ID")
         return value
 
+    # A memo hit is read here rather than through Headers.cached: each of these is read
+    # several times per message (validation, transaction layer, dialogs), and a hit then
+    # costs one call instead of two.
     @property
     def cseq(self) -> CSeq:
+        cache = self.headers._cache
+        if cache is not None and "cseq" in cache:
+            return cache["cseq"]  # type: ignore[return-value]
         return self.headers.cached("cseq", _cseq)
 
     @property
@@ -194,14 +218,23 @@ class _Common:
 
     @property
     def top_via(self) -> Via:
+        cache = self.headers._cache
+        if cache is not None and "top_via" in cache:
+            return cache["top_via"]  # type: ignore[return-value]
         return self.headers.cached("top_via", _top_via)
 
     @property
     def from_(self) -> NameAddr:
+        cache = self.headers._cache
+        if cache is not None and "from" in cache:
+            return cache["from"]  # type: ignore[return-value]
         return self.headers.cached("from", _from)
 
     @property
     def to(self) -> NameAddr:
+        cache = self.headers._cache
+        if cache is not None and "to" in cache:
+            return cache["to"]  # type: ignore[return-value]
         return self.headers.cached("to", _to)
 
     @property

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sbc.sip.errors import LimitExceeded, MessageTooLarge, ParseError
-from sbc.sip.fields import parse_int_header
+from sbc.sip.fields import COMMON_METHODS, parse_int_header
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import SIP_VERSION, Request, Response
 from sbc.sip.uri import Uri, parse_uri
@@ -89,8 +89,7 @@ def _header_name(raw: str) -> tuple[str, str]:
 
 
 def _version(text: str) -> str:
-    if text == SIP_VERSION:
-        return text
+    """A version other than "SIP/2.0" (callers test for that first), checked."""
     if _VERSION_RE.fullmatch(text) is None:
         raise ParseError(f"bad SIP version {text!r}")
     return text.upper()
@@ -112,13 +111,19 @@ class _Head:
 
     def __init__(self, text: str, limits: ParseLimits = DEFAULT_LIMITS) -> None:
         # RFC 3261 §7: lines end in CRLF; a bare CR or LF is malformed (and an injection risk).
-        n_crlf = text.count("\r\n")
-        if text.count("\n") != n_crlf or text.count("\r") != n_crlf:
-            raise ParseError("bare CR or LF in the header block")
-        if n_crlf > limits.max_headers:
+        # Every string scan costs about a microsecond for a 1 KB head: one-character counts
+        # are the cheapest, and the lines split at CRLF are needed anyway.
+        n_lf = text.count("\n")
+        if n_lf > limits.max_headers:
             # Checked before any line is looked at: the cost of a refusal stays flat.
+            n_crlf = text.count("\r\n")
+            if n_lf != n_crlf or text.count("\r") != n_crlf:
+                raise ParseError("bare CR or LF in the header block")
             raise LimitExceeded(f"{n_crlf} header lines", limit="headers")
         lines = text.split("\r\n")
+        n_crlf = len(lines) - 1
+        if n_lf != n_crlf or text.count("\r") != n_crlf:
+            raise ParseError("bare CR or LF in the header block")
         start = lines[0]
         self.method: str = ""
         self.uri: Uri | None = None
@@ -130,7 +135,8 @@ class _Head:
             parts = start.split(" ", 2)
             if len(parts) < 2:
                 raise ParseError(f"bad status line {start!r}")
-            self.version = _version(parts[0])
+            version = parts[0]
+            self.version = version if version == SIP_VERSION else _version(version)
             code = parts[1]
             # RFC 3261 §21: status codes run from 100 to 699 (RFC 4475 §3.1.2.19).
             if len(code) != 3 or not (code.isascii() and code.isdigit()) or code[0] not in "123456":
@@ -146,13 +152,56 @@ class _Head:
             method, uri_text, version = parts
             if len(uri_text) > limits.max_uri_length:
                 raise LimitExceeded(f"Request-URI of {len(uri_text)} characters", limit="uri")
-            if _TOKEN_RE.fullmatch(method) is None:
+            if method not in COMMON_METHODS and _TOKEN_RE.fullmatch(method) is None:
                 raise ParseError(f"bad method in {start!r}")
             self.method = method
-            self.version = _version(version)
+            self.version = version if version == SIP_VERSION else _version(version)
             self.uri = _parse_request_uri(uri_text)
         items: list[tuple[str, str]] = []
         keys: list[str] = []
+        names = _NAME_CACHE
+        append, add_key = items.append, keys.append
+        try:
+            # Lines that continue a field (RFC 3261 §7.3.1) are rare: this loop does not look
+            # for them. Such a line starts with LWS, so it has no colon or a name that is not
+            # a token (never in the name cache): it raises, and the fields are read again by
+            # the loop that joins continuation lines.
+            for line in lines[1:]:
+                raw, colon, value = line.partition(":")
+                if not colon:
+                    raise ParseError(f"header line without colon: {line[:40]!r}")
+                name, key = names.get(raw) or _header_name(raw)
+                append((name, value.strip(" \t")))
+                add_key(key)
+        except ParseError:
+            if "\r\n " not in text and "\r\n\t" not in text:
+                raise
+            items.clear()
+            keys.clear()
+            self._folded_fields(lines, items, keys)
+        # Via entries are counted only when there may be more than one: commas separate
+        # entries; one inside a quoted Via parameter over-counts, which only matters for a
+        # message already at the limit.
+        n_via = keys.count("via")
+        if n_via:
+            first_via = items[keys.index("via")][1]
+            if n_via > 1 or "," in first_via or limits.max_via < 1:
+                vias = sum(1 + value.count(",") for name, value in items if name == "Via")
+                if vias > limits.max_via:
+                    raise LimitExceeded(f"{vias} Via entries", limit="via")
+        self.items = tuple(items)
+        # The lookup keys, so that the message's Headers need not lower-case every name again.
+        self.keys = tuple(keys)
+        n = keys.count("content-length")
+        if n == 1:
+            self.content_lengths = [items[keys.index("content-length")][1]]
+        else:
+            self.content_lengths = [value for name, value in items if name == "Content-Length"]
+
+    @staticmethod
+    def _folded_fields(lines: list[str], items: list[tuple[str, str]], keys: list[str]) -> None:
+        """The header fields of ``lines`` (after the start line) into ``items`` and ``keys``,
+        continuation lines joined to the field they continue."""
         names = _NAME_CACHE
         for line in lines[1:]:
             first = line[:1]
@@ -171,18 +220,6 @@ class _Head:
             name, key = names.get(raw) or _header_name(raw)
             items.append((name, value.strip(" \t")))
             keys.append(key)
-        # Via entries are at most the header lines plus the commas: when even that is within
-        # the limit (every ordinary message) nothing is counted per field.
-        if n_crlf + text.count(",") > limits.max_via:
-            # Commas separate entries; one inside a quoted Via parameter over-counts, which
-            # only matters for a message already at the limit.
-            vias = sum(1 + value.count(",") for name, value in items if name == "Via")
-            if vias > limits.max_via:
-                raise LimitExceeded(f"{vias} Via entries", limit="via")
-        self.items = tuple(items)
-        # The lookup keys, so that the message's Headers need not lower-case every name again.
-        self.keys = tuple(keys)
-        self.content_lengths = [value for name, value in items if name == "Content-Length"]
 
     def body_length(self) -> int | None:
         """The declared body length; None when no Content-Length was given.

@@ -147,7 +147,7 @@ def _to_and_text(value: str) -> tuple[NameAddr, str]:
 
 
 # RFC 3261 §8.2.6.2: copied from the request into every response, in this order.
-_COPIED = ("From", "To", "Call-ID", "CSeq")
+_COPIED = (("From", "from"), ("To", "to"), ("Call-ID", "call-id"), ("CSeq", "cseq"))
 
 
 def build_response(
@@ -167,12 +167,20 @@ def build_response(
     into dialog-creating responses, §12.1.1) and Contact are the TU's to add.
     """
     src = request.headers
-    items: list[tuple[str, str]] = [("Via", v) for v in src.get_all("Via")]
-    for name in _COPIED:
-        value = src.get(name)
-        if value is None:
+    # The fields are found through the index of lower-cased names directly: Headers.get per
+    # name costs two calls each, for every response sent.
+    keys = src._keys or src._lower_keys()
+    fields = src._items
+    n_via = keys.count("via")
+    if n_via == 1:
+        items: list[tuple[str, str]] = [("Via", fields[keys.index("via")][1])]
+    else:
+        items = [("Via", v) for v in src.get_all("Via")]
+    for name, key in _COPIED:
+        if key not in keys:
             continue
-        if name == "To" and to_tag is not None and status != 100 and request.to.tag is None:
+        value = fields[keys.index(key)][1]
+        if key == "to" and to_tag is not None and status != 100 and request.to.tag is None:
             # A To that has a tag (a request inside a dialog) is copied as it is: only the
             # To of a dialog-creating request, the same text call after call, is parsed here.
             to, text = _to_and_text(value)

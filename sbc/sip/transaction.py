@@ -185,8 +185,10 @@ def cancelled_key(cancel: Request) -> str:
 def _key(request: Request, method: str) -> str:
     via = request.top_via
     branch = via.branch
-    if _is_rfc3261_branch(branch):
-        return f"s|{branch}|{_sent_by(via)}|{method}"
+    if branch is not None and branch.startswith(BRANCH_COOKIE) and branch != BRANCH_COOKIE:
+        # _is_rfc3261_branch(branch) and _sent_by(via), inlined (every request received).
+        port = via.port
+        return f"s|{branch}|{via.host.lower()}:{port if port is not None else ''}|{method}"
     # §17.2.3: RFC 2543 fallback.
     return (
         f"s2543|{request.uri}|{request.from_tag}|{request.call_id}|{request.cseq.seq}|"
@@ -401,16 +403,19 @@ class TransactionLayer:
     def _receive_response(self, response: Response, source: object, now: float) -> None:
         tx = None
         # RFC 3261 §18.1.2: a response with more than one Via is not for us. One line without
-        # a comma is one Via (the usual case, no splitting needed).
-        lines = response.headers.get_all("Via")
-        if (len(lines) == 1 and "," not in lines[0]) or len(response.headers.values("Via")) == 1:
+        # a comma is one Via (the usual case, found by the header index without splitting).
+        headers = response.headers
+        keys = headers._keys or headers._lower_keys()
+        if (keys.count("via") == 1 and "," not in headers._items[keys.index("via")][1]) or len(
+            headers.values("Via")
+        ) == 1:
             try:
                 branch = response.top_via.branch
                 method = response.cseq.method
             except SipError:
                 branch = None
             if branch is not None:
-                tx = self._clients.get(client_key(branch, method))
+                tx = self._clients.get(f"c|{branch}|{method}")  # client_key(branch, method)
         if tx is None:
             self._events.append(StrayResponse(response, source))
             return

@@ -285,9 +285,13 @@ def uri_equal(a: Uri, b: Uri) -> bool:
 # -- name-addr / addr-spec (RFC 3261 §20.10, §25.1) -------------------------------------------
 
 
+# Tokens separated by single spaces: a display name written without quotes.
+_TOKEN_WORDS_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+(?: [A-Za-z0-9\-.!%*_+`'~]+)*")
+
+
 def _needs_quotes(display: str) -> bool:
-    words = display.split(" ")
-    return not all(is_token(w) for w in words)
+    # One regex for what splitting at spaces and checking each word for a token decides.
+    return _TOKEN_WORDS_RE.fullmatch(display) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +304,11 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
-        return get_param(self.params, "tag")
+        # get_param inlined: the To and From tags of every message are read through here.
+        for name, value in self.params:
+            if name == "tag" or name.lower() == "tag":
+                return value
+        return None
 
     def param(self, name: str) -> str | None:
         return get_param(self.params, name)
@@ -310,6 +318,13 @@ class NameAddr:
 
     def with_tag(self, tag: str) -> NameAddr:
         return self.with_param("tag", tag)
+
+    def tagged_text(self, tag: str) -> str:
+        """``str(self.with_tag(tag))``: a tag parameter that is absent is appended, so its
+        text is this address's text plus ``;tag=...``, without the tagged copy."""
+        if self.has_param("tag"):
+            return str(self.with_tag(tag))
+        return f"{self};tag={tag}"
 
     # Built directly rather than with dataclasses.replace, which costs several times more
     # (it walks the fields): From and To are retagged for every request and response.
@@ -329,7 +344,10 @@ class NameAddr:
                 head = self.display + " "
             else:
                 head = quote_string(self.display) + " "
-        return f"{head}<{self.uri}>{format_params(self.params)}"
+        params = self.params
+        if not params:
+            return f"{head}<{self.uri}>"
+        return f"{head}<{self.uri}>{format_params(params)}"
 
 
 def _display_and_rest(text: str) -> tuple[str | None, str]:

@@ -72,30 +72,32 @@ _READ = frozenset(
 )
 
 
-def _scan(headers: Headers) -> dict[str, list[str]]:
-    """The lines of the fields in ``_READ``, by name, in one pass over the fields."""
+_MANDATORY_SET = frozenset(_MANDATORY)
+_SINGLE_VALUE_SET = frozenset(_SINGLE_VALUE)
+
+
+def _scan(headers: Headers) -> tuple[dict[str, list[str]], bool]:
+    """The lines of the fields in ``_READ``, by name, in one pass over the fields, and
+    whether a single-value field may be repeated or hold a list (see _check_single_values)."""
     lines: dict[str, list[str]] = {}
+    suspect = False
     for name, value in headers.items():
         if name in _READ:
             seen = lines.get(name)
             if seen is None:
                 lines[name] = [value]
+                if "," in value and name in _SINGLE_ELEMENT:
+                    suspect = True
             else:
                 seen.append(value)
-    return lines
+                if name in _SINGLE_VALUE_SET:
+                    suspect = True
+    return lines, suspect
 
 
-def _check_common(
-    message: Request | Response, lines: dict[str, list[str]], error: type[SipError]
-) -> None:
-    """Fields shared by requests and responses; ParseError from the field parsers is 400.
-
-    ``lines`` is ``_scan(message.headers)``. The top Via, From, To and CSeq are read through
-    the message's accessors, which remember what they parsed for the layers after this one.
-    """
-    for name in _MANDATORY:
-        if name not in lines:
-            raise error(f"missing {name}")
+def _check_single_values(lines: dict[str, list[str]], error: type[SipError]) -> None:
+    """RFC 3261 §7.3.1: the fields of _SINGLE_VALUE appear once, those of _SINGLE_ELEMENT
+    hold one value. Only run when _scan saw a repeat or a comma: nothing fails otherwise."""
     for name in _SINGLE_VALUE:
         values = lines.get(name)
         if values is None:
@@ -104,6 +106,25 @@ def _check_common(
             raise error(f"several {name} header fields")
         if name in _SINGLE_ELEMENT and "," in values[0] and len(split_list(values[0])) > 1:
             raise error(f"several values in {name}")
+
+
+def _check_common(
+    message: Request | Response,
+    scanned: tuple[dict[str, list[str]], bool],
+    error: type[SipError],
+) -> None:
+    """Fields shared by requests and responses; ParseError from the field parsers is 400.
+
+    ``scanned`` is ``_scan(message.headers)``. The top Via, From, To and CSeq are read
+    through the message's accessors, which remember what they parsed for the layers after
+    this one.
+    """
+    lines, suspect = scanned
+    if not lines.keys() >= _MANDATORY_SET:
+        missing = [name for name in _MANDATORY if name not in lines]
+        raise error(f"missing {missing[0]}")
+    if suspect:
+        _check_single_values(lines, error)
     via_lines = lines["Via"]
     if len(via_lines) == 1 and "," not in via_lines[0]:
         if not via_lines[0].strip():
@@ -133,6 +154,24 @@ def _check_common(
 
 def _media_type(content_type: str) -> str:
     return content_type.partition(";")[0].strip(" \t").lower()
+
+
+# Content-Type texts found well-formed, with their media type: nearly every body a peer sends
+# is "application/sdp". Bounded so that hostile input cannot grow it forever.
+_MEDIA_TYPES: dict[str, str] = {}
+
+
+def _valid_media_type(content_type: str) -> str:
+    """The media type of a Content-Type value (lower-cased); BadRequest when malformed."""
+    known = _MEDIA_TYPES.get(content_type)
+    if known is not None:
+        return known
+    media_type = _media_type(content_type)
+    if "/" not in media_type or not all(is_token(p) for p in media_type.split("/")):
+        raise BadRequest(f"bad Content-Type {content_type!r}")
+    if len(_MEDIA_TYPES) < 256 and len(content_type) <= 128:
+        _MEDIA_TYPES[content_type] = media_type
+    return media_type
 
 
 def _accepts(accept_values: list[str], media_type: str) -> bool:
@@ -175,9 +214,10 @@ def validate_request(
     if req.version != SIP_VERSION:
         raise VersionNotSupported(f"SIP version {req.version} not supported")
     method = req.method
-    lines = _scan(headers)
+    scanned = _scan(headers)
+    lines = scanned[0]
     try:
-        _check_common(req, lines, BadRequest)
+        _check_common(req, scanned, BadRequest)
         max_forwards_lines = lines.get("Max-Forwards")
         if max_forwards_lines is None:
             if require_max_forwards:
@@ -252,11 +292,9 @@ def _check_content(req: Request, accept: frozenset[str]) -> None:
         # RFC 3261 §20.15: a body MUST come with its Content-Type.
         if content_type is None:
             raise BadRequest("body without Content-Type")
-        media_type = _media_type(content_type)
-        if "/" not in media_type or not all(is_token(p) for p in media_type.split("/")):
-            raise BadRequest(f"bad Content-Type {content_type!r}")
+        media_type = _valid_media_type(content_type)
         # RFC 3261 §8.2.3: unsupported body type is 415 with Accept.
-        if media_type not in {a.lower() for a in accept}:
+        if media_type not in accept and media_type not in {a.lower() for a in accept}:
             raise UnsupportedMediaType(
                 f"Content-Type {media_type} not accepted", headers=_accept_header(accept)
             )

@@ -41,3 +41,19 @@ def test_bridged_calls_leave_only_timed_transactions_then_nothing() -> None:
             layer.handle_timer(deadline)
         assert len(layer) == 0
         assert all(isinstance(e, TransactionTerminated) for e in layer.events())
+
+
+def test_sdp_phase_sends_sbcs_origin_and_the_offered_codecs() -> None:
+    bench = _bench()
+    offer = bench.sdp_offer(bench.sdp_3cx(7))
+    answer = bench.sdp_answer(bench.sdp_retell(7))
+    assert b"o=sbc 1804289383 1804289383 IN IP4 192.168.1.50\r\n" in offer
+    assert b"m=audio 7092 RTP/AVP 0 8 9 101\r\n" in offer
+    assert b"m=audio 30014 RTP/AVP 0 101\r\n" in answer
+    pbx, retell = TransactionLayer(), TransactionLayer()
+    plain = bench.one_call(1, bench.pbx_messages(1), bench.retell_responses(1), pbx, retell, 1.0)
+    with_sdp = bench.one_call(
+        2, bench.pbx_messages(2), bench.retell_responses(2), pbx, retell, 1.0, sdp=True
+    )
+    # The same messages; only the o= lines of the two bodies differ in length.
+    assert abs(with_sdp - plain) < 20
