@@ -723,7 +723,7 @@ def print_step(r: dict[str, Any]) -> None:
         f"{r['rss_mib_after']:.1f} MiB"
     )
     print(
-        f"  ramp {r['system']:5} {r['rate']:g}/s x {r['seconds']:g} s: {verdict}\n"
+        f"  ramp {label_of(r):5} {r['rate']:g}/s x {r['seconds']:g} s: {verdict}\n"
         f"    {print_counts(r)}\n"
         f"    placed {_num(r['placed_rate'], '.1f')}/s; {cpu}; "
         f"INVITE->200 mean {_ms(r['invite_200_ms_mean'])} p50 {_ms(r['invite_200_ms_p50'])} "
