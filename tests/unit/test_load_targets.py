@@ -58,7 +58,7 @@ def hold(calls: int, kib: float, passed: bool = True) -> dict[str, Any]:
 
 
 def relay(capacity: dict[str, int | None], steps: tuple[int, ...] = (500, 750)) -> dict[str, Any]:
-    return {"steps": list(steps), "capacity": capacity, "results": []}
+    return {"steps": list(steps), "capacity": capacity, "results": [], "quiet_busy": 25.0}
 
 
 def verdicts(load: ModuleType, **kwargs: Any) -> list[bool | None]:
@@ -184,3 +184,17 @@ def test_summary_reads_post_dial_at_the_step_run_at_exactly_half(load: ModuleTyp
     assert (exact["half_rate"], exact["half_rate_exact"]) == (300, True)
     assert exact["half_post_dial_ms_p99"] == 2.0
     assert (exact["max_rate"], exact["first_failed_rate"], exact["sbc_out"]) == (600, 800, "tcp")
+
+
+def test_relay_figures_say_when_the_machine_was_busy(load: ModuleType) -> None:
+    phase = relay({"relay": 500, "rtpengine": 750}, steps=(500,))
+    phase["results"] = [
+        {"backend": "direct", "calls": 500, "background": 10.0},
+        {"backend": "relay", "calls": 500, "background": 20.0, "lost": 0, "added_p99_us": 60.0},
+    ]
+    figures = [t["figure"] for t in load.relay_targets(phase)]
+    assert figures[0] == "holds 500 calls; 500: lost 0, p99 added 60 us"
+    assert "busy" not in figures[1]
+    phase["results"][0]["background"] = 180.0
+    figures = [t["figure"] for t in load.relay_targets(phase)]
+    assert all(f.endswith("(machine busy before a run: 180 % of a core)") for f in figures)
