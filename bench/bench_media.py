@@ -112,11 +112,12 @@ QUIET_BUSY = 25.0  # % of one core: the box counts as quiet below this
 QUIET_WAIT = 30.0  # seconds to wait for a quiet box before a run (then it runs anyway)
 
 
-def background_load(window: float = 0.5) -> float:
+def background_load(window: float = 0.5, wait: float | None = None) -> float:
     """Busy % (100 = one core) of the whole machine while this benchmark sends nothing: what
-    other processes take from the box. Waits (QUIET_WAIT at most) for a quiet window, so that
-    runs on a shared machine start when the others are idle; returns the last window's load."""
-    deadline = time.monotonic() + QUIET_WAIT
+    other processes take from the box. Waits (``wait`` s, QUIET_WAIT by default, at most) for a
+    quiet window, so that runs on a shared machine start when the others are idle; returns the
+    last window's load."""
+    deadline = time.monotonic() + (QUIET_WAIT if wait is None else wait)
     while True:
         busy0, total0 = busy_cores()
         time.sleep(window)
@@ -515,17 +516,19 @@ def merge(backend: str, calls: int, results: list[dict[str, Any]]) -> StepResult
     return out
 
 
-def run_direct(gen: Generator, n: int, seconds: float) -> StepResult:
+def run_direct(gen: Generator, n: int, seconds: float, quiet_wait: float | None = None
+               ) -> StepResult:  # fmt: skip
     """Baseline: each end sends straight to the other end's socket."""
     counts = gen.split(n)
     targets = [[(addr[1], addr[0])] * counts[i] for i, addr in enumerate(gen.addresses)]
-    background = background_load()
+    background = background_load(wait=quiet_wait)
     out = merge("direct", n, gen.run(targets, seconds, 1_000_000))
     out.background = background
     return out
 
 
-def run_through(gen: Generator, under: Any, n: int, seconds: float, step: int) -> StepResult:
+def run_through(gen: Generator, under: Any, n: int, seconds: float, step: int,
+                quiet_wait: float | None = None) -> StepResult:  # fmt: skip
     counts = gen.split(n)
     targets: list[list[Any]] = []
     for w, (pbx_addr, retell_addr) in enumerate(gen.addresses):
@@ -541,7 +544,7 @@ def run_through(gen: Generator, under: Any, n: int, seconds: float, step: int) -
     # CPU of the process under test while traffic flows (it is idle before and after, so the
     # delta over the run divided by the traffic seconds is its load). Per process, not from
     # /proc/stat: machine-wide figures under-count such loads several times.
-    background = background_load()
+    background = background_load(wait=quiet_wait)
     cpu0 = cpu_seconds(under.pid)
     results = gen.run(targets, seconds, 1_000_000)
     cpu1 = cpu_seconds(under.pid)
@@ -582,6 +585,80 @@ def machine() -> dict[str, Any]:
     }
 
 
+ADDED_P99_LIMIT_US = 1000.0  # the media issue's latency criterion: p99 added under 1 ms
+
+
+@dataclass
+class MediaRun:
+    """Every step of one measurement, the direct baselines by N, and per backend the most calls
+    held with zero loss (``zero_loss``) and also with p99 added under 1 ms
+    (``zero_loss_p99_added_under_1ms``: its capacity by the media issue's criterion)."""
+
+    results: list[StepResult]
+    directs: dict[int, StepResult]
+    held: dict[str, dict[str, int | None]]
+
+    def added_p99_us(self, r: StepResult) -> float:
+        return r.p99_us - self.directs[r.calls].p99_us
+
+
+def measure(
+    steps: list[int],
+    seconds: float,
+    backends: list[str],
+    *,
+    workers: int = 1,
+    relay_loop: str = "uvloop",
+    quiet_wait: float | None = None,
+    rtpengine_log: Path = Path("/tmp/bench-rtpengine.log"),
+) -> MediaRun:
+    """Run the steps (baseline, then each backend, per N), printing a line per run. Shared with
+    bench/load.py's relay phase."""
+    ctx = mp.get_context("spawn")
+    gen = Generator(ctx, workers)
+    directs: dict[int, StepResult] = {}
+    results: list[StepResult] = []
+    live: dict[str, Any] = {}
+    try:
+        for name in backends:
+            if name == "relay":
+                live[name] = RelayUnderTest(ctx, max(steps), relay_loop == "uvloop")
+            else:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                    probe.bind((RTPENGINE_HOST, 0))  # a free port outside the RTP range
+                    ng_port = probe.getsockname()[1]
+                live[name] = RtpengineUnderTest(max(steps), ng_port, rtpengine_log)
+            print(f"{name}: {live[name].loop_name}, pid {live[name].pid}", flush=True)
+        # Each step runs the baseline and every backend back to back, so that all of them see
+        # the same background load of the machine.
+        for step, n in enumerate(steps):
+            if not live:
+                break
+            directs[n] = run_direct(gen, n, seconds, quiet_wait)
+            results.append(directs[n])
+            print(fmt(directs[n], None), flush=True)
+            for name, under in list(live.items()):
+                r = run_through(gen, under, n, seconds, step, quiet_wait)
+                results.append(r)
+                print(fmt(r, directs[n]), f"counters: {r.relay_counters}", flush=True)
+                if r.lost or r.p99_us > 100_000:
+                    # Losing packets, or queues growing: the next step would too.
+                    live.pop(name).stop()
+    finally:
+        for under in live.values():
+            under.stop()
+        gen.stop()
+    held: dict[str, dict[str, int | None]] = {}
+    for name in backends:
+        zero_loss = [r for r in results if r.backend == name and r.lost == 0]
+        fast = [r for r in zero_loss if r.p99_us - directs[r.calls].p99_us < ADDED_P99_LIMIT_US]
+        held[name] = {
+            "zero_loss": max((r.calls for r in zero_loss), default=None),
+            "zero_loss_p99_added_under_1ms": max((r.calls for r in fast), default=None),
+        }
+    return MediaRun(results, directs, held)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="100,200,300,500,750,1000")
@@ -595,61 +672,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
     backends = args.backends.split(",")
-    ctx = mp.get_context("spawn")
     info = machine()
     print(f"machine: {info}", flush=True)
-    gen = Generator(ctx, args.workers)
-    directs: dict[int, StepResult] = {}
-    results: list[StepResult] = []
-    live: dict[str, Any] = {}
-    try:
-        for name in backends:
-            if name == "relay":
-                live[name] = RelayUnderTest(ctx, max(steps), args.relay_loop == "uvloop")
-            else:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                    probe.bind((RTPENGINE_HOST, 0))  # a free port outside the RTP range
-                    ng_port = probe.getsockname()[1]
-                live[name] = RtpengineUnderTest(
-                    max(steps), ng_port, Path("/tmp/bench-rtpengine.log")
-                )
-            print(f"{name}: {live[name].loop_name}, pid {live[name].pid}", flush=True)
-        # Each step runs the baseline and every backend back to back, so that all of them see
-        # the same background load of the machine.
-        for step, n in enumerate(steps):
-            if not live:
-                break
-            directs[n] = run_direct(gen, n, args.seconds)
-            results.append(directs[n])
-            print(fmt(directs[n], None), flush=True)
-            for name, under in list(live.items()):
-                r = run_through(gen, under, n, args.seconds, step)
-                results.append(r)
-                print(fmt(r, directs[n]), f"counters: {r.relay_counters}", flush=True)
-                if r.lost or r.p99_us > 100_000:
-                    # Losing packets, or queues growing: the next step would too.
-                    live.pop(name).stop()
-    finally:
-        for under in live.values():
-            under.stop()
-        gen.stop()
-    summary: dict[str, Any] = {}
-    for name in backends:
-        held = [r for r in results if r.backend == name and r.lost == 0]
-        fast = [r for r in held if r.p99_us - directs[r.calls].p99_us < 1000]
-        summary[name] = {
-            "zero_loss": max((r.calls for r in held), default=None),
-            "zero_loss_p99_added_under_1ms": max((r.calls for r in fast), default=None),
-        }
-    print(f"max calls held: {summary}", flush=True)
+    run = measure(steps, args.seconds, backends, workers=args.workers, relay_loop=args.relay_loop)
+    print(f"max calls held: {run.held}", flush=True)
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
                     "machine": info,
                     "args": vars(args) | {"json": str(args.json)},
-                    "results": [r.__dict__ | {"lost": r.lost} for r in results],
-                    "held": summary,
+                    "results": [r.__dict__ | {"lost": r.lost} for r in run.results],
+                    "held": run.held,
                 },
                 indent=1,
             )

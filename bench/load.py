@@ -6,6 +6,8 @@ Run from the repository root (``sipp`` from Debian ``sip-tester``; ``b2bua_simpl
     python bench/load.py                       # the full run, both B2BUAs (about 20-25 minutes)
     python bench/load.py --quick --systems sbc # smoke run: a few calls per phase
     python bench/load.py --phases ramp --rates 100,200,400 --step-seconds 30 --json FILE
+    python bench/load.py --systems sbc --sbc-out tcp,udp --phases ramp  # both transports out
+    python bench/load.py --phases relay        # the media relay targets only (rtpengine too)
 
 Each B2BUA sits between SIPp as 3CX and SIPp as Retell, each on a loopback address of its own
 (3CX 127.0.0.81, the B2BUA 127.0.0.82, Retell 127.0.0.83), with the scenarios of
@@ -25,8 +27,9 @@ concurrency, ``pbx_caller_long.xml`` (held ``-d`` ms); the far end is ``retell_a
 ends report it successful: the caller checks the CSeq of both 200s, the answerer waits for the
 BYE the B2BUA relays.
 
-Three phases, each B2BUA started afresh for each step (so figures do not carry over), and the
-B2BUAs alternated step by step in one run (the machine's drift hits both alike):
+Four phases (the first three load SIP), each B2BUA started afresh for each step (so figures do
+not carry over), and the B2BUAs alternated step by step in one run (the machine's drift hits
+both alike):
 
 1. ``ramp``: after ``--warmup`` calls, ``--rates`` one after the other, each offered for
    ``--step-seconds`` (30 s) of short calls. A step passes when: both SIPp ends exit 0 with
@@ -52,11 +55,25 @@ B2BUAs alternated step by step in one run (the machine's drift hits both alike):
    timers: Timer J is 64 x T1 = 32 s), and ``--linger`` s later (40 s: every timer expired).
    Memory retained per completed call = (RSS after - idle) / calls; after the linger, RSS
    against idle.
+4. ``relay``: bench/bench_media.py's measurement (``bench_media.measure``), in this script's
+   interpreter: per ``--relay-steps`` N (500,750), N concurrent G.711-shaped calls (50 RTP
+   packets/s each way) for ``--relay-seconds`` (10) straight between the generator's ends (the
+   baseline), then through sbc's relay (``RelayBackend``, a process of its own) and rtpengine
+   (userspace, ``--table=-1``). A backend's capacity: the most calls it relayed with zero loss
+   and p99 latency added over the baseline under 1 ms.
 
-Prints one line per step and a summary with the ratios sbc/Sippy; ``--json FILE`` writes every
-figure. Exit status 0 when every B2BUA passed at least one ramp step and its hold and memory
-calls all succeeded; 1 otherwise (logs are then kept in the work directory). Loopback only,
-bounded: each SIPp end has a time limit, and every process this script starts is killed with it.
+With ``--sbc-out tcp,udp`` the ramp runs sbc both ways (columns "sbc" and "sbc-udp"); hold and
+memory use the first. After the ramp, sbc (TCP out) runs once more at half its highest passed
+rate when no step had that rate (``--no-half-rate``: not), with its baseline: the post-dial
+target is read there.
+
+Prints one line per step and a summary with the ratios sbc/Sippy, then the targets table: each
+target of issue 12 (and the media issue's relay targets) with this run's figure and PASS, FAIL
+or "not run"; ``--json FILE`` writes every figure (``targets``, ``relay`` included). Exit
+status 0 when every B2BUA passed at least one ramp step and its hold and memory calls all
+succeeded (the targets do not count: they are figures to read); 1 otherwise (logs are then kept
+in the work directory). Loopback only, bounded: each SIPp end has a time limit, and every
+process this script starts is killed with it.
 """
 
 from __future__ import annotations
@@ -73,7 +90,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -643,6 +660,40 @@ def memory_phase(system: str, calls: int, rate: float, linger: float, options: O
     return result
 
 
+def relay_phase(steps: list[int], seconds: float, backends: list[str], workers: int,
+                quiet_wait: float, workdir: Path) -> dict[str, Any]:  # fmt: skip
+    """bench/bench_media.py's measurement in this run: per N of ``steps``, G.711-shaped RTP
+    (50 packets/s each way per call) straight between the generator's ends (the baseline),
+    then through each backend ("relay": sbc's RelayBackend in a process of its own;
+    "rtpengine": userspace forwarding), ``seconds`` each. It runs in this script's interpreter
+    with this repository's sbc (not --python)."""
+    import bench_media  # here, not at the top: only this phase needs sbc importable
+
+    run = bench_media.measure(
+        steps, seconds, backends, workers=workers, quiet_wait=quiet_wait,
+        rtpengine_log=workdir / "rtpengine.log",
+    )  # fmt: skip
+    results = []
+    for r in run.results:
+        row = dict(r.__dict__, lost=r.lost, added_p50_us=None, added_p99_us=None)
+        if r.backend != "direct":
+            row["added_p50_us"] = r.p50_us - run.directs[r.calls].p50_us
+            row["added_p99_us"] = run.added_p99_us(r)
+        results.append(row)
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "backends": backends,
+        "results": results,
+        "held": run.held,
+        "quiet_busy": bench_media.QUIET_BUSY,  # % of one core: a quiet machine before a run
+        # The most calls relayed with zero loss and p99 added under 1 ms, per backend.
+        "capacity": {
+            name: held["zero_loss_p99_added_under_1ms"] for name, held in run.held.items()
+        },
+    }
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -673,7 +724,7 @@ def print_step(r: dict[str, Any]) -> None:
         f"{r['rss_mib_after']:.1f} MiB"
     )
     print(
-        f"  ramp {r['system']:5} {r['rate']:g}/s x {r['seconds']:g} s: {verdict}\n"
+        f"  ramp {label_of(r):5} {r['rate']:g}/s x {r['seconds']:g} s: {verdict}\n"
         f"    {print_counts(r)}\n"
         f"    placed {_num(r['placed_rate'], '.1f')}/s; {cpu}; "
         f"INVITE->200 mean {_ms(r['invite_200_ms_mean'])} p50 {_ms(r['invite_200_ms_p50'])} "
@@ -712,14 +763,23 @@ def print_memory(r: dict[str, Any]) -> None:
     )
 
 
+def label_of(step: dict[str, Any]) -> str:
+    return str(step.get("label", step["system"]))
+
+
 def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | None,
               memory: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    mine = [s for s in steps if s["system"] == system]
+    """The figures of one ramped B2BUA (``system`` is its label: "sbc", "sippy", or "sbc-udp"
+    for a second --sbc-out) and of its hold and memory phases."""
+    mine = [s for s in steps if label_of(s) == system]
     passed = [s for s in mine if s["passed"]]
     best = max(passed, key=lambda s: s["rate"]) if passed else None
     half = None
     if best is not None:
-        half = min(passed, key=lambda s: abs(s["rate"] - best["rate"] / 2))
+        # The step run at exactly half the highest rate (main() adds it when the ramp had
+        # none), else the passed step nearest to it.
+        exact = [s for s in mine if s["rate"] == best["rate"] / 2]
+        half = exact[0] if exact else min(passed, key=lambda s: abs(s["rate"] - best["rate"] / 2))
 
     def baseline(step: dict[str, Any] | None, key: str) -> float | None:
         """The same step's post-dial percentile minus SIPp-to-SIPp's at the same rate."""
@@ -732,6 +792,7 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
 
     return {
         "system": system,
+        "sbc_out": mine[0].get("sbc_out") if mine else None,
         "steps": len(mine),
         "max_rate": best["rate"] if best else None,
         # None when every step passed: the ramp ran out of rates, the ceiling is higher.
@@ -743,6 +804,7 @@ def summarise(system: str, steps: list[dict[str, Any]], hold: dict[str, Any] | N
         "post_dial_added_ms_p50": baseline(best, "post_dial_ms_p50"),
         "post_dial_added_ms_p99": baseline(best, "post_dial_ms_p99"),
         "half_rate": half["rate"] if half else None,
+        "half_rate_exact": bool(half and best and half["rate"] == best["rate"] / 2),
         "half_post_dial_ms_p50": half["post_dial_ms_p50"] if half else None,
         "half_post_dial_ms_p99": half["post_dial_ms_p99"] if half else None,
         "half_post_dial_added_ms_p50": baseline(half, "post_dial_ms_p50"),
@@ -779,23 +841,196 @@ SUMMARY_ROWS = (
 )
 
 
+def print_relay(relay: dict[str, Any]) -> None:
+    print(
+        f"  relay {','.join(relay['backends'])} at {','.join(map(str, relay['steps']))} calls, "
+        f"{relay['seconds']:g} s each: calls held with zero loss and p99 added under 1 ms: "
+        + ", ".join(f"{name} {_num(n, '.0f')}" for name, n in relay["capacity"].items()),
+        flush=True,
+    )
+
+
 def print_summary(summaries: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     systems = list(summaries)
     ratios: dict[str, float | None] = {}
+    compare = all(s in systems for s in SYSTEMS)
     header = "| figure | " + " | ".join(systems)
-    if systems == list(SYSTEMS):
+    if compare:
         header += " | sbc/Sippy"
     print("\n" + header + " |")
-    print("|---" * (len(systems) + 1 + (systems == list(SYSTEMS))) + "|")
+    print("|---" * (len(systems) + 1 + compare) + "|")
     for key, label, spec in SUMMARY_ROWS:
         values = [summaries[s][key] for s in systems]
         row = f"| {label} | " + " | ".join(_num(v, spec) for v in values)
-        if systems == list(SYSTEMS):
-            a, b = values
+        if compare:
+            a, b = summaries["sbc"][key], summaries["sippy"][key]
             ratios[key] = a / b if a is not None and b else None
             row += f" | {_num(ratios[key], '.3f')}"
         print(row + " |")
     return ratios
+
+
+# --------------------------------------------------------------------------- targets (issue 12)
+
+TARGET_RATE = 1000.0  # calls/s sustained, UDP in -> TCP out
+TARGET_CPU_MS = 0.9  # sbc CPU per call at that rate
+TARGET_POST_DIAL_P99_MS = 5.0  # added by sbc, at half the highest rate
+TARGET_RETAINED_KIB = 8.0  # per completed call while its timers run
+TARGET_LINGER_OVER_IDLE = 1.05  # RSS once the timers expired
+TARGET_HELD_CALLS = 20_000
+TARGET_HELD_KIB = 16.0  # RSS per held call, under
+TARGET_RELAY_CALLS = 500  # G.711 calls relayed with zero loss and p99 added under 1 ms
+TARGET_RELAY_SHARE = 0.5  # of rtpengine's userspace capacity, by the same criterion
+
+
+def _target(name: str, figure: str, passed: bool | None) -> dict[str, Any]:
+    """``passed`` None: not measured in this run (phase not run, or nothing to compare)."""
+    return {"target": name, "figure": figure, "passed": passed}
+
+
+def targets(
+    summaries: dict[str, dict[str, Any]],
+    holds: dict[str, dict[str, Any]],
+    memories: dict[str, dict[str, Any]],
+    relay: dict[str, Any] | None,
+    baseline: bool,
+    sbc_in: str,
+) -> list[dict[str, Any]]:
+    """Every target of issue 12 (and of the media issue, for the relay) with this run's figure.
+    The rate, CPU and post-dial rows read sbc with TCP out (as deployed), hold and memory the
+    first --sbc-out."""
+    found: list[dict[str, Any]] = []
+    by_out = {s["sbc_out"]: s for k, s in summaries.items() if k.startswith("sbc") and s["steps"]}
+    tcp = by_out.get("tcp")
+    rate_name = f"rate >= {TARGET_RATE:,.0f} calls/s ({sbc_in.upper()} in -> TCP out)"
+    cpu_name = f"CPU per call <= {TARGET_CPU_MS} ms at that rate"
+    pdd_name = f"post-dial p99 added < {TARGET_POST_DIAL_P99_MS:g} ms at half that rate"
+    if tcp is None:
+        for name in (rate_name, cpu_name, pdd_name):
+            found.append(_target(name, "ramp with TCP out not run", None))
+    else:
+        rate = tcp["max_rate"]
+        figure = f"{_num(rate, '.0f')} calls/s"
+        if rate is not None and tcp["first_failed_rate"] is None:
+            figure += " (every step passed: the ceiling is higher)"
+        found.append(_target(rate_name, figure, rate is not None and rate >= TARGET_RATE))
+        cpu = tcp["cpu_ms_per_call"]
+        found.append(
+            _target(
+                cpu_name,
+                f"{_num(cpu, '.3f')} ms at {_num(rate, '.0f')}/s",
+                cpu is not None
+                and rate is not None
+                and rate >= TARGET_RATE
+                and cpu <= TARGET_CPU_MS,
+            )
+        )
+        p99 = tcp["half_post_dial_added_ms_p99" if baseline else "half_post_dial_ms_p99"]
+        how = "minus SIPp to SIPp" if baseline else "no baseline: SIPp's own delay included"
+        found.append(
+            _target(
+                pdd_name,
+                f"{_num(p99, '.3f')} ms at {_num(tcp['half_rate'], '.0f')}/s ({how})",
+                None if p99 is None else p99 < TARGET_POST_DIAL_P99_MS,
+            )
+        )
+    found += memory_targets(memories.get("sbc"), holds.get("sbc"))
+    udp = by_out.get("udp")
+    name = "UDP -> UDP rate no lower than UDP -> TCP"
+    if tcp is None or udp is None:
+        found.append(_target(name, "needs --sbc-out tcp,udp", None))
+    else:
+        a, b = udp["max_rate"], tcp["max_rate"]
+        passed = a is not None and (b is None or a >= b)
+        found.append(_target(name, f"{_num(a, '.0f')} vs {_num(b, '.0f')} calls/s", passed))
+    found += relay_targets(relay)
+    return found
+
+
+def memory_targets(memory: dict[str, Any] | None, hold: dict[str, Any] | None
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+    found = []
+    retained_name = f"retained per completed call <= {TARGET_RETAINED_KIB:g} KiB (timers running)"
+    linger_name = f"RSS back to idle + {100 * (TARGET_LINGER_OVER_IDLE - 1):.0f} % after the timers"
+    if memory is None:
+        found.append(_target(retained_name, "memory phase not run", None))
+        found.append(_target(linger_name, "memory phase not run", None))
+    else:
+        retained = memory["rss_kib_retained_per_call"]
+        figure = f"{retained:.2f} KiB ({memory['calls']} calls"
+        figure += ")" if memory["passed"] else ", some FAILED)"
+        passed = bool(memory["passed"] and retained <= TARGET_RETAINED_KIB)
+        found.append(_target(retained_name, figure, passed))
+        over = memory["rss_after_linger_over_idle"]
+        if over is None:
+            found.append(_target(linger_name, "no linger", None))
+        else:
+            figure = f"{over:.3f} x idle, {memory['linger_s']:g} s after the calls"
+            passed = bool(memory["passed"] and over <= TARGET_LINGER_OVER_IDLE)
+            found.append(_target(linger_name, figure, passed))
+    name = f"held calls >= {TARGET_HELD_CALLS:,}, < {TARGET_HELD_KIB:g} KiB RSS each, none failed"
+    if hold is None:
+        found.append(_target(name, "hold phase not run", None))
+    else:
+        kib = hold["rss_kib_per_held_call"]
+        figure = f"{hold['calls']:,} held, {kib:.2f} KiB each"
+        figure += ", none failed" if hold["passed"] else ", FAILED"
+        passed = bool(
+            hold["passed"] and hold["calls"] >= TARGET_HELD_CALLS and kib < TARGET_HELD_KIB
+        )
+        found.append(_target(name, figure, passed))
+    return found
+
+
+def relay_targets(relay: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The media issue's two targets from the relay phase: capacity = the most calls relayed
+    with zero loss and p99 added (over the direct path) under 1 ms."""
+    first = f"relay: {TARGET_RELAY_CALLS} calls, zero loss, p99 added < 1 ms"
+    second = f"relay capacity >= {TARGET_RELAY_SHARE:g} x rtpengine's (same criterion)"
+    if relay is None:
+        return [
+            _target(first, "relay phase not run", None),
+            _target(second, "relay phase not run", None),
+        ]
+    cap = relay["capacity"]
+    # bench_media waits for a quiet machine before each run but runs anyway after the wait:
+    # say so, as other jobs' load shows up as added latency.
+    busy = max((r["background"] for r in relay["results"]), default=0.0)
+    quiet = busy <= relay["quiet_busy"]
+    note = "" if quiet else f" (machine busy before a run: {busy:.0f} % of a core)"
+    found = []
+    if "relay" not in cap:
+        found.append(_target(first, "relay backend not run", None))
+    else:
+        figure = (
+            f"holds {_num(cap['relay'], '.0f')} calls"
+            + "".join(
+                f"; {r['calls']}: lost {r['lost']}, p99 added {r['added_p99_us']:.0f} us"
+                for r in relay["results"]
+                if r["backend"] == "relay"
+            )
+            + note
+        )
+        passed = cap["relay"] is not None and cap["relay"] >= TARGET_RELAY_CALLS
+        found.append(_target(first, figure, passed))
+    if "relay" not in cap or "rtpengine" not in cap:
+        found.append(_target(second, "needs --relay-backends relay,rtpengine", None))
+    else:
+        mine, theirs = cap["relay"], cap["rtpengine"]
+        figure = f"relay {_num(mine, '.0f')} vs rtpengine {_num(theirs, '.0f')} calls"
+        if theirs is not None and theirs == max(relay["steps"]):
+            figure += " (rtpengine held every step: its ceiling may be higher)"
+        figure += note
+        passed = mine is not None and (theirs is None or mine >= TARGET_RELAY_SHARE * theirs)
+        found.append(_target(second, figure, passed))
+    return found
+
+
+def print_targets(found: list[dict[str, Any]]) -> None:
+    print("\n| target | this run | result |\n|---|---|---|")
+    for t in found:
+        verdict = "not run" if t["passed"] is None else "PASS" if t["passed"] else "FAIL"
+        print(f"| {t['target']} | {t['figure']} | {verdict} |")
 
 
 # --------------------------------------------------------------------------- main
@@ -818,7 +1053,7 @@ def systems_list(text: str) -> list[str]:
     return [s for s in SYSTEMS if s in chosen]
 
 
-PHASES = ("ramp", "hold", "memory")
+PHASES = ("ramp", "hold", "memory", "relay")
 
 
 def phases_list(text: str) -> list[str]:
@@ -828,6 +1063,23 @@ def phases_list(text: str) -> list[str]:
     return [p for p in PHASES if p in chosen]
 
 
+def outs_list(text: str) -> list[str]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    if not chosen or any(part not in ("tcp", "udp") for part in chosen):
+        raise argparse.ArgumentTypeError("tcp, udp or both (tcp,udp), comma-separated")
+    return list(dict.fromkeys(chosen))
+
+
+def counts_list(text: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not counts or counts[0] <= 0:
+        raise argparse.ArgumentTypeError("positive call counts, comma-separated")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -835,10 +1087,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--systems", type=systems_list, default=list(SYSTEMS),
                         help="B2BUAs to load: sbc,sippy (both)")  # fmt: skip
     parser.add_argument("--phases", type=phases_list, default=list(PHASES),
-                        help="ramp,hold,memory (all)")  # fmt: skip
+                        help="ramp,hold,memory,relay (all)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 10 calls/s for 2 s, 40 held calls, 30 for memory, "
-                             "no linger, 2 warm-up calls (explicit options still win)")  # fmt: skip
+                             "no linger, 2 warm-up calls, 20 relayed calls for 1 s "
+                             "(explicit options still win)")  # fmt: skip
     parser.add_argument("--rates", type=rates_list, help=f"ramp steps, calls/s ({DEFAULT_RATES})")
     parser.add_argument("--step-seconds", type=float, help="seconds per ramp step (30)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction,
@@ -854,8 +1107,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="unmeasured calls at each start (20)")
     parser.add_argument("--sbc-in", choices=("udp", "tcp"), default="udp",
                         help="3CX -> sbc transport (udp)")  # fmt: skip
-    parser.add_argument("--sbc-out", choices=("tcp", "udp"), default="tcp",
-                        help="sbc -> Retell transport (tcp, as deployed)")  # fmt: skip
+    parser.add_argument("--sbc-out", type=outs_list, default=["tcp"],
+                        help="sbc -> Retell transport (tcp, as deployed); tcp,udp ramps both "
+                             "(hold and memory use the first)")  # fmt: skip
+    parser.add_argument("--half-rate", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the ramp, run sbc (TCP out) at half its highest rate when "
+                             "no step had that rate: the post-dial target's rate (on)")  # fmt: skip
+    parser.add_argument("--relay-steps", type=counts_list,
+                        help="relay phase: concurrent calls per step (500,750)")  # fmt: skip
+    parser.add_argument("--relay-seconds", type=float, help="relay phase: s per run (10)")
+    parser.add_argument("--relay-backends", default="relay,rtpengine",
+                        help="relay phase: relay,rtpengine (both)")  # fmt: skip
+    parser.add_argument("--relay-workers", type=int, default=1,
+                        help="relay phase: load generator processes (1)")  # fmt: skip
+    parser.add_argument("--relay-quiet-wait", type=float,
+                        help="relay phase: s to wait for a quiet machine before each run "
+                             "(30; 0 with --quick)")  # fmt: skip
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter running sbc")
@@ -870,11 +1137,13 @@ def apply_defaults(args: argparse.Namespace) -> None:
         "rates": [10.0], "step_seconds": 2.0, "hold_calls": 40, "hold_rate": 40.0,
         "hold_margin": 4.0,
         "memory_calls": 30, "memory_rate": 30.0, "linger": 0.0, "warmup": 2, "baseline": False,
+        "relay_steps": [20], "relay_seconds": 1.0, "relay_quiet_wait": 0.0,
     }  # fmt: skip
     full = {
         "rates": rates_list(DEFAULT_RATES), "step_seconds": 30.0, "hold_calls": 20_000,
         "hold_rate": 250.0, "hold_margin": 20.0, "memory_calls": 3000, "memory_rate": 100.0,
         "linger": 40.0, "warmup": 20, "baseline": True,
+        "relay_steps": [500, 750], "relay_seconds": 10.0, "relay_quiet_wait": 30.0,
     }  # fmt: skip
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -896,6 +1165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--step-seconds, --hold-calls and --memory-calls must be positive")
     if args.hold_rate <= 0 or args.memory_rate <= 0 or args.linger < 0 or args.warmup < 0:
         parser.error("rates must be positive, --linger and --warmup not negative")
+    relay_backends = [part.strip() for part in args.relay_backends.split(",") if part.strip()]
+    if not relay_backends or any(b not in ("relay", "rtpengine") for b in relay_backends):
+        parser.error("--relay-backends: relay, rtpengine or both")
+    if args.relay_seconds <= 0 or args.relay_workers <= 0 or args.relay_quiet_wait < 0:
+        parser.error(
+            "--relay-seconds and --relay-workers positive, --relay-quiet-wait not negative"
+        )
+    if "relay" in args.phases and "rtpengine" in relay_backends and not shutil.which("rtpengine"):
+        raise SystemExit(
+            "rtpengine not found (Debian rtpengine-daemon): install it, or --relay-backends relay"
+        )
     sipp_binary()
     for scenario in ("pbx_registrar.xml", "pbx_caller_short.xml", "pbx_caller_long.xml",
                      "retell_answerer.xml"):  # fmt: skip
@@ -912,7 +1192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repo=REPO,
         sippy=sippy,
         sbc_in="t1" if args.sbc_in == "tcp" else "u1",
-        sbc_out=args.sbc_out,
+        sbc_out=args.sbc_out[0],
         log_level=args.log_level,
         warmup=args.warmup,
     )
@@ -926,30 +1206,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps: list[dict[str, Any]] = []
     holds: dict[str, dict[str, Any]] = {}
     memories: dict[str, dict[str, Any]] = {}
+    relay: dict[str, Any] | None = None
+    # The ramped B2BUAs by label: sbc with the first --sbc-out is "sbc" (hold and memory use
+    # it too), with a second one "sbc-udp" or "sbc-tcp".
+    variants: dict[str, tuple[str, Options]] = {}
+    for system in args.systems:
+        if system != "sbc":
+            variants[system] = (system, options)
+            continue
+        for i, out in enumerate(args.sbc_out):
+            variants["sbc" if i == 0 else f"sbc-{out}"] = ("sbc", replace(options, sbc_out=out))
     try:
         module = imported_from(options.python, REPO, workdir)
         info = machine()
         print(
             f"{info['time_utc']} UTC, {info['nproc']} CPUs, Python {info['python']}, "
             f"{info['sipp']}, load {' '.join(info['load_average'])}; sbc "
-            f"{describe_checkout(REPO)} ({module}), in {args.sbc_in} out {args.sbc_out}, log "
-            f"{args.log_level}; Sippy {sippy or '-'}; work dir {workdir}",
+            f"{describe_checkout(REPO)} ({module}), in {args.sbc_in} out "
+            f"{','.join(args.sbc_out)}, log {args.log_level}; Sippy {sippy or '-'}; "
+            f"work dir {workdir}",
             flush=True,
         )
         counter = iter(range(1, 10_000))
+
+        def step(label: str, rate: float) -> dict[str, Any]:
+            system, chosen = variants.get(label, (label, options))
+            step_dir = workdir / f"{next(counter):02d}-ramp-{label}-{rate:g}"
+            step_dir.mkdir()
+            result = ramp_step(system, rate, args.step_seconds, chosen, step_dir)
+            result["label"] = label
+            result["sbc_out"] = chosen.sbc_out if system == "sbc" else "udp"
+            steps.append(result)
+            print_step(result)
+            return result
+
         if "ramp" in args.phases:
-            ramping = list(args.systems)
+            ramping = list(variants)
             for rate in args.rates:
-                for system in (["direct"] if args.baseline else []) + list(ramping):
-                    step_dir = workdir / f"{next(counter):02d}-ramp-{system}-{rate:g}"
-                    step_dir.mkdir()
-                    result = ramp_step(system, rate, args.step_seconds, options, step_dir)
-                    steps.append(result)
-                    print_step(result)
-                    if not result["passed"] and system in ramping:
-                        ramping.remove(system)
+                for label in (["direct"] if args.baseline else []) + list(ramping):
+                    if not step(label, rate)["passed"] and label in ramping:
+                        ramping.remove(label)
                 if not ramping:
                     break
+            # The post-dial target is read at half the highest rate sbc (TCP out) passed: run
+            # that rate if the ramp had no step there (with its baseline).
+            tcp = [
+                k for k, (system, o) in variants.items() if system == "sbc" and o.sbc_out == "tcp"
+            ]
+            if args.half_rate and tcp:
+                passed = [s["rate"] for s in steps if s.get("label") == tcp[0] and s["passed"]]
+                half = max(passed) / 2 if passed else None
+                ran = {(s.get("label"), s["rate"]) for s in steps}
+                if half is not None and (tcp[0], half) not in ran:
+                    print(f"  half the highest rate of {tcp[0]}: {half:g}/s", flush=True)
+                    if args.baseline and ("direct", half) not in ran:
+                        step("direct", half)
+                    step(tcp[0], half)
         if "hold" in args.phases:
             for system in args.systems:
                 phase_dir = workdir / f"{next(counter):02d}-hold-{system}"
@@ -966,11 +1278,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     system, args.memory_calls, args.memory_rate, args.linger, options, phase_dir
                 )
                 print_memory(memories[system])
-        summaries = {s: summarise(s, steps, holds.get(s), memories.get(s)) for s in args.systems}
-        ratios = print_summary(summaries)
+        if "relay" in args.phases:
+            phase_dir = workdir / f"{next(counter):02d}-relay"
+            phase_dir.mkdir()
+            relay = relay_phase(
+                args.relay_steps, args.relay_seconds, relay_backends, args.relay_workers,
+                args.relay_quiet_wait, phase_dir,
+            )  # fmt: skip
+            print_relay(relay)
+        summaries = {k: summarise(k, steps, holds.get(k), memories.get(k)) for k in variants}
+        ratios = print_summary(summaries) if {"ramp", "hold", "memory"} & set(args.phases) else {}
+        found = targets(summaries, holds, memories, relay, args.baseline, args.sbc_in)
+        print_targets(found)
         failed = [
             s
-            for s in args.systems
+            for s in variants
             if ("ramp" in args.phases and summaries[s]["max_rate"] is None)
             or (s in holds and not holds[s]["passed"])
             or (s in memories and not memories[s]["passed"])
@@ -987,7 +1309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "steps": steps,
                         "hold": holds,
                         "memory": memories,
+                        "relay": relay,
                         "summary": summaries,
+                        "targets": found,
                         "ratios_sbc_over_sippy": ratios,
                         "failed": failed,
                     },
