@@ -113,8 +113,16 @@ async def test_two_instances_share_one_rtpengine_without_crossing_calls(tmp_path
                 )
                 for i in range(2)
             ]
+            try:
+                async with asyncio.timeout(20):
+                    await asyncio.gather(*(pbx.registered.wait() for pbx in pbxs))
+            except TimeoutError:
+                # Say which instance did not register and what it logged (seen once in CI).
+                raise AssertionError(
+                    [pbx.registered.is_set() for pbx in pbxs],
+                    [sbc.log_text()[-3000:] for sbc in sbcs],
+                ) from None
             async with asyncio.timeout(20):
-                await asyncio.gather(*(pbx.registered.wait() for pbx in pbxs))
                 placed: list[PbxCall] = list(
                     await asyncio.gather(
                         *(pbx.call(tone_hz=tone) for pbx, tone in zip(pbxs, TONES, strict=True))
