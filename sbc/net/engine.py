@@ -357,8 +357,10 @@ class SipEngine:
 
         Send the returned ACK again (same Via) for each retransmitted 2xx.
         """
-        # No second coroutine when no lookup is needed (an ACK goes where its INVITE went).
-        destinations = self._destinations_now(ack, target) or await self._destinations(ack, target)
+        # No coroutine when no lookup is needed (an ACK goes where its INVITE went).
+        destinations = self._destinations_now(ack, target)
+        if destinations is None:
+            destinations = await self._destinations(ack, target)
         dest = destinations[0]
         if "Via" not in ack.headers:
             via = self.make_via(dest.transport)
@@ -516,9 +518,10 @@ class SipEngine:
             return None
 
     async def _destinations(self, request: Request, target: RequestTarget) -> list[Destination]:
-        known = self._destinations_now(request, target)
-        if known is not None:
-            return known
+        """The destinations of ``request``, looked up: its callers try
+        :meth:`_destinations_now` first and come here only when that found none."""
+        if isinstance(target, Destination):
+            return [target]
         if target is None:
             target = self._next_hop(request)
         uri = parse_uri(target) if isinstance(target, str) else target
