@@ -35,7 +35,6 @@ import gc
 import itertools
 import os
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_calls import ALL_HEADERS, LOAD_SECURITY, LOAD_SIP_LIMITS, peer_sections  # noqa: E402
+from bench_calls import (  # noqa: E402
+    ALL_HEADERS,
+    LOAD_SECURITY,
+    LOAD_SIP_LIMITS,
+    free_port,
+    peer_sections,
+)
 
 PBX = "127.0.0.71"
 SBC = "127.0.0.72"
@@ -99,12 +104,6 @@ _CALL_ID = re.compile(r"^(?:Call-ID|i):\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 _CSEQ = re.compile(r"^CSeq:\s*\d+\s+(\w+)", re.IGNORECASE | re.MULTILINE)
 _CONTACT = re.compile(r"^(?:Contact|m):[^<]*<([^>]+)>", re.IGNORECASE | re.MULTILINE)
 _LENGTH = re.compile(r"^(?:Content-Length|l):\s*(\d+)", re.IGNORECASE | re.MULTILINE)
-
-
-def free_port(host: str, kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def answer(request: str, status: str, extra: str = "", body: str = "") -> bytes:
@@ -200,7 +199,7 @@ class Retell(asyncio.Protocol):
 
 def write_config(workdir: Path, sip_port: int, pbx_port: int, retell_port: int, level: str) -> Path:
     peers = peer_sections(PBX, pbx_port, "bench", RETELL, retell_port)
-    admin_port = free_port(SBC, socket.SOCK_STREAM)
+    admin_port = free_port(SBC, udp_too=False)
     config = workdir / "sbc.toml"
     config.write_text(
         f"""\
@@ -236,9 +235,9 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
 
     loop = asyncio.get_running_loop()
     Retell.seen = {}
-    sip_port = free_port(SBC, socket.SOCK_DGRAM)
-    pbx_port = free_port(PBX, socket.SOCK_DGRAM)
-    retell_port = free_port(RETELL, socket.SOCK_STREAM)
+    sip_port = free_port(SBC)  # sbc listens on it over UDP and TCP
+    pbx_port = free_port(PBX)
+    retell_port = free_port(RETELL, udp_too=False)
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(write_config(Path(tmp), sip_port, pbx_port, retell_port, level))
         configure_logging(settings.log.level, settings.log.format, stream=log)
