@@ -143,11 +143,19 @@ def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-# A peer writes the same rtpmap lines in every body: the result is immutable, so a bounded
-# memo by text shares it.
-@lru_cache(maxsize=256)
+# The longest text the SDP memos by text keep (here and in sbc.sdp.parser): a line that is
+# longer is parsed every time, so that a hostile body (up to a message's 16 KB) cannot make
+# a bounded memo hold kilobytes per entry. Well-formed lines (a fingerprint included) fit.
+MEMO_MAX_TEXT = 256
+
+
 def parse_rtpmap(value: str) -> RtpMap | None:
     """The value of an ``a=rtpmap`` attribute, or None when it is not well formed."""
+    return _rtpmap(value) if len(value) <= MEMO_MAX_TEXT else _parse_rtpmap(value)
+
+
+def _parse_rtpmap(value: str) -> RtpMap | None:
+    """:func:`parse_rtpmap` without the memo."""
     pt_text, _, rest = value.strip().partition(" ")
     parts = rest.strip().split("/")
     n = len(parts)
@@ -161,6 +169,11 @@ def parse_rtpmap(value: str) -> RtpMap | None:
     if not encoding or not _is_number(pt_text) or not _is_number(rate):
         return None
     return RtpMap(int(pt_text), encoding, int(rate), channels)
+
+
+# A peer writes the same rtpmap lines in every body: the result is immutable, so a bounded
+# memo by text shares it.
+_rtpmap = lru_cache(maxsize=256)(_parse_rtpmap)
 
 
 def parse_rtcp(value: str) -> RtcpAddress | None:
@@ -232,7 +245,8 @@ class MediaDescription:
         """The encoding of ``payload_type``: its ``a=rtpmap``, else the RFC 3551 static one."""
         for key, value in self.attributes:
             if key == "rtpmap" and value is not None:
-                rm = parse_rtpmap(value)
+                # parse_rtpmap, inlined (every rtpmap line of every body)
+                rm = _rtpmap(value) if len(value) <= MEMO_MAX_TEXT else _parse_rtpmap(value)
                 if rm is not None and rm.payload_type == payload_type:
                     return rm
         return STATIC_PAYLOAD_TYPES.get(payload_type)
@@ -244,7 +258,8 @@ class MediaDescription:
         table: dict[int, RtpMap] = {}
         for key, value in self.attributes:
             if key == "rtpmap" and value is not None:
-                rm = parse_rtpmap(value)
+                # parse_rtpmap, inlined (every rtpmap line of every body)
+                rm = _rtpmap(value) if len(value) <= MEMO_MAX_TEXT else _parse_rtpmap(value)
                 if rm is not None and rm.payload_type not in table:
                     table[rm.payload_type] = rm
         return table

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from sbc.sdp.model import (
+    MEMO_MAX_TEXT,
     Attribute,
     Bandwidth,
     Connection,
@@ -50,10 +51,7 @@ def _origin(value: str) -> Origin:
     return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
 
 
-# c= and t= lines repeat from body to body (a peer's address, "0 0"): their values are
-# immutable, so bounded memos by text share them; errors are raised every time.
-@lru_cache(maxsize=256)
-def _connection(value: str) -> Connection:
+def _parse_connection(value: str) -> Connection:
     parts = value.split()
     if len(parts) != 3:
         raise SdpError("c= needs 3 fields")
@@ -67,8 +65,7 @@ def _bandwidth(value: str) -> Bandwidth:
     return Bandwidth(bwtype, _int(amount, "b= bandwidth"))
 
 
-@lru_cache(maxsize=256)
-def _timing(value: str) -> Timing:
+def _parse_timing(value: str) -> Timing:
     parts = value.split()
     if len(parts) != 2:
         raise SdpError("t= needs 2 fields")
@@ -86,7 +83,13 @@ def _parse_attribute(value: str) -> Attribute:
 # media address): the parsed values are immutable, so each text's is shared by every SDP
 # that has it, instead of a tuple and strings per line held by each call's media session
 # (issue 12, memory per held call). Bounded; a text that does not parse raises every time.
+# Only texts up to MEMO_MAX_TEXT go through the memos (callers check; longer ones are parsed
+# each time), so that their entries stay small.
 _attribute = lru_cache(maxsize=1024)(_parse_attribute)
+# c= and t= lines repeat from body to body (a peer's address, "0 0"): their values are
+# immutable, so bounded memos by text share them; errors are raised every time.
+_connection = lru_cache(maxsize=256)(_parse_connection)
+_timing = lru_cache(maxsize=256)(_parse_timing)
 
 
 _MediaLine = tuple[str, int, str, tuple[str, ...], int | None]
@@ -132,7 +135,9 @@ class _MediaBuilder:
         if kind == "c":
             if self.connection is not None:
                 raise SdpError("more than one c= line in a media section")
-            self.connection = _connection(value)
+            self.connection = (
+                _connection(value) if len(value) <= MEMO_MAX_TEXT else _parse_connection(value)
+            )
             self.past_head = True
         elif kind == "b":
             self.bandwidths.append(_bandwidth(value))
@@ -224,7 +229,9 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
             # Most lines of a body are media-level attributes: the memo (a C-level lookup)
             # costs about what parsing the line costs, and each text's value is shared by
             # every held call's session instead of a tuple per line per call.
-            current.attributes.append(_attribute(value))
+            current.attributes.append(
+                _attribute(value) if len(value) <= MEMO_MAX_TEXT else _parse_attribute(value)
+            )
         elif kind == "m":
             if current is not None:
                 media.append(current.build())
@@ -234,13 +241,15 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
         elif kind == "c":
             if connection is not None:
                 raise SdpError("more than one session-level c= line")
-            connection = _connection(value)
+            connection = (
+                _connection(value) if len(value) <= MEMO_MAX_TEXT else _parse_connection(value)
+            )
             past_head = True
         elif kind == "b":
             bandwidths.append(_bandwidth(value))
             past_head = True
         elif kind == "t":
-            timings.append(_timing(value))
+            timings.append(_timing(value) if len(value) <= MEMO_MAX_TEXT else _parse_timing(value))
             past_head = True
         elif kind == "r":
             if not timings:
@@ -248,7 +257,9 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
             last = timings[-1]
             timings[-1] = Timing(last.start, last.stop, (*last.repeats, value))
         elif kind == "a":
-            attributes.append(_attribute(value))
+            attributes.append(
+                _attribute(value) if len(value) <= MEMO_MAX_TEXT else _parse_attribute(value)
+            )
         elif kind in "vos":
             raise SdpError(f"repeated {kind}= line")
         elif past_head:

@@ -249,3 +249,30 @@ def test_media_sections_build_what_the_lines_say() -> None:
         extra_tail=(("k", "clear:x"),),
     )
     assert parse_rtpmap("0 PCMU/8000") is parse_rtpmap("0 PCMU/8000")
+
+
+def test_sdp_memos_keep_only_short_texts() -> None:
+    """A hostile body's long lines are parsed like the rest but not remembered (each memo entry
+    would otherwise pin up to a message's 16 KB)."""
+    from sbc.sdp import model, parser
+
+    for memo in (parser._attribute, parser._connection, parser._timing, model._rtpmap):
+        memo.cache_clear()
+    long = "x" * 300
+    lines = ["v=0", "o=- 1 1 IN IP4 192.0.2.1", "s=-", f"c=IN IP4 h{long}", f"t=0 0{' ' * 300}"]
+    lines += ["m=audio 4000 RTP/AVP 0", f"a=rtpmap:0 PCMU/8000{long}", f"a=zz:{long}", "a=sendrecv"]
+    sd = parse_sdp(("\r\n".join(lines) + "\r\n").encode())
+    assert sd.connection == Connection("IN", "IP4", f"h{long}") and sd.timings[0].stop == 0
+    audio = sd.audio()
+    assert audio is not None and audio.attributes == (
+        ("rtpmap", f"0 PCMU/8000{long}"),
+        ("zz", long),
+        ("sendrecv", None),
+    )
+    assert audio.rtpmap(0) == STATIC_PAYLOAD_TYPES[0] and audio.rtpmap_table() == {}
+    assert parse_rtpmap(f"0 PCMU/8000{long}") is None
+    cached = [
+        memo.cache_info().currsize
+        for memo in (parser._attribute, parser._connection, parser._timing, model._rtpmap)
+    ]
+    assert cached == [1, 0, 0, 0]  # a=sendrecv only
