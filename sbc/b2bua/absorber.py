@@ -101,10 +101,7 @@ class Absorber:
         finally:
             if resend is not None:
                 resend.stop()
-            self._acks.pop((leg, seq), None)
-            if not self._acks:
-                # A dict that held an entry keeps its table; a new empty one has none.
-                self._acks = {}
+            self._forget((leg, seq), acked)
 
     def send_2xx_then(
         self,
@@ -130,12 +127,20 @@ class Absorber:
 
         def done(future: asyncio.Future[Request | None]) -> None:
             resend.stop()
-            if self._acks.get(key) is future:
-                del self._acks[key]
+            self._forget(key, future)
             if not future.cancelled():
                 settled(future.result())
 
         acked.add_done_callback(done)
+
+    def _forget(self, key: tuple[Leg, int], acked: asyncio.Future[Request | None]) -> None:
+        """The wait for ``key``'s ACK is over: drop it (unless a newer wait took the key)."""
+        if self._acks.get(key) is acked:
+            del self._acks[key]
+        if not self._acks:
+            # A dict that held an entry keeps its table (160 bytes more, for the whole held
+            # call); a new empty one has none.
+            self._acks = {}
 
     def cancel_waits(self) -> None:
         """The call ends: stop every 2xx still repeated for want of its ACK."""

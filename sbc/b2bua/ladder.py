@@ -178,7 +178,10 @@ def summarize(
 ) -> LadderEntry:
     """The ladder entry of ``message`` (``direction`` ``in`` or ``out``; ``peer_address`` where
     it came from or went to; ``local`` sbc's own address toward it)."""
-    return _summary(_raw(direction, message, peer_address, local, leg, peer, at))
+    # Through a one-entry ladder: Ladder.note is the one place a message's fields are taken.
+    ladder = Ladder(1)
+    ladder.note(direction, message, peer_address, local, leg=leg, peer=peer, at=at)
+    return ladder.entries()[0]
 
 
 # A message as the event loop notes it (``Ladder.note``), summarised later: only what the
@@ -189,39 +192,6 @@ _Raw = tuple[float, str, "str | int", object, str, str, str, str, str, Destinati
 
 
 _RAW_SIZE = 13  # a _Raw's length (a _Summary has 11 items)
-
-
-def _raw(
-    direction: str,
-    message: Request | Response,
-    peer_address: Destination,
-    local: str,
-    leg: str,
-    peer: str,
-    at: float,
-) -> _Raw:
-    if isinstance(message, Response):
-        head: str | int = message.status
-        tail: object = message.reason
-    else:
-        head = message.method
-        tail = message.uri
-    call_id, cseq, via, to, credentials = _fields(message)
-    return (
-        at,
-        direction,
-        head,
-        tail,
-        call_id,
-        cseq,
-        via,
-        to,
-        credentials,
-        peer_address,
-        local,
-        leg,
-        peer,
-    )
 
 
 # A summary as the ladder keeps it once made: LadderEntry's fields, in its order, as a plain
@@ -253,10 +223,6 @@ def _summary_of(raw: _Raw) -> _Summary:
         source, destination = local, remote
     line = _first_line(head, tail)
     return (at, direction, leg, peer, source, destination, line, call_id, cseq, False, credentials)
-
-
-def _summary(raw: _Raw) -> LadderEntry:
-    return LadderEntry(*_summary_of(raw))
 
 
 def _fields_of(entry: LadderEntry) -> _Summary:
@@ -381,7 +347,7 @@ class Ladder:
     ) -> None:
         """Keep what :func:`summarize` needs of ``message`` (not the message: a held call
         would keep its every message alive), summarised when first read."""
-        # _raw(), inlined: the engine's tap calls this for every message of every call.
+        # The one place a _Raw is made (summarize() goes through here too).
         if isinstance(message, Response):
             head: str | int = message.status
             tail: object = message.reason

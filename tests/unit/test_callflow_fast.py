@@ -23,7 +23,7 @@ import structlog
 
 from sbc.b2bua.absorber import Absorber
 from sbc.b2bua.calls import hung_up_by
-from sbc.b2bua.callstate import TRANSITIONS, CallInput, CallState
+from sbc.b2bua.callstate import CallInput, CallState
 from sbc.b2bua.leg import Leg, Role, _via_of
 from sbc.b2bua.messages import (
     Caller,
@@ -318,6 +318,8 @@ async def _settle_2xx(fast: bool, acked: bool) -> Request | None:
     await asyncio.sleep(0.05)  # over a resend interval (t2): no copy after it settled
     assert len(engine.to_pbx) == copies
     assert not absorber._acks
+    # An empty table, not one that held the wait (kept for the whole held call).
+    assert sys.getsizeof(absorber._acks) == sys.getsizeof({})
     return got
 
 
@@ -415,9 +417,3 @@ def test_call_enums_hash_by_identity_and_work_as_keys(kind: type[Enum]) -> None:
         assert table[kind(member.value)] == index  # looked up by value: the same member
         assert (member, member) in {(m, m) for m in members}
     assert len(set(members)) == len(members)
-    assert all(table.get((m, m)) is None for m in members)  # type: ignore[call-overload]
-
-
-def test_transitions_are_found_by_state_and_input() -> None:
-    for (state, what), target in TRANSITIONS.items():
-        assert TRANSITIONS.get((CallState(state.value), CallInput(what.value))) is target
