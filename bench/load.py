@@ -97,9 +97,6 @@ from typing import Any
 # bench/ is on sys.path when this file runs as a script: share bench_calls.py's process and
 # SIPp plumbing rather than repeat it.
 from bench_calls import (
-    ALL_HEADERS,
-    LOAD_SECURITY,
-    LOAD_SIP_LIMITS,
     Child,
     Children,
     cpu_seconds,
@@ -110,7 +107,6 @@ from bench_calls import (
     machine,
     metric_sum,
     parse_metrics,
-    peer_sections,
     read_stats,
     rss_mib,
     sbc_environment,
@@ -120,6 +116,7 @@ from bench_calls import (
     wait_listening,
     wait_ready,
 )
+from bench_calls import sbc_config as bench_calls_config
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -282,30 +279,20 @@ class Options:
 
 def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin: int,
                options: Options) -> str:  # fmt: skip
-    records = workdir / "calls.sqlite3"  # records on, as deployed, but not in /var/lib/sbc
-    return f"""\
-# bench/load.py: sbc between SIPp as 3CX ({PBX}) and SIPp as Retell ({RETELL})
-[sip]
-bind = "{B2BUA}"
-port = {sip_port}
-{LOAD_SIP_LIMITS}
-
-{peer_sections(PBX, registrar, "load", RETELL, retell, options.sbc_out)}
-{ALL_HEADERS}
-[media]
-mode = "passthrough"
-
-{LOAD_SECURITY}
-[records]
-path = "{records}"
-
-[admin]
-listen = "{B2BUA}:{admin}"
-
-[log]
-level = "{options.log_level}"
-format = "json"
-"""
+    return bench_calls_config(
+        sip_port,
+        registrar,
+        retell,
+        admin,
+        options.log_level,
+        records=workdir / "calls.sqlite3",  # records on, as deployed, but not in /var/lib/sbc
+        pbx=PBX,
+        bind=B2BUA,
+        retell=RETELL,
+        password="load",
+        retell_transport=options.sbc_out,
+        script="bench/load.py",
+    )
 
 
 @dataclass
