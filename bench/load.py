@@ -89,7 +89,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1033,21 +1033,19 @@ def rates_list(text: str) -> list[float]:
     return rates
 
 
-def systems_list(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or any(part not in SYSTEMS for part in chosen):
-        raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(SYSTEMS)}")
-    return [s for s in SYSTEMS if s in chosen]
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``choices``, in their order."""
+
+    def parse(text: str) -> list[str]:
+        chosen = [part.strip() for part in text.split(",") if part.strip()]
+        if not chosen or any(part not in choices for part in chosen):
+            raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(choices)}")
+        return [c for c in choices if c in chosen]
+
+    return parse
 
 
 PHASES = ("ramp", "hold", "memory", "relay")
-
-
-def phases_list(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or any(part not in PHASES for part in chosen):
-        raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(PHASES)}")
-    return [p for p in PHASES if p in chosen]
 
 
 def outs_list(text: str) -> list[str]:
@@ -1071,9 +1069,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--systems", type=systems_list, default=list(SYSTEMS),
+    parser.add_argument("--systems", type=choice_list(SYSTEMS), default=list(SYSTEMS),
                         help="B2BUAs to load: sbc,sippy (both)")  # fmt: skip
-    parser.add_argument("--phases", type=phases_list, default=list(PHASES),
+    parser.add_argument("--phases", type=choice_list(PHASES), default=list(PHASES),
                         help="ramp,hold,memory,relay (all)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 10 calls/s for 2 s, 40 held calls, 30 for memory, "
