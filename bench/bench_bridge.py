@@ -46,13 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_calls import (  # noqa: E402
-    ALL_HEADERS,
-    LOAD_SECURITY,
-    LOAD_SIP_LIMITS,
-    free_port,
-    peer_sections,
-)
+from bench_calls import free_port, sbc_config  # noqa: E402
 
 PBX = "127.0.0.71"
 SBC = "127.0.0.72"
@@ -198,32 +192,21 @@ class Retell(asyncio.Protocol):
 
 
 def write_config(workdir: Path, sip_port: int, pbx_port: int, retell_port: int, level: str) -> Path:
-    peers = peer_sections(PBX, pbx_port, "bench", RETELL, retell_port)
     admin_port = free_port(SBC, udp_too=False)
     config = workdir / "sbc.toml"
     config.write_text(
-        f"""\
-[sip]
-bind = "{SBC}"
-port = {sip_port}
-{LOAD_SIP_LIMITS}
-
-{peers}
-{ALL_HEADERS}
-[media]
-mode = "passthrough"
-
-{LOAD_SECURITY}
-[admin]
-listen = "{SBC}:{admin_port}"
-
-[records]
-path = "{workdir / "calls.sqlite3"}"
-
-[log]
-level = "{level}"
-format = "json"
-"""
+        sbc_config(
+            sip_port,
+            pbx_port,
+            retell_port,
+            admin_port,
+            level,
+            records=workdir / "calls.sqlite3",
+            pbx=PBX,
+            bind=SBC,
+            retell=RETELL,
+            script="bench/bench_bridge.py",
+        )
     )
     return config
 

@@ -539,13 +539,29 @@ LOAD_SIP_LIMITS = "max_transactions_per_source = 1000000"
 
 
 def sbc_config(
-    sip_port: int, registrar_port: int, retell_port: int, admin_port: int, load: Load
+    sip_port: int,
+    registrar_port: int,
+    retell_port: int,
+    admin_port: int,
+    log_level: str,
+    *,
+    records: Path | None = None,
+    pbx: str = PBX,
+    bind: str = SBC,
+    retell: str = RETELL,
+    password: str = "bench",
+    retell_transport: str = "tcp",
+    script: str = "bench/bench_calls.py",
 ) -> str:
-    peers = peer_sections(PBX, registrar_port, "bench", RETELL, retell_port)
+    """The sbc.toml of the call benchmarks (bench_calls, bench_bridge, load): sbc at ``bind``
+    between SIPp as 3CX at ``pbx`` and SIPp as Retell at ``retell``, media passed through, call
+    records at ``records`` (None: off)."""
+    peers = peer_sections(pbx, registrar_port, password, retell, retell_port, retell_transport)
+    records_section = "" if records is None else f'[records]\npath = "{records}"\n\n'
     return f"""\
-# bench/bench_calls.py: sbc between SIPp as 3CX ({PBX}) and SIPp as Retell ({RETELL})
+# {script}: sbc between SIPp as 3CX ({pbx}) and SIPp as Retell ({retell})
 [sip]
-bind = "{SBC}"
+bind = "{bind}"
 port = {sip_port}
 {LOAD_SIP_LIMITS}
 
@@ -555,11 +571,11 @@ port = {sip_port}
 mode = "passthrough"
 
 {LOAD_SECURITY}
-[admin]
-listen = "{SBC}:{admin_port}"
+{records_section}[admin]
+listen = "{bind}:{admin_port}"
 
 [log]
-level = "{load.log_level}"
+level = "{log_level}"
 format = "json"
 """
 
@@ -635,7 +651,9 @@ def run_round(repo: Path, load: Load, label: str, workdir: Path) -> dict[str, An
 
         sip_port, admin_port = free_port(SBC), free_port(SBC, udp_too=False)
         config = workdir / "sbc.toml"
-        config.write_text(sbc_config(sip_port, registrar_port, retell_port, admin_port, load))
+        config.write_text(
+            sbc_config(sip_port, registrar_port, retell_port, admin_port, load.log_level)
+        )
         sbc = children.start(
             "sbc",
             [load.python, "-m", "sbc", "run", "--config", str(config)],

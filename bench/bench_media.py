@@ -648,15 +648,15 @@ def measure(
         for under in live.values():
             under.stop()
         gen.stop()
-    held: dict[str, dict[str, int | None]] = {}
+    run = MediaRun(results, directs, {})
     for name in backends:
         zero_loss = [r for r in results if r.backend == name and r.lost == 0]
-        fast = [r for r in zero_loss if r.p99_us - directs[r.calls].p99_us < ADDED_P99_LIMIT_US]
-        held[name] = {
+        fast = [r for r in zero_loss if run.added_p99_us(r) < ADDED_P99_LIMIT_US]
+        run.held[name] = {
             "zero_loss": max((r.calls for r in zero_loss), default=None),
             "zero_loss_p99_added_under_1ms": max((r.calls for r in fast), default=None),
         }
-    return MediaRun(results, directs, held)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,7 +89,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -97,9 +97,6 @@ from typing import Any
 # bench/ is on sys.path when this file runs as a script: share bench_calls.py's process and
 # SIPp plumbing rather than repeat it.
 from bench_calls import (
-    ALL_HEADERS,
-    LOAD_SECURITY,
-    LOAD_SIP_LIMITS,
     Child,
     Children,
     cpu_seconds,
@@ -110,7 +107,6 @@ from bench_calls import (
     machine,
     metric_sum,
     parse_metrics,
-    peer_sections,
     read_stats,
     rss_mib,
     sbc_environment,
@@ -120,6 +116,7 @@ from bench_calls import (
     wait_listening,
     wait_ready,
 )
+from bench_calls import sbc_config as bench_calls_config
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -282,30 +279,20 @@ class Options:
 
 def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin: int,
                options: Options) -> str:  # fmt: skip
-    records = workdir / "calls.sqlite3"  # records on, as deployed, but not in /var/lib/sbc
-    return f"""\
-# bench/load.py: sbc between SIPp as 3CX ({PBX}) and SIPp as Retell ({RETELL})
-[sip]
-bind = "{B2BUA}"
-port = {sip_port}
-{LOAD_SIP_LIMITS}
-
-{peer_sections(PBX, registrar, "load", RETELL, retell, options.sbc_out)}
-{ALL_HEADERS}
-[media]
-mode = "passthrough"
-
-{LOAD_SECURITY}
-[records]
-path = "{records}"
-
-[admin]
-listen = "{B2BUA}:{admin}"
-
-[log]
-level = "{options.log_level}"
-format = "json"
-"""
+    return bench_calls_config(
+        sip_port,
+        registrar,
+        retell,
+        admin,
+        options.log_level,
+        records=workdir / "calls.sqlite3",  # records on, as deployed, but not in /var/lib/sbc
+        pbx=PBX,
+        bind=B2BUA,
+        retell=RETELL,
+        password="load",
+        retell_transport=options.sbc_out,
+        script="bench/load.py",
+    )
 
 
 @dataclass
@@ -1046,21 +1033,19 @@ def rates_list(text: str) -> list[float]:
     return rates
 
 
-def systems_list(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or any(part not in SYSTEMS for part in chosen):
-        raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(SYSTEMS)}")
-    return [s for s in SYSTEMS if s in chosen]
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of ``choices``, in their order."""
+
+    def parse(text: str) -> list[str]:
+        chosen = [part.strip() for part in text.split(",") if part.strip()]
+        if not chosen or any(part not in choices for part in chosen):
+            raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(choices)}")
+        return [c for c in choices if c in chosen]
+
+    return parse
 
 
 PHASES = ("ramp", "hold", "memory", "relay")
-
-
-def phases_list(text: str) -> list[str]:
-    chosen = [part.strip() for part in text.split(",") if part.strip()]
-    if not chosen or any(part not in PHASES for part in chosen):
-        raise argparse.ArgumentTypeError(f"a comma-separated choice of {', '.join(PHASES)}")
-    return [p for p in PHASES if p in chosen]
 
 
 def outs_list(text: str) -> list[str]:
@@ -1084,9 +1069,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--systems", type=systems_list, default=list(SYSTEMS),
+    parser.add_argument("--systems", type=choice_list(SYSTEMS), default=list(SYSTEMS),
                         help="B2BUAs to load: sbc,sippy (both)")  # fmt: skip
-    parser.add_argument("--phases", type=phases_list, default=list(PHASES),
+    parser.add_argument("--phases", type=choice_list(PHASES), default=list(PHASES),
                         help="ramp,hold,memory,relay (all)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 10 calls/s for 2 s, 40 held calls, 30 for memory, "

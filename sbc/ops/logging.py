@@ -72,12 +72,12 @@ def configure_logging(level: str, fmt: str = "auto", stream: TextIO | None = Non
     if as_json:
         renderer = structlog.processors.JSONRenderer()
         final = [structlog.processors.dict_tracebacks, renderer]
-        # sbc's own lines: the same chain in one step (_JsonLine), byte for byte.
-        own: list[Processor] = [_JsonLine([*shared, *final])]
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=_isatty(out))
         final = [renderer]
-        own = [*shared, *final]
+    own: list[Processor] = [*shared, *final]  # sbc's own lines
+    if as_json and _make_encoder is not None:
+        own = [_JsonLine(own)]  # the same chain in one step, byte for byte
 
     handler = logging.StreamHandler(out)
     lock = handler.lock if handler.lock is not None else threading.RLock()
@@ -129,7 +129,7 @@ class _JsonLine:
         self._second: tuple[int, str] = (-1, "")
 
     def __call__(self, logger: Any, method_name: str, event_dict: Any) -> Any:
-        if "exc_info" in event_dict or "stack_info" in event_dict or _make_encoder is None:
+        if "exc_info" in event_dict or "stack_info" in event_dict:
             return self._slow(logger, method_name, event_dict)
         event_dict = structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
         if "_record" in event_dict:  # a LogRecord's fields: add_logger_name reads it

@@ -614,6 +614,14 @@ class RecordWriter:
             raise RecordsError("call records: database closed")
         errors: list[Exception | None] = [None] * len(records)
         pending: list[int] = []  # inserted in the open transaction
+
+        def failed(exc: Exception) -> None:
+            if not db.in_transaction:  # SQLite rolled it back: the rows before failed too
+                for j in pending:
+                    errors[j] = exc
+                pending.clear()
+                db.execute("BEGIN")
+
         db.execute("BEGIN")
         start = 0
         while start < len(records):
@@ -626,22 +634,14 @@ class RecordWriter:
                 pending.extend(chunk)
                 continue
             except Exception as exc:
-                if not db.in_transaction:  # SQLite rolled it back
-                    for j in pending:
-                        errors[j] = exc
-                    pending = []
-                    db.execute("BEGIN")
+                failed(exc)
             for i in chunk:  # one by one: only the row that fails is left out
                 try:
                     self._insert(records[i])
                     pending.append(i)
                 except Exception as exc:
                     errors[i] = exc
-                    if not db.in_transaction:  # SQLite rolled it back
-                        for j in pending:
-                            errors[j] = exc
-                        pending = []
-                        db.execute("BEGIN")
+                    failed(exc)
         try:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
