@@ -9,10 +9,12 @@ processes tests start), never the machine's. A test that counts rows sets its ow
 ``records.path``.
 """
 
+import logging
 import os
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -31,3 +33,18 @@ def _state_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Logging is process-wide: a test that configures it (sbc's configure_logging, a bench run
+    in process) must not change what later tests capture (structlog.testing.capture_logs sees
+    no debug line once a level filter is configured). Put the root handlers, the level and
+    structlog's defaults back after every test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-import structlog
 
 pytestmark = pytest.mark.integration
 
@@ -26,19 +23,6 @@ def bench_module() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # it puts bench/ on sys.path for bench_calls itself
     return module
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The bench configures sbc's logging in this process (level info): put the defaults back,
-    or later tests that capture debug lines (test_engine_faults) see none."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
 
 
 async def test_the_bench_bridges_its_calls(capsys: pytest.CaptureFixture[str]) -> None:
