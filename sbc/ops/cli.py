@@ -230,12 +230,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # its transaction's Timer J/K ends (32 s over UDP): at 10,000 OPTIONS/s a default-tuned full
 # collection paused the loop for 160-340 ms and overflowed the UDP socket buffer. Rarer full
 # collections kept the longest pause at 1 ms in the same benchmark (docs/performance.md).
-# Under calls, generation 1 fills with what lives for seconds (transactions waiting out their
-# timers, calls being set up): at 300 calls/s a generation-1 collection every 10 young ones
-# paused the loop 9.5-14.8 ms (median) and set the post-dial delay's p99; every 2 young ones it
-# is 3.8-4.1 ms, the same collector time in all. The third value keeps full collections as
-# rare as before (2 x 5,000 = 10 x 1,000 young collections between two).
-GC_THRESHOLD = (700, 2, 5000)
+# Under calls the young generations hold what lives for a while (transactions waiting out their
+# timers, calls being set up), and CPython lets every death of an old tracked object offset the
+# young generation's allocation count, so with the default 700 a generation-0 collection found
+# 800-6,400 live young objects and a generation-1 one 4,000-9,700: pauses of 1-7 ms and up to
+# 16 ms, which set the post-dial delay's p99 (bench_calls at 300 calls/s, gc.callbacks timing:
+# generation 1 median 1.75-4.0 ms, p90 6.3-7.2 ms). Collecting young objects five times as often
+# keeps each pause small, for the same total collector time (each survivor is traversed once per
+# generation whatever the cadence): with (100, 4, ...) generation 0 took 0.05-0.06 ms (median),
+# generation 1 0.17-0.26 ms (median), p99 1.0-1.4 ms. The third value keeps full collections as
+# rare per call as before (one every ~300,000 calls): one traverses every held call, and ended
+# calls are not reference cycles (Call.dispose, tests/unit/test_call_dispose.py), so there is
+# little for it to find.
+GC_THRESHOLD = (100, 4, 50000)
 
 
 def tune_gc() -> None:

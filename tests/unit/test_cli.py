@@ -201,7 +201,7 @@ def test_run_tunes_the_collector_and_demo_does_not(good, monkeypatch, gc_tuned):
     assert gc_tuned == [True]
 
 
-def test_tune_gc_freezes_start_up_objects_and_raises_thresholds():
+def test_tune_gc_freezes_start_up_objects_and_sets_thresholds():
     before = gc.get_threshold()
     frozen = gc.get_freeze_count()
     try:
