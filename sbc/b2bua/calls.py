@@ -173,6 +173,7 @@ class CallManager:
         wall_clock: Callable[[], float] | None = None,
         ladder_messages: int = 0,
         routes: Sequence[BridgeConfig] = (),
+        keep_records: int = 100,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -194,7 +195,12 @@ class CallManager:
         self._new_uuid = new_uuid
         self._wall = wall_clock
         self.calls: dict[str, Call] = {}  # by call_uuid
-        self.records: list[CallRecord] = []  # the last finished calls, newest last
+        # The last ``keep_records`` finished calls' records, newest last, for the demo's
+        # summary and for tests. ``sbc run`` keeps none (service.serve): its records go to the
+        # store, and the ones kept here (ladders and all, ~9 KB each) were made at the end of
+        # a burst of calls and held its allocator arenas (docs/performance.md, Round 4: idle).
+        self.records: list[CallRecord] = []
+        self.keep_records = keep_records
         self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}  # by (Call-ID, our tag)
         self._invites: dict[str, tuple[Call, Leg]] = {}  # INVITE server transaction key
         self._uac_call_ids: dict[str, tuple[Call, Leg]] = {}  # Call-IDs sbc chose
@@ -584,8 +590,9 @@ class CallManager:
                 self._ladder_legs.pop(leg.call_id, None)
             self._invites.pop(invite_key, None)
             record = record_of(call, self._ladders.pop(call.call_uuid, None))
-            self.records.append(record)
-            del self.records[:-100]
+            if self.keep_records > 0:
+                self.records.append(record)
+                del self.records[: -self.keep_records]
             self.events.publish(CallEnded(record))
             call.dispose()  # no cycle left: freed now, not at the next full collection
 

@@ -126,6 +126,10 @@ class Subscription:
                 log.exception("call_observer_failed", observer=self.name)
             finally:
                 self.queue.task_done()
+                # Not kept while waiting for the next one: the last call's record (its ladder,
+                # a few hundred small objects) would stay alive until another call ended, made
+                # at the end of a burst and holding the allocator's arenas of the burst.
+                event = result = None  # type: ignore[assignment]
 
 
 class EventBus:

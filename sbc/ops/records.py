@@ -416,6 +416,13 @@ class RecordWriter:
         self.batch_wait = batch_wait
         self._executor: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None  # used in the worker thread only
+        # The one cursor every write goes through. ``Connection.execute`` makes a cursor per
+        # statement and the connection keeps a weak reference to each, dropping the dead ones
+        # only every 200 cursors: a few per batch of records, they were small objects made
+        # during a burst of calls and alive long after it, one here and there in the
+        # allocator's arenas, which it can then not give back (docs/performance.md, Round 4:
+        # idle).
+        self._cursor: sqlite3.Cursor | None = None
         self._pruning: asyncio.Task[None] | None = None
         self._failing = False
         self.subscription: Subscription | None = None
@@ -587,6 +594,7 @@ class RecordWriter:
             db.close()
             raise
         self._db = db
+        self._cursor = db.cursor()
         return found
 
     def _insert(self, record: CallRecord) -> None:
@@ -595,12 +603,12 @@ class RecordWriter:
     def _insert_many(self, records: list[CallRecord]) -> None:
         """The rows of ``records`` (at most :data:`ROWS_PER_INSERT`) in one statement: all of
         them, or none when it fails."""
-        db = self._db
-        if db is None:
+        cursor = self._cursor
+        if cursor is None:
             raise RecordsError("call records: database closed")
         instance = self.instance
         values = [value for record in records for value in row_of(record, instance)]
-        db.execute(_INSERT_ROWS[len(records)], values)
+        cursor.execute(_INSERT_ROWS[len(records)], values)
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:
         """Insert every record's row in one transaction; per record, the error that kept its
@@ -609,8 +617,8 @@ class RecordWriter:
 
         The rows go in up to :data:`ROWS_PER_INSERT` at a time; a statement that fails is
         tried again row by row, so only the row that caused it is left out."""
-        db = self._db
-        if db is None:
+        db, cursor = self._db, self._cursor
+        if db is None or cursor is None:
             raise RecordsError("call records: database closed")
         errors: list[Exception | None] = [None] * len(records)
         pending: list[int] = []  # inserted in the open transaction
@@ -620,9 +628,9 @@ class RecordWriter:
                 for j in pending:
                     errors[j] = exc
                 pending.clear()
-                db.execute("BEGIN")
+                cursor.execute("BEGIN")
 
-        db.execute("BEGIN")
+        cursor.execute("BEGIN")
         start = 0
         while start < len(records):
             size = min(len(records) - start, ROWS_PER_INSERT)
@@ -643,22 +651,22 @@ class RecordWriter:
                     errors[i] = exc
                     failed(exc)
         try:
-            db.execute("COMMIT")
+            cursor.execute("COMMIT")
         except sqlite3.Error as exc:
             for j in pending:
                 errors[j] = exc
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+                cursor.execute("ROLLBACK")
         return errors
 
     def _delete_before(self, before: float) -> int:
-        db = self._db
-        if db is None:
+        cursor = self._cursor
+        if cursor is None:
             return 0
-        return db.execute("DELETE FROM calls WHERE ended < ?", (before,)).rowcount
+        return cursor.execute("DELETE FROM calls WHERE ended < ?", (before,)).rowcount
 
     def _close(self) -> None:
-        db, self._db = self._db, None
+        db, self._db, self._cursor = self._db, None, None
         if db is not None:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA optimize")

@@ -348,7 +348,8 @@ def media_backend(settings: Settings, advertised: str) -> MediaBackend:
 class Service:
     """Every part of one running bridge, built from the settings (nothing global)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, keep_records: int = 100) -> None:
+        """``keep_records``: finished calls' records kept in memory (``bridge.records``)."""
         self.settings = settings
         self.metrics = Metrics()
         contact_host = advertised_host(settings)
@@ -395,6 +396,7 @@ class Service:
             self.media,
             ladder_messages=records.ladder_messages if self.records is not None else 0,
             routes=configs,
+            keep_records=keep_records,
         )
         self.bridge.events.subscribe(self.metrics.on_call_event, inline=True)  # counters only
         if self.records is not None:
@@ -688,7 +690,9 @@ async def serve(
     logged and ignored); ``notifier`` talks to systemd (default: from ``$NOTIFY_SOCKET``)."""
     stop_event = stop if stop is not None else asyncio.Event()
     notify = notifier if notifier is not None else Notifier()
-    service = Service(settings)
+    # Nothing reads the records kept in memory in a running service (they go to the store),
+    # and what a burst of calls leaves alive keeps the memory of the burst (CallManager).
+    service = Service(settings, keep_records=0)
     life = _Lifecycle(service, stop_event, notify, loader)
     remove_handlers = _install_signal_handlers(
         {

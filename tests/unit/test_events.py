@@ -4,10 +4,12 @@ never blocks a call or another observer, and nothing queued is lost on flush."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
-from sbc.b2bua.events import CallEvent, CallRefused, CallStarted, EventBus
+from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, CallRefused, CallStarted, EventBus
 
 
 async def test_every_observer_gets_every_event_in_order() -> None:
@@ -115,3 +117,37 @@ def test_a_coroutine_cannot_be_an_inline_observer() -> None:
 
     with pytest.raises(ValueError, match="plain function"):
         EventBus().subscribe(waits, inline=True)
+
+
+class _Ladder(list[object]):
+    """A record's ladder that a test can hold a weak reference to (a record cannot)."""
+
+
+async def test_a_delivered_event_is_not_kept_until_the_next_one() -> None:
+    """Once an observer had the last call's CallEnded, the delivery task lets go of it: kept
+    until another call ended, the record and its ladder stayed alive after a burst of calls,
+    holding the allocator's arenas of the burst (docs/performance.md, "Round 4: idle")."""
+    bus = EventBus()
+    got: list[str] = []
+
+    async def observer(event: CallEvent) -> None:
+        await asyncio.sleep(0)
+        got.append(type(event).__name__)
+
+    bus.subscribe(observer)
+    ladder = _Ladder()
+    freed = weakref.ref(ladder)
+    record = CallRecord(
+        "u-1", "pbx-1", "retell-1", "+15550100", "101", 1.0, 2.0, 3.0, 200, 200, "pbx_bye",
+        ladder=ladder,  # type: ignore[arg-type]
+    )  # fmt: skip
+    bus.publish(CallEnded(record))
+    del ladder, record
+    gc.disable()  # reference counting alone must free it
+    try:
+        await asyncio.wait_for(bus.flush(), 1)
+        assert got == ["CallEnded"]
+        assert freed() is None
+    finally:
+        gc.enable()
+    await bus.close()

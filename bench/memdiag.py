@@ -1,0 +1,166 @@
+"""What holds sbc's memory after a burst of calls: a ``--python`` wrapper for bench/load.py.
+
+Runs ``python -m sbc ...`` as given and, in that process (CPython 3.11, pymalloc), writes to
+``$MEMDIAG_DIR`` (default /tmp/memdiag):
+
+* ``pid``: the sbc process, for ``kill -USR1``;
+* ``samples.csv`` every ``$MEMDIAG_EVERY`` seconds (default 2; 0: none): RssAnon and RssFile
+  (KiB), pymalloc's arenas (1 MiB each), its bytes in allocated blocks, its wholly unused pools
+  (16 KiB each), and gc's three counts;
+* ``report.N.txt`` on each SIGUSR1: the same figures, the tracked objects by type; from the
+  second one on also what a full collection frees (unreachable objects, pause, arenas after)
+  and, with ``MEMDIAG_PINS=1``, the objects found in the arenas made after the first report
+  (pool headers read with ctypes, the 3.11 layout; a diagnosis, never in the service).
+
+Not a benchmark: it perturbs what it measures a little (its own reports allocate), so read the
+samples, and use the pins to name what survives a burst. Commands in docs/performance.md
+("Round 4: idle"). Other arguments (``-c ...``) are passed to the interpreter unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import gc
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+OUT = os.environ.get("MEMDIAG_DIR", "/tmp/memdiag")
+POOL = 16 * 1024  # pymalloc pool size in 3.11; pools are aligned to it
+_first_arenas: list[int] = []
+
+
+def rss() -> dict[str, int]:
+    found: dict[str, int] = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("RssAnon", "RssFile")):
+                key, value = line.split(":")
+                found[key] = int(value.split()[0])
+    return found
+
+
+def pymalloc() -> dict[str, int]:
+    """Arenas, allocated bytes and unused pools from sys._debugmallocstats (written to fd 2)."""
+    path = os.path.join(OUT, f".mallocstats.{threading.get_ident()}")  # the sampler's, a report's
+    saved = os.dup(2)
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.dup2(fd, 2)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+    found = {"arenas": 0, "allocated": 0, "unused_pools": 0}
+    with open(path) as stats:
+        for line in stats:
+            number = line.rsplit("=", 1)[-1].strip().replace(",", "")
+            if line.startswith("# arenas allocated current"):
+                found["arenas"] = int(number)
+            elif line.startswith("# bytes in allocated blocks"):
+                found["allocated"] = int(number)
+            elif "unused pools *" in line:
+                found["unused_pools"] = int(line.split()[0])
+    return found
+
+
+def figures() -> str:
+    r, p = rss(), pymalloc()
+    return (
+        f"RssAnon {r['RssAnon']} KiB, RssFile {r['RssFile']} KiB; pymalloc {p['arenas']} arenas, "
+        f"{p['allocated'] / 2**20:.2f} MiB allocated, {p['unused_pools']} unused pools; "
+        f"gc counts {gc.get_count()}"
+    )
+
+
+def sample(every: float) -> None:
+    with open(os.path.join(OUT, "samples.csv"), "w") as out:
+        out.write("t,rss_anon_kib,rss_file_kib,arenas,allocated_bytes,unused_pools\n")
+        start = time.monotonic()
+        while True:
+            r, p = rss(), pymalloc()
+            out.write(
+                f"{time.monotonic() - start:.1f},{r['RssAnon']},{r['RssFile']},{p['arenas']},"
+                f"{p['allocated']},{p['unused_pools']}\n"
+            )
+            out.flush()
+            time.sleep(every)
+
+
+def pins(min_arena: int) -> list[str]:
+    """Objects (gc's and those they refer to) whose pymalloc pool lies in an arena numbered
+    ``min_arena`` or above, by arena. Arenas are numbered in the order they were made."""
+    gc.unfreeze()  # the frozen start-up objects too: their containers may hold new objects
+    try:
+        found: dict[int, Any] = {}
+        for o in gc.get_objects():
+            found[id(o)] = o
+            for child in gc.get_referents(o):
+                found.setdefault(id(child), child)
+    finally:
+        gc.freeze()
+    by_arena: dict[int, list[Any]] = collections.defaultdict(list)
+    for address, o in found.items():
+        size = sys.getsizeof(o)
+        if not 0 < size <= 512:  # bigger blocks come from malloc
+            continue
+        start = address - 16 if type(o).__flags__ & (1 << 14) else address  # gc header
+        pool = start & ~(POOL - 1)
+        # struct pool_header: count (8 bytes), 3 pointers, then arenaindex and szidx (uint)
+        if ctypes.c_uint.from_address(pool + 36).value != (size + 15) // 16 - 1:
+            continue  # not a pymalloc pool of this size class (a static object, say)
+        arena = ctypes.c_uint.from_address(pool + 32).value
+        if min_arena <= arena < 1 << 16:
+            by_arena[arena].append(o)
+    lines = [f"arenas {min_arena} and up holding objects found: {len(by_arena)}"]
+    for arena in sorted(by_arena):
+        objects = by_arena[arena]
+        kinds = collections.Counter(type(o).__qualname__ for o in objects).most_common(8)
+        lines.append(f" arena {arena}: {len(objects)} objects {kinds}")
+        lines += [f"    {type(o).__qualname__}: {repr(o)[:150]}" for o in objects[:6]]
+    return lines
+
+
+def report(signum: int, frame: Any) -> None:
+    n = len(_first_arenas) + 1
+    lines = [f"report {n} at {time.time():.1f}: {figures()}"]
+    kinds = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    lines.append(f"tracked objects by type: {kinds.most_common(30)}")
+    if n == 1:
+        _first_arenas.append(pymalloc()["arenas"])
+    else:
+        _first_arenas.append(_first_arenas[0])
+        started = time.perf_counter()
+        unreachable = gc.collect()
+        pause = 1000 * (time.perf_counter() - started)
+        lines.append(f"full collection: {unreachable} unreachable, {pause:.1f} ms; {figures()}")
+        if os.environ.get("MEMDIAG_PINS") == "1":
+            lines += pins(_first_arenas[0])
+    with open(os.path.join(OUT, f"report.{n}.txt"), "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[:2] != ["-m", "sbc"]:
+        os.execv(sys.executable, [sys.executable, *args])
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "pid"), "w") as out:
+        out.write(str(os.getpid()))
+    signal.signal(signal.SIGUSR1, report)
+    every = float(os.environ.get("MEMDIAG_EVERY", "2"))
+    if every > 0:
+        threading.Thread(target=sample, args=(every,), daemon=True).start()
+    sys.argv = ["sbc", *args[2:]]
+    runpy.run_module("sbc", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
