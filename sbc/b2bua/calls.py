@@ -195,10 +195,15 @@ class CallManager:
         self._wall = wall_clock
         self.calls: dict[str, Call] = {}  # by call_uuid
         self.records: list[CallRecord] = []  # the last finished calls, newest last
-        self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}  # by (Call-ID, our tag)
-        self._invites: dict[str, tuple[Call, Leg]] = {}  # INVITE server transaction key
+        # By (Call-ID, our tag); also how a CANCEL finds its INVITE's leg (leg a's tag is the
+        # one its INVITE's responses carry), with no table by transaction of its own.
+        self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self._uac_call_ids: dict[str, tuple[Call, Leg]] = {}  # Call-IDs sbc chose
         self._tasks: set[asyncio.Task[Any]] = set()
+        # What every call is given to report a new leg and reaching its peer: bound once here
+        # (a bound method made per call, or a closure, would be held by each call).
+        self._route_new_leg = self._route
+        self._b_reached_hook = self._b_reached
         self._stopping = False
         self._draining = False
         # Whether the peers answer sbc's INVITEs; outages logged once (reachability.py).
@@ -210,7 +215,8 @@ class CallManager:
         self.ladder_messages = ladder_messages
         self._ladders: dict[str, Ladder] = {}  # by call_uuid
         # By the leg's Call-ID: the ladder, the leg's role and peer (as the ladder writes them)
-        self._ladder_legs: dict[str, tuple[Ladder, str, str]] = {}
+        # and that Call-ID (the leg's string: every message's ladder entry shares it)
+        self._ladder_legs: dict[str, tuple[Ladder, str, str, str]] = {}
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
         self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
@@ -261,7 +267,6 @@ class CallManager:
         return {
             "calls": len(self.calls),
             "dialogs": len(self._dialogs),
-            "invites": len(self._invites),
             "uac_call_ids": len(self._uac_call_ids),
             "call_tasks": len(self._tasks),
             "ladders": len(self._ladders),
@@ -538,13 +543,12 @@ class CallManager:
         self._call_sources[call.call_uuid] = host
         self.calls_by_source[host] = self.calls_by_source.get(host, 0) + 1
         self._idle.clear()
-        call.on_new_leg = lambda leg: self._route(call, leg)
-        call.on_b_reached = self._b_reached
+        call.on_new_leg = self._route_new_leg
+        call.on_b_reached = self._b_reached_hook
         for leg in call.all_legs:
             self._route(call, leg)
-        self._invites[incoming.key] = (call, call.origin)
         self.events.publish(CallStarted(call.call_uuid, call.config.route))
-        task = asyncio.ensure_future(self._run(call, incoming.key))
+        task = asyncio.ensure_future(self._run(call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -561,9 +565,9 @@ class CallManager:
             self._uac_call_ids[leg.call_id] = (call, leg)
         ladder = self._ladders.get(call.call_uuid)
         if ladder is not None:
-            self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value)
+            self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value, leg.call_id)
 
-    async def _run(self, call: Call, invite_key: str) -> None:
+    async def _run(self, call: Call) -> None:
         try:
             await call.run()
         finally:
@@ -582,7 +586,6 @@ class CallManager:
                 self._dialogs.pop(leg.key, None)
                 self._uac_call_ids.pop(leg.call_id, None)
                 self._ladder_legs.pop(leg.call_id, None)
-            self._invites.pop(invite_key, None)
             record = record_of(call, self._ladders.pop(call.call_uuid, None))
             self.records.append(record)
             del self.records[:-100]
@@ -615,7 +618,7 @@ class CallManager:
                 self._arriving = (message, peer, self._local(peer), self._now())
             return
         # Eleven messages a call: _local() and _now() inlined for their common case.
-        ladder, role, far = found
+        ladder, role, far, leg_call_id = found
         local = self._locals.get(peer.transport)
         wall = self._wall
         ladder.note(
@@ -626,6 +629,7 @@ class CallManager:
             leg=role,
             peer=far,
             at=wall() if wall is not None else time.time(),
+            leg_call_id=leg_call_id,
         )
 
     def _local(self, peer: Destination) -> str:
@@ -658,8 +662,8 @@ class CallManager:
 
     def handle_cancel(self, incoming: IncomingRequest, cancel: Request) -> None:
         # The transaction layer answered the CANCEL 200; the call answers its INVITE 487.
-        found = self._invites.get(incoming.key)
-        if found is not None:
+        found = self._dialogs.get((incoming.request.call_id, incoming.local_tag or ""))
+        if found is not None and found[1].incoming is incoming:
             call, leg = found
             call.cancelled(leg)
 
