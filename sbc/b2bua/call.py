@@ -22,7 +22,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -63,7 +63,7 @@ from sbc.b2bua.transfer import Transfer, TransferRecord
 from sbc.media.base import MediaBackend
 from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.sdp.parser import parse_sdp, serialize_sdp
-from sbc.sip.digest import ClientAuth, Credentials
+from sbc.sip.digest import Credentials
 from sbc.sip.errors import (
     MethodNotAllowed,
     NotImplementedMethod,
@@ -139,10 +139,13 @@ class FactQueue:
         return self._facts.pop(0)  # IndexError when empty, like QueueEmpty
 
     async def get(self, deadline: float = float("inf")) -> Fact | None:
-        """The next fact; None once ``deadline`` (loop time) passes first."""
+        """The next fact; None once ``deadline`` (loop time) passes first, or at once when it
+        has passed already (even with facts queued: they wait for the next get)."""
+        loop = asyncio.get_running_loop()
+        if deadline <= loop.time():
+            return None
         if self._facts:
             return self._facts.pop(0)
-        loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         if deadline != self._deadline:
             self.close()
@@ -381,13 +384,11 @@ class Call:
         self.all_legs.append(leg)
         self.on_new_leg(self, leg)
 
-    def _auth_for(self, peer: Peer) -> ClientAuth | None:
+    def _auth_for(self, peer: Peer) -> Credentials | None:
         # 3CX challenges what an extension sends (docs/peers.md); Retell may challenge sbc's
-        # INVITE, answered with the trunk credentials when configured.
-        credentials: Credentials | None = (
-            self.config.pbx_credentials if peer is Peer.PBX else self.config.retell_credentials
-        )
-        return None if credentials is None else ClientAuth(credentials)
+        # INVITE, answered with the trunk credentials when configured (the leg makes its
+        # ClientAuth on the first challenge).
+        return self.config.pbx_credentials if peer is Peer.PBX else self.config.retell_credentials
 
     def _local(self, role: Role, transport: str | None = None) -> LocalAddress:
         """sbc's Contact toward ``role``'s peer; toward the PBX it carries the extension."""
@@ -1022,11 +1023,11 @@ class Call:
         if reason is not None and not self.end_reason:
             self.end_reason = reason
 
-    async def _next_fact(self, deadline: float) -> Fact | None:
-        """The next fact, or None once ``deadline`` (loop time) has passed."""
-        if deadline <= self._loop_time():
-            return None
-        return await self.facts.get(deadline)
+    def _next_fact(self, deadline: float) -> Coroutine[Any, Any, Fact | None]:
+        """The next fact, or None once ``deadline`` (loop time) has passed: the queue's own
+        coroutine, awaited by the flow (a coroutine of this method around it would be one
+        more frame held by every call for as long as it waits)."""
+        return self.facts.get(deadline)
 
     def _loop_time(self) -> float:
         return asyncio.get_running_loop().time()

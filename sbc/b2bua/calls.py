@@ -199,11 +199,15 @@ class CallManager:
         # one its INVITE's responses carry), with no table by transaction of its own.
         self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self._uac_call_ids: dict[str, tuple[Call, Leg]] = {}  # Call-IDs sbc chose
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Each call's task (its flow, Call.run) -> the call; the manager's share of ending a
+        # call runs as the task's done callback (_call_done: one bound method for all), not
+        # in a coroutine wrapped around Call.run, whose frame every call would hold.
+        self._tasks: dict[asyncio.Task[Any], Call] = {}
         # What every call is given to report a new leg and reaching its peer: bound once here
         # (a bound method made per call, or a closure, would be held by each call).
         self._route_new_leg = self._route
         self._b_reached_hook = self._b_reached
+        self._call_done_hook = self._call_done
         self._stopping = False
         self._draining = False
         # Whether the peers answer sbc's INVITEs; outages logged once (reachability.py).
@@ -548,9 +552,9 @@ class CallManager:
         for leg in call.all_legs:
             self._route(call, leg)
         self.events.publish(CallStarted(call.call_uuid, call.config.route))
-        task = asyncio.ensure_future(self._run(call))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.ensure_future(call.run())
+        self._tasks[task] = call
+        task.add_done_callback(self._call_done_hook)
 
     def _b_reached(self, peer: Peer, failure: str | None) -> None:
         if failure is None:
@@ -567,30 +571,30 @@ class CallManager:
         if ladder is not None:
             self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value, leg.call_id)
 
-    async def _run(self, call: Call) -> None:
-        try:
-            await call.run()
-        finally:
-            if self.calls.pop(call.call_uuid, None) is not None:
-                self.route_active[call.config.route] -= 1
-            host = self._call_sources.pop(call.call_uuid, None)
-            if host is not None:
-                left = self.calls_by_source.get(host, 1) - 1
-                if left > 0:
-                    self.calls_by_source[host] = left
-                else:
-                    self.calls_by_source.pop(host, None)
-            if not self.calls:
-                self._idle.set()
-            for leg in call.all_legs:
-                self._dialogs.pop(leg.key, None)
-                self._uac_call_ids.pop(leg.call_id, None)
-                self._ladder_legs.pop(leg.call_id, None)
-            record = record_of(call, self._ladders.pop(call.call_uuid, None))
-            self.records.append(record)
-            del self.records[:-100]
-            self.events.publish(CallEnded(record))
-            call.dispose()  # no cycle left: freed now, not at the next full collection
+    def _call_done(self, task: asyncio.Task[Any]) -> None:
+        """A call's flow returned (or was cancelled): unroute it, publish its record, free it.
+        Runs before anything that awaits the task resumes (its callback came first)."""
+        call = self._tasks.pop(task)
+        if self.calls.pop(call.call_uuid, None) is not None:
+            self.route_active[call.config.route] -= 1
+        host = self._call_sources.pop(call.call_uuid, None)
+        if host is not None:
+            left = self.calls_by_source.get(host, 1) - 1
+            if left > 0:
+                self.calls_by_source[host] = left
+            else:
+                self.calls_by_source.pop(host, None)
+        if not self.calls:
+            self._idle.set()
+        for leg in call.all_legs:
+            self._dialogs.pop(leg.key, None)
+            self._uac_call_ids.pop(leg.call_id, None)
+            self._ladder_legs.pop(leg.call_id, None)
+        record = record_of(call, self._ladders.pop(call.call_uuid, None))
+        self.records.append(record)
+        del self.records[:-100]
+        self.events.publish(CallEnded(record))
+        call.dispose()  # no cycle left: freed now, not at the next full collection
 
     @property
     def _server(self) -> tuple[tuple[str, str], ...]:
