@@ -759,10 +759,11 @@ class Call:
         return True
 
     def _slim_a_invite(self) -> None:
-        """Leg a's INVITE is answered and ACKed: keep only the fields a response to it is
-        built from and those read later (Allow, for a session refresh by UPDATE), not the
-        whole parsed request with its body and parsed fields (about 3 KB held by the call and
-        by leg a's IncomingRequest for the whole call; bench/bench_held.py)."""
+        """Leg a's INVITE is answered and ACKed: keep only the fields read later (Call-ID, and
+        Allow for a session refresh by UPDATE), not the whole parsed request with its body and
+        fields (held by the call and by leg a's IncomingRequest for the whole call;
+        bench/bench_held_service.py). Nothing answers that INVITE any more: its final response
+        went (``final_sent``), so what a response is built from (Via, From, To, CSeq) goes too."""
         invite = self.a_invite
         # The parsed fields as they are (names already canonical), not copies of them.
         kept = tuple([item for item in invite.headers.items() if item[0] in _A_INVITE_KEPT])
@@ -1062,11 +1063,9 @@ class Call:
 # by all legs (bounded: a few per transport and route), not one per leg of each held call.
 _local_address = functools.lru_cache(maxsize=64)(LocalAddress)
 
-# The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): those that
-# build_response copies, and what the call reads later (canonical names: the parser's).
-_A_INVITE_KEPT = frozenset(
-    {"Via", "From", "To", "Call-ID", "CSeq", "Timestamp", "Record-Route", "Allow"}
-)
+# The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): what the call
+# reads later (canonical names: the parser's).
+_A_INVITE_KEPT = frozenset({"Call-ID", "Allow"})
 
 # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them. One
 # table for all calls, not a dict of bound methods and closures per call (about 1.2 KiB each,
