@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -106,25 +107,111 @@ def _call_id_key(role: Role, *, initial: bool = True) -> str:
     return f"{role.peer.value if initial else role.value}_call_id"
 
 
+class _Deadlines:
+    """The deadlines of one event loop's fact queues, on one loop timer.
+
+    A held call waits hours for its next deadline (its call limit); one timer handle of the
+    loop per call is about 580 bytes of every held call (uvloop's handle and timer), an entry
+    here about 130. The entries are a heap; the loop timer is armed for the earliest, and
+    when it fires every entry due is expired. A queue that stops waiting for its entry (a fact
+    came with a new deadline, the call ended) empties it at once (nothing of the call is kept
+    by it) and leaves it in the heap; the heap is rebuilt without them once they are more
+    than half of it.
+    """
+
+    __slots__ = ("_heap", "_loop", "_seq", "_stale", "_timer", "_timer_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # Entries: [deadline, sequence number (ties, and never a queue compared), queue or None]
+        self._heap: list[list[Any]] = []
+        self._seq = 0
+        self._stale = 0  # entries whose queue let go of them
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._stale
+
+    def arm(self, deadline: float, queue: FactQueue) -> list[Any]:
+        """Expire ``queue`` at ``deadline`` (loop time); returns the entry to :meth:`disarm`."""
+        self._seq += 1
+        entry = [deadline, self._seq, queue]
+        heapq.heappush(self._heap, entry)
+        if deadline < self._timer_at:
+            self._arm_timer(deadline)
+        return entry
+
+    def disarm(self, entry: list[Any]) -> None:
+        entry[2] = None
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 64 and 2 * self._stale > len(heap):
+            heap[:] = [e for e in heap if e[2] is not None]
+            heapq.heapify(heap)
+            self._stale = 0
+        if not len(self):
+            # Nothing left to wake: no entry and no handle left in the loop.
+            heap.clear()
+            self._stale = 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._timer_at = None, float("inf")
+
+    def _arm_timer(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._fire)
+        self._timer_at = deadline
+
+    def _fire(self) -> None:
+        # Due: what the timer was armed for (the loop may run it a little early) and all
+        # that is past by now.
+        due = max(self._timer_at, self._loop.time())
+        self._timer, self._timer_at = None, float("inf")
+        heap = self._heap
+        while heap and (heap[0][0] <= due or heap[0][2] is None):
+            queue = heapq.heappop(heap)[2]
+            if queue is None:
+                self._stale -= 1
+            else:
+                queue._expire()
+        if heap:
+            self._arm_timer(heap[0][0])
+
+
+# The deadlines of the loop that ran last (one loop per process; tests make one per test).
+_deadlines: _Deadlines | None = None
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    global _deadlines
+    deadlines = _deadlines
+    if deadlines is None or deadlines._loop is not loop:
+        deadlines = _deadlines = _Deadlines(loop)
+    return deadlines
+
+
 class FactQueue:
     """The call's facts, read by its flow alone: a list and at most one waiting future.
 
     What an :class:`asyncio.Queue` would do here, without its three deques (about 2.3 KiB per
     call held) and without :func:`asyncio.timeout_at` around each wait (a Timeout object and
-    a cancellation of the call's task when it fires). A deadline is one timer handle that
-    wakes the waiter; it stays armed across waits for the same deadline (the flow waits for
-    the same answer timeout or call limit fact after fact) and is re-armed only when the
-    deadline changes. :meth:`close` cancels it when the call ends."""
+    a cancellation of the call's task when it fires). A deadline is one entry of the loop's
+    :class:`_Deadlines` that wakes the waiter; it stays armed across waits for the same
+    deadline (the flow waits for the same answer timeout or call limit fact after fact) and
+    is re-armed only when the deadline changes. :meth:`close` disarms it when the call ends."""
 
-    __slots__ = ("_deadline", "_facts", "_timer", "_waiter")
+    __slots__ = ("_deadline", "_deadlines", "_entry", "_facts", "_waiter")
 
     def __init__(self) -> None:
         # A list, not a deque: rarely more than one fact waits, and an empty deque is a block
         # of 64 slots (760 bytes) held for the whole call.
         self._facts: list[Fact] = []
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = float("inf")  # what _timer is armed for
+        self._entry: list[Any] | None = None  # in _deadlines, armed for _deadline
+        self._deadlines: _Deadlines | None = None
+        self._deadline = float("inf")
 
     def put_nowait(self, fact: Fact) -> None:
         self._facts.append(fact)
@@ -150,7 +237,8 @@ class FactQueue:
         if deadline != self._deadline:
             self.close()
             if deadline != float("inf"):
-                self._timer = loop.call_at(deadline, self._expire)
+                deadlines = self._deadlines = _deadlines_of(loop)
+                self._entry = deadlines.arm(deadline, self)
                 self._deadline = deadline
         try:
             await waiter
@@ -159,18 +247,20 @@ class FactQueue:
         return self._facts.pop(0) if self._facts else None
 
     def _expire(self) -> None:
-        self._timer = None
+        self._entry = None
         self._deadline = float("inf")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def close(self) -> None:
-        """No more waits with a deadline: cancel the armed timer (an ended call's would
-        otherwise stay in the loop's heap until its limit, hours away)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """No more waits with a deadline: disarm it (an ended call's entry would otherwise
+        keep the queue until its limit, hours away)."""
+        entry = self._entry
+        if entry is not None:
+            self._entry = None
+            assert self._deadlines is not None
+            self._deadlines.disarm(entry)
         self._deadline = float("inf")
 
 
