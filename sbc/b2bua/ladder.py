@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import threading
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -322,11 +323,13 @@ class Ladder:
     # Slots, no tail until the head is full (long calls only), no set of identities until the
     # ladder is read, one lock for all ladders: every held call has a ladder.
     __slots__ = (
-        "_call_ids",
+        "_fields",
         "_head",
+        "_idents",
         "_pending",
         "_seen",
         "_tail",
+        "_times",
         "limit",
         "omitted",
         "tail_size",
@@ -343,9 +346,17 @@ class Ladder:
         # What identifies a message sent or received again unchanged (bounded like the
         # ladder); made when the ladder is first read.
         self._seen: set[tuple[object, ...]] | None = None
+        # The messages noted and not summarised while the head has room (every message of
+        # most calls), in columns rather than a tuple each: _RAW_FIELDS objects per message
+        # in one list, the times and identities in two arrays of machine numbers (a float and
+        # an int object less per message). None until the first, and once summarised.
+        self._fields: list[Any] | None = None
+        self._times: array[float] | None = None
+        self._idents: array[int] | None = None
 
     def __len__(self) -> int:
-        return len(self._head) + len(self._tail)
+        times = self._times
+        return len(self._head) + len(self._tail) + (0 if times is None else len(times))
 
     def add(self, entry: LadderEntry, message: Request | Response) -> None:
         """Keep ``entry``, the summary of ``message``, marked when it is a retransmission."""
@@ -385,21 +396,24 @@ class Ladder:
         if leg_call_id is not None:
             call_id = leg_call_id
         where = (direction, local, leg, peer, credentials)
-        raw: _Raw = (
-            at,
-            shared(where) or _shared(where),
-            head,
-            tail,
-            call_id,
-            shared(cseq) or _shared(cseq),
-            hash((via, to)),  # _identity(), inline
-            peer_address,
-        )
-        if len(self._head) < self.limit - self.tail_size:
-            self._head.append(raw)
+        where = shared(where) or _shared(where)
+        cseq = shared(cseq) or _shared(cseq)
+        ident = hash((via, to))  # _identity(), inline
+        times = self._times
+        if len(self._head) + (0 if times is None else len(times)) < self.limit - self.tail_size:
+            fields = self._fields
+            if fields is None or times is None or self._idents is None:
+                fields, times = self._fields, self._times = [], array("d")
+                self._idents = array("q")
+            fields += (where, head, tail, call_id, cseq, peer_address)  # _RAW_FIELDS
+            times.append(at)
+            self._idents.append(ident)
             self._pending += 1
             return
-        self._keep(None, raw)
+        # The head is full (a long call): what it holds is summarised now, in order, and this
+        # message goes to the tail (the rare path).
+        self._resolve()
+        self._keep(None, (at, where, head, tail, call_id, cseq, ident, peer_address))
 
     def _keep(self, entry: LadderEntry | None, raw: _Raw | None) -> None:
         item: LadderEntry | _Raw | _Summary = entry if entry is not None else raw  # type: ignore[assignment]
@@ -453,6 +467,15 @@ class Ladder:
         with _LOCK:
             if not self._pending:
                 return
+            fields, times, idents = self._fields, self._times, self._idents
+            if fields is not None and times is not None and idents is not None:
+                # The noted messages come after everything kept so far (the head is not full
+                # while they are noted): summarised in order, onto the head.
+                head = self._head
+                for i, at in enumerate(times):
+                    w, h, t, c, q, a = fields[_RAW_FIELDS * i : _RAW_FIELDS * (i + 1)]
+                    head.append(_resolved(self, (at, w, h, t, c, q, idents[i], a)))
+                self._fields = self._times = self._idents = None
             for items in (self._head, self._tail):
                 for i, item in enumerate(items):
                     if type(item) is tuple and len(item) == _RAW_SIZE:
@@ -473,6 +496,7 @@ class Ladder:
 
 
 _RAW_SIZE = 8  # a _Raw's length (a _Summary has 11 items)
+_RAW_FIELDS = 6  # objects per message in Ladder._fields (a _Raw but its time and identity)
 
 # Summaries are made on the event loop (a long call's ladder, add()) or in the records
 # writer's thread (an ended call's): one lock for every ladder, taken once per ladder read.
