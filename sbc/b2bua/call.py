@@ -855,8 +855,15 @@ class Call:
         bench/bench_held_service.py). Nothing answers that INVITE any more: its final response
         went (``final_sent``), so what a response is built from (Via, From, To, CSeq) goes too."""
         invite = self.a_invite
-        # The parsed fields as they are (names already canonical), not copies of them.
-        kept = tuple([item for item in invite.headers.items() if item[0] in _A_INVITE_KEPT])
+        # The parsed fields as they are (names already canonical), not copies of them; the
+        # PBX's Allow is the same for every call: one field for all (bounded).
+        kept = tuple(
+            [
+                _shared_allow(item) if item[0] == "Allow" else item
+                for item in invite.headers.items()
+                if item[0] in _A_INVITE_KEPT
+            ]
+        )
         slim = Request(invite.method, invite.uri, Headers._trusted(kept), b"", invite.version)
         self.a_invite = slim
         self.incoming.request = slim
@@ -1156,6 +1163,18 @@ _local_address = functools.lru_cache(maxsize=64)(LocalAddress)
 # The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): what the call
 # reads later (canonical names: the parser's).
 _A_INVITE_KEPT = frozenset({"Call-ID", "Allow"})
+_ALLOW_FIELDS: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _shared_allow(field: tuple[str, str]) -> tuple[str, str]:
+    """The first equal Allow field kept (a few PBXs, a few texts: at most 64 kept)."""
+    found = _ALLOW_FIELDS.get(field)
+    if found is not None:
+        return found
+    if len(_ALLOW_FIELDS) < 64:
+        _ALLOW_FIELDS[field] = field
+    return field
+
 
 # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them. One
 # table for all calls, not a dict of bound methods and closures per call (about 1.2 KiB each,

@@ -39,8 +39,16 @@ async def test_a_held_call_keeps_only_what_it_reads_of_its_invite() -> None:
     assert kept == {"Call-ID", "Allow"}
     for name in kept:
         assert slim.headers.get_all(name) == invite.headers.get_all(name)
-    # The same objects, not copies (a held call keeps them for hours).
+    # The same objects, not copies (a held call keeps them for hours); the PBX's Allow is one
+    # field for all its calls.
     assert slim.call_id is invite.call_id is call.origin.call_id
+    other = Harness(invite=a_invite(("Session-Expires", "1800;refresher=uac")))
+    await other.connect()
+    await asyncio.sleep(0)
+    (allow,) = [item for item in slim.headers.items() if item[0] == "Allow"]
+    (again,) = [item for item in other.call.a_invite.headers.items() if item[0] == "Allow"]
+    assert again is allow
+    await hang_up(other)
     # Nothing answers leg a's INVITE any more: its final response went, so a response is
     # never built from what was cut (Via, From, To, CSeq).
     assert call.incoming.final_sent
