@@ -399,9 +399,10 @@ class Ladder:
         where = shared(where) or _shared(where)
         cseq = shared(cseq) or _shared(cseq)
         ident = hash((via, to))  # _identity(), inline
-        times = self._times
-        if len(self._head) + (0 if times is None else len(times)) < self.limit - self.tail_size:
-            fields = self._fields
+        # While the head has room, what is pending is all in the columns (a message goes to
+        # the tail only after they were summarised): their count is _pending.
+        if len(self._head) + self._pending < self.limit - self.tail_size:
+            fields, times = self._fields, self._times
             if fields is None or times is None or self._idents is None:
                 fields, times = self._fields, self._times = [], array("d")
                 self._idents = array("q")
