@@ -477,10 +477,12 @@ class Ladder:
                     w, h, t, c, q, a = fields[_RAW_FIELDS * i : _RAW_FIELDS * (i + 1)]
                     head.append(_resolved(self, (at, w, h, t, c, q, idents[i], a)))
                 self._fields = self._times = self._idents = None
-            for items in (self._head, self._tail):
-                for i, item in enumerate(items):
-                    if type(item) is tuple and len(item) == _RAW_SIZE:
-                        items[i] = _resolved(self, item)  # type: ignore[arg-type, index]
+            # Anything else pending is in the tail (a message is kept as a _Raw only once the
+            # head is full).
+            tail = self._tail
+            for i, item in enumerate(tail):
+                if type(item) is tuple and len(item) == _RAW_SIZE:
+                    tail[i] = _resolved(self, item)  # type: ignore[arg-type, index]
             self._pending = 0
 
     def _seen_before(self, key: tuple[object, ...]) -> bool:
