@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -63,7 +64,7 @@ from sbc.b2bua.transfer import Transfer, TransferRecord
 from sbc.media.base import MediaBackend
 from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.sdp.parser import parse_sdp, serialize_sdp
-from sbc.sip.digest import ClientAuth, Credentials
+from sbc.sip.digest import Credentials
 from sbc.sip.errors import (
     MethodNotAllowed,
     NotImplementedMethod,
@@ -85,7 +86,7 @@ HeaderList = tuple[tuple[str, str], ...]
 DialogHandler = Callable[["Call", Leg, IncomingRequest], Awaitable[CallInput | None]]
 
 
-def _no_leg(leg: Leg) -> None:
+def _no_leg(call: Call, leg: Leg) -> None:
     """What a call tells the manager of a new leg before the manager routes its legs, and
     after it ended (see Call.dispose): nothing. Module functions, not a lambda per call."""
 
@@ -106,25 +107,111 @@ def _call_id_key(role: Role, *, initial: bool = True) -> str:
     return f"{role.peer.value if initial else role.value}_call_id"
 
 
+class _Deadlines:
+    """The deadlines of one event loop's fact queues, on one loop timer.
+
+    A held call waits hours for its next deadline (its call limit); one timer handle of the
+    loop per call is about 580 bytes of every held call (uvloop's handle and timer), an entry
+    here about 130. The entries are a heap; the loop timer is armed for the earliest, and
+    when it fires every entry due is expired. A queue that stops waiting for its entry (a fact
+    came with a new deadline, the call ended) empties it at once (nothing of the call is kept
+    by it) and leaves it in the heap; the heap is rebuilt without them once they are more
+    than half of it.
+    """
+
+    __slots__ = ("_heap", "_loop", "_seq", "_stale", "_timer", "_timer_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # Entries: [deadline, sequence number (ties, and never a queue compared), queue or None]
+        self._heap: list[list[Any]] = []
+        self._seq = 0
+        self._stale = 0  # entries whose queue let go of them
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._stale
+
+    def arm(self, deadline: float, queue: FactQueue) -> list[Any]:
+        """Expire ``queue`` at ``deadline`` (loop time); returns the entry to :meth:`disarm`."""
+        self._seq += 1
+        entry = [deadline, self._seq, queue]
+        heapq.heappush(self._heap, entry)
+        if deadline < self._timer_at:
+            self._arm_timer(deadline)
+        return entry
+
+    def disarm(self, entry: list[Any]) -> None:
+        entry[2] = None
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 64 and 2 * self._stale > len(heap):
+            heap[:] = [e for e in heap if e[2] is not None]
+            heapq.heapify(heap)
+            self._stale = 0
+        if not len(self):
+            # Nothing left to wake: no entry and no handle left in the loop.
+            heap.clear()
+            self._stale = 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer, self._timer_at = None, float("inf")
+
+    def _arm_timer(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._fire)
+        self._timer_at = deadline
+
+    def _fire(self) -> None:
+        # Due: what the timer was armed for (the loop may run it a little early) and all
+        # that is past by now.
+        due = max(self._timer_at, self._loop.time())
+        self._timer, self._timer_at = None, float("inf")
+        heap = self._heap
+        while heap and (heap[0][0] <= due or heap[0][2] is None):
+            queue = heapq.heappop(heap)[2]
+            if queue is None:
+                self._stale -= 1
+            else:
+                queue._expire()
+        if heap:
+            self._arm_timer(heap[0][0])
+
+
+# The deadlines of the loop that ran last (one loop per process; tests make one per test).
+_deadlines: _Deadlines | None = None
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    global _deadlines
+    deadlines = _deadlines
+    if deadlines is None or deadlines._loop is not loop:
+        deadlines = _deadlines = _Deadlines(loop)
+    return deadlines
+
+
 class FactQueue:
     """The call's facts, read by its flow alone: a list and at most one waiting future.
 
     What an :class:`asyncio.Queue` would do here, without its three deques (about 2.3 KiB per
     call held) and without :func:`asyncio.timeout_at` around each wait (a Timeout object and
-    a cancellation of the call's task when it fires). A deadline is one timer handle that
-    wakes the waiter; it stays armed across waits for the same deadline (the flow waits for
-    the same answer timeout or call limit fact after fact) and is re-armed only when the
-    deadline changes. :meth:`close` cancels it when the call ends."""
+    a cancellation of the call's task when it fires). A deadline is one entry of the loop's
+    :class:`_Deadlines` that wakes the waiter; it stays armed across waits for the same
+    deadline (the flow waits for the same answer timeout or call limit fact after fact) and
+    is re-armed only when the deadline changes. :meth:`close` disarms it when the call ends."""
 
-    __slots__ = ("_deadline", "_facts", "_timer", "_waiter")
+    __slots__ = ("_deadline", "_deadlines", "_entry", "_facts", "_waiter")
 
     def __init__(self) -> None:
         # A list, not a deque: rarely more than one fact waits, and an empty deque is a block
         # of 64 slots (760 bytes) held for the whole call.
         self._facts: list[Fact] = []
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = float("inf")  # what _timer is armed for
+        self._entry: list[Any] | None = None  # in _deadlines, armed for _deadline
+        self._deadlines: _Deadlines | None = None
+        self._deadline = float("inf")
 
     def put_nowait(self, fact: Fact) -> None:
         self._facts.append(fact)
@@ -139,15 +226,19 @@ class FactQueue:
         return self._facts.pop(0)  # IndexError when empty, like QueueEmpty
 
     async def get(self, deadline: float = float("inf")) -> Fact | None:
-        """The next fact; None once ``deadline`` (loop time) passes first."""
+        """The next fact; None once ``deadline`` (loop time) passes first, or at once when it
+        has passed already (even with facts queued: they wait for the next get)."""
+        loop = asyncio.get_running_loop()
+        if deadline <= loop.time():
+            return None
         if self._facts:
             return self._facts.pop(0)
-        loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         if deadline != self._deadline:
             self.close()
             if deadline != float("inf"):
-                self._timer = loop.call_at(deadline, self._expire)
+                deadlines = self._deadlines = _deadlines_of(loop)
+                self._entry = deadlines.arm(deadline, self)
                 self._deadline = deadline
         try:
             await waiter
@@ -156,18 +247,20 @@ class FactQueue:
         return self._facts.pop(0) if self._facts else None
 
     def _expire(self) -> None:
-        self._timer = None
+        self._entry = None
         self._deadline = float("inf")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def close(self) -> None:
-        """No more waits with a deadline: cancel the armed timer (an ended call's would
-        otherwise stay in the loop's heap until its limit, hours away)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """No more waits with a deadline: disarm it (an ended call's entry would otherwise
+        keep the queue until its limit, hours away)."""
+        entry = self._entry
+        if entry is not None:
+            self._entry = None
+            assert self._deadlines is not None
+            self._deadlines.disarm(entry)
         self._deadline = float("inf")
 
 
@@ -277,11 +370,15 @@ class Call:
         self.transfer: Transfer | None = None
         self.transfers: list[TransferRecord] = []  # every transfer tried, in order
         self.all_legs: list[Leg] = []  # every leg the call ever had (the manager routes them)
-        self.on_new_leg: Callable[[Leg], None] = _no_leg  # the manager routes to it
+        # The manager routes its dialog (one callable for all calls, given the call: not a
+        # closure per call).
+        self.on_new_leg: Callable[[Call, Leg], None] = _no_leg
         # Leg b's INVITE reached its peer (None) or failed locally (the engine's own 408/503:
         # what went wrong); the manager logs outages once (sbc/b2bua/reachability.py).
         self.on_b_reached: Callable[[Peer, str | None], None] = _no_reach
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # The call's tasks besides its flow, made on the first (most calls have none: an empty
+        # set is 216 bytes of every held call).
+        self._tasks: set[asyncio.Task[Any]] | None = None
         # Set once the flow hangs up its legs and reads no more facts: a request arriving
         # then (the peer's BYE crossing sbc's) is answered at once, not queued for nobody,
         # or its server transaction would wait for an answer forever.
@@ -313,7 +410,7 @@ class Call:
         self.all_legs.extend((a, b))
         self.bridge = Bridge(a, b)
         self.absorber = Absorber(
-            config=config, bridge=lambda: self.bridge, spawn=self.spawn, log=self.log
+            config=config, bridge=self._current_bridge, spawn=self.spawn, log=self.log
         )
 
     # -- what differs by direction (RetellCall overrides these) -------------------------------
@@ -375,15 +472,13 @@ class Call:
         self.log = self.log.bind(**{key: leg.call_id})
         leg.log = leg.log.bind(**{key: leg.call_id})
         self.all_legs.append(leg)
-        self.on_new_leg(leg)
+        self.on_new_leg(self, leg)
 
-    def _auth_for(self, peer: Peer) -> ClientAuth | None:
+    def _auth_for(self, peer: Peer) -> Credentials | None:
         # 3CX challenges what an extension sends (docs/peers.md); Retell may challenge sbc's
-        # INVITE, answered with the trunk credentials when configured.
-        credentials: Credentials | None = (
-            self.config.pbx_credentials if peer is Peer.PBX else self.config.retell_credentials
-        )
-        return None if credentials is None else ClientAuth(credentials)
+        # INVITE, answered with the trunk credentials when configured (the leg makes its
+        # ClientAuth on the first challenge).
+        return self.config.pbx_credentials if peer is Peer.PBX else self.config.retell_credentials
 
     def _local(self, role: Role, transport: str | None = None) -> LocalAddress:
         """sbc's Contact toward ``role``'s peer; toward the PBX it carries the extension."""
@@ -396,6 +491,10 @@ class Call:
             user = self.config.extension
         port = self.engine.config.via_port(transport)
         return _local_address(self.engine.config.via_host, port, transport, user)
+
+    def _current_bridge(self) -> Bridge:
+        """The absorber's view of the bridge (a bound method: no closure and cell per call)."""
+        return self.bridge
 
     @property
     def origin(self) -> Leg:
@@ -750,13 +849,22 @@ class Call:
         return True
 
     def _slim_a_invite(self) -> None:
-        """Leg a's INVITE is answered and ACKed: keep only the fields a response to it is
-        built from and those read later (Allow, for a session refresh by UPDATE), not the
-        whole parsed request with its body and parsed fields (about 3 KB held by the call and
-        by leg a's IncomingRequest for the whole call; bench/bench_held.py)."""
+        """Leg a's INVITE is answered and ACKed: keep only the fields read later (Call-ID, and
+        Allow for a session refresh by UPDATE), not the whole parsed request with its body and
+        fields (held by the call and by leg a's IncomingRequest for the whole call;
+        bench/bench_held_service.py). Nothing answers that INVITE any more: its final response
+        went (``final_sent``), so what a response is built from (Via, From, To, CSeq) goes too."""
         invite = self.a_invite
-        kept = tuple((n, v) for n, v in invite.headers.items() if n in _A_INVITE_KEPT)
-        slim = Request(invite.method, invite.uri, Headers(kept), b"", invite.version)
+        # The parsed fields as they are (names already canonical), not copies of them; the
+        # PBX's Allow is the same for every call: one field for all (bounded).
+        kept = tuple(
+            [
+                _shared_allow(item) if item[0] == "Allow" else item
+                for item in invite.headers.items()
+                if item[0] in _A_INVITE_KEPT
+            ]
+        )
+        slim = Request(invite.method, invite.uri, Headers._trusted(kept), b"", invite.version)
         self.a_invite = slim
         self.incoming.request = slim
 
@@ -991,10 +1099,11 @@ class Call:
         self.state = CallState.ENDED
 
     async def _release(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = self._tasks
+        if tasks:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self.absorber.cancel_waits()
         media = self.bridge.media
         if media is not None:
@@ -1012,11 +1121,11 @@ class Call:
         if reason is not None and not self.end_reason:
             self.end_reason = reason
 
-    async def _next_fact(self, deadline: float) -> Fact | None:
-        """The next fact, or None once ``deadline`` (loop time) has passed."""
-        if deadline <= self._loop_time():
-            return None
-        return await self.facts.get(deadline)
+    def _next_fact(self, deadline: float) -> Coroutine[Any, Any, Fact | None]:
+        """The next fact, or None once ``deadline`` (loop time) has passed: the queue's own
+        coroutine, awaited by the flow (a coroutine of this method around it would be one
+        more frame held by every call for as long as it waits)."""
+        return self.facts.get(deadline)
 
     def _loop_time(self) -> float:
         return asyncio.get_running_loop().time()
@@ -1033,14 +1142,17 @@ class Call:
         self.on_new_leg = _no_leg
         self.on_b_reached = _no_reach
         self.transfer = None
-        self._tasks.clear()
+        self._tasks = None
         self.absorber.dispose()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as one of the call's tasks (cancelled when the call ends)."""
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks
+        if tasks is None:
+            tasks = self._tasks = set()
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
 
@@ -1048,11 +1160,21 @@ class Call:
 # by all legs (bounded: a few per transport and route), not one per leg of each held call.
 _local_address = functools.lru_cache(maxsize=64)(LocalAddress)
 
-# The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): those that
-# build_response copies, and what the call reads later (canonical names: the parser's).
-_A_INVITE_KEPT = frozenset(
-    {"Via", "From", "To", "Call-ID", "CSeq", "Timestamp", "Record-Route", "Allow"}
-)
+# The fields of leg a's INVITE kept once the call is up (Call._slim_a_invite): what the call
+# reads later (canonical names: the parser's).
+_A_INVITE_KEPT = frozenset({"Call-ID", "Allow"})
+_ALLOW_FIELDS: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+def _shared_allow(field: tuple[str, str]) -> tuple[str, str]:
+    """The first equal Allow field kept (a few PBXs, a few texts: at most 64 kept)."""
+    found = _ALLOW_FIELDS.get(field)
+    if found is not None:
+        return found
+    if len(_ALLOW_FIELDS) < 64:
+        _ALLOW_FIELDS[field] = field
+    return field
+
 
 # In-dialog requests each leg's peer may send (messages.HANDLED), and who serves them. One
 # table for all calls, not a dict of bound methods and closures per call (about 1.2 KiB each,

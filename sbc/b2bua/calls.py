@@ -201,10 +201,19 @@ class CallManager:
         # a burst of calls and held its allocator arenas (docs/performance.md, Round 4: idle).
         self.records: list[CallRecord] = []
         self.keep_records = keep_records
-        self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}  # by (Call-ID, our tag)
-        self._invites: dict[str, tuple[Call, Leg]] = {}  # INVITE server transaction key
+        # By (Call-ID, our tag); also how a CANCEL finds its INVITE's leg (leg a's tag is the
+        # one its INVITE's responses carry), with no table by transaction of its own.
+        self._dialogs: dict[tuple[str, str], tuple[Call, Leg]] = {}
         self._uac_call_ids: dict[str, tuple[Call, Leg]] = {}  # Call-IDs sbc chose
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Each call's task (its flow, Call.run) -> the call; the manager's share of ending a
+        # call runs as the task's done callback (_call_done: one bound method for all), not
+        # in a coroutine wrapped around Call.run, whose frame every call would hold.
+        self._tasks: dict[asyncio.Task[Any], Call] = {}
+        # What every call is given to report a new leg and reaching its peer: bound once here
+        # (a bound method made per call, or a closure, would be held by each call).
+        self._route_new_leg = self._route
+        self._b_reached_hook = self._b_reached
+        self._call_done_hook = self._call_done
         self._stopping = False
         self._draining = False
         # Whether the peers answer sbc's INVITEs; outages logged once (reachability.py).
@@ -216,7 +225,8 @@ class CallManager:
         self.ladder_messages = ladder_messages
         self._ladders: dict[str, Ladder] = {}  # by call_uuid
         # By the leg's Call-ID: the ladder, the leg's role and peer (as the ladder writes them)
-        self._ladder_legs: dict[str, tuple[Ladder, str, str]] = {}
+        # and that Call-ID (the leg's string: every message's ladder entry shares it)
+        self._ladder_legs: dict[str, tuple[Ladder, str, str, str]] = {}
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
         self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
@@ -267,7 +277,6 @@ class CallManager:
         return {
             "calls": len(self.calls),
             "dialogs": len(self._dialogs),
-            "invites": len(self._invites),
             "uac_call_ids": len(self._uac_call_ids),
             "call_tasks": len(self._tasks),
             "ladders": len(self._ladders),
@@ -544,15 +553,14 @@ class CallManager:
         self._call_sources[call.call_uuid] = host
         self.calls_by_source[host] = self.calls_by_source.get(host, 0) + 1
         self._idle.clear()
-        call.on_new_leg = lambda leg: self._route(call, leg)
-        call.on_b_reached = self._b_reached
+        call.on_new_leg = self._route_new_leg
+        call.on_b_reached = self._b_reached_hook
         for leg in call.all_legs:
             self._route(call, leg)
-        self._invites[incoming.key] = (call, call.origin)
         self.events.publish(CallStarted(call.call_uuid, call.config.route))
-        task = asyncio.ensure_future(self._run(call, incoming.key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.ensure_future(call.run())
+        self._tasks[task] = call
+        task.add_done_callback(self._call_done_hook)
 
     def _b_reached(self, peer: Peer, failure: str | None) -> None:
         if failure is None:
@@ -567,34 +575,33 @@ class CallManager:
             self._uac_call_ids[leg.call_id] = (call, leg)
         ladder = self._ladders.get(call.call_uuid)
         if ladder is not None:
-            self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value)
+            self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value, leg.call_id)
 
-    async def _run(self, call: Call, invite_key: str) -> None:
-        try:
-            await call.run()
-        finally:
-            if self.calls.pop(call.call_uuid, None) is not None:
-                self.route_active[call.config.route] -= 1
-            host = self._call_sources.pop(call.call_uuid, None)
-            if host is not None:
-                left = self.calls_by_source.get(host, 1) - 1
-                if left > 0:
-                    self.calls_by_source[host] = left
-                else:
-                    self.calls_by_source.pop(host, None)
-            if not self.calls:
-                self._idle.set()
-            for leg in call.all_legs:
-                self._dialogs.pop(leg.key, None)
-                self._uac_call_ids.pop(leg.call_id, None)
-                self._ladder_legs.pop(leg.call_id, None)
-            self._invites.pop(invite_key, None)
-            record = record_of(call, self._ladders.pop(call.call_uuid, None))
-            if self.keep_records > 0:
-                self.records.append(record)
-                del self.records[: -self.keep_records]
-            self.events.publish(CallEnded(record))
-            call.dispose()  # no cycle left: freed now, not at the next full collection
+    def _call_done(self, task: asyncio.Task[Any]) -> None:
+        """A call's flow returned (or was cancelled): unroute it, publish its record, free it.
+        Runs before anything that awaits the task resumes (its callback came first)."""
+        call = self._tasks.pop(task)
+        if self.calls.pop(call.call_uuid, None) is not None:
+            self.route_active[call.config.route] -= 1
+        host = self._call_sources.pop(call.call_uuid, None)
+        if host is not None:
+            left = self.calls_by_source.get(host, 1) - 1
+            if left > 0:
+                self.calls_by_source[host] = left
+            else:
+                self.calls_by_source.pop(host, None)
+        if not self.calls:
+            self._idle.set()
+        for leg in call.all_legs:
+            self._dialogs.pop(leg.key, None)
+            self._uac_call_ids.pop(leg.call_id, None)
+            self._ladder_legs.pop(leg.call_id, None)
+        record = record_of(call, self._ladders.pop(call.call_uuid, None))
+        if self.keep_records > 0:
+            self.records.append(record)
+            del self.records[: -self.keep_records]
+        self.events.publish(CallEnded(record))
+        call.dispose()  # no cycle left: freed now, not at the next full collection
 
     @property
     def _server(self) -> tuple[tuple[str, str], ...]:
@@ -622,7 +629,7 @@ class CallManager:
                 self._arriving = (message, peer, self._local(peer), self._now())
             return
         # Eleven messages a call: _local() and _now() inlined for their common case.
-        ladder, role, far = found
+        ladder, role, far, leg_call_id = found
         local = self._locals.get(peer.transport)
         wall = self._wall
         ladder.note(
@@ -633,6 +640,7 @@ class CallManager:
             leg=role,
             peer=far,
             at=wall() if wall is not None else time.time(),
+            leg_call_id=leg_call_id,
         )
 
     def _local(self, peer: Destination) -> str:
@@ -665,8 +673,8 @@ class CallManager:
 
     def handle_cancel(self, incoming: IncomingRequest, cancel: Request) -> None:
         # The transaction layer answered the CANCEL 200; the call answers its INVITE 487.
-        found = self._invites.get(incoming.key)
-        if found is not None:
+        found = self._dialogs.get((incoming.request.call_id, incoming.local_tag or ""))
+        if found is not None and found[1].incoming is incoming:
             call, leg = found
             call.cancelled(leg)
 

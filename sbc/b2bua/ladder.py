@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import threading
+from array import array
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,13 +186,15 @@ def summarize(
 
 
 # A message as the event loop notes it (``Ladder.note``), summarised later: only what the
-# summary needs (the message itself is let go): at, direction, status or method, reason or
-# Request-URI, Call-ID, CSeq, Via, To (responses), credential names, peer address, sbc's local
-# address, leg, peer.
-_Raw = tuple[float, str, "str | int", object, str, str, str, str, str, Destination, str, str, str]
-
-
-_RAW_SIZE = 13  # a _Raw's length (a _Summary has 11 items)
+# summary needs (the message itself is let go), in as few objects as a held call can keep
+# (bench/bench_held_service.py): at; where (direction, sbc's local address, leg, peer, credential
+# names: one tuple shared by every message of that shape, _where()); status or method; reason or
+# Request-URI; Call-ID (the leg's own string once seen); CSeq (shared text, _shared()); the hash
+# of the top Via and To (responses), which tell a retransmission from another message with the
+# same first line, CSeq and Call-ID (the texts themselves, a new transaction's branch in each,
+# were most of a held call's ladder); the peer's address.
+_Where = tuple[str, str, str, str, str]
+_Raw = tuple[float, _Where, "str | int", object, str, str, int, Destination]
 
 
 # A summary as the ladder keeps it once made: LadderEntry's fields, in its order, as a plain
@@ -201,28 +204,38 @@ _Summary = tuple[float, str, str, str, str, str, str, str, str, bool, str]
 
 
 def _summary_of(raw: _Raw) -> _Summary:
-    (
-        at,
-        direction,
-        head,
-        tail,
-        call_id,
-        cseq,
-        _via,
-        _to,
-        credentials,
-        peer_address,
-        local,
-        leg,
-        peer,
-    ) = raw
-    remote = str(peer_address)
+    at, (direction, local, leg, peer, credentials), head, tail, call_id, cseq, _, address = raw
+    remote = str(address)
     if direction == "in":
         source, destination = remote, local
     else:
         source, destination = local, remote
     line = _first_line(head, tail)
     return (at, direction, leg, peer, source, destination, line, call_id, cseq, False, credentials)
+
+
+def _identity(via: str, to: str) -> int:
+    """What of a message's identity is kept of its top Via and To: their hash (64 bits: two
+    different messages of one call with the same first line, CSeq and Call-ID would have to
+    collide on it to be taken for one)."""
+    return hash((via, to))
+
+
+# Texts that repeat call after call (CSeq values, methods, reasons) and the ``where`` tuples,
+# one object each; bounded: cleared whole when full (a text then gets a new object, nothing
+# else changes).
+_SHARED: dict[object, Any] = {}
+_SHARED_MAX = 4096
+
+
+def _shared(value: Any) -> Any:
+    found = _SHARED.get(value)
+    if found is not None:
+        return found
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    _SHARED[value] = value
+    return value
 
 
 def _fields_of(entry: LadderEntry) -> _Summary:
@@ -307,8 +320,20 @@ class Ladder:
     eager ladder would give; a message about to leave the bound is summarised before it goes.
     """
 
-    # Slots, and no tail until the head is full (long calls only): every call has a ladder.
-    __slots__ = ("_head", "_lock", "_pending", "_seen", "_tail", "limit", "omitted", "tail_size")
+    # Slots, no tail until the head is full (long calls only), no set of identities until the
+    # ladder is read, one lock for all ladders: every held call has a ladder.
+    __slots__ = (
+        "_fields",
+        "_head",
+        "_idents",
+        "_pending",
+        "_seen",
+        "_tail",
+        "_times",
+        "limit",
+        "omitted",
+        "tail_size",
+    )
 
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self.limit = max(0, limit)
@@ -318,18 +343,26 @@ class Ladder:
         self._tail: deque[LadderEntry | _Raw | _Summary] | tuple[()] = ()
         self.omitted = 0
         self._pending = 0  # kept messages not summarised yet: always the last ones
-        self._lock = threading.Lock()  # entries() may run in the records writer's thread
-        # What identifies a message sent or received again unchanged (bounded like the ladder).
-        self._seen: set[tuple[str, ...]] = set()
+        # What identifies a message sent or received again unchanged (bounded like the
+        # ladder); made when the ladder is first read.
+        self._seen: set[tuple[object, ...]] | None = None
+        # The messages noted and not summarised while the head has room (every message of
+        # most calls), in columns rather than a tuple each: _RAW_FIELDS objects per message
+        # in one list, the times and identities in two arrays of machine numbers (a float and
+        # an int object less per message). None until the first, and once summarised.
+        self._fields: list[Any] | None = None
+        self._times: array[float] | None = None
+        self._idents: array[int] | None = None
 
     def __len__(self) -> int:
-        return len(self._head) + len(self._tail)
+        times = self._times
+        return len(self._head) + len(self._tail) + (0 if times is None else len(times))
 
     def add(self, entry: LadderEntry, message: Request | Response) -> None:
         """Keep ``entry``, the summary of ``message``, marked when it is a retransmission."""
         self._resolve()
         _, _, via, to, _ = _fields(message)
-        key = (entry.direction, entry.first_line, entry.cseq, entry.call_id, via, to)
+        key = (entry.direction, entry.first_line, entry.cseq, entry.call_id, _identity(via, to))
         if self._seen_before(key):
             entry = dataclasses.replace(entry, retransmission=True)
         self._keep(entry, None)
@@ -344,37 +377,44 @@ class Ladder:
         leg: str,
         peer: str,
         at: float,
+        leg_call_id: str | None = None,
     ) -> None:
         """Keep what :func:`summarize` needs of ``message`` (not the message: a held call
-        would keep its every message alive), summarised when first read."""
-        # The one place a _Raw is made (summarize() goes through here too).
+        would keep its every message alive), summarised when first read. ``leg_call_id``:
+        the message's Call-ID as the leg already holds it (the same text), kept instead of the
+        message's own copy."""
+        # The one place a _Raw is made (summarize() goes through here too). Shared texts are
+        # looked up inline (_shared() only on a miss): eleven messages a call.
+        shared = _SHARED.get
         if isinstance(message, Response):
             head: str | int = message.status
-            tail: object = message.reason
+            tail: object = shared(message.reason) or _shared(message.reason)
         else:
-            head = message.method
+            head = shared(message.method) or _shared(message.method)
             tail = message.uri
         call_id, cseq, via, to, credentials = _fields(message)
-        raw: _Raw = (
-            at,
-            direction,
-            head,
-            tail,
-            call_id,
-            cseq,
-            via,
-            to,
-            credentials,
-            peer_address,
-            local,
-            leg,
-            peer,
-        )
-        if len(self._head) < self.limit - self.tail_size:
-            self._head.append(raw)
+        if leg_call_id is not None:
+            call_id = leg_call_id
+        where = (direction, local, leg, peer, credentials)
+        where = shared(where) or _shared(where)
+        cseq = shared(cseq) or _shared(cseq)
+        ident = hash((via, to))  # _identity(), inline
+        # While the head has room, what is pending is all in the columns (a message goes to
+        # the tail only after they were summarised): their count is _pending.
+        if len(self._head) + self._pending < self.limit - self.tail_size:
+            fields, times = self._fields, self._times
+            if fields is None or times is None or self._idents is None:
+                fields, times = self._fields, self._times = [], array("d")
+                self._idents = array("q")
+            fields += (where, head, tail, call_id, cseq, peer_address)  # _RAW_FIELDS
+            times.append(at)
+            self._idents.append(ident)
             self._pending += 1
             return
-        self._keep(None, raw)
+        # The head is full (a long call): what it holds is summarised now, in order, and this
+        # message goes to the tail (the rare path).
+        self._resolve()
+        self._keep(None, (at, where, head, tail, call_id, cseq, ident, peer_address))
 
     def _keep(self, entry: LadderEntry | None, raw: _Raw | None) -> None:
         item: LadderEntry | _Raw | _Summary = entry if entry is not None else raw  # type: ignore[assignment]
@@ -425,23 +465,45 @@ class Ladder:
         """Summarise the pending messages, in the order they came."""
         if not self._pending:
             return
-        with self._lock:
+        with _LOCK:
             if not self._pending:
                 return
-            for items in (self._head, self._tail):
-                for i, item in enumerate(items):
-                    if type(item) is tuple and len(item) == _RAW_SIZE:
-                        items[i] = _resolved(self, item)  # type: ignore[arg-type, index]
+            fields, times, idents = self._fields, self._times, self._idents
+            if fields is not None and times is not None and idents is not None:
+                # The noted messages come after everything kept so far (the head is not full
+                # while they are noted): summarised in order, onto the head.
+                head = self._head
+                for i, at in enumerate(times):
+                    w, h, t, c, q, a = fields[_RAW_FIELDS * i : _RAW_FIELDS * (i + 1)]
+                    head.append(_resolved(self, (at, w, h, t, c, q, idents[i], a)))
+                self._fields = self._times = self._idents = None
+            # Anything else pending is in the tail (a message is kept as a _Raw only once the
+            # head is full).
+            tail = self._tail
+            for i, item in enumerate(tail):
+                if type(item) is tuple and len(item) == _RAW_SIZE:
+                    tail[i] = _resolved(self, item)  # type: ignore[arg-type, index]
             self._pending = 0
 
-    def _seen_before(self, key: tuple[str, ...]) -> bool:
+    def _seen_before(self, key: tuple[object, ...]) -> bool:
         """Whether a message of identity ``key`` was kept before (then it is a
         retransmission); remembers it otherwise."""
-        if key in self._seen:
+        seen = self._seen
+        if seen is None:
+            seen = self._seen = set()
+        if key in seen:
             return True
-        if len(self._seen) < 4 * self.limit:
-            self._seen.add(key)
+        if len(seen) < 4 * self.limit:
+            seen.add(key)
         return False
+
+
+_RAW_SIZE = 8  # a _Raw's length (a _Summary has 11 items)
+_RAW_FIELDS = 6  # objects per message in Ladder._fields (a _Raw but its time and identity)
+
+# Summaries are made on the event loop (a long call's ladder, add()) or in the records
+# writer's thread (an ended call's): one lock for every ladder, taken once per ladder read.
+_LOCK = threading.Lock()
 
 
 class LadderSnapshot(Sequence[LadderEntry]):
@@ -496,8 +558,8 @@ class LadderSnapshot(Sequence[LadderEntry]):
 def _resolved(ladder: Ladder, raw: _Raw) -> _Summary:
     """The summary of ``raw``, marked when ``ladder`` saw the same message before."""
     summary = _summary_of(raw)
-    # A message's identity: direction, first line, CSeq, Call-ID, Via, To (responses).
-    if ladder._seen_before((raw[1], summary[6], raw[5], raw[4], raw[6], raw[7])):
+    # A message's identity: direction, first line, CSeq, Call-ID, Via and To (responses).
+    if ladder._seen_before((summary[1], summary[6], raw[5], raw[4], raw[6])):
         return (*summary[:9], True, summary[10])
     return summary
 

@@ -134,15 +134,15 @@ class MediaSession(ABC):
 
     # Slots for the pass-through session, held for the whole call with nothing else: no dict
     # per call. Subclasses without __slots__ (the relay, rtpengine) still get one.
-    __slots__ = ("__weakref__", "_origins", "_received", "_sent", "call_id", "closed", "codecs")
+    __slots__ = ("__weakref__", "_received", "_sent", "call_id", "closed", "codecs")
 
     def __init__(self, call_id: str, *, codecs: Sequence[str] = DEFAULT_CODECS) -> None:
         self.call_id = call_id
         self.codecs = tuple(codecs)
         self.closed = False
         self._received: dict[Side, SessionDescription] = {}
+        # The last SDP sent on each side; its o= line is the bridge's origin for that side.
         self._sent: dict[Side, SessionDescription] = {}
-        self._origins: dict[Side, Origin] = {}
 
     # -- what backends implement -------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class MediaSession(ABC):
             return answer
         # Same address, port, formats and direction: side a keeps what it has (RFC 3264 §8:
         # no new version for an unchanged session).
-        self._sent["a"], self._origins["a"] = previous, previous.origin
+        self._sent["a"] = previous
         return None
 
     def filter(self, sdp: SessionDescription) -> SessionDescription:
@@ -250,17 +250,17 @@ class MediaSession(ABC):
     def _stamp(self, side: Side, sd: SessionDescription, address: str) -> SessionDescription:
         """Put the bridge's ``o=`` line for ``side`` on ``sd``, bumping the version only when
         ``sd`` differs from the last SDP sent on ``side`` (RFC 3264 §8)."""
-        origin = self._origins.get(side)
-        if origin is None:
+        previous = self._sent.get(side)
+        if previous is None:
             sess_id = random.randrange(1, 2**31)
             addrtype = "IP6" if ":" in address else "IP4"
             origin = Origin(ORIGIN_USERNAME, str(sess_id), sess_id, "IN", addrtype, address)
+        else:
+            origin = previous.origin
         stamped = replace(sd, origin=origin)
-        previous = self._sent.get(side)
         if previous is not None and replace(previous, origin=origin) != stamped:
             origin = replace(origin, sess_version=origin.sess_version + 1)
             stamped = replace(sd, origin=origin)
-        self._origins[side] = origin
         self._sent[side] = stamped
         if type(self)._set_sending is MediaSession._set_sending:
             return stamped  # nothing listens (pass-through): no need to find the direction

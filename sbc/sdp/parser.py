@@ -8,6 +8,7 @@ not type are kept in order (RFC 8866 §5: unknown types are ignored, not rejecte
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TypeVar
 
 from sbc.sdp.model import (
     MEMO_MAX_TEXT,
@@ -23,6 +24,7 @@ from sbc.sdp.model import (
 )
 
 _TYPES = frozenset("abcdefghijklmnopqrstuvwxyz")
+T = TypeVar("T")
 
 
 def _split_line(raw: str) -> tuple[str, str]:
@@ -48,7 +50,16 @@ def _origin(value: str) -> Origin:
     if len(parts) != 6:
         raise SdpError("o= needs 6 fields")
     version = _int(parts[2], "o= sess-version")
-    return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
+    if len(value) > MEMO_MAX_TEXT:
+        return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
+    # A peer's username, network and address types and address are the same call after
+    # call (only the session id and version change): one string each for every held call.
+    username, nettype, addrtype, address = _origin_texts(parts[0], parts[3], parts[4], parts[5])
+    return Origin(username, parts[1], version, nettype, addrtype, address)
+
+
+def _texts(*texts: str) -> tuple[str, ...]:
+    return texts
 
 
 def _parse_connection(value: str) -> Connection:
@@ -90,29 +101,66 @@ _attribute = lru_cache(maxsize=1024)(_parse_attribute)
 # immutable, so bounded memos by text share them; errors are raised every time.
 _connection = lru_cache(maxsize=256)(_parse_connection)
 _timing = lru_cache(maxsize=256)(_parse_timing)
+# The parts of o= and m= lines that repeat (see _origin, _media), shared the same way.
+_origin_texts = lru_cache(maxsize=256)(_texts)
+# A media section's attributes, and a body's timings, as a whole: the same tuple of (shared)
+# values call after call. Bounded: cleared whole when full.
+_TUPLES: dict[tuple[object, ...], tuple[object, ...]] = {}
+_TUPLES_MAX = 512
+
+
+def _shared_tuple(items: list[T]) -> tuple[T, ...]:
+    """``tuple(items)``, the one already made for equal items when there is one."""
+    made = tuple(items)
+    found = _TUPLES.get(made)
+    if found is not None:
+        return found  # type: ignore[return-value]
+    if len(_TUPLES) >= _TUPLES_MAX:
+        _TUPLES.clear()
+    _TUPLES[made] = made
+    return made
 
 
 _MediaLine = tuple[str, int, str, tuple[str, ...], int | None]
+_MEDIA_FIELDS_ERROR = "m= needs media, port, proto and at least one format"
 
 
 def _media(value: str) -> _MediaLine:
     """The fields of an ``m=`` line: media, port, proto, formats and port count."""
-    parts = value.split()
-    if len(parts) < 4:
+    parts = value.split(maxsplit=2)
+    if len(parts) < 3:
         # RFC 8866 §5.14: m=<media> <port> <proto> 1*(<fmt>)
-        raise SdpError("m= needs media, port, proto and at least one format")
+        raise SdpError(_MEDIA_FIELDS_ERROR)
     port_text, slash, count_text = parts[1].partition("/")
     port = _int(port_text, "m= port", upper=65535)
     count = _int(count_text, "m= port count") if slash else None
-    proto = parts[2]
-    formats = tuple(parts[3:])
+    # The media, proto and formats repeat call after call (the port does not): one tuple of
+    # formats and one string each, shared by every held call's session.
+    media, proto, formats = (
+        _media_kind(parts[0], parts[2])
+        if len(value) <= MEMO_MAX_TEXT
+        else _parse_media_kind(parts[0], parts[2])
+    )
+    return media, port, proto, formats, count
+
+
+def _parse_media_kind(media: str, rest: str) -> tuple[str, str, tuple[str, ...]]:
+    """Media, proto and formats of an ``m=`` line, ``rest`` the part after its port."""
+    fields = rest.split()
+    if len(fields) < 2:
+        raise SdpError(_MEDIA_FIELDS_ERROR)
+    proto = fields[0]
+    formats = tuple(fields[1:])
     if "RTP/" in proto.upper():  # MediaDescription.is_rtp
         # RFC 3551 §3: RTP payload types are 0-127.
         for fmt in formats:
             if not (fmt.isascii() and fmt.isdigit() and len(fmt) < 4 and int(fmt) <= 127):
                 # The general check: raises, or accepts a long spelling such as "0101".
                 _int(fmt, "RTP payload type", upper=127)
-    return parts[0], port, proto, formats, count
+    return media, proto, formats
+
+
+_media_kind = lru_cache(maxsize=256)(_parse_media_kind)
 
 
 class _MediaBuilder:
@@ -159,7 +207,7 @@ class _MediaBuilder:
             count,
             self.connection,
             tuple(self.bandwidths),
-            tuple(self.attributes),
+            _shared_tuple(self.attributes),
             tuple(self.head),
             tuple(self.tail),
         )
@@ -274,7 +322,7 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
         session_name=session_name,
         connection=connection,
         bandwidths=tuple(bandwidths),
-        timings=tuple(timings),
+        timings=_shared_tuple(timings),
         attributes=tuple(attributes),
         media=tuple(media),
         version=0,

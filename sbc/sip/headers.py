@@ -212,7 +212,11 @@ class Headers:
     def _lower_keys(self) -> tuple[str, ...]:
         keys = self._keys
         if keys is None:
-            keys = self._keys = tuple([n.lower() for n, _ in self._items])
+            # The names are canonical, so each key is the name's lookup key: taken from the
+            # memo, one string per name for every message, not a copy per message (a message
+            # kept for a whole call, such as the ACK of its INVITE, keeps its keys).
+            lookup = _LOOKUP_KEYS.get
+            keys = self._keys = tuple([lookup(n) or _lookup_key(n) for n, _ in self._items])
         return keys
 
     def cached(self, key: str, compute: Callable[[Headers], T]) -> T:
