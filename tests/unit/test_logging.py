@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -259,3 +260,117 @@ def test_timestamps_are_written_as_timestamper_writes_datetime_now(
         micros = nanoseconds // 1000
         now = datetime.fromtimestamp(micros // 10**6, UTC).replace(microsecond=micros % 10**6)
         assert stamp == now.isoformat().replace("+00:00", "Z")
+
+
+class _CountingStream(io.StringIO):
+    """A stream that counts its writes (one per system call on a real stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_batched_lines_of_one_loop_pass_are_written_in_one_go_in_order():
+    out = _CountingStream()
+    configure_logging("info", "json", stream=out, batched=True)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1")
+    seen: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        log.info("first", n=1)
+        log.warning("second", n=2)
+        seen.append((out.getvalue(), out.writes))  # kept until the loop's pass is over
+        await asyncio.sleep(0)
+        seen.append((out.getvalue(), out.writes))
+        log.info("third", n=3)
+        logging.getLogger("library").warning("from logging")  # after "third", at once
+        seen.append((out.getvalue(), out.writes))
+        log.info("fourth")
+        await asyncio.to_thread(log.info, "from a thread")  # written at once, after "fourth"
+        log.info("last")  # written by the flush at the loop's teardown
+
+    asyncio.run(main())
+    assert seen[0] == ("", 0)
+    assert seen[1][1] == 1 and len(seen[1][0].splitlines()) == 2
+    assert seen[2][1] == 2
+    events = [line["event"] for line in _lines(out)]
+    assert events == ["first", "second", "third", "from logging", "fourth", "from a thread", "last"]
+    assert all(json.loads(line) for line in out.getvalue().splitlines())
+    assert out.getvalue().endswith("\n")
+
+
+def test_batched_lines_are_the_lines_written_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_352_034_999)
+    texts = []
+    for batched in (False, True):
+        out = io.StringIO()
+        configure_logging("info", "json", stream=out, batched=batched)
+        log = structlog.get_logger("sbc.test").bind(call_uuid="u1", route="r")
+
+        async def main(log: Any = log) -> None:
+            log.info("call_started", caller="+1", n=1)
+            log.info("call_answered")
+            log.debug("filtered")
+            log.warning("odd", detail="x", call_uuid="own")
+            log.info("interpolated %s", "text")
+
+        asyncio.run(main())
+        texts.append(out.getvalue())
+    assert texts[0] == texts[1]
+    assert len(texts[0].splitlines()) == 4
+
+
+def test_lines_kept_are_written_when_logging_is_set_up_again_or_at_exit():
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", "json", stream=first, batched=True)
+
+    async def main() -> None:
+        structlog.get_logger("sbc.test").info("kept")
+        configure_logging("info", "json", stream=second)  # the old setup's lines go first
+        assert [line["event"] for line in _lines(first)] == ["kept"]
+        structlog.get_logger("sbc.test").info("new")
+        assert [line["event"] for line in _lines(second)] == ["new"]  # not batched
+        configure_logging("info", "json", stream=first, batched=True)
+        structlog.get_logger("sbc.test").info("at exit")
+        sbc_logging._flush_at_exit()
+        assert [line["event"] for line in _lines(first)] == ["kept", "at exit"]
+
+    asyncio.run(main())
+
+
+def test_the_fast_level_methods_write_what_structlogs_own_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound logger's level methods skip structlog's frames for the one-step JSON line:
+    the same line as structlog's own methods, for every level method and argument shape."""
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_000_000_000)
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1", leg="caller")
+    general = structlog.make_filtering_bound_logger(logging.DEBUG)
+    assert type(log).__mro__[1] is general and type(log).info is not general.info
+    for name in ("debug", "info", "msg", "warning", "warn", "error", "critical", "fatal"):
+        for args, kw in (((), {}), ((), {"leg": "agent", "n": 2}), (("x",), {"k": 1})):
+            event = "event %s" if args else "event"
+            getattr(log, name)(event, *args, **kw)
+            ours = out.getvalue()
+            out.seek(0)
+            out.truncate()
+            getattr(type(log).__mro__[1], name)(log, event, *args, **kw)
+            assert ours == out.getvalue() != ""
+            out.seek(0)
+            out.truncate()
+    configure_logging("warning", "json", stream=out)
+    structlog.get_logger("sbc.test").info("filtered")  # below the threshold: structlog's no-op
+    assert out.getvalue() == ""
+
+
+def test_a_chain_other_than_the_json_line_takes_structlogs_own_methods():
+    configure_logging("info", "json", stream=io.StringIO())
+    with structlog.testing.capture_logs() as captured:
+        structlog.get_logger("sbc.test").bind(call_uuid="u1").info("captured", n=1)
+    assert captured == [{"call_uuid": "u1", "n": 1, "event": "captured", "log_level": "info"}]
