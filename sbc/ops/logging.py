@@ -146,6 +146,34 @@ class _JsonLine:
         event_dict = structlog.contextvars.merge_contextvars(logger, method_name, event_dict)
         if "_record" in event_dict:  # a LogRecord's fields: add_logger_name reads it
             return self._slow(logger, method_name, event_dict)
+        self._stamp(logger, method_name, event_dict)
+        try:
+            return "".join(_new_encoder()(event_dict, 0))
+        except Exception:  # as json.dumps() fails, from JSONRenderer itself
+            return self._general[-1](logger, method_name, event_dict)
+
+    def after(self, prefix: str, logger: Any, method_name: str, rest: dict[str, Any]) -> Any:
+        """The line of a bound logger whose context encodes as ``prefix`` (its items as the
+        encoder writes them, :func:`_context_json`) and ``rest`` (the line's own fields and
+        the event, none of them a key of the context): the line :meth:`__call__` writes for
+        the context followed by ``rest``, without encoding the context again. None when that
+        cannot be promised (a field asks for the general chain, context variables are bound,
+        the encoder refuses a value): the caller then takes :meth:`__call__`."""
+        if "exc_info" in rest or "stack_info" in rest or "_record" in rest:
+            return None
+        size = len(rest)
+        merged = structlog.contextvars.merge_contextvars(logger, method_name, rest)
+        if len(merged) != size:  # they would go after the context's keys, unless already there
+            return None
+        self._stamp(logger, method_name, merged)
+        try:
+            body = "".join(_new_encoder()(merged, 0))
+        except Exception:
+            return None
+        return f"{{{prefix}, {body[1:]}" if prefix else body
+
+    def _stamp(self, logger: Any, method_name: str, event_dict: Any) -> None:
+        """add_logger_name, add_log_level and TimeStamper(fmt="iso", utc=True)."""
         event_dict["logger"] = logger.name
         event_dict["level"] = _LEVEL_NAMES.get(method_name, method_name)
         # TimeStamper: datetime.now(timezone.utc).isoformat() with "Z" for "+00:00". now()
@@ -159,15 +187,6 @@ class _JsonLine:
             prefix = moment.replace(tzinfo=None).isoformat()
             self._second = (second, prefix)
         event_dict["timestamp"] = f"{prefix}.{fraction:06d}Z" if fraction else f"{prefix}Z"
-        try:
-            # A new encoder per line: its record of the containers being encoded (for
-            # circular references) must not be shared between threads.
-            encode = _make_encoder(
-                {}, _json_fallback, _encode_string, None, ": ", ", ", False, False, True
-            )
-            return "".join(encode(event_dict, 0))
-        except Exception:  # as json.dumps() fails, from JSONRenderer itself
-            return self._general[-1](logger, method_name, event_dict)
 
     def _slow(self, logger: Any, method_name: str, event_dict: Any) -> Any:
         for processor in self._general:
@@ -192,6 +211,10 @@ def _fast_wrapper(base: type[Any], threshold: int) -> type[Any]:
         level = _LEVEL_METHOD.get(name, name)
         if LEVELS[level] >= threshold:  # below it, structlog's no-op stays
             methods[name] = _fast_method(name, getattr(base, name))
+    # Per bound logger: its context's JSON and the context's size then (context_json), found
+    # at its first line; a context changed in place (structlog's unbind() deletes keys from a
+    # fresh copy, new() clears the old one) changes its size, and is encoded again.
+    methods["_sbc_context_json"] = None
     return type(base.__name__, (base,), methods)
 
 
@@ -202,14 +225,52 @@ def _fast_method(name: str, general: Any) -> Any:
         processors = self._processors
         if args or len(processors) != 1 or type(processors[0]) is not _JsonLine:
             return general(self, event, *args, **kw)
+        context = self._context
+        known = self._sbc_context_json
+        if known is None or known[1] != len(context):
+            known = self._sbc_context_json = (_context_json(context), len(context))
+        prefix = known[0]
+        if prefix is not None and (not kw or context.keys().isdisjoint(kw)):
+            rest = dict(kw)
+            rest["event"] = event
+            line = processors[0].after(prefix, self._logger, level, rest)
+            if line is not None:
+                return getattr(self._logger, level)(line)
         # As BoundLoggerBase._process_event builds it: the context, the fields, the event.
-        event_dict = self._context.copy()
+        event_dict = context.copy()
         event_dict.update(kw)
         event_dict["event"] = event
         return getattr(self._logger, level)(processors[0](self._logger, level, event_dict))
 
     fast.__name__ = name
     return fast
+
+
+# Values whose JSON never changes once encoded (a context holding anything else, whose text
+# the encoder's fallback takes from repr() at each line, is encoded at each line).
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+# Keys a line writes after its fields: a context holding one is encoded at each line.
+_LINE_KEYS = frozenset({"event", "logger", "level", "timestamp"})
+
+
+def _context_json(context: Any) -> str | None:
+    """The items of a bound logger's ``context`` as the line's encoder writes them (between
+    the braces), or None when they cannot be written once for all its lines."""
+    if type(context) is not dict or not _LINE_KEYS.isdisjoint(context):
+        return None
+    for key, value in context.items():
+        if type(key) is not str or type(value) not in _PLAIN_TYPES:
+            return None
+    try:
+        return "".join(_new_encoder()(context, 0))[1:-1]
+    except Exception:  # pragma: no cover - plain values always encode
+        return None
+
+
+def _new_encoder() -> Any:
+    # A new encoder per line: its record of the containers being encoded (for circular
+    # references) must not be shared between threads.
+    return _make_encoder({}, _json_fallback, _encode_string, None, ": ", ", ", False, False, True)
 
 
 # structlog's filtering logger passes the chain the level's name (warn() logs "warning",

@@ -374,3 +374,103 @@ def test_a_chain_other_than_the_json_line_takes_structlogs_own_methods():
     with structlog.testing.capture_logs() as captured:
         structlog.get_logger("sbc.test").bind(call_uuid="u1").info("captured", n=1)
     assert captured == [{"call_uuid": "u1", "n": 1, "event": "captured", "log_level": "info"}]
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {},
+        {"call_uuid": "u1", "route": "default", "pbx_call_id": "a@b", "retell_call_id": "c"},
+        {"s": 'Zoë ☎ \x00 "q" \\', "i": -(2**70), "f": 1.5, "nan": float("nan"), "t": True},
+        {"none": None, "surrogate": "Zo\udceb", "neg": -0.0},
+        {"thing": _Thing(), "after": 1},  # not plain: encoded at each line
+        {"nested": [1, {"k": "v"}]},
+        {"level": "bound"},  # a key the line writes: encoded at each line
+        {3: "int key"},
+    ],
+)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"reason": "bye", "pbx_status": 200, "talked": 1.002},
+        {"call_uuid": "own"},  # a field overriding the context's
+        {"timestamp": "mine", "logger": "mine"},
+        {"x": _Structured()},
+        {"stack_info": True},
+    ],
+)
+def test_a_bound_context_encoded_once_writes_the_same_lines(
+    monkeypatch: pytest.MonkeyPatch, context: dict[Any, Any], fields: dict[str, Any]
+) -> None:
+    """A bound logger keeps its context's JSON from its first line; every line must still be
+    the one structlog's own method writes, whatever the context and the fields."""
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_352_034_999)
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test")
+    if any(type(key) is not str for key in context):
+        log = log.bind()
+        log._context.update(context)  # as structlog would keep it; bind() takes str keys
+    else:
+        log = log.bind(**context)
+    general: Any = type(log).__mro__[1]
+    for _ in range(2):  # the first line finds the context's JSON, the second reuses it
+        for method in ("info", "warning"):
+            log_line = _take(out, lambda m=method: getattr(log, m)("event", **fields))
+            want = _take(out, lambda m=method: getattr(general, m)(log, "event", **fields))
+            if "stack_info" in fields:
+                # The general chain: the stack names the calling line, TimeStamper reads
+                # datetime.now(): compare the rest.
+                ours, theirs = json.loads(log_line), json.loads(want)
+                for key in ("stack", "timestamp"):
+                    ours.pop(key)
+                    theirs.pop(key)
+                assert list(ours.items()) == list(theirs.items())
+            else:
+                assert log_line == want
+    child = log.bind(leg="caller")  # a child logger: the parent's context and its own
+    assert (
+        _take(out, lambda: child.info("event", **fields))
+        == _take(out, lambda: general.info(child, "event", **fields))
+        or "stack_info" in fields
+    )
+
+
+def _take(out: io.StringIO, write: Any) -> Any:
+    write()
+    text = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    assert text.count("\n") == 1
+    return text
+
+
+def test_a_context_changed_after_its_first_line_is_encoded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_000_000_000)
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(a=1, b="two")
+    log.info("first")
+    smaller = log.unbind("a")  # unbind deletes from a fresh copy's context
+    smaller.info("second")
+    log.try_unbind("b").info("third")
+    log.info("fourth")
+    fresh = log.new(c=3)  # new() clears log's own context in place
+    fresh.info("fifth")
+    log.info("sixth")
+    structlog.contextvars.bind_contextvars(request="r1")  # merged after the fields
+    log.bind(d=4).info("seventh", e=5)
+    lines = _lines(out)
+    assert [list(line)[:-3] for line in lines] == [
+        ["a", "b", "event"],
+        ["b", "event"],
+        ["a", "event"],
+        ["a", "b", "event"],
+        ["c", "event"],
+        ["event"],
+        ["d", "e", "event", "request"],
+    ]
+    assert lines[0]["b"] == "two" and lines[4]["c"] == 3 and lines[6]["request"] == "r1"
