@@ -263,43 +263,53 @@ def test_timestamps_are_written_as_timestamper_writes_datetime_now(
 
 
 class _CountingStream(io.StringIO):
-    """A stream that counts its writes (one per system call on a real stderr)."""
+    """A stream that counts its writes (one per system call on a real stderr) and tells the
+    event loop of each."""
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.written: asyncio.Event | None = None
 
     def write(self, text: str) -> int:
         self.writes += 1
+        if self.written is not None:
+            self.written.set()
         return super().write(text)
 
 
-def test_batched_lines_of_one_loop_pass_are_written_in_one_go_in_order():
+def test_batched_lines_are_written_in_one_go_in_order() -> None:
     out = _CountingStream()
     configure_logging("info", "json", stream=out, batched=True)
     log = structlog.get_logger("sbc.test").bind(call_uuid="u1")
     seen: list[tuple[str, int]] = []
 
     async def main() -> None:
+        written = out.written = asyncio.Event()
+        started = asyncio.get_running_loop().time()
         log.info("first", n=1)
         log.warning("second", n=2)
-        seen.append((out.getvalue(), out.writes))  # kept until the loop's pass is over
         await asyncio.sleep(0)
+        seen.append((out.getvalue(), out.writes))  # kept: the batch waits BATCH_DELAY
+        await asyncio.wait_for(written.wait(), 5.0)
+        waited = asyncio.get_running_loop().time() - started
+        assert waited >= sbc_logging.BATCH_DELAY * 0.9  # (the loop's clock has ms steps)
         seen.append((out.getvalue(), out.writes))
         log.info("third", n=3)
         logging.getLogger("library").warning("from logging")  # after "third", at once
         seen.append((out.getvalue(), out.writes))
         log.info("fourth")
         await asyncio.to_thread(log.info, "from a thread")  # written at once, after "fourth"
-        log.info("last")  # written by the flush at the loop's teardown
+        log.info("last")  # kept when the loop closes: written at exit (here: by hand)
 
     asyncio.run(main())
     assert seen[0] == ("", 0)
     assert seen[1][1] == 1 and len(seen[1][0].splitlines()) == 2
     assert seen[2][1] == 2
+    assert [line["event"] for line in _lines(out)][-1] == "from a thread"
+    sbc_logging._flush_at_exit()
     events = [line["event"] for line in _lines(out)]
     assert events == ["first", "second", "third", "from logging", "fourth", "from a thread", "last"]
-    assert all(json.loads(line) for line in out.getvalue().splitlines())
     assert out.getvalue().endswith("\n")
 
 
@@ -319,6 +329,7 @@ def test_batched_lines_are_the_lines_written_one_by_one(monkeypatch: pytest.Monk
             log.info("interpolated %s", "text")
 
         asyncio.run(main())
+        sbc_logging._flush_at_exit()  # what the loop's timer had not written yet
         texts.append(out.getvalue())
     assert texts[0] == texts[1]
     assert len(texts[0].splitlines()) == 4
