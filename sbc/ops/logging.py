@@ -167,17 +167,38 @@ class _JsonLine:
         merged = structlog.contextvars.merge_contextvars(logger, method_name, rest)
         if len(merged) != size:  # they would go after the context's keys, unless already there
             return None
-        self._stamp(logger, method_name, merged)
+        name = logger.name
+        if (
+            "logger" in merged
+            or "level" in merged
+            or "timestamp" in merged
+            or type(name) is not str
+        ):
+            # The stamps overwrite a field in its place: the encoder writes them there.
+            self._stamp(logger, method_name, merged)
+            tail = "}"
+        else:
+            # The stamps come last, as text the encoder would write for them (a timestamp
+            # is ASCII digits and punctuation, nothing to escape).
+            level = _LEVEL_NAMES.get(method_name, method_name)
+            tail = (
+                f', "logger": {_encode_string(name)}, "level": {_encode_string(level)}, '
+                f'"timestamp": "{self._timestamp()}"}}'
+            )
         try:
             body = "".join(_new_encoder()(merged, 0))
         except Exception:
             return None
+        body = body[:-1] + tail
         return f"{{{prefix}, {body[1:]}" if prefix else body
 
     def _stamp(self, logger: Any, method_name: str, event_dict: Any) -> None:
         """add_logger_name, add_log_level and TimeStamper(fmt="iso", utc=True)."""
         event_dict["logger"] = logger.name
         event_dict["level"] = _LEVEL_NAMES.get(method_name, method_name)
+        event_dict["timestamp"] = self._timestamp()
+
+    def _timestamp(self) -> str:
         # TimeStamper: datetime.now(timezone.utc).isoformat() with "Z" for "+00:00". now()
         # takes the system clock's microseconds rounded down, as time_ns() // 1000 does, and
         # isoformat() leaves out a fraction that is zero.
@@ -188,7 +209,7 @@ class _JsonLine:
             moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
             prefix = moment.replace(tzinfo=None).isoformat()
             self._second = (second, prefix)
-        event_dict["timestamp"] = f"{prefix}.{fraction:06d}Z" if fraction else f"{prefix}Z"
+        return f"{prefix}.{fraction:06d}Z" if fraction else f"{prefix}Z"
 
     def _slow(self, logger: Any, method_name: str, event_dict: Any) -> Any:
         for processor in self._general:
