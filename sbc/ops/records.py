@@ -208,7 +208,7 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     for name, value in record.x_headers:
         x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
     media = record.media
-    # The relay's packet counters; none in pass-through (no media seen).
+    # The relay's packet counters (NULL without a media session; pass-through has no sides).
     counters = _NO_COUNTERS if media is None else _counters(media)
     # In COLUMNS' order (a tuple straight away: no dict per row).
     values = (
