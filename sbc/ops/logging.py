@@ -238,7 +238,32 @@ def _fast_wrapper(base: type[Any], threshold: int) -> type[Any]:
     # at its first line; a context changed in place (structlog's unbind() deletes keys from a
     # fresh copy, new() clears the old one) changes its size, and is encoded again.
     methods["_sbc_context_json"] = None
+    methods["bind"] = _bind_with_json(base.bind)
     return type(base.__name__, (base,), methods)
+
+
+def _bind_with_json(general: Any) -> Any:
+    def bind(self: Any, **new_values: Any) -> Any:
+        """structlog's bind(); the new logger starts with its context's JSON when this one
+        knows its own and the new values only add keys (as a leg's logger adds ``leg`` to
+        its call's): its first line then encodes only its own fields too."""
+        child = general(self, **new_values)
+        known = self._sbc_context_json
+        context = self._context
+        if (
+            new_values
+            and known is not None
+            and known[0] is not None
+            and known[1] == len(context)
+            and context.keys().isdisjoint(new_values)
+        ):
+            added = _context_json(new_values)
+            if added is not None:
+                prefix = f"{known[0]}, {added}" if known[0] else added
+                child._sbc_context_json = (prefix, known[1] + len(new_values))
+        return child
+
+    return bind
 
 
 def _fast_method(name: str, general: Any) -> Any:

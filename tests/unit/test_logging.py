@@ -441,6 +441,8 @@ def test_a_bound_context_encoded_once_writes_the_same_lines(
             else:
                 assert log_line == want
     child = log.bind(leg="caller")  # a child logger: the parent's context and its own
+    if log._sbc_context_json[0] is not None:  # the child starts with the parent's JSON
+        assert child._sbc_context_json[1] == len(child._context)
     assert (
         _take(out, lambda: child.info("event", **fields))
         == _take(out, lambda: general.info(child, "event", **fields))
@@ -472,9 +474,12 @@ def test_a_context_changed_after_its_first_line_is_encoded_again(
     fresh = log.new(c=3)  # new() clears log's own context in place
     fresh.info("fifth")
     log.info("sixth")
+    rebound = fresh.bind(c=30, g=7)  # a key bound again keeps its place, with its new value
+    rebound.info("rebound")
     structlog.contextvars.bind_contextvars(request="r1")  # merged after the fields
     log.bind(d=4).info("seventh", e=5)
     lines = _lines(out)
+    assert lines.pop(6)["c"] == 30
     assert [list(line)[:-3] for line in lines] == [
         ["a", "b", "event"],
         ["b", "event"],
