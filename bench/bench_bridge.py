@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from inspect import signature
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -223,7 +224,9 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
     retell_port = free_port(RETELL, udp_too=False)
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(write_config(Path(tmp), sip_port, pbx_port, retell_port, level))
-        configure_logging(settings.log.level, settings.log.format, stream=log)
+        # As `sbc run` sets it up (lines batched per loop pass, where the checkout has that).
+        batched = {"batched": True} if "batched" in signature(configure_logging).parameters else {}
+        configure_logging(settings.log.level, settings.log.format, stream=log, **batched)
         pbx = Pbx()
         await loop.create_datagram_endpoint(lambda: pbx, local_addr=(PBX, pbx_port))
         server = await loop.create_server(lambda: Retell(retell_port), RETELL, retell_port)

@@ -292,7 +292,7 @@ def _serve(
     *,
     log_stream: TextIO | None = None,
 ) -> int:
-    configure_logging(settings.log.level, settings.log.format, stream=log_stream)
+    configure_logging(settings.log.level, settings.log.format, stream=log_stream, batched=True)
     log.info(
         "sbc_starting",
         version=__version__,

@@ -175,8 +175,11 @@ class RecordsError(Exception):
 # -- a record as a row ---------------------------------------------------------------------------
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+# What json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str) writes, with
+# its encoder made once rather than per call (json.dumps makes one for any non-default
+# argument). encode() keeps its record of the containers being encoded per call, so the
+# encoder may be shared by threads.
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 def _counter(media: dict[str, Any] | None, side: str, name: str) -> int | None:
@@ -186,12 +189,27 @@ def _counter(media: dict[str, Any] | None, side: str, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_NO_COUNTERS = (None, None, None, None)
+
+
+def _counters(media: dict[str, Any]) -> tuple[int | None, ...]:
+    """a_packets, a_bytes, b_packets, b_bytes of the media session's stats."""
+    return (
+        _counter(media, "a", "packets"),
+        _counter(media, "a", "bytes"),
+        _counter(media, "b", "packets"),
+        _counter(media, "b", "bytes"),
+    )
+
+
 def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     """The values of :data:`COLUMNS` for ``record``, written by the sbc named ``instance``."""
     x_headers: dict[str, str] = {}
     for name, value in record.x_headers:
         x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
     media = record.media
+    # The relay's packet counters (NULL without a media session; pass-through has no sides).
+    counters = _NO_COUNTERS if media is None else _counters(media)
     # In COLUMNS' order (a tuple straight away: no dict per row).
     values = (
         record.call_uuid,
@@ -212,10 +230,7 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
         record.pbx_status,
         record.retell_status,
         _json([dataclasses.asdict(t) for t in record.transfers]) if record.transfers else "[]",
-        _counter(media, "a", "packets"),
-        _counter(media, "a", "bytes"),
-        _counter(media, "b", "packets"),
-        _counter(media, "b", "bytes"),
+        *counters,
         None if media is None else _json(media),
         ladder_json(record.ladder),
         record.ladder_omitted,

@@ -37,6 +37,10 @@ class DialogState(Enum):
     CONFIRMED = "Confirmed"
     TERMINATED = "Terminated"
 
+    # Members are singletons compared by identity: hashed by identity too (in C), not by
+    # Enum.__hash__, a Python call per DIALOG_TABLE lookup (ten per bridged call).
+    __hash__ = object.__hash__
+
 
 class DialogInput(Enum):
     PROVISIONAL = "1xx"
@@ -45,6 +49,8 @@ class DialogInput(Enum):
     ENDING = "481 or 408 to an in-dialog request"
     OTHER_FAILURE = "other non-2xx final to an in-dialog request"
     TERMINATE = "TU ends the dialog"
+
+    __hash__ = object.__hash__  # as DialogState's
 
 
 D = DialogState

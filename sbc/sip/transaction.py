@@ -361,7 +361,8 @@ class TransactionLayer:
         self, tx: ClientTransaction | ServerTransaction, timer: Timer, deadline: float
     ) -> int:
         token = next(self._tokens)
-        heapq.heappush(self._heap, (deadline, token, tx.key, timer.value))
+        # _value_: the member's value without Enum's Python-level `value` property.
+        heapq.heappush(self._heap, (deadline, token, tx.key, timer._value_))
         return token
 
     def response_received(

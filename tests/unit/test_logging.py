@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -259,3 +260,233 @@ def test_timestamps_are_written_as_timestamper_writes_datetime_now(
         micros = nanoseconds // 1000
         now = datetime.fromtimestamp(micros // 10**6, UTC).replace(microsecond=micros % 10**6)
         assert stamp == now.isoformat().replace("+00:00", "Z")
+
+
+class _CountingStream(io.StringIO):
+    """A stream that counts its writes (one per system call on a real stderr) and tells the
+    event loop of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.written: asyncio.Event | None = None
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.written is not None:
+            self.written.set()
+        return super().write(text)
+
+
+def test_batched_lines_are_written_in_one_go_in_order() -> None:
+    out = _CountingStream()
+    configure_logging("info", "json", stream=out, batched=True)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1")
+    seen: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        written = out.written = asyncio.Event()
+        started = asyncio.get_running_loop().time()
+        log.info("first", n=1)
+        log.warning("second", n=2)
+        await asyncio.sleep(0)
+        seen.append((out.getvalue(), out.writes))  # kept: the batch waits BATCH_DELAY
+        await asyncio.wait_for(written.wait(), 5.0)
+        waited = asyncio.get_running_loop().time() - started
+        assert waited >= sbc_logging.BATCH_DELAY * 0.9  # (the loop's clock has ms steps)
+        seen.append((out.getvalue(), out.writes))
+        log.info("third", n=3)
+        logging.getLogger("library").warning("from logging")  # after "third", at once
+        seen.append((out.getvalue(), out.writes))
+        log.info("fourth")
+        await asyncio.to_thread(log.info, "from a thread")  # written at once, after "fourth"
+        log.info("last")  # kept when the loop closes: written at exit (here: by hand)
+
+    asyncio.run(main())
+    assert seen[0] == ("", 0)
+    assert seen[1][1] == 1 and len(seen[1][0].splitlines()) == 2
+    assert seen[2][1] == 2
+    assert [line["event"] for line in _lines(out)][-1] == "from a thread"
+    sbc_logging._flush_at_exit()
+    events = [line["event"] for line in _lines(out)]
+    assert events == ["first", "second", "third", "from logging", "fourth", "from a thread", "last"]
+    assert out.getvalue().endswith("\n")
+
+
+def test_batched_lines_are_the_lines_written_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_352_034_999)
+    texts = []
+    for batched in (False, True):
+        out = io.StringIO()
+        configure_logging("info", "json", stream=out, batched=batched)
+        log = structlog.get_logger("sbc.test").bind(call_uuid="u1", route="r")
+
+        async def main(log: Any = log) -> None:
+            log.info("call_started", caller="+1", n=1)
+            log.info("call_answered")
+            log.debug("filtered")
+            log.warning("odd", detail="x", call_uuid="own")
+            log.info("interpolated %s", "text")
+
+        asyncio.run(main())
+        sbc_logging._flush_at_exit()  # what the loop's timer had not written yet
+        texts.append(out.getvalue())
+    assert texts[0] == texts[1]
+    assert len(texts[0].splitlines()) == 4
+
+
+def test_lines_kept_are_written_when_logging_is_set_up_again_or_at_exit():
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", "json", stream=first, batched=True)
+
+    async def main() -> None:
+        structlog.get_logger("sbc.test").info("kept")
+        configure_logging("info", "json", stream=second)  # the old setup's lines go first
+        assert [line["event"] for line in _lines(first)] == ["kept"]
+        structlog.get_logger("sbc.test").info("new")
+        assert [line["event"] for line in _lines(second)] == ["new"]  # not batched
+        configure_logging("info", "json", stream=first, batched=True)
+        structlog.get_logger("sbc.test").info("at exit")
+        sbc_logging._flush_at_exit()
+        assert [line["event"] for line in _lines(first)] == ["kept", "at exit"]
+
+    asyncio.run(main())
+
+
+def test_the_fast_level_methods_write_what_structlogs_own_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound logger's level methods skip structlog's frames for the one-step JSON line:
+    the same line as structlog's own methods, for every level method and argument shape."""
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_000_000_000)
+    out = io.StringIO()
+    configure_logging("debug", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1", leg="caller")
+    general = structlog.make_filtering_bound_logger(logging.DEBUG)
+    assert type(log).__mro__[1] is general and type(log).info is not general.info
+    for name in ("debug", "info", "msg", "warning", "warn", "error", "critical", "fatal"):
+        for args, kw in (((), {}), ((), {"leg": "agent", "n": 2}), (("x",), {"k": 1})):
+            event = "event %s" if args else "event"
+            getattr(log, name)(event, *args, **kw)
+            ours = out.getvalue()
+            out.seek(0)
+            out.truncate()
+            getattr(type(log).__mro__[1], name)(log, event, *args, **kw)
+            assert ours == out.getvalue() != ""
+            out.seek(0)
+            out.truncate()
+    configure_logging("warning", "json", stream=out)
+    structlog.get_logger("sbc.test").info("filtered")  # below the threshold: structlog's no-op
+    assert out.getvalue() == ""
+
+
+def test_a_chain_other_than_the_json_line_takes_structlogs_own_methods():
+    configure_logging("info", "json", stream=io.StringIO())
+    with structlog.testing.capture_logs() as captured:
+        structlog.get_logger("sbc.test").bind(call_uuid="u1").info("captured", n=1)
+    assert captured == [{"call_uuid": "u1", "n": 1, "event": "captured", "log_level": "info"}]
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {},
+        {"call_uuid": "u1", "route": "default", "pbx_call_id": "a@b", "retell_call_id": "c"},
+        {"s": 'Zoë ☎ \x00 "q" \\', "i": -(2**70), "f": 1.5, "nan": float("nan"), "t": True},
+        {"none": None, "surrogate": "Zo\udceb", "neg": -0.0},
+        {"thing": _Thing(), "after": 1},  # not plain: encoded at each line
+        {"nested": [1, {"k": "v"}]},
+        {"level": "bound"},  # a key the line writes: encoded at each line
+        {3: "int key"},
+    ],
+)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"reason": "bye", "pbx_status": 200, "talked": 1.002},
+        {"call_uuid": "own"},  # a field overriding the context's
+        {"timestamp": "mine", "logger": "mine"},
+        {"x": _Structured()},
+        {"stack_info": True},
+    ],
+)
+def test_a_bound_context_encoded_once_writes_the_same_lines(
+    monkeypatch: pytest.MonkeyPatch, context: dict[Any, Any], fields: dict[str, Any]
+) -> None:
+    """A bound logger keeps its context's JSON from its first line; every line must still be
+    the one structlog's own method writes, whatever the context and the fields."""
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_352_034_999)
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test")
+    if any(type(key) is not str for key in context):
+        log = log.bind()
+        log._context.update(context)  # as structlog would keep it; bind() takes str keys
+    else:
+        log = log.bind(**context)
+    general: Any = type(log).__mro__[1]
+    for _ in range(2):  # the first line finds the context's JSON, the second reuses it
+        for method in ("info", "warning"):
+            log_line = _take(out, lambda m=method: getattr(log, m)("event", **fields))
+            want = _take(out, lambda m=method: getattr(general, m)(log, "event", **fields))
+            if "stack_info" in fields:
+                # The general chain: the stack names the calling line, TimeStamper reads
+                # datetime.now(): compare the rest.
+                ours, theirs = json.loads(log_line), json.loads(want)
+                for key in ("stack", "timestamp"):
+                    ours.pop(key)
+                    theirs.pop(key)
+                assert list(ours.items()) == list(theirs.items())
+            else:
+                assert log_line == want
+    child = log.bind(leg="caller")  # a child logger: the parent's context and its own
+    if log._sbc_context_json[0] is not None:  # the child starts with the parent's JSON
+        assert child._sbc_context_json[1] == len(child._context)
+    assert (
+        _take(out, lambda: child.info("event", **fields))
+        == _take(out, lambda: general.info(child, "event", **fields))
+        or "stack_info" in fields
+    )
+
+
+def _take(out: io.StringIO, write: Any) -> Any:
+    write()
+    text = out.getvalue()
+    out.seek(0)
+    out.truncate()
+    assert text.count("\n") == 1
+    return text
+
+
+def test_a_context_changed_after_its_first_line_is_encoded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_000_000_000)
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(a=1, b="two")
+    log.info("first")
+    smaller = log.unbind("a")  # unbind deletes from a fresh copy's context
+    smaller.info("second")
+    log.try_unbind("b").info("third")
+    log.info("fourth")
+    fresh = log.new(c=3)  # new() clears log's own context in place
+    fresh.info("fifth")
+    log.info("sixth")
+    rebound = fresh.bind(c=30, g=7)  # a key bound again keeps its place, with its new value
+    rebound.info("rebound")
+    structlog.contextvars.bind_contextvars(request="r1")  # merged after the fields
+    log.bind(d=4).info("seventh", e=5)
+    lines = _lines(out)
+    assert lines.pop(6)["c"] == 30
+    assert [list(line)[:-3] for line in lines] == [
+        ["a", "b", "event"],
+        ["b", "event"],
+        ["a", "event"],
+        ["a", "b", "event"],
+        ["c", "event"],
+        ["event"],
+        ["d", "e", "event", "request"],
+    ]
+    assert lines[0]["b"] == "two" and lines[4]["c"] == 3 and lines[6]["request"] == "r1"
