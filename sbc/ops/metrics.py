@@ -306,7 +306,39 @@ class _PlainFamily(Collector):
         return dict(zip(self.labelnames, values, strict=True))
 
 
-class PlainCounter(_PlainFamily):
+class _PlainKeyed(_PlainFamily):
+    """A family of one number per label set (counters and gauges): ``inc`` adds to it."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        super().__init__(name, documentation, labelnames, registry=registry)
+        # A family without labels has its one number from the start, as prometheus_client's.
+        self.values: dict[tuple[str, ...], int | float] = {} if self.labelnames else {(): 0}
+
+    def inc(self, key: tuple[str, ...] = (), amount: int | float = 1) -> None:
+        values = self.values
+        if key in values:
+            values[key] += amount
+        else:
+            self._first(key, amount)
+
+    def _first(self, key: tuple[str, ...], amount: int | float) -> None:
+        """A label set's first update."""
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
+        self.values[key] = amount
+
+    def value(self, key: tuple[str, ...] = ()) -> float:
+        return float(self.values.get(key, 0))
+
+
+class PlainCounter(_PlainKeyed):
     """A counter: the samples of prometheus_client's ``Counter`` (``_total``, and ``_created``:
     when the family was made, or a label set first counted)."""
 
@@ -321,22 +353,11 @@ class PlainCounter(_PlainFamily):
         registry: CollectorRegistry,
     ) -> None:
         super().__init__(name, documentation, labelnames, registry=registry)
-        # A family without labels has its one child from the start, as Counter has.
-        self.values: dict[tuple[str, ...], int | float] = {} if self.labelnames else {(): 0}
         self.created: dict[tuple[str, ...], float] = {} if self.labelnames else {(): time.time()}
 
-    def inc(self, key: tuple[str, ...] = (), amount: int | float = 1) -> None:
-        values = self.values
-        if key in values:
-            values[key] += amount
-        else:
-            if len(key) != len(self.labelnames):
-                raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
-            values[key] = amount
-            self.created[key] = time.time()
-
-    def value(self, key: tuple[str, ...] = ()) -> float:
-        return float(self.values.get(key, 0))
+    def _first(self, key: tuple[str, ...], amount: int | float) -> None:
+        super()._first(key, amount)
+        self.created[key] = time.time()
 
     def collect(self) -> Iterable[Metric]:
         metric = Metric(self.name, self.documentation, self.kind)
@@ -350,34 +371,11 @@ class PlainCounter(_PlainFamily):
         return [metric]
 
 
-class PlainGauge(_PlainFamily):
+class PlainGauge(_PlainKeyed):
     """A gauge: the samples of prometheus_client's ``Gauge`` (a label set appears once
     first changed; a family without labels shows 0 from the start)."""
 
     kind = "gauge"
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry=registry)
-        self.values: dict[tuple[str, ...], int | float] = {} if self.labelnames else {(): 0}
-
-    def inc(self, key: tuple[str, ...] = (), amount: int | float = 1) -> None:
-        values = self.values
-        if key in values:
-            values[key] += amount
-        else:
-            if len(key) != len(self.labelnames):
-                raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
-            values[key] = amount
-
-    def value(self, key: tuple[str, ...] = ()) -> float:
-        return float(self.values.get(key, 0))
 
     def collect(self) -> Iterable[Metric]:
         metric = Metric(self.name, self.documentation, self.kind)
