@@ -296,6 +296,43 @@ def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
     return found
 
 
+def _set_up(db: sqlite3.Connection, path: Path) -> int:
+    """WAL journal, synchronous NORMAL, schema migrated; returns the version found."""
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise RecordsError(f"call records {path}: WAL mode refused (journal {mode})")
+    db.execute("PRAGMA synchronous = NORMAL")
+    return migrate(db, path)
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _retry_while_busy(
+    step: Callable[[], T],
+    timeout: float = BUSY_TIMEOUT_MS / 1000,
+    clock: Callable[[], float] = time.monotonic,
+    pause: Callable[[float], None] = time.sleep,
+) -> T:
+    """``step()``, tried again while SQLite answers "database is locked", for up to
+    ``timeout`` seconds. SQLite returns that at once, without its busy handler, when waiting
+    could deadlock: two connections that both read a brand-new file and both want to switch it
+    to WAL (several instances starting together on one shared file). Every step here is
+    idempotent, so trying it again once the other has finished is safe."""
+    deadline = clock() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or clock() + delay > deadline:
+                raise
+        pause(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def connect_readonly(path: Path | str) -> sqlite3.Connection:
     """The database for reading (``sbc calls``); rows as :class:`sqlite3.Row`. Raises
     :class:`RecordsError` when it cannot be opened."""
@@ -597,11 +634,7 @@ class RecordWriter:
             raise RecordsError(f"call records {path}: cannot open: {exc}") from None
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RecordsError(f"call records {path}: WAL mode refused (journal {mode})")
-            db.execute("PRAGMA synchronous = NORMAL")
-            found = migrate(db, path)
+            found = _retry_while_busy(lambda: _set_up(db, path))
         except sqlite3.Error as exc:
             db.close()
             raise RecordsError(f"call records {path}: {exc}") from None
