@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,6 +41,7 @@ from sbc.net.addresses import (
     target_of_uri,
 )
 from sbc.net.dns import ResolutionFailed, Resolver
+from sbc.net.entropy import random_bytes
 from sbc.net.guard import ADMIT, REJECT, Guard
 from sbc.net.handles import (
     IncomingRequest,
@@ -320,8 +320,8 @@ class SipEngine:
             known = (prefix, shape)
             self._via_prefixes[transport] = known
         prefix, shape = known
-        # make_branch(secrets.token_hex(12)) without its two Python frames: the same bytes.
-        branch = f"{BRANCH_COOKIE}{os.urandom(12).hex()}"
+        # make_branch(new_branch(...)) without its two Python frames: the same text.
+        branch = f"{BRANCH_COOKIE}{random_bytes(12).hex()}"
         text = f"{prefix}{branch};rport"
         if shape is None:
             return text, None
