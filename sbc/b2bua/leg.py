@@ -148,6 +148,15 @@ class Leg:
         assert auth is not None
         return auth
 
+    def _authorized(self, challenge: Response, request: Request) -> Request | None:
+        """``request`` sent again with the leg's credentials answering ``challenge`` (a 401
+        or 407; RFC 3261 §22.2: CSeq + 1, a new branch), or None when they cannot answer it
+        (the realm is unknown, or they were refused already). The one place every request of
+        a leg (INVITEs, in-dialog requests) answers a challenge."""
+        return self._client_auth().authorize(
+            challenge, request, new_cnonce(self._random(8)), branch=new_branch(self._random(12))
+        )
+
     @property
     def peer(self) -> Peer:
         return self.role.peer
@@ -184,9 +193,7 @@ class Leg:
                     deliver(response)
             final = await outgoing
             if final.status in (401, 407) and self._auth is not None and attempt < 2:
-                retry = self._client_auth().authorize(
-                    final, request, new_cnonce(self._random(8)), branch=new_branch(self._random(12))
-                )
+                retry = self._authorized(final, request)
                 if retry is not None:
                     self.log.info("invite_challenged", status=final.status)
                     request = retry
@@ -216,12 +223,7 @@ class Leg:
             return
         if response.status in (401, 407) and self._auth is not None and attempt < 2:
             try:
-                retry = self._client_auth().authorize(
-                    response,
-                    request,
-                    new_cnonce(self._random(8)),
-                    branch=new_branch(self._random(12)),
-                )
+                retry = self._authorized(response, request)
             except Exception:
                 # Called by the engine as it delivers: never raise into it; the flow gets the
                 # challenge as the INVITE's final response (refused) instead.
@@ -305,12 +307,7 @@ class Leg:
                 response = await self.engine.send_request(request)
                 if response.status not in (401, 407) or self._auth is None:
                     break
-                retry = self._client_auth().authorize(
-                    response,
-                    request,
-                    new_cnonce(self._random(8)),
-                    branch=new_branch(self._random(12)),
-                )
+                retry = self._authorized(response, request)
                 if retry is None:
                     self.log.warning("pbx_refused_credentials", method=request.method)
                     break
