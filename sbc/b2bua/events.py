@@ -26,6 +26,7 @@ import structlog
 
 from sbc.b2bua.ladder import LadderEntry
 from sbc.b2bua.transfer import TransferRecord
+from sbc.sip.quickinit import quick_init
 
 __all__ = [
     "CallEnded",
@@ -43,6 +44,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_QUEUE = 10_000
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CallRecord:
     """What a finished call leaves behind (logs, call records, metrics)."""
@@ -72,6 +74,7 @@ class CallRecord:
     route: str = ""  # the route ([[routes]] name; "default" without [[routes]]) it took
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CallStarted:
     call_uuid: str
@@ -85,6 +88,7 @@ class CallRefused:
     status: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CallEnded:
     record: CallRecord

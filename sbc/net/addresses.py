@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sbc.sip.errors import BadRequest
 from sbc.sip.parser import DEFAULT_LIMITS, ParseLimits
+from sbc.sip.quickinit import quick_init
 from sbc.sip.uri import SipUri
 
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -23,6 +24,7 @@ DEFAULT_PORTS = {"udp": 5060, "tcp": 5060, "tls": 5061}
 VIA_TRANSPORT = {"udp": "UDP", "tcp": "TCP", "tls": "TLS"}
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Destination:
     """A resolved peer: transport, IP literal (no brackets) and port.

@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Literal
 
 from sbc.sip.errors import NotAcceptableHere, SipError
+from sbc.sip.quickinit import quick_init
 
 Direction = Literal["sendrecv", "sendonly", "recvonly", "inactive"]
 DIRECTIONS: tuple[Direction, ...] = ("sendrecv", "sendonly", "recvonly", "inactive")
@@ -38,6 +39,7 @@ class NoCommonCodec(NotAcceptableHere):
     """RFC 3264 §6: nothing in the offer can be accepted; the INVITE is answered 488."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Origin:
     """``o=<username> <sess-id> <sess-version> <nettype> <addrtype> <unicast-address>``."""
@@ -50,6 +52,7 @@ class Origin:
     address: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Connection:
     """``c=<nettype> <addrtype> <connection-address>`` (address kept with any ``/ttl``)."""
@@ -72,6 +75,7 @@ class Bandwidth:
     bandwidth: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Timing:
     """``t=<start-time> <stop-time>`` and the ``r=`` lines that follow it (kept verbatim)."""
@@ -81,6 +85,7 @@ class Timing:
     repeats: tuple[str, ...] = ()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RtpMap:
     """One payload format: ``a=rtpmap:<pt> <encoding>/<clock rate>[/<channels>]``."""
@@ -205,6 +210,7 @@ def _direction_of(attributes: tuple[Attribute, ...]) -> Direction | None:
     return None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class MediaDescription:
     """One ``m=`` section: ``m=<media> <port>[/<number of ports>] <proto> <fmt> ...``.
@@ -306,6 +312,7 @@ class MediaDescription:
         return replace(self, attributes=attributes)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SessionDescription:
     """A whole SDP body.

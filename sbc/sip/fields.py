@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import split_outside_quotes
+from sbc.sip.quickinit import quick_init
 
 Params = tuple[tuple[str, str | None], ...]
 
@@ -229,6 +230,7 @@ def format_host_port(host: str, port: int | None) -> str:
 # -- Via (RFC 3261 §20.42, §18.2.1) ----------------------------------------------------------
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Via:
     """One Via element: ``SIP/2.0/<transport> <host>[:<port>];params``."""
@@ -398,6 +400,7 @@ def _parse_via(text: str) -> Via:
 # -- CSeq (RFC 3261 §20.16) -------------------------------------------------------------------
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CSeq:
     seq: int

@@ -15,6 +15,7 @@ from functools import lru_cache
 from sbc.sip.errors import BadRequest, ParseError
 from sbc.sip.fields import CSeq, Via, parse_cseq, parse_via
 from sbc.sip.headers import Headers, split_list
+from sbc.sip.quickinit import quick_init
 from sbc.sip.uri import NameAddr, Uri, parse_name_addr, parse_name_addr_list
 
 SIP_VERSION = "SIP/2.0"
@@ -246,6 +247,7 @@ class _Common:
         return self.to.tag
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Request(_Common):
     method: str
@@ -255,6 +257,7 @@ class Request(_Common):
     version: str = SIP_VERSION
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Response(_Common):
     status: int

@@ -28,6 +28,7 @@ from sbc.sip.fields import (
     unquote_string,
 )
 from sbc.sip.headers import split_list
+from sbc.sip.quickinit import quick_init
 
 # RFC 3261 §25.1 character classes, written as regex classes.
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
@@ -55,6 +56,7 @@ def unescape(text: str) -> str:
     return unquote(text, errors="surrogateescape")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SipUri:
     """A ``sip:`` or ``sips:`` URI. Components are stored as written (escapes kept)."""
@@ -294,6 +296,7 @@ def _needs_quotes(display: str) -> bool:
     return _TOKEN_WORDS_RE.fullmatch(display) is None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class NameAddr:
     """A From/To/Contact/Route value: URI, optional display name and header parameters."""

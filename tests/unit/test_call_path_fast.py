@@ -3,19 +3,26 @@ stands in for."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import threading
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sbc.b2bua.events import CallRecord
 from sbc.b2bua.ladder import _fields, _fields_by_scan
 from sbc.net import entropy
+from sbc.net.addresses import Destination
+from sbc.sdp.model import SessionDescription
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
+from sbc.sip.quickinit import ORIGINAL_INITS, quick_init
 from sbc.sip.serializer import serialize
 from sbc.sip.uri import parse_uri
 
@@ -102,3 +109,85 @@ def test_random_uuid_is_a_version_4_uuid() -> None:
     text = entropy.random_uuid()
     parsed = uuid.UUID(text)
     assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+# Importing these modules decorates their classes.
+
+_ANY = st.one_of(st.none(), st.integers(-3, 3), st.text(max_size=3), st.tuples(st.integers()))
+
+
+def _slots(obj: object) -> list[object]:
+    return [getattr(obj, f.name) for f in dataclasses.fields(obj)]  # type: ignore[arg-type]
+
+
+def test_the_hot_classes_have_quick_inits() -> None:
+    assert {CallRecord, Destination, SessionDescription, Request, Response} <= set(ORIGINAL_INITS)
+    names = {cls.__name__ for cls in ORIGINAL_INITS}
+    assert {"Via", "CSeq", "NameAddr", "SipUri", "Request", "Response", "Destination"} <= names
+    assert {"SessionDescription", "MediaDescription", "Origin", "CallRecord"} <= names
+
+
+def _parameters(function: object) -> list[tuple[str, object]]:
+    """Parameter names and defaults; a default factory's marker is named, not compared."""
+    return [
+        (p.name, "factory" if repr(p.default) == "<factory>" else p.default)
+        for p in inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+    ]
+
+
+_QUICK = sorted(ORIGINAL_INITS, key=lambda c: c.__qualname__)
+
+
+@pytest.mark.parametrize("cls", _QUICK, ids=[c.__qualname__ for c in _QUICK])
+@given(data=st.data())
+def test_a_quick_init_stores_what_the_dataclass_init_stores(
+    cls: type[Any], data: st.DataObject
+) -> None:
+    original = ORIGINAL_INITS[cls]
+    assert _parameters(cls.__init__) == _parameters(original)
+    fields = dataclasses.fields(cls)
+    required = [
+        f
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    given_args = [data.draw(_ANY) for _ in required]
+    optional = data.draw(st.integers(0, len(fields) - len(required)))
+    given_args += [data.draw(_ANY) for _ in range(optional)]
+    quick = cls(*given_args)
+    reference: Any = object.__new__(cls)
+    original(reference, *given_args)
+    assert _slots(quick) == _slots(reference)
+    assert quick == reference and repr(quick) == repr(reference)
+    # replace() goes through the same parameters.
+    assert dataclasses.replace(quick) == quick
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(quick, fields[0].name, None)
+
+
+def test_quick_init_refuses_what_it_cannot_copy() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class NoSlots:
+        a: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class KwOnly:
+        a: int = dataclasses.field(kw_only=True)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class PostInit:
+        a: int
+
+        def __post_init__(self) -> None:
+            pass
+
+    for cls in (NoSlots, KwOnly, PostInit):
+        with pytest.raises(TypeError):
+            quick_init(cls)
+
+    @quick_init
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Empty:
+        pass
+
+    assert Empty() == Empty()
