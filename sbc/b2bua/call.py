@@ -104,7 +104,8 @@ def _direction(roles: tuple[Role, Role]) -> str:
 def _call_id_key(role: Role, *, initial: bool = True) -> str:
     """The log key of a leg's Call-ID: by peer for the two legs a call starts with
     (``pbx_call_id``, ``retell_call_id``), by role for one added later (``human_call_id``)."""
-    return f"{role.peer.value if initial else role.value}_call_id"
+    # _value_: Enum's value is a property (two Python calls); this runs for every leg.
+    return f"{role.peer._value_ if initial else role._value_}_call_id"
 
 
 class _Deadlines:
@@ -518,13 +519,13 @@ class Call:
     def status_of(self, peer: Peer) -> int | None:
         """The final status of the first INVITE of the call's leg with ``peer``."""
         for leg in self.legs.values():
-            if leg.peer is peer:
+            if leg.role.peer is peer:  # not the property: read several times a call
                 return leg.status
         return None
 
     def call_id_of(self, peer: Peer) -> str:
         for leg in self.legs.values():
-            if leg.peer is peer:
+            if leg.role.peer is peer:  # not the property: read several times a call
                 return leg.call_id
         return ""
 
@@ -819,7 +820,7 @@ class Call:
                     self._move(In.B_BYE)  # the agent left; the transfer goes on (callstate.py)
                     continue
                 if ended is not None:
-                    await self._end(ended, f"{fact.leg.peer.value}_bye")
+                    await self._end(ended, f"{fact.leg.role.peer._value_}_bye")
                     return
             # A late InviteResponded or Cancelled changes nothing once answered.
 

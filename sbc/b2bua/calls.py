@@ -86,7 +86,7 @@ STOP_WAIT = 5.0  # seconds calls get to hang up at shutdown
 
 def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
     """The record of a finished ``call`` (``ladder``: its SIP messages, when kept)."""
-    end_reason = call.end_reason or call.state.value
+    end_reason = call.end_reason or call.state._value_
     humans = [leg for leg in call.all_legs if leg.role is Role.HUMAN]
     media = call.bridge.media
     stats: dict[str, Any] | None = None
@@ -542,8 +542,8 @@ class CallManager:
                     message,
                     source,
                     local,
-                    leg=origin.role.value,
-                    peer=origin.peer.value,
+                    leg=origin.role._value_,
+                    peer=origin.role.peer._value_,
                     at=at,
                 )
         incoming.respond(100)
@@ -575,7 +575,9 @@ class CallManager:
             self._uac_call_ids[leg.call_id] = (call, leg)
         ladder = self._ladders.get(call.call_uuid)
         if ladder is not None:
-            self._ladder_legs[leg.call_id] = (ladder, leg.role.value, leg.peer.value, leg.call_id)
+            # _value_: Enum's value is a property (two Python calls each), two legs a call.
+            role = leg.role
+            self._ladder_legs[leg.call_id] = (ladder, role._value_, role.peer._value_, leg.call_id)
 
     def _call_done(self, task: asyncio.Task[Any]) -> None:
         """A call's flow returned (or was cancelled): unroute it, publish its record, free it.

@@ -130,7 +130,7 @@ class Leg:
     def log(self) -> FilteringBoundLogger:
         log = self._log
         if log is None:
-            log = self._log = self._parent_log.bind(leg=self.role.value)
+            log = self._log = self._parent_log.bind(leg=self.role._value_)
         return log
 
     @log.setter
