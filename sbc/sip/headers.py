@@ -193,7 +193,10 @@ class Headers:
     _cache: dict[str, object] | None  # see cached()
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items = tuple([(canonical_name(name), value) for name, value in items])
+        # canonical_name's first step inline: the names given are nearly always canonical
+        # already (a call less per field of every message sbc builds).
+        exact = _EXACT.get
+        self._items = tuple([(exact(name) or canonical_name(name), value) for name, value in items])
         self._keys = None
         self._cache = None
 

@@ -19,7 +19,7 @@ from sbc.b2bua.ladder import _fields, _fields_by_scan
 from sbc.net import entropy
 from sbc.net.addresses import Destination
 from sbc.sdp.model import SessionDescription
-from sbc.sip.headers import Headers
+from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
 from sbc.sip.quickinit import ORIGINAL_INITS, quick_init
@@ -191,3 +191,8 @@ def test_quick_init_refuses_what_it_cannot_copy() -> None:
         pass
 
     assert Empty() == Empty()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["Via", "v", "call-id", "X-A", "", "cSeQ"]), _VALUES)))
+def test_headers_store_the_canonical_names(pairs: list[tuple[str, str]]) -> None:
+    assert Headers(pairs).items() == tuple((canonical_name(n), v) for n, v in pairs)
