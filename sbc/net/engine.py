@@ -296,10 +296,23 @@ class SipEngine:
     # -- client side ---------------------------------------------------------------------------
     def make_via(self, transport: str) -> str:
         """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
-        return self._new_via(transport)[0]
+        # The text alone (a leg's in-dialog requests): no parsed Via made to be dropped.
+        prefix = self._via_prefix(transport)[0]
+        return f"{prefix}{BRANCH_COOKIE}{random_bytes(12).hex()};rport"
 
     def _new_via(self, transport: str) -> tuple[str, Via | None]:
         """make_via's text and, when known, what parsing it gives (not parsed per request)."""
+        prefix, shape = self._via_prefix(transport)
+        # make_branch(new_branch(...)) without its two Python frames: the same text.
+        branch = f"{BRANCH_COOKIE}{random_bytes(12).hex()}"
+        text = f"{prefix}{branch};rport"
+        if shape is None:
+            return text, None
+        return text, Via(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
+
+    def _via_prefix(self, transport: str) -> tuple[str, Via | None]:
+        """The Via of ``transport`` up to its branch, and a Via of its shape (None when the
+        parser refuses the advertised address)."""
         config = self.config
         if self._via_config is not config:
             self._via_prefixes = {}
@@ -319,13 +332,7 @@ class SipEngine:
                 shape = None  # (not reached) then each request's Via is parsed when read
             known = (prefix, shape)
             self._via_prefixes[transport] = known
-        prefix, shape = known
-        # make_branch(new_branch(...)) without its two Python frames: the same text.
-        branch = f"{BRANCH_COOKIE}{random_bytes(12).hex()}"
-        text = f"{prefix}{branch};rport"
-        if shape is None:
-            return text, None
-        return text, Via(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
+        return known
 
     def send_request(self, request: Request, target: RequestTarget = None) -> OutgoingRequest:
         """Start a client transaction for ``request``; returns its handle at once.
