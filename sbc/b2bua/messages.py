@@ -31,6 +31,7 @@ from sbc.sip.errors import SipError
 from sbc.sip.fields import parse_int_header, parse_params, quote_string
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request
+from sbc.sip.quickinit import quick_init
 from sbc.sip.uri import NameAddr, SipUri, TelUri, Uri, parse_name_addr, unescape
 
 
@@ -122,6 +123,7 @@ class PbxTarget:
         return SipUri(scheme, escape_user(user), None, self.domain)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class LocalAddress:
     """sbc's advertised address on one side (Contact, From host of the B-leg)."""

@@ -104,6 +104,25 @@ class SipUri:
         return self.scheme == "sips"
 
     def __str__(self) -> str:
+        # Every request sbc writes has a Request-URI, From and To: the usual URI (no password,
+        # no headers) in one or two f-strings rather than a list of parts joined.
+        if self.password is None and not self.headers:
+            user, port, params = self.user, self.port, self.params
+            text = (
+                f"{self.scheme}:{self.host}"
+                if user is None
+                else f"{self.scheme}:{user}@{self.host}"
+            )
+            if port is not None:
+                text = f"{text}:{port}"
+            # A loop, not a comprehension: in 3.11 that is a function call of its own.
+            for name, value in params:
+                text = f"{text};{name}" if value is None else f"{text};{name}={value}"
+            return text
+        return self._general_text()
+
+    def _general_text(self) -> str:
+        """:meth:`__str__` of any SIP URI (its tests' reference)."""
         parts = [self.scheme, ":"]
         if self.user is not None:
             parts.append(self.user)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from sbc.b2bua.events import CallRecord
 from sbc.b2bua.ladder import _fields, _fields_by_scan
+from sbc.b2bua.messages import LocalAddress
 from sbc.net import entropy
 from sbc.net.addresses import Destination
 from sbc.sdp.model import SessionDescription
@@ -24,7 +25,7 @@ from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
 from sbc.sip.quickinit import ORIGINAL_INITS, quick_init
 from sbc.sip.serializer import serialize
-from sbc.sip.uri import parse_uri
+from sbc.sip.uri import SipUri, parse_uri
 
 _NAMES = st.sampled_from(
     [
@@ -121,10 +122,13 @@ def _slots(obj: object) -> list[object]:
 
 
 def test_the_hot_classes_have_quick_inits() -> None:
-    assert {CallRecord, Destination, SessionDescription, Request, Response} <= set(ORIGINAL_INITS)
+    assert {CallRecord, Destination, SessionDescription, Request, Response, LocalAddress} <= set(
+        ORIGINAL_INITS
+    )
     names = {cls.__name__ for cls in ORIGINAL_INITS}
     assert {"Via", "CSeq", "NameAddr", "SipUri", "Request", "Response", "Destination"} <= names
     assert {"SessionDescription", "MediaDescription", "Origin", "CallRecord"} <= names
+    assert "LocalAddress" in names
 
 
 def _parameters(function: object) -> list[tuple[str, object]]:
@@ -196,3 +200,28 @@ def test_quick_init_refuses_what_it_cannot_copy() -> None:
 @given(st.lists(st.tuples(st.sampled_from(["Via", "v", "call-id", "X-A", "", "cSeQ"]), _VALUES)))
 def test_headers_store_the_canonical_names(pairs: list[tuple[str, str]]) -> None:
     assert Headers(pairs).items() == tuple((canonical_name(n), v) for n, v in pairs)
+
+
+_PARTS = st.text(alphabet="ab1.-%", min_size=1, max_size=4)
+
+
+@given(
+    st.sampled_from(["sip", "sips"]),
+    st.none() | _PARTS,
+    st.none() | _PARTS,
+    _PARTS,
+    st.none() | st.integers(0, 65535),
+    st.lists(st.tuples(_PARTS, st.none() | _PARTS), max_size=3),
+    st.lists(st.tuples(_PARTS, _PARTS), max_size=2),
+)
+def test_a_sip_uri_writes_as_the_general_code_writes_it(
+    scheme: str,
+    user: str | None,
+    password: str | None,
+    host: str,
+    port: int | None,
+    params: list[tuple[str, str | None]],
+    headers: list[tuple[str, str]],
+) -> None:
+    uri = SipUri(scheme, user, password, host, port, tuple(params), tuple(headers))
+    assert str(uri) == uri._general_text()
