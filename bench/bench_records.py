@@ -13,6 +13,14 @@ included), ``sqlite`` the insert in batches of 20 calls per transaction (``_inse
 the row made again from the summaries minus ``row_of`` of made summaries), and ``held`` the
 bytes a held call's ladder keeps after its first eight messages (tracemalloc, the messages
 themselves let go, as the call would let them go).
+
+For instruction counts (callgrind), ``--count row N`` or ``--count write N`` makes ``--calls``
+records and then does only that part for the first N of them (``row_of``; or the writer's
+``_insert_batch`` in batches of 20, rows included), so that two runs with different N differ
+by that work alone:
+
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+      python bench/bench_records.py --calls 3000 --count row 3000   # and ... row 1000
 """
 
 from __future__ import annotations
@@ -136,11 +144,41 @@ def held_bytes(calls: int) -> float:
     return kept / calls
 
 
+def count_only(calls: int, part: str, n: int) -> None:
+    """Make ``calls`` records, then only ``part`` for the first ``n`` (module docstring)."""
+    messages = [[(d, parse_message(data), peer) for d, data, peer in CALL] for _ in range(calls)]
+    recs = []
+    for i, call in enumerate(messages):
+        ladder = Ladder(200)
+        for direction, message, (dest, leg, peer) in call:
+            ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
+        recs.append(record(i, ladder))
+    del messages
+    # What was made so far out of the collector's sight: its passes over 3,000 live ladders
+    # would otherwise be counted as the rows' work, growing with the records kept here.
+    gc.collect()
+    gc.freeze()
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = records.RecordWriter(Path(tmp) / "calls.sqlite3")
+        writer._open()
+        if part == "row":
+            for rec in recs[:n]:
+                records.row_of(rec)
+        else:
+            for i in range(0, n, 20):
+                writer._insert_batch(recs[i : min(n, i + 20)])
+        writer._close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--count", nargs=2, metavar=("PART", "N"), help="row N or write N")
     args = parser.parse_args()
+    if args.count:
+        count_only(args.calls, args.count[0], int(args.count[1]))
+        return
     best: dict[str, float] = {}
     for r in range(args.repeat):
         for name, seconds in one_run(args.calls, r * args.calls).items():

@@ -21,6 +21,10 @@ Rows whose call ended more than ``keep_days`` ago are deleted at start and then 
 Columns (``calls`` table): see :data:`COLUMNS`. JSON columns: ``x_headers`` (object: the X-
 headers sent to Retell), ``transfers`` (list of the transfers' records), ``media`` (the media
 session's ``stats()``), ``ladder`` (list of the SIP message summaries, ``sbc/b2bua/ladder.py``).
+Most calls' ladders are stored in ``ladder_packed`` instead (``ladder`` is then ``[]``): the
+fields the call kept of each message, as JSON (``Ladder.packed``), from which the readers
+(:func:`list_calls`, :func:`find_call`) make the same summaries when the record is read; a
+record read has only ``ladder``, whichever way it was stored.
 Media counters per direction: ``a_*`` what came from side a (the leg that called: 3CX's caller,
 or Retell for a call Retell sent) and went to side b, ``b_*`` the reverse; NULL when the media
 layer cannot see packets (pass-through).
@@ -43,7 +47,7 @@ from typing import Any, TypeVar
 import structlog
 
 from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, EventBus, Subscription
-from sbc.b2bua.ladder import ladder_json
+from sbc.b2bua.ladder import ladder_json, packed_ladder, unpacked_ladder
 
 __all__ = [
     "COLUMNS",
@@ -112,6 +116,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE calls ADD COLUMN route TEXT",
         "ALTER TABLE calls ADD COLUMN instance TEXT",
     ),
+    (  # 4: the ladder as the call kept it (Ladder.packed), summarised when read; ``ladder``
+        # then holds '[]'. Rows written before keep their ``ladder`` and a NULL here.
+        "ALTER TABLE calls ADD COLUMN ladder_packed TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -143,6 +151,7 @@ COLUMNS = (
     "ladder_omitted",
     "route",
     "instance",
+    "ladder_packed",
 )
 JSON_COLUMNS = frozenset({"x_headers", "transfers", "media", "ladder"})
 _INSERT = (
@@ -208,6 +217,9 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     for name, value in record.x_headers:
         x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
     media = record.media
+    # The ladder as the call kept it, when it can be (most calls): its summaries and their
+    # JSON are made when the record is read (_decoded), not for every call here.
+    packed = packed_ladder(record.ladder)
     # The relay's packet counters (NULL without a media session; pass-through has no sides).
     counters = _NO_COUNTERS if media is None else _counters(media)
     # In COLUMNS' order (a tuple straight away: no dict per row).
@@ -232,11 +244,12 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
         _json([dataclasses.asdict(t) for t in record.transfers]) if record.transfers else "[]",
         *counters,
         None if media is None else _json(media),
-        ladder_json(record.ladder),
+        ladder_json(record.ladder) if packed is None else "[]",
         record.ladder_omitted,
         # getattr: the route's name is a later field of CallRecord (several routes per process)
         getattr(record, "route", "") or None,
         instance or None,
+        packed,
     )
     # Only a text that is not ASCII can hold a lone surrogate (_storable).
     return tuple([v if type(v) is not str or v.isascii() else _storable(v) for v in values])
@@ -254,11 +267,23 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _decoded(row: Any) -> dict[str, Any]:
+def _decoded(row: Any, *, ladder: bool = True) -> dict[str, Any]:
+    """A row as a record: JSON columns decoded, the ladder (unless not ``ladder``) as the list of
+    its entries whichever way it was stored (``ladder``, or ``ladder_packed`` summarised now),
+    under ``ladder``; ``ladder_packed`` itself is no field of a record."""
     # an sqlite3.Row, or a dict (psycopg's dict_row; its JSON columns arrive decoded)
     out: dict[str, Any] = {}
     for name in row.keys():  # noqa: SIM118 (sqlite3.Row is no mapping)
         value = row[name]
+        if name == "ladder_packed":
+            if value is not None and ladder:
+                try:
+                    out["ladder"] = unpacked_ladder(value)
+                except (ValueError, TypeError):  # not what sbc writes: shown as stored
+                    out["ladder"] = value
+            continue
+        if name == "ladder" and not ladder:
+            continue
         if name in JSON_COLUMNS and isinstance(value, str):
             with contextlib.suppress(ValueError):  # else shown as stored
                 value = json.loads(value)
@@ -414,13 +439,7 @@ def list_calls(
         rows = db.execute(sql, params).fetchall()
     except _read_errors(db) as exc:
         raise RecordsError(f"call records: cannot read: {exc}") from None
-    out = []
-    for row in rows:
-        record = _decoded(row)
-        if not ladder:
-            record.pop("ladder", None)
-        out.append(record)
-    return out
+    return [_decoded(row, ladder=ladder) for row in rows]
 
 
 def find_call(db: Any, call_uuid: str) -> dict[str, Any] | None:
