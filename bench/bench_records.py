@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -170,12 +171,96 @@ def count_only(calls: int, part: str, n: int) -> None:
         writer._close()
 
 
+# The sender of --stall: another process (its own GIL), writing its monotonic clock (system-wide
+# on Linux) into the pipe on its stdout every TICK seconds until its stdin closes.
+_SENDER = """
+import os, select, struct, sys, time
+tick = float(sys.argv[1])
+while not select.select([0], [], [], tick)[0]:
+    os.write(1, struct.pack("d", time.monotonic()))
+"""
+
+
+async def loop_stalls(recs: list[CallRecord], fd: int) -> tuple[float, float, int]:
+    """How late the event loop hears of a message while the writer's thread writes ``recs``
+    in one batch: another process writes its clock into the pipe ``fd`` every tick, and
+    the loop's reader notes, for each, how long after it was written the loop read it (the
+    loop's wake-up and its wait for the GIL the writer holds). The worst, the mean
+    (seconds) and how many were read during the batch."""
+    import asyncio
+    import struct
+
+    late: list[float] = []
+    loop = asyncio.get_running_loop()
+    pending = b""
+
+    def readable() -> None:
+        nonlocal pending
+        now = time.monotonic()
+        try:
+            pending += os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        whole = len(pending) - len(pending) % 8
+        late.extend(now - sent for (sent,) in struct.iter_unpack("d", pending[:whole]))
+        pending = pending[whole:]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = records.RecordWriter(Path(tmp) / "calls.sqlite3", keep_days=0)
+        await writer.start()
+        loop.add_reader(fd, readable)
+        await asyncio.sleep(0.1)
+        late.clear()
+        await writer.write_many(recs)
+        during = list(late)
+        loop.remove_reader(fd)
+        await writer.close()
+    during.sort()
+    return during[-1], sum(during) / len(during), len(during)
+
+
+def stalls(calls: int, repeat: int, tick: float) -> None:
+    """``--stall``: :func:`loop_stalls` for batches of ``calls`` records, ``repeat`` times."""
+    import asyncio
+    import subprocess
+
+    for r in range(repeat):
+        messages = [[(d, parse_message(data), p) for d, data, p in CALL] for _ in range(calls)]
+        recs = []
+        for i, call in enumerate(messages):
+            ladder = Ladder(200)
+            for direction, message, (dest, leg, peer) in call:
+                ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
+            recs.append(record(r * calls + i, ladder))
+        sender = subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(tick)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert sender.stdout is not None and sender.stdin is not None
+        os.set_blocking(sender.stdout.fileno(), False)
+        start = time.perf_counter()
+        worst, mean, ticks = asyncio.run(loop_stalls(recs, sender.stdout.fileno()))
+        took = time.perf_counter() - start
+        sender.stdin.close()
+        sender.wait()
+        print(
+            f"batch of {calls}: loop late worst {worst * 1e3:.3f} ms, mean {mean * 1e3:.3f} ms,"
+            f" {ticks} ticks in {took * 1e3:.0f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--count", nargs=2, metavar=("PART", "N"), help="row N or write N")
+    parser.add_argument("--stall", action="store_true", help="the loop's lateness (see stalls)")
+    parser.add_argument("--tick", type=float, default=0.0002)
     args = parser.parse_args()
+    if args.stall:
+        stalls(args.calls, args.repeat, args.tick)
+        return
     if args.count:
         count_only(args.calls, args.count[0], int(args.count[1]))
         return

@@ -167,6 +167,14 @@ _INSERT = (
 # module keeps each distinct statement prepared, about 100 KB each for the larger ones (one
 # for every size from 1 to 32 kept 3.6 MB more).
 ROWS_PER_INSERT = 32
+# After each row it makes, the writer's thread lets go of the GIL (time.sleep(0) releases it
+# around a system call): a row is pure Python (row_of), and the event loop, once it has a
+# message to read, would otherwise wait for the writer to release the GIL on its own, which
+# it did only in SQLite's execute, after up to ROWS_PER_INSERT rows, or after the switch
+# interval (5 ms). bench/bench_records.py --stall: how late the loop read a message during a
+# batch of 1,000 records, mean 0.4-2.2 ms (worst 1.7-8.6) before, 0.05-0.09 ms (worst
+# 0.45-1.4, one 5.3) after (docs/performance.md, Round 5: records).
+_give_way = time.sleep
 _VALUES = f"({', '.join('?' for _ in COLUMNS)})"
 _INSERT_ROWS = {n: _INSERT + f", {_VALUES}" * (n - 1) for n in (32, 16, 8, 4, 2, 1)}
 # The SQL of the readers is the same for both stores but for the placeholder and SQLite's
@@ -674,7 +682,10 @@ class RecordWriter:
         if cursor is None:
             raise RecordsError("call records: database closed")
         instance = self.instance
-        values = [value for record in records for value in row_of(record, instance)]
+        values: list[Any] = []
+        for record in records:
+            values += row_of(record, instance)
+            _give_way(0)  # the GIL to the event loop, if it waits for it (see _give_way)
         cursor.execute(_INSERT_ROWS[len(records)], values)
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:
