@@ -663,6 +663,18 @@ def packed_ladder(entries: object) -> str | None:
     return None
 
 
+def _head(text: str) -> object:
+    """A status or method as repr() wrote it."""
+    if text.isdigit():
+        return int(text)
+    if len(text) > 1 and text[0] == text[-1] == "'" and not ("\\" in text or "'" in text[1:-1]):
+        return text[1:-1]  # a method as it usually is: no quote or escape in it
+    try:
+        return ast.literal_eval(text)  # a text with escapes; a literal, never code
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        raise ValueError("not a packed ladder") from None
+
+
 def unpacked_ladder(text: str) -> list[dict[str, Any]]:
     """The entries of a packed ladder (:meth:`Ladder.packed`) as :meth:`LadderEntry.as_dict`
     makes them: the same dictionaries as the JSON :func:`ladder_json` writes for the same
@@ -682,10 +694,7 @@ def unpacked_ladder(text: str) -> list[dict[str, Any]]:
     out = []
     for i, at in enumerate(times):
         where = tuple(wheres[i].split(_SUB))
-        try:
-            head = ast.literal_eval(heads[i])
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-            raise ValueError("not a packed ladder") from None
+        head = _head(heads[i])
         if len(where) != 5 or type(head) not in _HEAD_TYPES:
             raise ValueError("not a packed ladder")
         raw = (at, where, head, tails[i], call_ids[i], cseqs[i], idents[i], addresses[i])

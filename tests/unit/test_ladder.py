@@ -16,6 +16,7 @@ from sbc.b2bua.ladder import (
     REDACTED,
     Ladder,
     LadderEntry,
+    _head,
     gap_index,
     ladder_json,
     packed_ladder,
@@ -335,6 +336,13 @@ def test_only_a_ladder_nothing_was_summarised_of_is_packed() -> None:
     ["", "1\x1f\x1f", "2\x1f00\x1f", "2\x1fzz\x1f", "2\x1f" + "00" * 8 + "\x1f", "[]"],
 )
 def test_what_is_no_packed_ladder_is_refused(text: str) -> None:
+    assert [_head(repr(v)) for v in (200, "INVITE", "IT'S", "a\\b", "é")] == [
+        200,
+        "INVITE",
+        "IT'S",
+        "a\\b",
+        "é",
+    ]
     with pytest.raises(ValueError):
         unpacked_ladder(text)
     good = noted(a_call_of_messages()[:1], 10).packed()
