@@ -8,11 +8,11 @@ One call is the twelve messages of a bridged call as the engine's tap sees them 
 100 out, INVITE to Retell out, its 100 and 200 in, 200 to 3CX out, both ACKs, the BYE from
 3CX, its 200, the BYE to Retell and its 200), each parsed from its own bytes. Printed (best of
 ``--repeat`` runs, microseconds per call): ``note`` the event loop's share (``Ladder.note`` of
-each message), ``row`` the writer thread's ``row_of`` (the ladder's summaries and JSON
-included), ``sqlite`` the insert in batches of 20 calls per transaction (``_insert_batch``,
-the row made again from the summaries minus ``row_of`` of made summaries), and ``held`` the
-bytes a held call's ladder keeps after its first eight messages (tracemalloc, the messages
-themselves let go, as the call would let them go).
+each message), ``row`` the writer thread's ``row_of`` (the ladder packed; before round 5 its
+summaries and JSON), ``sqlite`` the insert in batches of 20 calls per transaction
+(``_insert_batch`` minus a second ``row_of`` of the same records), and ``held`` the bytes a
+held call's ladder keeps after its first eight messages (tracemalloc, the messages themselves
+let go, as the call would let them go).
 
 For instruction counts (callgrind), ``--count row N`` or ``--count write N`` makes ``--calls``
 records and then does only that part for the first N of them (``row_of``; or the writer's
@@ -239,14 +239,14 @@ def stalls(calls: int, repeat: int, tick: float) -> None:
         )
         assert sender.stdout is not None and sender.stdin is not None
         os.set_blocking(sender.stdout.fileno(), False)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         worst, mean, ticks = asyncio.run(loop_stalls(recs, sender.stdout.fileno()))
-        took = time.perf_counter() - start
+        took, cpu = time.perf_counter() - start, time.process_time() - cpu
         sender.stdin.close()
         sender.wait()
         print(
             f"batch of {calls}: loop late worst {worst * 1e3:.3f} ms, mean {mean * 1e3:.3f} ms,"
-            f" {ticks} ticks in {took * 1e3:.0f} ms"
+            f" {ticks} read in {took * 1e3:.0f} ms, process CPU {cpu * 1e3:.0f} ms"
         )
 
 

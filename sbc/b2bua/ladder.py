@@ -4,8 +4,10 @@ The engine hands every message it receives or transmits to one tap (``SipEngine.
 the call manager finds the call and leg by Call-ID and notes the message in that call's
 :class:`Ladder`, which the call's record carries when the call ends (``sbc calls show`` draws it
 as a ladder diagram of both legs, as sngrep does). The :class:`LadderEntry` summaries are made
-when the ladder is read, by the records writer's thread: the event loop only keeps, per
-message, the few fields they are made of (not the message: a held call would keep them all).
+when the ladder is read: the event loop only keeps, per message, the few fields they are made
+of (not the message: a held call would keep them all), the records writer stores those fields
+as they are (:meth:`Ladder.packed`), and ``sbc calls`` makes the summaries from them
+(:func:`unpacked_ladder`).
 
 An entry keeps the time, the direction seen from sbc (``in``: sbc received it, ``out``: sbc sent
 it), the leg (role and peer), source and destination, the first line, Call-ID and CSeq. The

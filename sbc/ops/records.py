@@ -3,8 +3,8 @@
 :class:`RecordWriter` observes the call events bus (``sbc.b2bua.events``) through its own
 bounded queue (``[records] queue``): a :class:`~sbc.b2bua.events.CallEnded` becomes one row.
 The calls that end within ``batch_wait`` (0.1 s) of each other are written in one transaction,
-one commit per batch (the commit was most of a record's cost); the rows, the ladder's
-summaries among them, are made in the worker thread.
+one commit per batch (the commit was most of a record's cost); the rows are made in the worker
+thread, which gives the GIL back to the event loop after each (``_give_way``).
 Every database operation runs in the writer's one worker thread, never on the event loop, so a
 slow or failing disk only fills the writer's queue; once full, the bus drops further events for
 it and counts them (``EventBus.dropped``, logged on the first drop of a run). A failed write is
@@ -167,14 +167,14 @@ _INSERT = (
 # module keeps each distinct statement prepared, about 100 KB each for the larger ones (one
 # for every size from 1 to 32 kept 3.6 MB more).
 ROWS_PER_INSERT = 32
-# After each row it makes, the writer's thread lets go of the GIL (time.sleep(0) releases it
-# around a system call): a row is pure Python (row_of), and the event loop, once it has a
-# message to read, would otherwise wait for the writer to release the GIL on its own, which
-# it did only in SQLite's execute, after up to ROWS_PER_INSERT rows, or after the switch
-# interval (5 ms). bench/bench_records.py --stall: how late the loop read a message during a
-# batch of 1,000 records, mean 0.4-2.2 ms (worst 1.7-8.6) before, 0.05-0.09 ms (worst
-# 0.45-1.4, one 5.3) after (docs/performance.md, Round 5: records).
-_give_way = time.sleep
+# After each row it makes, the writer's thread lets go of the GIL (os.sched_yield releases it
+# around the system call, and lets a thread waiting for the core run): a row is pure Python
+# (row_of), and the event loop, once it has a message to read, would otherwise wait for the
+# writer to release the GIL on its own, which it did only in SQLite's execute, after up to
+# ROWS_PER_INSERT rows, or after the switch interval (5 ms). time.sleep(0) does the same but
+# sleeps the timer slack, ~80 us a row. bench/bench_records.py --stall (docs/performance.md,
+# Round 5: records): how late the loop read a message during a batch of 1,000 records.
+_give_way = os.sched_yield
 _VALUES = f"({', '.join('?' for _ in COLUMNS)})"
 _INSERT_ROWS = {n: _INSERT + f", {_VALUES}" * (n - 1) for n in (32, 16, 8, 4, 2, 1)}
 # The SQL of the readers is the same for both stores but for the placeholder and SQLite's
@@ -685,7 +685,7 @@ class RecordWriter:
         values: list[Any] = []
         for record in records:
             values += row_of(record, instance)
-            _give_way(0)  # the GIL to the event loop, if it waits for it (see _give_way)
+            _give_way()  # the GIL to the event loop, if it waits for it (see _give_way)
         cursor.execute(_INSERT_ROWS[len(records)], values)
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:
