@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http
 import ipaddress
 import json
 
@@ -329,6 +330,9 @@ def test_only_a_ladder_nothing_was_summarised_of_is_packed() -> None:
     for message in unreadable[1:]:  # a separator, a lone surrogate: the JSON instead
         assert noted([("in", message)], 10).packed() is None
     assert noted([("in", unreadable[0])], 10).packed() is not None
+    # a status that is no plain number (repr() would not read back): the JSON instead
+    enum_status = dataclasses.replace(build_response(bye(), 200), status=http.HTTPStatus.OK)
+    assert noted([("out", enum_status)], 10).packed() is None
 
 
 @pytest.mark.parametrize(
