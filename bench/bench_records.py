@@ -8,17 +8,26 @@ One call is the twelve messages of a bridged call as the engine's tap sees them 
 100 out, INVITE to Retell out, its 100 and 200 in, 200 to 3CX out, both ACKs, the BYE from
 3CX, its 200, the BYE to Retell and its 200), each parsed from its own bytes. Printed (best of
 ``--repeat`` runs, microseconds per call): ``note`` the event loop's share (``Ladder.note`` of
-each message), ``row`` the writer thread's ``row_of`` (the ladder's summaries and JSON
-included), ``sqlite`` the insert in batches of 20 calls per transaction (``_insert_batch``,
-the row made again from the summaries minus ``row_of`` of made summaries), and ``held`` the
-bytes a held call's ladder keeps after its first eight messages (tracemalloc, the messages
-themselves let go, as the call would let them go).
+each message), ``row`` the writer thread's ``row_of`` (the ladder packed; before round 5 its
+summaries and JSON), ``sqlite`` the insert in batches of 20 calls per transaction
+(``_insert_batch`` minus a second ``row_of`` of the same records), and ``held`` the bytes a
+held call's ladder keeps after its first eight messages (tracemalloc, the messages themselves
+let go, as the call would let them go).
+
+For instruction counts (callgrind), ``--count row N`` or ``--count write N`` makes ``--calls``
+records and then does only that part for the first N of them (``row_of``; or the writer's
+``_insert_batch`` in batches of 20, rows included), so that two runs with different N differ
+by that work alone:
+
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+      python bench/bench_records.py --calls 3000 --count row 3000   # and ... row 1000
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -136,11 +145,125 @@ def held_bytes(calls: int) -> float:
     return kept / calls
 
 
+def count_only(calls: int, part: str, n: int) -> None:
+    """Make ``calls`` records, then only ``part`` for the first ``n`` (module docstring)."""
+    messages = [[(d, parse_message(data), peer) for d, data, peer in CALL] for _ in range(calls)]
+    recs = []
+    for i, call in enumerate(messages):
+        ladder = Ladder(200)
+        for direction, message, (dest, leg, peer) in call:
+            ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
+        recs.append(record(i, ladder))
+    del messages
+    # What was made so far out of the collector's sight: its passes over 3,000 live ladders
+    # would otherwise be counted as the rows' work, growing with the records kept here.
+    gc.collect()
+    gc.freeze()
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = records.RecordWriter(Path(tmp) / "calls.sqlite3")
+        writer._open()
+        if part == "row":
+            for rec in recs[:n]:
+                records.row_of(rec)
+        else:
+            for i in range(0, n, 20):
+                writer._insert_batch(recs[i : min(n, i + 20)])
+        writer._close()
+
+
+# The sender of --stall: another process (its own GIL), writing its monotonic clock (system-wide
+# on Linux) into the pipe on its stdout every TICK seconds until its stdin closes.
+_SENDER = """
+import os, select, struct, sys, time
+tick = float(sys.argv[1])
+while not select.select([0], [], [], tick)[0]:
+    os.write(1, struct.pack("d", time.monotonic()))
+"""
+
+
+async def loop_stalls(recs: list[CallRecord], fd: int) -> tuple[float, float, int]:
+    """How late the event loop hears of a message while the writer's thread writes ``recs``
+    in one batch: another process writes its clock into the pipe ``fd`` every tick, and
+    the loop's reader notes, for each, how long after it was written the loop read it (the
+    loop's wake-up and its wait for the GIL the writer holds). The worst, the mean
+    (seconds) and how many were read during the batch."""
+    import asyncio
+    import struct
+
+    late: list[float] = []
+    loop = asyncio.get_running_loop()
+    pending = b""
+
+    def readable() -> None:
+        nonlocal pending
+        now = time.monotonic()
+        try:
+            pending += os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        whole = len(pending) - len(pending) % 8
+        late.extend(now - sent for (sent,) in struct.iter_unpack("d", pending[:whole]))
+        pending = pending[whole:]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = records.RecordWriter(Path(tmp) / "calls.sqlite3", keep_days=0)
+        await writer.start()
+        loop.add_reader(fd, readable)
+        await asyncio.sleep(0.1)
+        late.clear()
+        await writer.write_many(recs)
+        during = list(late)
+        loop.remove_reader(fd)
+        await writer.close()
+    during.sort()
+    return during[-1], sum(during) / len(during), len(during)
+
+
+def stalls(calls: int, repeat: int, tick: float) -> None:
+    """``--stall``: :func:`loop_stalls` for batches of ``calls`` records, ``repeat`` times."""
+    import asyncio
+    import subprocess
+
+    for r in range(repeat):
+        messages = [[(d, parse_message(data), p) for d, data, p in CALL] for _ in range(calls)]
+        recs = []
+        for i, call in enumerate(messages):
+            ladder = Ladder(200)
+            for direction, message, (dest, leg, peer) in call:
+                ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
+            recs.append(record(r * calls + i, ladder))
+        sender = subprocess.Popen(
+            [sys.executable, "-c", _SENDER, str(tick)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert sender.stdout is not None and sender.stdin is not None
+        os.set_blocking(sender.stdout.fileno(), False)
+        start, cpu = time.perf_counter(), time.process_time()
+        worst, mean, ticks = asyncio.run(loop_stalls(recs, sender.stdout.fileno()))
+        took, cpu = time.perf_counter() - start, time.process_time() - cpu
+        sender.stdin.close()
+        sender.wait()
+        print(
+            f"batch of {calls}: loop late worst {worst * 1e3:.3f} ms, mean {mean * 1e3:.3f} ms,"
+            f" {ticks} read in {took * 1e3:.0f} ms, process CPU {cpu * 1e3:.0f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--count", nargs=2, metavar=("PART", "N"), help="row N or write N")
+    parser.add_argument("--stall", action="store_true", help="the loop's lateness (see stalls)")
+    parser.add_argument("--tick", type=float, default=0.0002)
     args = parser.parse_args()
+    if args.stall:
+        stalls(args.calls, args.repeat, args.tick)
+        return
+    if args.count:
+        count_only(args.calls, args.count[0], int(args.count[1]))
+        return
     best: dict[str, float] = {}
     for r in range(args.repeat):
         for name, seconds in one_run(args.calls, r * args.calls).items():

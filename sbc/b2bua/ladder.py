@@ -4,8 +4,10 @@ The engine hands every message it receives or transmits to one tap (``SipEngine.
 the call manager finds the call and leg by Call-ID and notes the message in that call's
 :class:`Ladder`, which the call's record carries when the call ends (``sbc calls show`` draws it
 as a ladder diagram of both legs, as sngrep does). The :class:`LadderEntry` summaries are made
-when the ladder is read, by the records writer's thread: the event loop only keeps, per
-message, the few fields they are made of (not the message: a held call would keep them all).
+when the ladder is read: the event loop only keeps, per message, the few fields they are made
+of (not the message: a held call would keep them all), the records writer stores those fields
+as they are (:meth:`Ladder.packed`), and ``sbc calls`` makes the summaries from them
+(:func:`unpacked_ladder`).
 
 An entry keeps the time, the direction seen from sbc (``in``: sbc received it, ``out``: sbc sent
 it), the leg (role and peer), source and destination, the first line, Call-ID and CSeq. The
@@ -21,9 +23,11 @@ The ladder is bounded: the first ``limit - tail`` messages, then the last ``tail
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
+import sys
 import threading
 from array import array
 from collections import deque
@@ -44,7 +48,9 @@ __all__ = [
     "first_line",
     "gap_index",
     "ladder_json",
+    "packed_ladder",
     "summarize",
+    "unpacked_ladder",
 ]
 
 # Header fields whose values are never stored or logged (RFC 3261 §20.7, §20.28).
@@ -412,6 +418,9 @@ class Ladder:
         else:
             head = shared(message.method) or _shared(message.method)
             tail = message.uri
+            if type(tail) is SipUri and tail.password is not None:
+                # never kept (first_line() would replace it when summarised anyway)
+                tail = dataclasses.replace(tail, password=REDACTED)
         call_id, cseq, via, to, credentials = _fields(message)
         if leg_call_id is not None:
             call_id = leg_call_id
@@ -474,6 +483,23 @@ class Ladder:
         return _summaries_json(
             [item if type(item) is tuple else _fields_of(item) for item in self._summaries()]  # type: ignore[arg-type]
         )
+
+    def packed(self) -> str | None:
+        """The ladder as the records store it when nothing of it was summarised yet (every
+        message of most calls is still in the columns ``note`` fills): a JSON text of those
+        columns, made by the json module's C encoder, which :func:`unpacked_ladder` summarises
+        when the record is read. None when the ladder cannot be written so (an entry added
+        whole, a summary made, a tail, an omitted message): :meth:`json` then.
+
+        Written in the records writer's thread for every call: summarising and writing
+        each entry's JSON there was three quarters of a record's cost."""
+        with _LOCK:  # against a summary made meanwhile on the loop (the columns let go)
+            fields, times, idents = self._fields, self._times, self._idents
+            if self._head or self._tail or self.omitted or fields is None:
+                return None
+            if times is None or idents is None or self._pending != len(times):
+                return None  # pragma: no cover - the columns are filled together
+        return _pack_columns(fields, times, idents)
 
     def snapshot(self) -> LadderSnapshot:
         """The entries as a sequence summarised on first access: for the call record, so that
@@ -541,6 +567,10 @@ class LadderSnapshot(Sequence[LadderEntry]):
             return _summaries_json([_fields_of(entry) for entry in self._entries])
         return self._ladder.json()
 
+    def packed(self) -> str | None:
+        """:meth:`Ladder.packed` (None once the entries were made)."""
+        return None if self._entries is not None else self._ladder.packed()
+
     def _all(self) -> tuple[LadderEntry, ...]:
         if self._entries is None:
             self._entries = self._ladder.entries()
@@ -582,6 +612,116 @@ def _resolved(ladder: Ladder, raw: _Raw) -> _Summary:
     if ladder._seen_before((summary[1], summary[6], raw[5], raw[4], raw[6])):
         return (*summary[:9], True, summary[10])
     return summary
+
+
+# -- the packed form the records store (Ladder.packed) --------------------------------------------
+
+# A packed ladder is one text: fields joined by _SEP, namely the version, the messages' times
+# and identities (64-bit floats and integers, little-endian, as hexadecimal text), then the
+# fields of all the messages by kind: where (its five texts joined by _SUB), status or method
+# (repr(): a number or a quoted text), reason or Request-URI, Call-ID, CSeq, the peer's
+# address. Written by C code only (str.join, repr, hex) but for the Request-URIs' and
+# addresses' texts: summarising each message and writing its JSON here was three quarters of
+# a call record's cost. A ladder whose texts hold a separator, or what is no UTF-8, is not
+# packed (Ladder.json() then).
+PACKED_VERSION = "2"
+_SEP = "\x1f"  # ASCII unit separator
+_SUB = "\x1e"  # ASCII record separator
+_HEAD_TYPES = {int, str}
+
+
+def _hex(numbers: array[Any]) -> str:
+    """The machine numbers of ``numbers``, little-endian, as hexadecimal text (exact, and a
+    few times cheaper to write than the numbers in decimal)."""
+    if sys.byteorder == "little":
+        return numbers.tobytes().hex()
+    swapped = array(numbers.typecode, numbers)  # pragma: no cover - big-endian hosts
+    swapped.byteswap()  # pragma: no cover
+    return swapped.tobytes().hex()  # pragma: no cover
+
+
+def _unhex(typecode: str, text: str) -> array[Any]:
+    numbers = array(typecode, bytes.fromhex(text))
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        numbers.byteswap()
+    return numbers
+
+
+def _pack_columns(fields: list[Any], times: array[float], idents: array[int]) -> str | None:
+    heads = fields[1::_RAW_FIELDS]
+    if not set(map(type, heads)) <= _HEAD_TYPES:
+        return None
+    parts = [
+        PACKED_VERSION,
+        _hex(times),
+        _hex(idents),
+        *map(_SUB.join, fields[0::_RAW_FIELDS]),  # where
+        *map(repr, heads),  # status or method
+        *map(str, fields[2::_RAW_FIELDS]),  # reason or Request-URI (no password: note())
+        *fields[3::_RAW_FIELDS],  # Call-ID
+        *fields[4::_RAW_FIELDS],  # CSeq
+        *map(str, fields[5::_RAW_FIELDS]),  # the peer's address
+    ]
+    text = _SEP.join(parts)
+    n = len(times)
+    if text.count(_SEP) != len(parts) - 1 or text.count(_SUB) != 4 * n:
+        return None  # a separator in a text: it could not be read back
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (octets that were no UTF-8)
+            return None
+    return text
+
+
+_KEYS = tuple(field.name for field in dataclasses.fields(LadderEntry))
+
+
+def packed_ladder(entries: object) -> str | None:
+    """The packed form of a call record's ladder (:meth:`Ladder.packed`), None when it has
+    none (a plain sequence of entries, or a ladder already read)."""
+    if type(entries) is LadderSnapshot:
+        return entries.packed()
+    return None
+
+
+def _head(text: str) -> object:
+    """A status or method as repr() wrote it."""
+    if text.isdigit():
+        return int(text)
+    if len(text) > 1 and text[0] == text[-1] == "'" and not ("\\" in text or "'" in text[1:-1]):
+        return text[1:-1]  # a method as it usually is: no quote or escape in it
+    try:
+        return ast.literal_eval(text)  # a text with escapes; a literal, never code
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        raise ValueError("not a packed ladder") from None
+
+
+def unpacked_ladder(text: str) -> list[dict[str, Any]]:
+    """The entries of a packed ladder (:meth:`Ladder.packed`) as :meth:`LadderEntry.as_dict`
+    makes them: the same dictionaries as the JSON :func:`ladder_json` writes for the same
+    messages, read back. Raises ValueError for a text that is no packed ladder."""
+    parts = text.split(_SEP)
+    if len(parts) < 3 or parts[0] != PACKED_VERSION:
+        raise ValueError("not a packed ladder")
+    times, idents = _unhex("d", parts[1]), _unhex("q", parts[2])
+    n = len(times)
+    if len(parts) != 3 + _RAW_FIELDS * n or len(idents) != n:
+        raise ValueError("not a packed ladder")
+    wheres, heads, tails, call_ids, cseqs, addresses = (
+        parts[3 + k * n : 3 + (k + 1) * n] for k in range(_RAW_FIELDS)
+    )
+    # The summaries as the ladder would have made them, in order (retransmission marks).
+    ladder = Ladder(n)
+    out = []
+    for i, at in enumerate(times):
+        where = tuple(wheres[i].split(_SUB))
+        head = _head(heads[i])
+        if len(where) != 5 or type(head) not in _HEAD_TYPES:
+            raise ValueError("not a packed ladder")
+        raw = (at, where, head, tails[i], call_ids[i], cseqs[i], idents[i], addresses[i])
+        out.append(dict(zip(_KEYS, _resolved(ladder, raw), strict=True)))  # type: ignore[arg-type]
+    return out
 
 
 def gap_index(count: int, omitted: int) -> int | None:

@@ -3,8 +3,8 @@
 :class:`RecordWriter` observes the call events bus (``sbc.b2bua.events``) through its own
 bounded queue (``[records] queue``): a :class:`~sbc.b2bua.events.CallEnded` becomes one row.
 The calls that end within ``batch_wait`` (0.1 s) of each other are written in one transaction,
-one commit per batch (the commit was most of a record's cost); the rows, the ladder's
-summaries among them, are made in the worker thread.
+one commit per batch (the commit was most of a record's cost); the rows are made in the worker
+thread, which gives the GIL back to the event loop after each (``_give_way``).
 Every database operation runs in the writer's one worker thread, never on the event loop, so a
 slow or failing disk only fills the writer's queue; once full, the bus drops further events for
 it and counts them (``EventBus.dropped``, logged on the first drop of a run). A failed write is
@@ -21,6 +21,10 @@ Rows whose call ended more than ``keep_days`` ago are deleted at start and then 
 Columns (``calls`` table): see :data:`COLUMNS`. JSON columns: ``x_headers`` (object: the X-
 headers sent to Retell), ``transfers`` (list of the transfers' records), ``media`` (the media
 session's ``stats()``), ``ladder`` (list of the SIP message summaries, ``sbc/b2bua/ladder.py``).
+Most calls' ladders are stored in ``ladder_packed`` instead (``ladder`` is then ``[]``): the
+fields the call kept of each message, as JSON (``Ladder.packed``), from which the readers
+(:func:`list_calls`, :func:`find_call`) make the same summaries when the record is read; a
+record read has only ``ladder``, whichever way it was stored.
 Media counters per direction: ``a_*`` what came from side a (the leg that called: 3CX's caller,
 or Retell for a call Retell sent) and went to side b, ``b_*`` the reverse; NULL when the media
 layer cannot see packets (pass-through).
@@ -33,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -43,7 +48,7 @@ from typing import Any, TypeVar
 import structlog
 
 from sbc.b2bua.events import CallEnded, CallEvent, CallRecord, EventBus, Subscription
-from sbc.b2bua.ladder import ladder_json
+from sbc.b2bua.ladder import ladder_json, packed_ladder, unpacked_ladder
 
 __all__ = [
     "COLUMNS",
@@ -112,6 +117,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE calls ADD COLUMN route TEXT",
         "ALTER TABLE calls ADD COLUMN instance TEXT",
     ),
+    (  # 4: the ladder as the call kept it (Ladder.packed), summarised when read; ``ladder``
+        # then holds '[]'. Rows written before keep their ``ladder`` and a NULL here.
+        "ALTER TABLE calls ADD COLUMN ladder_packed TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -143,6 +152,7 @@ COLUMNS = (
     "ladder_omitted",
     "route",
     "instance",
+    "ladder_packed",
 )
 JSON_COLUMNS = frozenset({"x_headers", "transfers", "media", "ladder"})
 _INSERT = (
@@ -158,6 +168,14 @@ _INSERT = (
 # module keeps each distinct statement prepared, about 100 KB each for the larger ones (one
 # for every size from 1 to 32 kept 3.6 MB more).
 ROWS_PER_INSERT = 32
+# After each row it makes, the writer's thread lets go of the GIL (os.sched_yield releases it
+# around the system call, and lets a thread waiting for the core run): a row is pure Python
+# (row_of), and the event loop, once it has a message to read, would otherwise wait for the
+# writer to release the GIL on its own, which it did only in SQLite's execute, after up to
+# ROWS_PER_INSERT rows, or after the switch interval (5 ms). time.sleep(0) does the same but
+# sleeps the timer slack, ~80 us a row. bench/bench_records.py --stall (docs/performance.md,
+# Round 5: records): how late the loop read a message during a batch of 1,000 records.
+_give_way = os.sched_yield
 _VALUES = f"({', '.join('?' for _ in COLUMNS)})"
 _INSERT_ROWS = {n: _INSERT + f", {_VALUES}" * (n - 1) for n in (32, 16, 8, 4, 2, 1)}
 # The SQL of the readers is the same for both stores but for the placeholder and SQLite's
@@ -208,6 +226,9 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     for name, value in record.x_headers:
         x_headers[name] = f"{x_headers[name]}, {value}" if name in x_headers else value
     media = record.media
+    # The ladder as the call kept it, when it can be (most calls): its summaries and their
+    # JSON are made when the record is read (_decoded), not for every call here.
+    packed = packed_ladder(record.ladder)
     # The relay's packet counters (NULL without a media session; pass-through has no sides).
     counters = _NO_COUNTERS if media is None else _counters(media)
     # In COLUMNS' order (a tuple straight away: no dict per row).
@@ -232,11 +253,12 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
         _json([dataclasses.asdict(t) for t in record.transfers]) if record.transfers else "[]",
         *counters,
         None if media is None else _json(media),
-        ladder_json(record.ladder),
+        ladder_json(record.ladder) if packed is None else "[]",
         record.ladder_omitted,
         # getattr: the route's name is a later field of CallRecord (several routes per process)
         getattr(record, "route", "") or None,
         instance or None,
+        packed,
     )
     # Only a text that is not ASCII can hold a lone surrogate (_storable).
     return tuple([v if type(v) is not str or v.isascii() else _storable(v) for v in values])
@@ -254,11 +276,23 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _decoded(row: Any) -> dict[str, Any]:
+def _decoded(row: Any, *, ladder: bool = True) -> dict[str, Any]:
+    """A row as a record: JSON columns decoded, the ladder (unless not ``ladder``) as the list of
+    its entries whichever way it was stored (``ladder``, or ``ladder_packed`` summarised now),
+    under ``ladder``; ``ladder_packed`` itself is no field of a record."""
     # an sqlite3.Row, or a dict (psycopg's dict_row; its JSON columns arrive decoded)
     out: dict[str, Any] = {}
     for name in row.keys():  # noqa: SIM118 (sqlite3.Row is no mapping)
         value = row[name]
+        if name == "ladder_packed":
+            if value is not None and ladder:
+                try:
+                    out["ladder"] = unpacked_ladder(value)
+                except (ValueError, TypeError):  # not what sbc writes: shown as stored
+                    out["ladder"] = value
+            continue
+        if name == "ladder" and not ladder:
+            continue
         if name in JSON_COLUMNS and isinstance(value, str):
             with contextlib.suppress(ValueError):  # else shown as stored
                 value = json.loads(value)
@@ -272,6 +306,20 @@ def _decoded(row: Any) -> dict[str, Any]:
 def _user_version(db: sqlite3.Connection) -> int:
     row = db.execute("PRAGMA user_version").fetchone()
     return int(row[0])
+
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
+
+
+def _added_already(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column the table has: a file whose version was set back by
+    hand so that an older sbc takes it again (it writes its own columns and leaves the newer
+    ones NULL), then opened by the newer sbc again (two trees compared on one file)."""
+    found = _ADD_COLUMN.match(statement)
+    if found is None:
+        return False
+    table, column = found.groups()
+    return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))
 
 
 def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
@@ -291,7 +339,8 @@ def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
             if _user_version(db) > version:
                 continue
             for statement in MIGRATIONS[version]:
-                db.execute(statement)
+                if not _added_already(db, statement):
+                    db.execute(statement)
             db.execute(f"PRAGMA user_version = {version + 1}")
     return found
 
@@ -414,13 +463,7 @@ def list_calls(
         rows = db.execute(sql, params).fetchall()
     except _read_errors(db) as exc:
         raise RecordsError(f"call records: cannot read: {exc}") from None
-    out = []
-    for row in rows:
-        record = _decoded(row)
-        if not ladder:
-            record.pop("ladder", None)
-        out.append(record)
-    return out
+    return [_decoded(row, ladder=ladder) for row in rows]
 
 
 def find_call(db: Any, call_uuid: str) -> dict[str, Any] | None:
@@ -655,7 +698,10 @@ class RecordWriter:
         if cursor is None:
             raise RecordsError("call records: database closed")
         instance = self.instance
-        values = [value for record in records for value in row_of(record, instance)]
+        values: list[Any] = []
+        for record in records:
+            values += row_of(record, instance)
+            _give_way()  # the GIL to the event loop, if it waits for it (see _give_way)
         cursor.execute(_INSERT_ROWS[len(records)], values)
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:

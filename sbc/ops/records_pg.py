@@ -90,6 +90,7 @@ COLUMN_TYPES: dict[str, str] = {
     "ladder_omitted": "INTEGER NOT NULL DEFAULT 0",
     "route": "TEXT",
     "instance": "TEXT",
+    "ladder_packed": "TEXT",  # not json: sbc reads it, and PostgreSQL need not parse it
 }
 
 # A database without the table gets the current schema at once; a later schema adds a step
@@ -102,7 +103,10 @@ CREATE: tuple[str, ...] = (
     "CREATE INDEX calls_ended ON calls (ended)",
     "CREATE INDEX calls_caller ON calls (caller)",
 )
-MIGRATIONS: dict[int, tuple[str, ...]] = {0: CREATE}
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    0: CREATE,
+    3: ("ALTER TABLE calls ADD COLUMN ladder_packed TEXT",),  # SQLite's step 4
+}
 
 # A replayed call_uuid replaces its row, as SQLite's INSERT OR REPLACE does.
 INSERT = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http
 import ipaddress
 import json
 
@@ -12,7 +13,17 @@ import pytest
 import structlog
 
 from sbc.b2bua.calls import CallManager, hung_up_by
-from sbc.b2bua.ladder import REDACTED, Ladder, LadderEntry, gap_index, ladder_json, summarize
+from sbc.b2bua.ladder import (
+    REDACTED,
+    Ladder,
+    LadderEntry,
+    _head,
+    gap_index,
+    ladder_json,
+    packed_ladder,
+    summarize,
+    unpacked_ladder,
+)
 from sbc.media.base import PassthroughBackend
 from sbc.net.addresses import Destination, TransportConfig
 from sbc.net.engine import IncomingRequest, SipEngine
@@ -252,6 +263,102 @@ def test_a_snapshots_json_is_that_of_its_entries_read_or_not() -> None:
     assert text == ladder_json(read) == ladder_json(entries)
     assert [LadderEntry.from_dict(d) for d in json.loads(text)] == list(entries)
     assert SECRET_DIGEST not in text
+
+
+def a_call_of_messages() -> list[tuple[str, Request | Response]]:
+    """Requests and responses both ways, a retransmission, credentials, a password in the
+    Request-URI, a reason that is not ASCII, a response without reason."""
+    invite = Request(
+        "INVITE",
+        parse_uri("sip:101:secret@10.0.0.5:5060;transport=udp"),
+        Headers(
+            [
+                ("Via", "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKinv"),
+                ("From", "<sip:02071234567@10.0.0.1>;tag=pbxtag"),
+                ("To", "<sip:101@10.0.0.5>"),
+                ("Call-ID", "pbx-call@10.0.0.1"),
+                ("CSeq", "1 INVITE"),
+                ("Proxy-Authorization", SECRET_DIGEST),
+            ]
+        ),
+    )
+    ringing = build_response(invite, 180)
+    odd = build_response(invite, 499, reason='Zoë\'s "odd" reason ☎')
+    empty = dataclasses.replace(build_response(invite, 200), reason="")
+    request = bye(("Authorization", SECRET_DIGEST))
+    return [
+        ("in", invite),
+        ("out", ringing),
+        ("out", odd),
+        ("out", empty),
+        ("in", invite),  # a retransmission
+        ("in", request),
+        ("out", build_response(request, 200)),
+        ("in", request),
+    ]
+
+
+def test_a_packed_ladder_reads_back_as_the_json_of_its_entries() -> None:
+    """What the records store for most calls (Ladder.packed, summarised when read) gives the
+    same entries as the JSON of the summaries made when written (the format before)."""
+    messages = a_call_of_messages()
+    packed = noted(messages, 200).packed()
+    assert packed is not None
+    reference = json.loads(ladder_json(eager(messages, 200).entries()))
+    assert unpacked_ladder(packed) == reference
+    assert [e["retransmission"] for e in reference] == [False] * 4 + [True, False, False, True]
+    assert reference[0]["first_line"] == f"INVITE sip:101:{REDACTED}@10.0.0.5:5060;transport=udp"
+    assert reference[3]["first_line"] == "SIP/2.0 200"
+    assert "secret" not in packed and SECRET_DIGEST not in packed
+    assert noted([], 10).packed() is None  # nothing noted: "[]" as before
+
+
+def test_only_a_ladder_nothing_was_summarised_of_is_packed() -> None:
+    messages = a_call_of_messages()
+    snapshot = noted(messages, 200).snapshot()
+    assert packed_ladder(snapshot) is not None
+    list(snapshot)  # read: its summaries are made, the columns let go
+    assert packed_ladder(snapshot) is None
+    assert packed_ladder(eager(messages, 200).entries()) is None  # plain entries
+    assert noted(messages, 4).packed() is None  # a long call: a tail and omitted messages
+    assert eager(messages, 200).packed() is None  # entries added whole
+    unreadable = [
+        bye(("Call-ID", "x")),  # a plain Call-ID
+        Request("BYE", parse_uri("sip:101@10.0.0.5"), Headers([("Call-ID", "a\x1fb")])),
+        Request("BYE", parse_uri("sip:101@10.0.0.5"), Headers([("CSeq", "1 \udcff")])),
+    ]
+    for message in unreadable[1:]:  # a separator, a lone surrogate: the JSON instead
+        assert noted([("in", message)], 10).packed() is None
+    assert noted([("in", unreadable[0])], 10).packed() is not None
+    # a status that is no plain number (repr() would not read back): the JSON instead
+    enum_status = dataclasses.replace(build_response(bye(), 200), status=http.HTTPStatus.OK)
+    assert noted([("out", enum_status)], 10).packed() is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "1\x1f\x1f", "2\x1f00\x1f", "2\x1fzz\x1f", "2\x1f" + "00" * 8 + "\x1f", "[]"],
+)
+def test_what_is_no_packed_ladder_is_refused(text: str) -> None:
+    assert [_head(repr(v)) for v in (200, "INVITE", "IT'S", "a\\b", "é")] == [
+        200,
+        "INVITE",
+        "IT'S",
+        "a\\b",
+        "é",
+    ]
+    with pytest.raises(ValueError):
+        unpacked_ladder(text)
+    good = noted(a_call_of_messages()[:1], 10).packed()
+    assert good is not None
+    parts = good.split("\x1f")
+    for bad in (
+        [*parts[:4], "__import__('os')", *parts[5:]],  # status or method: literals only
+        [*parts[:4], "2.5", *parts[5:]],
+        [*parts[:3], "in\x1ex", *parts[4:]],  # where: five texts
+    ):
+        with pytest.raises(ValueError):
+            unpacked_ladder("\x1f".join(bad))
 
 
 # -- the manager's tap ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import json
 import sqlite3
 import stat
 import threading
@@ -18,9 +19,11 @@ import pytest
 import structlog
 
 from sbc.b2bua.events import CallEnded, CallRecord, CallStarted, EventBus
-from sbc.b2bua.ladder import LadderEntry
+from sbc.b2bua.ladder import LadderEntry, ladder_json
 from sbc.b2bua.transfer import TransferRecord
+from sbc.ops import records
 from sbc.ops.records import (
+    COLUMNS,
     MIGRATIONS,
     ROWS_PER_INSERT,
     SCHEMA_VERSION,
@@ -201,6 +204,140 @@ async def test_migration_from_an_older_schema_keeps_the_rows(tmp_path: Path) -> 
     assert kept is not None and new is not None
     assert (kept["ladder"], kept["ladder_omitted"], kept["a_packets"]) == ([], 0, None)
     assert len(new["ladder"]) == 3
+
+
+def noted_ladder() -> Any:
+    """A ladder the call's tap filled (nothing summarised yet): what a record carries."""
+    from sbc.b2bua.ladder import Ladder
+    from sbc.net.addresses import Destination
+    from sbc.sip.headers import Headers
+    from sbc.sip.message import Request, Response
+    from sbc.sip.server_transaction import build_response
+    from sbc.sip.uri import parse_uri
+
+    invite = Request(
+        "INVITE",
+        parse_uri("sip:101@127.0.0.22"),
+        Headers(
+            [
+                ("Via", "SIP/2.0/UDP 127.0.0.21:5060;branch=z9hG4bK1"),
+                ("From", "<sip:1@127.0.0.21>;tag=a"),
+                ("To", "<sip:101@127.0.0.22>"),
+                ("Call-ID", "caller-call-id"),
+                ("CSeq", "1 INVITE"),
+            ]
+        ),
+    )
+    pbx = Destination("udp", "127.0.0.21", 5060)
+    ladder = Ladder(200)
+    messages: list[tuple[str, Request | Response]] = [
+        ("in", invite),
+        ("out", build_response(invite, 100)),
+        ("in", invite),
+    ]
+    for n, (direction, message) in enumerate(messages):
+        ladder.note(
+            direction, message, pbx, "udp:127.0.0.22:5060", leg="caller", peer="pbx", at=NOW + n
+        )
+    return ladder
+
+
+async def test_a_packed_ladder_reads_as_the_ladder_written_whole(tmp_path: Path) -> None:
+    """Most calls' ladders are stored packed and summarised when read: the record read is the
+    one the summaries written as JSON gave (what ``sbc calls show`` prints, byte for byte)."""
+    from sbc.ops.ladder_view import render_record
+
+    read = []
+    for name, ladder in (
+        ("packed", noted_ladder().snapshot()),
+        ("whole", noted_ladder().entries()),
+    ):
+        path = tmp_path / f"{name}.sqlite3"  # the same call, stored each way
+        writer = await started_writer(path, wall_clock=lambda: NOW)
+        assert await writer.write(make_record(ladder=ladder))
+        await writer.close()
+        raw = sqlite3.connect(path)
+        assert raw.execute("SELECT ladder_packed IS NULL FROM calls").fetchone()[0] == (
+            name == "whole"
+        )
+        raw.close()
+        db = connect_readonly(path)
+        read.append((find_call(db, "u-1"), list_calls(db)))
+        db.close()
+    (a, listed), (b, _) = read
+    assert a is not None and b is not None
+    assert [e["retransmission"] for e in a["ladder"]] == [False, False, True]
+    assert list(a) == list(b) and "ladder_packed" not in a
+    assert json.dumps(a, indent=2, ensure_ascii=False) == json.dumps(
+        b, indent=2, ensure_ascii=False
+    )
+    assert render_record(a) == render_record(b)
+    assert all("ladder" not in r and "ladder_packed" not in r for r in listed)
+
+
+async def test_rows_of_the_schema_before_packed_ladders_read_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    old = sqlite3.connect(path)
+    for step in MIGRATIONS[:3]:
+        for statement in step:
+            old.execute(statement)
+    record = make_record("old", ladder=noted_ladder().entries())
+    row = records.row_of(record)[:-1]  # the columns of schema 3: the ladder as JSON
+    old.execute(
+        f"INSERT INTO calls ({', '.join(COLUMNS[:-1])}) VALUES ({', '.join('?' * len(row))})", row
+    )
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    writer = await started_writer(path, wall_clock=lambda: NOW)
+    assert await writer.write(make_record("new", ladder=noted_ladder().snapshot()))
+    await writer.close()
+    db = connect_readonly(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    kept, new = find_call(db, "old"), find_call(db, "new")
+    db.close()
+    assert kept is not None and new is not None
+    assert kept["ladder"] == new["ladder"] == json.loads(ladder_json(record.ladder))
+
+
+async def test_the_writer_lets_go_of_the_gil_after_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row is pure Python: between rows the writer's thread gives the event loop its turn
+    (os.sched_yield releases the GIL), not only in SQLite's execute once per 32 rows."""
+    pauses: list[str] = []
+
+    def give_way() -> None:
+        pauses.append(threading.current_thread().name)
+
+    monkeypatch.setattr(records, "_give_way", give_way)
+    writer = await started_writer(tmp_path / "calls.sqlite3", wall_clock=lambda: NOW)
+    done = await writer.write_many([make_record(f"u-{n}") for n in range(45)])  # 32 + 8 + 4 + 1
+    await writer.close()
+    assert done == [True] * 45
+    assert len(pauses) == 45
+    assert all(name.startswith("sbc-records") for name in pauses)
+
+
+async def test_a_file_set_back_to_an_older_version_is_migrated_again(tmp_path: Path) -> None:
+    """An older sbc refuses a newer file; with its version set back by hand it takes it (and
+    leaves the newer columns NULL); the newer sbc then migrates it again without failing on
+    the columns it has."""
+    path = tmp_path / "calls.sqlite3"
+    writer = await started_writer(path, wall_clock=lambda: NOW)
+    await writer.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 3")
+    db.commit()
+    db.close()
+    writer = await started_writer(path, wall_clock=lambda: NOW)
+    assert await writer.write(make_record("again", ladder=noted_ladder().snapshot()))
+    await writer.close()
+    db = connect_readonly(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    found = find_call(db, "again")
+    db.close()
+    assert found is not None and len(found["ladder"]) == 3
 
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

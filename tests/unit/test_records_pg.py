@@ -169,7 +169,7 @@ def test_both_stores_have_the_same_columns(tmp_path: Path) -> None:
     sqlite_columns = [row[1] for row in db.execute("PRAGMA table_info(calls)")]
     db.close()
     assert sqlite_columns == list(COLUMNS) == list(COLUMN_TYPES)
-    assert len(MIGRATIONS) == SCHEMA_VERSION == 3
+    assert len(MIGRATIONS) == SCHEMA_VERSION == 4
     table = CREATE[0]
     assert table.startswith("CREATE TABLE calls (")
     for name in COLUMNS:
@@ -268,7 +268,7 @@ async def test_an_older_sqlite_file_gets_the_new_columns(tmp_path: Path) -> None
     assert await writer.write(make_record("new"))
     await writer.close()
     db = connect_readonly(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     kept, new = find_call(db, "old"), find_call(db, "new")
     db.close()
     assert kept is not None and new is not None
