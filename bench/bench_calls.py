@@ -555,9 +555,10 @@ def sbc_config(
 ) -> str:
     """The sbc.toml of the call benchmarks (bench_calls, bench_bridge, load): sbc at ``bind``
     between SIPp as 3CX at ``pbx`` and SIPp as Retell at ``retell``, media passed through, call
-    records at ``records`` (None: off)."""
+    records at ``records`` (None: off; never sbc's default, the state directory, which every
+    run of every tree would share)."""
     peers = peer_sections(pbx, registrar_port, password, retell, retell_port, retell_transport)
-    records_section = "" if records is None else f'[records]\npath = "{records}"\n\n'
+    records_section = f'[records]\npath = "{records or ""}"\n\n'
     return f"""\
 # {script}: sbc between SIPp as 3CX ({pbx}) and SIPp as Retell ({retell})
 [sip]
@@ -652,7 +653,16 @@ def run_round(repo: Path, load: Load, label: str, workdir: Path) -> dict[str, An
         sip_port, admin_port = free_port(SBC), free_port(SBC, udp_too=False)
         config = workdir / "sbc.toml"
         config.write_text(
-            sbc_config(sip_port, registrar_port, retell_port, admin_port, load.log_level)
+            sbc_config(
+                sip_port,
+                registrar_port,
+                retell_port,
+                admin_port,
+                load.log_level,
+                # Records on, as deployed, in this run's own file: the state directory's would
+                # be shared by every run and every tree compared (and grew to 2.2 GB).
+                records=workdir / "calls.sqlite3",
+            )
         )
         sbc = children.start(
             "sbc",
