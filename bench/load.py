@@ -398,11 +398,12 @@ class Options:
     sbc_out: str  # "tcp" or "udp"
     log_level: str
     warmup: int
+    udp_buffer: int | None = None  # sbc's sip.udp_buffer_size (None: its default)
 
 
 def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin: int,
                options: Options) -> str:  # fmt: skip
-    return bench_calls_config(
+    config = bench_calls_config(
         sip_port,
         registrar,
         retell,
@@ -416,6 +417,9 @@ def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin:
         retell_transport=options.sbc_out,
         script="bench/load.py",
     )
+    if options.udp_buffer is not None:
+        config = config.replace("[sip]\n", f"[sip]\nudp_buffer_size = {options.udp_buffer}\n", 1)
+    return config
 
 
 @dataclass
@@ -1272,6 +1276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sbc-out", type=outs_list, default=["tcp"],
                         help="sbc -> Retell transport (tcp, as deployed); tcp,udp ramps both "
                              "(hold and memory use the first)")  # fmt: skip
+    parser.add_argument("--udp-buffer", type=int, metavar="BYTES",
+                        help="sbc's sip.udp_buffer_size (its default when not given)")  # fmt: skip
     parser.add_argument("--half-rate", action=argparse.BooleanOptionalAction, default=True,
                         help="after the ramp, run sbc (TCP out) at half its highest rate when "
                              "no step had that rate: the post-dial target's rate (on)")  # fmt: skip
@@ -1357,6 +1363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sbc_out=args.sbc_out[0],
         log_level=args.log_level,
         warmup=args.warmup,
+        udp_buffer=args.udp_buffer,
     )
 
     def _terminate(signum: int, frame: object) -> None:
@@ -1385,7 +1392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{info['time_utc']} UTC, {info['nproc']} CPUs, Python {info['python']}, "
             f"{info['sipp']}, load {' '.join(info['load_average'])}; sbc "
             f"{describe_checkout(REPO)} ({module}), in {args.sbc_in} out "
-            f"{','.join(args.sbc_out)}, log {args.log_level}; Sippy {sippy or '-'}; "
+            f"{','.join(args.sbc_out)}, log {args.log_level}, UDP buffer "
+            f"{args.udp_buffer if args.udp_buffer is not None else 'default'}; "
+            f"Sippy {sippy or '-'}; "
             f"work dir {workdir}",
             flush=True,
         )
