@@ -139,14 +139,6 @@ class EngineStats:
     # Loop timers armed for the transaction layer's next deadline (one engine timer; see
     # SipEngine._arm_timer): what the timer bookkeeping costs the event loop.
     timer_arms: int = 0
-    # Times the transaction layer's due timers waited for the UDP socket's unread datagrams
-    # to be read first (SipEngine._timer_fired): each a round of the loop, at most T1 in all.
-    timers_deferred: int = 0
-
-
-# How soon the engine's timer looks again when it waited for unread datagrams: the loop reads a
-# batch of them meanwhile (libuv reads up to 32 per socket and round).
-_READ_FIRST_RETRY = 0.001
 
 
 class SipEngine:
@@ -208,8 +200,6 @@ class SipEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        # Since when due timers have waited for unread datagrams (None: not waiting).
-        self._reading_since: float | None = None
         self._pumping = False
         self._pump_again = False
         # make_via's text before the branch, by transport, for self._via_config.
@@ -1064,17 +1054,7 @@ class SipEngine:
 
     def _timer_fired(self) -> None:
         self._timer = None
-        due, self._timer_at = self._timer_at, None
-        if self._loop is not None and self._read_first():
-            # Answers may be queued unread in the UDP socket (a loop that fell behind by more
-            # than T1 reads 32 datagrams a round, then runs the due timers): a retransmission
-            # now would only make the peer answer again, and in an overload each such pair
-            # is more work for a loop already behind. Look again once the loop has read a
-            # batch (see _read_first for the bound).
-            self.stats.timers_deferred += 1
-            self._timer_at = due
-            self._timer = self._loop.call_later(_READ_FIRST_RETRY, self._timer_fired)
-            return
+        self._timer_at = None
         try:
             self.layer.handle_timer(self._now())
         except Exception:
@@ -1086,23 +1066,6 @@ class SipEngine:
         for dest, message in resent:
             self._transmit(dest, message)
         self._pump()
-
-    def _read_first(self) -> bool:
-        """True while due timers should wait for the UDP socket's unread datagrams: there are
-        some, and the timers have not waited T1 yet (so a retransmission is late by at most
-        T1, also when the socket never empties under a sustained overload)."""
-        if not self.transports.udp_input_waiting():
-            self._reading_since = None
-            return False
-        now = self._now()
-        since = self._reading_since
-        if since is None:
-            self._reading_since = now
-            return True
-        if now - since < self.config.t1:
-            return True
-        self._reading_since = None
-        return False
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

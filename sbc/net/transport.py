@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
-import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -317,8 +316,6 @@ class Transports:
         self._on_send_failure = on_send_failure
         self._ids = itertools.count(1)
         self._udp: asyncio.DatagramTransport | None = None
-        # poll(2) on the UDP socket for udp_input_waiting(); None without a UDP socket.
-        self._udp_poll: select.poll | None = None
         self._servers: list[asyncio.Server] = []
         self._by_id: dict[int, StreamConnection] = {}
         self._by_address: dict[tuple[str, str, int], StreamConnection] = {}
@@ -358,10 +355,6 @@ class Transports:
                 for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.SOL_SOCKET, option, cfg.udp_buffer_size)
-            if sock is not None:
-                poller = select.poll()
-                poller.register(sock.fileno(), select.POLLIN)
-                self._udp_poll = poller
         if cfg.tcp:
             server = await loop.create_server(
                 lambda: StreamConnection(self, "tcp", outbound=False),
@@ -405,7 +398,6 @@ class Transports:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        self._udp_poll = None
         # Let the transports deliver connection_lost before the loop goes away.
         await asyncio.sleep(0)
 
@@ -467,15 +459,6 @@ class Transports:
         return len(self._by_id)
 
     # -- receiving --------------------------------------------------------------------------
-    def udp_input_waiting(self) -> bool:
-        """Whether datagrams wait unread in the UDP socket's receive queue: one poll(2) that
-        does not block. The engine asks before it retransmits (Timers A, E, G): uvloop (libuv)
-        reads at most 32 datagrams of a socket per round of the loop before it runs the due
-        timers, so once the loop fell behind by more than T1 the answer to a request may
-        still be queued here, unread, when the request's retransmission timer fires."""
-        poller = self._udp_poll
-        return poller is not None and bool(poller.poll(0))
-
     def _datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.stats.datagrams_received += 1
         admit = self.admit_datagram
