@@ -306,7 +306,6 @@ async def run(
             await service.wait_settled()
             results = []
             arms = getattr(service.engine.stats, "timer_arms", None)
-            deferred = getattr(service.engine.stats, "timers_deferred", None)
             for _ in range(repeat):
                 gc.collect()
                 profiler = None
@@ -328,8 +327,6 @@ async def run(
             active = service.bridge.active
             if arms is not None:
                 arms = (service.engine.stats.timer_arms - arms) / (calls * repeat)
-            if deferred is not None:
-                deferred = (service.engine.stats.timers_deferred - deferred) / (calls * repeat)
             transport_stats = service.engine.transports.stats
         finally:
             await service.stop()
@@ -352,9 +349,6 @@ async def run(
     if arms is not None:
         # Loop timers the engine armed for its transaction layer (EngineStats.timer_arms).
         print(f"engine loop timers armed per call: {arms:.2f}")
-    if deferred is not None:
-        # Rounds the engine's due timers waited for unread datagrams (EngineStats.timers_deferred).
-        print(f"engine timer rounds deferred per call: {deferred:.2f}")
     cpus = [c for c, _ in results]
     walls = [w for _, w in results]
     print(
