@@ -154,10 +154,10 @@ class Retell(asyncio.Protocol):
     # Requests seen by method, over every connection (the bench checks each call's ACK and BYE).
     seen: dict[str, int] = {}
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, transport: str = "tcp") -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
-        self.contact = f"Contact: <sip:retell@{RETELL}:{port};transport=tcp>\r\n"
+        self.contact = f"Contact: <sip:retell@{RETELL}:{port};transport={transport}>\r\n"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -192,7 +192,31 @@ class Retell(asyncio.Protocol):
             self.transport.write(answer(head, "200 OK"))
 
 
-def write_config(workdir: Path, sip_port: int, pbx_port: int, retell_port: int, level: str) -> Path:
+class RetellUdp(asyncio.DatagramProtocol):
+    """Retell's SIP server over UDP (``--retell udp``): the same answers as :class:`Retell`, each
+    datagram one request, each answer one datagram back to where the request came from."""
+
+    def __init__(self, port: int) -> None:
+        self.answers = Retell(port, "udp")
+        self.answers.transport = self  # type: ignore[assignment]  # its write() comes here
+        self.udp: asyncio.DatagramTransport | None = None
+        self.peer: tuple[Any, ...] = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.udp = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.peer = addr
+        self.answers.request(data.split(b"\r\n\r\n", 1)[0].decode())
+
+    def write(self, response: bytes) -> None:
+        assert self.udp is not None
+        self.udp.sendto(response, self.peer)
+
+
+def write_config(
+    workdir: Path, sip_port: int, pbx_port: int, retell_port: int, level: str, retell: str = "tcp"
+) -> Path:
     admin_port = free_port(SBC, udp_too=False)
     config = workdir / "sbc.toml"
     config.write_text(
@@ -206,13 +230,22 @@ def write_config(workdir: Path, sip_port: int, pbx_port: int, retell_port: int, 
             pbx=PBX,
             bind=SBC,
             retell=RETELL,
+            retell_transport=retell,
             script="bench/bench_bridge.py",
         )
     )
     return config
 
 
-async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, log: TextIO) -> None:
+async def run(
+    calls: int,
+    warmup: int,
+    repeat: int,
+    level: str,
+    profile: bool,
+    log: TextIO,
+    retell: str = "tcp",
+) -> None:
     from sbc.ops.logging import configure_logging
     from sbc.ops.service import Service
     from sbc.ops.settings import load_settings
@@ -221,15 +254,23 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
     Retell.seen = {}
     sip_port = free_port(SBC)  # sbc listens on it over UDP and TCP
     pbx_port = free_port(PBX)
-    retell_port = free_port(RETELL, udp_too=False)
+    retell_port = free_port(RETELL, udp_too=retell == "udp")
     with tempfile.TemporaryDirectory() as tmp:
-        settings = load_settings(write_config(Path(tmp), sip_port, pbx_port, retell_port, level))
+        config = write_config(Path(tmp), sip_port, pbx_port, retell_port, level, retell)
+        settings = load_settings(config)
         # As `sbc run` sets it up (lines batched per loop pass, where the checkout has that).
         batched = {"batched": True} if "batched" in signature(configure_logging).parameters else {}
         configure_logging(settings.log.level, settings.log.format, stream=log, **batched)
         pbx = Pbx()
         await loop.create_datagram_endpoint(lambda: pbx, local_addr=(PBX, pbx_port))
-        server = await loop.create_server(lambda: Retell(retell_port), RETELL, retell_port)
+        server: asyncio.Server | None = None
+        retell_udp: asyncio.DatagramTransport | None = None
+        if retell == "udp":
+            retell_udp, _ = await loop.create_datagram_endpoint(
+                lambda: RetellUdp(retell_port), local_addr=(RETELL, retell_port)
+            )
+        else:
+            server = await loop.create_server(lambda: Retell(retell_port), RETELL, retell_port)
         service = Service(settings)
         await service.start()
         try:
@@ -289,14 +330,18 @@ async def run(calls: int, warmup: int, repeat: int, level: str, profile: bool, l
             transport_stats = service.engine.transports.stats
         finally:
             await service.stop()
-            server.close()
+            if server is not None:
+                server.close()
+            if retell_udp is not None:
+                retell_udp.close()
             assert pbx.transport is not None
             pbx.transport.close()
     if active:
         raise RuntimeError(f"{active} calls still active after the run")
     placed = warmup + calls * repeat
     expected = {"INVITE": placed, "ACK": placed, "BYE": placed}
-    if Retell.seen != expected or transport_stats.connections_opened != 1:
+    connections = 0 if retell == "udp" else 1
+    if Retell.seen != expected or transport_stats.connections_opened != connections:
         raise RuntimeError(
             f"Retell saw {Retell.seen}, expected {expected}; sbc opened "
             f"{transport_stats.connections_opened} connections to it (one is reused)"
@@ -333,9 +378,14 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.add_argument("--profile", action="store_true", help="count function calls (cProfile)")
     parser.add_argument("--loop", default="uvloop", choices=("uvloop", "asyncio"))
+    parser.add_argument(
+        "--retell", default="tcp", choices=("tcp", "udp"), help="sbc's transport to Retell"
+    )
     args = parser.parse_args()
     with open(os.devnull, "w") as log:  # written line by line, as to a log file
-        coro = run(args.calls, args.warmup, args.repeat, args.log_level, args.profile, log)
+        coro = run(
+            args.calls, args.warmup, args.repeat, args.log_level, args.profile, log, args.retell
+        )
         if args.loop == "uvloop":
             import uvloop
 

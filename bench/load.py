@@ -82,12 +82,16 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -263,6 +267,125 @@ def mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+# --------------------------------------------------------------------------- where time went
+
+
+def _proc_times(pid: int) -> tuple[float, float] | None:
+    """utime and stime of ``pid`` in seconds; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def udp_sockets() -> dict[tuple[str, int], tuple[int, int]]:
+    """Every IPv4 UDP socket of the machine: (address, port) -> (receive queue in bytes,
+    datagrams the kernel dropped on it), from /proc/net/udp (its ``drops`` column counts
+    what did not fit in the socket's receive buffer, SO_RCVBUF)."""
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    with contextlib.suppress(OSError), open("/proc/net/udp") as table:
+        next(table)
+        for line in table:
+            words = line.split()
+            host, port = words[1].split(":")
+            address = socket.inet_ntoa(struct.pack("<I", int(host, 16)))
+            rx_queue = int(words[4].split(":")[1], 16)
+            out[(address, int(port, 16))] = (rx_queue, int(words[-1]))
+    return out
+
+
+def kernel_udp() -> dict[str, int]:
+    """The kernel's UDP counters (/proc/net/snmp): machine-wide, other work's included."""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            if names.startswith("Udp:"):
+                return dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=False))
+    return {}
+
+
+def sipp_socket(sipp: Sipp) -> tuple[str, int] | None:
+    """The SIP address SIPp was started on (its -i and -p)."""
+    args = [str(a) for a in sipp.child.proc.args]
+    try:
+        return args[args.index("-i") + 1], int(args[args.index("-p") + 1])
+    except (ValueError, IndexError):
+        return None
+
+
+class StepProbe:
+    """Where a ramp step's time and datagrams went, sampled every ``interval`` s in a thread
+    while it runs: the CPU (utime, stime) of each process named (the B2BUA and both SIPp
+    ends: a SIPp end near a full core is the limit, not the B2BUA), and per UDP socket named
+    the largest receive queue seen and the datagrams the kernel dropped on it (a full
+    SO_RCVBUF); plus the kernel's UDP counters over the step. A process's last sample is
+    taken at most ``interval`` s before it exits."""
+
+    def __init__(self, processes: dict[str, int], sockets: dict[str, tuple[str, int]],
+                 interval: float = 0.25) -> None:  # fmt: skip
+        self.processes = processes
+        self.sockets = sockets
+        self.interval = interval
+        self._first: dict[str, tuple[float, float]] = {}
+        self._last: dict[str, tuple[float, float]] = {}
+        self._drops_first: dict[str, int] = {}
+        self._drops_last: dict[str, int] = {}
+        self._queue_max: dict[str, int] = {}
+        self._kernel_first = kernel_udp()
+        self._stop = threading.Event()
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="step-probe", daemon=True)
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for name, pid in self.processes.items():
+            times = _proc_times(pid)
+            if times is not None:
+                self._first.setdefault(name, times)
+                self._last[name] = times
+        table = udp_sockets()
+        for name, address in self.sockets.items():
+            seen = table.get(address)
+            if seen is not None:
+                queue, drops = seen
+                self._drops_first.setdefault(name, drops)
+                self._drops_last[name] = drops
+                self._queue_max[name] = max(self._queue_max.get(name, 0), queue)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> dict[str, Any]:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        kernel = kernel_udp()
+        cpu = {}
+        for name, (user, system) in self._last.items():
+            user0, system0 = self._first[name]
+            cpu[name] = {
+                "user_s": user - user0,
+                "system_s": system - system0,
+                "share": (user - user0 + system - system0) / elapsed,
+            }
+        return {
+            "probe_seconds": elapsed,
+            "cpu": cpu,
+            "udp_drops": {n: self._drops_last[n] - self._drops_first[n] for n in self._drops_last},
+            "udp_queue_max_bytes": dict(self._queue_max),
+            "kernel_udp": {
+                k: kernel.get(k, 0) - self._kernel_first.get(k, 0)
+                for k in ("InDatagrams", "RcvbufErrors", "SndbufErrors", "InErrors")
+            },
+        }
+
+
 # --------------------------------------------------------------------------- the B2BUAs
 
 
@@ -275,11 +398,12 @@ class Options:
     sbc_out: str  # "tcp" or "udp"
     log_level: str
     warmup: int
+    udp_buffer: int | None = None  # sbc's sip.udp_buffer_size (None: its default)
 
 
 def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin: int,
                options: Options) -> str:  # fmt: skip
-    return bench_calls_config(
+    config = bench_calls_config(
         sip_port,
         registrar,
         retell,
@@ -293,6 +417,9 @@ def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin:
         retell_transport=options.sbc_out,
         script="bench/load.py",
     )
+    if options.udp_buffer is not None:
+        config = config.replace("[sip]\n", f"[sip]\nudp_buffer_size = {options.udp_buffer}\n", 1)
+    return config
 
 
 @dataclass
@@ -308,13 +435,17 @@ class Bridge:
     in_transport: str
 
     def calls_active(self) -> float | None:
+        return self.metric("sbc_calls_active")
+
+    def metric(self, name: str) -> float | None:
+        """The sum of sbc's metric ``name`` over its label sets (None: no sbc or no answer)."""
         if self.admin_port is None:
             return None
         try:
             status, body = http_get(B2BUA, self.admin_port, "/metrics")
         except OSError:
             return None
-        return metric_sum(parse_metrics(body), "sbc_calls_active") if status == 200 else None
+        return metric_sum(parse_metrics(body), name) if status == 200 else None
 
 
 def start_bridge(
@@ -473,14 +604,18 @@ def ramp_step(system: str, rate: float, seconds: float, options: Options, workdi
         time.sleep(0.5)
         cpu_before = cpu_seconds(pid) if pid else 0.0
         rss_before = rss_mib(pid) if pid else 0.0
+        resent_before = bridge.metric("sbc_sip_retransmissions_total")
         started = time.monotonic()
         caller = place_calls(bridge, children, workdir, "caller", calls=calls, rate=rate)
+        probe = step_probe(bridge, caller, pid)
         caller_exit = caller.finish(limit)
         answerer_exit = bridge.answerer.finish(30.0)
         elapsed = time.monotonic() - started
+        where = probe.stop()
         cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
         rss_after = rss_mib(pid) if pid else 0.0
         alive = bridge.process.running() if bridge.process else True
+        resent_after = bridge.metric("sbc_sip_retransmissions_total")
     finally:
         children.stop_all()
     result = ends(caller, caller_exit, bridge.answerer, answerer_exit, options.warmup, calls)
@@ -509,6 +644,14 @@ def ramp_step(system: str, rate: float, seconds: float, options: Options, workdi
         post_dial_ms_p99=percentile(pdd, 0.99),
         post_dial_ms_max=max(pdd) if pdd else None,
         post_dial_samples=len(pdd),
+        # Retransmissions sbc sent itself (Timers A, E, G: its peers were slow to answer or to
+        # ACK), against the SIPp ends' counts above.
+        b2bua_retransmissions=(
+            resent_after - resent_before
+            if resent_after is not None and resent_before is not None
+            else None
+        ),
+        **where,
     )
     reasons = []
     if not result["all_ok"]:
@@ -527,6 +670,20 @@ def ramp_step(system: str, rate: float, seconds: float, options: Options, workdi
     result["passed"] = not reasons
     result["why_failed"] = reasons
     return result
+
+
+def step_probe(bridge: Bridge, caller: Sipp, pid: int | None) -> StepProbe:
+    """A :class:`StepProbe` of the B2BUA and both SIPp ends and of their SIP sockets (UDP)."""
+    processes = {"caller": caller.child.proc.pid, "answerer": bridge.answerer.child.proc.pid}
+    sockets = {}
+    if pid is not None:
+        processes = {"b2bua": pid, **processes}
+        sockets["b2bua"] = (bridge.host, bridge.sip_port)
+    for name, sipp in (("caller", caller), ("answerer", bridge.answerer)):
+        address = sipp_socket(sipp)
+        if address is not None:
+            sockets[name] = address
+    return StepProbe(processes, sockets)
 
 
 def idle_bridge(
@@ -719,6 +876,30 @@ def print_step(r: dict[str, Any]) -> None:
         f"{_ms(r['post_dial_ms_p50'])} p99 {_ms(r['post_dial_ms_p99'])} ms "
         f"({r['post_dial_samples']} calls)",
         flush=True,
+    )
+    if "cpu" in r:
+        print(f"    {print_where(r)}", flush=True)
+
+
+def print_where(r: dict[str, Any]) -> str:
+    """CPU share of each process (system time in brackets), kernel drops per UDP socket,
+    retransmissions by the B2BUA."""
+    seconds = max(r["probe_seconds"], 1e-9)
+    cpu = ", ".join(
+        f"{name} {100 * c['share']:.0f} % ({100 * c['system_s'] / seconds:.0f} sys)"
+        for name, c in r["cpu"].items()
+    )
+    queues = r["udp_queue_max_bytes"]
+    drops = ", ".join(
+        f"{name} {dropped} (queue max {queues.get(name, 0) // 1024} KiB)"
+        for name, dropped in r["udp_drops"].items()
+    )
+    kernel = r["kernel_udp"]
+    resent = r.get("b2bua_retransmissions")
+    return (
+        f"CPU of a core: {cpu}; UDP drops: {drops or '-'} (kernel RcvbufErrors "
+        f"{kernel.get('RcvbufErrors', 0)}, SndbufErrors {kernel.get('SndbufErrors', 0)}); "
+        f"B2BUA retransmissions {'-' if resent is None else f'{resent:.0f}'}"
     )
 
 
@@ -1095,6 +1276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sbc-out", type=outs_list, default=["tcp"],
                         help="sbc -> Retell transport (tcp, as deployed); tcp,udp ramps both "
                              "(hold and memory use the first)")  # fmt: skip
+    parser.add_argument("--udp-buffer", type=int, metavar="BYTES",
+                        help="sbc's sip.udp_buffer_size (its default when not given)")  # fmt: skip
     parser.add_argument("--half-rate", action=argparse.BooleanOptionalAction, default=True,
                         help="after the ramp, run sbc (TCP out) at half its highest rate when "
                              "no step had that rate: the post-dial target's rate (on)")  # fmt: skip
@@ -1180,6 +1363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sbc_out=args.sbc_out[0],
         log_level=args.log_level,
         warmup=args.warmup,
+        udp_buffer=args.udp_buffer,
     )
 
     def _terminate(signum: int, frame: object) -> None:
@@ -1208,7 +1392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{info['time_utc']} UTC, {info['nproc']} CPUs, Python {info['python']}, "
             f"{info['sipp']}, load {' '.join(info['load_average'])}; sbc "
             f"{describe_checkout(REPO)} ({module}), in {args.sbc_in} out "
-            f"{','.join(args.sbc_out)}, log {args.log_level}; Sippy {sippy or '-'}; "
+            f"{','.join(args.sbc_out)}, log {args.log_level}, UDP buffer "
+            f"{args.udp_buffer if args.udp_buffer is not None else 'default'}; "
+            f"Sippy {sippy or '-'}; "
             f"work dir {workdir}",
             flush=True,
         )

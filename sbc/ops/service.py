@@ -170,6 +170,7 @@ def transport_config(settings: Settings, advertised: str | None = None) -> Trans
         ),
         max_transactions_per_source=sip.max_transactions_per_source,
         large_requests_over_tcp=sip.large_requests_over_tcp,
+        udp_buffer_size=sip.udp_buffer_size,
         t1=sip.t1,
         t2=sip.t2,
         t4=sip.t4,

@@ -279,6 +279,10 @@ class SipSettings(_Section):
     # RFC 3261 §18.1.1: requests over 1300 bytes to a UDP peer (URI without transport=) try
     # TCP to the same address first, back to UDP when the connection cannot be made.
     large_requests_over_tcp: bool = True
+    # SO_RCVBUF and SO_SNDBUF of the SIP UDP socket, bytes (Linux grants twice the value, capped
+    # by net.core.rmem_max / wmem_max); 0: the kernel's default. What does not fit in the
+    # receive buffer is dropped by the kernel (the peer retransmits it after T1).
+    udp_buffer_size: int = Field(default=2 * 1024 * 1024, ge=0, le=64 * 1024 * 1024)
 
     @field_validator("t2")
     @classmethod

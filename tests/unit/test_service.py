@@ -335,6 +335,7 @@ def test_transport_config_maps_the_limits() -> None:
             "max_uri_length": 256,
             "max_transactions_per_source": 20,
             "large_requests_over_tcp": "false",
+            "udp_buffer_size": 65536,
         },
         calls={"max_calls_per_source": 3},
     )
@@ -342,6 +343,7 @@ def test_transport_config_maps_the_limits() -> None:
     limits = cfg.parse_limits
     assert (limits.max_headers, limits.max_via, limits.max_uri_length) == (50, 8, 256)
     assert (cfg.max_transactions_per_source, cfg.large_requests_over_tcp) == (20, False)
+    assert cfg.udp_buffer_size == 65536
     assert service.bridge_config(s).max_calls_per_source == 3
 
 

@@ -120,6 +120,7 @@ def test_minimal_file_gets_documented_defaults(write):
     sip = s.sip
     assert (sip.max_headers, sip.max_via, sip.max_uri_length) == (128, 64, 1024)
     assert (sip.max_transactions_per_source, sip.large_requests_over_tcp) == (1000, True)
+    assert sip.udp_buffer_size == 2 * 1024 * 1024
     # NANP: country code 1, trunk prefix 1, exit code 011, ten-digit numbers are national.
     calls = s.calls
     assert (calls.country_code, calls.national_prefix, calls.international_prefix) == (
@@ -306,6 +307,7 @@ def test_secret_not_echoed_in_problems(write):
         ({"sip": {"max_via": 1}}, "sip.max_via: input should be greater than or equal to 2, got 1"),
         ({"sip": {"max_uri_length": 10}}, "sip.max_uri_length: input should be greater than or"),
         ({"sip": {"max_transactions_per_source": 0}}, "sip.max_transactions_per_source: input"),
+        ({"sip": {"udp_buffer_size": -1}}, "sip.udp_buffer_size: input should be greater"),
         ({"calls": {"max_calls_per_source": 0}}, "calls.max_calls_per_source: input should be"),
         (
             {"sip": {"tls_port": 5061, "tls_key": str(ROOT / "pyproject.toml")}},

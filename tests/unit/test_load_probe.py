@@ -1,0 +1,114 @@
+"""bench/load.py's step probe: what it reports about a ramp step's processes and UDP sockets is
+read from the kernel as it is (a real socket made to overflow here, this process's own CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+_BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def load() -> ModuleType:
+    # load.py imports bench_calls as a sibling module, as it does when run as a script.
+    sys.path.insert(0, str(_BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_load_probe", _BENCH / "load.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_load_probe"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(_BENCH))
+
+
+@pytest.fixture
+def receiver() -> Iterator[socket.socket]:
+    # The smallest receive buffer the kernel allows (it doubles what is asked, to a floor of
+    # a few KiB): a burst that is not read overflows it at once.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    sock.bind(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def test_udp_sockets_sees_the_queue_and_the_drops_of_a_full_receive_buffer(
+    load: ModuleType, receiver: socket.socket
+) -> None:
+    address = receiver.getsockname()
+    assert load.udp_sockets()[address] == (0, 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for _ in range(200):
+            sender.sendto(b"x" * 500, address)
+    queue, drops = load.udp_sockets()[address]
+    assert queue > 0
+    assert 0 < drops < 200
+    # What was queued is still there to read: the drops are the rest of the burst.
+    received = 0
+    receiver.setblocking(False)
+    while True:
+        try:
+            receiver.recv(2048)
+        except BlockingIOError:
+            break
+        received += 1
+    assert received + drops == 200
+    assert load.udp_sockets()[address] == (0, drops)
+
+
+def test_step_probe_reports_drops_during_the_step_and_cpu_per_process(
+    load: ModuleType, receiver: socket.socket
+) -> None:
+    address = receiver.getsockname()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for _ in range(200):  # dropped before the probe: not the step's
+            sender.sendto(b"x" * 500, address)
+        before = load.udp_sockets()[address][1]
+        assert before > 0
+        receiver.setblocking(False)
+        while True:
+            try:
+                receiver.recv(2048)
+            except BlockingIOError:
+                break
+        probe = load.StepProbe({"me": os.getpid()}, {"sock": address}, interval=0.01)
+        for _ in range(200):
+            sender.sendto(b"x" * 500, address)
+        sum(i * i for i in range(200_000))  # some CPU of this process during the step
+        where = probe.stop()
+    dropped = load.udp_sockets()[address][1] - before
+    assert where["udp_drops"] == {"sock": dropped}
+    assert dropped > 0
+    assert where["udp_queue_max_bytes"]["sock"] > 0
+    assert where["kernel_udp"]["RcvbufErrors"] >= dropped  # machine-wide: others' too
+    me = where["cpu"]["me"]
+    assert me["user_s"] + me["system_s"] >= 0
+    assert set(me) == {"user_s", "system_s", "share"}
+    line = load.print_where({**where, "b2bua_retransmissions": 3.0})
+    assert f"sock {dropped} (queue max" in line
+    assert "B2BUA retransmissions 3" in line
+
+
+def test_sipp_socket_reads_the_address_sipp_was_started_on(load: ModuleType) -> None:
+    class Proc:
+        args = ["sipp", "-sf", "x.xml", "-t", "u1", "-i", "127.0.0.83", "-p", "5070"]
+
+    class Child:
+        proc = Proc()
+
+    class Sipp:
+        child = Child()
+
+    assert load.sipp_socket(Sipp()) == ("127.0.0.83", 5070)
+    Proc.args = ["sipp"]
+    assert load.sipp_socket(Sipp()) is None
