@@ -15,7 +15,8 @@ inserts in its thread (``RecordWriter._insert_batch``, with that thread's CPU ti
 Python that holds the GIL the loop needs), every flush of the batched log lines, and the
 lateness of a loop timer due every 2 ms (the loop's own stalls, whatever their cause). When the
 service stops, and at exit, it writes ``$SBC_PROBE_OUT/sbc-probe.PID.json`` (``/tmp`` by default).
-``SBC_SWITCH_INTERVAL=S`` sets ``sys.setswitchinterval(S)`` first, to compare.
+``SBC_SWITCH_INTERVAL=S`` makes the switch interval ``S`` (``sys.setswitchinterval``; the
+service's own is ``sbc.ops.cli.SWITCH_INTERVAL``), to compare.
 
 ``report`` takes every call of the step: the caller's INVITE sent and the answerer's INVITE
 received (SIPp's stamps, as ``load.py`` reads them) and sbc's own stamps of the INVITE in and
@@ -65,6 +66,11 @@ def run(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     interval = os.environ.get("SBC_SWITCH_INTERVAL")
     if interval:
+        import sbc.ops.cli as cli
+
+        # What tune_gc() applies (where the checkout has it), and now for the checkouts
+        # that do not.
+        cli.SWITCH_INTERVAL = float(interval)  # type: ignore[attr-defined,unused-ignore]
         sys.setswitchinterval(float(interval))
 
     from sbc.ops import logging as sbc_logging
