@@ -43,6 +43,25 @@ import bench_bridge as bb  # noqa: E402
 # Per Call-ID: (perf_counter, the loop thread's CPU time, the process's CPU time).
 SENT: dict[str, tuple[float, float, float]] = {}
 ARRIVED: dict[str, tuple[float, float, float]] = {}
+# Per Call-ID: perf_counter when sbc's transport had written the far INVITE (the peer on the
+# same loop reads it only once the loop's pass is over: this is sbc's part alone).
+LEFT: dict[str, float] = {}
+
+
+def stamp_far_invites() -> None:
+    """Wrap sbc's ``Transports.send`` to note when each far INVITE was written."""
+    from sbc.net import transport
+
+    send = transport.Transports.send
+
+    def stamped(self: Any, dest: Any, message: Any) -> None:
+        send(self, dest, message)
+        if getattr(message, "method", None) == "INVITE":
+            pbx_call_id = message.headers.get("X-PBX-Call-ID")
+            if pbx_call_id is not None:
+                LEFT.setdefault(pbx_call_id, time.perf_counter())
+
+    transport.Transports.send = stamped  # type: ignore[method-assign]
 
 
 def stamp() -> tuple[float, float, float]:
@@ -92,6 +111,8 @@ async def run(calls: int, burst: int, warmup: int, repeat: int, records: bool, l
     pbx_port = bb.free_port(bb.PBX)
     retell_port = bb.free_port(bb.RETELL, udp_too=False)
     positions: dict[int, list[float]] = {i: [] for i in range(burst)}
+    written: dict[int, list[float]] = {i: [] for i in range(burst)}
+    stamp_far_invites()
     # (wall, loop thread CPU, process CPU) between send and arrival, ms
     spans: list[tuple[float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,6 +177,7 @@ async def run(calls: int, burst: int, warmup: int, repeat: int, records: bool, l
                             for a, b in zip(SENT[call_id], ARRIVED[call_id], strict=True)
                         )
                         positions[i].append(span[0])
+                        written[i].append(1e3 * (LEFT[call_id] - SENT[call_id][0]))
                         spans.append(span)  # type: ignore[arg-type]
                 await asyncio.wait_for(service.bridge.wait_idle(), 10.0)
         finally:
@@ -169,7 +191,8 @@ async def run(calls: int, burst: int, warmup: int, repeat: int, records: bool, l
         print(
             f"position {i + 1} of {burst}: {len(delays)} calls, post-dial p50 "
             f"{statistics.median(delays):.3f} p90 {percentile(delays, 0.9):.3f} "
-            f"max {max(delays):.3f} ms"
+            f"max {max(delays):.3f} ms; far INVITE written by sbc p50 "
+            f"{statistics.median(written[i]):.3f} p90 {percentile(written[i], 0.9):.3f} ms"
         )
     print(
         f"all {len(every)} calls: post-dial p50 {statistics.median(every):.3f} "
