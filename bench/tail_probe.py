@@ -14,8 +14,9 @@ thread: every garbage collection (``gc.callbacks``), every batch the call record
 inserts in its thread (``RecordWriter._insert_batch``, with that thread's CPU time: pure
 Python that holds the GIL the loop needs), every flush of the batched log lines, and the
 lateness of a loop timer due every 2 ms (the loop's own stalls, whatever their cause). When the
-service stops, and at exit, it writes ``$SBC_PROBE_OUT/sbc-probe.PID.json`` (``/tmp`` by default).
-``SBC_SWITCH_INTERVAL=S`` makes the switch interval ``S`` (``sys.setswitchinterval``; the
+service stops, and at exit, it writes ``$TAIL_PROBE_OUT/sbc-probe.PID.json`` (``/tmp`` by default;
+not ``SBC_`` variables: the harnesses keep those, sbc's settings, from the sbc they start).
+``TAIL_PROBE_SWITCH_INTERVAL=S`` makes the switch interval ``S`` (``sys.setswitchinterval``; the
 service's own is ``sbc.ops.cli.SWITCH_INTERVAL``), to compare.
 
 ``report`` takes every call of the step: the caller's INVITE sent and the answerer's INVITE
@@ -58,13 +59,13 @@ def run(argv: list[str]) -> None:
             events.append((f"gc{info['generation']}", started[0], spent, 0.0))
 
     def dump() -> None:
-        out = Path(os.environ.get("SBC_PROBE_OUT", "/tmp")) / f"sbc-probe.{os.getpid()}.json"
+        out = Path(os.environ.get("TAIL_PROBE_OUT", "/tmp")) / f"sbc-probe.{os.getpid()}.json"
         out.write_text(json.dumps(events))
 
     gc.callbacks.append(gc_hook)
     atexit.register(dump)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    interval = os.environ.get("SBC_SWITCH_INTERVAL")
+    interval = os.environ.get("TAIL_PROBE_SWITCH_INTERVAL")
     if interval:
         import sbc.ops.cli as cli
 
