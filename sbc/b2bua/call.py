@@ -86,6 +86,10 @@ HeaderList = tuple[tuple[str, str], ...]
 DialogHandler = Callable[["Call", Leg, IncomingRequest], Awaitable[CallInput | None]]
 
 
+# Call._early before start() offered anything (the flow's task sets the call up).
+_NOT_EARLY = object()
+
+
 def _no_leg(call: Call, leg: Leg) -> None:
     """What a call tells the manager of a new leg before the manager routes its legs, and
     after it ended (see Call.dispose): nothing. Module functions, not a lambda per call."""
@@ -307,6 +311,7 @@ class Call:
         "__weakref__",
         "_b_ok",
         "_closing",
+        "_early",
         "_last_provisional",
         "_last_relayed",
         "_late_offer",
@@ -389,6 +394,10 @@ class Call:
         self._ring_again_at = float("inf")
         self._late_offer = not self.a_invite.body
         self._b_ok: Response | None = None  # late offer: b's 2xx, ACKed with a's answer
+        # What start() did before the flow's task ran: _NOT_EARLY (nothing: the flow sets the
+        # call up), True (leg b's INVITE went out), False (refused, leg a answered), or the
+        # exception it raised (the flow raises it, as if it had happened there).
+        self._early: bool | BaseException | object = _NOT_EARLY
         b_call_id = new_call_id(random_bytes(12))  # drawn now: the manager routes by it at once
         a_role, b_role = self.roles
         # Every line of the call carries its uuid and both Call-IDs, named by peer
@@ -591,7 +600,38 @@ class Call:
         self.facts.put_nowait(ShutdownRequested(reason))
 
     # -- the flow ------------------------------------------------------------------------------
-    async def run(self) -> None:
+    def start(self) -> None:
+        """Offer the call on leg b now, in the dispatch of its INVITE, when the media backend
+        answers without waiting (``MediaBackend.immediate``: pass-through): leg b's INVITE
+        then leaves before the loop reads anything else, not once the call's task first runs,
+        after every other message of the loop's pass (a burst of INVITEs: each waited for all
+        the others). :meth:`run` goes on from there."""
+        if not self.media_backend.immediate:
+            return
+        self._log_received()
+        prepare = self._prepare_offer()
+        try:
+            prepare.send(None)
+        except StopIteration as done:
+            offer = done.value
+        except Exception as exc:
+            self._early = exc
+            return
+        else:  # it waited after all: a backend's bug, the call fails (its media released)
+            prepare.close()
+            self._early = RuntimeError("an immediate media backend waited")
+            return
+        if offer is None:
+            self._early = False
+            return
+        try:
+            self._offer_b(offer)
+        except Exception as exc:
+            self._early = exc
+            return
+        self._early = True
+
+    def _log_received(self) -> None:
         self.log.info(
             "call_received",
             caller=self.caller.number,
@@ -599,6 +639,10 @@ class Call:
             source=str(self.incoming.source),
             direction=_direction(self.roles),
         )
+
+    async def run(self) -> None:
+        if self._early is _NOT_EARLY:
+            self._log_received()
         try:
             if await self._set_up():
                 await self._talk()
@@ -620,10 +664,17 @@ class Call:
 
     async def _set_up(self) -> bool:
         """Offer the call on leg b and wait for its answer; True when both legs are up."""
-        offer = await self._prepare_offer()
-        if offer is None:
+        early = self._early
+        if early is _NOT_EARLY:
+            offer = await self._prepare_offer()
+            if offer is None:
+                return False
+            self._offer_b(offer)
+        elif isinstance(early, BaseException):
+            self._early = True  # (the exception not kept past here)
+            raise early
+        elif early is False:
             return False
-        self._offer_b(offer)
         return await self._await_b()
 
     async def _prepare_offer(self) -> bytes | None:

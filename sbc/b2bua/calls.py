@@ -143,6 +143,7 @@ class _RetryLater(MediaBackend):
     def __init__(self, backend: MediaBackend, retry_after: int) -> None:
         self.backend = backend
         self.retry_after = retry_after
+        self.immediate = getattr(backend, "immediate", False)  # (tests give None)
 
     async def allocate(self, call_id: str) -> MediaSession:
         try:
@@ -546,7 +547,6 @@ class CallManager:
                     peer=origin.role.peer._value_,
                     at=at,
                 )
-        incoming.respond(100)
         self.calls[call.call_uuid] = call
         self.route_active[call.config.route] += 1
         host = incoming.source.host
@@ -557,6 +557,11 @@ class CallManager:
         call.on_b_reached = self._b_reached_hook
         for leg in call.all_legs:
             self._route(call, leg)
+        # Leg b's INVITE first (pass-through media: at once), then the 100: the post-dial
+        # delay is the time to the far INVITE (docs/performance.md, "Round 5: post-dial tail").
+        call.start()
+        if not incoming.final_sent:  # (a call refused at once was answered already)
+            incoming.respond(100)
         self.events.publish(CallStarted(call.call_uuid, call.config.route))
         task = asyncio.ensure_future(call.run())
         self._tasks[task] = call

@@ -305,6 +305,10 @@ _UNCHANGED_BY_FILTER_MAX = 256
 class MediaBackend(ABC):
     """Creates one :class:`MediaSession` per call."""
 
+    # True when allocate() and its sessions' offer() never wait (no I/O): a call then sends
+    # leg b's INVITE in the dispatch of its own INVITE (Call.start), not a loop pass later.
+    immediate = False
+
     @abstractmethod
     async def allocate(self, call_id: str) -> MediaSession:
         """A new session for ``call_id``; may raise ``PortsExhausted`` (503)."""
@@ -363,6 +367,8 @@ class PassthroughSession(MediaSession):
 
 class PassthroughBackend(MediaBackend):
     """No media handling at all: the SDP is only filtered to ``codecs``."""
+
+    immediate = True  # nothing to set up: the SDP is rewritten in place
 
     def __init__(self, codecs: Sequence[str] = DEFAULT_CODECS) -> None:
         self.codecs = tuple(codecs)

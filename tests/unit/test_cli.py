@@ -204,13 +204,19 @@ def test_run_tunes_the_collector_and_demo_does_not(good, monkeypatch, gc_tuned):
 def test_tune_gc_freezes_start_up_objects_and_sets_thresholds():
     before = gc.get_threshold()
     frozen = gc.get_freeze_count()
+    interval = sys.getswitchinterval()
     try:
         ORIGINAL_TUNE_GC()
         assert gc.get_threshold() == cli.GC_THRESHOLD
         assert gc.get_freeze_count() > frozen
+        # The loop's thread waits at most 1 ms for the GIL another thread holds (the records
+        # writer's rows), not the interpreter's 5 ms.
+        assert sys.getswitchinterval() == pytest.approx(cli.SWITCH_INTERVAL)
+        assert cli.SWITCH_INTERVAL <= 0.001
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
 
 
 def test_run_returns_serve_exit_status(good, monkeypatch):
