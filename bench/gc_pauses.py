@@ -8,10 +8,11 @@ and anything else with plain ``python``:
     python bench/gc_pauses.py report /tmp/sbc-gc.*.json
 
 ``run`` appends a ``gc.callbacks`` hook (start and stop of each collection, ``perf_counter``),
-then runs ``sbc`` as ``python -m sbc`` would; at exit it writes ``$SBC_GC_OUT/sbc-gc.PID.json``
+then runs ``sbc`` as ``python -m sbc`` would; at exit it writes ``$GC_PAUSES_OUT/sbc-gc.PID.json``
 (``/tmp`` by default): one ``[generation, seconds, collected, wall clock]`` per collection.
-``SBC_GC_THRESHOLD=a,b,c`` replaces ``sbc.ops.cli.GC_THRESHOLD`` before the service tunes the
-collector, to compare settings. ``report`` prints per generation the count, median, p90, p99 and
+``GC_PAUSES_THRESHOLD=a,b,c`` replaces ``sbc.ops.cli.GC_THRESHOLD`` before the service tunes the
+collector, to compare settings (not an ``SBC_`` name: the harnesses pass none of those to the
+sbc they start). ``report`` prints per generation the count, median, p90, p99 and
 largest pause and the total time.
 """
 
@@ -49,7 +50,7 @@ def run(argv: list[str]) -> None:
             log.append((info["generation"], spent, info["collected"], time.time()))
 
     def dump() -> None:
-        out = Path(os.environ.get("SBC_GC_OUT", "/tmp")) / f"sbc-gc.{os.getpid()}.json"
+        out = Path(os.environ.get("GC_PAUSES_OUT", "/tmp")) / f"sbc-gc.{os.getpid()}.json"
         out.write_text(json.dumps(log))
 
     gc.callbacks.append(hook)
@@ -57,7 +58,7 @@ def run(argv: list[str]) -> None:
     # sbc installs its own SIGTERM handler once running; until then, exit cleanly so the
     # file is written.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    threshold = os.environ.get("SBC_GC_THRESHOLD")
+    threshold = os.environ.get("GC_PAUSES_THRESHOLD")
     if threshold:
         set_threshold(threshold)
     sys.argv = ["sbc", *argv]

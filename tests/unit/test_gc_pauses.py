@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(out: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, SBC_GC_OUT=str(out), PYTHONPATH=str(ROOT), **extra)
+    env = dict(os.environ, GC_PAUSES_OUT=str(out), PYTHONPATH=str(ROOT), **extra)
     # the wrapper runs "python" from PATH: this interpreter's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
