@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -62,7 +63,6 @@ from sbc.b2bua.messages import (
 from sbc.b2bua.transfer import Transfer, TransferRecord
 from sbc.media.base import MediaBackend
 from sbc.net.engine import IncomingRequest, SipEngine
-from sbc.net.entropy import random_bytes
 from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.digest import Credentials
 from sbc.sip.errors import (
@@ -354,7 +354,7 @@ class Call:
         media: MediaBackend,
         call_uuid: str,
         wall_clock: Callable[[], float] = time.time,
-        random_bytes: Callable[[int], bytes] = random_bytes,
+        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.config = config
         self.engine = engine

@@ -45,6 +45,7 @@ import asyncio
 import functools
 import ipaddress
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -64,7 +65,6 @@ from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.media.base import MediaBackend, MediaSession
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, SipEngine
-from sbc.net.entropy import random_uuid
 from sbc.net.transport import StreamConnection
 from sbc.sip.digest import Verdict
 from sbc.sip.errors import (
@@ -170,7 +170,7 @@ class CallManager:
         media: MediaBackend,
         *,
         events: EventBus | None = None,
-        new_uuid: Callable[[], str] = random_uuid,
+        new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
         wall_clock: Callable[[], float] | None = None,
         ladder_messages: int = 0,
         routes: Sequence[BridgeConfig] = (),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,7 +42,6 @@ from sbc.net.addresses import (
     target_of_uri,
 )
 from sbc.net.dns import ResolutionFailed, Resolver
-from sbc.net.entropy import random_bytes
 from sbc.net.guard import ADMIT, REJECT, Guard
 from sbc.net.handles import (
     IncomingRequest,
@@ -298,13 +298,13 @@ class SipEngine:
         """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
         # The text alone (a leg's in-dialog requests): no parsed Via made to be dropped.
         prefix = self._via_prefix(transport)[0]
-        return f"{prefix}{BRANCH_COOKIE}{random_bytes(12).hex()};rport"
+        return f"{prefix}{BRANCH_COOKIE}{os.urandom(12).hex()};rport"
 
     def _new_via(self, transport: str) -> tuple[str, Via | None]:
         """make_via's text and, when known, what parsing it gives (not parsed per request)."""
         prefix, shape = self._via_prefix(transport)
         # make_branch(new_branch(...)) without its two Python frames: the same text.
-        branch = f"{BRANCH_COOKIE}{random_bytes(12).hex()}"
+        branch = f"{BRANCH_COOKIE}{os.urandom(12).hex()}"
         text = f"{prefix}{branch};rport"
         if shape is None:
             return text, None

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-import threading
-import uuid
 from typing import Any
 
 import pytest
@@ -17,7 +14,6 @@ from hypothesis import strategies as st
 from sbc.b2bua.events import CallRecord
 from sbc.b2bua.ladder import _fields, _fields_by_scan
 from sbc.b2bua.messages import LocalAddress
-from sbc.net import entropy
 from sbc.net.addresses import Destination
 from sbc.sdp.model import SessionDescription
 from sbc.sip.headers import Headers, canonical_name
@@ -65,51 +61,6 @@ def test_ladder_fields_by_key_equal_the_scan(
         # what it reads back is compared, whatever it is).
         message = parse_message(serialize(message))
     assert _fields(message) == _fields_by_scan(message)
-
-
-def test_random_bytes_come_from_one_block_each_used_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    drawn: list[int] = []
-    real = os.urandom
-
-    def urandom(n: int) -> bytes:
-        drawn.append(n)
-        return real(n)
-
-    monkeypatch.setattr(entropy, "_block", entropy._Block())
-    monkeypatch.setattr(os, "urandom", urandom)
-    pieces = [entropy.random_bytes(n) for n in (12, 8, 12, 16) * 100]
-    assert [len(p) for p in pieces] == [12, 8, 12, 16] * 100
-    # 4,800 bytes: two blocks read, never a piece cut twice from the same bytes.
-    assert drawn == [entropy.BLOCK, entropy.BLOCK]
-    assert len(set(pieces)) == len(pieces)
-    # More than a block at once goes to the OS as asked.
-    assert len(entropy.random_bytes(entropy.BLOCK + 1)) == entropy.BLOCK + 1
-    assert drawn[-1] == entropy.BLOCK + 1
-
-
-def test_each_thread_and_a_forked_child_have_blocks_of_their_own() -> None:
-    entropy.random_bytes(1)
-    other: list[bytes] = []
-    thread = threading.Thread(target=lambda: other.append(entropy._block.data))
-    thread.start()
-    thread.join()
-    assert other == [b""]  # nothing shared with this thread's block
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its block starts empty, then is its own
-        fresh = entropy._block.data == b""
-        os.write(write, b"1" if fresh else b"0")
-        os._exit(0)
-    os.close(write)
-    assert os.read(read, 1) == b"1"
-    os.close(read)
-    os.waitpid(pid, 0)
-
-
-def test_random_uuid_is_a_version_4_uuid() -> None:
-    text = entropy.random_uuid()
-    parsed = uuid.UUID(text)
-    assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
 
 
 # Importing these modules decorates their classes.
