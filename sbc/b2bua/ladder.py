@@ -486,8 +486,8 @@ class Ladder:
 
     def packed(self) -> str | None:
         """The ladder as the records store it when nothing of it was summarised yet (every
-        message of most calls is still in the columns ``note`` fills): a JSON text of those
-        columns, made by the json module's C encoder, which :func:`unpacked_ladder` summarises
+        message of most calls is still in the columns ``note`` fills): one text of those columns,
+        written by C code (:func:`_pack_columns`), which :func:`unpacked_ladder` summarises
         when the record is read. None when the ladder cannot be written so (an entry added
         whole, a summary made, a tail, an omitted message): :meth:`json` then.
 

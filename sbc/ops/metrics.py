@@ -297,7 +297,11 @@ class _PlainFamily(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._start()
         registry.register(self)
+
+    def _start(self) -> None:
+        """The family's numbers before any update (its kind's)."""
 
     def describe(self) -> Iterable[Metric]:
         return [Metric(self.name, self.documentation, self.kind)]
@@ -309,17 +313,11 @@ class _PlainFamily(Collector):
 class _PlainKeyed(_PlainFamily):
     """A family of one number per label set (counters and gauges): ``inc`` adds to it."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry=registry)
-        # A family without labels has its one number from the start, as prometheus_client's.
-        self.values: dict[tuple[str, ...], int | float] = {} if self.labelnames else {(): 0}
+    def _start(self) -> None:
+        self.values: dict[tuple[str, ...], int | float] = {}
+        if not self.labelnames:
+            # A family without labels has its one number from the start, as prometheus_client's.
+            self._first((), 0)
 
     def inc(self, key: tuple[str, ...] = (), amount: int | float = 1) -> None:
         values = self.values
@@ -344,16 +342,9 @@ class PlainCounter(_PlainKeyed):
 
     kind = "counter"
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry=registry)
-        self.created: dict[tuple[str, ...], float] = {} if self.labelnames else {(): time.time()}
+    def _start(self) -> None:
+        self.created: dict[tuple[str, ...], float] = {}
+        super()._start()
 
     def _first(self, key: tuple[str, ...], amount: int | float) -> None:
         super()._first(key, amount)

@@ -22,7 +22,7 @@ Columns (``calls`` table): see :data:`COLUMNS`. JSON columns: ``x_headers`` (obj
 headers sent to Retell), ``transfers`` (list of the transfers' records), ``media`` (the media
 session's ``stats()``), ``ladder`` (list of the SIP message summaries, ``sbc/b2bua/ladder.py``).
 Most calls' ladders are stored in ``ladder_packed`` instead (``ladder`` is then ``[]``): the
-fields the call kept of each message, as JSON (``Ladder.packed``), from which the readers
+fields the call kept of each message, as one text (``Ladder.packed``), from which the readers
 (:func:`list_calls`, :func:`find_call`) make the same summaries when the record is read; a
 record read has only ``ladder``, whichever way it was stored.
 Media counters per direction: ``a_*`` what came from side a (the leg that called: 3CX's caller,
@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -308,20 +307,6 @@ def _user_version(db: sqlite3.Connection) -> int:
     return int(row[0])
 
 
-_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+) ADD COLUMN (\w+)")
-
-
-def _added_already(db: sqlite3.Connection, statement: str) -> bool:
-    """Whether ``statement`` adds a column the table has: a file whose version was set back by
-    hand so that an older sbc takes it again (it writes its own columns and leaves the newer
-    ones NULL), then opened by the newer sbc again (two trees compared on one file)."""
-    found = _ADD_COLUMN.match(statement)
-    if found is None:
-        return False
-    table, column = found.groups()
-    return any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})"))
-
-
 def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
     """Bring the schema to :data:`SCHEMA_VERSION` (each step in one transaction); returns the
     version found. Raises :class:`RecordsError` for a file of a newer schema."""
@@ -339,8 +324,7 @@ def migrate(db: sqlite3.Connection, path: Path | str = "") -> int:
             if _user_version(db) > version:
                 continue
             for statement in MIGRATIONS[version]:
-                if not _added_already(db, statement):
-                    db.execute(statement)
+                db.execute(statement)
             db.execute(f"PRAGMA user_version = {version + 1}")
     return found
 

@@ -319,27 +319,6 @@ async def test_the_writer_lets_go_of_the_gil_after_every_row(
     assert all(name.startswith("sbc-records") for name in pauses)
 
 
-async def test_a_file_set_back_to_an_older_version_is_migrated_again(tmp_path: Path) -> None:
-    """An older sbc refuses a newer file; with its version set back by hand it takes it (and
-    leaves the newer columns NULL); the newer sbc then migrates it again without failing on
-    the columns it has."""
-    path = tmp_path / "calls.sqlite3"
-    writer = await started_writer(path, wall_clock=lambda: NOW)
-    await writer.close()
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 3")
-    db.commit()
-    db.close()
-    writer = await started_writer(path, wall_clock=lambda: NOW)
-    assert await writer.write(make_record("again", ladder=noted_ladder().snapshot()))
-    await writer.close()
-    db = connect_readonly(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    found = find_call(db, "again")
-    db.close()
-    assert found is not None and len(found["ladder"]) == 3
-
-
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "calls.sqlite3"
     db = sqlite3.connect(path)
