@@ -244,25 +244,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # little for it to find.
 GC_THRESHOLD = (100, 4, 50000)
 
-# The event loop shares the GIL with the call records writer's thread, which makes each batch's
-# rows (the ladders' summaries and JSON) in pure Python between two SQLite statements: up to
-# 32 rows, 1.6-2.6 ms of CPU at a stretch, every 0.1 s under calls. A datagram arriving then
-# waits until the writer reaches its statement, or until the interpreter forces a switch after
-# this interval (5 ms by default): that wait was the post-dial delay's slowest percent
-# (bench/bench_gil_stall.py, bench/tail_probe.py; docs/performance.md, "Round 5: post-dial
-# tail"). 1 ms bounds each wait; a forced switch costs microseconds, a few hundred a second at
-# most while both threads have work.
-SWITCH_INTERVAL = 0.001
-
 
 def tune_gc() -> None:
     """Freeze what start-up allocated (modules, settings) out of the collector's reach and
-    make full collections rarer; bound how long the loop's thread waits for the GIL
-    (:data:`SWITCH_INTERVAL`). For the long-running service only, not for tests."""
+    make full collections rarer. For the long-running service only, not for tests.
+
+    The interpreter's switch interval stays at its 5 ms: the one other thread, the records
+    writer, gives the GIL back after each row it makes (sbc/ops/records.py, ``_give_way``), and
+    with that a 1 ms interval changed nothing measurable (bench/bench_gil_stall.py;
+    docs/performance.md, "Round 5 merged")."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -209,10 +209,7 @@ def test_tune_gc_freezes_start_up_objects_and_sets_thresholds():
         ORIGINAL_TUNE_GC()
         assert gc.get_threshold() == cli.GC_THRESHOLD
         assert gc.get_freeze_count() > frozen
-        # The loop's thread waits at most 1 ms for the GIL another thread holds (the records
-        # writer's rows), not the interpreter's 5 ms.
-        assert sys.getswitchinterval() == pytest.approx(cli.SWITCH_INTERVAL)
-        assert cli.SWITCH_INTERVAL <= 0.001
+        assert sys.getswitchinterval() == interval  # left as it was
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
