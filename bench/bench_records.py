@@ -145,16 +145,22 @@ def held_bytes(calls: int) -> float:
     return kept / calls
 
 
+def noted_records(calls: int, first: int = 0) -> list[CallRecord]:
+    """``calls`` records of CALL, numbered from ``first``, each with a ladder noted as the
+    event loop notes one (the parsed messages let go, as in the service)."""
+    recs = []
+    for i in range(calls):
+        ladder = Ladder(200)
+        for direction, data, (dest, leg, peer) in CALL:
+            message = parse_message(data)
+            ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
+        recs.append(record(first + i, ladder))
+    return recs
+
+
 def count_only(calls: int, part: str, n: int) -> None:
     """Make ``calls`` records, then only ``part`` for the first ``n`` (module docstring)."""
-    messages = [[(d, parse_message(data), peer) for d, data, peer in CALL] for _ in range(calls)]
-    recs = []
-    for i, call in enumerate(messages):
-        ladder = Ladder(200)
-        for direction, message, (dest, leg, peer) in call:
-            ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
-        recs.append(record(i, ladder))
-    del messages
+    recs = noted_records(calls)
     # What was made so far out of the collector's sight: its passes over 3,000 live ladders
     # would otherwise be counted as the rows' work, growing with the records kept here.
     gc.collect()
@@ -225,13 +231,7 @@ def stalls(calls: int, repeat: int, tick: float) -> None:
     import subprocess
 
     for r in range(repeat):
-        messages = [[(d, parse_message(data), p) for d, data, p in CALL] for _ in range(calls)]
-        recs = []
-        for i, call in enumerate(messages):
-            ladder = Ladder(200)
-            for direction, message, (dest, leg, peer) in call:
-                ladder.note(direction, message, dest, LOCAL, leg=leg, peer=peer, at=1.7e9 + i)
-            recs.append(record(r * calls + i, ladder))
+        recs = noted_records(calls, first=r * calls)
         sender = subprocess.Popen(
             [sys.executable, "-c", _SENDER, str(tick)],
             stdin=subprocess.PIPE,
