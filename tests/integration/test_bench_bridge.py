@@ -3,30 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.scripts import BENCH, bench_script
+
 pytestmark = pytest.mark.integration
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def bench_module() -> ModuleType:
-    """``bench/bench_bridge.py`` (bench/ is not a package), imported by path."""
-    spec = importlib.util.spec_from_file_location("bench_bridge", BENCH / "bench_bridge.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # it puts bench/ on sys.path for bench_calls itself
-    return module
 
 
 async def test_the_bench_bridges_its_calls(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = bench_module()
+    bench = bench_script("bench_bridge.py")  # it puts bench/ on sys.path itself
     # run() raises when a call is not answered 200, its BYE not 200, or a call stays active.
     log = io.StringIO()
     await bench.run(calls=5, warmup=2, repeat=2, level="info", profile=True, log=log)

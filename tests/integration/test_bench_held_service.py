@@ -5,34 +5,20 @@ bench's hand-written 3CX and Retell, every call answered and held, the held byte
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import re
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.scripts import bench_script
+
 pytestmark = pytest.mark.integration
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def bench_module() -> ModuleType:
-    """``bench/bench_held_service.py`` (bench/ is not a package), imported by path."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_held_service", BENCH / "bench_held_service.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 async def test_the_bench_holds_its_calls_and_reads_what_they_keep(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = bench_module()
+    bench = bench_script("bench_held_service.py")
     args = argparse.Namespace(
         calls=5, warmup=1, top=3, frames=1, t1=0.05, set=[], rss=False, log_level="info"
     )

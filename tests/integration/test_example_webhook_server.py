@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "retell_webhook.py"
 KEY = "key_loopback_test"
@@ -36,15 +38,7 @@ PAYLOAD = {
 
 
 def load_example() -> ModuleType:
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("retell_webhook_example_server", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "retell_webhook_example_server")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.util
 import os
-import sys
 import weakref
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from bridge_helpers import assert_both_ends, pbx_call, retell, running_bridge
@@ -34,29 +31,14 @@ from sbc.media.ports import PortPool
 from sbc.media.relay import RelayBackend, RelaySession, RelaySocket
 from sbc.ops.settings import MediaSettings
 from sbc.sdp.parser import parse_sdp
+from tests.scripts import bench_script
 
 pytestmark = pytest.mark.integration
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def soak_module() -> ModuleType:
-    """``bench/soak.py`` (bench/ is not a package), imported by path."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("soak", BENCH / "soak.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["soak"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_calls_of_every_kind_leave_nothing_and_rss_stays_flat(tmp_path: Path) -> None:
     require_binary("sipp")
-    soak = soak_module()
+    soak = bench_script("soak.py")
     load = soak.SoakLoad(batches=3, calls=100, rate=20.0, hold_ms=200, t1=0.1, settle=40.0)
     result = soak.run_soak(load, tmp_path, echo=False)
     batches = result["batches"]

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 from sbc.sip.transaction import TransactionLayer, TransactionTerminated
-
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "bench_core.py"
+from tests.scripts import bench_script
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_core", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_core", module)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("bench_core.py")
 
 
 def test_bridged_calls_leave_only_timed_transactions_then_nothing() -> None:

@@ -10,9 +10,7 @@ sbc's headers or of the example settings shows up here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +32,7 @@ from sbc.ops.settings import load_settings
 from sbc.sip.message import Request
 from sbc.sip.parser import parse_message
 from sbc.sip.serializer import serialize
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "retell_webhook.py"
@@ -59,12 +58,7 @@ NOW = 1_790_000_000.0
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("retell_webhook_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "retell_webhook_example")
 
 
 @pytest.fixture(scope="module")

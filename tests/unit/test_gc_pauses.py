@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sbc.ops import cli
+from tests.scripts import bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,10 +42,7 @@ def test_wrapper_runs_sbc_and_writes_each_collection(tmp_path: Path) -> None:
 
 
 def test_threshold_override_is_what_tune_gc_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("gc_pauses", ROOT / "bench" / "gc_pauses.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_script("gc_pauses.py")
     monkeypatch.setattr(cli, "GC_THRESHOLD", cli.GC_THRESHOLD)  # restored after the test
     module.set_threshold("7,3,11")
     assert cli.GC_THRESHOLD == (7, 3, 11)

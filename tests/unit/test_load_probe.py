@@ -3,32 +3,19 @@ read from the kernel as it is (a real socket made to overflow here, this process
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def load() -> ModuleType:
-    # load.py imports bench_calls as a sibling module, as it does when run as a script.
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_load_probe", _BENCH / "load.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_load_probe"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(_BENCH))
+    return bench_script("load.py", "bench_load_probe")
 
 
 @pytest.fixture

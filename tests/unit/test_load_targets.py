@@ -3,30 +3,17 @@ of a run (no SIPp here: the figures are made up, the verdicts are what the lead 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def load() -> ModuleType:
-    # load.py imports bench_calls as a sibling module, as it does when run as a script.
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_load", _BENCH / "load.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_load"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(_BENCH))
+    return bench_script("load.py", "bench_load")
 
 
 def ramped(out: str, rate: float | None, **figures: Any) -> dict[str, Any]:

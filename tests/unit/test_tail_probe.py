@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
 from pathlib import Path
@@ -10,15 +9,11 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import bench_script
 
 
 def _probe_module() -> Any:
-    spec = importlib.util.spec_from_file_location("tail_probe", ROOT / "bench" / "tail_probe.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("tail_probe.py")
 
 
 def _entry(at: float, direction: str, leg: str, first_line: str) -> dict[str, object]:
