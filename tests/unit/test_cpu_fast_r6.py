@@ -1,0 +1,116 @@
+"""Fast paths of round 6 of issue 12 (cpu), each compared with the general code it stands in
+for: the tags read inline, the transaction layer's next deadline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sbc.sip.errors import SipError
+from sbc.sip.headers import Headers
+from sbc.sip.message import Request, Response
+from sbc.sip.uri import parse_uri
+
+_ADDRESS = st.sampled_from(
+    [
+        "<sip:a@h>;tag=1",
+        "<sip:a@h>;TAG=Up",
+        "<sip:a@h>;Tag=",
+        '"A" <sip:a@h>;x=1;tag=2;tag=3',
+        "sip:a@h;tag=4",
+        "<sip:a@h;tag=uri-only>",
+        "<sip:a@h>",
+        "<sip:a@h>;tagx=5",
+        "not an address <",
+        "",
+    ]
+)
+
+
+def _read(read: Any) -> tuple[str, object]:
+    try:
+        return ("ok", read())
+    except SipError as exc:
+        return ("error", (type(exc), exc.detail))
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["From", "f", "To", "t", "X"]), _ADDRESS), max_size=4),
+    st.booleans(),
+    st.booleans(),
+)
+def test_the_tags_read_inline_are_the_addresses_tags(
+    pairs: list[tuple[str, str]], response: bool, first_parsed: bool
+) -> None:
+    """from_tag and to_tag read the memo and the parameters themselves: the same tag (or the
+    same error) as the parsed address's ``tag``, before and after the address is parsed."""
+
+    def message() -> Request | Response:
+        headers = Headers(pairs)
+        if response:
+            return Response(200, "OK", headers)
+        return Request("BYE", parse_uri("sip:u@h"), headers)
+
+    for tag_name, address_name in (("from_tag", "from_"), ("to_tag", "to")):
+        fresh, parsed, reference = message(), message(), message()
+        if first_parsed:
+            _read(lambda m=parsed, n=address_name: getattr(m, n))  # the memo is filled
+        want = _read(lambda m=reference, n=address_name: getattr(m, n).tag)
+        assert _read(lambda m=fresh, n=tag_name: getattr(m, n)) == want
+        assert _read(lambda m=parsed, n=tag_name: getattr(m, n)) == want
+
+
+def test_next_deadline_skips_the_timers_no_longer_armed() -> None:
+    """next_deadline() inlines _armed(): the earliest timer still armed, stale heap entries
+    dropped as it goes."""
+    from sbc.net.addresses import Destination
+    from sbc.sip.parser import parse_message
+    from sbc.sip.transaction import TransactionLayer
+
+    layer = TransactionLayer()
+    source = Destination("udp", "127.0.0.1", 5070)
+    invite = parse_message(
+        b"INVITE sip:u@127.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-1\r\n"
+        b"From: <sip:a@h>;tag=1\r\nTo: <sip:u@h>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\n"
+        b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert isinstance(invite, Request)
+    layer.receive(invite, source=source, reliable=False, now=100.0)
+    for event in layer.events():
+        assert type(event).__name__ == "RequestReceived"
+    first = layer.next_deadline()
+    assert first is not None and first > 100.0  # the Trying timer of the INVITE
+    reference = [
+        deadline
+        for deadline, token, key, name in sorted(layer._heap)
+        if layer._armed(key, name, token) is not None
+    ]
+    assert first == reference[0]
+    # Answered: the Trying timer is disarmed, its heap entry stale until next_deadline().
+    layer.respond(_key(layer), _ok(invite), now=100.01)
+    layer.datagrams_to_send()
+    after = layer.next_deadline()
+    armed = [
+        deadline
+        for deadline, token, key, name in sorted(layer._heap)
+        if layer._armed(key, name, token) is not None
+    ]
+    assert after == (armed[0] if armed else None)
+    assert layer._heap and layer._armed(*_entry(layer._heap[0])) is not None
+
+
+def _key(layer: Any) -> str:
+    (key,) = list(layer._servers)
+    return str(key)
+
+
+def _entry(entry: tuple[float, int, str, str]) -> tuple[str, str, int]:
+    return entry[2], entry[3], entry[1]
+
+
+def _ok(invite: Request) -> Response:
+    from sbc.sip.server_transaction import build_response
+
+    return build_response(invite, 200, "OK", to_tag="x")
