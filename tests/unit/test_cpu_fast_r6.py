@@ -114,3 +114,25 @@ def _ok(invite: Request) -> Response:
     from sbc.sip.server_transaction import build_response
 
     return build_response(invite, 200, "OK", to_tag="x")
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_a_calls_uuid_is_uuid4s_text(data: bytes) -> None:
+    """uuid4_text writes what ``str(uuid.uuid4())`` writes for the same random bytes."""
+    import uuid
+
+    from sbc.b2bua.calls import uuid4_text
+
+    want = str(uuid.UUID(bytes=data, version=4))
+    assert uuid4_text(lambda n: data[:n]) == want
+    assert uuid.UUID(want).version == 4 and uuid.UUID(want).variant == uuid.RFC_4122
+
+
+def test_the_call_manager_draws_a_fresh_uuid4_per_call() -> None:
+    import uuid
+
+    from sbc.b2bua.calls import uuid4_text
+
+    drawn = {uuid4_text() for _ in range(100)}
+    assert len(drawn) == 100
+    assert all(uuid.UUID(text).version == 4 and str(uuid.UUID(text)) == text for text in drawn)
