@@ -328,7 +328,8 @@ def _context_json(context: Any) -> str | None:
         if type(key) is not str or type(value) not in _PLAIN_TYPES:
             return None
     try:
-        return "".join(_new_encoder()(context, 0))[1:-1]
+        # Plain values only, so nothing circular: the shared encoder (no markers) will do.
+        return "".join(_SHARED_ENCODER(context, 0))[1:-1]
     except Exception:  # pragma: no cover - plain values always encode
         return None
 
