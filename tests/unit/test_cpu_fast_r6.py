@@ -136,3 +136,34 @@ def test_the_call_manager_draws_a_fresh_uuid4_per_call() -> None:
     drawn = {uuid4_text() for _ in range(100)}
     assert len(drawn) == 100
     assert all(uuid.UUID(text).version == 4 and str(uuid.UUID(text)) == text for text in drawn)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["v", "VIA", "x-a", "X-Caller-Number", "i", "Call-Id"]),
+            st.text(max_size=6),
+        ),
+        max_size=8,
+    )
+)
+def test_canonical_names_learned_are_the_names_canonical_name_gives(names: list[str]) -> None:
+    """canonical_name() remembers a name that is its own spelling (bounded): every name still
+    gets the spelling of the general rule (compact forms expanded, known names canonical)."""
+    import sbc.sip.headers as headers_module
+
+    exact = {name: name for name in headers_module._CANONICAL_NAMES}
+    saved = dict(headers_module._EXACT), headers_module._learned
+    try:
+        headers_module._EXACT.clear()
+        headers_module._EXACT.update(exact)
+        headers_module._learned = headers_module._LEARNED_MAX - 3
+        for _ in range(2):
+            for name in names:
+                want = exact.get(name) or headers_module._CANONICAL.get(name.lower(), name)
+                assert headers_module.canonical_name(name) == want
+        assert len(headers_module._EXACT) <= len(exact) + 3
+    finally:
+        headers_module._EXACT.clear()
+        headers_module._EXACT.update(saved[0])
+        headers_module._learned = saved[1]
