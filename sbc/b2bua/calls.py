@@ -638,9 +638,13 @@ class CallManager:
         """The engine's tap (``on_message``): every message received (``in``) or transmitted
         (``out``) goes to the ladder of the call whose leg has its Call-ID; an INVITE for no
         call yet is held until :meth:`_start` (the same dispatch) makes its call."""
-        call_id = message.headers.get("Call-ID")
-        if call_id is None:
+        # Headers.get("Call-ID") inline (the lookup keys, as the ladder's _fields reads them):
+        # eleven messages a call.
+        headers = message.headers
+        keys = headers._keys or headers._lower_keys()
+        if "call-id" not in keys:
             return
+        call_id = headers._items[keys.index("call-id")][1]
         found = self._ladder_legs.get(call_id)
         if found is None:
             if direction == "in" and isinstance(message, Request) and message.method == "INVITE":
