@@ -167,3 +167,40 @@ def test_canonical_names_learned_are_the_names_canonical_name_gives(names: list[
         headers_module._EXACT.clear()
         headers_module._EXACT.update(saved[0])
         headers_module._learned = saved[1]
+
+
+def _initial_by_match(t1: float, t4: float, timer: object, reliable: bool) -> float:
+    """TimerConfig.initial() as it was written before round 6 (a match on the members)."""
+    from sbc.sip.timers import TRYING_DELAY, Timer
+
+    match timer:
+        case Timer.A | Timer.E | Timer.G:
+            return t1
+        case Timer.B | Timer.F | Timer.H | Timer.L | Timer.M:
+            return 64 * t1
+        case Timer.D:
+            return 0.0 if reliable else max(32.0, 64 * t1)
+        case Timer.I | Timer.K:
+            return 0.0 if reliable else t4
+        case Timer.J:
+            return 0.0 if reliable else 64 * t1
+        case _:
+            return TRYING_DELAY
+
+
+@given(
+    st.floats(0.001, 10),
+    st.floats(0.001, 10),
+    st.floats(0.001, 20),
+    st.booleans(),
+)
+def test_a_timers_first_duration_is_the_matchs(
+    t1: float, t2: float, t4: float, reliable: bool
+) -> None:
+    from sbc.sip.timers import Timer, TimerConfig
+
+    config = TimerConfig(t1=t1, t2=t2, t4=t4)
+    for timer in Timer:
+        assert config.initial(timer, reliable=reliable) == _initial_by_match(
+            t1, t4, timer, reliable
+        ), timer
