@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -204,3 +205,21 @@ def test_a_timers_first_duration_is_the_matchs(
         assert config.initial(timer, reliable=reliable) == _initial_by_match(
             t1, t4, timer, reliable
         ), timer
+
+
+def test_an_origin_session_id_is_drawn_from_one_to_two_to_the_31st(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_session_id() draws what randrange(1, 2**31) draws: never 0 (drawn again), up to
+    2**31 - 1."""
+    import random
+
+    from sbc.media import base
+
+    bits = iter([0, 0, 5, 2**31 - 1])
+    monkeypatch.setattr(random, "getrandbits", lambda k: next(bits) if k == 31 else -1)
+    assert base._session_id() == 5
+    assert base._session_id() == 2**31 - 1
+    monkeypatch.undo()
+    drawn = {base._session_id() for _ in range(1000)}
+    assert all(1 <= n < 2**31 for n in drawn) and len(drawn) > 990
