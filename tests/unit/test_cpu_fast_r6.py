@@ -223,3 +223,48 @@ def test_an_origin_session_id_is_drawn_from_one_to_two_to_the_31st(
     monkeypatch.undo()
     drawn = {base._session_id() for _ in range(1000)}
     assert all(1 <= n < 2**31 for n in drawn) and len(drawn) > 990
+
+
+_TEMPLATE_VALUES = st.one_of(
+    st.sampled_from(["", "+441234", "Zoë", "a\tb", "x" * 1010, "x" * 1009, "é" * 600, "\u2028"]),
+    st.text(max_size=12),
+)
+
+
+@given(_TEMPLATE_VALUES, _TEMPLATE_VALUES, st.sampled_from(["X-Called", "X-é", "X-" + "N" * 30]))
+def test_rendered_headers_are_the_general_rendering(caller: str, name: str, header: str) -> None:
+    """HeaderTemplates.render reads a one-variable template's value directly and skips
+    check_value() for a value it would pass: the same headers and rejections as rendering
+    each template and checking each value."""
+    from sbc.b2bua.templates import (
+        CallFacts,
+        HeaderTemplates,
+        Rejected,
+        Template,
+        Variable,
+        check_value,
+        compile_template,
+        render_template,
+    )
+
+    facts = CallFacts(caller, name, "101", "c@h", "u", 1_795_000_000.0, Headers([]))
+    templates = HeaderTemplates(
+        (
+            # (built directly: compile_template refuses a header name that is no token)
+            Template(header, "{caller_number}", (Variable("caller_number"),)),
+            compile_template("X-Caller-Name", "{caller_name}"),
+            compile_template("X-Both", "<{caller_number}> {caller_name}"),
+            compile_template("X-When", "{now}"),
+        )
+    )
+    headers, rejected = [], []
+    for template in templates.templates:
+        value = render_template(template, facts)
+        reason = check_value(template.header, value)
+        if reason is None:
+            headers.append((template.header, value))
+        else:
+            rejected.append(Rejected(template.header, reason))
+    rendered = templates.render(facts)
+    assert rendered.headers == tuple(headers)
+    assert rendered.rejected == tuple(rejected)
