@@ -4,6 +4,7 @@ Run from the repository root (``PYTHONPATH`` naming the checkout to measure):
 
     python bench/bench_bridge.py [--calls 500] [--warmup 50] [--repeat 3] [--log-level info]
     python bench/bench_bridge.py --calls 300 --profile          # function calls per call
+    python bench/bench_bridge.py --calls 300 --profile --profile-out /tmp/p   # pstats file
     for n in 200 400; do                                       # instructions per call
       PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.$n \\
         python bench/bench_bridge.py --calls $n --repeat 1 2>&1 | grep Collected
