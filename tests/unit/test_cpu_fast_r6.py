@@ -268,3 +268,49 @@ def test_rendered_headers_are_the_general_rendering(caller: str, name: str, head
     rendered = templates.render(facts)
     assert rendered.headers == tuple(headers)
     assert rendered.rejected == tuple(rejected)
+
+
+_LADDER_NAMES = st.sampled_from(
+    ["Call-ID", "i", "CSeq", "Via", "v", "To", "t", "Authorization", "Proxy-Authorization", "X"]
+)
+_LADDER_VALUES = st.sampled_from(["a", "b@h", "1 INVITE", "SIP/2.0/UDP h;branch=z9hG4bKx", "x, y"])
+
+
+@given(
+    st.lists(st.tuples(_LADDER_NAMES, _LADDER_VALUES), max_size=10),
+    st.booleans(),
+    st.one_of(st.none(), st.just("leg-call-id")),
+)
+def test_the_ladder_notes_the_fields_as_fields_reads_them(
+    pairs: list[tuple[str, str]], response: bool, leg_call_id: str | None
+) -> None:
+    """Ladder.note reads Call-ID, CSeq, Via, To and the credential names inline: what it keeps
+    is what _fields() (compared with the scan of every field in test_call_path_fast) gives."""
+    from sbc.b2bua.ladder import Ladder, _fields
+    from sbc.net.addresses import Destination
+
+    headers = Headers(pairs)
+    message: Request | Response
+    if response:
+        message = Response(200, "OK", headers)
+    else:
+        message = Request("BYE", parse_uri("sip:u@h"), headers)
+    ladder = Ladder(10)
+    peer = Destination("udp", "127.0.0.1", 5060)
+    ladder.note(
+        "in",
+        message,
+        peer,
+        "udp:127.0.0.2:5060",
+        leg="caller",
+        peer="pbx",
+        at=1.0,
+        leg_call_id=leg_call_id,
+    )
+    call_id, cseq, via, to, credentials = _fields(message)
+    assert ladder._fields is not None and ladder._idents is not None
+    where, _, _, kept_call_id, kept_cseq, kept_peer = ladder._fields[-6:]
+    assert kept_call_id == (leg_call_id if leg_call_id is not None else call_id)
+    assert (kept_cseq, kept_peer) == (cseq, peer)
+    assert where == ("in", "udp:127.0.0.2:5060", "caller", "pbx", credentials)
+    assert ladder._idents[-1] == hash((via, to))
