@@ -100,7 +100,8 @@ Observer = Callable[[CallEvent], Awaitable[None] | None]
 
 
 class Subscription:
-    """One observer's queue; ``dropped`` counts the events that found it full."""
+    """One observer's queue (none for an inline observer); ``dropped`` counts the events
+    that found it full."""
 
     def __init__(
         self,
@@ -113,15 +114,18 @@ class Subscription:
         self.observer = observer
         self.inline = inline  # called by publish() itself (no queue, no task)
         self.name = getattr(observer, "__qualname__", repr(observer))
-        self.queue: asyncio.Queue[CallEvent] = asyncio.Queue(maxsize)
+        # An inline observer has no queue (publish() calls it): None.
+        self.queue: asyncio.Queue[CallEvent] | None = None if inline else asyncio.Queue(maxsize)
         self.kinds = kinds  # the event types it takes (None: all)
         self.dropped = 0
         self.dropping = False
         self.task: asyncio.Task[None] | None = None
 
     async def deliver(self) -> None:
+        queue = self.queue
+        assert queue is not None  # publish() starts no task for an inline observer
         while True:
-            event = await self.queue.get()
+            event = await queue.get()
             try:
                 result = self.observer(event)
                 if inspect.isawaitable(result):
@@ -129,7 +133,7 @@ class Subscription:
             except Exception:
                 log.exception("call_observer_failed", observer=self.name)
             finally:
-                self.queue.task_done()
+                queue.task_done()
                 # Not kept while waiting for the next one: the last call's record (its ladder,
                 # a few hundred small objects) would stay alive until another call ended, made
                 # at the end of a burst and holding the allocator's arenas of the burst.
@@ -175,20 +179,24 @@ class EventBus:
                 except Exception:
                     log.exception("call_observer_failed", observer=sub.name)
                 continue
+            queue = sub.queue
+            assert queue is not None  # (inline observers are called above)
             if sub.task is None:
                 sub.task = asyncio.ensure_future(sub.deliver())
             try:
-                sub.queue.put_nowait(event)
+                queue.put_nowait(event)
                 sub.dropping = False
             except asyncio.QueueFull:
                 sub.dropped += 1
                 if not sub.dropping:
                     sub.dropping = True
-                    log.warning("call_event_dropped", observer=sub.name, queued=sub.queue.qsize())
+                    log.warning("call_event_dropped", observer=sub.name, queued=queue.qsize())
 
     async def flush(self) -> None:
         """Wait until every event published so far has been handed to its observer."""
-        await asyncio.gather(*(s.queue.join() for s in self._subscriptions if s.task))
+        await asyncio.gather(
+            *(s.queue.join() for s in self._subscriptions if s.task and s.queue is not None)
+        )
 
     async def close(self) -> None:
         """Flush, then stop the delivery tasks."""

@@ -421,9 +421,22 @@ class Ladder:
             if type(tail) is SipUri and tail.password is not None:
                 # never kept (first_line() would replace it when summarised anyway)
                 tail = dataclasses.replace(tail, password=REDACTED)
-        call_id, cseq, via, to, credentials = _fields(message)
+        # _fields() inline (a call less per message; the Call-ID read only when the leg's is
+        # not given): the same lookups through the keys.
+        headers = message.headers
+        keys = headers._keys or headers._lower_keys()
+        items = headers._items
         if leg_call_id is not None:
             call_id = leg_call_id
+        else:
+            call_id = items[keys.index("call-id")][1] if "call-id" in keys else ""
+        cseq = items[keys.index("cseq")][1] if "cseq" in keys else ""
+        via = items[keys.index("via")][1] if "via" in keys else ""
+        to = items[keys.index("to")][1] if type(message) is Response and "to" in keys else ""
+        if "authorization" not in keys and "proxy-authorization" not in keys:
+            credentials = ""
+        else:
+            credentials = _fields_by_scan(message)[4]
         where = (direction, local, leg, peer, credentials)
         where = shared(where) or _shared(where)
         cseq = shared(cseq) or _shared(cseq)

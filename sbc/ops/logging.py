@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import datetime
 import json.encoder
 import logging
@@ -159,38 +160,46 @@ class _JsonLine:
         encoder writes them, :func:`_context_json`) and ``rest`` (the line's own fields and
         the event, none of them a key of the context): the line :meth:`__call__` writes for
         the context followed by ``rest``, without encoding the context again. None when that
-        cannot be promised (a field asks for the general chain, context variables are bound,
-        the encoder refuses a value): the caller then takes :meth:`__call__`."""
+        cannot be promised (a field asks for the general chain, structlog's context variables
+        are set, the encoder refuses a value): the caller then takes :meth:`__call__`.
+        ``rest`` is not changed unless the line is written (the caller may take it again)."""
         if "exc_info" in rest or "stack_info" in rest or "_record" in rest:
             return None
-        size = len(rest)
-        merged = structlog.contextvars.merge_contextvars(logger, method_name, rest)
-        if len(merged) != size:  # they would go after the context's keys, unless already there
-            return None
+        # merge_contextvars adds structlog's context variables after the fields: a line
+        # with any of them takes the general chain (none are bound on a call's path; the
+        # loop over the context is what merge_contextvars does, without its call).
+        context = _copy_context()
+        for var in context:
+            if var.name.startswith(_CONTEXTVAR_PREFIX) and context[var] is not Ellipsis:
+                return None
         name = logger.name
-        if (
-            "logger" in merged
-            or "level" in merged
-            or "timestamp" in merged
-            or type(name) is not str
-        ):
+        if "logger" in rest or "level" in rest or "timestamp" in rest or type(name) is not str:
             # The stamps overwrite a field in its place: the encoder writes them there.
-            self._stamp(logger, method_name, merged)
+            rest = dict(rest)
+            self._stamp(logger, method_name, rest)
             tail = "}"
         else:
             # The stamps come last, as text the encoder would write for them (a timestamp
-            # is ASCII digits and punctuation, nothing to escape).
-            level = _LEVEL_NAMES.get(method_name, method_name)
-            tail = (
-                f', "logger": {_encode_string(name)}, "level": {_encode_string(level)}, '
-                f'"timestamp": "{self._timestamp()}"}}'
-            )
+            # is ASCII digits and punctuation, nothing to escape); the logger's name and the
+            # level as JSON are the same for every line of a logger: encoded once.
+            head = _TAILS.get((name, method_name))
+            if head is None:
+                head = _tail_of(name, method_name)
+            # _timestamp() inline (a call less per line).
+            second, fraction = divmod(time.time_ns() // 1000, 1_000_000)
+            known, stamp = self._second
+            if second != known:
+                stamp = self._second_text(second)
+            tail = f'{head}{stamp}.{fraction:06d}Z"}}' if fraction else f'{head}{stamp}Z"}}'
         try:
-            body = "".join(_new_encoder()(merged, 0))
+            # One encoder for all lines: without markers (no record of the containers being
+            # encoded) it keeps no state between calls, and a circular value, which the
+            # markers would refuse at once, fails here with RecursionError: the caller
+            # then takes the general chain, which refuses it as json.dumps() does.
+            body = "".join(_SHARED_ENCODER(rest, 0))
         except Exception:
             return None
-        body = body[:-1] + tail
-        return f"{{{prefix}, {body[1:]}" if prefix else body
+        return f"{{{prefix}, {body[1:-1]}{tail}" if prefix else f"{body[:-1]}{tail}"
 
     def _stamp(self, logger: Any, method_name: str, event_dict: Any) -> None:
         """add_logger_name, add_log_level and TimeStamper(fmt="iso", utc=True)."""
@@ -206,10 +215,15 @@ class _JsonLine:
         second, fraction = divmod(micros, 1_000_000)
         known, prefix = self._second
         if second != known:
-            moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
-            prefix = moment.replace(tzinfo=None).isoformat()
-            self._second = (second, prefix)
+            prefix = self._second_text(second)
         return f"{prefix}.{fraction:06d}Z" if fraction else f"{prefix}Z"
+
+    def _second_text(self, second: int) -> str:
+        """The date and time of day of the UNIX ``second``, remembered for its next lines."""
+        moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        text = moment.replace(tzinfo=None).isoformat()
+        self._second = (second, text)
+        return text
 
     def _slow(self, logger: Any, method_name: str, event_dict: Any) -> Any:
         for processor in self._general:
@@ -278,17 +292,21 @@ def _fast_method(name: str, general: Any) -> Any:
         if known is None or known[1] != len(context):
             known = self._sbc_context_json = (_context_json(context), len(context))
         prefix = known[0]
+        logger = self._logger
         if prefix is not None and (not kw or context.keys().isdisjoint(kw)):
-            rest = dict(kw)
-            rest["event"] = event
-            line = processors[0].after(prefix, self._logger, level, rest)
+            # kw is this call's own dict: the event goes last, as structlog adds it (and
+            # the general way below writes it in the same place).
+            kw["event"] = event
+            line = processors[0].after(prefix, logger, level, kw)
             if line is not None:
-                return getattr(self._logger, level)(line)
+                if type(logger) is _LineWriter:  # its msg(), without the call
+                    return logger._output.line(line)
+                return getattr(logger, level)(line)
         # As BoundLoggerBase._process_event builds it: the context, the fields, the event.
         event_dict = context.copy()
         event_dict.update(kw)
         event_dict["event"] = event
-        return getattr(self._logger, level)(processors[0](self._logger, level, event_dict))
+        return getattr(logger, level)(processors[0](logger, level, event_dict))
 
     fast.__name__ = name
     return fast
@@ -310,15 +328,42 @@ def _context_json(context: Any) -> str | None:
         if type(key) is not str or type(value) not in _PLAIN_TYPES:
             return None
     try:
-        return "".join(_new_encoder()(context, 0))[1:-1]
+        # Plain values only, so nothing circular: the shared encoder (no markers) will do.
+        return "".join(_SHARED_ENCODER(context, 0))[1:-1]
     except Exception:  # pragma: no cover - plain values always encode
         return None
+
+
+# What merge_contextvars merges: the context variables named with structlog's prefix.
+_CONTEXTVAR_PREFIX = structlog.contextvars.STRUCTLOG_KEY_PREFIX
+_copy_context = contextvars.copy_context
+
+# The text a line's stamps start with, by logger name and method name: ', "logger": NAME,
+# "level": LEVEL, "timestamp": "' (see _JsonLine.after). Bounded: a process has a few dozen.
+_TAILS: dict[tuple[str, str], str] = {}
+_TAILS_MAX = 1024
+
+
+def _tail_of(name: str, method_name: str) -> str:
+    level = _LEVEL_NAMES.get(method_name, method_name)
+    head = f', "logger": {_encode_string(name)}, "level": {_encode_string(level)}, "timestamp": "'
+    if len(_TAILS) < _TAILS_MAX:
+        _TAILS[name, method_name] = head
+    return head
 
 
 def _new_encoder() -> Any:
     # A new encoder per line: its record of the containers being encoded (for circular
     # references) must not be shared between threads.
     return _make_encoder({}, _json_fallback, _encode_string, None, ": ", ", ", False, False, True)
+
+
+# The encoder of _JsonLine.after(), shared by every line: no markers, so no state.
+_SHARED_ENCODER: Any = (
+    None
+    if _make_encoder is None
+    else _make_encoder(None, _json_fallback, _encode_string, None, ": ", ", ", False, False, True)
+)
 
 
 # structlog's filtering logger passes the chain the level's name (warn() logs "warning",

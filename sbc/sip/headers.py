@@ -109,12 +109,25 @@ _CANONICAL.update({short: long for short, long in COMPACT_FORMS.items()})
 _EXACT: dict[str, str] = {name: name for name in _CANONICAL_NAMES}
 
 
+# How many names canonical_name() added to _EXACT (bounded: names come from peers too).
+_LEARNED_MAX = 256
+_learned = 0
+
+
 def canonical_name(name: str) -> str:
     """The spelling a header is stored and written under (compact forms expanded)."""
     found = _EXACT.get(name)
     if found is not None:
         return found
-    return _CANONICAL.get(name.lower(), name)
+    canonical = _CANONICAL.get(name.lower(), name)
+    if canonical is name:
+        # A name that is its own spelling (an X- header sbc sends with every call): found
+        # by the first lookup from now on, a call less per field of every message built.
+        global _learned
+        if _learned < _LEARNED_MAX:
+            _learned += 1
+            _EXACT[name] = name
+    return canonical
 
 
 # Lookup keys (lower-cased canonical names) of the names callers ask for; bounded.

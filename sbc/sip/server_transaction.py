@@ -16,7 +16,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Protocol
 
-from sbc.sip.headers import Headers, canonical_name
+from sbc.sip.headers import _EXACT, Headers, canonical_name
 from sbc.sip.message import Request, Response, parse_address, reason_phrase
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
@@ -180,7 +180,7 @@ def build_response(
         if key not in keys:
             continue
         value = fields[keys.index(key)][1]
-        if key == "to" and to_tag is not None and status != 100 and request.to.tag is None:
+        if key == "to" and to_tag is not None and status != 100 and request.to_tag is None:
             # A To that has a tag (a request inside a dialog) is copied as it is: only the
             # To of a dialog-creating request, the same text call after call, is parsed here.
             to, text = _to_and_text(value)
@@ -192,8 +192,9 @@ def build_response(
         timestamp = src.get("Timestamp")
         if timestamp is not None:
             items.append(("Timestamp", timestamp))
+    exact = _EXACT.get  # canonical_name's first step inline: the names are nearly always so
     for name, value in headers:
-        items.append((canonical_name(name), value))
+        items.append((exact(name) or canonical_name(name), value))
     return Response(
         status,
         reason or reason_phrase(status),

@@ -27,7 +27,16 @@ from sbc.sip.errors import (
 )
 from sbc.sip.fields import is_token, parse_int_header, parse_via
 from sbc.sip.headers import Headers, split_list
-from sbc.sip.message import SIP_VERSION, Request, Response, parse_address_list
+from sbc.sip.message import (
+    SIP_VERSION,
+    Request,
+    Response,
+    _cseq,
+    _from,
+    _to,
+    _top_via,
+    parse_address_list,
+)
 from sbc.sip.uri import SipUri, is_wildcard_contact
 
 DEFAULT_SUPPORTED: frozenset[str] = frozenset({"replaces", "timer"})
@@ -125,25 +134,29 @@ def _check_common(
         raise error(f"missing {missing[0]}")
     if suspect:
         _check_single_values(lines, error)
+    # The accessors' memo filled through Headers.cached directly (what message.top_via,
+    # .from_, .to and .cseq do on a miss, the usual case here): a property call less each,
+    # four a message.
+    cached = message.headers.cached
     via_lines = lines["Via"]
     if len(via_lines) == 1 and "," not in via_lines[0]:
         if not via_lines[0].strip():
             raise error("empty Via")
-        _ = message.top_via  # parses the one Via (and remembers it)
+        cached("top_via", _top_via)  # parses the one Via (and remembers it)
     else:
         vias = message.headers.values("Via")
         if not vias:
             raise error("empty Via")
-        _ = message.top_via  # parses vias[0] (and remembers it)
+        cached("top_via", _top_via)  # parses vias[0] (and remembers it)
         for value in vias[1:]:
             parse_via(value)
-    _ = message.from_
-    _ = message.to
+    cached("from", _from)
+    cached("to", _to)
     call_id = lines["Call-ID"][0]
     # RFC 3261 §25.1: callid = word ["@" word]; no whitespace.
     if not call_id or len(call_id.split()) != 1:
         raise error("bad Call-ID")
-    _ = message.cseq
+    cached("cseq", _cseq)
     content_length = lines.get("Content-Length")
     if content_length is not None:
         parse_int_header(content_length[0], "Content-Length")

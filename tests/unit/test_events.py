@@ -90,9 +90,10 @@ async def test_an_inline_observer_gets_each_event_during_publish_as_a_queued_one
         if isinstance(event, CallRefused) and event.status == 500:
             raise RuntimeError("counter broke")
 
-    bus.subscribe(counting, inline=True)
+    counted = bus.subscribe(counting, inline=True)
     bus.subscribe(queued.append)
     bus.subscribe(ended_only.append, inline=True, kinds=(CallRefused,))
+    assert counted.queue is None  # an inline observer has no queue to hold
     events: list[CallEvent] = [
         CallStarted("u1"),
         CallRefused(500),

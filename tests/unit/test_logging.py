@@ -490,3 +490,57 @@ def test_a_context_changed_after_its_first_line_is_encoded_again(
         ["d", "e", "event", "request"],
     ]
     assert lines[0]["b"] == "two" and lines[4]["c"] == 3 and lines[6]["request"] == "r1"
+
+
+def test_the_stamps_text_per_logger_is_bounded_and_every_line_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The logger's name and level as JSON are kept per logger (round 6): past the bound, a
+    name is encoded at each line; either way the line is structlog's own."""
+    monkeypatch.setattr(time, "time_ns", lambda: 1_765_051_716_000_000_000)
+    monkeypatch.setattr(sbc_logging, "_TAILS_MAX", 3)
+    monkeypatch.setattr(sbc_logging, "_TAILS", {})
+    structlog.contextvars.clear_contextvars()  # (cleared: the lines take the fast way)
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    for n in range(6):
+        log = structlog.get_logger(f'sbc.n{n} "é"').bind(call_uuid=f"u{n}")
+        general: Any = type(log).__mro__[1]
+        for _ in range(2):
+            ours = _take(out, lambda log=log, n=n: log.warning("event", n=n))
+            want = _take(out, lambda log=log, g=general, n=n: g.warning(log, "event", n=n))
+            assert ours == want
+    assert len(sbc_logging._TAILS) == 3
+
+
+def test_a_circular_field_of_a_bound_logger_fails_as_json_dumps_does() -> None:
+    """The shared encoder of the bound logger's lines keeps no markers: a circular value goes
+    to the general chain, which refuses it as before, and the next line is written."""
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1")
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular reference"):
+        log.info("loop", value=circular)
+    log.info("after", value={"deep": [1, 2]})
+    (line,) = _lines(out)
+    assert line["value"] == {"deep": [1, 2]} and line["call_uuid"] == "u1"
+
+
+def test_a_line_under_a_context_variable_of_another_library_takes_the_fast_way() -> None:
+    """Only structlog's context variables send a line the general way; others are not its."""
+    import contextvars
+
+    other: contextvars.ContextVar[str] = contextvars.ContextVar("other_library")
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("sbc.test").bind(call_uuid="u1")
+
+    def write() -> None:
+        other.set("x")
+        log.info("event", n=1)
+
+    contextvars.copy_context().run(write)
+    (line,) = _lines(out)
+    assert list(line) == ["call_uuid", "n", "event", "logger", "level", "timestamp"]
