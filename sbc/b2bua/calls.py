@@ -637,7 +637,8 @@ class CallManager:
             return
         # Eleven messages a call: _local() and _now() inlined for their common case.
         ladder, role, far, leg_call_id = found
-        local = self._locals.get(peer.transport)
+        # (a named UDP socket's address, Retell's own, is _local()'s)
+        local = self._locals.get(peer.transport) if peer.local is None else None
         wall = self._wall
         ladder.note(
             direction,
@@ -652,11 +653,16 @@ class CallManager:
 
     def _local(self, peer: Destination) -> str:
         transport = peer.transport
-        local = self._locals.get(transport)
+        key = transport if peer.local is None else f"{transport}/{peer.local}"
+        local = self._locals.get(key)
         if local is None:
             config = self.engine.config
-            local = str(Destination(transport, config.via_host, config.via_port(transport)))
-            self._locals[transport] = local
+            port = config.via_port(transport)
+            if peer.local is not None:
+                named = self.engine.transports.udp_named_addresses.get(peer.local)
+                port = port if named is None else named[1]
+            local = str(Destination(transport, config.via_host, port))
+            self._locals[key] = local
         return local
 
     def _now(self) -> float:
