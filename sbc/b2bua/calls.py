@@ -230,7 +230,7 @@ class CallManager:
         self._ladder_legs: dict[str, tuple[Ladder, str, str, str]] = {}
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
-        self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
+        self._locals: dict[str, str] = {}  # sbc's address by transport or socket name
         # Calls in progress by the address their first INVITE came from, and that address by
         # call_uuid (max_calls_per_source); INVITEs refused for it.
         self.calls_by_source: dict[str, int] = {}
@@ -637,8 +637,8 @@ class CallManager:
             return
         # Eleven messages a call: _local() and _now() inlined for their common case.
         ladder, role, far, leg_call_id = found
-        # (a named UDP socket's address, Retell's own, is _local()'s)
-        local = self._locals.get(peer.transport) if peer.local is None else None
+        # Keyed by the socket's name for a named UDP socket (Retell's own), else the transport.
+        local = self._locals.get(peer.local or peer.transport)
         wall = self._wall
         ladder.note(
             direction,
@@ -653,7 +653,7 @@ class CallManager:
 
     def _local(self, peer: Destination) -> str:
         transport = peer.transport
-        key = transport if peer.local is None else f"{transport}/{peer.local}"
+        key = peer.local or transport
         local = self._locals.get(key)
         if local is None:
             config = self.engine.config

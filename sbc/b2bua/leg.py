@@ -66,6 +66,11 @@ for _role in Role:
 del _role
 
 
+# The name of the engine's UDP socket of each peer (TransportConfig.udp_sockets), by peer (a
+# lookup: Enum.value is a Python call per leg).
+_SOCKETS = {peer: peer.value for peer in Peer}
+
+
 class LegState(Enum):
     OFFERING = "offering"  # INVITE under way (sent, or received and not answered)
     EARLY = "early"  # a provisional response with a tag went or came
@@ -103,7 +108,7 @@ class Leg:
         # The engine's UDP socket named after the peer (`[retell] local_udp_port`): the
         # requests sbc sends on this leg over UDP leave from it when it is open, and their
         # responses are read from it, apart from the other peer's traffic at the SIP port.
-        self.socket = role.peer.value
+        self.socket = _SOCKETS[role.peer]
         self.call_id = call_id
         self.local_tag = local_tag
         self.engine = engine

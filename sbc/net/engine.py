@@ -393,7 +393,9 @@ class SipEngine:
         destinations = self._destinations_now(ack, target)
         if destinations is None:
             destinations = await self._destinations(ack, target)
-        dest = self._from_socket(destinations[0], local)
+        dest = destinations[0]
+        if local is not None and local in self.transports.udp_named_addresses:
+            dest = self._from_socket(dest, local)
         if "Via" not in ack.headers:
             via = self.make_via(dest.transport, dest.local)
             ack = _with_headers(ack, ack.headers.prepend("Via", via))
@@ -436,23 +438,20 @@ class SipEngine:
             log.exception("request_send_failed", call_id=handle.request.headers.get("Call-ID"))
             self._finish(handle, build_response(handle.request, 500, "Server Internal Error"))
 
-    def _from_socket(self, dest: Destination, local: str | None) -> Destination:
-        """``dest`` sent from the named UDP socket ``local`` when it goes over UDP and that
-        socket is open; else as it is (the SIP port's socket, or a stream)."""
-        if (
-            local is None
-            or dest.local is not None
-            or dest.transport != "udp"
-            or not self.transports.has_udp_socket(local)
-        ):
+    def _from_socket(self, dest: Destination, local: str) -> Destination:
+        """``dest`` sent from the named UDP socket ``local`` (open: the caller checked) when it
+        goes over UDP; else as it is (a stream, or a destination that names its socket)."""
+        if dest.local is not None or dest.transport != "udp":
             return dest
         return Destination(dest.transport, dest.host, dest.port, None, dest.server_name, local)
 
     def _attempt(self, handle: OutgoingRequest) -> None:
         """Send to the next destination; the caller checked that one is left."""
         dest = self._pending[handle].pop(0)
-        if handle.local is not None:
-            dest = self._from_socket(dest, handle.local)
+        local = handle.local
+        # (the name of a socket that is not open, "pbx" without one, costs no call)
+        if local is not None and local in self.transports.udp_named_addresses:
+            dest = self._from_socket(dest, local)
         request = handle.request
         if handle.owns_via:
             headers = request.headers

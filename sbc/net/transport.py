@@ -399,10 +399,6 @@ class Transports:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, self.config.udp_buffer_size)
 
-    def has_udp_socket(self, local: str) -> bool:
-        """Whether the named UDP socket ``local`` is open (requests may leave from it)."""
-        return local in self._udp_named
-
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
