@@ -446,8 +446,11 @@ class Service:
                     self.media.close,
                 )
                 self._started.append(self.media.close)
+            listeners = f"SIP listener on {settings.sip.bind}:{settings.sip.port}"
+            for _, port in self.engine.config.udp_sockets:
+                listeners += f" (and Retell's UDP socket on port {port})"
             await _starting(
-                f"SIP listener on {settings.sip.bind}:{settings.sip.port}",
+                listeners,
                 self.engine.start(),
                 self.engine.stop,
             )
