@@ -115,7 +115,7 @@ def test_sipp_socket_reads_the_address_sipp_was_started_on(load: ModuleType) -> 
 
 
 def test_retell_socket_option_writes_the_setting_only_for_udp_out(
-    load: ModuleType, tmp_path
+    load: ModuleType, tmp_path: Path
 ) -> None:
     # --retell-socket: sbc's config names Retell's own UDP port, which the service accepts;
     # over TCP out the key is left out (the socket would carry nothing).
