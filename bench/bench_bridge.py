@@ -216,25 +216,33 @@ class RetellUdp(asyncio.DatagramProtocol):
 
 
 def write_config(
-    workdir: Path, sip_port: int, pbx_port: int, retell_port: int, level: str, retell: str = "tcp"
+    workdir: Path,
+    sip_port: int,
+    pbx_port: int,
+    retell_port: int,
+    level: str,
+    retell: str = "tcp",
+    retell_socket: bool = False,
 ) -> Path:
     admin_port = free_port(SBC, udp_too=False)
     config = workdir / "sbc.toml"
-    config.write_text(
-        sbc_config(
-            sip_port,
-            pbx_port,
-            retell_port,
-            admin_port,
-            level,
-            records=workdir / "calls.sqlite3",
-            pbx=PBX,
-            bind=SBC,
-            retell=RETELL,
-            retell_transport=retell,
-            script="bench/bench_bridge.py",
-        )
+    text = sbc_config(
+        sip_port,
+        pbx_port,
+        retell_port,
+        admin_port,
+        level,
+        records=workdir / "calls.sqlite3",
+        pbx=PBX,
+        bind=SBC,
+        retell=RETELL,
+        retell_transport=retell,
+        script="bench/bench_bridge.py",
     )
+    if retell_socket:
+        # Retell's own UDP socket, on a port the kernel picks (retell.local_udp_port = 0).
+        text = text.replace("[retell]\n", "[retell]\nlocal_udp_port = 0\n", 1)
+    config.write_text(text)
     return config
 
 
@@ -246,6 +254,7 @@ async def run(
     profile: bool,
     log: TextIO,
     retell: str = "tcp",
+    retell_socket: bool = False,
 ) -> None:
     from sbc.ops.logging import configure_logging
     from sbc.ops.service import Service
@@ -257,7 +266,9 @@ async def run(
     pbx_port = free_port(PBX)
     retell_port = free_port(RETELL, udp_too=retell == "udp")
     with tempfile.TemporaryDirectory() as tmp:
-        config = write_config(Path(tmp), sip_port, pbx_port, retell_port, level, retell)
+        config = write_config(
+            Path(tmp), sip_port, pbx_port, retell_port, level, retell, retell_socket
+        )
         settings = load_settings(config)
         # As `sbc run` sets it up (lines batched per loop pass, where the checkout has that).
         batched = {"batched": True} if "batched" in signature(configure_logging).parameters else {}
@@ -266,9 +277,11 @@ async def run(
         await loop.create_datagram_endpoint(lambda: pbx, local_addr=(PBX, pbx_port))
         server: asyncio.Server | None = None
         retell_udp: asyncio.DatagramTransport | None = None
+        retell_protocol: RetellUdp | None = None
         if retell == "udp":
+            retell_protocol = RetellUdp(retell_port)
             retell_udp, _ = await loop.create_datagram_endpoint(
-                lambda: RetellUdp(retell_port), local_addr=(RETELL, retell_port)
+                lambda: retell_protocol, local_addr=(RETELL, retell_port)
             )
         else:
             server = await loop.create_server(lambda: Retell(retell_port), RETELL, retell_port)
@@ -329,6 +342,10 @@ async def run(
             if arms is not None:
                 arms = (service.engine.stats.timer_arms - arms) / (calls * repeat)
             transport_stats = service.engine.transports.stats
+            if retell_protocol is not None and retell_socket == (
+                retell_protocol.peer[1] == sip_port
+            ):
+                raise RuntimeError(f"Retell's requests came from {retell_protocol.peer}")
         finally:
             await service.stop()
             if server is not None:
@@ -389,12 +406,24 @@ def main() -> None:
     parser.add_argument(
         "--retell", default="tcp", choices=("tcp", "udp"), help="sbc's transport to Retell"
     )
+    parser.add_argument(
+        "--retell-socket",
+        action="store_true",
+        help="with --retell udp: sbc's requests to Retell leave from a UDP socket of their own",
+    )
     args = parser.parse_args()
     global PROFILE_OUT
     PROFILE_OUT = args.profile_out
     with open(os.devnull, "w") as log:  # written line by line, as to a log file
         coro = run(
-            args.calls, args.warmup, args.repeat, args.log_level, args.profile, log, args.retell
+            args.calls,
+            args.warmup,
+            args.repeat,
+            args.log_level,
+            args.profile,
+            log,
+            args.retell,
+            args.retell_socket,
         )
         if args.loop == "uvloop":
             import uvloop

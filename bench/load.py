@@ -399,6 +399,8 @@ class Options:
     log_level: str
     warmup: int
     udp_buffer: int | None = None  # sbc's sip.udp_buffer_size (None: its default)
+    # sbc's retell.local_udp_port when Retell is over UDP (None: unset, one socket for all)
+    retell_udp_port: int | None = None
 
 
 def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin: int,
@@ -419,6 +421,9 @@ def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin:
     )
     if options.udp_buffer is not None:
         config = config.replace("[sip]\n", f"[sip]\nudp_buffer_size = {options.udp_buffer}\n", 1)
+    if options.retell_udp_port is not None and options.sbc_out == "udp":
+        port = options.retell_udp_port
+        config = config.replace("[retell]\n", f"[retell]\nlocal_udp_port = {port}\n", 1)
     return config
 
 
@@ -433,6 +438,7 @@ class Bridge:
     admin_port: int | None
     answerer: Sipp
     in_transport: str
+    retell_socket: int | None = None  # sbc's own UDP port for Retell (--retell-socket)
 
     def calls_active(self) -> float | None:
         return self.metric("sbc_calls_active")
@@ -489,6 +495,9 @@ def start_bridge(
     )  # fmt: skip
     wait_listening(registrar.child, PBX, registrar_port, tcp=False)
     admin_port = free_port(B2BUA, udp_too=False)
+    if options.retell_udp_port is not None and options.sbc_out == "udp":
+        # A free port of its own each start (not 0): the step probe watches that socket too.
+        options = replace(options, retell_udp_port=free_port(B2BUA))
     config = workdir / "sbc.toml"
     config.write_text(
         sbc_config(workdir, sip_port, registrar_port, retell_port, admin_port, options)
@@ -501,7 +510,8 @@ def start_bridge(
         env=sbc_environment(options.repo),
     )
     wait_ready(process, admin_port, limit=30.0, host=B2BUA)
-    return Bridge(system, process, B2BUA, sip_port, admin_port, answerer, options.sbc_in)
+    return Bridge(system, process, B2BUA, sip_port, admin_port, answerer, options.sbc_in,
+                  options.retell_udp_port if options.sbc_out == "udp" else None)  # fmt: skip
 
 
 def place_calls(
@@ -679,6 +689,8 @@ def step_probe(bridge: Bridge, caller: Sipp, pid: int | None) -> StepProbe:
     if pid is not None:
         processes = {"b2bua": pid, **processes}
         sockets["b2bua"] = (bridge.host, bridge.sip_port)
+        if bridge.retell_socket is not None:
+            sockets["b2bua-retell"] = (bridge.host, bridge.retell_socket)
     for name, sipp in (("caller", caller), ("answerer", bridge.answerer)):
         address = sipp_socket(sipp)
         if address is not None:
@@ -1278,6 +1290,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(hold and memory use the first)")  # fmt: skip
     parser.add_argument("--udp-buffer", type=int, metavar="BYTES",
                         help="sbc's sip.udp_buffer_size (its default when not given)")  # fmt: skip
+    parser.add_argument("--retell-socket", action="store_true",
+                        help="with --sbc-out udp: sbc's requests to Retell leave from a UDP "
+                             "socket of their own (retell.local_udp_port)")  # fmt: skip
     parser.add_argument("--half-rate", action=argparse.BooleanOptionalAction, default=True,
                         help="after the ramp, run sbc (TCP out) at half its highest rate when "
                              "no step had that rate: the post-dial target's rate (on)")  # fmt: skip
@@ -1364,6 +1379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         warmup=args.warmup,
         udp_buffer=args.udp_buffer,
+        retell_udp_port=0 if args.retell_socket else None,
     )
 
     def _terminate(signum: int, frame: object) -> None:
@@ -1393,7 +1409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{info['sipp']}, load {' '.join(info['load_average'])}; sbc "
             f"{describe_checkout(REPO)} ({module}), in {args.sbc_in} out "
             f"{','.join(args.sbc_out)}, log {args.log_level}, UDP buffer "
-            f"{args.udp_buffer if args.udp_buffer is not None else 'default'}; "
+            f"{args.udp_buffer if args.udp_buffer is not None else 'default'}, Retell's own "
+            f"UDP socket {'on' if args.retell_socket else 'off'}; "
             f"Sippy {sippy or '-'}; "
             f"work dir {workdir}",
             flush=True,

@@ -241,7 +241,7 @@ class CallManager:
         self._ladder_legs: dict[str, tuple[Ladder, str, str, str]] = {}
         # An INVITE before its call: (message, its source, sbc's address, when).
         self._arriving: tuple[Request, Destination, str, float] | None = None
-        self._locals: dict[str, str] = {}  # sbc's address by transport, as ladders write it
+        self._locals: dict[str, str] = {}  # sbc's address by transport or socket name
         # Calls in progress by the address their first INVITE came from, and that address by
         # call_uuid (max_calls_per_source); INVITEs refused for it.
         self.calls_by_source: dict[str, int] = {}
@@ -653,7 +653,8 @@ class CallManager:
             return
         # Eleven messages a call: _local() and _now() inlined for their common case.
         ladder, role, far, leg_call_id = found
-        local = self._locals.get(peer.transport)
+        # Keyed by the socket's name for a named UDP socket (Retell's own), else the transport.
+        local = self._locals.get(peer.local or peer.transport)
         wall = self._wall
         ladder.note(
             direction,
@@ -668,11 +669,16 @@ class CallManager:
 
     def _local(self, peer: Destination) -> str:
         transport = peer.transport
-        local = self._locals.get(transport)
+        key = peer.local or transport
+        local = self._locals.get(key)
         if local is None:
             config = self.engine.config
-            local = str(Destination(transport, config.via_host, config.via_port(transport)))
-            self._locals[transport] = local
+            port = config.via_port(transport)
+            if peer.local is not None:
+                named = self.engine.transports.udp_named_addresses.get(peer.local)
+                port = port if named is None else named[1]
+            local = str(Destination(transport, config.via_host, port))
+            self._locals[key] = local
         return local
 
     def _now(self) -> float:

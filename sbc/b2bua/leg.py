@@ -66,6 +66,11 @@ for _role in Role:
 del _role
 
 
+# The name of the engine's UDP socket of each peer (TransportConfig.udp_sockets), by peer (a
+# lookup: Enum.value is a Python call per leg).
+_SOCKETS = {peer: peer.value for peer in Peer}
+
+
 class LegState(Enum):
     OFFERING = "offering"  # INVITE under way (sent, or received and not answered)
     EARLY = "early"  # a provisional response with a tag went or came
@@ -81,7 +86,8 @@ class Leg:
     __slots__ = (
         "__weakref__", "_auth", "_destination", "_log", "_parent_log", "_random", "_user_agent",
         "ack", "call_id", "dialog", "engine", "incoming", "invites_in_progress", "local",
-        "local_tag", "outgoing", "refreshed_at", "role", "sdp_sent", "state", "status", "timer",
+        "local_tag", "outgoing", "refreshed_at", "role", "sdp_sent", "socket", "state", "status",
+        "timer",
     )  # fmt: skip
 
     def __init__(
@@ -99,6 +105,10 @@ class Leg:
     ) -> None:
         self.role = role
         self.local = local
+        # The engine's UDP socket named after the peer (`[retell] local_udp_port`): the
+        # requests sbc sends on this leg over UDP leave from it when it is open, and their
+        # responses are read from it, apart from the other peer's traffic at the SIP port.
+        self.socket = _SOCKETS[role.peer]
         self.call_id = call_id
         self.local_tag = local_tag
         self.engine = engine
@@ -187,7 +197,7 @@ class Leg:
         INVITE transaction under way (what a CANCEL must name)."""
         request = invite
         for attempt in range(3):
-            self.outgoing = outgoing = self.engine.send_request(request)
+            self.outgoing = outgoing = self.engine.send_request(request, None, self.socket)
             async for response in outgoing:
                 if response.status < 200:
                     deliver(response)
@@ -207,7 +217,7 @@ class Leg:
         ``deliver`` from the engine's delivery (``OutgoingRequest.subscribe``), a challenge
         answered the same way. For a call's leg b, whose flow reads the responses as facts:
         no task, async iterator and future per response for each call."""
-        self.outgoing = outgoing = self.engine.send_request(invite)
+        self.outgoing = outgoing = self.engine.send_request(invite, None, self.socket)
         outgoing.subscribe(functools.partial(self._invite_response, invite, deliver, 0))
 
     def _invite_response(
@@ -232,7 +242,7 @@ class Leg:
             else:
                 if retry is not None:
                     self.log.info("invite_challenged", status=response.status)
-                    self.outgoing = outgoing = self.engine.send_request(retry)
+                    self.outgoing = outgoing = self.engine.send_request(retry, None, self.socket)
                     outgoing.subscribe(
                         functools.partial(self._invite_response, retry, deliver, attempt + 1)
                     )
@@ -266,7 +276,7 @@ class Leg:
         """ACK the 2xx ``response``; ``body`` is the answer when the 2xx held the offer."""
         headers: HeaderList = (("Content-Type", "application/sdp"),) if body else ()
         ack = self.in_dialog("ACK", cseq=response.cseq.seq, headers=headers, body=body)
-        self.ack = await self.engine.send_ack(ack)
+        self.ack = await self.engine.send_ack(ack, None, self.socket)
 
     async def answered_as_uac(self, response: Response) -> None:
         """A 2xx to the leg's INVITE: confirm the dialog and ACK it."""
@@ -280,14 +290,14 @@ class Leg:
     async def ack_again(self, response: Response) -> None:
         """RFC 3261 §13.2.2.4: a retransmitted 2xx is ACKed again with the same ACK."""
         if self.ack is not None and 200 <= response.status < 300:
-            await self.engine.send_ack(self.ack)
+            await self.engine.send_ack(self.ack, None, self.socket)
 
     # -- requests sbc sends in the dialog ------------------------------------------------------
     def in_dialog(
         self, method: str, *, cseq: int | None = None, headers: HeaderList = (), body: bytes = b""
     ) -> Request:
         assert self.dialog is not None
-        via = _via_of(self.engine.make_via(self.local.transport))
+        via = _via_of(self.engine.make_via(self.local.transport, self.socket))
         branch = new_branch(self._random(12))
         if self._user_agent:
             headers = (*headers, ("User-Agent", self._user_agent))
@@ -304,7 +314,7 @@ class Leg:
         self.invites_in_progress += invite
         try:
             for _ in range(3):
-                response = await self.engine.send_request(request)
+                response = await self.engine.send_request(request, None, self.socket)
                 if response.status not in (401, 407) or self._auth is None:
                     break
                 retry = self._authorized(response, request)

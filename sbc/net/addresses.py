@@ -31,6 +31,8 @@ class Destination:
 
     ``connection_id`` names the stream connection a request arrived on; responses go back over it
     (RFC 3261 §18.2.2). ``server_name`` is the host name a TLS certificate is checked against.
+    ``local`` names the UDP socket of sbc's own that a datagram arrived on or leaves from
+    (``TransportConfig.udp_sockets``); None: the SIP port's socket.
     """
 
     transport: str
@@ -38,6 +40,7 @@ class Destination:
     port: int
     connection_id: int | None = None
     server_name: str | None = None
+    local: str | None = None
 
     @property
     def reliable(self) -> bool:
@@ -111,6 +114,10 @@ class TransportConfig:
     max_message_size: int = 16384
     parse_limits: ParseLimits = DEFAULT_LIMITS  # header lines, Via entries, Request-URI length
     udp_buffer_size: int = 2 * 1024 * 1024  # SO_RCVBUF/SO_SNDBUF; bursts drop less (kernel caps)
+    # Further UDP sockets by name, each (name, port; 0: the kernel picks one), bound to `bind`:
+    # requests sent with that name (``SipEngine.send_request(local=...)``) leave from it, their
+    # Via names it, and so their responses are read from it, apart from the SIP port's queue.
+    udp_sockets: tuple[tuple[str, int], ...] = ()
     read_timeout: float = 10.0
     max_connections: int = 1024
     max_connections_per_ip: int = 64

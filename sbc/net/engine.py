@@ -202,8 +202,9 @@ class SipEngine:
         self._timer_at: float | None = None
         self._pumping = False
         self._pump_again = False
-        # make_via's text before the branch, by transport, for self._via_config.
-        self._via_prefixes: dict[str, tuple[str, Via | None]] = {}
+        # make_via's text before the branch, by transport (by (transport, socket name) for a
+        # named UDP socket), for self._via_config.
+        self._via_prefixes: dict[object, tuple[str, Via | None]] = {}
         self._via_config: TransportConfig | None = None
         self._clients: dict[str, OutgoingRequest] = {}
         # Client transactions past their final response (up to Timer M/K), by key: only where
@@ -240,6 +241,7 @@ class SipEngine:
             udp=self.transports.udp_address,
             tcp=self.transports.tcp_address,
             tls=self.transports.tls_address,
+            udp_named=self.transports.udp_named_addresses or None,
         )
 
     async def stop(self) -> None:
@@ -294,15 +296,19 @@ class SipEngine:
         return self._loop.time()
 
     # -- client side ---------------------------------------------------------------------------
-    def make_via(self, transport: str) -> str:
-        """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581)."""
+    def make_via(self, transport: str, local: str | None = None) -> str:
+        """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581).
+
+        ``local``: the named UDP socket the request will leave from (``send_request``'s
+        ``local``), whose port the Via then names; ignored for other transports and for a
+        name with no open socket (the SIP port's Via)."""
         # The text alone (a leg's in-dialog requests): no parsed Via made to be dropped.
-        prefix = self._via_prefix(transport)[0]
+        prefix = self._via_prefix(transport, local)[0]
         return f"{prefix}{BRANCH_COOKIE}{os.urandom(12).hex()};rport"
 
-    def _new_via(self, transport: str) -> tuple[str, Via | None]:
+    def _new_via(self, transport: str, local: str | None = None) -> tuple[str, Via | None]:
         """make_via's text and, when known, what parsing it gives (not parsed per request)."""
-        prefix, shape = self._via_prefix(transport)
+        prefix, shape = self._via_prefix(transport, local)
         # make_branch(new_branch(...)) without its two Python frames: the same text.
         branch = f"{BRANCH_COOKIE}{os.urandom(12).hex()}"
         text = f"{prefix}{branch};rport"
@@ -310,18 +316,25 @@ class SipEngine:
             return text, None
         return text, Via(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
 
-    def _via_prefix(self, transport: str) -> tuple[str, Via | None]:
+    def _via_prefix(self, transport: str, local: str | None = None) -> tuple[str, Via | None]:
         """The Via of ``transport`` up to its branch, and a Via of its shape (None when the
         parser refuses the advertised address)."""
         config = self.config
         if self._via_config is not config:
             self._via_prefixes = {}
             self._via_config = config
-        known = self._via_prefixes.get(transport)
+        named = None
+        key: object = transport
+        if local is not None and transport == "udp":
+            named = self.transports.udp_named_addresses.get(local)
+            if named is not None:
+                key = (transport, local)
+        known = self._via_prefixes.get(key)
         if known is None:
             # Once per transport: the advertised address and port do not change per request,
-            # so neither does the Via but for its branch.
-            port = config.via_port(transport)
+            # so neither does the Via but for its branch. A named socket's Via names its own
+            # port: the responses come back to it (RFC 3261 §18.2.2, RFC 3581).
+            port = config.via_port(transport) if named is None else named[1]
             prefix = f"SIP/2.0/{VIA_TRANSPORT[transport]} {config.via_host}:{port};branch="
             shape: Via | None
             try:
@@ -331,10 +344,12 @@ class SipEngine:
             if shape is not None and shape.params != (("branch", f"{BRANCH_COOKIE}0"), _RPORT):
                 shape = None  # (not reached) then each request's Via is parsed when read
             known = (prefix, shape)
-            self._via_prefixes[transport] = known
+            self._via_prefixes[key] = known
         return known
 
-    def send_request(self, request: Request, target: RequestTarget = None) -> OutgoingRequest:
+    def send_request(
+        self, request: Request, target: RequestTarget = None, local: str | None = None
+    ) -> OutgoingRequest:
         """Start a client transaction for ``request``; returns its handle at once.
 
         ``target`` is a Destination (no DNS), a SIP URI (object or text) resolved per RFC 3263,
@@ -342,9 +357,16 @@ class SipEngine:
         RFC 3261 §8.1.2). A request without Via gets one from :meth:`make_via` for each
         attempt, so the engine may fail over to the next destination with a new branch; a
         request that already carries a Via (a CANCEL) is sent as it is, to one destination.
+
+        ``local`` names the UDP socket (``TransportConfig.udp_sockets``) that the request
+        leaves from when it goes over UDP, and that its Via names (a request with its own Via
+        must have it from ``make_via(transport, local)``); a name with no open socket, or
+        another transport, leaves it to the SIP port's socket.
         """
         owns_via = "Via" not in request.headers
         handle = OutgoingRequest(request, target, owns_via)
+        if local is not None:
+            handle.local = local
         self._pending[handle] = []
         destinations = self._destinations_now(request, target)
         if destinations is None:
@@ -359,18 +381,23 @@ class SipEngine:
         cancel = build_cancel(invite.request)
         return self.send_request(cancel, invite.destination)
 
-    async def send_ack(self, ack: Request, target: RequestTarget = None) -> Request:
+    async def send_ack(
+        self, ack: Request, target: RequestTarget = None, local: str | None = None
+    ) -> Request:
         """Send an ACK for a 2xx statelessly (RFC 3261 §13.2.2.4); returns it as sent.
 
-        Send the returned ACK again (same Via) for each retransmitted 2xx.
+        Send the returned ACK again (same Via) for each retransmitted 2xx. ``local``: as for
+        :meth:`send_request`.
         """
         # No coroutine when no lookup is needed (an ACK goes where its INVITE went).
         destinations = self._destinations_now(ack, target)
         if destinations is None:
             destinations = await self._destinations(ack, target)
         dest = destinations[0]
+        if local is not None and local in self.transports.udp_named_addresses:
+            dest = self._from_socket(dest, local)
         if "Via" not in ack.headers:
-            via = self.make_via(dest.transport)
+            via = self.make_via(dest.transport, dest.local)
             ack = _with_headers(ack, ack.headers.prepend("Via", via))
         self.layer.send_stateless(ack, dest=dest)
         self._pump()
@@ -411,15 +438,26 @@ class SipEngine:
             log.exception("request_send_failed", call_id=handle.request.headers.get("Call-ID"))
             self._finish(handle, build_response(handle.request, 500, "Server Internal Error"))
 
+    def _from_socket(self, dest: Destination, local: str) -> Destination:
+        """``dest`` sent from the named UDP socket ``local`` (open: the caller checked) when it
+        goes over UDP; else as it is (a stream, or a destination that names its socket)."""
+        if dest.local is not None or dest.transport != "udp":
+            return dest
+        return Destination(dest.transport, dest.host, dest.port, None, dest.server_name, local)
+
     def _attempt(self, handle: OutgoingRequest) -> None:
         """Send to the next destination; the caller checked that one is left."""
         dest = self._pending[handle].pop(0)
+        local = handle.local
+        # (the name of a socket that is not open, "pbx" without one, costs no call)
+        if local is not None and local in self.transports.udp_named_addresses:
+            dest = self._from_socket(dest, local)
         request = handle.request
         if handle.owns_via:
             headers = request.headers
             if handle.attempts:
                 headers = headers.remove_first("Via")
-            text, via = self._new_via(dest.transport)
+            text, via = self._new_via(dest.transport, dest.local)
             headers = headers.prepend("Via", text)
             if via is not None:
                 # The layer and the branch table read the top Via: it need not be parsed.
@@ -987,7 +1025,9 @@ class SipEngine:
         literal = ip_literal(host)
         if literal is None:
             return source
-        return Destination(source.transport, literal, port)
+        # From the socket the request came in on (a named UDP socket's requests are answered
+        # from it: the peer's transaction matches the answer by where it sent the request).
+        return Destination(source.transport, literal, port, None, None, source.local)
 
     def _dispatch(self, event: object) -> None:
         # The two events of nearly every message first, by exact type (the layer's own

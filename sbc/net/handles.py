@@ -138,6 +138,8 @@ class OutgoingRequest:
         self.final: Response | None = None
         self.attempts = 0
         self.owns_via = owns_via
+        # The named UDP socket to send from (SipEngine.send_request's ``local``).
+        self.local: str | None = None
         self.local_failure: str | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self._sent = asyncio.get_running_loop().create_future()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import socket
@@ -74,10 +75,14 @@ class TransportStats:
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: Transports) -> None:
+    def __init__(self, owner: Transports, local: str | None = None) -> None:
         self._owner = owner
-        # The loop calls the owner's handler itself: one Python frame less per datagram.
-        self.datagram_received = owner._datagram_received  # type: ignore[method-assign]
+        # The loop calls the owner's handler itself: one Python frame less per datagram. A
+        # named socket's datagrams carry its name in their source (responses leave from it).
+        handler = owner._datagram_received
+        if local is not None:
+            handler = functools.partial(handler, local=local)
+        self.datagram_received = handler  # type: ignore[method-assign]
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self._owner._datagram_received(data, addr)  # replaced per instance in __init__
@@ -316,6 +321,9 @@ class Transports:
         self._on_send_failure = on_send_failure
         self._ids = itertools.count(1)
         self._udp: asyncio.DatagramTransport | None = None
+        # The named UDP sockets (config.udp_sockets) once open, and their bound addresses.
+        self._udp_named: dict[str, asyncio.DatagramTransport] = {}
+        self.udp_named_addresses: dict[str, tuple[str, int]] = {}
         self._servers: list[asyncio.Server] = []
         self._by_id: dict[int, StreamConnection] = {}
         self._by_address: dict[tuple[str, str, int], StreamConnection] = {}
@@ -349,12 +357,15 @@ class Transports:
             )
             self._udp = udp
             self.udp_address = udp.get_extra_info("sockname")[:2]
-            sock = udp.get_extra_info("socket")
-            if sock is not None and cfg.udp_buffer_size:
-                # A burst larger than the default buffer (about 200 KiB) is silently dropped.
-                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                    with contextlib.suppress(OSError):
-                        sock.setsockopt(socket.SOL_SOCKET, option, cfg.udp_buffer_size)
+            self._size_buffers(udp)
+            for name, port in cfg.udp_sockets:
+                named, _ = await loop.create_datagram_endpoint(
+                    lambda name=name: _UdpProtocol(self, name),  # type: ignore[misc]
+                    local_addr=(cfg.bind, port),
+                )
+                self._udp_named[name] = named
+                self.udp_named_addresses[name] = named.get_extra_info("sockname")[:2]
+                self._size_buffers(named)
         if cfg.tcp:
             server = await loop.create_server(
                 lambda: StreamConnection(self, "tcp", outbound=False),
@@ -380,6 +391,14 @@ class Transports:
             self._servers.append(server)
             self.tls_address = server.sockets[0].getsockname()[:2]
 
+    def _size_buffers(self, udp: asyncio.DatagramTransport) -> None:
+        sock = udp.get_extra_info("socket")
+        if sock is not None and self.config.udp_buffer_size:
+            # A burst larger than the default buffer (about 200 KiB) is silently dropped.
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, self.config.udp_buffer_size)
+
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
@@ -398,6 +417,10 @@ class Transports:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
+        for named in self._udp_named.values():
+            named.close()
+        self._udp_named.clear()
+        self.udp_named_addresses.clear()
         # Let the transports deliver connection_lost before the loop goes away.
         await asyncio.sleep(0)
 
@@ -459,7 +482,9 @@ class Transports:
         return len(self._by_id)
 
     # -- receiving --------------------------------------------------------------------------
-    def _datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+    def _datagram_received(
+        self, data: bytes, addr: tuple[Any, ...], local: str | None = None
+    ) -> None:
         self.stats.datagrams_received += 1
         admit = self.admit_datagram
         if admit is not None and not admit(addr[0]):
@@ -480,12 +505,14 @@ class Transports:
             self.stats.datagrams_dropped += 1
             log.debug("datagram_dropped", peer=addr[:2], detail=exc.detail)
             return
-        source = self._udp_sources.get(addr)
+        # A named socket's sources are kept apart: the same peer is another Destination there.
+        key = addr if local is None else (local, addr)
+        source = self._udp_sources.get(key)
         if source is None:
-            source = Destination("udp", str(addr[0]), int(addr[1]))
+            source = Destination("udp", str(addr[0]), int(addr[1]), None, None, local)
             if len(self._udp_sources) >= _UDP_SOURCES_LIMIT:
                 self._udp_sources.clear()
-            self._udp_sources[addr] = source
+            self._udp_sources[key] = source
         if len(data) > self.config.max_message_size:
             # Same limit as on streams; a request is answered 513 by the engine.
             self.stats.oversized += 1
@@ -502,10 +529,11 @@ class Transports:
         then any open connection to the same transport, address and port (RFC 3261 §18.1.1).
         """
         if dest.transport == "udp":
-            if self._udp is None:
+            udp = self._udp if dest.local is None else self._udp_named.get(dest.local)
+            if udp is None:
                 self._on_send_failure(dest, [message], "udp disabled")
                 return
-            self._udp.sendto(serialize(message), (dest.host, dest.port))
+            udp.sendto(serialize(message), (dest.host, dest.port))
             self.stats.messages_sent += 1
             return
         conn = None
@@ -531,9 +559,10 @@ class Transports:
         """Write bytes that are not a SIP message (a CRLF keep-alive, RFC 5626 §4.4.1) to
         ``dest`` over UDP or an open connection; never opens one. False when nothing was sent."""
         if dest.transport == "udp":
-            if self._udp is None:
+            udp = self._udp if dest.local is None else self._udp_named.get(dest.local)
+            if udp is None:
                 return False
-            self._udp.sendto(data, (dest.host, dest.port))
+            udp.sendto(data, (dest.host, dest.port))
             return True
         conn = self.connection(dest.connection_id) if dest.connection_id is not None else None
         if conn is None:

@@ -171,11 +171,21 @@ def transport_config(settings: Settings, advertised: str | None = None) -> Trans
         max_transactions_per_source=sip.max_transactions_per_source,
         large_requests_over_tcp=sip.large_requests_over_tcp,
         udp_buffer_size=sip.udp_buffer_size,
+        udp_sockets=retell_udp_sockets(settings),
         t1=sip.t1,
         t2=sip.t2,
         t4=sip.t4,
         user_agent=sip.user_agent,
     )
+
+
+def retell_udp_sockets(settings: Settings) -> tuple[tuple[str, int], ...]:
+    """Retell's own UDP socket (``retell.local_udp_port``), named as the legs toward Retell
+    ask for it (``Leg.socket``): only when Retell is reached over UDP."""
+    retell = settings.retell
+    if retell.transport != "udp" or retell.local_udp_port is None:
+        return ()
+    return (("retell", retell.local_udp_port),)
 
 
 def _transport_params(transport: str) -> tuple[tuple[str, str | None], ...]:
@@ -436,8 +446,11 @@ class Service:
                     self.media.close,
                 )
                 self._started.append(self.media.close)
+            listeners = f"SIP listener on {settings.sip.bind}:{settings.sip.port}"
+            for _, port in self.engine.config.udp_sockets:
+                listeners += f" (and Retell's UDP socket on port {port})"
             await _starting(
-                f"SIP listener on {settings.sip.bind}:{settings.sip.port}",
+                listeners,
                 self.engine.start(),
                 self.engine.stop,
             )

@@ -350,6 +350,11 @@ class RetellSettings(_Section):
     auth_username: str | None = None  # digest credentials Retell uses toward sbc, if set
     auth_password: Secret | None = None
     answer_timeout: Seconds = 90.0  # keep the PBX leg ringing this long at most
+    # With transport = "udp": the local UDP port sbc's requests to Retell leave from (their Via
+    # names it, so Retell's responses come back to it, read apart from 3CX's requests at
+    # sip.port); 0: a port the kernel picks. None: from sip.port, as every other message.
+    # Contacts still name sip.port: Retell's own requests keep arriving there.
+    local_udp_port: int | None = Field(default=None, ge=0, le=65535)
 
     @field_validator("auth_password")
     @classmethod
@@ -886,6 +891,17 @@ class Settings(BaseSettings):
                     )
         if problems:
             raise ValueError("\n".join(problems))  # one line each (see _lines)
+        return self
+
+    @model_validator(mode="after")
+    def _retell_port_apart(self) -> Settings:
+        """Retell's UDP socket cannot share the SIP port (the bind would fail at start)."""
+        port = self.retell.local_udp_port
+        if port and port in (self.sip.port, self.sip.tls_port):
+            raise ValueError(
+                f"retell.local_udp_port: {port} is sip.port or sip.tls_port; "
+                "pick another port, or 0 for one the kernel picks"
+            )
         return self
 
     def effective_routes(self) -> tuple[Route, ...]:

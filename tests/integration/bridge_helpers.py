@@ -193,12 +193,15 @@ async def running_bridge(
     timers: tuple[float, float, float] = (0.25, 2.0, 5.0),
     records: RecordsSettings | None = None,
     security: SecuritySettings | None = None,
+    retell_transport: str = "tcp",
+    retell_udp_port: int | None = None,
 ) -> AsyncIterator[Bridge]:
     """SIPp registrar for 3CX, then sbc registered with it; both stopped at the end.
 
     ``timers`` are sip.t1, t2 and t4; ``retell_auth`` retell.auth_username and auth_password;
     ``records`` the call records' settings (default: calls.sqlite3 in ``workdir``);
-    ``security`` the edge guard's (default: untrusted sources dropped unanswered).
+    ``security`` the edge guard's (default: untrusted sources dropped unanswered);
+    ``retell_transport`` and ``retell_udp_port`` retell.transport and retell.local_udp_port.
     """
     registrar_port = free_port(PBX)
     registrar = await start_sipp(
@@ -222,7 +225,8 @@ async def running_bridge(
         retell=RetellSettings(
             host=RETELL,
             port=retell_port,
-            transport="tcp",
+            transport=retell_transport,  # type: ignore[arg-type]
+            local_udp_port=retell_udp_port,
             number=RETELL_NUMBER,
             answer_timeout=answer_timeout,
             auth_username=auth_username,
@@ -275,14 +279,20 @@ async def pbx_call(
 
 
 async def retell(
-    workdir: Path, bridge: Bridge, scenario: str, *, calls: int = 1, extra: Sequence[str] = ()
+    workdir: Path,
+    bridge: Bridge,
+    scenario: str,
+    *,
+    calls: int = 1,
+    extra: Sequence[str] = (),
+    transport: str = "t1",
 ) -> Sipp:
     sipp = await start_sipp(
         scenario,
         workdir=workdir,
         local_ip=RETELL,
         port=bridge.retell_port,
-        transport="t1",
+        transport=transport,
         calls=calls,
         extra=extra,
     )

@@ -146,11 +146,13 @@ class FakeEngine:
         """Loop times at which ``what`` (e.g. ``"BYE"``, ``"to-pbx 200"``) was sent."""
         return [t for t, w in self.timeline if w == what]
 
-    def make_via(self, transport: str) -> str:
+    def make_via(self, transport: str, local: str | None = None) -> str:
         self._branch += 1
         return f"SIP/2.0/{transport.upper()} 10.0.0.5:5060;branch=z9hG4bKf{self._branch};rport"
 
-    def send_request(self, request: Request, target: object = None) -> FakeHandle:
+    def send_request(
+        self, request: Request, target: object = None, local: str | None = None
+    ) -> FakeHandle:
         if "Via" not in request.headers:
             request = dataclasses.replace(
                 request, headers=request.headers.prepend("Via", self.make_via("tcp"))
@@ -165,7 +167,9 @@ class FakeEngine:
         self._note("CANCEL")
         return FakeHandle(handle.request)
 
-    async def send_ack(self, ack: Request, target: object = None) -> Request:
+    async def send_ack(
+        self, ack: Request, target: object = None, local: str | None = None
+    ) -> Request:
         self.acks.append(ack)
         self._note("ACK")
         return ack

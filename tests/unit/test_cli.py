@@ -390,3 +390,34 @@ def test_config_show_of_a_bad_file_prints_the_problems(tmp_path, capsys):
     assert cli.main(["config", "show", "--config", str(path)]) == cli.EXIT_CONFIG
     captured = capsys.readouterr()
     assert captured.out == "" and "pbx.host: required" in captured.err
+
+
+def test_run_whose_retell_socket_port_is_taken_says_so_and_frees_the_sip_port(tmp_path, capsys):
+    # Retell's own UDP socket opens after the SIP port: its failure names it, and the SIP
+    # port bound just before is released (a second start on it works).
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            sip_port = probe.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as admin:
+            admin.bind(("127.0.0.1", 0))
+            admin_port = admin.getsockname()[1]
+        path = tmp_path / "taken.toml"
+        path.write_text(
+            GOOD.replace('"pbx.example.com"', '"127.0.0.1"').replace(
+                "[retell]\n", f'[retell]\ntransport = "udp"\nlocal_udp_port = {busy}\n', 1
+            )
+            + f'[sip]\nbind = "127.0.0.1"\nport = {sip_port}\n'
+            + f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+            + '[media]\nmode = "passthrough"\n'
+        )
+        assert cli.main(["run", "--config", str(path)]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "sbc_start_failed" in line]
+    assert f"Retell's UDP socket on port {busy}" in line
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind(("127.0.0.1", sip_port))  # released by the failed start

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.scripts import bench_script
+from tests.scripts import ROOT, bench_script
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,23 @@ def test_sipp_socket_reads_the_address_sipp_was_started_on(load: ModuleType) -> 
     assert load.sipp_socket(Sipp()) == ("127.0.0.83", 5070)
     Proc.args = ["sipp"]
     assert load.sipp_socket(Sipp()) is None
+
+
+def test_retell_socket_option_writes_the_setting_only_for_udp_out(
+    load: ModuleType, tmp_path: Path
+) -> None:
+    # --retell-socket: sbc's config names Retell's own UDP port, which the service accepts;
+    # over TCP out the key is left out (the socket would carry nothing).
+    from sbc.ops.settings import load_settings
+
+    options = load.Options(
+        python=sys.executable, repo=ROOT, sippy=None, sbc_in="u1", sbc_out="udp",
+        log_level="info", warmup=0, retell_udp_port=5099,
+    )  # fmt: skip
+    text = load.sbc_config(tmp_path, 5070, 5071, 5072, 5073, options)
+    path = tmp_path / "sbc.toml"
+    path.write_text(text)
+    settings = load_settings(path, {"SBC_PBX__PASSWORD": "x"})
+    assert (settings.retell.transport, settings.retell.local_udp_port) == ("udp", 5099)
+    tcp = load.sbc_config(tmp_path, 5070, 5071, 5072, 5073, load.replace(options, sbc_out="tcp"))
+    assert "local_udp_port" not in tcp

@@ -347,6 +347,19 @@ def test_transport_config_maps_the_limits() -> None:
     assert service.bridge_config(s).max_calls_per_source == 3
 
 
+def test_retell_udp_socket_only_with_the_port_set_and_retell_over_udp() -> None:
+    # Unset (the default): one UDP socket for everything, as before.
+    assert service.transport_config(settings(retell={"transport": "udp"})).udp_sockets == ()
+    # Set, but Retell over TCP: nothing would leave from it, so it is not opened.
+    tcp = settings(retell={"transport": "tcp", "local_udp_port": 5062})
+    assert service.transport_config(tcp).udp_sockets == ()
+    udp = settings(retell={"transport": "udp", "local_udp_port": 5062})
+    # Named as the legs toward Retell ask for it (Leg.socket is the peer's name).
+    assert service.transport_config(udp).udp_sockets == (("retell", 5062),)
+    ephemeral = settings(retell={"transport": "udp", "local_udp_port": 0})
+    assert service.transport_config(ephemeral).udp_sockets == (("retell", 0),)
+
+
 async def test_calls_per_source_capped_with_503_and_counted_back_to_zero() -> None:
     media = SlowPorts()
     bridge, engine, metrics = manager(media, max_calls_per_source=1, retry_after=20)

@@ -325,6 +325,8 @@ def test_secret_not_echoed_in_problems(write):
         ),
         ({"retell": {"auth_username": "u"}}, "retell.auth_password: required when retell.auth_"),
         ({"retell": {"auth_password": "p"}}, "retell.auth_password: set retell.auth_username"),
+        ({"retell": {"local_udp_port": 5060}}, "retell.local_udp_port: 5060 is sip.port or"),
+        ({"retell": {"local_udp_port": 70000}}, "retell.local_udp_port: input should be less"),
         ({"calls": {"country_code": "+1"}}, "calls.country_code: string should match pattern"),
         (
             {"calls": {"passthrough_x_headers": ["Foo"]}},
