@@ -183,7 +183,17 @@ def retell_udp_sockets(settings: Settings) -> tuple[tuple[str, int], ...]:
     """Retell's own UDP socket (``retell.local_udp_port``), named as the legs toward Retell
     ask for it (``Leg.socket``): only when Retell is reached over UDP."""
     retell = settings.retell
-    if retell.transport != "udp" or retell.local_udp_port is None:
+    if retell.local_udp_port is None:
+        return ()
+    if retell.transport != "udp":
+        # Nothing would leave from it: said once at start, so a port the operator set for
+        # nothing is not mistaken for one in use (a firewall rule for it, say).
+        log.warning(
+            "retell_local_udp_port_unused",
+            port=retell.local_udp_port,
+            transport=retell.transport,
+            detail='only with retell.transport = "udp"',
+        )
         return ()
     return (("retell", retell.local_udp_port),)
 

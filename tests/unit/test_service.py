@@ -8,6 +8,7 @@ import ipaddress
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from sbc.b2bua.calls import CallManager
 from sbc.b2bua.numbers import normalise
@@ -352,10 +353,17 @@ def test_retell_udp_socket_only_with_the_port_set_and_retell_over_udp() -> None:
     assert service.transport_config(settings(retell={"transport": "udp"})).udp_sockets == ()
     # Set, but Retell over TCP: nothing would leave from it, so it is not opened.
     tcp = settings(retell={"transport": "tcp", "local_udp_port": 5062})
-    assert service.transport_config(tcp).udp_sockets == ()
+    with structlog.testing.capture_logs() as logs:
+        assert service.transport_config(tcp).udp_sockets == ()
+    # ... and the operator is told the port is set for nothing.
+    assert [(e["event"], e["port"], e["transport"]) for e in logs] == [
+        ("retell_local_udp_port_unused", 5062, "tcp")
+    ]
     udp = settings(retell={"transport": "udp", "local_udp_port": 5062})
     # Named as the legs toward Retell ask for it (Leg.socket is the peer's name).
-    assert service.transport_config(udp).udp_sockets == (("retell", 5062),)
+    with structlog.testing.capture_logs() as logs:
+        assert service.transport_config(udp).udp_sockets == (("retell", 5062),)
+    assert logs == []
     ephemeral = settings(retell={"transport": "udp", "local_udp_port": 0})
     assert service.transport_config(ephemeral).udp_sockets == (("retell", 0),)
 
