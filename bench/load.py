@@ -67,6 +67,10 @@ memory use the first. After the ramp, sbc (TCP out) runs once more at half its h
 rate when no step had that rate (``--no-half-rate``: not), with its baseline: the post-dial
 target is read there.
 
+``--allocator jemalloc`` or ``mimalloc`` runs sbc with ``PYTHONMALLOC=malloc`` and that
+library preloaded (Debian ``libjemalloc2``, ``libmimalloc2.0``; the variables of ``ALLOCATORS``,
+as deploy/sbc.service's commented opt-in sets them); ``pymalloc``, CPython's own, by default.
+
 Prints one line per step and a summary with the ratios sbc/Sippy, then the targets table: each
 target of issue 12 (and the media issue's relay targets) with this run's figure and PASS, FAIL
 or "not run"; ``--json FILE`` writes every figure (``targets``, ``relay`` included). Exit
@@ -401,6 +405,47 @@ class Options:
     udp_buffer: int | None = None  # sbc's sip.udp_buffer_size (None: its default)
     # sbc's retell.local_udp_port when Retell is over UDP (None: unset, one socket for all)
     retell_udp_port: int | None = None
+    allocator: str = "pymalloc"  # ALLOCATORS: what serves sbc's Python objects
+
+
+# --allocator: the environment sbc runs with, as deploy/sbc.service's commented opt-in sets it
+# (docs/performance.md, "Round 6: allocator"). pymalloc is CPython's own; the others hand every
+# allocation to a malloc that gives pages back (pymalloc gives back whole 1 MiB arenas only).
+LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "pymalloc": {},
+    "jemalloc": {  # Debian libjemalloc2
+        "PYTHONMALLOC": "malloc",
+        "LD_PRELOAD": str(LIBDIR / "libjemalloc.so.2"),
+        "MALLOC_CONF": "background_thread:true,dirty_decay_ms:2000,muzzy_decay_ms:0",
+    },
+    "mimalloc": {  # Debian libmimalloc2.0, its defaults (decommit_delay 25 ms)
+        "PYTHONMALLOC": "malloc",
+        "LD_PRELOAD": str(LIBDIR / "libmimalloc.so.2"),
+    },
+}
+
+ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "mimalloc": "libmimalloc2.0"}
+
+
+def allocator_environment(name: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for sbc with allocator ``name``: its variables set, any inherited one of them
+    dropped (a PYTHONMALLOC or LD_PRELOAD in the harness's own environment must not leak into
+    the pymalloc runs it is compared with)."""
+    env = {k: v for k, v in env.items() if k not in ("PYTHONMALLOC", "LD_PRELOAD", "MALLOC_CONF")}
+    return env | ALLOCATORS[name]
+
+
+def sbc_process_environment(options: Options) -> dict[str, str]:
+    """The environment sbc is started with: this checkout first on its path, the allocator's."""
+    return allocator_environment(options.allocator, sbc_environment(options.repo))
+
+
+def missing_allocator(name: str) -> str | None:
+    """The preloaded library that does not exist (ld.so would only warn and run without it, and
+    the run would measure pymalloc's neighbour, glibc's malloc, under the wrong name)."""
+    library = ALLOCATORS[name].get("LD_PRELOAD")
+    return library if library is not None and not Path(library).is_file() else None
 
 
 def sbc_config(workdir: Path, sip_port: int, registrar: int, retell: int, admin: int,
@@ -507,7 +552,7 @@ def start_bridge(
         [options.python, "-m", "sbc", "run", "--config", str(config)],
         cwd=workdir,
         log=workdir / "sbc.log",
-        env=sbc_environment(options.repo),
+        env=sbc_process_environment(options),
     )
     wait_ready(process, admin_port, limit=30.0, host=B2BUA)
     return Bridge(system, process, B2BUA, sip_port, admin_port, answerer, options.sbc_in,
@@ -1309,6 +1354,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter running sbc")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="pymalloc",
+                        help="sbc's memory allocator: pymalloc (CPython's, the default), or "
+                             "PYTHONMALLOC=malloc with jemalloc or mimalloc preloaded "
+                             "(Debian libjemalloc2, libmimalloc2.0)")  # fmt: skip
     parser.add_argument("--sippy", help="b2bua_simple to run (found on PATH or next to python)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure there")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -1359,6 +1408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             "rtpengine not found (Debian rtpengine-daemon): install it, or --relay-backends relay"
         )
+    if (library := missing_allocator(args.allocator)) is not None:
+        raise SystemExit(f"--allocator {args.allocator}: {library} not found (Debian "
+                         f"{ALLOCATOR_PACKAGES[args.allocator]})")  # fmt: skip
     sipp_binary()
     for scenario in ("pbx_registrar.xml", "pbx_caller_short.xml", "pbx_caller_long.xml",
                      "retell_answerer.xml"):  # fmt: skip
@@ -1380,6 +1432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         udp_buffer=args.udp_buffer,
         retell_udp_port=0 if args.retell_socket else None,
+        allocator=args.allocator,
     )
 
     def _terminate(signum: int, frame: object) -> None:
@@ -1410,7 +1463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{describe_checkout(REPO)} ({module}), in {args.sbc_in} out "
             f"{','.join(args.sbc_out)}, log {args.log_level}, UDP buffer "
             f"{args.udp_buffer if args.udp_buffer is not None else 'default'}, Retell's own "
-            f"UDP socket {'on' if args.retell_socket else 'off'}; "
+            f"UDP socket {'on' if args.retell_socket else 'off'}, allocator {args.allocator}; "
             f"Sippy {sippy or '-'}; "
             f"work dir {workdir}",
             flush=True,
