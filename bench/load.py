@@ -68,8 +68,9 @@ rate when no step had that rate (``--no-half-rate``: not), with its baseline: th
 target is read there.
 
 ``--allocator jemalloc`` or ``mimalloc`` runs sbc with ``PYTHONMALLOC=malloc`` and that
-library preloaded (Debian ``libjemalloc2``, ``libmimalloc2.0``; the variables of ``ALLOCATORS``,
-as deploy/sbc.service's commented opt-in sets them); ``pymalloc``, CPython's own, by default.
+library preloaded (Debian ``libjemalloc2``, ``libmimalloc2.0``; the variables of
+``ALLOCATORS``); ``pymalloc``, CPython's own, by default. Neither brought RSS back to idle
++ 5 % (docs/performance.md, "Round 6: allocator"): the service ships with pymalloc.
 
 Prints one line per step and a summary with the ratios sbc/Sippy, then the targets table: each
 target of issue 12 (and the media issue's relay targets) with this run's figure and PASS, FAIL
@@ -408,9 +409,9 @@ class Options:
     allocator: str = "pymalloc"  # ALLOCATORS: what serves sbc's Python objects
 
 
-# --allocator: the environment sbc runs with, as deploy/sbc.service's commented opt-in sets it
-# (docs/performance.md, "Round 6: allocator"). pymalloc is CPython's own; the others hand every
-# allocation to a malloc that gives pages back (pymalloc gives back whole 1 MiB arenas only).
+# --allocator: the environment sbc runs with (docs/performance.md, "Round 6: allocator").
+# pymalloc is CPython's own; the others hand every allocation to a malloc that gives pages
+# back (pymalloc gives back whole 1 MiB arenas only).
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 ALLOCATORS: dict[str, dict[str, str]] = {
     "pymalloc": {},
