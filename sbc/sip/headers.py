@@ -109,9 +109,8 @@ _CANONICAL.update({short: long for short, long in COMPACT_FORMS.items()})
 _EXACT: dict[str, str] = {name: name for name in _CANONICAL_NAMES}
 
 
-# How many names canonical_name() added to _EXACT (bounded: names come from peers too).
-_LEARNED_MAX = 256
-_learned = 0
+# canonical_name() adds at most 256 names to _EXACT (bounded: names come from peers too).
+_EXACT_MAX = len(_EXACT) + 256
 
 
 def canonical_name(name: str) -> str:
@@ -120,13 +119,10 @@ def canonical_name(name: str) -> str:
     if found is not None:
         return found
     canonical = _CANONICAL.get(name.lower(), name)
-    if canonical is name:
+    if canonical is name and len(_EXACT) < _EXACT_MAX:
         # A name that is its own spelling (an X- header sbc sends with every call): found
         # by the first lookup from now on, a call less per field of every message built.
-        global _learned
-        if _learned < _LEARNED_MAX:
-            _learned += 1
-            _EXACT[name] = name
+        _EXACT[name] = name
     return canonical
 
 

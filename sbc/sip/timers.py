@@ -7,6 +7,7 @@ that a deployment (or a test) can shorten them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -52,22 +53,9 @@ class TimerConfig:
 
     def initial(self, timer: Timer, *, reliable: bool) -> float:
         """The first duration of ``timer``; 0.0 means "fire at once" (reliable transports)."""
-        # By a dictionary of the timer's kind: a match on the members compared them one by
-        # one (eight comparisons for Timer H), six times a call.
-        kind = _INITIAL_KIND.get(timer, _KIND_TRYING)
-        if kind == _KIND_T1:  # A, E, G
-            return self.t1
-        if kind == _KIND_64T1:  # B, F, H, L, M
-            return 64 * self.t1
-        if kind == _KIND_TRYING:
-            return TRYING_DELAY
-        if reliable:  # D, I, J, K
-            return 0.0
-        if kind == _KIND_D:
-            return max(_TIMER_D_UNRELIABLE, 64 * self.t1)
-        if kind == _KIND_T4:  # I, K
-            return self.t4
-        return 64 * self.t1  # J
+        # A table per (T1, T4, transport kind), built once: a match on the members compared
+        # them one by one (eight comparisons for Timer H), six times a call.
+        return _initial_durations(self.t1, self.t4, reliable)[timer]
 
     def next_interval(self, timer: Timer, previous: float) -> float:
         """The retransmission interval after ``previous`` for Timers A, E and G.
@@ -80,20 +68,19 @@ class TimerConfig:
         return min(2 * previous, self.t2)
 
 
-# The kinds of first duration TimerConfig.initial() tells apart.
-_KIND_T1, _KIND_64T1, _KIND_D, _KIND_T4, _KIND_J, _KIND_TRYING = range(6)
-_INITIAL_KIND: dict[Timer, int] = {
-    Timer.A: _KIND_T1,
-    Timer.E: _KIND_T1,
-    Timer.G: _KIND_T1,
-    Timer.B: _KIND_64T1,
-    Timer.F: _KIND_64T1,
-    Timer.H: _KIND_64T1,
-    Timer.L: _KIND_64T1,
-    Timer.M: _KIND_64T1,
-    Timer.D: _KIND_D,
-    Timer.I: _KIND_T4,
-    Timer.K: _KIND_T4,
-    Timer.J: _KIND_J,
-    Timer.TRYING: _KIND_TRYING,
-}
+@functools.lru_cache(maxsize=32)
+def _initial_durations(t1: float, t4: float, reliable: bool) -> dict[Timer, float]:
+    """Every timer's first duration (RFC 3261 Table 4, RFC 6026 for L and M): the waits that
+    absorb retransmissions (D, I, J, K) are 0 over a reliable transport."""
+    wait_d = 0.0 if reliable else max(_TIMER_D_UNRELIABLE, 64 * t1)
+    wait_t4 = 0.0 if reliable else t4
+    wait_j = 0.0 if reliable else 64 * t1
+    return {
+        **dict.fromkeys((Timer.A, Timer.E, Timer.G), t1),
+        **dict.fromkeys((Timer.B, Timer.F, Timer.H, Timer.L, Timer.M), 64 * t1),
+        Timer.D: wait_d,
+        Timer.I: wait_t4,
+        Timer.K: wait_t4,
+        Timer.J: wait_j,
+        Timer.TRYING: TRYING_DELAY,
+    }

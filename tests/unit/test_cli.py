@@ -233,6 +233,26 @@ def test_run_interrupted(good, capsys, monkeypatch):
     assert cli.main(["run", "--config", str(good)]) == cli.EXIT_INTERRUPTED
 
 
+def _local_config(tmp_path: Path, sip_port: int, retell: str = "") -> Path:
+    """A config for the real service on 127.0.0.1: SIP on ``sip_port``, the admin API on a free
+    port, pass-through media; ``retell``: lines added to [retell]."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as admin:
+        admin.bind(("127.0.0.1", 0))
+        admin_port = admin.getsockname()[1]
+    path = tmp_path / "taken.toml"
+    path.write_text(
+        GOOD.replace('"pbx.example.com"', '"127.0.0.1"').replace(
+            "[retell]\n", "[retell]\n" + retell, 1
+        )
+        + f'[sip]\nbind = "127.0.0.1"\nport = {sip_port}\n'
+        + f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+        + '[media]\nmode = "passthrough"\n'
+    )
+    return path
+
+
 def test_run_that_cannot_start_exits_1_with_one_clear_line(tmp_path, capsys):
     # The real service: its SIP port is taken, so it cannot start; no traceback, exit 1.
     import socket
@@ -240,16 +260,7 @@ def test_run_that_cannot_start_exits_1_with_one_clear_line(tmp_path, capsys):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as admin:
-            admin.bind(("127.0.0.1", 0))
-            admin_port = admin.getsockname()[1]
-        path = tmp_path / "taken.toml"
-        path.write_text(
-            GOOD.replace('"pbx.example.com"', '"127.0.0.1"')
-            + f'[sip]\nbind = "127.0.0.1"\nport = {port}\n'
-            + f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
-            + '[media]\nmode = "passthrough"\n'
-        )
+        path = _local_config(tmp_path, port)
         assert cli.main(["run", "--config", str(path)]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "sbc_start_failed" in line]
@@ -403,18 +414,8 @@ def test_run_whose_retell_socket_port_is_taken_says_so_and_frees_the_sip_port(tm
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.bind(("127.0.0.1", 0))
             sip_port = probe.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as admin:
-            admin.bind(("127.0.0.1", 0))
-            admin_port = admin.getsockname()[1]
-        path = tmp_path / "taken.toml"
-        path.write_text(
-            GOOD.replace('"pbx.example.com"', '"127.0.0.1"').replace(
-                "[retell]\n", f'[retell]\ntransport = "udp"\nlocal_udp_port = {busy}\n', 1
-            )
-            + f'[sip]\nbind = "127.0.0.1"\nport = {sip_port}\n'
-            + f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
-            + '[media]\nmode = "passthrough"\n'
-        )
+        retell = f'transport = "udp"\nlocal_udp_port = {busy}\n'
+        path = _local_config(tmp_path, sip_port, retell=retell)
         assert cli.main(["run", "--config", str(path)]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if "sbc_start_failed" in line]

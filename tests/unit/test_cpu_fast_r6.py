@@ -154,11 +154,11 @@ def test_canonical_names_learned_are_the_names_canonical_name_gives(names: list[
     import sbc.sip.headers as headers_module
 
     exact = {name: name for name in headers_module._CANONICAL_NAMES}
-    saved = dict(headers_module._EXACT), headers_module._learned
+    saved = dict(headers_module._EXACT), headers_module._EXACT_MAX
     try:
         headers_module._EXACT.clear()
         headers_module._EXACT.update(exact)
-        headers_module._learned = headers_module._LEARNED_MAX - 3
+        headers_module._EXACT_MAX = len(exact) + 3  # room for three learned names
         for _ in range(2):
             for name in names:
                 want = exact.get(name) or headers_module._CANONICAL.get(name.lower(), name)
@@ -167,7 +167,7 @@ def test_canonical_names_learned_are_the_names_canonical_name_gives(names: list[
     finally:
         headers_module._EXACT.clear()
         headers_module._EXACT.update(saved[0])
-        headers_module._learned = saved[1]
+        headers_module._EXACT_MAX = saved[1]
 
 
 def _initial_by_match(t1: float, t4: float, timer: object, reliable: bool) -> float:

@@ -20,6 +20,18 @@ def load() -> ModuleType:
     return bench_script("load.py", "bench_load_probe")
 
 
+def drain(receiver: socket.socket) -> int:
+    """Read what waits in ``receiver`` without blocking; how many datagrams that was."""
+    received = 0
+    receiver.setblocking(False)
+    while True:
+        try:
+            receiver.recv(2048)
+        except BlockingIOError:
+            return received
+        received += 1
+
+
 @pytest.fixture
 def receiver() -> Iterator[socket.socket]:
     # The smallest receive buffer the kernel allows (it doubles what is asked, to a floor of
@@ -43,15 +55,7 @@ def test_udp_sockets_sees_the_queue_and_the_drops_of_a_full_receive_buffer(
     assert queue > 0
     assert 0 < drops < 200
     # What was queued is still there to read: the drops are the rest of the burst.
-    received = 0
-    receiver.setblocking(False)
-    while True:
-        try:
-            receiver.recv(2048)
-        except BlockingIOError:
-            break
-        received += 1
-    assert received + drops == 200
+    assert drain(receiver) + drops == 200
     assert load.udp_sockets()[address] == (0, drops)
 
 
@@ -64,12 +68,7 @@ def test_step_probe_reports_drops_during_the_step_and_cpu_per_process(
             sender.sendto(b"x" * 500, address)
         before = load.udp_sockets()[address][1]
         assert before > 0
-        receiver.setblocking(False)
-        while True:
-            try:
-                receiver.recv(2048)
-            except BlockingIOError:
-                break
+        drain(receiver)
         probe = load.StepProbe({"me": os.getpid()}, {"sock": address}, interval=0.01)
         for _ in range(200):
             sender.sendto(b"x" * 500, address)
