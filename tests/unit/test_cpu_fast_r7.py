@@ -7,6 +7,7 @@
 * A leg's in-dialog Via: no branch drawn for the Via that ``Dialog.create_request`` gives
   its own branch (``make_via(..., branch=...)``), and the Via parsed the same.
 * A log line does not walk the context while structlog has made no context variable.
+* ``call_id`` reads the lookup keys inline: what ``Headers.get`` gives.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, cast
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sbc.b2bua import leg as leg_module
 from sbc.b2bua.leg import Leg, _via_of, hang_up_all
@@ -26,7 +29,11 @@ from sbc.net.addresses import TransportConfig
 from sbc.net.engine import SipEngine
 from sbc.ops import logging as sbc_logging
 from sbc.ops.logging import configure_logging
+from sbc.sip.errors import BadRequest
+from sbc.sip.headers import Headers
 from sbc.sip.ids import BRANCH_COOKIE
+from sbc.sip.message import Request, Response
+from sbc.sip.uri import parse_uri
 
 
 class _Leg:
@@ -203,3 +210,33 @@ def test_a_line_walks_the_context_only_once_structlog_made_a_variable(
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert list(first)[:3] == ["call_uuid", "n", "event"] and "request" not in first
     assert second["request"] == "r1" and list(second)[:4] == ["call_uuid", "n", "event", "request"]
+
+
+# -- the Call-ID read inline -----------------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["Call-ID", "i", "call-id", "CALL-ID", "Via", "X"]), st.text()),
+        max_size=4,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
+def test_call_id_read_inline_is_headers_get(
+    pairs: list[tuple[str, str]], response: bool, keys_known: bool
+) -> None:
+    """``call_id`` reads the lookup keys itself: the value ``Headers.get("Call-ID")`` gives
+    (compact form and any spelling included), or the same error when there is none."""
+    headers = Headers(pairs)
+    if keys_known:
+        headers.get("Via")  # the lookup keys made by an earlier read, as usual
+    message: Request | Response = (
+        Response(200, "OK", headers) if response else Request("BYE", parse_uri("sip:u@h"), headers)
+    )
+    want = Headers(pairs).get("Call-ID")
+    if want is None:
+        with pytest.raises(BadRequest, match="missing Call-ID"):
+            _ = message.call_id
+    else:
+        assert message.call_id == want
