@@ -406,7 +406,7 @@ async def hang_up_all(legs: list[Leg], limit: float) -> None:
     if up:
         # What `with suppress(TimeoutError): async with asyncio.timeout(limit):` does, on
         # the loop's shared backstop timer (_Backstops) instead of a Timeout object and a
-        # loop timer armed and cancelled per call (about 8 us a call under uvloop).
+        # loop timer armed and cancelled per call (uvloop, microbenchmark: 6.4 -> 1.7 us).
         task = asyncio.current_task()
         assert task is not None, "hang_up_all runs in a task"
         cancelling = task.cancelling()
