@@ -296,14 +296,20 @@ class SipEngine:
         return self._loop.time()
 
     # -- client side ---------------------------------------------------------------------------
-    def make_via(self, transport: str, local: str | None = None) -> str:
+    def make_via(
+        self, transport: str, local: str | None = None, *, branch: str | None = None
+    ) -> str:
         """A Via for a request we send: advertised address, fresh branch, ``rport`` (RFC 3581).
 
         ``local``: the named UDP socket the request will leave from (``send_request``'s
         ``local``), whose port the Via then names; ignored for other transports and for a
-        name with no open socket (the SIP port's Via)."""
+        name with no open socket (the SIP port's Via). ``branch``: the branch to write
+        instead of a fresh one (a caller that replaces it anyway, as a leg's in-dialog
+        requests do in ``Dialog.create_request``, saves the random draw: a system call)."""
         # The text alone (a leg's in-dialog requests): no parsed Via made to be dropped.
         prefix = self._via_prefix(transport, local)[0]
+        if branch is not None:
+            return f"{prefix}{branch};rport"
         return f"{prefix}{BRANCH_COOKIE}{os.urandom(12).hex()};rport"
 
     def _new_via(self, transport: str, local: str | None = None) -> tuple[str, Via | None]:

@@ -168,10 +168,11 @@ class _JsonLine:
         # merge_contextvars adds structlog's context variables after the fields: a line
         # with any of them takes the general chain (none are bound on a call's path; the
         # loop over the context is what merge_contextvars does, without its call).
-        context = _copy_context()
-        for var in context:
-            if var.name.startswith(_CONTEXTVAR_PREFIX) and context[var] is not Ellipsis:
-                return None
+        if _STRUCTLOG_VARS:  # none made yet (none on a call's path): nothing to merge
+            context = _copy_context()
+            for var in context:
+                if var.name.startswith(_CONTEXTVAR_PREFIX) and context[var] is not Ellipsis:
+                    return None
         name = logger.name
         if "logger" in rest or "level" in rest or "timestamp" in rest or type(name) is not str:
             # The stamps overwrite a field in its place: the encoder writes them there.
@@ -336,6 +337,10 @@ def _context_json(context: Any) -> str | None:
 
 # What merge_contextvars merges: the context variables named with structlog's prefix.
 _CONTEXTVAR_PREFIX = structlog.contextvars.STRUCTLOG_KEY_PREFIX
+# The variables structlog made for them (bind_contextvars makes each on its first use):
+# while there is none, no line has any to merge and the context is not walked. Should a
+# structlog release no longer have the table, a non-empty stand-in keeps the walk.
+_STRUCTLOG_VARS: Any = getattr(structlog.contextvars, "_CONTEXT_VARS", (None,))
 _copy_context = contextvars.copy_context
 
 # The text a line's stamps start with, by logger name and method name: ', "logger": NAME,

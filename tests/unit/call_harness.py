@@ -146,9 +146,13 @@ class FakeEngine:
         """Loop times at which ``what`` (e.g. ``"BYE"``, ``"to-pbx 200"``) was sent."""
         return [t for t, w in self.timeline if w == what]
 
-    def make_via(self, transport: str, local: str | None = None) -> str:
+    def make_via(
+        self, transport: str, local: str | None = None, *, branch: str | None = None
+    ) -> str:
         self._branch += 1
-        return f"SIP/2.0/{transport.upper()} 10.0.0.5:5060;branch=z9hG4bKf{self._branch};rport"
+        if branch is None:
+            branch = f"z9hG4bKf{self._branch}"
+        return f"SIP/2.0/{transport.upper()} 10.0.0.5:5060;branch={branch};rport"
 
     def send_request(
         self, request: Request, target: object = None, local: str | None = None
