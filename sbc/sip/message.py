@@ -9,6 +9,7 @@ saves; building a changed message is ``dataclasses.replace``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -241,34 +242,31 @@ class _Common:
             return cache["to"]  # type: ignore[return-value]
         return self.headers.cached("to", _to)
 
-    # The tags read the memo and the tag parameter inline (the To tag is read fourteen times a
-    # call: transactions, dialogs, the call manager): _tag's body, a Python call less each than
-    # going through it, two less than self.to.tag's property and NameAddr.tag.
+    # The tags through one helper reading the memo and the tag parameter (the To tag is read
+    # fourteen times a call: transactions, dialogs, the call manager): a Python call less each
+    # than self.to.tag's property and NameAddr.tag. Inlining _tag into both properties again
+    # saves one more call a read (~0.3 % of a call's instructions, round 6's review) for two
+    # copies of the same logic: kept as one.
     @property
     def from_tag(self) -> str | None:
-        headers = self.headers
-        cache = headers._cache
-        if cache is not None and "from" in cache:
-            address: NameAddr = cache["from"]  # type: ignore[assignment]
-        else:
-            address = headers.cached("from", _from)
-        for name, value in address.params:
-            if name == "tag" or name.lower() == "tag":
-                return value
-        return None
+        return _tag(self.headers, "from", _from)
 
     @property
     def to_tag(self) -> str | None:
-        headers = self.headers
-        cache = headers._cache
-        if cache is not None and "to" in cache:
-            address: NameAddr = cache["to"]  # type: ignore[assignment]
-        else:
-            address = headers.cached("to", _to)
-        for name, value in address.params:
-            if name == "tag" or name.lower() == "tag":
-                return value
-        return None
+        return _tag(self.headers, "to", _to)
+
+
+def _tag(headers: Headers, key: str, parse: Callable[[Headers], NameAddr]) -> str | None:
+    """The tag parameter of the From or To (``key``), as ``NameAddr.tag`` reads it."""
+    cache = headers._cache
+    if cache is not None and key in cache:
+        address: NameAddr = cache[key]  # type: ignore[assignment]
+    else:
+        address = headers.cached(key, parse)
+    for name, value in address.params:
+        if name == "tag" or name.lower() == "tag":
+            return value
+    return None
 
 
 @quick_init
