@@ -25,13 +25,12 @@ serves exactly those methods and answers any other one 405 with that ``Allow``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -404,113 +403,11 @@ async def hang_up_all(legs: list[Leg], limit: float) -> None:
     # gather() would make a task of every coroutine, legs with nothing to send included.
     up = [leg for leg in legs if leg.up]
     if up:
-        # What `with suppress(TimeoutError): async with asyncio.timeout(limit):` does, on
-        # the loop's shared backstop timer (_Backstops) instead of a Timeout object and a
-        # loop timer armed and cancelled per call (uvloop, microbenchmark: 6.4 -> 1.7 us).
-        task = asyncio.current_task()
-        assert task is not None, "hang_up_all runs in a task"
-        cancelling = task.cancelling()
-        backstops = _backstops_of(asyncio.get_running_loop())
-        entry = backstops.arm(limit, task)
-        try:
-            if len(up) == 1:
-                await up[0].hang_up()
-            else:
-                await asyncio.gather(*(leg.hang_up() for leg in up))
-        except asyncio.CancelledError:
-            # Ours (the limit passed) and no other cancellation pending: the timeout,
-            # suppressed, as asyncio.timeout's TimeoutError was.
-            if not (entry[3] and task.uncancel() <= cancelling):
-                raise
-        else:
-            if entry[3]:  # expired as the BYEs ended: take back the cancellation requested
-                task.uncancel()
-        finally:
-            backstops.disarm(entry)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                if len(up) == 1:
+                    await up[0].hang_up()
+                else:
+                    await asyncio.gather(*(leg.hang_up() for leg in up))
     for leg in legs:
         leg.ended()
-
-
-class _Backstops:
-    """The limits of :func:`hang_up_all`'s waits on one loop, on one loop timer at a time.
-
-    Each wait is an entry ``[deadline, sequence number, task or None, expired]`` in a heap;
-    when the limit passes first, the task is cancelled (what asyncio.timeout's timer does)
-    and the entry marked expired. The loop timer is armed only when an entry is earlier than
-    the one pending, and never cancelled: with the same limit for every call (64*T1 + 1 s),
-    one timer per limit at most, whatever the rate; once no wait is left it fires once and
-    arms nothing (no periodic wake-up when idle). A wait that ends disarms its entry (the
-    task is let go at once); the heap is rebuilt without disarmed entries once they are
-    more than half of it, so entries of ended waits do not pile up under load.
-    """
-
-    __slots__ = ("_heap", "_loop", "_seq", "_stale", "_timer", "_timer_at")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._heap: list[list[Any]] = []
-        self._seq = 0
-        self._stale = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
-
-    def __len__(self) -> int:
-        return len(self._heap) - self._stale
-
-    def arm(self, limit: float, task: asyncio.Task[Any]) -> list[Any]:
-        deadline = self._loop.time() + limit
-        self._seq += 1
-        entry = [deadline, self._seq, task, False]
-        heapq.heappush(self._heap, entry)
-        if deadline < self._timer_at:
-            # (An earlier limit than the pending timer's: only after a change of T1.)
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._fire)
-            self._timer_at = deadline
-        return entry
-
-    def disarm(self, entry: list[Any]) -> None:
-        if entry[2] is None:
-            return
-        entry[2] = None
-        self._stale += 1
-        heap = self._heap
-        if self._stale == len(heap):
-            # Nothing left to bound. The loop timer stays: it fires once, finds nothing and
-            # arms nothing, at most the limit after the last wait; cancelling it and arming
-            # one for the next call's wait is what costs (uvloop: ~3 us a pair).
-            heap.clear()
-            self._stale = 0
-        elif 2 * self._stale > len(heap) and self._stale > 64:
-            heap[:] = [e for e in heap if e[2] is not None]
-            heapq.heapify(heap)
-            self._stale = 0
-
-    def _fire(self) -> None:
-        due = max(self._timer_at, self._loop.time())
-        self._timer, self._timer_at = None, float("inf")
-        heap = self._heap
-        while heap and (heap[0][0] <= due or heap[0][2] is None):
-            entry = heapq.heappop(heap)
-            task = entry[2]
-            if task is None:
-                self._stale -= 1
-                continue
-            entry[2], entry[3] = None, True  # expired: no longer in the heap
-            task.cancel()
-        if heap:
-            self._timer_at = heap[0][0]
-            self._timer = self._loop.call_at(self._timer_at, self._fire)
-
-
-# The backstops of the loop that ran last (one loop per process; tests make one per test).
-_backstops: _Backstops | None = None
-
-
-def _backstops_of(loop: asyncio.AbstractEventLoop) -> _Backstops:
-    global _backstops
-    backstops = _backstops
-    if backstops is None or backstops._loop is not loop:
-        backstops = _backstops = _Backstops(loop)
-    return backstops
