@@ -42,7 +42,7 @@ CALL_PATH = (
 
 # Left interpreted, with the reason. errors.py: a compiled exception class loses the
 # class-level status/reason a subclass sets, and interpreted layers subclass SipError.
-# handles.py: mypyc rejects its async generator (ClientHandle._iterate). logging.py: mypyc
+# handles.py: mypyc rejects its async generator (OutgoingRequest._iterate). logging.py: mypyc
 # rejects several names bound in one class-body assignment (_LineWriter's level methods).
 # The packages' __init__ hold only a docstring.
 INTERPRETED = frozenset(
