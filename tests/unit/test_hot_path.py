@@ -29,7 +29,7 @@ from sbc.sip.message import (
 from sbc.sip.parser import parse_message
 from sbc.sip.server_transaction import build_response
 from sbc.sip.timers import TimerConfig
-from sbc.sip.transaction import TransactionLayer
+from sbc.sip.transaction import ServerState, TransactionLayer
 from sbc.sip.uri import parse_name_addr, parse_name_addr_list, parse_uri
 from sbc.sip.validate import validate_request, validate_response
 
@@ -532,8 +532,10 @@ def test_completed_transaction_keeps_only_what_a_copy_needs() -> None:
     ok = build_response(req, 200, to_tag="t")
     layer.respond(event.key, ok, now=0.0)  # type: ignore[union-attr]
     assert layer.datagrams_to_send() == [(SOURCE, ok)]
-    tx = layer._servers[event.key]  # type: ignore[union-attr]
-    assert tx.request is None
+    # Retired: a record of (deadline, key, state, source, response), no request.
+    record = layer._done[event.key]  # type: ignore[union-attr]
+    assert record[2:] == (ServerState.COMPLETED, SOURCE, ok)
+    assert event.key not in layer._servers  # type: ignore[union-attr]
     layer.receive(req, source=SOURCE, reliable=False, now=1.0)
     assert layer.datagrams_to_send() == [(SOURCE, ok)]
     assert layer.events() == []
