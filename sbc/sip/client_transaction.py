@@ -16,6 +16,7 @@ from typing import Protocol
 
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
+from sbc.sip.serializer import serialize
 from sbc.sip.timers import Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
 
@@ -299,8 +300,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         self.request = None
         self._owner.response_received(self, response, retransmission=False)
         self._owner.send(self.dest, ack)
-        # The record keeps the ACK, resent for each copy of the final response.
-        self._retire(Timer.D, self.config.initial(Timer.D, reliable=self.reliable), ack, now)
+        # The record keeps the ACK's bytes, resent for each copy of the final response.
+        duration = self.config.initial(Timer.D, reliable=self.reliable)
+        self._retire(Timer.D, duration, serialize(ack) if duration > 0 else None, now)
 
     def _complete_non_invite(self, response: Response | None, now: float) -> None:
         # §17.1.2.2: a final response stops Timers E and F and starts Timer K.

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from sbc.sip.headers import _EXACT, Headers, canonical_name
 from sbc.sip.message import Request, Response, parse_address, reason_phrase
+from sbc.sip.serializer import serialize
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
 from sbc.sip.uri import NameAddr
@@ -357,7 +358,9 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
 
     def _complete_non_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.2: Timer J absorbs request copies (0 s over reliable transports).
-        # The record keeps the response request copies are answered with.
+        # The record keeps the response request copies are answered with, as its bytes: one
+        # block instead of the message's dozen (its fields, their strings), for 32 s.
         self._send_final(message, now)
+        assert isinstance(message, Response)
         duration = self.config.initial(Timer.J, reliable=self.reliable)
-        self._retire(Timer.J, duration, message, now)
+        self._retire(Timer.J, duration, serialize(message) if duration > 0 else None, now)

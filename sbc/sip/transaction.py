@@ -37,6 +37,7 @@ from sbc.sip.fields import Via
 from sbc.sip.headers import Headers
 from sbc.sip.ids import BRANCH_COOKIE, make_branch
 from sbc.sip.message import Request, Response
+from sbc.sip.parser import parse_message
 from sbc.sip.server_transaction import (
     INVITE_SERVER_TABLE,
     NON_INVITE_SERVER_TABLE,
@@ -149,9 +150,9 @@ _TIMERS = {timer.value: timer for timer in Timer}
 # A retired transaction (one that only absorbs retransmissions until its last timer):
 # (deadline, key, state, peer, kept). ``peer`` is the source of a server transaction's request
 # or the destination of a client's; ``kept`` what the state's duties need: the To tag of the
-# final response (server INVITE Accepted, Confirmed), the final response request copies are
-# answered with (server non-INVITE Completed), the ACK resent for copies of a non-2xx final
-# (client INVITE Completed), the To tags of the 2xx seen (client INVITE Accepted), or None
+# final response (server INVITE Accepted, Confirmed), the bytes of the final response request
+# copies are answered with (server non-INVITE Completed), those of the ACK resent for copies of
+# a non-2xx final (client INVITE Completed), the To tags of the 2xx seen (Accepted), or None
 # (client non-INVITE Completed). One tuple instead of a transaction object, its timer dict and
 # a heap entry: thousands wait for 32 s at a time under load.
 Record = tuple[float, str, "ClientState | ServerState", object, object]
@@ -528,9 +529,10 @@ class TransactionLayer:
         action = entry[0]
         if action == "_resend_last" or action == "_resend_ack":
             # §17.2.2 (the last response to a request copy), §17.1.1.2 (the ACK to a copy of
-            # the non-2xx final).
-            assert isinstance(kept, (Request, Response))
-            self._outbox.append((peer, kept))
+            # the non-2xx final): the message kept as bytes, read back (what the serializer
+            # writes, it reads back to the same bytes); copies are rare, records many.
+            assert isinstance(kept, bytes)
+            self._outbox.append((peer, parse_message(kept)))
         elif action == "_send_2xx_copy":
             # RFC 6026 §7.1: a 2xx retransmitted by the TU in Accepted goes out.
             self._outbox.append((peer, message))
