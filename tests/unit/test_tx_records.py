@@ -32,6 +32,19 @@ from sbc.sip.transaction import (
 )
 
 
+def _received(layer: TransactionLayer) -> RequestReceived:
+    [event] = layer.events()
+    assert isinstance(event, RequestReceived)
+    return event
+
+
+def _ended(layer: TransactionLayer) -> list[str]:
+    """Keys of the transactions ended since the last look (nothing else may have happened)."""
+    events = layer.events()
+    assert all(isinstance(e, TransactionTerminated) for e in events), events
+    return [e.key for e in events if isinstance(e, TransactionTerminated)]
+
+
 def _call(i: int, uac: TransactionLayer, uas: TransactionLayer, now: float) -> None:
     """INVITE answered 200, then a BYE answered 200, over UDP: four transactions left waiting
     (client INVITE Accepted, server INVITE Accepted, both BYEs Completed)."""
@@ -39,8 +52,7 @@ def _call(i: int, uac: TransactionLayer, uas: TransactionLayer, now: float) -> N
     uac.send_request(invite, dest=UAS, reliable=False, now=now)
     for _, message in uac.datagrams_to_send():
         uas.receive(wire(message), source=UAC, reliable=False, now=now)
-    [received] = uas.events()
-    assert isinstance(received, RequestReceived)
+    received = _received(uas)
     uas.respond(received.key, reply(received.request, 200, f"t{i}"), now=now)
     for _, message in uas.datagrams_to_send():
         uac.receive(wire(message), source=UAS, reliable=False, now=now)
@@ -48,8 +60,7 @@ def _call(i: int, uac: TransactionLayer, uas: TransactionLayer, now: float) -> N
     uac.send_request(bye, dest=UAS, reliable=False, now=now)
     for _, message in uac.datagrams_to_send():
         uas.receive(wire(message), source=UAC, reliable=False, now=now)
-    [received] = uas.events()
-    assert isinstance(received, RequestReceived)
+    received = _received(uas)
     uas.respond(received.key, reply(received.request, 200, None), now=now)
     for _, message in uas.datagrams_to_send():
         uac.receive(wire(message), source=UAS, reliable=False, now=now)
@@ -108,14 +119,14 @@ def test_records_end_at_their_timers_in_deadline_order() -> None:
     seen: list[tuple[float, str]] = []
     while (deadline := uas.next_deadline()) is not None:
         uas.handle_timer(deadline)
-        seen.extend((deadline, e.key) for e in uas.events() if isinstance(e, TransactionTerminated))
+        seen.extend((deadline, key) for key in _ended(uas))
     assert [d for d, _ in seen] == [32.0, 32.0]  # Timers L and J, 64*T1
     assert len(uas) == 0 and uas.timers_pending == 0
     # Client side: Timer K (T4) ends the BYE long before Timer M ends the INVITE.
-    ended = []
+    ended: list[tuple[float, str]] = []
     while (deadline := uac.next_deadline()) is not None:
         uac.handle_timer(deadline)
-        ended.extend((deadline, e.key.rsplit("|", 1)[1]) for e in uac.events())
+        ended.extend((deadline, key.rsplit("|", 1)[1]) for key in _ended(uac))
     assert ended == [(5.0, "BYE"), (32.0, "INVITE")]
 
 
@@ -123,8 +134,7 @@ def test_request_copies_get_the_same_response_bytes() -> None:
     uas = TransactionLayer()
     bye = make_request("BYE", to_tag="uas1")
     uas.receive(bye, source=UAC, reliable=False, now=0.0)
-    [event] = uas.events()
-    assert isinstance(event, RequestReceived)
+    event = _received(uas)
     ok = reply(bye, 200, None)
     uas.respond(event.key, ok, now=0.0)
     [(_, first)] = uas.datagrams_to_send()
@@ -144,7 +154,7 @@ def test_cancel_copies_get_the_same_200_and_the_tu_hears_once() -> None:
     uas = TransactionLayer()
     invite = make_request()
     uas.receive(invite, source=UAC, reliable=False, now=0.0)
-    [event] = uas.events()
+    event = _received(uas)
     uas.respond(event.key, reply(invite, 180, "uas1"), now=0.0)
     uas.datagrams_to_send()
     cancel = build_cancel(invite)
@@ -175,7 +185,8 @@ def test_late_final_copies_and_a_late_2xx_at_a_completed_invite_client() -> None
     # A 2xx after all reaches the TU (which ACKs and ends it).
     ok = wire(reply(invite, 200, "uas2"))
     uac.receive(ok, source=UAS, reliable=False, now=0.8)
-    assert uac.events() == [ResponseReceived(key, ok)]  # type: ignore[arg-type]
+    assert isinstance(ok, Response)
+    assert uac.events() == [ResponseReceived(key, ok)]
     assert uac.client_state(key) is ClientState.COMPLETED
     uac.handle_timer(32.1)  # Timer D
     assert uac.events() == [TransactionTerminated(key)]
@@ -214,7 +225,7 @@ def test_accepted_and_confirmed_servers_absorb_copies_and_pass_the_2xx_ack() -> 
     uas = TransactionLayer()
     invite = make_request()
     uas.receive(invite, source=UAC, reliable=False, now=0.0)
-    [event] = uas.events()
+    event = _received(uas)
     ok = reply(invite, 200, "uas1")
     uas.respond(event.key, ok, now=0.1)
     uas.datagrams_to_send()
@@ -229,7 +240,7 @@ def test_accepted_and_confirmed_servers_absorb_copies_and_pass_the_2xx_ack() -> 
     # Confirmed (a non-2xx ACKed): INVITE and ACK copies absorbed until Timer I.
     other = make_request(branch="z9hG4bKbbb", call_id="c2")
     uas.receive(other, source=UAC, reliable=False, now=1.0)
-    [event2] = uas.events()
+    event2 = _received(uas)
     uas.respond(event2.key, reply(other, 486, "x"), now=1.0)
     uas.datagrams_to_send()
     ack2 = make_request("ACK", branch="z9hG4bKbbb", call_id="c2", cseq_method="ACK", to_tag="x")
@@ -264,7 +275,7 @@ def test_reliable_transports_keep_no_record_for_zero_timers() -> None:
     uas = TransactionLayer()
     bye = make_request("BYE", to_tag="uas1")
     uas.receive(bye, source=UAC, reliable=True, now=0.0)
-    [event] = uas.events()
+    event = _received(uas)
     uas.respond(event.key, reply(bye, 200, None), now=0.0)
     assert uas.events() == [TransactionTerminated(event.key)]
     assert len(uas) == 0 and uas.timers_pending == 0
@@ -276,14 +287,13 @@ def test_a_clock_going_back_keeps_the_expiries_in_order() -> None:
     for i, now in enumerate((10.0, 5.0, 7.0)):
         bye = make_request("BYE", branch=f"z9hG4bK{i}", to_tag="uas1")
         uas.receive(bye, source=UAC, reliable=False, now=now)
-        [event] = uas.events()
-        assert isinstance(event, RequestReceived)
+        event = _received(uas)
         uas.respond(event.key, reply(bye, 200, None), now=now)
         keys.append(event.key)
-    ended = []
+    ended: list[str] = []
     while (deadline := uas.next_deadline()) is not None:
         uas.handle_timer(deadline)
-        ended.extend(e.key for e in uas.events())
+        ended.extend(_ended(uas))
     assert ended == [keys[1], keys[2], keys[0]]
 
 
