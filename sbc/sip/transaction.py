@@ -635,10 +635,8 @@ class TransactionLayer:
 
     def _receive_cancel(self, cancel: Request, source: object, reliable: bool, now: float) -> None:
         own_key = server_key(cancel)
-        own = self._servers.get(own_key)
-        if own is not None:
-            own.on_request(cancel, now)  # a retransmitted CANCEL
-            return
+        # A CANCEL's transaction is answered below as it starts: a copy finds its record
+        # (Completed, Timer J) or nothing (ended at once over a reliable transport).
         own_record = self._done.get(own_key)
         if own_record is not None:
             self._record_input(own_record, ServerInput.REQUEST, cancel)  # answered again

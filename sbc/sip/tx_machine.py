@@ -71,10 +71,8 @@ class TransactionMachine(Generic[StateT, InputT]):
             self._owner.terminated(self)
 
     def _arm(self, timer: Timer, duration: float, now: float) -> None:
-        if duration <= 0:
-            # RFC 3261 Table 4: a 0 s timer (reliable transports) fires at once.
-            self.on_timer(timer, now)
-            return
+        # Only the waiting timers (D, I, J, K) are ever 0 s (RFC 3261 Table 4, reliable
+        # transports): they are entered through _retire, which ends the transaction at once.
         self.timers[timer] = self._owner.schedule(self, timer, now + duration)
 
     def _retire(self, timer: Timer, duration: float, kept: object, now: float) -> None:

@@ -309,3 +309,50 @@ def test_a_response_to_a_retired_key_on_the_wrong_side_is_refused() -> None:
     assert isinstance(uac._done[key][4], tuple)
     response = uac._done[key]
     assert not any(isinstance(part, (Request, Response)) for part in response)
+
+
+def test_cancel_before_any_response_and_after_a_non_2xx() -> None:
+    uas = TransactionLayer()
+    invite = make_request()
+    uas.receive(invite, source=UAC, reliable=False, now=0.0)
+    key = _received(uas).key
+    # Before any response (the Trying timer has not fired): the 200 has no To tag.
+    cancel = build_cancel(invite)
+    uas.receive(cancel, source=UAC, reliable=False, now=0.05)
+    [(_, answer)] = uas.datagrams_to_send()
+    assert isinstance(answer, Response) and (answer.status, answer.to_tag) == (200, None)
+    assert [type(e).__name__ for e in uas.events()] == ["CancelReceived"]
+    # A second INVITE rejected (Completed, still a transaction: Timer G resends the 486):
+    # a CANCEL gets the 486's tag, and the TU is not told.
+    other = make_request(branch="z9hG4bKbbb", call_id="c2")
+    uas.receive(other, source=UAC, reliable=False, now=0.1)
+    other_key = _received(uas).key
+    uas.respond(other_key, reply(other, 486, "busy"), now=0.1)
+    uas.datagrams_to_send()
+    uas.receive(build_cancel(other), source=UAC, reliable=False, now=0.2)
+    [(_, answer)] = uas.datagrams_to_send()
+    assert isinstance(answer, Response) and (answer.status, answer.to_tag) == (200, "busy")
+    assert uas.events() == []
+    assert uas.server_state(other_key) is ServerState.COMPLETED
+    assert uas.server_state(key) is ServerState.PROCEEDING
+
+
+def test_the_earliest_record_is_found_whatever_the_order_of_its_fifo() -> None:
+    # The BYE (Timer K, T4) retired before the INVITE (Timer M, 64*T1): the FIFO of the
+    # earliest deadline comes first; the INVITE's later one is not taken for it.
+    uac = TransactionLayer()
+    bye = make_request("BYE", branch="z9hG4bKbye", to_tag="a", cseq=2)
+    uac.send_request(bye, dest=UAS, reliable=False, now=0.0)
+    uac.receive(reply(bye, 200, "a"), source=UAS, reliable=False, now=0.0)
+    invite = make_request(branch="z9hG4bKinv", call_id="c2")
+    uac.send_request(invite, dest=UAS, reliable=False, now=1.0)
+    uac.receive(reply(invite, 200, "b"), source=UAS, reliable=False, now=1.0)
+    uac.events()
+    assert uac.next_deadline() == 5.0
+    uac.handle_timer(5.0)
+    assert [key.rsplit("|", 1)[1] for key in _ended(uac)] == ["BYE"]
+    assert uac.next_deadline() == 33.0
+    # A live transaction's timer before it comes first.
+    other = make_request(branch="z9hG4bKlive", call_id="c3")
+    uac.send_request(other, dest=UAS, reliable=False, now=6.0)
+    assert uac.next_deadline() == 6.5  # Timer A
