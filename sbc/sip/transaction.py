@@ -340,20 +340,23 @@ class TransactionLayer:
 
     # -- time --------------------------------------------------------------------------
     def handle_timer(self, now: float) -> None:
-        """Fire every timer whose deadline is ``now`` or earlier, in deadline order."""
+        """Fire every timer whose deadline is ``now`` or earlier, in deadline order; then end
+        the retired transactions whose waiting timer (D, I, J, K, L or M) is due."""
         heap = self._heap
-        while True:
-            record_due = self._next_record_deadline()
-            if heap and heap[0][0] <= now and (record_due is None or heap[0][0] <= record_due):
-                _, token, key, name = heapq.heappop(heap)
-                tx = self._armed(key, name, token)
-                if tx is not None:
-                    tx.on_timer(_TIMERS[name], now)
-            elif record_due is not None and record_due <= now:
-                # The waiting timer (D, I, J, K, L or M) of a retired transaction: it ends.
-                self._end_record(self._next_record_key())
-            else:
-                return
+        while heap and heap[0][0] <= now:
+            _, token, key, name = heapq.heappop(heap)
+            tx = self._armed(key, name, token)
+            if tx is not None:
+                tx.on_timer(_TIMERS[name], now)
+        if self._expiries:
+            done = self._done
+            for queue in self._expiries.values():
+                while queue and queue[0][0] <= now:
+                    deadline, key = queue.popleft()[:2]
+                    record = done.get(key)
+                    # Not a record replaced or ended early (then its entry is stale).
+                    if record is not None and record[0] == deadline:
+                        self._end_record(key)
 
     def next_deadline(self) -> float | None:
         heap = self._heap
@@ -366,31 +369,14 @@ class TransactionLayer:
                 first = deadline
                 break
             heapq.heappop(heap)
-        if self._done:
-            due = self._next_record_deadline()
-            if due is not None and (first is None or due < first):
-                return due
-        return first
-
-    def _next_record_deadline(self) -> float | None:
-        """The earliest deadline of a live record; stale FIFO heads are dropped on the way."""
-        first = None
-        done = self._done
+        # The FIFOs' heads, stale or not: a stale one makes the shell's timer fire early, for
+        # nothing but dropping it (rare: a record ended by a transport error).
         for queue in self._expiries.values():
-            while queue:
-                deadline, key = queue[0][0], queue[0][1]
-                record = done.get(key)
-                if record is not None and record[0] == deadline:
-                    if first is None or deadline < first:
-                        first = deadline
-                    break
-                queue.popleft()
+            if queue:
+                due = queue[0][0]
+                if first is None or due < first:
+                    first = due
         return first
-
-    def _next_record_key(self) -> str:
-        """The key of the record :meth:`_next_record_deadline` found (its FIFO's head)."""
-        queues = [queue for queue in self._expiries.values() if queue]
-        return min(queues, key=lambda queue: queue[0][0]).popleft()[1]
 
     def _armed(
         self, key: str, name: str, token: int
