@@ -279,14 +279,14 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
 
     def _accept(self, response: Response | None, now: float) -> None:
         # RFC 6026 §8.4: a 2xx moves to Accepted for Timer M; the ACK is the TU's (§13.2.2.4).
-        # The record keeps the To tags of the 2xx seen (one per fork; usually one): a later
-        # 2xx with one of them is a retransmission.
+        # The record keeps the To tag of the 2xx (of each 2xx, once forks answer): a later 2xx
+        # with it is a retransmission.
         assert response is not None
         self._disarm(Timer.A, Timer.B)
         self.request = None
         self._owner.response_received(self, response, retransmission=False)
         duration = self.config.initial(Timer.M, reliable=self.reliable)
-        self._retire(Timer.M, duration, (response.to_tag,), now)
+        self._retire(Timer.M, duration, response.to_tag, now)
 
     def _await_cancel(self, response: Response | None, now: float) -> None:
         self._arm(Timer.B, self.config.initial(Timer.B, reliable=self.reliable), now)

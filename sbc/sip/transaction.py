@@ -152,7 +152,8 @@ _TIMERS = {timer.value: timer for timer in Timer}
 # or the destination of a client's; ``kept`` what the state's duties need: the To tag of the
 # final response (server INVITE Accepted, Confirmed), the bytes of the final response request
 # copies are answered with (server non-INVITE Completed), those of the ACK resent for copies of
-# a non-2xx final (client INVITE Completed), the To tags of the 2xx seen (Accepted), or None
+# a non-2xx final (client INVITE Completed), the To tag of the 2xx (client INVITE Accepted; a
+# tuple of them once forks answered), or None
 # (client non-INVITE Completed). One tuple instead of a transaction object, its timer dict and
 # a heap entry: thousands wait for 32 s at a time under load.
 Record = tuple[float, str, "ClientState | ServerState", object, object]
@@ -533,11 +534,13 @@ class TransactionLayer:
         elif action == "_pass_up_2xx":
             # RFC 6026 §8.4: a 2xx with a To tag already seen is a retransmission; another tag
             # is another fork. Either way the TU gets it (it ACKs each).
-            assert isinstance(message, Response) and isinstance(kept, tuple)
+            # The tag of the first 2xx alone, a tuple of them once another fork answered.
+            assert isinstance(message, Response)
+            tags = kept if isinstance(kept, tuple) else (kept,)
             tag = message.to_tag
-            seen = tag in kept
+            seen = tag in tags
             if not seen:
-                self._done[key] = (record[0], key, state, peer, (*kept, tag))
+                self._done[key] = (record[0], key, state, peer, (*tags, tag))
             self._events.append(ResponseReceived(key, message, seen))
         # "_absorb": nothing (a late provisional, a copy the state swallows).
 

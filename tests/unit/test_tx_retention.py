@@ -117,7 +117,7 @@ def test_client_transactions_drop_the_request_at_the_final_response() -> None:
     layer.receive(ok, source=UAS, reliable=False, now=0.1)
     layer.receive(reply(bye, 200, None), source=UAS, reliable=False, now=0.1)
     assert not layer._clients
-    assert layer._done[key][2:] == (ClientState.ACCEPTED, UAS, ("uas1",))
+    assert layer._done[key][2:] == (ClientState.ACCEPTED, UAS, "uas1")
     assert layer._done[bye_key][2:] == (ClientState.COMPLETED, UAS, None)
     # A 2xx copy is still recognised as one in Accepted (RFC 6026 §8.4).
     layer.receive(ok, source=UAS, reliable=False, now=0.2)
