@@ -358,6 +358,11 @@ class TransactionLayer:
                     # Not a record replaced or ended early (then its entry is stale).
                     if record is not None and record[0] == deadline:
                         self._end_record(key)
+            if not done:
+                # A dict keeps its table when emptied: after a burst the last one ends with
+                # a table for thousands of records (a third of a MiB for 9,000), let go here.
+                self._done = {}
+                self._expiries = {}
 
     def next_deadline(self) -> float | None:
         heap = self._heap
