@@ -12,6 +12,11 @@ requests (branch, sent-by and method, ACK matching its INVITE), with the RFC 254
 branches without the ``z9hG4bK`` cookie. CANCEL is handled here per §9.2: answered 200 when it
 matches an INVITE server transaction (the TU is told and must answer the INVITE 487) and 481
 when it matches nothing.
+
+A transaction that only absorbs retransmissions until its last timer (server INVITE Accepted
+and Confirmed, non-INVITE server Completed, client INVITE Completed and Accepted, non-INVITE
+client Completed) is retired: the layer keeps a flat record of what those states do (see
+``Record``), run by the same state tables, and ends it when the timer is due.
 """
 
 from __future__ import annotations
@@ -153,9 +158,9 @@ _TIMERS = {timer.value: timer for timer in Timer}
 # final response (server INVITE Accepted, Confirmed), the bytes of the final response request
 # copies are answered with (server non-INVITE Completed), those of the ACK resent for copies of
 # a non-2xx final (client INVITE Completed), the To tag of the 2xx (client INVITE Accepted; a
-# tuple of them once forks answered), or None
-# (client non-INVITE Completed). One tuple instead of a transaction object, its timer dict and
-# a heap entry: thousands wait for 32 s at a time under load.
+# tuple of them once forks answered), or None (client non-INVITE Completed). One tuple instead
+# of a transaction object, its timer dict and a heap entry: thousands wait for 32 s at a time
+# under load.
 Record = tuple[float, str, "ClientState | ServerState", object, object]
 
 
