@@ -366,8 +366,10 @@ class TransactionLayer:
             if not done:
                 # A dict keeps its table when emptied: after a burst the last one ends with
                 # a table for thousands of records (a third of a MiB for 9,000), let go here.
-                self._done = {}
-                self._expiries = {}
+                # clear() frees it without making a new dict: one made now would land in an
+                # arena the burst is emptying and keep it (pymalloc frees whole arenas only).
+                done.clear()
+                self._expiries.clear()
 
     def next_deadline(self) -> float | None:
         heap = self._heap
