@@ -16,6 +16,7 @@ from typing import Protocol
 
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
+from sbc.sip.serializer import serialize
 from sbc.sip.timers import Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
 
@@ -147,6 +148,10 @@ class ClientOwner(Protocol):
 
     def terminated(self, tx: ClientTransaction) -> None: ...
 
+    def retire(
+        self, tx: ClientTransaction, kept: object, deadline: float, duration: float
+    ) -> None: ...
+
 
 def build_ack(invite: Request, response: Response) -> Request:
     """The ACK for a non-2xx final response to ``invite`` (RFC 3261 §17.1.1.3).
@@ -171,9 +176,7 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     """One client transaction; ``is_invite`` picks the table (Figure 5 or Figure 6)."""
 
     __slots__ = (
-        "_ack",
         "_interval",
-        "_tags_2xx",
         "config",
         "dest",
         "is_invite",
@@ -210,10 +213,6 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         self.state = S.CALLING if self.is_invite else S.TRYING
         self.timers: dict[Timer, int] = {}
         self._interval = config.t1
-        self._ack: Request | None = None
-        # To tags of the 2xx seen (one per fork; usually one): a tuple, as an empty set alone
-        # costs 216 bytes and the transaction waits 32 s in Accepted.
-        self._tags_2xx: tuple[str | None, ...] = ()
 
     def __repr__(self) -> str:
         return f"<ClientTransaction {self.key} {self.state.value}>"
@@ -280,21 +279,14 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
 
     def _accept(self, response: Response | None, now: float) -> None:
         # RFC 6026 §8.4: a 2xx moves to Accepted for Timer M; the ACK is the TU's (§13.2.2.4).
+        # The record keeps the To tag of the 2xx (of each 2xx, once forks answer): a later 2xx
+        # with it is a retransmission.
         assert response is not None
         self._disarm(Timer.A, Timer.B)
         self.request = None
-        self._tags_2xx = (response.to_tag,)
         self._owner.response_received(self, response, retransmission=False)
-        self._arm(Timer.M, self.config.initial(Timer.M, reliable=self.reliable), now)
-
-    def _pass_up_2xx(self, response: Response | None, now: float) -> None:
-        # A 2xx with a to-tag already seen is a retransmission; another tag is another fork.
-        assert response is not None
-        tag = response.to_tag
-        seen = tag in self._tags_2xx
-        if not seen:
-            self._tags_2xx = (*self._tags_2xx, tag)
-        self._owner.response_received(self, response, retransmission=seen)
+        duration = self.config.initial(Timer.M, reliable=self.reliable)
+        self._retire(Timer.M, duration, response.to_tag, now)
 
     def _await_cancel(self, response: Response | None, now: float) -> None:
         self._arm(Timer.B, self.config.initial(Timer.B, reliable=self.reliable), now)
@@ -304,19 +296,18 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         assert response is not None
         self._disarm(Timer.A, Timer.B)
         assert self.request is not None
-        self._ack = build_ack(self.request, response)
+        ack = build_ack(self.request, response)
         self.request = None
         self._owner.response_received(self, response, retransmission=False)
-        self._owner.send(self.dest, self._ack)
-        self._arm(Timer.D, self.config.initial(Timer.D, reliable=self.reliable), now)
-
-    def _resend_ack(self, response: Response | None, now: float) -> None:
-        assert self._ack is not None
-        self._owner.send(self.dest, self._ack)
+        self._owner.send(self.dest, ack)
+        # The record keeps the ACK's bytes, resent for each copy of the final response.
+        duration = self.config.initial(Timer.D, reliable=self.reliable)
+        self._retire(Timer.D, duration, serialize(ack) if duration > 0 else None, now)
 
     def _complete_non_invite(self, response: Response | None, now: float) -> None:
         # §17.1.2.2: a final response stops Timers E and F and starts Timer K.
         self._disarm(Timer.E, Timer.F)
         self.request = None
         self._pass_up(response, now)
-        self._arm(Timer.K, self.config.initial(Timer.K, reliable=self.reliable), now)
+        # The record keeps nothing: Completed absorbs every response (§17.1.2.2).
+        self._retire(Timer.K, self.config.initial(Timer.K, reliable=self.reliable), None, now)

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from sbc.sip.headers import _EXACT, Headers, canonical_name
 from sbc.sip.message import Request, Response, parse_address, reason_phrase
+from sbc.sip.serializer import serialize
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
 from sbc.sip.uri import NameAddr
@@ -132,11 +133,13 @@ class ServerOwner(Protocol):
 
     def schedule(self, tx: ServerTransaction, timer: Timer, deadline: float) -> int: ...
 
-    def ack_received(self, tx: ServerTransaction, ack: Request) -> None: ...
-
     def timed_out(self, tx: ServerTransaction) -> None: ...
 
     def terminated(self, tx: ServerTransaction) -> None: ...
+
+    def retire(
+        self, tx: ServerTransaction, kept: object, deadline: float, duration: float
+    ) -> None: ...
 
 
 @lru_cache(maxsize=256)
@@ -213,7 +216,6 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
     """One server transaction; ``is_invite`` picks the table (Figure 7 or Figure 8)."""
 
     __slots__ = (
-        "_final_to_tag",
         "_interval",
         "config",
         "is_invite",
@@ -252,10 +254,9 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # §17.2.1: an INVITE server transaction starts in Proceeding; Figure 8 in Trying.
         self.state = S.PROCEEDING if self.is_invite else S.TRYING
         self.timers: dict[Timer, int] = {}
-        # The last response sent, kept while a request copy or Timer G may need it again;
-        # after a 2xx only its To tag is kept (RFC 6026 Accepted resends nothing itself).
+        # The last response sent, kept while a request copy or Timer G may need it again.
+        # Accepted, Confirmed and a non-INVITE Completed are the layer's records (retire()).
         self.last_response: Response | None = None
-        self._final_to_tag: str | None = None
         self._interval = config.t1
 
     def __repr__(self) -> str:
@@ -271,7 +272,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         """The To tag of the last response sent (None before any response)."""
         if self.last_response is not None:
             return self.last_response.to_tag
-        return self._final_to_tag
+        return None
 
     # -- inputs from the layer ----------------------------------------------------------
     def start(self, now: float) -> None:
@@ -323,18 +324,12 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
 
     def _accept(self, message: Request | Response | None, now: float) -> None:
         # RFC 6026 §7.1: after a 2xx the transaction waits Timer L, absorbing INVITE copies;
-        # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4), so only the
-        # To tag of the 2xx is kept (CANCEL answers and RFC 2543 ACK matching read it).
+        # retransmitting the 2xx until the ACK comes is the TU's job (§13.3.1.4), so its record
+        # keeps only the To tag of the 2xx (CANCEL answers and RFC 2543 ACK matching read it).
         self._send_final(message, now)
         assert isinstance(message, Response)
-        self._final_to_tag = message.to_tag
-        self.last_response = None
-        self._arm(Timer.L, self.config.initial(Timer.L, reliable=self.reliable), now)
-
-    def _send_2xx_copy(self, message: Request | Response | None, now: float) -> None:
-        # RFC 6026 §7.1: a 2xx retransmitted by the TU in Accepted goes out, and is not kept.
-        assert isinstance(message, Response)
-        self._owner.send(self.source, message)
+        duration = self.config.initial(Timer.L, reliable=self.reliable)
+        self._retire(Timer.L, duration, message.to_tag, now)
 
     def _complete_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.1: retransmit the final response (Timer G, unreliable only) until the ACK
@@ -356,14 +351,16 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
 
     def _confirm(self, message: Request | Response | None, now: float) -> None:
         # §17.2.1: the ACK stops retransmissions; wait Timer I for ACK copies.
+        # Confirmed only absorbs: the record keeps the To tag (CANCEL, RFC 2543 ACKs).
         self._disarm(Timer.G, Timer.H)
-        self._arm(Timer.I, self.config.initial(Timer.I, reliable=self.reliable), now)
-
-    def _pass_ack(self, message: Request | Response | None, now: float) -> None:
-        assert isinstance(message, Request)
-        self._owner.ack_received(self, message)
+        duration = self.config.initial(Timer.I, reliable=self.reliable)
+        self._retire(Timer.I, duration, self.last_to_tag, now)
 
     def _complete_non_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.2: Timer J absorbs request copies (0 s over reliable transports).
+        # The record keeps the response request copies are answered with, as its bytes: one
+        # block instead of the message's dozen (its fields, their strings), for 32 s.
         self._send_final(message, now)
-        self._arm(Timer.J, self.config.initial(Timer.J, reliable=self.reliable), now)
+        assert isinstance(message, Response)
+        duration = self.config.initial(Timer.J, reliable=self.reliable)
+        self._retire(Timer.J, duration, serialize(message) if duration > 0 else None, now)

@@ -12,21 +12,41 @@ requests (branch, sent-by and method, ACK matching its INVITE), with the RFC 254
 branches without the ``z9hG4bK`` cookie. CANCEL is handled here per §9.2: answered 200 when it
 matches an INVITE server transaction (the TU is told and must answer the INVITE 487) and 481
 when it matches nothing.
+
+A transaction that only absorbs retransmissions until its last timer (server INVITE Accepted
+and Confirmed, non-INVITE server Completed, client INVITE Completed and Accepted, non-INVITE
+client Completed) is retired: the layer keeps a flat record of what those states do (see
+``Record``), run by the same state tables, and ends it when the timer is due.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from sbc.sip.client_transaction import ClientState, ClientTransaction, build_ack
+from sbc.sip.client_transaction import (
+    INVITE_CLIENT_TABLE,
+    NON_INVITE_CLIENT_TABLE,
+    ClientInput,
+    ClientState,
+    ClientTransaction,
+    build_ack,
+)
 from sbc.sip.errors import ProtocolError, SipError
 from sbc.sip.fields import Via
 from sbc.sip.headers import Headers
 from sbc.sip.ids import BRANCH_COOKIE, make_branch
 from sbc.sip.message import Request, Response
+from sbc.sip.parser import parse_message
 from sbc.sip.server_transaction import (
+    INVITE_SERVER_TABLE,
+    NON_INVITE_SERVER_TABLE,
+    ServerInput,
     ServerState,
     ServerTransaction,
     build_response,
@@ -132,6 +152,17 @@ Message = Request | Response
 
 _TIMERS = {timer.value: timer for timer in Timer}
 
+# A retired transaction (one that only absorbs retransmissions until its last timer):
+# (deadline, key, state, peer, kept). ``peer`` is the source of a server transaction's request
+# or the destination of a client's; ``kept`` what the state's duties need: the To tag of the
+# final response (server INVITE Accepted, Confirmed), the bytes of the final response request
+# copies are answered with (server non-INVITE Completed), those of the ACK resent for copies of
+# a non-2xx final (client INVITE Completed), the To tag of the 2xx (client INVITE Accepted; a
+# tuple of them once forks answered), or None (client non-INVITE Completed). One tuple instead
+# of a transaction object, its timer dict and a heap entry: thousands wait for 32 s at a time
+# under load.
+Record = tuple[float, str, "ClientState | ServerState", object, object]
+
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -213,6 +244,15 @@ class TransactionLayer:
         # garbage collector stops scanning tuples that hold no containers.
         self._heap: list[tuple[float, int, str, str]] = []
         self._tokens = itertools.count(1)
+        # Disarmed timers stay in the heap until due (Timer B or F for 32 s once answered):
+        # the heap is rebuilt without them when it grows past this size.
+        self._prune_at = _PRUNE_MIN
+        # Retired transactions by key (both sides: the keys' prefixes differ), and their
+        # expiries: one FIFO per duration, in deadline order as the clock only goes forward
+        # (no heap: appending is all the work); a record replaced or ended early leaves its
+        # entry behind, skipped when due.
+        self._done: dict[str, Record] = {}
+        self._expiries: dict[float, deque[Record]] = {}
 
     # -- client side -------------------------------------------------------------------
     def send_request(self, request: Request, *, dest: object, reliable: bool, now: float) -> str:
@@ -227,7 +267,7 @@ class TransactionLayer:
         if not branch:
             raise ProtocolError("request has no Via branch")
         key = client_key(branch, request.cseq.method)
-        if key in self._clients:
+        if key in self._clients or key in self._done:
             raise ProtocolError(f"client transaction {key} already exists")
         tx = ClientTransaction(
             key, request, dest=dest, reliable=reliable, config=self.config, owner=self
@@ -265,15 +305,30 @@ class TransactionLayer:
             if tx is not None:
                 tx.on_request(message, now)
                 return
+            record = self._done.get(key)
+            if record is not None:
+                self._record_input(record, ServerInput.REQUEST, message)
+                return
             self._new_server(key, message, source, reliable, now)
             self._events.append(RequestReceived(key, message, source))
 
     def respond(self, server_key: str, response: Response, *, now: float) -> None:
         """Send the TU's ``response`` in server transaction ``server_key``."""
         tx = self._servers.get(server_key)
-        if tx is None:
+        if tx is not None:
+            tx.on_response(response, now)
+            return
+        record = self._done.get(server_key)
+        if record is None or server_key.startswith("c|"):
             raise ProtocolError(f"no server transaction {server_key}")
-        tx.on_response(response, now)
+        status = response.status
+        if status < 200:
+            kind = ServerInput.TU_PROVISIONAL
+        elif not server_key.endswith("|INVITE"):
+            kind = ServerInput.TU_FINAL
+        else:
+            kind = ServerInput.TU_SUCCESS if status < 300 else ServerInput.TU_FAILURE
+        self._record_input(record, kind, response)
 
     def transport_error(self, key: str, *, now: float) -> None:
         """The shell could not send for transaction ``key`` (unknown keys are ignored)."""
@@ -284,27 +339,57 @@ class TransactionLayer:
         server = self._servers.get(key)
         if server is not None:
             server.on_transport_error(now)
+            return
+        if key in self._done:
+            # Every waiting state ends on a transport error (Figures 5-8).
+            self._end_record(key)
 
     # -- time --------------------------------------------------------------------------
     def handle_timer(self, now: float) -> None:
-        """Fire every timer whose deadline is ``now`` or earlier, in deadline order."""
+        """Fire every timer whose deadline is ``now`` or earlier, in deadline order; then end
+        the retired transactions whose waiting timer (D, I, J, K, L or M) is due."""
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, token, key, name = heapq.heappop(heap)
             tx = self._armed(key, name, token)
             if tx is not None:
                 tx.on_timer(_TIMERS[name], now)
+        if self._expiries:
+            done = self._done
+            for queue in self._expiries.values():
+                while queue and queue[0][0] <= now:
+                    deadline, key = queue.popleft()[:2]
+                    record = done.get(key)
+                    # Not a record replaced or ended early (then its entry is stale).
+                    if record is not None and record[0] == deadline:
+                        self._end_record(key)
+            if not done:
+                # A dict keeps its table when emptied: after a burst the last one ends with
+                # a table for thousands of records (a third of a MiB for 9,000), let go here.
+                # clear() frees it without making a new dict: one made now would land in an
+                # arena the burst is emptying and keep it (pymalloc frees whole arenas only).
+                done.clear()
+                self._expiries.clear()
 
     def next_deadline(self) -> float | None:
         heap = self._heap
+        first = None
         while heap:
             deadline, token, key, name = heap[0]
             # _armed() inline: the engine asks after every message it handles.
             tx = self._clients.get(key) if key.startswith("c|") else self._servers.get(key)
             if tx is not None and tx.timers.get(_TIMERS[name]) == token:
-                return deadline
+                first = deadline
+                break
             heapq.heappop(heap)
-        return None
+        # The FIFOs' heads, stale or not: a stale one makes the shell's timer fire early, for
+        # nothing but dropping it (rare: a record ended by a transport error).
+        for queue in self._expiries.values():
+            if queue:
+                due = queue[0][0]
+                if first is None or due < first:
+                    first = due
+        return first
 
     def _armed(
         self, key: str, name: str, token: int
@@ -328,14 +413,28 @@ class TransactionLayer:
     # -- introspection (tests, metrics) ------------------------------------------------
     def client_state(self, key: str) -> ClientState | None:
         tx = self._clients.get(key)
-        return None if tx is None else tx.state
+        if tx is not None:
+            return tx.state
+        record = self._done.get(key) if key.startswith("c|") else None
+        if record is None:
+            return None
+        state = record[2]
+        assert isinstance(state, ClientState)
+        return state
 
     def server_state(self, key: str) -> ServerState | None:
         tx = self._servers.get(key)
-        return None if tx is None else tx.state
+        if tx is not None:
+            return tx.state
+        record = None if key.startswith("c|") else self._done.get(key)
+        if record is None:
+            return None
+        state = record[2]
+        assert isinstance(state, ServerState)
+        return state
 
     def __len__(self) -> int:
-        return len(self._clients) + len(self._servers)
+        return len(self._clients) + len(self._servers) + len(self._done)
 
     def census(self) -> dict[str, int]:
         """Transactions by side, method and state, e.g. ``client_INVITE_Proceeding``: which
@@ -347,13 +446,18 @@ class TransactionLayer:
                 # no longer keeps its request.
                 key = f"{side}_{tx_key.rsplit('|', 1)[-1]}_{tx.state.value}"
                 out[key] = out.get(key, 0) + 1
+        for tx_key, record in self._done.items():
+            side = "client" if tx_key.startswith("c|") else "server"
+            key = f"{side}_{tx_key.rsplit('|', 1)[-1]}_{record[2].value}"
+            out[key] = out.get(key, 0) + 1
         return out
 
     @property
     def timers_pending(self) -> int:
         """Timer entries still in the heap, those of ended or re-armed transactions included
-        (they are dropped lazily once due): bounded by the longest timer, not by traffic."""
-        return len(self._heap)
+        (they are dropped lazily once due, or when the heap is rebuilt), and the expiries of
+        retired transactions: bounded by the longest timer, not by traffic."""
+        return len(self._heap) + sum(len(queue) for queue in self._expiries.values())
 
     # -- owner callbacks (called by the transactions) ----------------------------------
     def send(self, dest: object, message: Message) -> None:
@@ -363,17 +467,99 @@ class TransactionLayer:
         self, tx: ClientTransaction | ServerTransaction, timer: Timer, deadline: float
     ) -> int:
         token = next(self._tokens)
+        heap = self._heap
+        if len(heap) >= self._prune_at:
+            self._prune()
         # _value_: the member's value without Enum's Python-level `value` property.
-        heapq.heappush(self._heap, (deadline, token, tx.key, timer._value_))
+        heapq.heappush(heap, (deadline, token, tx.key, timer._value_))
         return token
+
+    def _prune(self) -> None:
+        """Rebuild the heap without its disarmed entries, in place (handle_timer may be
+        iterating it). Run once it has doubled since the last rebuild: amortised O(1) a push."""
+        heap = self._heap
+        heap[:] = [entry for entry in heap if self._armed(entry[2], entry[3], entry[1])]
+        heapq.heapify(heap)
+        self._prune_at = max(2 * len(heap), _PRUNE_MIN)
+
+    def retire(
+        self,
+        tx: ClientTransaction | ServerTransaction,
+        kept: object,
+        deadline: float,
+        duration: float,
+    ) -> None:
+        """Replace ``tx``, now in a state that only absorbs retransmissions, by a record that
+        ends at ``deadline`` (its last timer, ``duration`` long)."""
+        key = tx.key
+        peer: object
+        if isinstance(tx, ClientTransaction):
+            del self._clients[key]
+            peer = tx.dest
+        else:
+            del self._servers[key]
+            peer = tx.source
+        record: Record = (deadline, key, tx.state, peer, kept)
+        self._done[key] = record
+        queue = self._expiries.get(duration)
+        if queue is None:
+            queue = self._expiries[duration] = deque()
+        if queue and queue[-1][0] > deadline:
+            # A clock that went back (only a caller's own clock can): keep the FIFO sorted.
+            bisect.insort(queue, record, key=_deadline_of)
+        else:
+            queue.append(record)
+
+    def _end_record(self, key: str) -> None:
+        del self._done[key]
+        self._events.append(TransactionTerminated(key))
+
+    def _record_input(
+        self, record: Record, kind: ClientInput | ServerInput, message: Message
+    ) -> None:
+        """A retired transaction's ``kind`` input, by the state tables (which still describe
+        the waiting states): the few actions they name there, done on the record."""
+        _, key, state, peer, kept = record
+        client = isinstance(kind, ClientInput)
+        entry = _TABLES[client, key.endswith("|INVITE")].get((state, kind))
+        if entry is None:
+            role = "client" if client else "server"
+            raise ProtocolError(f"{role} transaction {key}: {kind.value} in state {state.value}")
+        action = entry[0]
+        if action == "_resend_last" or action == "_resend_ack":
+            # §17.2.2 (the last response to a request copy), §17.1.1.2 (the ACK to a copy of
+            # the non-2xx final): the message kept as bytes, read back (what the serializer
+            # writes, it reads back to the same bytes); copies are rare, records many.
+            assert isinstance(kept, bytes)
+            self._outbox.append((peer, parse_message(kept)))
+        elif action == "_send_2xx_copy":
+            # RFC 6026 §7.1: a 2xx retransmitted by the TU in Accepted goes out.
+            self._outbox.append((peer, message))
+        elif action == "_pass_ack":
+            # RFC 6026 §7.1: the ACK of the 2xx goes to the TU.
+            assert isinstance(message, Request)
+            self._events.append(AckReceived(message, peer))
+        elif action == "_pass_up":
+            # §17.1.1.2 (Completed): a 2xx after a non-2xx final; the TU ACKs and BYEs it.
+            assert isinstance(message, Response)
+            self._events.append(ResponseReceived(key, message))
+        elif action == "_pass_up_2xx":
+            # RFC 6026 §8.4: a 2xx with a To tag already seen is a retransmission; another tag
+            # is another fork. Either way the TU gets it (it ACKs each).
+            # The tag of the first 2xx alone, a tuple of them once another fork answered.
+            assert isinstance(message, Response)
+            tags = kept if isinstance(kept, tuple) else (kept,)
+            tag = message.to_tag
+            seen = tag in tags
+            if not seen:
+                self._done[key] = (record[0], key, state, peer, (*tags, tag))
+            self._events.append(ResponseReceived(key, message, seen))
+        # "_absorb": nothing (a late provisional, a copy the state swallows).
 
     def response_received(
         self, tx: ClientTransaction, response: Response, *, retransmission: bool
     ) -> None:
         self._events.append(ResponseReceived(tx.key, response, retransmission))
-
-    def ack_received(self, tx: ServerTransaction, ack: Request) -> None:
-        self._events.append(AckReceived(ack, tx.source))
 
     def timed_out(self, tx: ClientTransaction | ServerTransaction) -> None:
         self._events.append(TransactionTimedOut(tx.key))
@@ -418,42 +604,91 @@ class TransactionLayer:
             except SipError:
                 branch = None
             if branch is not None:
-                tx = self._clients.get(f"c|{branch}|{method}")  # client_key(branch, method)
+                key = f"c|{branch}|{method}"  # client_key(branch, method)
+                tx = self._clients.get(key)
+                if tx is None:
+                    record = self._done.get(key)
+                    if record is not None:
+                        self._record_input(record, _client_input(key, response), response)
+                        return
         if tx is None:
             self._events.append(StrayResponse(response, source))
             return
         tx.on_response(response, now)
 
     def _receive_ack(self, ack: Request, source: object, now: float) -> None:
-        tx = self._servers.get(server_key(ack))
-        if tx is not None and tx.is_invite and _ack_matches(tx, ack):
-            tx.on_request(ack, now)
-            return
+        key = server_key(ack)
+        tx = self._servers.get(key)
+        if tx is not None:
+            if tx.is_invite and _ack_matches(tx, ack):
+                tx.on_request(ack, now)
+                return
+        else:
+            record = self._done.get(key)
+            # The key ends with INVITE: Accepted or Confirmed, which keep the final's To tag.
+            if record is not None and (
+                _is_rfc3261_branch(ack.top_via.branch) or ack.to_tag == record[4]
+            ):
+                self._record_input(record, ServerInput.ACK, ack)
+                return
         # §17.2.3: the ACK of a 2xx matches no transaction; it belongs to the dialog.
         self._events.append(AckReceived(ack, source))
 
     def _receive_cancel(self, cancel: Request, source: object, reliable: bool, now: float) -> None:
         own_key = server_key(cancel)
-        own = self._servers.get(own_key)
-        if own is not None:
-            own.on_request(cancel, now)  # a retransmitted CANCEL
+        # A CANCEL's transaction is answered below as it starts: a copy finds its record
+        # (Completed, Timer J) or nothing (ended at once over a reliable transport).
+        own_record = self._done.get(own_key)
+        if own_record is not None:
+            self._record_input(own_record, ServerInput.REQUEST, cancel)  # answered again
             return
-        invite_tx = self._servers.get(cancelled_key(cancel))
+        invite_key = cancelled_key(cancel)
+        invite_tx = self._servers.get(invite_key)
         tx = self._new_server(own_key, cancel, source, reliable, now)
-        if invite_tx is None or not invite_tx.is_invite:
-            # §9.2: a CANCEL that matches no transaction is answered 481.
-            tx.on_response(build_response(cancel, 481, to_tag=None), now)
+        if invite_tx is None:
+            invite_record = self._done.get(invite_key)
+            if invite_record is None:
+                # §9.2: a CANCEL that matches no transaction is answered 481.
+                tx.on_response(build_response(cancel, 481, to_tag=None), now)
+                return
+            # Accepted or Confirmed: too late to cancel, the TU is not told; the 200 carries
+            # the To tag of the final response.
+            to_tag = invite_record[4]
+            assert to_tag is None or isinstance(to_tag, str)
+            tx.on_response(build_response(cancel, 200, to_tag=to_tag), now)
             return
         # §9.2: the CANCEL is answered 200 (its To tag is that of the INVITE's responses);
         # the INVITE is the TU's to end with 487 while no final response has been sent.
-        to_tag = _response_to_tag(invite_tx)
-        tx.on_response(build_response(cancel, 200, to_tag=to_tag), now)
+        tx.on_response(build_response(cancel, 200, to_tag=invite_tx.last_to_tag), now)
         if invite_tx.state is ServerState.PROCEEDING:
             self._events.append(CancelReceived(invite_tx.key, own_key, cancel))
 
 
-def _response_to_tag(tx: ServerTransaction) -> str | None:
-    return tx.last_to_tag
+# The heap is rebuilt without disarmed entries once it reaches this size (then twice its size).
+_PRUNE_MIN = 512
+
+
+# The state tables by (client side, INVITE), for the inputs of retired transactions.
+_TABLES: dict[tuple[bool, bool], Mapping[Any, tuple[str, object]]] = {
+    (True, True): INVITE_CLIENT_TABLE,
+    (True, False): NON_INVITE_CLIENT_TABLE,
+    (False, True): INVITE_SERVER_TABLE,
+    (False, False): NON_INVITE_SERVER_TABLE,
+}
+
+
+def _deadline_of(record: Record) -> float:
+    return record[0]
+
+
+def _client_input(key: str, response: Response) -> ClientInput:
+    """The input a response is to a client transaction (ClientTransaction.on_response's)."""
+    status = response.status
+    if status < 200:
+        return ClientInput.PROVISIONAL
+    if not key.endswith("|INVITE"):
+        return ClientInput.FINAL
+    return ClientInput.SUCCESS if status < 300 else ClientInput.FAILURE
 
 
 def _is_rfc3261_branch(branch: str | None) -> bool:

@@ -3,6 +3,10 @@
 Each transaction class keeps its own transition table, actions and timer-to-input map; this
 base runs an input through the table (an input with no entry raises ProtocolError) and keeps
 the armed timers' handles, reporting deadlines to the owner that schedules them.
+
+Once a transaction only absorbs retransmissions (its last timer is one of D, I, J, K, L, M) it
+is retired: the owner replaces it by a flat record of what those duties need (see
+:meth:`~sbc.sip.transaction.TransactionLayer.retire`) and the object is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class _Owner(Protocol):
     def schedule(self, tx: Any, timer: Timer, deadline: float) -> int: ...
 
     def terminated(self, tx: Any) -> None: ...
+
+    def retire(self, tx: Any, kept: object, deadline: float, duration: float) -> None: ...
 
 
 class TransactionMachine(Generic[StateT, InputT]):
@@ -65,11 +71,18 @@ class TransactionMachine(Generic[StateT, InputT]):
             self._owner.terminated(self)
 
     def _arm(self, timer: Timer, duration: float, now: float) -> None:
+        # Only the waiting timers (D, I, J, K) are ever 0 s (RFC 3261 Table 4, reliable
+        # transports): they are entered through _retire, which ends the transaction at once.
+        self.timers[timer] = self._owner.schedule(self, timer, now + duration)
+
+    def _retire(self, timer: Timer, duration: float, kept: object, now: float) -> None:
+        """Enter the waiting of ``timer`` (the state is already the absorbing one): over a
+        reliable transport (0 s, RFC 3261 Table 4) the transaction ends at once; else the owner
+        keeps ``kept`` in a record until ``now + duration`` and this object is let go."""
         if duration <= 0:
-            # RFC 3261 Table 4: a 0 s timer (reliable transports) fires at once.
             self.on_timer(timer, now)
             return
-        self.timers[timer] = self._owner.schedule(self, timer, now + duration)
+        self._owner.retire(self, kept, now + duration, duration)
 
     def _disarm(self, *timers: Timer) -> None:
         for timer in timers:

@@ -89,8 +89,10 @@ def test_next_deadline_skips_the_timers_no_longer_armed() -> None:
         if layer._armed(key, name, token) is not None
     ]
     assert first == reference[0]
-    # Answered: the Trying timer is disarmed, its heap entry stale until next_deadline().
-    layer.respond(_key(layer), _ok(invite), now=100.01)
+    # Answered: the Trying timer is disarmed, its heap entry stale until next_deadline(); the
+    # transaction is retired in Accepted, its Timer L a record's deadline.
+    key = _key(layer)
+    layer.respond(key, _ok(invite), now=100.01)
     layer.datagrams_to_send()
     after = layer.next_deadline()
     armed = [
@@ -98,8 +100,8 @@ def test_next_deadline_skips_the_timers_no_longer_armed() -> None:
         for deadline, token, key, name in sorted(layer._heap)
         if layer._armed(key, name, token) is not None
     ]
-    assert after == (armed[0] if armed else None)
-    assert layer._heap and layer._armed(*_entry(layer._heap[0])) is not None
+    assert after == min([*armed, layer._done[key][0]]) == pytest.approx(100.01 + 32)
+    assert not layer._heap or layer._armed(*_entry(layer._heap[0])) is not None
 
 
 def _key(layer: Any) -> str:

@@ -27,9 +27,10 @@ from sbc.sip.message import (
     with_top_via,
 )
 from sbc.sip.parser import parse_message
+from sbc.sip.serializer import serialize
 from sbc.sip.server_transaction import build_response
 from sbc.sip.timers import TimerConfig
-from sbc.sip.transaction import TransactionLayer
+from sbc.sip.transaction import ServerState, TransactionLayer
 from sbc.sip.uri import parse_name_addr, parse_name_addr_list, parse_uri
 from sbc.sip.validate import validate_request, validate_response
 
@@ -532,10 +533,13 @@ def test_completed_transaction_keeps_only_what_a_copy_needs() -> None:
     ok = build_response(req, 200, to_tag="t")
     layer.respond(event.key, ok, now=0.0)  # type: ignore[union-attr]
     assert layer.datagrams_to_send() == [(SOURCE, ok)]
-    tx = layer._servers[event.key]  # type: ignore[union-attr]
-    assert tx.request is None
+    # Retired: a record of (deadline, key, state, source, the response's bytes), no request.
+    record = layer._done[event.key]  # type: ignore[union-attr]
+    assert record[2:] == (ServerState.COMPLETED, SOURCE, serialize(ok))
+    assert event.key not in layer._servers  # type: ignore[union-attr]
     layer.receive(req, source=SOURCE, reliable=False, now=1.0)
-    assert layer.datagrams_to_send() == [(SOURCE, ok)]
+    [(dest, again)] = layer.datagrams_to_send()
+    assert (dest, serialize(again)) == (SOURCE, serialize(ok))
     assert layer.events() == []
     # Timer J still fires from the heap and ends the transaction (RFC 3261 §17.2.2).
     deadline = layer.next_deadline()

@@ -53,6 +53,14 @@ def wire(message: Request | Response) -> Request | Response:
     return parse_message(serialize(message))
 
 
+def on_wire(
+    out: list[tuple[object, Request | Response]],
+) -> list[tuple[object, bytes]]:
+    """What ``datagrams_to_send()`` gave, as (destination, bytes): a retired transaction
+    resends what it sent from the bytes it kept, a message equal to the first on the wire."""
+    return [(dest, serialize(message)) for dest, message in out]
+
+
 def pump(src: TransactionLayer, dst: TransactionLayer, *, source: object, now: float) -> int:
     """Deliver everything ``src`` wants to send to ``dst``; returns how many messages."""
     out = src.datagrams_to_send()

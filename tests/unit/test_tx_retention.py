@@ -6,15 +6,18 @@ load, so each keeps the response it may resend (or just its To tag), never the r
 
 from __future__ import annotations
 
-from test_tx_helpers import UAC, UAS, make_request, reply
+from test_tx_helpers import UAC, UAS, make_request, on_wire, reply
 
 from sbc.sip.errors import ParseError
 from sbc.sip.message import parse_address
+from sbc.sip.serializer import serialize
 from sbc.sip.transaction import (
     AckReceived,
     CancelReceived,
+    ClientState,
     RequestReceived,
     ResponseReceived,
+    ServerState,
     TransactionLayer,
     TransactionTerminated,
     build_cancel,
@@ -36,17 +39,14 @@ def test_accepted_invite_server_keeps_the_to_tag_only() -> None:
     ok = reply(invite, 200, "uas1")
     layer.respond(key, ok, now=0.1)
     assert layer.datagrams_to_send() == [(UAC, ok)]
-    tx = layer._servers[key]
-    assert (tx.request, tx.last_response, tx.last_to_tag, tx.responded) == (
-        None,
-        None,
-        "uas1",
-        True,
-    )
+    # Retired: the transaction object is gone, its record keeps the source and the To tag.
+    assert key not in layer._servers
+    assert layer._done[key] == (0.1 + 32, key, ServerState.ACCEPTED, UAC, "uas1")
+    assert layer.server_state(key) is ServerState.ACCEPTED
     # RFC 6026 §7.1: the TU's 2xx copies go out and are not kept either.
     layer.respond(key, ok, now=0.6)
     assert layer.datagrams_to_send() == [(UAC, ok)]
-    assert tx.last_response is None
+    assert layer._done[key][4] == "uas1"
     # An INVITE copy is absorbed (nothing sent), the ACK passed up.
     layer.receive(invite, source=UAC, reliable=False, now=0.7)
     ack = make_request("ACK", cseq_method="ACK", to_tag="uas1")
@@ -89,8 +89,7 @@ def test_rfc2543_ack_after_a_2xx_without_tag_matches() -> None:
     layer, key = _server(branch=None)
     invite = make_request(branch=None)
     layer.respond(key, reply(invite, 200, None), now=0.1)
-    tx = layer._servers[key]
-    assert (tx.responded, tx.last_to_tag) == (True, None)
+    assert layer._done[key][2:] == (ServerState.ACCEPTED, UAC, None)
     ack = make_request("ACK", branch=None, cseq_method="ACK")
     layer.receive(ack, source=UAC, reliable=False, now=0.2)
     assert layer.events() == [AckReceived(ack, UAC)]  # passed up by the Accepted transaction
@@ -102,9 +101,9 @@ def test_non_invite_server_answers_copies_without_the_request() -> None:
     ok = reply(bye, 200, None)
     layer.respond(key, ok, now=0.1)
     layer.datagrams_to_send()
-    assert layer._servers[key].request is None
+    assert layer._done[key][2:] == (ServerState.COMPLETED, UAC, serialize(ok))
     layer.receive(bye, source=UAC, reliable=False, now=1.0)
-    assert layer.datagrams_to_send() == [(UAC, ok)]
+    assert on_wire(layer.datagrams_to_send()) == on_wire([(UAC, ok)])
 
 
 def test_client_transactions_drop_the_request_at_the_final_response() -> None:
@@ -117,8 +116,9 @@ def test_client_transactions_drop_the_request_at_the_final_response() -> None:
     ok = reply(invite, 200, "uas1")
     layer.receive(ok, source=UAS, reliable=False, now=0.1)
     layer.receive(reply(bye, 200, None), source=UAS, reliable=False, now=0.1)
-    assert layer._clients[key].request is None
-    assert layer._clients[bye_key].request is None
+    assert not layer._clients
+    assert layer._done[key][2:] == (ClientState.ACCEPTED, UAS, "uas1")
+    assert layer._done[bye_key][2:] == (ClientState.COMPLETED, UAS, None)
     # A 2xx copy is still recognised as one in Accepted (RFC 6026 §8.4).
     layer.receive(ok, source=UAS, reliable=False, now=0.2)
     events = layer.events()
@@ -143,9 +143,9 @@ def test_completed_invite_client_resends_its_ack_without_the_request() -> None:
     busy = reply(invite, 486, "uas1")
     layer.receive(busy, source=UAS, reliable=False, now=0.1)
     [(_, ack)] = layer.datagrams_to_send()
-    assert layer._clients[key].request is None
+    assert layer._done[key][2:] == (ClientState.COMPLETED, UAS, serialize(ack))
     layer.receive(busy, source=UAS, reliable=False, now=0.2)
-    assert layer.datagrams_to_send() == [(UAS, ack)]
+    assert on_wire(layer.datagrams_to_send()) == on_wire([(UAS, ack)])
 
 
 def test_from_memo_by_uri_gives_the_parsers_values() -> None:
