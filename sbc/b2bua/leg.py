@@ -40,7 +40,7 @@ from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, OutgoingRequest, SipEngine
 from sbc.sip.dialog import Dialog, DialogState
 from sbc.sip.digest import ClientAuth, Credentials
-from sbc.sip.fields import Via, parse_via
+from sbc.sip.fields import parse_via
 from sbc.sip.ids import BRANCH_COOKIE, new_branch, new_cnonce
 from sbc.sip.message import Request, Response
 
@@ -297,8 +297,12 @@ class Leg:
         self, method: str, *, cseq: int | None = None, headers: HeaderList = (), body: bytes = b""
     ) -> Request:
         assert self.dialog is not None
-        # The Via's branch is replaced by create_request: none drawn for it here.
-        via = _via_of(self.engine.make_via(self.local.transport, self.socket, branch=BRANCH_COOKIE))
+        # create_request gives the Via its branch: the engine writes the bare cookie (no random
+        # draw), so the text is the same for every request on this transport and socket and is
+        # parsed once (_parse_via_shape's cache).
+        via = _parse_via_shape(
+            self.engine.make_via(self.local.transport, self.socket, branch=BRANCH_COOKIE)
+        )
         branch = new_branch(self._random(12))
         if self._user_agent:
             headers = (*headers, ("User-Agent", self._user_agent))
@@ -342,17 +346,7 @@ class Leg:
         self.state = LegState.ENDED
 
 
-def _via_of(text: str) -> Via:
-    """``text`` (the engine's Via for a request) parsed, as far as the dialog uses it: the
-    branch is replaced anyway (``Dialog.create_request``, in place), so every Via the engine
-    writes for one transport parses alike and is parsed once."""
-    head, found, rest = text.partition(";branch=")
-    if not found:
-        return parse_via(text)
-    _, semicolon, tail = rest.partition(";")
-    return _parse_via_shape(f"{head};branch=z9hG4bK{semicolon}{tail}")
-
-
+# The engine's Via of a leg's in-dialog requests, parsed once per distinct text.
 _parse_via_shape = functools.lru_cache(maxsize=64)(parse_via)
 
 

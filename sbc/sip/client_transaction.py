@@ -153,6 +153,16 @@ class ClientOwner(Protocol):
     ) -> None: ...
 
 
+def response_input(status: int, is_invite: bool) -> ClientInput:
+    """The input a response with ``status`` is to a client transaction (Figures 5 and 6);
+    also what the layer feeds a retired one."""
+    if status < 200:
+        return In.PROVISIONAL
+    if not is_invite:
+        return In.FINAL
+    return In.SUCCESS if status < 300 else In.FAILURE
+
+
 def build_ack(invite: Request, response: Response) -> Request:
     """The ACK for a non-2xx final response to ``invite`` (RFC 3261 §17.1.1.3).
 
@@ -229,16 +239,7 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         self._arm(timeout, self.config.initial(timeout, reliable=self.reliable), now)
 
     def on_response(self, response: Response, now: float) -> None:
-        status = response.status
-        if status < 200:
-            kind = In.PROVISIONAL
-        elif not self.is_invite:
-            kind = In.FINAL
-        elif status < 300:
-            kind = In.SUCCESS
-        else:
-            kind = In.FAILURE
-        self._dispatch(kind, response, now)
+        self._dispatch(response_input(response.status, self.is_invite), response, now)
 
     def on_cancel_sent(self, now: float) -> None:
         """A CANCEL for this INVITE was sent (§9.1)."""

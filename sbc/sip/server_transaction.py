@@ -142,6 +142,16 @@ class ServerOwner(Protocol):
     ) -> None: ...
 
 
+def tu_response_input(status: int, is_invite: bool) -> ServerInput:
+    """The input the TU's response with ``status`` is to a server transaction (Figures 7 and
+    8); also what the layer feeds a retired one."""
+    if status < 200:
+        return In.TU_PROVISIONAL
+    if not is_invite:
+        return In.TU_FINAL
+    return In.TU_SUCCESS if status < 300 else In.TU_FAILURE
+
+
 @lru_cache(maxsize=256)
 def _to_and_text(value: str) -> tuple[NameAddr, str]:
     """A To value parsed and written back (the text a tag is appended to), by To text."""
@@ -286,16 +296,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
 
     def on_response(self, response: Response, now: float) -> None:
         """The TU's response (§17.2.1, §17.2.2)."""
-        status = response.status
-        if status < 200:
-            kind = In.TU_PROVISIONAL
-        elif not self.is_invite:
-            kind = In.TU_FINAL
-        elif status < 300:
-            kind = In.TU_SUCCESS
-        else:
-            kind = In.TU_FAILURE
-        self._dispatch(kind, response, now)
+        self._dispatch(tu_response_input(response.status, self.is_invite), response, now)
 
     # -- actions ------------------------------------------------------------------------
     def _send(self, message: Request | Response | None, now: float) -> None:

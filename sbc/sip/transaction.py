@@ -36,6 +36,7 @@ from sbc.sip.client_transaction import (
     ClientState,
     ClientTransaction,
     build_ack,
+    response_input,
 )
 from sbc.sip.errors import ProtocolError, SipError
 from sbc.sip.fields import Via
@@ -51,6 +52,7 @@ from sbc.sip.server_transaction import (
     ServerTransaction,
     build_response,
     build_trying,
+    tu_response_input,
 )
 from sbc.sip.timers import Timer, TimerConfig
 
@@ -321,13 +323,7 @@ class TransactionLayer:
         record = self._done.get(server_key)
         if record is None or server_key.startswith("c|"):
             raise ProtocolError(f"no server transaction {server_key}")
-        status = response.status
-        if status < 200:
-            kind = ServerInput.TU_PROVISIONAL
-        elif not server_key.endswith("|INVITE"):
-            kind = ServerInput.TU_FINAL
-        else:
-            kind = ServerInput.TU_SUCCESS if status < 300 else ServerInput.TU_FAILURE
+        kind = tu_response_input(response.status, server_key.endswith("|INVITE"))
         self._record_input(record, kind, response)
 
     def transport_error(self, key: str, *, now: float) -> None:
@@ -609,7 +605,9 @@ class TransactionLayer:
                 if tx is None:
                     record = self._done.get(key)
                     if record is not None:
-                        self._record_input(record, _client_input(key, response), response)
+                        self._record_input(
+                            record, response_input(response.status, method == "INVITE"), response
+                        )
                         return
         if tx is None:
             self._events.append(StrayResponse(response, source))
@@ -679,16 +677,6 @@ _TABLES: dict[tuple[bool, bool], Mapping[Any, tuple[str, object]]] = {
 
 def _deadline_of(record: Record) -> float:
     return record[0]
-
-
-def _client_input(key: str, response: Response) -> ClientInput:
-    """The input a response is to a client transaction (ClientTransaction.on_response's)."""
-    status = response.status
-    if status < 200:
-        return ClientInput.PROVISIONAL
-    if not key.endswith("|INVITE"):
-        return ClientInput.FINAL
-    return ClientInput.SUCCESS if status < 300 else ClientInput.FAILURE
 
 
 def _is_rfc3261_branch(branch: str | None) -> bool:

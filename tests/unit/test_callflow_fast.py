@@ -24,7 +24,7 @@ import structlog
 from sbc.b2bua.absorber import Absorber
 from sbc.b2bua.calls import hung_up_by
 from sbc.b2bua.callstate import CallInput, CallState
-from sbc.b2bua.leg import Leg, Role, _via_of
+from sbc.b2bua.leg import Leg, Role
 from sbc.b2bua.messages import (
     Caller,
     LegIds,
@@ -49,7 +49,6 @@ from sbc.sdp.model import NoCommonCodec
 from sbc.sdp.offer_answer import filter_codecs
 from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.digest import ClientAuth, Credentials
-from sbc.sip.fields import parse_via
 from sbc.sip.message import Request, Response
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import NameAddr
@@ -342,23 +341,6 @@ async def test_cancel_waits_stops_the_copies_without_settling() -> None:
 
 
 # -- the Via of in-dialog requests, templates --------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKabc123;rport",
-        "SIP/2.0/TCP 10.0.0.5:5070;branch=z9hG4bKdef;rport",
-        "SIP/2.0/TLS [2001:db8::5]:5061;branch=z9hG4bK9",
-        "SIP/2.0/UDP host.example;rport;branch=z9hG4bK1;alias",
-        "SIP/2.0/UDP 10.0.0.5:5060;rport",
-    ],
-)
-def test_via_of_gives_what_parse_via_gives(text: str) -> None:
-    for branch in ("z9hG4bKone", "z9hG4bKtwo"):
-        want = parse_via(text).with_param("branch", branch)
-        assert _via_of(text).with_param("branch", branch) == want
-        assert str(_via_of(text).with_param("branch", branch)) == str(want)
 
 
 @pytest.mark.parametrize(
