@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -197,6 +197,13 @@ class RecordsError(Exception):
 # argument). encode() keeps its record of the containers being encoded per call, so the
 # encoder may be shared by threads.
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+# A None parameter is bound as NULL either way; without an adapter of its own, sqlite3 looks
+# for one by two failed attribute lookups (each an AttributeError made and dropped) for each
+# None of each row (five to eight a call). {}.get(None) is None: the same NULL, found in the
+# adapters' table by one C call (about 0.2 us less per None; process-wide, as any adapter).
+_NO_ADAPTATION: dict[None, None] = {}
+sqlite3.register_adapter(type(None), cast(Callable[[None], None], _NO_ADAPTATION.get))
 
 
 def _counter(media: dict[str, Any] | None, side: str, name: str) -> int | None:
