@@ -71,7 +71,7 @@ class Absorber:
         self._bridge = bridge
         self._spawn = spawn
         self.log = log
-        self._acks: dict[tuple[Leg, int], _Acked] = {}
+        self._acks: dict[tuple[Leg, int], asyncio.Future[Request | None]] = {}
         # A frozenset, replaced on change: the empty one is shared (an empty set is 216 bytes
         # of every held call), and re-INVITEs are rare.
         self._reinvite_pending: frozenset[Leg] = _NONE_PENDING
@@ -120,26 +120,25 @@ class Absorber:
         (the call ending) cancelled the wait."""
         seq = response.cseq.seq
         key = (leg, seq)
-        resend: _Resend | None = None
-
-        def finish(ack: Request | None, cancelled: bool) -> None:
-            if resend is not None:
-                resend.stop()
-            self._forget(key, acked)
-            if not cancelled:
-                settled(ack)
-
-        acked = _AckWait(finish)
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[Request | None] = loop.create_future()
         self._acks[key] = acked
         try:
             incoming.send(response)
         except BaseException:
             del self._acks[key]
             raise
-        loop = asyncio.get_running_loop()
         resend = _Resend(loop, acked, incoming, response, self.config.t1, self.config.t2)
 
-    def _forget(self, key: tuple[Leg, int], acked: _Acked) -> None:
+        def done(future: asyncio.Future[Request | None]) -> None:
+            resend.stop()
+            self._forget(key, future)
+            if not future.cancelled():
+                settled(future.result())
+
+        acked.add_done_callback(done)
+
+    def _forget(self, key: tuple[Leg, int], acked: asyncio.Future[Request | None]) -> None:
         """The wait for ``key``'s ACK is over: drop it (unless a newer wait took the key)."""
         if self._acks.get(key) is acked:
             del self._acks[key]
@@ -270,38 +269,6 @@ class Absorber:
         return tuple(items)
 
 
-class _AckWait:
-    """:meth:`Absorber.send_2xx_then`'s wait for an ACK, with what a future's interface gave
-    it (``done``, ``set_result``, ``cancel``): ``finish(ack, cancelled)`` runs at once, in the
-    call that ends the wait, not through a future and a done callback run at the loop's
-    next pass (a future, a callback handle and a loop pass for every call answered). Ends
-    once; later ends are ignored as a done future's would be refused."""
-
-    __slots__ = ("_finish",)
-
-    def __init__(self, finish: Callable[[Request | None, bool], None]) -> None:
-        self._finish: Callable[[Request | None, bool], None] | None = finish
-
-    def done(self) -> bool:
-        return self._finish is None
-
-    def set_result(self, ack: Request | None) -> None:
-        finish, self._finish = self._finish, None
-        if finish is not None:
-            finish(ack, False)
-
-    def cancel(self) -> bool:
-        finish, self._finish = self._finish, None
-        if finish is None:
-            return False
-        finish(None, True)
-        return True
-
-
-# What waits for a 2xx's ACK: send_2xx's future, send_2xx_then's _AckWait.
-_Acked = asyncio.Future[Request | None] | _AckWait
-
-
 class _Resend:
     """The copies of a 2xx until its ACK (RFC 3261 §13.3.1.4): one timer handle re-armed at
     T1, 2*T1... capped at T2, that gives up (``acked`` gets None) after 64*T1 or once the
@@ -315,7 +282,7 @@ class _Resend:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        acked: _Acked,
+        acked: asyncio.Future[Request | None],
         incoming: IncomingRequest,
         response: Response,
         t1: float,

@@ -6,8 +6,7 @@
 * A packed ladder's Request-URI and address texts come from remembered texts: the same text
   ``str()`` gives, for any URI and address, also once the memo was emptied.
 * A None value of a record's row is written NULL through the adapter registered for it.
-* A request sent makes no future for :meth:`OutgoingRequest.wait_sent` until one waits; the
-  ACK of the 200 that answers a call settles its wait at once, without a future.
+* A request sent makes no future for :meth:`OutgoingRequest.wait_sent` until one waits.
 """
 
 from __future__ import annotations
@@ -17,14 +16,11 @@ import dataclasses
 import sqlite3
 from array import array
 from pathlib import Path
-from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sbc.b2bua import ladder as ladder_module
-from sbc.b2bua.absorber import _AckWait
 from sbc.b2bua.events import CallRecord
 from sbc.b2bua.ladder import Ladder, _pack_columns
 from sbc.net.addresses import Destination, TransportConfig
@@ -35,8 +31,7 @@ from sbc.sip.headers import Headers
 from sbc.sip.message import Request
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import SipUri, parse_uri
-from tests.unit.call_harness import FakeEngine, a_invite
-from tests.unit.test_callflow_fast import _absorber_and_leg
+from tests.unit.call_harness import a_invite
 
 # -- ACKs as they came -------------------------------------------------------------------------
 
@@ -272,45 +267,3 @@ async def test_a_request_sent_makes_no_future_until_one_waits_for_it() -> None:
     later.deliver(build_response(request, 200, to_tag="t"))  # a final marks it sent too
     assert await asyncio.wait_for(waiting, 1) is request
     later.mark_sent()  # idempotent
-
-
-async def test_the_ack_of_the_200_settles_at_once_without_a_future(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """send_2xx_then hands the ACK over in the call that brings it (ack_arrived), not a loop
-    pass later through a future's callback; the copies stop and the wait is forgotten."""
-    engine = FakeEngine()
-    absorber, leg, incoming, ok = _absorber_and_leg(engine)
-    loop = asyncio.get_running_loop()
-    made: list[object] = []
-    create_future = loop.create_future
-
-    def counting() -> asyncio.Future[Any]:
-        future = create_future()
-        made.append(future)
-        return future
-
-    monkeypatch.setattr(loop, "create_future", counting)
-    settled: list[Request | None] = []
-    absorber.send_2xx_then(leg, incoming, ok, settled.append)
-    assert made == [] and len(absorber._acks) == 1
-    ack = Request("ACK", a_invite().uri, a_invite().headers.set("CSeq", "1 ACK"))
-    absorber.ack_arrived(leg, ack)
-    assert settled == [ack] and not absorber._acks  # at once: no loop pass in between
-    absorber.ack_arrived(leg, ack)  # a copy of the ACK: nothing more
-    absorber.cancel_waits()  # nothing left to cancel
-    assert settled == [ack] and made == []
-
-
-def test_an_ack_wait_ends_once() -> None:
-    ends: list[tuple[object, bool]] = []
-    wait = _AckWait(lambda ack, cancelled: ends.append((ack, cancelled)))
-    assert not wait.done()
-    assert wait.cancel() and wait.done()
-    wait.set_result(None)
-    assert not wait.cancel()
-    assert ends == [(None, True)]
-    other = _AckWait(lambda ack, cancelled: ends.append((ack, cancelled)))
-    other.set_result(None)
-    other.set_result(None)
-    assert ends == [(None, True), (None, False)]
