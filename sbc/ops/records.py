@@ -236,7 +236,8 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     # JSON are made when the record is read (_decoded), not for every call here.
     packed = packed_ladder(record.ladder)
     # The relay's packet counters (NULL without a media session; pass-through has no sides).
-    counters = _NO_COUNTERS if media is None else _counters(media)
+    # (pass-through's stats have no sides: none of the four counters, without their calls)
+    counters = _NO_COUNTERS if media is None or not media.get("sides") else _counters(media)
     # In COLUMNS' order (a tuple straight away: no dict per row).
     values = (
         record.call_uuid,

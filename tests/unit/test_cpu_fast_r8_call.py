@@ -16,7 +16,9 @@ import dataclasses
 import sqlite3
 from array import array
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,7 +28,7 @@ from sbc.b2bua.ladder import Ladder, _pack_columns
 from sbc.net.addresses import Destination, TransportConfig
 from sbc.net.engine import SipEngine
 from sbc.net.handles import IncomingRequest, OutgoingRequest
-from sbc.ops.records import RecordWriter
+from sbc.ops.records import COLUMNS, RecordWriter, _counters, row_of
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request
 from sbc.sip.server_transaction import build_response
@@ -267,3 +269,20 @@ async def test_a_request_sent_makes_no_future_until_one_waits_for_it() -> None:
     later.deliver(build_response(request, 200, to_tag="t"))  # a final marks it sent too
     assert await asyncio.wait_for(waiting, 1) is request
     later.mark_sent()  # idempotent
+
+
+@pytest.mark.parametrize(
+    "media",
+    [
+        {"backend": "passthrough", "call_id": "c", "sides": {}},
+        {"backend": "x"},
+        {"backend": "x", "sides": None},
+        {"sides": {"a": {"rtp": {"packets": 3, "bytes": 9}}, "b": {}}},
+        {"sides": {"a": {"rtp": {"packets": True, "bytes": 1.5}}, "b": {"rtp": {"bytes": 7}}}},
+    ],
+)
+def test_a_rows_packet_counters_are_read_as_before(media: dict[str, Any]) -> None:
+    bare = CallRecord("u-1", "p", "", "", "101", 1.0, None, 2.0, 487, None, "pbx_cancel")
+    row = row_of(dataclasses.replace(bare, media=media))
+    at = COLUMNS.index("a_packets")
+    assert row[at : at + 4] == _counters(media)
