@@ -841,7 +841,10 @@ class SipEngine:
     def _incoming_request(self, request: Request, source: Destination) -> None:
         self.stats.requests_received += 1
         try:
-            request = _stamped_unless_ack(request, source)
+            if request.method == "ACK":
+                request = _ack_as_received(request, source)
+            else:
+                request = stamp_via(request, source)
         except SipError:
             # No usable top Via: there is nowhere to send an answer to (RFC 3261 §18.2.2).
             self.stats.requests_rejected += 1
@@ -1174,17 +1177,15 @@ def _top_via_element(request: Request) -> tuple[str, Via]:
     return first, parse_via(first)
 
 
-def _stamped_unless_ack(request: Request, source: Destination) -> Request:
-    """:func:`stamp_via`, but an ACK with an RFC 3261 branch as it came (its Via read the
-    same way, the same :class:`SipError` when it cannot be): an ACK is never answered
+def _ack_as_received(request: Request, source: Destination) -> Request:
+    """:func:`stamp_via` of an ACK, but one with an RFC 3261 branch as it came (its Via read
+    the same way, the same :class:`SipError` when it cannot be): an ACK is never answered
     (RFC 3261 §17.1.1.3, §13.2.2.4), so what stamping adds (``received``, the ``rport``
     value: where answers go) is never read, and such an ACK's transaction is found by branch
     and sent-by alone (§17.2.3), which stamping leaves as they are. An RFC 2543 ACK is
     stamped: its INVITE's transaction is found by the whole Via as stamped. One request in
     three of every call; the copy of the request and its header fields that stamping makes
     was work thrown away."""
-    if request.method != "ACK":
-        return stamp_via(request, source)
     branch = _top_via_element(request)[1].branch
     if branch is not None and branch.startswith(BRANCH_COOKIE) and branch != BRANCH_COOKIE:
         return request
