@@ -660,20 +660,68 @@ def _unhex(typecode: str, text: str) -> array[Any]:
     return numbers
 
 
+# The texts of the Request-URIs and peer addresses written into packed ladders, remembered:
+# each was a Python __str__ per message in the writer's thread (22 a call, an eighth of the
+# thread's instructions). A URI is immutable and the parser shares one among the messages
+# and calls that carry the same text: remembered by identity, with the object kept so that
+# its id is not reused while remembered. An address's text is its transport, host and port
+# (Destination.__str__): remembered by those, the objects themselves being made per message.
+# Bounded (emptied when full: peers are few; a peer writing a new Request-URI for every call
+# only refills it).
+_URI_TEXTS: dict[int, tuple[object, str]] = {}
+_ADDRESS_TEXTS: dict[tuple[str, str, int], str] = {}
+_TEXTS_LIMIT = 256
+
+
+def _uri_text(uri: object) -> str:
+    """``str(uri)``, remembered (by identity) for the next packed ladders."""
+    text = str(uri)
+    if len(_URI_TEXTS) >= _TEXTS_LIMIT:
+        _URI_TEXTS.clear()
+    _URI_TEXTS[id(uri)] = (uri, text)
+    return text
+
+
+def _address_text(address: Destination) -> str:
+    """``str(address)``, remembered (by transport, host and port) for the next ladders."""
+    text = str(address)
+    if len(_ADDRESS_TEXTS) >= _TEXTS_LIMIT:
+        _ADDRESS_TEXTS.clear()
+    _ADDRESS_TEXTS[(address.transport, address.host, address.port)] = text
+    return text
+
+
 def _pack_columns(fields: list[Any], times: array[float], idents: array[int]) -> str | None:
     heads = fields[1::_RAW_FIELDS]
     if not set(map(type, heads)) <= _HEAD_TYPES:
         return None
+    # str() of the reasons (texts) and Request-URIs (no password: note()), and of the
+    # peers' addresses, through the remembered texts (the same texts str() gives).
+    uris = _URI_TEXTS
+    tails: list[str] = []
+    for tail in fields[2::_RAW_FIELDS]:
+        if type(tail) is not str:
+            known = uris.get(id(tail))
+            tail = known[1] if known is not None and known[0] is tail else _uri_text(tail)
+        tails.append(tail)
+    texts = _ADDRESS_TEXTS
+    addresses: list[str] = []
+    for address in fields[5::_RAW_FIELDS]:
+        if type(address) is Destination:
+            text = texts.get((address.transport, address.host, address.port))
+            addresses.append(text if text is not None else _address_text(address))
+        else:
+            addresses.append(str(address))
     parts = [
         PACKED_VERSION,
         _hex(times),
         _hex(idents),
         *map(_SUB.join, fields[0::_RAW_FIELDS]),  # where
         *map(repr, heads),  # status or method
-        *map(str, fields[2::_RAW_FIELDS]),  # reason or Request-URI (no password: note())
+        *tails,  # reason or Request-URI
         *fields[3::_RAW_FIELDS],  # Call-ID
         *fields[4::_RAW_FIELDS],  # CSeq
-        *map(str, fields[5::_RAW_FIELDS]),  # the peer's address
+        *addresses,  # the peer's address
     ]
     text = _SEP.join(parts)
     n = len(times)

@@ -841,7 +841,10 @@ class SipEngine:
     def _incoming_request(self, request: Request, source: Destination) -> None:
         self.stats.requests_received += 1
         try:
-            request = stamp_via(request, source)
+            if request.method == "ACK":
+                request = _ack_as_received(request, source)
+            else:
+                request = stamp_via(request, source)
         except SipError:
             # No usable top Via: there is nowhere to send an answer to (RFC 3261 §18.2.2).
             self.stats.requests_rejected += 1
@@ -1133,19 +1136,7 @@ def stamp_via(request: Request, source: Destination) -> Request:
     a valueless ``rport`` is filled with the source port (and then ``received`` is always set).
     Raises :class:`SipError` when there is no readable top Via.
     """
-    first = request.headers.get("Via")
-    if first is None:
-        raise BadRequest("missing Via")
-    if "," in first:
-        elements = split_list(first)
-        if not elements:
-            raise BadRequest("empty Via")
-        first = elements[0]
-        via = parse_via(first)
-    elif first and first == first.strip():
-        via = request.top_via  # the same parse, remembered for when nothing is stamped
-    else:
-        via = parse_via(first)
+    first, via = _top_via_element(request)
     params = via.params
     port = source.port
     if (
@@ -1167,6 +1158,38 @@ def stamp_via(request: Request, source: Destination) -> Request:
             stamped = (*params[:-1], ("rport", str(port)), ("received", source.host))
             return with_top_via(request, text, Via(via.transport, via.host, via.port, stamped))
     return _stamp(request, source, first, via)
+
+
+def _top_via_element(request: Request) -> tuple[str, Via]:
+    """The text of ``request``'s top Via element and what it parses to; :class:`SipError`
+    when there is none to read (the request cannot be answered)."""
+    first = request.headers.get("Via")
+    if first is None:
+        raise BadRequest("missing Via")
+    if "," in first:
+        elements = split_list(first)
+        if not elements:
+            raise BadRequest("empty Via")
+        first = elements[0]
+        return first, parse_via(first)
+    if first and first == first.strip():
+        return first, request.top_via  # the same parse, remembered for when nothing is stamped
+    return first, parse_via(first)
+
+
+def _ack_as_received(request: Request, source: Destination) -> Request:
+    """:func:`stamp_via` of an ACK, but one with an RFC 3261 branch as it came (its Via read
+    the same way, the same :class:`SipError` when it cannot be): an ACK is never answered
+    (RFC 3261 §17.1.1.3, §13.2.2.4), so what stamping adds (``received``, the ``rport``
+    value: where answers go) is never read, and such an ACK's transaction is found by branch
+    and sent-by alone (§17.2.3), which stamping leaves as they are. An RFC 2543 ACK is
+    stamped: its INVITE's transaction is found by the whole Via as stamped. One request in
+    three of every call; the copy of the request and its header fields that stamping makes
+    was work thrown away."""
+    branch = _top_via_element(request)[1].branch
+    if branch is not None and branch.startswith(BRANCH_COOKIE) and branch != BRANCH_COOKIE:
+        return request
+    return stamp_via(request, source)
 
 
 def _stamp(request: Request, source: Destination, first: str, via: Via) -> Request:

@@ -142,7 +142,11 @@ class OutgoingRequest:
         self.local: str | None = None
         self.local_failure: str | None = None
         self._waiters: list[asyncio.Future[None]] = []
-        self._sent = asyncio.get_running_loop().create_future()
+        # wait_sent's future, made by its first waiter (nobody on a call's path waits: a
+        # future made and resolved for each request sent, and kept by each leg's INVITE for
+        # the whole call, was made for nothing); _was_sent says it went out.
+        self._sent: asyncio.Future[None] | None = None
+        self._was_sent = False
         self._subscriber: Callable[[Response], None] | None = None
 
     # -- consumer side -------------------------------------------------------------------------
@@ -170,7 +174,10 @@ class OutgoingRequest:
 
     async def wait_sent(self) -> Request:
         """The request as first handed to the transport (Via and branch filled in)."""
-        await asyncio.shield(self._sent)
+        if not self._was_sent:
+            if self._sent is None:
+                self._sent = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._sent)
         return self.request
 
     @property
@@ -192,8 +199,10 @@ class OutgoingRequest:
     # -- engine side ---------------------------------------------------------------------------
     def mark_sent(self) -> None:
         """The request went to the transport: wake :meth:`wait_sent` (idempotent)."""
-        if not self._sent.done():
-            self._sent.set_result(None)
+        self._was_sent = True
+        sent = self._sent
+        if sent is not None and not sent.done():
+            sent.set_result(None)
 
     def deliver(self, response: Response) -> None:
         """Add a response; a final one ends the request (later ones are ignored)."""

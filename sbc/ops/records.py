@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -198,6 +198,13 @@ class RecordsError(Exception):
 # encoder may be shared by threads.
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
+# A None parameter is bound as NULL either way; without an adapter of its own, sqlite3 looks
+# for one by two failed attribute lookups (each an AttributeError made and dropped) for each
+# None of each row (five to eight a call). {}.get(None) is None: the same NULL, found in the
+# adapters' table by one C call (about 0.2 us less per None; process-wide, as any adapter).
+_NO_ADAPTATION: dict[None, None] = {}
+sqlite3.register_adapter(type(None), cast(Callable[[None], None], _NO_ADAPTATION.get))
+
 
 def _counter(media: dict[str, Any] | None, side: str, name: str) -> int | None:
     sides = (media or {}).get("sides") or {}
@@ -229,7 +236,8 @@ def row_of(record: CallRecord, instance: str = "") -> tuple[Any, ...]:
     # JSON are made when the record is read (_decoded), not for every call here.
     packed = packed_ladder(record.ladder)
     # The relay's packet counters (NULL without a media session; pass-through has no sides).
-    counters = _NO_COUNTERS if media is None else _counters(media)
+    # (pass-through's stats have no sides: none of the four counters, without their calls)
+    counters = _NO_COUNTERS if media is None or not media.get("sides") else _counters(media)
     # In COLUMNS' order (a tuple straight away: no dict per row).
     values = (
         record.call_uuid,
