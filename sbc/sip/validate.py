@@ -25,16 +25,14 @@ from sbc.sip.errors import (
     UnsupportedUriScheme,
     VersionNotSupported,
 )
-from sbc.sip.fields import is_token, parse_int_header, parse_via
+from sbc.sip.fields import is_token, parse_cseq, parse_int_header, parse_via
 from sbc.sip.headers import Headers, split_list
 from sbc.sip.message import (
     SIP_VERSION,
     Request,
     Response,
-    _cseq,
-    _from,
-    _to,
     _top_via,
+    parse_address,
     parse_address_list,
 )
 from sbc.sip.uri import SipUri, is_wildcard_contact
@@ -134,29 +132,39 @@ def _check_common(
         raise error(f"missing {missing[0]}")
     if suspect:
         _check_single_values(lines, error)
-    # The accessors' memo filled through Headers.cached directly (what message.top_via,
-    # .from_, .to and .cseq do on a miss, the usual case here): a property call less each,
-    # four a message.
-    cached = message.headers.cached
+    # The accessors' memo (Headers.cached's dictionary) filled here from the lines the scan
+    # found: what message.top_via, .from_, .to and .cseq compute on a miss (the first line of
+    # each field, parsed), without the four calls of cached() and the accessor helpers and
+    # header lookups behind them (about a dozen Python calls a message). A value an earlier
+    # layer parsed (the engine's stamped top Via) is kept; a parse that raises leaves nothing.
+    headers = message.headers
+    cache = headers._cache
+    if cache is None:
+        cache = headers._cache = {}
     via_lines = lines["Via"]
     if len(via_lines) == 1 and "," not in via_lines[0]:
-        if not via_lines[0].strip():
+        top = via_lines[0].strip()
+        if not top:
             raise error("empty Via")
-        cached("top_via", _top_via)  # parses the one Via (and remembers it)
+        if "top_via" not in cache:
+            cache["top_via"] = parse_via(top)
     else:
-        vias = message.headers.values("Via")
+        vias = headers.values("Via")
         if not vias:
             raise error("empty Via")
-        cached("top_via", _top_via)  # parses vias[0] (and remembers it)
+        headers.cached("top_via", _top_via)  # parses vias[0] (and remembers it)
         for value in vias[1:]:
             parse_via(value)
-    cached("from", _from)
-    cached("to", _to)
+    if "from" not in cache:
+        cache["from"] = parse_address(lines["From"][0])
+    if "to" not in cache:
+        cache["to"] = parse_address(lines["To"][0])
     call_id = lines["Call-ID"][0]
     # RFC 3261 §25.1: callid = word ["@" word]; no whitespace.
     if not call_id or len(call_id.split()) != 1:
         raise error("bad Call-ID")
-    cached("cseq", _cseq)
+    if "cseq" not in cache:
+        cache["cseq"] = parse_cseq(lines["CSeq"][0])
     content_length = lines.get("Content-Length")
     if content_length is not None:
         parse_int_header(content_length[0], "Content-Length")

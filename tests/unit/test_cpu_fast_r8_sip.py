@@ -4,17 +4,34 @@
   warm gives what it gives with the memo empty (fields, lookup keys, Content-Length values,
   errors); repeated lines share their field; the memo stays bounded and never holds the
   fields that change with every message (Via, From, To, Call-ID).
+* Validation fills the accessors' memo (top Via, From, To, CSeq) directly: the same errors
+  and the same memo as through ``Headers.cached`` and the accessors' helpers.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sbc.sip import parser
-from sbc.sip.errors import ParseError
+from sbc.sip.errors import BadRequest, ParseError, SipError
+from sbc.sip.fields import parse_int_header, parse_via
+from sbc.sip.headers import Headers
+from sbc.sip.message import (
+    Request,
+    Response,
+    _cseq,
+    _from,
+    _to,
+    _top_via,
+    parse_address_list,
+)
 from sbc.sip.parser import _Head, parse_message
+from sbc.sip.uri import parse_uri
+from sbc.sip.validate import _check_common, _check_single_values, _scan
 
 # -- parser: the memo of header lines ------------------------------------------------------
 
@@ -108,3 +125,119 @@ def test_the_line_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     long_line = "X-Long: " + "a" * parser._LINE_MAX
     parse_message(f"OPTIONS sip:a@b SIP/2.0\r\n{long_line}\r\n\r\n".encode())
     assert long_line not in parser._LINES
+
+
+# -- validation fills the accessors' memo directly ------------------------------------------
+
+
+def _reference_common(message: Request | Response, error: type[SipError]) -> None:
+    """``_check_common`` as it was before round 8: the memo filled through the accessors'
+    helpers and ``Headers.cached`` (the general code the direct fill stands in for)."""
+    lines, suspect = _scan(message.headers)
+    if not lines.keys() >= {"To", "From", "Call-ID", "CSeq", "Via"}:
+        missing = [n for n in ("To", "From", "Call-ID", "CSeq", "Via") if n not in lines]
+        raise error(f"missing {missing[0]}")
+    if suspect:
+        _check_single_values(lines, error)
+    cached = message.headers.cached
+    via_lines = lines["Via"]
+    if len(via_lines) == 1 and "," not in via_lines[0]:
+        if not via_lines[0].strip():
+            raise error("empty Via")
+        cached("top_via", _top_via)
+    else:
+        vias = message.headers.values("Via")
+        if not vias:
+            raise error("empty Via")
+        cached("top_via", _top_via)
+        for value in vias[1:]:
+            parse_via(value)
+    cached("from", _from)
+    cached("to", _to)
+    call_id = lines["Call-ID"][0]
+    if not call_id or len(call_id.split()) != 1:
+        raise error("bad Call-ID")
+    cached("cseq", _cseq)
+    content_length = lines.get("Content-Length")
+    if content_length is not None:
+        parse_int_header(content_length[0], "Content-Length")
+    for name in ("Route", "Record-Route"):
+        for value in lines.get(name, ()):
+            parse_address_list(value)
+
+
+_VIA = st.sampled_from(
+    [
+        "SIP/2.0/UDP h;branch=z9hG4bK1",
+        "SIP/2.0/UDP h, SIP/2.0/TCP g",
+        " ",
+        "bad",
+        "SIP/2.0/TCP [::1]:5",
+    ]
+)
+_ADDR = st.sampled_from(
+    ['"A" <sip:a@b>;tag=1', "<sip:a@b>", "sip:a@b;tag=x", "<bad", "<sip:a@b>, <sip:c@d>", ""]
+)
+_CSEQS = st.sampled_from(["1 INVITE", "2 BYE", "x INVITE", "1  INVITE", "99999999999 INVITE"])
+
+
+def _mostly(valid: list[str], any_value: st.SearchStrategy[str]) -> st.SearchStrategy[str | None]:
+    """Valid values three times in five (so that most messages get past the first checks),
+    then any value, or the field left out."""
+    good = st.sampled_from(valid)
+    return st.one_of(good, good, good, any_value, st.none())
+
+
+@given(
+    _mostly(["SIP/2.0/UDP h;branch=z9hG4bK1", "SIP/2.0/TCP [::1]:5"], _VIA),
+    _mostly(['"A" <sip:a@b>;tag=1', "sip:a@b;tag=x"], _ADDR),
+    _mostly(["<sip:c@d>", "<sip:e@f>;tag=2"], _ADDR),
+    _mostly(["1 INVITE", "2 BYE"], _CSEQS),
+    _mostly(["a@b"], st.sampled_from(["a b", ""])),
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["Via", "From", "To", "CSeq"]), _VIA | _ADDR | _CSEQS),
+            st.tuples(st.just("Record-Route"), st.sampled_from(["<sip:p;lr>", "<bad"])),
+            st.tuples(st.just("Content-Length"), st.sampled_from(["0", "x"])),
+        ),
+        max_size=2,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
+def test_validation_fills_the_memo_as_the_accessors_do(
+    via: str | None,
+    from_: str | None,
+    to: str | None,
+    cseq: str | None,
+    call_id: str | None,
+    extra: list[tuple[str, str]],
+    request: bool,
+    pre_read_via: bool,
+) -> None:
+    named = (("Via", via), ("From", from_), ("To", to), ("CSeq", cseq), ("Call-ID", call_id))
+    fields = [(name, value) for name, value in named if value is not None] + extra
+
+    def make() -> Request | Response:
+        headers = Headers(fields)
+        if request:
+            return Request("INVITE", parse_uri("sip:a@b"), headers)
+        return Response(200, "OK", headers)
+
+    new, old = make(), make()
+    if pre_read_via:  # the engine stamped (and so parsed) the top Via before validation
+        for message in (new, old):
+            with contextlib.suppress(SipError):
+                assert message.top_via is not None
+    outcome: list[object] = []
+    for message, check in ((new, _check_common), (old, None)):
+        try:
+            if check is None:
+                _reference_common(message, BadRequest)
+            else:
+                check(message, _scan(message.headers), BadRequest)
+            outcome.append(None)
+        except SipError as exc:
+            outcome.append((type(exc), str(exc)))
+    assert outcome[0] == outcome[1]
+    assert (new.headers._cache or {}) == (old.headers._cache or {})
