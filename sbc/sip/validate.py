@@ -88,7 +88,7 @@ def _scan(headers: Headers) -> tuple[dict[str, list[str]], bool]:
     whether a single-value field may be repeated or hold a list (see _check_single_values)."""
     lines: dict[str, list[str]] = {}
     suspect = False
-    for name, value in headers.items():
+    for name, value in headers._items:  # what items() returns, without the call
         if name in _READ:
             seen = lines.get(name)
             if seen is None:
