@@ -4,8 +4,9 @@
   warm gives what it gives with the memo empty (fields, lookup keys, Content-Length values,
   errors); repeated lines share their field; the memo stays bounded and never holds the
   fields that change with every message (Via, From, To, Call-ID).
-* Validation fills the accessors' memo (top Via, From, To, CSeq) directly: the same errors
-  and the same memo as through ``Headers.cached`` and the accessors' helpers.
+* Validation reads the fields by lookup key (one dict built in C instead of a Python pass
+  with a list per name) and fills the accessors' memo (top Via, From, To, CSeq) directly:
+  the same errors and the same memo as the code before (kept here as the reference).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sbc.sip import parser
-from sbc.sip.errors import BadRequest, ParseError, SipError
+from sbc.sip.errors import BadExtension, BadRequest, ParseError, SipError
 from sbc.sip.fields import parse_int_header, parse_via
-from sbc.sip.headers import Headers
+from sbc.sip.headers import Headers, split_list
 from sbc.sip.message import (
     Request,
     Response,
@@ -30,8 +31,8 @@ from sbc.sip.message import (
     parse_address_list,
 )
 from sbc.sip.parser import _Head, parse_message
-from sbc.sip.uri import parse_uri
-from sbc.sip.validate import _check_common, _check_single_values, _scan
+from sbc.sip.uri import is_wildcard_contact, parse_uri
+from sbc.sip.validate import _DATE_RE, _check_common, _scan, validate_request
 
 # -- parser: the memo of header lines ------------------------------------------------------
 
@@ -130,15 +131,53 @@ def test_the_line_memo_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- validation fills the accessors' memo directly ------------------------------------------
 
 
-def _reference_common(message: Request | Response, error: type[SipError]) -> None:
-    """``_check_common`` as it was before round 8: the memo filled through the accessors'
-    helpers and ``Headers.cached`` (the general code the direct fill stands in for)."""
-    lines, suspect = _scan(message.headers)
+_READ = frozenset(
+    {"To", "From", "Call-ID", "CSeq", "Via", "Max-Forwards", "Content-Length", "Content-Type"}
+    | {"Route", "Record-Route", "Contact", "Date", "Expires", "Proxy-Require", "Require"}
+)
+_SINGLE_VALUE = ("From", "To", "Call-ID", "CSeq", "Max-Forwards", "Content-Length", "Content-Type")
+_SINGLE_ELEMENT = frozenset({"From", "To", "Content-Type"})
+
+
+def _reference_scan(headers: Headers) -> tuple[dict[str, list[str]], bool]:
+    """Validation's scan before round 8: a Python pass over the fields, a list per name."""
+    lines: dict[str, list[str]] = {}
+    suspect = False
+    for name, value in headers.items():
+        if name in _READ:
+            seen = lines.get(name)
+            if seen is None:
+                lines[name] = [value]
+                if "," in value and name in _SINGLE_ELEMENT:
+                    suspect = True
+            else:
+                seen.append(value)
+                if name in _SINGLE_VALUE:
+                    suspect = True
+    return lines, suspect
+
+
+def _reference_single_values(lines: dict[str, list[str]], error: type[SipError]) -> None:
+    for name in _SINGLE_VALUE:
+        values = lines.get(name)
+        if values is None:
+            continue
+        if len(values) > 1:
+            raise error(f"several {name} header fields")
+        if name in _SINGLE_ELEMENT and "," in values[0] and len(split_list(values[0])) > 1:
+            raise error(f"several values in {name}")
+
+
+def _reference_common(message: Request | Response, error: type[SipError]) -> dict[str, list[str]]:
+    """``_check_common`` as it was before round 8: the scan's lists, the memo filled through
+    the accessors' helpers and ``Headers.cached`` (the general code the new one stands in
+    for)."""
+    lines, suspect = _reference_scan(message.headers)
     if not lines.keys() >= {"To", "From", "Call-ID", "CSeq", "Via"}:
         missing = [n for n in ("To", "From", "Call-ID", "CSeq", "Via") if n not in lines]
         raise error(f"missing {missing[0]}")
     if suspect:
-        _check_single_values(lines, error)
+        _reference_single_values(lines, error)
     cached = message.headers.cached
     via_lines = lines["Via"]
     if len(via_lines) == 1 and "," not in via_lines[0]:
@@ -164,6 +203,42 @@ def _reference_common(message: Request | Response, error: type[SipError]) -> Non
     for name in ("Route", "Record-Route"):
         for value in lines.get(name, ()):
             parse_address_list(value)
+    return lines
+
+
+def _reference_request_fields(req: Request, check_proxy_require: bool) -> None:
+    """The fields ``validate_request`` read through the scan's lists before round 8 (the
+    checks after them read no field: the same code either way)."""
+    try:
+        lines = _reference_common(req, BadRequest)
+        max_forwards = lines.get("Max-Forwards")
+        if max_forwards is None:
+            raise BadRequest("missing Max-Forwards")
+        parse_int_header(max_forwards[0], "Max-Forwards", 255)
+        expires = lines.get("Expires")
+        if expires is not None:
+            parse_int_header(expires[0], "Expires")
+        if "Date" in lines:
+            date = lines["Date"][0]
+            if _DATE_RE.fullmatch(date) is None:
+                raise BadRequest(f"bad Date {date!r}")
+        contacts = lines.get("Contact", ())
+        for value in contacts:
+            if is_wildcard_contact(value):
+                if req.method != "REGISTER" or len(contacts) != 1:
+                    raise BadRequest("Contact: * outside a REGISTER")
+                continue
+            for contact in parse_address_list(value):
+                contact_expires = contact.param("expires")
+                if contact_expires is not None:
+                    parse_int_header(contact_expires, "Contact expires")
+    except ParseError as exc:
+        raise BadRequest(exc.detail) from exc
+    names = ("Require", "Proxy-Require") if check_proxy_require else ("Require",)
+    wanted = [tag for name in names for line in lines.get(name, ()) for tag in split_list(line)]
+    unsupported = [tag for tag in wanted if tag.lower() not in {"replaces", "timer"}]
+    if unsupported:
+        raise BadExtension("unsupported extensions: " + ", ".join(unsupported))
 
 
 _VIA = st.sampled_from(
@@ -241,3 +316,81 @@ def test_validation_fills_the_memo_as_the_accessors_do(
             outcome.append((type(exc), str(exc)))
     assert outcome[0] == outcome[1]
     assert (new.headers._cache or {}) == (old.headers._cache or {})
+
+
+_REQUEST_FIELDS = st.sampled_from(
+    [
+        ("Via", "SIP/2.0/UDP h;branch=z9hG4bK1"),
+        ("Via", "SIP/2.0/UDP g;branch=z9hG4bK2"),
+        ("Via", "SIP/2.0/UDP h, SIP/2.0/TCP g"),
+        ("Max-Forwards", "70"),
+        ("Max-Forwards", "300"),
+        ("Expires", "60"),
+        ("Expires", "x"),
+        ("Date", "Sat, 13 Nov 2010 23:29:00 GMT"),
+        ("Date", "Sat, 13 Nov 2010 23:29:00 PST"),
+        ("Contact", "<sip:a@b>;expires=5"),
+        ("Contact", "<sip:a@b>, <sip:c@d>;expires=x"),
+        ("Contact", "*"),
+        ("Require", "timer"),
+        ("Require", "100rel, timer"),
+        ("Proxy-Require", "foo"),
+        ("Record-Route", "<sip:p;lr>"),
+        ("Route", "<bad"),
+        ("Route", "<sip:q;lr>"),
+        ("Contact", "*"),
+        ("Content-Type", "application/sdp"),
+        ("Content-Type", "a/b, c/d"),
+        ("Content-Length", "0"),
+        ("Content-Length", "1"),
+        ("To", "<sip:x@y>"),
+        ("From", "<sip:a@b>;tag=9"),
+        ("Call-ID", "b@c"),
+        ("CSeq", "2 INVITE"),
+    ]
+)
+
+
+@given(
+    st.sampled_from(["INVITE", "REGISTER"]),
+    st.lists(_REQUEST_FIELDS, max_size=5),
+    st.booleans(),
+)
+def test_request_fields_are_checked_as_before(
+    method: str, extra: list[tuple[str, str]], check_proxy_require: bool
+) -> None:
+    base = [
+        ("Via", "SIP/2.0/UDP h;branch=z9hG4bK1"),
+        ("From", "<sip:a@b>;tag=1"),
+        ("To", "<sip:c@d>"),
+        ("Call-ID", "a@b"),
+        ("CSeq", f"1 {method}"),
+        ("Max-Forwards", "70"),
+    ]
+    fields = [*base, *extra]
+    outcome: list[tuple[object, ...] | None] = []
+    for reference in (False, True):
+        request = Request(method, parse_uri("sip:a@b"), Headers(fields))
+        try:
+            if reference:
+                _reference_request_fields(request, check_proxy_require)
+            else:
+                # The checks after the fields read none (version, CSeq method, scheme,
+                # Max-Forwards 0, Content-Type): only the fields' outcome is compared.
+                validate_request(
+                    request,
+                    check_proxy_require=check_proxy_require,
+                    allow_zero_max_forwards=True,
+                    accept=frozenset({"application/sdp", "a/b"}),
+                )
+            outcome.append(None)
+        except BadRequest as exc:
+            outcome.append((BadRequest, exc.detail))
+        except BadExtension as exc:
+            outcome.append((BadExtension, str(exc).split(": ", 1)[-1]))
+        except SipError as exc:
+            outcome.append((type(exc).__name__,))
+    first = outcome[0]
+    if first is not None and first[0] not in (BadRequest, BadExtension):
+        return  # a check after the fields (CSeq method, Content-Type...): not compared
+    assert outcome[0] == outcome[1]
