@@ -7,17 +7,20 @@
 * Validation reads the fields by lookup key (one dict built in C instead of a Python pass
   with a list per name) and fills the accessors' memo (top Via, From, To, CSeq) directly:
   the same errors and the same memo as the code before (kept here as the reference).
+* A Via whose branch comes first takes the parameters after it from a memo by their text:
+  what the general parser gives, for any branch value and tail.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sbc.sip import parser
+from sbc.sip import fields, parser
 from sbc.sip.errors import BadExtension, BadRequest, ParseError, SipError
 from sbc.sip.fields import parse_int_header, parse_via
 from sbc.sip.headers import Headers, split_list
@@ -394,3 +397,74 @@ def test_request_fields_are_checked_as_before(
     if first is not None and first[0] not in (BadRequest, BadExtension):
         return  # a check after the fields (CSeq method, Content-Type...): not compared
     assert outcome[0] == outcome[1]
+
+
+# -- Via: the parameters after a leading branch, by text -------------------------------------
+
+_VIA_HEADS = st.sampled_from(
+    ["SIP/2.0/UDP 192.0.2.1:5060", "SIP/2.0/TCP h", "SIP/2.0/UDP h ", "SIP/2.0/UDP [::1]:5"]
+)
+_BRANCHES = st.sampled_from(
+    ["z9hG4bK1", "z9hG4bK-52-1---4f", "", "a b", 'x"y', "a,b", "a<b", "é", "a\x7f", "a=b"]
+)
+_TAILS = st.lists(
+    st.sampled_from(
+        [
+            "rport",
+            "rport=5060",
+            "rport=70000",
+            "received=192.0.2.9",
+            "ttl=300",
+            "branch=again",
+            "",
+            " x",
+            'x="a;b"',
+        ]
+    ),
+    max_size=3,
+)
+
+
+@given(
+    _VIA_HEADS, _BRANCHES, _TAILS, _BRANCHES, st.sampled_from(["branch=", "BRANCH=", "x;branch="])
+)
+def test_via_tail_memo_parses_like_the_general_code(
+    head: str, branch: str, tail: list[str], prime_branch: str, prefix: str
+) -> None:
+    saved = fields._VIA_TAILS.copy()
+    try:
+        fields._VIA_TAILS.clear()
+        rest = "".join(f";{p}" for p in tail)
+        text = f"{head};{prefix}{branch}{rest}"
+        expected = _outcome(fields._parse_via, text)
+        # Warm both memos with a message of the same shape and another branch.
+        for _ in range(3):
+            _outcome(parse_via, f"{head};branch={prime_branch}{rest}")
+        assert _outcome(parse_via, text) == expected
+        assert _outcome(parse_via, text) == expected
+    finally:
+        fields._VIA_TAILS.clear()
+        fields._VIA_TAILS.update(saved)
+
+
+def _outcome(parse: Callable[[str], object], text: str) -> object:
+    try:
+        return parse(text)
+    except SipError as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def test_via_tail_memo_is_used_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fields, "_VIA_TAILS", {})
+    for i in range(fields._VIA_HEADS_LIMIT + 10):
+        parse_via(f"SIP/2.0/UDP h;branch=z9hG4bK{i};received=192.0.2.{i}")
+    assert len(fields._VIA_TAILS) == fields._VIA_HEADS_LIMIT
+    assert fields._VIA_TAILS[";received=192.0.2.1"] == (("received", "192.0.2.1"),)
+    via = parse_via("SIP/2.0/UDP h;branch=z9hG4bKnew;received=192.0.2.1")
+    assert via.params == (("branch", "z9hG4bKnew"), ("received", "192.0.2.1"))
+    assert via.params[1] is fields._VIA_TAILS[";received=192.0.2.1"][0]  # from the memo
+    for n in range(3):
+        via = parse_via(f"SIP/2.0/UDP h;branch=z9hG4bK{n};rport=5060;received=192.0.2.7;x")
+        assert via == fields._parse_via(
+            f"SIP/2.0/UDP h;branch=z9hG4bK{n};rport=5060;received=192.0.2.7;x"
+        )
