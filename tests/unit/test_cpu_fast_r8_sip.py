@@ -9,6 +9,9 @@
   the same errors and the same memo as the code before (kept here as the reference).
 * A Via whose branch comes first takes the parameters after it from a memo by their text:
   what the general parser gives, for any branch value and tail.
+* A request a dialog makes keeps the Via and CSeq it wrote as parsed; a response keeps what
+  its request's accessors parsed of the fields it copies (not the To it tags): equal to what
+  parsing the new message gives.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sbc.sip import fields, parser
+from sbc.sip.dialog import Dialog
 from sbc.sip.errors import BadExtension, BadRequest, ParseError, SipError
-from sbc.sip.fields import parse_int_header, parse_via
+from sbc.sip.fields import Via, parse_int_header, parse_via
 from sbc.sip.headers import Headers, split_list
 from sbc.sip.message import (
     Request,
@@ -34,6 +38,7 @@ from sbc.sip.message import (
     parse_address_list,
 )
 from sbc.sip.parser import _Head, parse_message
+from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import is_wildcard_contact, parse_uri
 from sbc.sip.validate import _DATE_RE, _check_common, _scan, validate_request
 
@@ -468,3 +473,74 @@ def test_via_tail_memo_is_used_and_bounded(monkeypatch: pytest.MonkeyPatch) -> N
         assert via == fields._parse_via(
             f"SIP/2.0/UDP h;branch=z9hG4bK{n};rport=5060;received=192.0.2.7;x"
         )
+
+
+# -- messages built from parsed ones keep what was parsed ----------------------------------
+
+
+_DIALOG_VIAS = st.sampled_from(
+    [
+        "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKx;rport",
+        "SIP/2.0/tcp h.example.com;branch=z9hG4bKx",
+        'SIP/2.0/TLS [2001:db8::1]:5061;branch=z9hG4bK1;x="a;b";rport=5',
+        "SIP / 2.0 / UDP h ;branch=z9hG4bKx ; received=192.0.2.9",
+        "SIP/2.0/UDP h",
+    ]
+)
+
+
+@given(
+    _DIALOG_VIAS,
+    st.sampled_from(["z9hG4bKabc", "z9hG4bK-1---2", "z9hG4bK.~!%*_+`'"]),
+    st.sampled_from(["BYE", "ACK", "INFO", "FOO"]),
+    st.booleans(),
+)
+def test_a_dialog_request_remembers_its_via_and_cseq_as_parsed(
+    via_text: str, branch: str, method: str, as_text: bool
+) -> None:
+    invite = parse_message(
+        b"INVITE sip:b@192.0.2.2 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK9\r\n"
+        b"From: <sip:a@192.0.2.1>;tag=1\r\nTo: <sip:b@192.0.2.2>\r\nCall-ID: c@d\r\n"
+        b"CSeq: 1 INVITE\r\nContact: <sip:a@192.0.2.1>\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert isinstance(invite, Request)
+    dialog = Dialog.from_uas(invite, build_response(invite, 200, to_tag="2"))
+    via: str | Via = via_text if as_text else parse_via(via_text)
+    request = dialog.create_request(method, via=via, branch=branch, cseq=1)
+    memo = request.headers._cache or {}
+    fresh = Request(request.method, request.uri, Headers._trusted(request.headers.items()))
+    if "top_via" in memo:
+        assert memo["top_via"] == fresh.top_via
+    if "cseq" in memo:
+        assert memo["cseq"] == fresh.cseq
+    assert ("top_via" in memo) == (method != "FOO")
+
+
+_RESPONSE_TOS = st.sampled_from(["<sip:b@h>", '"B" <sip:b@h>;tag=x', "sip:b@h;tag=y;tag=z"])
+
+
+@given(
+    _RESPONSE_TOS,
+    st.sampled_from([100, 180, 200, 486]),
+    st.none() | st.just("t1"),
+    st.sets(st.sampled_from(["top_via", "from", "to", "cseq"])),
+)
+def test_a_response_shares_what_its_request_parsed_of_the_copied_fields(
+    to: str, status: int, to_tag: str | None, read: set[str]
+) -> None:
+    request = parse_message(
+        b"BYE sip:b@192.0.2.2 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK9\r\n"
+        b"Via: SIP/2.0/TCP p;branch=z9hG4bK8\r\nFrom: <sip:a@192.0.2.1>;tag=1\r\n"
+        + f"To: {to}\r\n".encode()
+        + b"Call-ID: c@d\r\nCSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+    assert isinstance(request, Request)
+    for key in read:  # what earlier layers read of the request
+        getattr(request, {"top_via": "top_via", "from": "from_", "to": "to", "cseq": "cseq"}[key])
+    response = build_response(request, status, to_tag=to_tag)
+    memo = response.headers._cache or {}
+    fresh = Response(response.status, response.reason, Headers._trusted(response.headers.items()))
+    for key, name in (("top_via", "top_via"), ("from", "from_"), ("to", "to"), ("cseq", "cseq")):
+        if key in memo:
+            assert memo[key] == getattr(fresh, name)
+    assert memo.keys() >= read - {"to"}
