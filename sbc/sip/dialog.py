@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sbc.sip.errors import CallDoesNotExist, ProtocolError, RequestOutOfOrder
-from sbc.sip.fields import Via, parse_via
+from sbc.sip.fields import COMMON_METHODS, CSeq, Via, parse_via
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import Request, Response, parse_address
 from sbc.sip.uri import NameAddr, SipUri, Uri
@@ -239,8 +239,9 @@ class Dialog:
             self.local_cseq = seq
         top = parse_via(via) if isinstance(via, str) else via
         uri, routes = self._target_and_routes()
+        stamped = top.with_param("branch", branch)
         items: list[tuple[str, str]] = [
-            ("Via", str(top.with_param("branch", branch))),
+            ("Via", str(stamped)),
             ("Max-Forwards", str(max_forwards)),
         ]
         items.extend(("Route", str(route)) for route in routes)
@@ -254,7 +255,16 @@ class Dialog:
         items.append(("CSeq", f"{seq} {method}"))
         # The names above are canonical already; only the caller's need normalising.
         items.extend((canonical_name(name), value) for name, value in headers)
-        return Request(method, uri, Headers._trusted(tuple(items)), body)
+        out = Headers._trusted(tuple(items))
+        if method != "ACK" and method in COMMON_METHODS and stamped.transport.isupper():
+            # The Via and CSeq just written, as parsing their text gives them (a Via that
+            # parse_via gave, given a branch, writes text that parses back to it, tested; a
+            # Via made by hand with a lower-case transport would not): the transaction layer
+            # reads both of every request sent, and need not parse them. Not the ACK: it goes
+            # out of any transaction, nobody reads them, and a leg keeps it for the whole call
+            # (to ACK a repeated 2xx): a memo there is 360 bytes more per held call.
+            out._cache = {"top_via": stamped, "cseq": CSeq(seq, method)}
+        return Request(method, uri, out, body)
 
     def _target_and_routes(self) -> tuple[Uri, tuple[NameAddr, ...]]:
         routes = self.route_set

@@ -316,6 +316,10 @@ def _check_via_params(params: Params) -> None:
 _VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
 _VIA_HEADS_LIMIT = 1024
 _VIA_HEAD_MAX = 128  # characters of a remembered head: the memo stays small
+# The parameters after a leading branch (";rport", ";rport=5060;received=192.0.2.1"...) as
+# text, with what parsing and checking them gave; filled by the fast path below, bounded and
+# limited in length like the heads.
+_VIA_TAILS: dict[str, Params] = {}
 
 
 def parse_via(text: str) -> Via:
@@ -326,7 +330,22 @@ def parse_via(text: str) -> Via:
     """
     head, semi, param_text = text.partition(";")
     sent = _VIA_HEADS.get(head)
-    if sent is None or (semi and _PARAMS_FAST_RE.fullmatch(param_text) is None):
+    if sent is None:
+        return _parse_via(text)
+    if param_text[:7] == "branch=":
+        # The branch first (as every peer of the bridge writes it): the parameters after it
+        # are the same from message to message (";rport", ";rport=5060;received=..."), so
+        # they are looked up by text, parsed and checked once; only the branch, different in
+        # every message, is read here (a value the plain spelling allows, as the regular
+        # expression below checks it).
+        end = param_text.find(";", 7)
+        rest = param_text[end:] if end > 0 else ""
+        tail = _VIA_TAILS.get(rest)
+        if tail is not None:
+            branch = param_text[7:end] if end > 0 else param_text[7:]
+            if _GEN_VALUE_RE.fullmatch(branch) is not None:
+                return Via(sent[0], sent[1], sent[2], (("branch", branch), *tail))
+    if semi and _PARAMS_FAST_RE.fullmatch(param_text) is None:
         return _parse_via(text)
     # A known head and parameters in the plain spelling: what _parse_via gives (its fast
     # path, then parse_params' fast path and _check_via_params), in one loop.
@@ -343,6 +362,11 @@ def parse_via(text: str) -> Via:
                     parse_int_header(value, "ttl", 255)
             else:
                 params.append((name, None))
+    if params and params[0][0] == "branch" and len(_VIA_TAILS) < _VIA_HEADS_LIMIT:
+        end = param_text.find(";")
+        rest = param_text[end:] if end > 0 else ""
+        if len(rest) <= _VIA_HEAD_MAX:
+            _VIA_TAILS[rest] = tuple(params[1:])
     return Via(sent[0], sent[1], sent[2], tuple(params))
 
 

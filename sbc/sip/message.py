@@ -331,5 +331,11 @@ def with_top_via(request: Request, text: str, parsed: Via | None = None) -> Requ
     if kept:
         headers._cache = {k: v for k, v in kept.items() if k not in _VIA_CACHE_KEYS}
     if parsed is not None:
-        headers.cached("top_via", lambda _: parsed)
+        # Written into the memo directly (what cached() would store): no lambda made and
+        # called for every request received (the engine stamps each one).
+        cache = headers._cache
+        if cache is None:
+            headers._cache = {"top_via": parsed}
+        else:
+            cache["top_via"] = parsed
     return Request(request.method, request.uri, headers, request.body, request.version)

@@ -75,6 +75,23 @@ _NAME_CACHE: dict[str, tuple[str, str]] = {}
 _NAME_CACHE_LIMIT = 1024
 
 
+# Whole header lines already read, with the field they gave and its lookup key: most lines of
+# a peer's messages repeat verbatim from message to message (Max-Forwards, Allow, Supported,
+# Contact, Content-Type, User-Agent, the CSeq of a dialog's requests...), and one dict lookup
+# of the line replaces its partition, name lookup, strip and pair (the head loop was the
+# largest self time in the core). The fields that carry a value of their own in every message
+# (Via branch, From and To tags, Call-ID) are not remembered: they would only push the
+# repeating lines out. Bounded by count and line length; emptied when full, so that lines
+# unique to a message (a caller's number, a peer's call id in an X- header) cannot keep the
+# repeating ones out for long: those come back with the next message that carries them. At
+# most 512 lines of 160 characters, their fields and keys: about 150 KiB at worst (a peer's
+# repeating lines are a few dozen; 3,000 bench_core calls leave 20 entries, 8 KiB).
+_LINES: dict[str, tuple[tuple[str, str], str]] = {}
+_LINES_LIMIT = 512
+_LINE_MAX = 160
+_NOT_REMEMBERED = frozenset({"via", "from", "to", "call-id"})
+
+
 def _header_name(raw: str) -> tuple[str, str]:
     """Canonical name and lookup key for a raw name not in ``_NAME_CACHE`` yet."""
     # RFC 3261 §7.3.1: LWS is allowed between the field name and the colon.
@@ -160,6 +177,8 @@ class _Head:
         items: list[tuple[str, str]] = []
         keys: list[str] = []
         names = _NAME_CACHE
+        remembered = _LINES
+        seen = remembered.get
         append, add_key = items.append, keys.append
         try:
             # Lines that continue a field (RFC 3261 §7.3.1) are rare: this loop does not look
@@ -167,11 +186,20 @@ class _Head:
             # a token (never in the name cache): it raises, and the fields are read again by
             # the loop that joins continuation lines.
             for line in lines[1:]:
-                raw, colon, value = line.partition(":")
-                if not colon:
-                    raise ParseError(f"header line without colon: {line[:40]!r}")
-                name, key = names.get(raw) or _header_name(raw)
-                append((name, value.strip(" \t")))
+                known = seen(line)
+                if known is not None:
+                    item, key = known
+                else:
+                    raw, colon, value = line.partition(":")
+                    if not colon:
+                        raise ParseError(f"header line without colon: {line[:40]!r}")
+                    name, key = names.get(raw) or _header_name(raw)
+                    item = (name, value.strip(" \t"))
+                    if len(line) <= _LINE_MAX and key not in _NOT_REMEMBERED:
+                        if len(remembered) >= _LINES_LIMIT:
+                            remembered.clear()
+                        remembered[line] = (item, key)
+                append(item)
                 add_key(key)
         except ParseError:
             if "\r\n " not in text and "\r\n\t" not in text:

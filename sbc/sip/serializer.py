@@ -23,7 +23,8 @@ def serialize(msg: Message) -> bytes:
     length_line = f"Content-Length: {len(body)}"
     placed = False
     append = lines.append
-    for name, value in msg.headers.items():
+    # The fields' tuple itself (Headers.items() returns it): a method call less a message.
+    for name, value in msg.headers._items:
         if name == "Content-Length":
             if not placed:
                 append(length_line)

@@ -189,11 +189,13 @@ def build_response(
         items: list[tuple[str, str]] = [("Via", fields[keys.index("via")][1])]
     else:
         items = [("Via", v) for v in src.get_all("Via")]
+    to_copied = True
     for name, key in _COPIED:
         if key not in keys:
             continue
         value = fields[keys.index(key)][1]
         if key == "to" and to_tag is not None and status != 100 and request.to_tag is None:
+            to_copied = False
             # A To that has a tag (a request inside a dialog) is copied as it is: only the
             # To of a dialog-creating request, the same text call after call, is parsed here.
             to, text = _to_and_text(value)
@@ -208,13 +210,23 @@ def build_response(
     exact = _EXACT.get  # canonical_name's first step inline: the names are nearly always so
     for name, value in headers:
         items.append((exact(name) or canonical_name(name), value))
-    return Response(
-        status,
-        reason or reason_phrase(status),
-        Headers._trusted(tuple(items)),
-        body,
-        request.version,
-    )
+    out = Headers._trusted(tuple(items))
+    memo = src._cache
+    if memo:
+        # The Via lines, From and CSeq are the request's own texts (the To too unless tagged
+        # here), so what the request's accessors parsed of them is what the response's would
+        # parse: shared, not parsed again when a layer reads the response (the engine's 2xx
+        # retransmission reads its CSeq, the server transaction the To tag).
+        kept = {key: memo[key] for key in _SAME_PARSE if key in memo}
+        if not to_copied:
+            kept.pop("to", None)
+        if kept:
+            out._cache = kept
+    return Response(status, reason or reason_phrase(status), out, body, request.version)
+
+
+# What build_response copies as text, by the key of Headers.cached that parses it.
+_SAME_PARSE = ("top_via", "from", "to", "cseq")
 
 
 def build_trying(request: Request) -> Response:

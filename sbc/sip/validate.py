@@ -25,16 +25,14 @@ from sbc.sip.errors import (
     UnsupportedUriScheme,
     VersionNotSupported,
 )
-from sbc.sip.fields import is_token, parse_int_header, parse_via
+from sbc.sip.fields import is_token, parse_cseq, parse_int_header, parse_via
 from sbc.sip.headers import Headers, split_list
 from sbc.sip.message import (
     SIP_VERSION,
     Request,
     Response,
-    _cseq,
-    _from,
-    _to,
     _top_via,
+    parse_address,
     parse_address_list,
 )
 from sbc.sip.uri import SipUri, is_wildcard_contact
@@ -43,21 +41,27 @@ DEFAULT_SUPPORTED: frozenset[str] = frozenset({"replaces", "timer"})
 DEFAULT_ACCEPT: frozenset[str] = frozenset({"application/sdp"})
 DEFAULT_URI_SCHEMES: frozenset[str] = frozenset({"sip", "sips"})
 
-# RFC 3261 §8.1.1: every request carries these.
-_MANDATORY = ("To", "From", "Call-ID", "CSeq", "Via")
+# RFC 3261 §8.1.1: every request carries these (names as written in errors, lookup keys).
+_MANDATORY = (
+    ("To", "to"),
+    ("From", "from"),
+    ("Call-ID", "call-id"),
+    ("CSeq", "cseq"),
+    ("Via", "via"),
+)
 # RFC 3261 §7.3.1 / RFC 4475 §3.3.8: fields that may appear at most once.
 _SINGLE_VALUE = (
-    "From",
-    "To",
-    "Call-ID",
-    "CSeq",
-    "Max-Forwards",
-    "Content-Length",
-    "Content-Type",
+    ("From", "from"),
+    ("To", "to"),
+    ("Call-ID", "call-id"),
+    ("CSeq", "cseq"),
+    ("Max-Forwards", "max-forwards"),
+    ("Content-Length", "content-length"),
+    ("Content-Type", "content-type"),
 )
 # Of those, the ones whose one line must not hold a list either.
-_SINGLE_ELEMENT = frozenset({"From", "To", "Content-Type"})
-_ADDRESS_LISTS = ("Route", "Record-Route")
+_SINGLE_ELEMENT = frozenset({"from", "to", "content-type"})
+_ADDRESS_LISTS = ("route", "record-route")
 # RFC 3261 §20.17 / RFC 1123: Date uses GMT only (RFC 4475 §3.1.2.12).
 _DATE_RE = re.compile(
     r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), [0-9]{2} "
@@ -66,103 +70,114 @@ _DATE_RE = re.compile(
 )
 # RFC 3261 §8.2.2.3: Require is not checked on these (ACK cannot be answered; CANCEL has none).
 _NO_REQUIRE_CHECK = frozenset({"ACK", "CANCEL"})
-# The fields read below, by their canonical spelling (the one Headers stores them under).
-_READ = frozenset(
-    {
-        *_MANDATORY,
-        *_SINGLE_VALUE,
-        *_ADDRESS_LISTS,
-        "Contact",
-        "Date",
-        "Expires",
-        "Proxy-Require",
-        "Require",
-    }
-)
+
+_MANDATORY_KEYS = frozenset(key for _, key in _MANDATORY)
+
+# What _scan gives: the first field of each name by lookup key, the message's lookup keys and
+# fields (for the names that repeat), and whether any name repeats.
+_Scanned = tuple[dict[str, tuple[str, str]], tuple[str, ...], tuple[tuple[str, str], ...], bool]
 
 
-_MANDATORY_SET = frozenset(_MANDATORY)
-_SINGLE_VALUE_SET = frozenset(_SINGLE_VALUE)
+def _scan(headers: Headers) -> _Scanned:
+    """The fields by lookup key, built in C from the index the parser made (a Python pass
+    over every field made a list per name read, a dozen containers a message, and the
+    collector's thresholds count containers). A name that repeats (several Via or
+    Record-Route lines) makes the first field of each name be found again."""
+    keys = headers._keys or headers._lower_keys()
+    items = headers._items
+    first = dict(zip(keys, items, strict=True))
+    if len(first) == len(keys):
+        return first, keys, items, False
+    return dict(zip(reversed(keys), reversed(items), strict=True)), keys, items, True
 
 
-def _scan(headers: Headers) -> tuple[dict[str, list[str]], bool]:
-    """The lines of the fields in ``_READ``, by name, in one pass over the fields, and
-    whether a single-value field may be repeated or hold a list (see _check_single_values)."""
-    lines: dict[str, list[str]] = {}
-    suspect = False
-    for name, value in headers.items():
-        if name in _READ:
-            seen = lines.get(name)
-            if seen is None:
-                lines[name] = [value]
-                if "," in value and name in _SINGLE_ELEMENT:
-                    suspect = True
-            else:
-                seen.append(value)
-                if name in _SINGLE_VALUE_SET:
-                    suspect = True
-    return lines, suspect
+def _lines(scanned: _Scanned, key: str) -> list[str]:
+    """Every line of the field ``key``, in order (as written, not split)."""
+    first, keys, items, repeated = scanned
+    entry = first.get(key)
+    if entry is None:
+        return []
+    if repeated and keys.count(key) > 1:
+        return [items[i][1] for i, k in enumerate(keys) if k == key]
+    return [entry[1]]
 
 
-def _check_single_values(lines: dict[str, list[str]], error: type[SipError]) -> None:
+def _check_single_values(scanned: _Scanned, error: type[SipError]) -> None:
     """RFC 3261 §7.3.1: the fields of _SINGLE_VALUE appear once, those of _SINGLE_ELEMENT
-    hold one value. Only run when _scan saw a repeat or a comma: nothing fails otherwise."""
-    for name in _SINGLE_VALUE:
-        values = lines.get(name)
-        if values is None:
+    hold one value. Only run when a name repeats or such a field holds a comma: nothing
+    fails otherwise."""
+    first, keys = scanned[0], scanned[1]
+    for name, key in _SINGLE_VALUE:
+        entry = first.get(key)
+        if entry is None:
             continue
-        if len(values) > 1:
+        if keys.count(key) > 1:
             raise error(f"several {name} header fields")
-        if name in _SINGLE_ELEMENT and "," in values[0] and len(split_list(values[0])) > 1:
+        value = entry[1]
+        if key in _SINGLE_ELEMENT and "," in value and len(split_list(value)) > 1:
             raise error(f"several values in {name}")
 
 
-def _check_common(
-    message: Request | Response,
-    scanned: tuple[dict[str, list[str]], bool],
-    error: type[SipError],
-) -> None:
+def _check_common(message: Request | Response, scanned: _Scanned, error: type[SipError]) -> None:
     """Fields shared by requests and responses; ParseError from the field parsers is 400.
 
-    ``scanned`` is ``_scan(message.headers)``. The top Via, From, To and CSeq are read
-    through the message's accessors, which remember what they parsed for the layers after
-    this one.
+    ``scanned`` is ``_scan(message.headers)``. The top Via, From, To and CSeq parsed here are
+    remembered in the message's memo for the layers after this one.
     """
-    lines, suspect = scanned
-    if not lines.keys() >= _MANDATORY_SET:
-        missing = [name for name in _MANDATORY if name not in lines]
+    first, keys, _, repeated = scanned
+    if not first.keys() >= _MANDATORY_KEYS:
+        missing = [name for name, key in _MANDATORY if key not in first]
         raise error(f"missing {missing[0]}")
-    if suspect:
-        _check_single_values(lines, error)
-    # The accessors' memo filled through Headers.cached directly (what message.top_via,
-    # .from_, .to and .cseq do on a miss, the usual case here): a property call less each,
-    # four a message.
-    cached = message.headers.cached
-    via_lines = lines["Via"]
-    if len(via_lines) == 1 and "," not in via_lines[0]:
-        if not via_lines[0].strip():
+    from_text = first["from"][1]
+    to_text = first["to"][1]
+    content_type = first.get("content-type")
+    if (
+        repeated
+        or "," in from_text
+        or "," in to_text
+        or (content_type is not None and "," in content_type[1])
+    ):
+        _check_single_values(scanned, error)
+    # The accessors' memo (Headers.cached's dictionary) filled here from the lines the scan
+    # found: what message.top_via, .from_, .to and .cseq compute on a miss (the first line of
+    # each field, parsed), without the four calls of cached() and the accessor helpers and
+    # header lookups behind them (about a dozen Python calls a message). A value an earlier
+    # layer parsed (the engine's stamped top Via) is kept; a parse that raises leaves nothing.
+    headers = message.headers
+    cache = headers._cache
+    if cache is None:
+        cache = headers._cache = {}
+    via = first["via"][1]
+    if "," not in via and not (repeated and keys.count("via") > 1):
+        top = via.strip()
+        if not top:
             raise error("empty Via")
-        cached("top_via", _top_via)  # parses the one Via (and remembers it)
+        if "top_via" not in cache:
+            cache["top_via"] = parse_via(top)
     else:
-        vias = message.headers.values("Via")
+        vias = headers.values("Via")
         if not vias:
             raise error("empty Via")
-        cached("top_via", _top_via)  # parses vias[0] (and remembers it)
+        headers.cached("top_via", _top_via)  # parses vias[0] (and remembers it)
         for value in vias[1:]:
             parse_via(value)
-    cached("from", _from)
-    cached("to", _to)
-    call_id = lines["Call-ID"][0]
+    if "from" not in cache:
+        cache["from"] = parse_address(from_text)
+    if "to" not in cache:
+        cache["to"] = parse_address(to_text)
+    call_id = first["call-id"][1]
     # RFC 3261 §25.1: callid = word ["@" word]; no whitespace.
     if not call_id or len(call_id.split()) != 1:
         raise error("bad Call-ID")
-    cached("cseq", _cseq)
-    content_length = lines.get("Content-Length")
+    if "cseq" not in cache:
+        cache["cseq"] = parse_cseq(first["cseq"][1])
+    content_length = first.get("content-length")
     if content_length is not None:
-        parse_int_header(content_length[0], "Content-Length")
-    for name in _ADDRESS_LISTS:
-        for value in lines.get(name, ()):
-            parse_address_list(value)
+        parse_int_header(content_length[1], "Content-Length")
+    for key in _ADDRESS_LISTS:
+        if key in first:
+            for value in _lines(scanned, key):
+                parse_address_list(value)
 
 
 def _media_type(content_type: str) -> str:
@@ -228,25 +243,25 @@ def validate_request(
         raise VersionNotSupported(f"SIP version {req.version} not supported")
     method = req.method
     scanned = _scan(headers)
-    lines = scanned[0]
+    first = scanned[0]
     try:
         _check_common(req, scanned, BadRequest)
-        max_forwards_lines = lines.get("Max-Forwards")
-        if max_forwards_lines is None:
+        max_forwards_field = first.get("max-forwards")
+        if max_forwards_field is None:
             if require_max_forwards:
                 raise BadRequest("missing Max-Forwards")
             max_forwards = None
         else:
-            max_forwards = parse_int_header(max_forwards_lines[0], "Max-Forwards", 255)
+            max_forwards = parse_int_header(max_forwards_field[1], "Max-Forwards", 255)
         cseq = req.cseq
-        expires = lines.get("Expires")
+        expires = first.get("expires")
         if expires is not None:
-            parse_int_header(expires[0], "Expires")
-        if check_date and "Date" in lines:
-            date = lines["Date"][0]
+            parse_int_header(expires[1], "Expires")
+        if check_date and "date" in first:
+            date = first["date"][1]
             if _DATE_RE.fullmatch(date) is None:
                 raise BadRequest(f"bad Date {date!r}")
-        contacts = lines.get("Contact", ())
+        contacts = _lines(scanned, "contact") if "contact" in first else ()
         for value in contacts:
             if is_wildcard_contact(value):
                 # RFC 3261 §10.3 step 6: '*' only in REGISTER, alone, with Expires: 0.
@@ -280,8 +295,14 @@ def validate_request(
             raise TooManyHops("Max-Forwards is 0")
     # RFC 3261 §8.2.2.3: option tags in Require that this element does not support.
     if method not in _NO_REQUIRE_CHECK:
-        names = ("Require", "Proxy-Require") if check_proxy_require else ("Require",)
-        wanted = [tag for name in names for line in lines.get(name, ()) for tag in split_list(line)]
+        names = ("require", "proxy-require") if check_proxy_require else ("require",)
+        wanted = [
+            tag
+            for name in names
+            if name in first
+            for line in _lines(scanned, name)
+            for tag in split_list(line)
+        ]
         if wanted:
             known = {tag.lower() for tag in supported}
             unsupported = [tag for tag in wanted if tag.lower() not in known]
