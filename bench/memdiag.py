@@ -120,12 +120,53 @@ def pins(min_arena: int) -> list[str]:
         if min_arena <= arena < 1 << 16:
             by_arena[arena].append(o)
     lines = [f"arenas {min_arena} and up holding objects found: {len(by_arena)}"]
-    for arena in sorted(by_arena):
-        objects = by_arena[arena]
-        kinds = collections.Counter(type(o).__qualname__ for o in objects).most_common(8)
-        lines.append(f" arena {arena}: {len(objects)} objects {kinds}")
-        lines += [f"    {type(o).__qualname__}: {repr(o)[:150]}" for o in objects[:6]]
+    ours = {id(found), id(by_arena), *map(id, by_arena.values())}
+    gc.unfreeze()  # gc.get_referrers() does not look into the frozen objects
+    try:
+        for arena in sorted(by_arena):
+            objects = by_arena[arena]
+            kinds = collections.Counter(type(o).__qualname__ for o in objects).most_common(8)
+            lines.append(f" arena {arena}: {len(objects)} objects {kinds}")
+            for i in range(min(12, len(objects))):
+                lines.append(f"    {type(objects[i]).__qualname__}: {repr(objects[i])[:150]}")
+                lines += [f"      held by {where}" for where in holders(objects[i], ours)]
+    finally:
+        gc.freeze()
     return lines
+
+
+def holders(o: Any, ours: set[int], limit: int = 3) -> list[str]:
+    """Who refers to ``o`` (the collector's view): an object's attribute or slot, a dict's key
+    (and whose ``__dict__`` that dict is), a container's type; to name the owner of a pin.
+    ``ours``: ids of this script's own containers, left out."""
+    found = []
+    for ref in gc.get_referrers(o):
+        if id(ref) in ours or type(ref).__name__ in ("frame", "cell"):
+            continue  # this script's own lists, frames and closures
+        name = type(ref).__qualname__
+        if isinstance(ref, dict):
+            keys = [k for k, v in ref.items() if v is o][:2]
+            owners = [
+                type(x).__qualname__
+                for x in gc.get_referrers(ref)
+                if getattr(x, "__dict__", None) is ref
+            ][:1]
+            name = f"dict{' of ' + owners[0] if owners else ''} key {keys!r}"[:200]
+        else:
+            slots = [
+                s
+                for c in type(ref).__mro__
+                for s in getattr(c, "__slots__", ())
+                if isinstance(s, str) and getattr(ref, s, None) is o
+            ]
+            if slots:
+                name += f".{slots[0]}"
+            elif isinstance(ref, (list, tuple)):
+                name += f" of {len(ref)}: {repr(ref)[:100]}"
+        found.append(name)
+        if len(found) >= limit:
+            break
+    return found
 
 
 def report(signum: int, frame: Any) -> None:
