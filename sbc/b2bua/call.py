@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -137,7 +138,9 @@ class _Deadlines:
         self._loop = loop
         # Entries: [deadline, sequence number (ties, and never a queue compared), queue or None]
         self._heap: list[list[Any]] = []
-        self._seq = 0
+        # An iterator, not an int attribute: `+= 1` made a new int kept until the next arm, the
+        # last one made at the end of a burst of calls and alive after it (see _INF).
+        self._seq = itertools.count(1)
         self._stale = 0  # entries whose queue let go of them
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
@@ -147,8 +150,7 @@ class _Deadlines:
 
     def arm(self, deadline: float, queue: FactQueue) -> list[Any]:
         """Expire ``queue`` at ``deadline`` (loop time); returns the entry to :meth:`disarm`."""
-        self._seq += 1
-        entry = [deadline, self._seq, queue]
+        entry = [deadline, next(self._seq), queue]
         heapq.heappush(self._heap, entry)
         if deadline < self._timer_at:
             self._arm_timer(deadline)

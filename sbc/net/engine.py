@@ -26,6 +26,7 @@ import dataclasses
 import os
 import re
 import ssl
+from array import array
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -114,10 +115,24 @@ __all__ = [
 ]
 
 
+# Cells of EngineStats.counts.
+_REQUESTS_RECEIVED, _RESPONSES_RECEIVED, _TIMER_ARMS = range(3)
+_MESSAGE_CELLS = 64  # EngineStats.message_counts's cells at first (keys seen: 20-30 a bridge)
+
+
+def _cells(n: int) -> array[int]:
+    return array("q", bytes(8 * n))
+
+
 @dataclass(slots=True)
 class EngineStats:
-    requests_received: int = 0
-    responses_received: int = 0
+    """The engine's counters. Those updated for every message are machine integers in arrays
+    made with the stats (``counts``, ``message_counts``), read through the properties below:
+    as ints in attributes or a dict, each ``+= 1`` made a new int object (above 256) kept
+    until the next, and the last ones, made at the end of a burst of calls, were alive long
+    after it in the arenas the burst took, which Python's allocator then could not give back
+    (docs/performance.md, Round 8: idle). Updating a cell keeps no object."""
+
     requests_rejected: int = 0
     responses_dropped: int = 0
     handler_errors: int = 0
@@ -127,8 +142,12 @@ class EngineStats:
     # Timer G, and a 2xx the TU repeats until its ACK (RFC 3261 §13.3.1.4).
     retransmissions: int = 0
     # Every message received from / handed to a transport, retransmissions included, by
-    # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport).
-    messages: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
+    # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport): the
+    # key's cell in message_counts (messages: the counts by key).
+    message_cells: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
+    message_counts: array[int] = field(default_factory=lambda: _cells(_MESSAGE_CELLS))
+    # requests_received, responses_received, timer_arms (the properties)
+    counts: array[int] = field(default_factory=lambda: _cells(3))
     # Requests refused because their source had max_transactions_per_source server
     # transactions open (answered 503 statelessly).
     transactions_refused: int = 0
@@ -136,9 +155,46 @@ class EngineStats:
     # went back to UDP because the TCP connection could not be made.
     large_over_tcp: int = 0
     large_tcp_fallbacks: int = 0
-    # Loop timers armed for the transaction layer's next deadline (one engine timer; see
-    # SipEngine._arm_timer): what the timer bookkeeping costs the event loop.
-    timer_arms: int = 0
+
+    @property
+    def requests_received(self) -> int:
+        return self.counts[_REQUESTS_RECEIVED]
+
+    @requests_received.setter
+    def requests_received(self, value: int) -> None:
+        self.counts[_REQUESTS_RECEIVED] = value
+
+    @property
+    def responses_received(self) -> int:
+        return self.counts[_RESPONSES_RECEIVED]
+
+    @responses_received.setter
+    def responses_received(self, value: int) -> None:
+        self.counts[_RESPONSES_RECEIVED] = value
+
+    @property
+    def timer_arms(self) -> int:
+        """Loop timers armed for the transaction layer's next deadline (one engine timer; see
+        SipEngine._arm_timer): what the timer bookkeeping costs the event loop."""
+        return self.counts[_TIMER_ARMS]
+
+    @timer_arms.setter
+    def timer_arms(self, value: int) -> None:
+        self.counts[_TIMER_ARMS] = value
+
+    @property
+    def messages(self) -> dict[tuple[str, str | int, str], int]:
+        """The messages counted by key (a copy)."""
+        counts = self.message_counts
+        return {key: counts[cell] for key, cell in self.message_cells.items()}
+
+    def message_cell(self, key: tuple[str, str | int, str]) -> int:
+        """The cell of ``key``, counted for the first time."""
+        cells = self.message_cells
+        cell = cells[key] = len(cells)
+        if cell == len(self.message_counts):
+            self.message_counts.extend(_cells(cell))
+        return cell
 
 
 class SipEngine:
@@ -794,7 +850,8 @@ class SipEngine:
     def _message_received(self, message: Message, source: Destination) -> None:
         # One branch per kind, each with the same steps (the guard for requests only): the
         # tap, the count, the processing.
-        counts = self.stats.messages
+        stats = self.stats
+        cells = stats.message_cells
         tap = self.on_message
         try:
             if isinstance(message, Request):
@@ -818,7 +875,10 @@ class SipEngine:
                     method if method in COUNTED_METHODS else "other",
                     source.transport,
                 )
-                counts[key] = counts.get(key, 0) + 1
+                cell = cells.get(key)
+                if cell is None:
+                    cell = stats.message_cell(key)
+                stats.message_counts[cell] += 1
                 self._incoming_request(message, source)
             else:
                 if tap is not None:
@@ -827,7 +887,10 @@ class SipEngine:
                     except Exception:
                         log.exception("message_tap_failed", direction="in")
                 key = ("in", message.status, source.transport)
-                counts[key] = counts.get(key, 0) + 1
+                cell = cells.get(key)
+                if cell is None:
+                    cell = stats.message_cell(key)
+                stats.message_counts[cell] += 1
                 self._incoming_response(message, source)
         except Exception:
             # A bug in the core or here must not take the listener down.
@@ -839,7 +902,7 @@ class SipEngine:
         self._pump()
 
     def _incoming_request(self, request: Request, source: Destination) -> None:
-        self.stats.requests_received += 1
+        self.stats.counts[_REQUESTS_RECEIVED] += 1
         try:
             request = stamp_via(request, source)
         except SipError:
@@ -907,7 +970,7 @@ class SipEngine:
         self.layer.send_stateless(response, dest=source)
 
     def _incoming_response(self, response: Response, source: Destination) -> None:
-        self.stats.responses_received += 1
+        self.stats.counts[_RESPONSES_RECEIVED] += 1
         try:
             validate_response(response)
             via = response.top_via
@@ -990,8 +1053,11 @@ class SipEngine:
             key = ("out", method if method in COUNTED_METHODS else "other", dest.transport)
             if self.guard is not None:
                 self.guard.note_peer(dest.host)  # its answers and requests are let in
-        counts = self.stats.messages
-        counts[key] = counts.get(key, 0) + 1
+        stats = self.stats
+        cell = stats.message_cells.get(key)
+        if cell is None:
+            cell = stats.message_cell(key)
+        stats.message_counts[cell] += 1
         tap = self.on_message
         if tap is not None:
             try:
@@ -1103,7 +1169,7 @@ class SipEngine:
         self._timer_at = deadline
         if deadline is not None and self._loop is not None and self._running:
             self._timer = self._loop.call_at(deadline, self._timer_fired)
-            self.stats.timer_arms += 1
+            self.stats.counts[_TIMER_ARMS] += 1
 
     def _timer_fired(self) -> None:
         self._timer = None

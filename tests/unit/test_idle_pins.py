@@ -10,13 +10,51 @@ from __future__ import annotations
 import asyncio
 import gc
 import sqlite3
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sbc.b2bua import call as call_module
 from sbc.b2bua.call import FactQueue
 from sbc.b2bua.callstate import ShutdownRequested
+from sbc.net.engine import EngineStats
+from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import records
+from tests.unit.test_engine_fast_paths import OPTIONS, engine_without_sockets
+from tests.unit.test_guard import PBX, Clock
+from tests.unit.test_guard import make as make_guard
 from tests.unit.test_records import make_record, started_writer
+
+# Not followed: code and the objects every instance shares (its class, module, functions), and
+# a bound method's object (a test's clock, which a test moves on).
+_SHARED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def reachable(root: object, skip: tuple[object, ...] = ()) -> dict[int, object]:
+    """Every object ``root`` holds, directly or not (ints and floats too), by id, but what
+    ``skip`` holds. The dict keeps them alive, so that no id is reused while compared."""
+    seen: dict[int, object] = {}
+    stack = [root]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen[id(o)] = o
+        if not isinstance(o, _SHARED) and not any(o is s for s in skip):
+            stack.extend(gc.get_referents(o))
+    return seen
+
+
+def made_by(
+    root: object, update: Callable[[], Any], times: int = 300, skip: tuple[object, ...] = ()
+) -> list[object]:
+    """The objects ``root`` holds after ``update`` ran ``times`` times that it did not hold
+    before: what a burst of such updates would leave alive (``skip``: a test's own clock)."""
+    before = reachable(root, skip)
+    for _ in range(times):
+        update()
+    return [o for i, o in reachable(root, skip).items() if i not in before]
 
 
 async def test_the_loops_deadlines_keep_one_no_deadline_value() -> None:
@@ -87,3 +125,64 @@ async def test_the_records_writers_cursor_keeps_no_row_id(tmp_path: Path) -> Non
         assert writer._cursor.lastrowid is None
     finally:
         await writer.close()
+
+
+def test_the_guard_keeps_no_number_per_new_call() -> None:
+    """A trusted source's token bucket and the new-call cap are updated by every new call
+    from 3CX: their numbers are kept in arrays, not as float objects made per update."""
+    clock = Clock()
+    guard = make_guard(clock)
+    assert isinstance(guard, Guard) and isinstance(guard.config, GuardConfig)
+    guard.request_verdict(PBX, counted=True, new=True)
+
+    def new_call() -> None:
+        clock.now += 0.013
+        assert guard.admit_datagram(PBX)
+        assert guard.request_verdict(PBX, counted=True, new=True) == 0
+        assert guard.new_call_allowed()
+
+    assert made_by(guard, new_call, skip=(clock,)) == []
+
+
+async def test_the_loops_deadlines_keep_nothing_per_deadline_armed() -> None:
+    """Every call arms and disarms deadlines in the loop's one _Deadlines: once disarmed,
+    nothing made for them stays (no sequence number kept as a new int)."""
+    loop = asyncio.get_running_loop()
+    shared = call_module._deadlines_of(loop)
+    queue = FactQueue()
+
+    def call() -> None:
+        shared.disarm(shared.arm(loop.time() + 60, queue))
+
+    call()
+    assert made_by(shared, call, skip=(loop,)) == []
+
+
+async def test_the_engines_and_transports_counts_keep_no_number_per_message() -> None:
+    """The counters of every message (received, sent, by kind) are cells of arrays: counting
+    keeps no int object made by a `+= 1` (above 256: a new object each time)."""
+    engine, sink = engine_without_sockets()
+    received = iter(range(10**6))
+
+    def options() -> None:
+        i = next(received)
+        engine.transports._datagram_received(OPTIONS % (i, i, i), ("127.0.0.1", 5070))
+
+    options()
+    stats = (engine.stats, engine.transports.stats)
+    assert made_by(stats, options, times=400) == []
+    assert len(sink.sent) == 401
+    assert engine.stats.requests_received == engine.transports.stats.datagrams_received == 401
+    assert engine.transports.stats.messages_sent == 401
+    assert engine.stats.messages == {("in", "OPTIONS", "udp"): 401, ("out", 200, "udp"): 401}
+
+
+def test_message_counts_take_any_number_of_kinds() -> None:
+    stats = EngineStats()
+    for status in range(100, 700):  # more kinds than the cells made at first
+        for _ in range(status % 3):
+            cell = stats.message_cells.get(("in", status, "udp"))
+            if cell is None:
+                cell = stats.message_cell(("in", status, "udp"))
+            stats.message_counts[cell] += 1
+    assert stats.messages == {("in", s, "udp"): s % 3 for s in range(100, 700) if s % 3}
