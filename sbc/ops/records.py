@@ -39,6 +39,7 @@ import json
 import os
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -495,7 +496,10 @@ class RecordWriter:
         self.path = Path(path)
         self.instance = instance  # the ``instance`` column of every row
         self.keep_days = keep_days
-        self.written = 0  # rows committed
+        # Rows committed (``written``), a cell of an array: an int attribute made a new int at
+        # each `+= 1` (above 256), kept until the next, the last one made at the end of a burst
+        # of calls and alive after it in the arenas the burst took (see _open).
+        self._written = array("q", (0,))
         self.failed = 0  # records whose write failed (disk full, I/O error...)
         self.pruned = 0  # rows deleted for being older than keep_days
         self._wall = wall_clock
@@ -518,6 +522,11 @@ class RecordWriter:
         """Take the ended calls of ``bus`` through a queue of ``maxsize`` (only CallEnded:
         nothing else takes room in it)."""
         self.subscription = bus.subscribe(self.on_call_event, maxsize=maxsize, kinds=(CallEnded,))
+
+    @property
+    def written(self) -> int:
+        """Rows committed."""
+        return self._written[0]
 
     @property
     def target(self) -> str:
@@ -619,7 +628,7 @@ class RecordWriter:
                         error=str(error) or type(error).__name__,
                     )
                 continue
-            self.written += 1
+            self._written[0] += 1
             if self._failing:
                 self._failing = False
                 log.info("call_record_writes_resumed", path=self.target, failed=self.failed)

@@ -15,12 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+
 from sbc.b2bua import call as call_module
 from sbc.b2bua.call import FactQueue
 from sbc.b2bua.callstate import ShutdownRequested
 from sbc.net.engine import EngineStats
 from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import records
+from sbc.ops.metrics import PlainCounter, PlainGauge, PlainHistogram
 from tests.unit.test_engine_fast_paths import OPTIONS, engine_without_sockets
 from tests.unit.test_guard import PBX, Clock
 from tests.unit.test_guard import make as make_guard
@@ -117,12 +121,15 @@ async def test_the_records_writers_page_cache_is_bounded(tmp_path: Path) -> None
 
 async def test_the_records_writers_cursor_keeps_no_row_id(tmp_path: Path) -> None:
     """The writer's one cursor lives as long as the service: it keeps no value a write makes
-    (``lastrowid``, an int per INSERT, above 256 after as many rows)."""
+    (``lastrowid``, an int per statement, above 256 after as many rows); nor the writer."""
     writer = await started_writer(tmp_path / "calls.sqlite3")
     try:
         assert await writer.write_many([make_record(f"u-{i}") for i in range(300)])
         assert writer._cursor is not None
         assert writer._cursor.lastrowid is None
+        # nor does the writer keep the count as an int made by the last `+= 1`
+        assert writer.written == 300
+        assert not [v for v in vars(writer).values() if type(v) is int and v > 256]
     finally:
         await writer.close()
 
@@ -186,3 +193,38 @@ def test_message_counts_take_any_number_of_kinds() -> None:
                 cell = stats.message_cell(("in", status, "udp"))
             stats.message_counts[cell] += 1
     assert stats.messages == {("in", s, "udp"): s % 3 for s in range(100, 700) if s % 3}
+
+
+def test_the_call_metrics_keep_no_number_per_call() -> None:
+    """The families every call updates (counters by outcome, gauges, the histograms) keep
+    their numbers in arrays: an update keeps no number object of its own."""
+    registry = CollectorRegistry()
+    ended = PlainCounter("ended", "Calls ended.", ("outcome",), registry=registry)
+    active = PlainGauge("active", "Calls up.", registry=registry)
+    duration = PlainHistogram("duration", "Seconds.", (0.5, 5.0), registry=registry)
+    seconds = iter(range(10**6))
+
+    def call() -> None:
+        ended.inc(("answered",))
+        active.inc()
+        duration.observe(next(seconds) / 100)
+
+    call()
+    assert made_by((ended, active, duration), call) == []
+    text = generate_latest(registry).decode()
+    assert 'ended_total{outcome="answered"} 301.0' in text
+    assert "\nactive 301.0\n" in text
+    assert 'duration_bucket{le="0.5"} 51.0' in text and "duration_count 301.0" in text
+    assert "duration_sum 451.5" in text
+
+
+async def test_the_transaction_layer_keeps_its_own_queues() -> None:
+    """What the layer hands over (messages to send, events) is a copy; the lists it keeps are
+    those it was made with, not a new one left by each hand-over."""
+    engine, sink = engine_without_sockets()
+    outbox, events = engine.layer._outbox, engine.layer._events
+    for i in range(3):
+        engine.transports._datagram_received(OPTIONS % (i, i, i), ("127.0.0.1", 5070))
+    assert len(sink.sent) == 3
+    assert engine.layer._outbox is outbox and engine.layer._events is events
+    assert outbox == [] and events == []
