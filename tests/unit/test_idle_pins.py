@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
+import json
 import sqlite3
+import time
 import types
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
@@ -24,10 +30,12 @@ from sbc.b2bua.callstate import ShutdownRequested
 from sbc.net.engine import EngineStats
 from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import records
+from sbc.ops.logging import configure_logging
 from sbc.ops.metrics import PlainCounter, PlainGauge, PlainHistogram
 from tests.unit.test_engine_fast_paths import OPTIONS, engine_without_sockets
 from tests.unit.test_guard import PBX, Clock
 from tests.unit.test_guard import make as make_guard
+from tests.unit.test_logging import _json_line
 from tests.unit.test_records import make_record, started_writer
 
 # Not followed: code and the objects every instance shares (its class, module, functions), and
@@ -228,3 +236,31 @@ async def test_the_transaction_layer_keeps_its_own_queues() -> None:
     assert len(sink.sent) == 3
     assert engine.layer._outbox is outbox and engine.layer._events is events
     assert outbox == [] and events == []
+
+
+def test_the_log_lines_timestamps_keep_no_text_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line's timestamp reuses its hour's date and hour, made once an hour, and the minutes
+    and seconds of a table made at start: lines second after second (a burst of calls) keep
+    no text of theirs. Each is what TimeStamper(fmt="iso", utc=True) writes, across an hour
+    and a day."""
+    configure_logging("info", "json", stream=io.StringIO())
+    fast = _json_line()
+    bound = structlog.get_logger("sbc.test").bind()
+    writer = bound._logger
+    start = 1_765_065_600 - 1_800  # 2025-12-07 00:00:00 UTC, half an hour before
+    now = [start * 10**9 + 1_000]
+    monkeypatch.setattr(time, "time_ns", lambda: now[0])
+
+    def line_a_second_later() -> None:
+        now[0] += 10**9 + 7_000
+        micros = now[0] // 1000
+        expected = datetime.fromtimestamp(micros // 10**6, UTC).replace(microsecond=micros % 10**6)
+        stamp = json.loads(fast(writer, "info", {"event": "x"}))["timestamp"]
+        assert stamp == expected.isoformat().replace("+00:00", "Z")
+        line = json.loads(fast.after('"a": 1', writer, "info", {"event": "y"}))
+        assert line["timestamp"] == stamp
+
+    line_a_second_later()
+    assert made_by(fast, line_a_second_later, times=1_700) == []  # within the hour
+    for _ in range(3_600):  # across midnight: the new hour's text, and correct stamps
+        line_a_second_later()
