@@ -19,12 +19,14 @@ samples, and use the pins to name what survives a burst. Commands in docs/perfor
 
 from __future__ import annotations
 
+import array
 import collections
 import ctypes
 import gc
 import os
 import runpy
 import signal
+import struct
 import sys
 import threading
 import time
@@ -135,6 +137,98 @@ def pins(min_arena: int) -> list[str]:
     return lines
 
 
+def blocks(min_arena: int) -> list[str]:
+    """Every allocated block in the pools of arenas numbered ``min_arena`` or above, found by
+    walking the pools themselves (anonymous mappings, each 16 KiB pool's header, its free
+    list): what pins an arena when :func:`pins` finds no object there (a dict's table, a
+    list's items, an object no collector-tracked one refers to, an object kept in a C
+    extension's free list). A block is named by its type when it starts with an object of a
+    type alive in the process (at its address, or after a collector header; a reference count
+    of 0: in a free list), else shown as raw bytes.
+
+    Each pool is copied whole (a bytes object of 16 KiB: malloc's, not pymalloc's) and read
+    from the copy, addresses kept in an array: the walk's own small objects are freed at once
+    and never counted as blocks; ctypes' foreign calls (which let other threads run) are not
+    used while walking."""
+    types_by_address: dict[int, type] = {}
+    for o in gc.get_objects():
+        t = o if isinstance(o, type) else type(o)
+        types_by_address[id(t)] = t
+    for t in (int, float, str, bytes, tuple, list, dict, set, type(None), bool, complex):
+        types_by_address[id(t)] = t
+    for module in list(sys.modules.values()):  # C extensions' static types (uvloop's, say)
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if isinstance(value, type):
+                types_by_address.setdefault(id(value), value)
+    regions = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            anonymous = len(fields) == 5 or (len(fields) == 6 and fields[5].startswith("[anon"))
+            if anonymous and fields[1].startswith("rw"):  # never a reserved (PROT_NONE) one
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if end - start >= 1 << 20:
+                    regions.append((start, end))
+    found = array.array("Q")  # (arena, address, size) triples
+    found.extend([0] * 3 * 200_000)  # room made before the walk (malloc'd, never moved)
+    n = 0
+    pool_bytes = ctypes.c_char * POOL
+    for start, end in regions:
+        pool = (start + POOL - 1) & ~(POOL - 1)
+        while pool + POOL <= end:
+            copy = pool_bytes.from_address(pool).raw
+            count, _, freeblock = struct.unpack_from("=IIQ", copy, 0)
+            arena, szidx, nextoffset, maxnext = struct.unpack_from("=IIII", copy, 32)
+            size = (szidx + 1) * 16
+            if (
+                min_arena <= arena < 1 << 16
+                and 0 < count <= POOL // 16
+                and szidx < 32
+                and 48 <= nextoffset <= POOL
+                and maxnext == POOL - size
+            ):
+                free = set()
+                block = freeblock
+                while block and pool <= block < pool + POOL and block not in free:
+                    free.add(block)
+                    block = struct.unpack_from("=Q", copy, block - pool)[0]
+                for address in range(pool + 48, pool + nextoffset, size):
+                    if address not in free and n < len(found):
+                        found[n : n + 3] = array.array("Q", (arena, address, size))
+                        n += 3
+            pool += POOL
+    by_arena: dict[int, list[str]] = collections.defaultdict(list)
+    for i in range(0, n, 3):
+        arena, address, size = found[i : i + 3]
+        by_arena[arena].append(_block_text(address, size, types_by_address))
+    lines = [f"arenas {min_arena} and up with allocated blocks: {len(by_arena)}"]
+    for arena in sorted(by_arena):
+        kinds = collections.Counter(text.split(":")[0] for text in by_arena[arena]).most_common(8)
+        lines.append(f" arena {arena}: {len(by_arena[arena])} blocks {kinds}")
+        lines += [f"    {text}" for text in by_arena[arena][:25]]
+    return lines
+
+
+def _block_text(address: int, size: int, types_by_address: dict[int, type]) -> str:
+    raw = (ctypes.c_char * size).from_address(address).raw
+    for offset in (0, 16):  # an object, or one after its collector header
+        if offset + 16 > size:
+            continue
+        refcount, type_address = struct.unpack_from("=QQ", raw, offset)
+        t = types_by_address.get(type_address)
+        if t is None or refcount >= 1 << 32:
+            continue
+        if refcount == 0:  # not alive: kept in a free list (a C extension's, say)
+            return f"{t.__qualname__} in a free list ({size} B)"
+        try:
+            pointer = ctypes.c_size_t(address + offset)
+            text = repr(ctypes.py_object.from_buffer(pointer).value)[:120]
+        except Exception as exc:  # a half-made object: its type is enough
+            text = f"<repr failed: {type(exc).__name__}>"
+        return f"{t.__qualname__} ({size} B): {text}"
+    return f"raw ({size} B): {raw[:48].hex()}"
+
+
 def holders(o: Any, ours: set[int], limit: int = 3) -> list[str]:
     """Who refers to ``o`` (the collector's view): an object's attribute or slot, a dict's key
     (and whose ``__dict__`` that dict is), a container's type; to name the owner of a pin.
@@ -184,6 +278,8 @@ def report(signum: int, frame: Any) -> None:
         lines.append(f"full collection: {unreachable} unreachable, {pause:.1f} ms; {figures()}")
         if os.environ.get("MEMDIAG_PINS") == "1":
             lines += pins(_first_arenas[0])
+        if os.environ.get("MEMDIAG_BLOCKS") == "1":
+            lines += blocks(_first_arenas[0])
     with open(os.path.join(OUT, f"report.{n}.txt"), "w") as out:
         out.write("\n".join(lines) + "\n")
 

@@ -12,7 +12,9 @@ import gc
 import io
 import json
 import sqlite3
+import sys
 import time
+import tracemalloc
 import types
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 import structlog
+import uvloop
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
@@ -29,7 +32,8 @@ from sbc.b2bua.call import FactQueue
 from sbc.b2bua.callstate import ShutdownRequested
 from sbc.net.engine import EngineStats
 from sbc.net.guard import Guard, GuardConfig
-from sbc.ops import records
+from sbc.ops import idle, records
+from sbc.ops.idle import warm_free_lists
 from sbc.ops.logging import configure_logging
 from sbc.ops.metrics import PlainCounter, PlainGauge, PlainHistogram
 from tests.unit.test_engine_fast_paths import OPTIONS, engine_without_sockets
@@ -264,3 +268,72 @@ def test_the_log_lines_timestamps_keep_no_text_per_second(monkeypatch: pytest.Mo
     assert made_by(fast, line_a_second_later, times=1_700) == []  # within the hour
     for _ in range(3_600):  # across midnight: the new hour's text, and correct stamps
         line_a_second_later()
+
+
+def test_the_loops_free_lists_are_filled_at_start() -> None:
+    """After warm_free_lists, a burst of timers (up to uvloop's 250 kept for reuse) takes the
+    TimerHandles made at start-up: none is a new block, that would end in the free list."""
+    loop = uvloop.new_event_loop()
+
+    async def burst() -> int:
+        warm_free_lists(asyncio.get_running_loop())
+        await asyncio.sleep(0)
+        tracemalloc.start()
+        try:
+            timers = [loop.call_later(3600.0, lambda: None) for _ in range(250)]
+            traces = tracemalloc.take_snapshot().traces
+        finally:
+            tracemalloc.stop()
+        size = sys.getsizeof(timers[0])
+        for timer in timers:
+            timer.cancel()
+        return sum(1 for trace in traces if trace.size == size)
+
+    try:
+        assert loop.run_until_complete(burst()) == 0
+    finally:
+        loop.close()
+
+
+async def test_one_full_collection_once_the_calls_are_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None while calls are up or starting, none before the quiet spell is over, one after
+    it, and none again until calls were seen again."""
+    collections: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    collected = asyncio.Event()
+
+    def collect() -> int:
+        collections.append(loop.time())
+        collected.set()
+        return 0
+
+    async def until_collected() -> None:
+        await asyncio.wait_for(collected.wait(), 10)
+        collected.clear()
+
+    monkeypatch.setattr(gc, "collect", collect)
+    up, seen = [0], [0.0]
+    task = asyncio.ensure_future(
+        idle.collect_when_idle(lambda: up[0], lambda: seen[0], quiet=1.0, every=0.01)
+    )
+    try:
+        await asyncio.sleep(0.2)
+        assert collections == []  # no call yet: nothing to give back
+        up[0], seen[0] = 1, 1.0
+        await asyncio.sleep(0.2)
+        assert collections == []  # a call up
+        up[0] = 0
+        ended = loop.time()
+        await until_collected()
+        # after the quiet spell (from the last look that saw the call), not before
+        assert collections[0] >= ended + 1.0 - 0.05
+        await asyncio.sleep(0.2)
+        assert len(collections) == 1  # once per quiet spell
+        seen[0] = 2.0  # a short call, started and ended between two looks
+        started = loop.time()
+        await until_collected()
+        assert collections[1] >= started + 1.0 - 0.05
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
