@@ -36,7 +36,7 @@ log = structlog.get_logger(__name__)
 # uvloop's free lists hold 250 objects of each class (its DEFAULT_FREELIST_SIZE), asyncio's 255
 # future iterators (FI_FREELIST_MAXLEN): one more than both fills any of them.
 FREE_LIST_SIZE = 256
-IDLE_CHECK_EVERY = 5.0  # seconds between looks at whether the service went quiet
+IDLE_CHECK_EVERY = 2.0  # seconds between looks at whether the service went quiet
 
 
 def _nothing() -> None:
