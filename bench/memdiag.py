@@ -10,11 +10,15 @@ Runs ``python -m sbc ...`` as given and, in that process (CPython 3.11, pymalloc
 * ``report.N.txt`` on each SIGUSR1: the same figures, the tracked objects by type; from the
   second one on also what a full collection frees (unreachable objects, pause, arenas after)
   and, with ``MEMDIAG_PINS=1``, the objects found in the arenas made after the first report
-  (pool headers read with ctypes, the 3.11 layout; a diagnosis, never in the service).
+  (pool headers read with ctypes, the 3.11 layout; a diagnosis, never in the service) with
+  who holds each; with ``MEMDIAG_BLOCKS=1``, every allocated block of those arenas, found
+  by walking their pools (what no collector-tracked object names: free lists of C
+  extensions, dict tables, list items).
 
-Not a benchmark: it perturbs what it measures a little (its own reports allocate), so read the
-samples, and use the pins to name what survives a burst. Commands in docs/performance.md
-("Round 4: idle"). Other arguments (``-c ...``) are passed to the interpreter unchanged.
+Not a benchmark: it perturbs what it measures a little (its own reports allocate: the
+blocks list shows the report's own strings, ints and tuples too), so read the samples, and
+use the pins to name what survives a burst. Commands in docs/performance.md ("Round 4: idle",
+"Round 8: idle"). Other arguments (``-c ...``) are passed to the interpreter unchanged.
 """
 
 from __future__ import annotations
@@ -96,9 +100,65 @@ def sample(every: float) -> None:
             time.sleep(every)
 
 
+_idle_arenas: dict[int, int] = {}  # arena index -> its lowest pool's address, at report 1
+
+
+def _regions() -> list[tuple[int, int]]:
+    """Anonymous read-write mappings of 1 MiB or more: where pymalloc's arenas are."""
+    regions = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            anonymous = len(fields) == 5 or (len(fields) == 6 and fields[5].startswith("[anon"))
+            if anonymous and fields[1].startswith("rw"):  # never a reserved (PROT_NONE) one
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if end - start >= 1 << 20:
+                    regions.append((start, end))
+    return regions
+
+
+def _pool_header(copy: bytes) -> tuple[int, int, int, int, int] | None:
+    """count, freeblock, arena index, block size, nextoffset of a plausible used pool."""
+    count, _, freeblock = struct.unpack_from("=IIQ", copy, 0)
+    arena, szidx, nextoffset, maxnext = struct.unpack_from("=IIII", copy, 32)
+    size = (szidx + 1) * 16
+    if (
+        arena < 1 << 16
+        and 0 < count <= POOL // 16
+        and szidx < 32
+        and 48 <= nextoffset <= POOL
+        and maxnext == POOL - size
+    ):
+        return count, freeblock, arena, size, nextoffset
+    return None
+
+
+def arena_bases() -> dict[int, int]:
+    """Each arena in use (by index) and the address of its lowest used pool. Indexes are
+    reused once an arena is given back: an arena is told by its index and its address."""
+    bases: dict[int, int] = {}
+    header_bytes = ctypes.c_char * 48
+    for start, end in _regions():
+        pool = (start + POOL - 1) & ~(POOL - 1)
+        while pool + POOL <= end:
+            header = _pool_header(header_bytes.from_address(pool).raw)
+            if header is not None:
+                bases.setdefault(header[2], pool)
+            pool += POOL
+    return bases
+
+
+def _new_arena(arena: int, pool: int) -> bool:
+    """Whether the pool at ``pool`` is in an arena made after report 1 (an index then unused,
+    or used then by an arena elsewhere)."""
+    base = _idle_arenas.get(arena)
+    return base is None or not base - (1 << 20) < pool < base + (1 << 20)
+
+
 def pins(min_arena: int) -> list[str]:
-    """Objects (gc's and those they refer to) whose pymalloc pool lies in an arena numbered
-    ``min_arena`` or above, by arena. Arenas are numbered in the order they were made."""
+    """Objects (gc's and those they refer to) whose pymalloc pool lies in an arena made after
+    report 1 (see :func:`arena_bases`), by arena index, each with who holds it. ``min_arena``
+    (the arenas at report 1) is only shown."""
     gc.unfreeze()  # the frozen start-up objects too: their containers may hold new objects
     try:
         found: dict[int, Any] = {}
@@ -119,9 +179,9 @@ def pins(min_arena: int) -> list[str]:
         if ctypes.c_uint.from_address(pool + 36).value != (size + 15) // 16 - 1:
             continue  # not a pymalloc pool of this size class (a static object, say)
         arena = ctypes.c_uint.from_address(pool + 32).value
-        if min_arena <= arena < 1 << 16:
+        if arena < 1 << 16 and _new_arena(arena, pool):
             by_arena[arena].append(o)
-    lines = [f"arenas {min_arena} and up holding objects found: {len(by_arena)}"]
+    lines = [f"arenas made after report 1 ({min_arena} then) holding objects: {len(by_arena)}"]
     ours = {id(found), id(by_arena), *map(id, by_arena.values())}
     gc.unfreeze()  # gc.get_referrers() does not look into the frozen objects
     try:
@@ -138,7 +198,7 @@ def pins(min_arena: int) -> list[str]:
 
 
 def blocks(min_arena: int) -> list[str]:
-    """Every allocated block in the pools of arenas numbered ``min_arena`` or above, found by
+    """Every allocated block in the pools of arenas made after report 1, found by
     walking the pools themselves (anonymous mappings, each 16 KiB pool's header, its free
     list): what pins an arena when :func:`pins` finds no object there (a dict's table, a
     list's items, an object no collector-tracked one refers to, an object kept in a C
@@ -160,15 +220,7 @@ def blocks(min_arena: int) -> list[str]:
         for value in list(getattr(module, "__dict__", {}).values()):
             if isinstance(value, type):
                 types_by_address.setdefault(id(value), value)
-    regions = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            anonymous = len(fields) == 5 or (len(fields) == 6 and fields[5].startswith("[anon"))
-            if anonymous and fields[1].startswith("rw"):  # never a reserved (PROT_NONE) one
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                if end - start >= 1 << 20:
-                    regions.append((start, end))
+    regions = _regions()
     found = array.array("Q")  # (arena, address, size) triples
     found.extend([0] * 3 * 200_000)  # room made before the walk (malloc'd, never moved)
     n = 0
@@ -177,16 +229,9 @@ def blocks(min_arena: int) -> list[str]:
         pool = (start + POOL - 1) & ~(POOL - 1)
         while pool + POOL <= end:
             copy = pool_bytes.from_address(pool).raw
-            count, _, freeblock = struct.unpack_from("=IIQ", copy, 0)
-            arena, szidx, nextoffset, maxnext = struct.unpack_from("=IIII", copy, 32)
-            size = (szidx + 1) * 16
-            if (
-                min_arena <= arena < 1 << 16
-                and 0 < count <= POOL // 16
-                and szidx < 32
-                and 48 <= nextoffset <= POOL
-                and maxnext == POOL - size
-            ):
+            header = _pool_header(copy)
+            if header is not None and _new_arena(header[2], pool):
+                _, freeblock, arena, size, nextoffset = header
                 free = set()
                 block = freeblock
                 while block and pool <= block < pool + POOL and block not in free:
@@ -201,7 +246,7 @@ def blocks(min_arena: int) -> list[str]:
     for i in range(0, n, 3):
         arena, address, size = found[i : i + 3]
         by_arena[arena].append(_block_text(address, size, types_by_address))
-    lines = [f"arenas {min_arena} and up with allocated blocks: {len(by_arena)}"]
+    lines = [f"arenas made after report 1 ({min_arena} then) with blocks: {len(by_arena)}"]
     for arena in sorted(by_arena):
         kinds = collections.Counter(text.split(":")[0] for text in by_arena[arena]).most_common(8)
         lines.append(f" arena {arena}: {len(by_arena[arena])} blocks {kinds}")
@@ -270,6 +315,8 @@ def report(signum: int, frame: Any) -> None:
     lines.append(f"tracked objects by type: {kinds.most_common(30)}")
     if n == 1:
         _first_arenas.append(pymalloc()["arenas"])
+        if os.environ.get("MEMDIAG_PINS") == "1" or os.environ.get("MEMDIAG_BLOCKS") == "1":
+            _idle_arenas.update(arena_bases())
     else:
         _first_arenas.append(_first_arenas[0])
         started = time.perf_counter()
