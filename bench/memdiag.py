@@ -207,19 +207,10 @@ def blocks(min_arena: int) -> list[str]:
     of 0: in a free list), else shown as raw bytes.
 
     Each pool is copied whole (a bytes object of 16 KiB: malloc's, not pymalloc's) and read
-    from the copy, addresses kept in an array: the walk's own small objects are freed at once
-    and never counted as blocks; ctypes' foreign calls (which let other threads run) are not
-    used while walking."""
-    types_by_address: dict[int, type] = {}
-    for o in gc.get_objects():
-        t = o if isinstance(o, type) else type(o)
-        types_by_address[id(t)] = t
-    for t in (int, float, str, bytes, tuple, list, dict, set, type(None), bool, complex):
-        types_by_address[id(t)] = t
-    for module in list(sys.modules.values()):  # C extensions' static types (uvloop's, say)
-        for value in list(getattr(module, "__dict__", {}).values()):
-            if isinstance(value, type):
-                types_by_address.setdefault(id(value), value)
+    from the copy, addresses kept in an array, the types looked up after the walk: the walk's
+    own small objects are freed at once and hardly ever counted as blocks; ctypes' foreign
+    calls (which let other threads run) are not used while walking. A block is named after the
+    walk, from live memory: one freed since may show as another object."""
     regions = _regions()
     found = array.array("Q")  # (arena, address, size) triples
     found.extend([0] * 3 * 200_000)  # room made before the walk (malloc'd, never moved)
@@ -242,6 +233,16 @@ def blocks(min_arena: int) -> list[str]:
                         found[n : n + 3] = array.array("Q", (arena, address, size))
                         n += 3
             pool += POOL
+    types_by_address: dict[int, type] = {}
+    for o in gc.get_objects():
+        t = o if isinstance(o, type) else type(o)
+        types_by_address[id(t)] = t
+    for t in (int, float, str, bytes, tuple, list, dict, set, type(None), bool, complex):
+        types_by_address[id(t)] = t
+    for module in list(sys.modules.values()):  # C extensions' static types (uvloop's, say)
+        for value in list(getattr(module, "__dict__", {}).values()):
+            if isinstance(value, type):
+                types_by_address.setdefault(id(value), value)
     by_arena: dict[int, list[str]] = collections.defaultdict(list)
     for i in range(0, n, 3):
         arena, address, size = found[i : i + 3]
