@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from array import array
 from collections.abc import Callable
 
 import structlog
@@ -73,16 +74,24 @@ async def collect_when_idle(
     ``calls_up``: calls up now; ``calls_seen``: any count that grows with every call. Runs
     until cancelled. A full collection takes a few milliseconds, once per quiet spell."""
     loop = asyncio.get_running_loop()
-    seen = calls_seen()
-    last_busy: float | None = None  # when calls were last up or started; None: collected since
+    # What it remembers between looks, as C doubles: the calls' count last seen, and when
+    # calls were last up or started (-1: collected since). Number objects kept here from one
+    # look to the next, the count made by the burst's last call, would be just what holds an
+    # arena of the burst.
+    state = array("d", (calls_seen(), -1.0))
     while True:
         await asyncio.sleep(every)
-        now = loop.time()
-        count = calls_seen()
-        if calls_up() or count != seen:
-            seen = count
-            last_busy = now
-        elif last_busy is not None and now - last_busy >= quiet:
-            last_busy = None
+        if _look(state, calls_up(), calls_seen(), loop.time(), quiet):
             found = gc.collect()
             log.debug("idle_collection", unreachable=found)
+
+
+def _look(state: array[float], up: int, seen: float, now: float, quiet: float) -> bool:
+    """One look (see collect_when_idle): whether to collect now."""
+    if up or seen != state[0]:
+        state[0] = seen
+        state[1] = now
+    elif state[1] >= 0.0 and now - state[1] >= quiet:
+        state[1] = -1.0
+        return True
+    return False
