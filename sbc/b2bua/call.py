@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -112,6 +113,13 @@ def _call_id_key(role: Role, *, initial: bool = True) -> str:
     return f"{role.peer._value_ if initial else role._value_}_call_id"
 
 
+# "No deadline", one object for the process: float("inf") makes a new float each time, and the
+# one _Deadlines keeps when its last entry goes (it lives as long as the loop) was then made in
+# the last moments of a burst of calls, in one of the allocator's arenas the burst had taken,
+# which it then could not give back (docs/performance.md, Round 8: idle).
+_INF = float("inf")
+
+
 class _Deadlines:
     """The deadlines of one event loop's fact queues, on one loop timer.
 
@@ -130,18 +138,19 @@ class _Deadlines:
         self._loop = loop
         # Entries: [deadline, sequence number (ties, and never a queue compared), queue or None]
         self._heap: list[list[Any]] = []
-        self._seq = 0
+        # An iterator, not an int attribute: `+= 1` made a new int kept until the next arm, the
+        # last one made at the end of a burst of calls and alive after it (see _INF).
+        self._seq = itertools.count(1)
         self._stale = 0  # entries whose queue let go of them
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = float("inf")
+        self._timer_at = _INF
 
     def __len__(self) -> int:
         return len(self._heap) - self._stale
 
     def arm(self, deadline: float, queue: FactQueue) -> list[Any]:
         """Expire ``queue`` at ``deadline`` (loop time); returns the entry to :meth:`disarm`."""
-        self._seq += 1
-        entry = [deadline, self._seq, queue]
+        entry = [deadline, next(self._seq), queue]
         heapq.heappush(self._heap, entry)
         if deadline < self._timer_at:
             self._arm_timer(deadline)
@@ -161,7 +170,7 @@ class _Deadlines:
             self._stale = 0
             if self._timer is not None:
                 self._timer.cancel()
-                self._timer, self._timer_at = None, float("inf")
+                self._timer, self._timer_at = None, _INF
 
     def _arm_timer(self, deadline: float) -> None:
         if self._timer is not None:
@@ -173,7 +182,7 @@ class _Deadlines:
         # Due: what the timer was armed for (the loop may run it a little early) and all
         # that is past by now.
         due = max(self._timer_at, self._loop.time())
-        self._timer, self._timer_at = None, float("inf")
+        self._timer, self._timer_at = None, _INF
         heap = self._heap
         while heap and (heap[0][0] <= due or heap[0][2] is None):
             queue = heapq.heappop(heap)[2]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import re
 import ssl
@@ -50,7 +51,7 @@ from sbc.net.handles import (
     error_response,
     new_tag,
 )
-from sbc.net.transport import Transports
+from sbc.net.transport import Transports, count_of
 from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import Headers, split_list
@@ -116,8 +117,14 @@ __all__ = [
 
 @dataclass(slots=True)
 class EngineStats:
-    requests_received: int = 0
-    responses_received: int = 0
+    """The engine's counters. Those updated for every message are :func:`itertools.count`
+    objects (``requests``, ``responses``, ``timers``, ``message_counters``), read through the
+    properties below: as ints in attributes or a dict, each ``+= 1`` made a new int object
+    (above 256) kept until the next, and the last ones, made at the end of a burst of calls,
+    were alive long after it in the arenas the burst took, which Python's allocator then
+    could not give back (docs/performance.md, Round 8: idle). A count keeps a machine integer;
+    ``next()`` costs what ``+= 1`` on an attribute did (an array's cell: three times that)."""
+
     requests_rejected: int = 0
     responses_dropped: int = 0
     handler_errors: int = 0
@@ -127,8 +134,14 @@ class EngineStats:
     # Timer G, and a 2xx the TU repeats until its ACK (RFC 3261 §13.3.1.4).
     retransmissions: int = 0
     # Every message received from / handed to a transport, retransmissions included, by
-    # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport).
-    messages: dict[tuple[str, str | int, str], int] = field(default_factory=dict)
+    # ("in" | "out", method (COUNTED_METHODS or "other") or status code, transport): a counter
+    # per key (messages: the counts by key).
+    message_counters: dict[tuple[str, str | int, str], itertools.count[int]] = field(
+        default_factory=dict
+    )
+    requests: itertools.count[int] = field(default_factory=itertools.count)
+    responses: itertools.count[int] = field(default_factory=itertools.count)
+    timers: itertools.count[int] = field(default_factory=itertools.count)
     # Requests refused because their source had max_transactions_per_source server
     # transactions open (answered 503 statelessly).
     transactions_refused: int = 0
@@ -136,9 +149,37 @@ class EngineStats:
     # went back to UDP because the TCP connection could not be made.
     large_over_tcp: int = 0
     large_tcp_fallbacks: int = 0
-    # Loop timers armed for the transaction layer's next deadline (one engine timer; see
-    # SipEngine._arm_timer): what the timer bookkeeping costs the event loop.
-    timer_arms: int = 0
+
+    @property
+    def requests_received(self) -> int:
+        return count_of(self.requests)
+
+    @requests_received.setter
+    def requests_received(self, value: int) -> None:
+        self.requests = itertools.count(value)
+
+    @property
+    def responses_received(self) -> int:
+        return count_of(self.responses)
+
+    @responses_received.setter
+    def responses_received(self, value: int) -> None:
+        self.responses = itertools.count(value)
+
+    @property
+    def timer_arms(self) -> int:
+        """Loop timers armed for the transaction layer's next deadline (one engine timer; see
+        SipEngine._arm_timer): what the timer bookkeeping costs the event loop."""
+        return count_of(self.timers)
+
+    @timer_arms.setter
+    def timer_arms(self, value: int) -> None:
+        self.timers = itertools.count(value)
+
+    @property
+    def messages(self) -> dict[tuple[str, str | int, str], int]:
+        """The messages counted by key (a copy)."""
+        return {key: count_of(counter) for key, counter in self.message_counters.items()}
 
 
 class SipEngine:
@@ -794,7 +835,7 @@ class SipEngine:
     def _message_received(self, message: Message, source: Destination) -> None:
         # One branch per kind, each with the same steps (the guard for requests only): the
         # tap, the count, the processing.
-        counts = self.stats.messages
+        counters = self.stats.message_counters
         tap = self.on_message
         try:
             if isinstance(message, Request):
@@ -818,7 +859,10 @@ class SipEngine:
                     method if method in COUNTED_METHODS else "other",
                     source.transport,
                 )
-                counts[key] = counts.get(key, 0) + 1
+                counter = counters.get(key)
+                if counter is None:
+                    counter = counters[key] = itertools.count()
+                next(counter)
                 self._incoming_request(message, source)
             else:
                 if tap is not None:
@@ -827,7 +871,10 @@ class SipEngine:
                     except Exception:
                         log.exception("message_tap_failed", direction="in")
                 key = ("in", message.status, source.transport)
-                counts[key] = counts.get(key, 0) + 1
+                counter = counters.get(key)
+                if counter is None:
+                    counter = counters[key] = itertools.count()
+                next(counter)
                 self._incoming_response(message, source)
         except Exception:
             # A bug in the core or here must not take the listener down.
@@ -839,7 +886,7 @@ class SipEngine:
         self._pump()
 
     def _incoming_request(self, request: Request, source: Destination) -> None:
-        self.stats.requests_received += 1
+        next(self.stats.requests)
         try:
             if request.method == "ACK":
                 request = _ack_as_received(request, source)
@@ -910,7 +957,7 @@ class SipEngine:
         self.layer.send_stateless(response, dest=source)
 
     def _incoming_response(self, response: Response, source: Destination) -> None:
-        self.stats.responses_received += 1
+        next(self.stats.responses)
         try:
             validate_response(response)
             via = response.top_via
@@ -993,8 +1040,11 @@ class SipEngine:
             key = ("out", method if method in COUNTED_METHODS else "other", dest.transport)
             if self.guard is not None:
                 self.guard.note_peer(dest.host)  # its answers and requests are let in
-        counts = self.stats.messages
-        counts[key] = counts.get(key, 0) + 1
+        counters = self.stats.message_counters
+        counter = counters.get(key)
+        if counter is None:
+            counter = counters[key] = itertools.count()
+        next(counter)
         tap = self.on_message
         if tap is not None:
             try:
@@ -1106,7 +1156,7 @@ class SipEngine:
         self._timer_at = deadline
         if deadline is not None and self._loop is not None and self._running:
             self._timer = self._loop.call_at(deadline, self._timer_fired)
-            self.stats.timer_arms += 1
+            next(self.stats.timers)
 
     def _timer_fired(self) -> None:
         self._timer = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
@@ -53,7 +54,11 @@ ADMIT = 0
 DROP = 1
 REJECT = 2
 
-# Per-source state, a plain list for speed: [tokens, last refill, banned until, flags].
+# Per-source state: [tokens, last refill, banned until, flags], four C doubles in an array. Not
+# a list of floats: each update made a new float kept by the list, and those of a trusted source
+# (3CX: every new call) were made to the last moments of a burst of calls and alive after it, in
+# the arenas the burst took, which Python's allocator then could not give back (docs/
+# performance.md, Round 8: idle). An array keeps the numbers, no object.
 _TOKENS, _LAST, _BANNED, _FLAGS = 0, 1, 2, 3
 _TRUSTED = 1  # the source is trusted or a peer (never banned; own limit on new requests)
 _LIMITED = 2  # a trusted source's limit was hit and logged; cleared when it is under again
@@ -93,23 +98,24 @@ class GuardStats:
 class TokenBucket:
     """``rate`` tokens per second up to ``burst``; :meth:`take` spends one if there is one."""
 
-    __slots__ = ("burst", "last", "rate", "tokens")
+    __slots__ = ("burst", "rate", "state")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = burst
-        self.tokens = burst
-        self.last = now
+        # [tokens, last]: C doubles, no float object kept per take (as a source's state above).
+        self.state = array("d", (burst, now))
 
     def take(self, now: float) -> bool:
-        tokens = self.tokens + (now - self.last) * self.rate
-        self.last = now
+        state = self.state
+        tokens = state[0] + (now - state[1]) * self.rate
+        state[1] = now
         if tokens > self.burst:
             tokens = self.burst
         if tokens < 1.0:
-            self.tokens = tokens
+            state[0] = tokens
             return False
-        self.tokens = tokens - 1.0
+        state[0] = tokens - 1.0
         return True
 
 
@@ -171,7 +177,7 @@ class Guard:
         self._trusted_rate = config.trusted_rate_limit / config.rate_window
         self._trusted_burst = float(config.trusted_rate_limit)
         # host -> [tokens, last, banned_until, flags]; insertion order is age (eviction).
-        self._sources: dict[str, list[float]] = {}
+        self._sources: dict[str, array[float]] = {}
         # Addresses sbc sent a request to (host -> True), oldest first.
         self._peers: dict[str, bool] = {}
         self._calls = (
@@ -259,17 +265,17 @@ class Guard:
         return len(self._sources)
 
     # -- internals --------------------------------------------------------------------------
-    def _new_source(self, host: str) -> list[float]:
+    def _new_source(self, host: str) -> array[float]:
         sources = self._sources
         if len(sources) >= self.config.max_sources:
             self._make_room()
         trusted = host in self._peers or self._classifier.trusted(host)
         burst = self._trusted_burst if trusted else self._burst
-        state = [burst, self._clock(), 0.0, _TRUSTED if trusted else 0]
+        state = array("d", (burst, self._clock(), 0.0, _TRUSTED if trusted else 0))
         sources[host] = state
         return state
 
-    def _untrusted_event(self, host: str, state: list[float]) -> bool:
+    def _untrusted_event(self, host: str, state: array[float]) -> bool:
         """One datagram, connection or stream request from an untrusted source: a token from
         its bucket, the ban when there is none. True when it may be answered (reject mode)."""
         now = self._clock()
@@ -303,7 +309,7 @@ class Guard:
         self.stats.dropped_untrusted += 1
         return False
 
-    def _trusted_take(self, host: str, state: list[float]) -> bool:
+    def _trusted_take(self, host: str, state: array[float]) -> bool:
         now = self._clock()
         tokens = state[_TOKENS] + (now - state[_LAST]) * self._trusted_rate
         state[_LAST] = now

@@ -122,6 +122,10 @@ def configure_logging(
     logging.getLogger("aiohttp.access").setLevel(max(threshold, logging.WARNING))
 
 
+# "MM:SS" of each second of an hour, made once (about 0.2 MiB): see _JsonLine._hour.
+_MINUTE_SECOND = tuple(f"{m:02d}:{s:02d}" for m in range(60) for s in range(60))
+
+
 class _JsonLine:
     """The JSON chain (``general``: merge_contextvars, add_logger_name, add_log_level,
     TimeStamper(iso, utc), StackInfoRenderer, dict_tracebacks, JSONRenderer) as one processor,
@@ -135,13 +139,18 @@ class _JsonLine:
     exception or a stack, or whose encoding fails, takes ``general`` itself.
     """
 
-    __slots__ = ("_general", "_second")
+    __slots__ = ("_general", "_hour")
 
     def __init__(self, general: list[Processor]) -> None:
         self._general = general
-        # A UNIX second and its date and time of day ("2026-12-06T19:08:36"), in one
-        # attribute so that a thread never reads the text of another second.
-        self._second: tuple[int, str] = (-1, "")
+        # An hour since the UNIX epoch and its date and hour ("2026-12-06T19:"), in one
+        # attribute so that a thread never reads the text of another hour; the minutes and
+        # seconds come from _MINUTE_SECOND. Not the text of each second: that was remade every
+        # second and kept until the next, the last one made at the end of a burst of calls and
+        # alive after it in the arenas the burst took, which Python's allocator then could not
+        # give back (docs/performance.md, Round 8: idle). An hour's text is made during a
+        # burst only if the burst crosses the hour.
+        self._hour: tuple[int, str] = (-1, "")
 
     def __call__(self, logger: Any, method_name: str, event_dict: Any) -> Any:
         if "exc_info" in event_dict or "stack_info" in event_dict:
@@ -188,10 +197,16 @@ class _JsonLine:
                 head = _tail_of(name, method_name)
             # _timestamp() inline (a call less per line).
             second, fraction = divmod(time.time_ns() // 1000, 1_000_000)
-            known, stamp = self._second
-            if second != known:
-                stamp = self._second_text(second)
-            tail = f'{head}{stamp}.{fraction:06d}Z"}}' if fraction else f'{head}{stamp}Z"}}'
+            hour, within = divmod(second, 3600)
+            known, stamp = self._hour
+            if hour != known:
+                stamp = self._hour_text(hour)
+            clock = _MINUTE_SECOND[within]
+            tail = (
+                f'{head}{stamp}{clock}.{fraction:06d}Z"}}'
+                if fraction
+                else f'{head}{stamp}{clock}Z"}}'
+            )
         try:
             # One encoder for all lines: without markers (no record of the containers being
             # encoded) it keeps no state between calls, and a circular value, which the
@@ -214,16 +229,19 @@ class _JsonLine:
         # isoformat() leaves out a fraction that is zero.
         micros = time.time_ns() // 1000
         second, fraction = divmod(micros, 1_000_000)
-        known, prefix = self._second
-        if second != known:
-            prefix = self._second_text(second)
-        return f"{prefix}.{fraction:06d}Z" if fraction else f"{prefix}Z"
+        hour, within = divmod(second, 3600)
+        known, prefix = self._hour
+        if hour != known:
+            prefix = self._hour_text(hour)
+        clock = _MINUTE_SECOND[within]
+        return f"{prefix}{clock}.{fraction:06d}Z" if fraction else f"{prefix}{clock}Z"
 
-    def _second_text(self, second: int) -> str:
-        """The date and time of day of the UNIX ``second``, remembered for its next lines."""
-        moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
-        text = moment.replace(tzinfo=None).isoformat()
-        self._second = (second, text)
+    def _hour_text(self, hour: int) -> str:
+        """The date and hour ("2026-12-06T19:") of the UNIX ``hour`` (a UNIX day is 24 of
+        them: no leap seconds), remembered for its next lines."""
+        moment = datetime.datetime.fromtimestamp(hour * 3600, datetime.UTC)
+        text = moment.strftime("%Y-%m-%dT%H:")
+        self._hour = (hour, text)
         return text
 
     def _slow(self, logger: Any, method_name: str, event_dict: Any) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import platform
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -311,18 +312,24 @@ class _PlainFamily(Collector):
 
 
 class _PlainKeyed(_PlainFamily):
-    """A family of one number per label set (counters and gauges): ``inc`` adds to it."""
+    """A family of one number per label set (counters and gauges): ``inc`` adds to it.
+
+    Each number is the one cell (a C double) of an array made with its label set, not a
+    number object in the dict: each update made a new int or float kept until the next, and
+    the last ones, made at the end of a burst of calls, were alive long after it in the arenas
+    the burst took, which Python's allocator then could not give back (docs/performance.md,
+    Round 8: idle). Exact for counts up to 2**53."""
 
     def _start(self) -> None:
-        self.values: dict[tuple[str, ...], int | float] = {}
+        self.values: dict[tuple[str, ...], array[float]] = {}
         if not self.labelnames:
             # A family without labels has its one number from the start, as prometheus_client's.
             self._first((), 0)
 
     def inc(self, key: tuple[str, ...] = (), amount: int | float = 1) -> None:
-        values = self.values
-        if key in values:
-            values[key] += amount
+        cell = self.values.get(key)
+        if cell is not None:
+            cell[0] += amount
         else:
             self._first(key, amount)
 
@@ -330,10 +337,11 @@ class _PlainKeyed(_PlainFamily):
         """A label set's first update."""
         if len(key) != len(self.labelnames):
             raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
-        self.values[key] = amount
+        self.values[key] = array("d", (amount,))
 
     def value(self, key: tuple[str, ...] = ()) -> float:
-        return float(self.values.get(key, 0))
+        cell = self.values.get(key)
+        return 0.0 if cell is None else cell[0]
 
 
 class PlainCounter(_PlainKeyed):
@@ -354,9 +362,9 @@ class PlainCounter(_PlainKeyed):
         metric = Metric(self.name, self.documentation, self.kind)
         created = _created_enabled()
         total = self.name + "_total"
-        for key, value in list(self.values.items()):
+        for key, cell in list(self.values.items()):
             labels = self.labels(key)
-            metric.add_sample(total, labels, float(value))
+            metric.add_sample(total, labels, cell[0])
             if created:
                 metric.add_sample(self.name + "_created", dict(labels), self.created[key])
         return [metric]
@@ -370,8 +378,8 @@ class PlainGauge(_PlainKeyed):
 
     def collect(self) -> Iterable[Metric]:
         metric = Metric(self.name, self.documentation, self.kind)
-        for key, value in list(self.values.items()):
-            metric.add_sample(self.name, self.labels(key), float(value))
+        for key, cell in list(self.values.items()):
+            metric.add_sample(self.name, self.labels(key), cell[0])
         return [metric]
 
 
@@ -397,12 +405,18 @@ class PlainHistogram(_PlainFamily):
             bounds.append(float("inf"))
         self.bounds = tuple(bounds)
         self._les = tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
-        self.counts = [0] * len(bounds)  # per bucket, not cumulative
-        self.sum = 0.0
+        # Per bucket, not cumulative; the counts and the sum in arrays made here, not number
+        # objects made by each observation (see _PlainKeyed).
+        self.counts = array("q", bytes(8 * len(bounds)))
+        self._sum = array("d", (0.0,))
         self.created = time.time()
 
+    @property
+    def sum(self) -> float:
+        return self._sum[0]
+
     def observe(self, amount: float) -> None:
-        self.sum += amount
+        self._sum[0] += amount
         # The first bound at or above the amount (none for NaN, which Histogram counts in no
         # bucket either).
         if amount == amount:

@@ -39,6 +39,7 @@ import json
 import os
 import sqlite3
 import time
+from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +75,13 @@ PRUNE_EVERY = DAY
 # SIGTERM (the bus is flushed before close).
 BATCH_WAIT = 0.1
 BUSY_TIMEOUT_MS = 5_000
+# The writer connection's page cache, KiB (SQLite's default is 2,000 KiB per connection). It
+# fills as the file grows and is never given back: a fresh service's first few thousand calls
+# grew RSS by 0.73 KiB a call, outside Python's allocator, for as long as the file was under
+# 2 MB, the most of what a burst of calls left behind once over (docs/performance.md, Round
+# 8: idle). The writer appends; the pages it needs again are the tables' and indexes' last
+# ones and those of the indexes' random keys, which the OS keeps in its own cache anyway.
+WRITER_CACHE_KIB = 512
 
 # Each step takes the schema from version i to i + 1 (PRAGMA user_version).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -177,6 +185,7 @@ ROWS_PER_INSERT = 32
 _give_way = os.sched_yield
 _VALUES = f"({', '.join('?' for _ in COLUMNS)})"
 _INSERT_ROWS = {n: _INSERT + f", {_VALUES}" * (n - 1) for n in (32, 16, 8, 4, 2, 1)}
+_PRIMING_ROW = ("",) * len(COLUMNS)  # every column NOT NULL-proof: see _prepare_inserts
 # The SQL of the readers is the same for both stores but for the placeholder and SQLite's
 # instr() (PostgreSQL: strpos()); see select_calls() and find_calls().
 SQLITE = "sqlite"
@@ -495,7 +504,10 @@ class RecordWriter:
         self.path = Path(path)
         self.instance = instance  # the ``instance`` column of every row
         self.keep_days = keep_days
-        self.written = 0  # rows committed
+        # Rows committed (``written``), a cell of an array: an int attribute made a new int at
+        # each `+= 1` (above 256), kept until the next, the last one made at the end of a burst
+        # of calls and alive after it in the arenas the burst took (see _open).
+        self._written = array("q", (0,))
         self.failed = 0  # records whose write failed (disk full, I/O error...)
         self.pruned = 0  # rows deleted for being older than keep_days
         self._wall = wall_clock
@@ -518,6 +530,11 @@ class RecordWriter:
         """Take the ended calls of ``bus`` through a queue of ``maxsize`` (only CallEnded:
         nothing else takes room in it)."""
         self.subscription = bus.subscribe(self.on_call_event, maxsize=maxsize, kinds=(CallEnded,))
+
+    @property
+    def written(self) -> int:
+        """Rows committed."""
+        return self._written[0]
 
     @property
     def target(self) -> str:
@@ -619,7 +636,7 @@ class RecordWriter:
                         error=str(error) or type(error).__name__,
                     )
                 continue
-            self.written += 1
+            self._written[0] += 1
             if self._failing:
                 self._failing = False
                 log.info("call_record_writes_resumed", path=self.target, failed=self.failed)
@@ -669,6 +686,7 @@ class RecordWriter:
             raise RecordsError(f"call records {path}: cannot open: {exc}") from None
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
             found = _retry_while_busy(lambda: _set_up(db, path))
         except sqlite3.Error as exc:
             db.close()
@@ -676,9 +694,33 @@ class RecordWriter:
         except BaseException:
             db.close()
             raise
+        # From here on a transaction begins with the first INSERT or DELETE (the sqlite3
+        # module's own BEGIN) and ends with commit() or rollback(): no statement of the
+        # cursor's but those, all through executemany(). Every execute() has the cursor keep
+        # the connection's last row id, a new int per statement (above 256 once the table has
+        # as many rows), made during a burst and alive after it in the arenas the burst took,
+        # which Python's allocator then cannot give back (docs/performance.md, Round 8: idle).
+        db.isolation_level = "DEFERRED"
         self._db = db
         self._cursor = db.cursor()
+        self._prepare_inserts()
         return found
+
+    def _prepare_inserts(self) -> None:
+        """Each INSERT the writer may run, once, in a transaction rolled back: the sqlite3
+        module prepares a statement when it first runs it and keeps it for good (its cache);
+        one first run during a burst of calls was a small object made then and alive ever
+        after, in the arenas the burst took, which Python's allocator then could not give back
+        (docs/performance.md, Round 8: idle). Made here, they sit with the service's other
+        long-lived objects. Nothing is written; a failure only leaves them to their first use."""
+        db, cursor = self._db, self._cursor
+        assert db is not None and cursor is not None
+        with contextlib.suppress(sqlite3.Error):
+            try:
+                for rows, statement in _INSERT_ROWS.items():
+                    cursor.executemany(statement, (_PRIMING_ROW * rows,))
+            finally:
+                db.rollback()
 
     def _insert(self, record: CallRecord) -> None:
         self._insert_many([record])
@@ -694,7 +736,8 @@ class RecordWriter:
         for record in records:
             values += row_of(record, instance)
             _give_way()  # the GIL to the event loop, if it waits for it (see _give_way)
-        cursor.execute(_INSERT_ROWS[len(records)], values)
+        # executemany() of the one set of values: no row id kept (see _open).
+        cursor.executemany(_INSERT_ROWS[len(records)], (values,))
 
     def _insert_batch(self, records: list[CallRecord]) -> list[Exception | None]:
         """Insert every record's row in one transaction; per record, the error that kept its
@@ -713,10 +756,9 @@ class RecordWriter:
             if not db.in_transaction:  # SQLite rolled it back: the rows before failed too
                 for j in pending:
                     errors[j] = exc
-                pending.clear()
-                cursor.execute("BEGIN")
+                pending.clear()  # the next INSERT begins another transaction
 
-        cursor.execute("BEGIN")
+        # The transaction begins with the first INSERT (the sqlite3 module's BEGIN; see _open).
         start = 0
         while start < len(records):
             size = min(len(records) - start, ROWS_PER_INSERT)
@@ -737,19 +779,27 @@ class RecordWriter:
                     errors[i] = exc
                     failed(exc)
         try:
-            cursor.execute("COMMIT")
+            db.commit()
         except sqlite3.Error as exc:
             for j in pending:
                 errors[j] = exc
             with contextlib.suppress(sqlite3.Error):
-                cursor.execute("ROLLBACK")
+                db.rollback()
         return errors
 
     def _delete_before(self, before: float) -> int:
-        cursor = self._cursor
-        if cursor is None:
+        db, cursor = self._db, self._cursor
+        if db is None or cursor is None:
             return 0
-        return cursor.execute("DELETE FROM calls WHERE ended < ?", (before,)).rowcount
+        try:
+            cursor.executemany("DELETE FROM calls WHERE ended < ?", ((before,),))  # see _open
+            deleted = cursor.rowcount
+            db.commit()
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.rollback()
+            raise
+        return deleted
 
     def _close(self) -> None:
         db, self._db, self._cursor = self._db, None, None

@@ -55,6 +55,7 @@ from sbc.net.engine import SipEngine
 from sbc.net.guard import Guard, GuardConfig
 from sbc.ops import sip_trace
 from sbc.ops.admin import AdminServer
+from sbc.ops.idle import IDLE_CHECK_EVERY, collect_when_idle, warm_free_lists
 from sbc.ops.metrics import Metrics
 from sbc.ops.records import RecordsError, RecordWriter
 from sbc.ops.records_pg import PostgresRecordWriter
@@ -728,6 +729,7 @@ async def serve(
     interval = notify.watchdog_interval
     watchdog = asyncio.ensure_future(_watchdog(notify, interval)) if interval else None
     started = False
+    idle: asyncio.Future[None] | None = None
     try:
         try:
             await service.start()
@@ -735,6 +737,16 @@ async def serve(
             log.error("sbc_start_failed", error=str(exc))
             return EXIT_STARTUP_FAILED
         started = True
+        # After a burst of calls, the memory back to what it was (sbc/ops/idle.py): the loop's
+        # free lists filled before any call, one full collection once the calls are over.
+        warm_free_lists(asyncio.get_running_loop())
+        idle = asyncio.ensure_future(
+            collect_when_idle(
+                lambda: service.bridge.active,
+                service.metrics.calls_started.value,
+                quiet=64 * settings.sip.t1 + IDLE_CHECK_EVERY,
+            )
+        )
         if ready is not None:
             ready.set()
         # READY=1 once the first registration attempt ended (registered, or failed and
@@ -756,6 +768,9 @@ async def serve(
         if watchdog is not None:
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
+        if idle is not None:
+            idle.cancel()
+            await asyncio.gather(idle, return_exceptions=True)
         notify.close()
     return 0
 

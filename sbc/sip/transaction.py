@@ -398,12 +398,24 @@ class TransactionLayer:
         return tx
 
     # -- output ------------------------------------------------------------------------
+    # Both hand over a copy and keep their own list (emptied): a new list in its place would
+    # be kept until the next call, the last one made at the end of a burst of calls and alive
+    # after it in the arenas the burst took, which Python's allocator then cannot give back
+    # (docs/performance.md, Round 8: idle).
     def datagrams_to_send(self) -> list[tuple[object, Message]]:
-        out, self._outbox = self._outbox, []
+        outbox = self._outbox
+        if not outbox:
+            return []
+        out = outbox.copy()
+        outbox.clear()
         return out
 
     def events(self) -> list[Event]:
-        out, self._events = self._events, []
+        events = self._events
+        if not events:
+            return []
+        out = events.copy()
+        events.clear()
         return out
 
     # -- introspection (tests, metrics) ------------------------------------------------

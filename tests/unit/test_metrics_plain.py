@@ -243,7 +243,7 @@ def test_plain_families_count_as_the_client_library_does() -> None:
     histogram = PlainHistogram("x_seconds", "s", (1.0, 2.0), registry=registry)
     for amount in (0.5, 1.0, 1.5, 2.0, 3.0, math.nan):
         histogram.observe(amount)
-    assert histogram.counts == [2, 2, 1]  # NaN in no bucket, as Histogram does
+    assert list(histogram.counts) == [2, 2, 1]  # NaN in no bucket, as Histogram does
     assert math.isnan(histogram.sum)
     with pytest.raises(ValueError, match="order"):
         PlainHistogram("x_bad", "bad", (2.0, 1.0), registry=registry)

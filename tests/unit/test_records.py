@@ -400,8 +400,8 @@ async def test_a_batch_is_one_transaction_and_a_failed_row_fails_alone(tmp_path:
     def picky(records: list[CallRecord]) -> None:
         if any(record.call_uuid == "bad" for record in records):
             raise ValueError("cannot serialise")
-        assert writer._db is not None and writer._db.in_transaction
         real_insert(records)
+        assert writer._db is not None and writer._db.in_transaction
 
     writer._insert_many = picky  # type: ignore[method-assign]
     records = [make_record("a"), make_record("bad"), make_record("c")]
