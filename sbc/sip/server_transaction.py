@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from sbc.sip.headers import _EXACT, Headers, canonical_name
-from sbc.sip.message import Request, Response, parse_address, reason_phrase
+from sbc.sip.message import Request, Response, make_response, parse_address, reason_phrase
 from sbc.sip.serializer import serialize
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
@@ -222,7 +222,7 @@ def build_response(
             kept.pop("to", None)
         if kept:
             out._cache = kept
-    return Response(status, reason or reason_phrase(status), out, body, request.version)
+    return make_response(status, reason or reason_phrase(status), out, body, request.version)
 
 
 # What build_response copies as text, by the key of Headers.cached that parses it.
