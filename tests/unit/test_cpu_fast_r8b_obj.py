@@ -22,6 +22,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sbc.sdp.model import MediaDescription, Origin, SessionDescription
+from sbc.sdp.parser import parse_sdp
 from sbc.sip import fields, message, quickinit
 from sbc.sip.dialog import DialogId
 from sbc.sip.errors import ParseError
@@ -52,6 +54,9 @@ _HOT = (
     ResponseReceived,
     TransactionTerminated,
     DialogId,
+    Origin,
+    MediaDescription,
+    SessionDescription,
 )
 
 
@@ -146,7 +151,12 @@ def no_inits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     fields._CSEQS.clear()
 
 
-# What parsing _INVITE gives, built before any test refuses the constructors.
+_SDP = (
+    b"v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    b"m=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
+)
+# What parsing _INVITE and _SDP give, built before any test refuses the constructors.
+_EXPECTED_SDP = parse_sdp(_SDP)
 _EXPECTED = (
     Via("UDP", "127.0.0.1", 5060, (("branch", "z9hG4bK-1"), ("rport", None))),
     CSeq(1, "INVITE"),
@@ -164,6 +174,12 @@ def test_parsing_and_reading_a_message_build_no_object_through_init(no_inits: No
     assert response.from_tag == "a1" and response.to_tag == "b1"
     ok = build_response(request, 200, to_tag="t9")
     assert type(ok) is Response and ok.to_tag == "t9"
+
+
+def test_parsing_sdp_builds_no_object_through_init(no_inits: None) -> None:
+    body = parse_sdp(_SDP)
+    assert body == _EXPECTED_SDP and type(body) is SessionDescription
+    assert type(body.origin) is Origin and type(body.media[0]) is MediaDescription
 
 
 def test_the_transaction_layer_makes_its_events_without_init(no_inits: None) -> None:
