@@ -313,7 +313,8 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
     # -- actions ------------------------------------------------------------------------
     def _send(self, message: Request | Response | None, now: float) -> None:
         assert isinstance(message, Response)
-        self._disarm(Timer.TRYING)
+        # _disarm(Timer.TRYING) inline: every response sent comes through here.
+        self.timers.pop(Timer.TRYING, None)
         self.last_response = message
         self._owner.send(self.source, message)
 
@@ -327,11 +328,15 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         assert self.request is not None
         self._send(build_trying(self.request), now)
 
-    def _send_provisional(self, message: Request | Response | None, now: float) -> None:
-        self._send(message, now)
+    # The table's action for a provisional response is _send itself (a call less each).
+    _send_provisional = _send
 
     def _send_final(self, message: Request | Response | None, now: float) -> None:
-        self._send(message, now)
+        # _send inline (a call less for each final response).
+        assert isinstance(message, Response)
+        self.timers.pop(Timer.TRYING, None)
+        self.last_response = message
+        self._owner.send(self.source, message)
         # The transaction now waits for seconds; no action from here on reads the request.
         self.request = None
 
