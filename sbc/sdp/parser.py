@@ -7,6 +7,7 @@ not type are kept in order (RFC 8866 §5: unknown types are ignored, not rejecte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import TypeVar
 
@@ -22,9 +23,15 @@ from sbc.sdp.model import (
     SessionDescription,
     Timing,
 )
+from sbc.sip.quickinit import quick_maker
 
 _TYPES = frozenset("abcdefghijklmnopqrstuvwxyz")
 T = TypeVar("T")
+
+# The parts of every body parsed (two a call), made with every field given (see quick_maker).
+_make_origin: Callable[[str, str, int, str, str, str], Origin] = quick_maker(Origin)
+_make_media: Callable[..., MediaDescription] = quick_maker(MediaDescription)
+_make_session: Callable[..., SessionDescription] = quick_maker(SessionDescription)
 
 
 def _split_line(raw: str) -> tuple[str, str]:
@@ -51,11 +58,11 @@ def _origin(value: str) -> Origin:
         raise SdpError("o= needs 6 fields")
     version = _int(parts[2], "o= sess-version")
     if len(value) > MEMO_MAX_TEXT:
-        return Origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
+        return _make_origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
     # A peer's username, network and address types and address are the same call after
     # call (only the session id and version change): one string each for every held call.
     username, nettype, addrtype, address = _origin_texts(parts[0], parts[3], parts[4], parts[5])
-    return Origin(username, parts[1], version, nettype, addrtype, address)
+    return _make_origin(username, parts[1], version, nettype, addrtype, address)
 
 
 def _texts(*texts: str) -> tuple[str, ...]:
@@ -199,7 +206,7 @@ class _MediaBuilder:
 
     def build(self) -> MediaDescription:
         media, port, proto, formats, count = self.line
-        return MediaDescription(
+        return _make_media(
             media,
             port,
             proto,
@@ -317,17 +324,19 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
     if current is not None:
         media.append(current.build())
 
-    return SessionDescription(
-        origin=origin,
-        session_name=session_name,
-        connection=connection,
-        bandwidths=tuple(bandwidths),
-        timings=_shared_tuple(timings),
-        attributes=tuple(attributes),
-        media=tuple(media),
-        version=0,
-        extra_head=tuple(head),
-        extra_tail=tuple(tail),
+    # SessionDescription's fields in their order (origin, session_name, connection,
+    # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
+    return _make_session(
+        origin,
+        session_name,
+        connection,
+        tuple(bandwidths),
+        _shared_tuple(timings),
+        tuple(attributes),
+        tuple(media),
+        0,
+        tuple(head),
+        tuple(tail),
     )
 
 

@@ -274,16 +274,23 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         self._owner.response_received(self, response, retransmission=False)
 
     def _proceed(self, response: Response | None, now: float) -> None:
-        # §17.1.1.2: a provisional response stops retransmissions and Timer B.
-        self._disarm(Timer.A, Timer.B)
-        self._pass_up(response, now)
+        # §17.1.1.2: a provisional response stops retransmissions and Timer B. _disarm and
+        # _pass_up inline, here and in the actions below: a response received runs one of
+        # them, and each call saved is ~1k instructions (issue 12, round 8b).
+        timers = self.timers
+        timers.pop(Timer.A, None)
+        timers.pop(Timer.B, None)
+        assert response is not None
+        self._owner.response_received(self, response, retransmission=False)
 
     def _accept(self, response: Response | None, now: float) -> None:
         # RFC 6026 §8.4: a 2xx moves to Accepted for Timer M; the ACK is the TU's (§13.2.2.4).
         # The record keeps the To tag of the 2xx (of each 2xx, once forks answer): a later 2xx
         # with it is a retransmission.
         assert response is not None
-        self._disarm(Timer.A, Timer.B)
+        timers = self.timers
+        timers.pop(Timer.A, None)
+        timers.pop(Timer.B, None)
         self.request = None
         self._owner.response_received(self, response, retransmission=False)
         duration = self.config.initial(Timer.M, reliable=self.reliable)
@@ -307,8 +314,11 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
 
     def _complete_non_invite(self, response: Response | None, now: float) -> None:
         # §17.1.2.2: a final response stops Timers E and F and starts Timer K.
-        self._disarm(Timer.E, Timer.F)
+        timers = self.timers
+        timers.pop(Timer.E, None)
+        timers.pop(Timer.F, None)
         self.request = None
-        self._pass_up(response, now)
+        assert response is not None
+        self._owner.response_received(self, response, retransmission=False)
         # The record keeps nothing: Completed absorbs every response (§17.1.2.2).
         self._retire(Timer.K, self.config.initial(Timer.K, reliable=self.reliable), None, now)

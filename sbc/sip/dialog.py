@@ -12,14 +12,15 @@ machine for responses and for the TU ending the dialog.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
 from sbc.sip.errors import CallDoesNotExist, ProtocolError, RequestOutOfOrder
-from sbc.sip.fields import COMMON_METHODS, CSeq, Via, parse_via
+from sbc.sip.fields import COMMON_METHODS, Via, make_cseq, parse_via
 from sbc.sip.headers import Headers, canonical_name
-from sbc.sip.message import Request, Response, parse_address
+from sbc.sip.message import SIP_VERSION, Request, Response, make_request, parse_address
+from sbc.sip.quickinit import quick_maker
 from sbc.sip.uri import NameAddr, SipUri, Uri
 
 __all__ = [
@@ -91,6 +92,10 @@ class DialogId:
     call_id: str
     local_tag: str
     remote_tag: str | None
+
+
+# DialogId(...) for the two dialogs of every call (see quick_maker).
+_dialog_id: Callable[[str, str, str | None], DialogId] = quick_maker(DialogId)
 
 
 # A peer's Contact and Record-Route texts repeat from call to call: the memoised parser
@@ -170,7 +175,7 @@ class Dialog:
                 "a dialog needs both tags (From of the request, To of the response)"
             )
         return cls(
-            id=DialogId(request.call_id, local_tag, remote_tag),
+            id=_dialog_id(request.call_id, local_tag, remote_tag),
             local_uri=request.from_,
             remote_uri=response.to,
             remote_target=_contact_uri(response) or request.uri,
@@ -198,7 +203,7 @@ class Dialog:
         if remote_target is None:
             raise ProtocolError("a dialog-creating request must carry a Contact")
         return cls(
-            id=DialogId(request.call_id, local_tag, request.from_tag),
+            id=_dialog_id(request.call_id, local_tag, request.from_tag),
             local_uri=response.to,
             remote_uri=request.from_,
             remote_target=remote_target,
@@ -263,8 +268,8 @@ class Dialog:
             # reads both of every request sent, and need not parse them. Not the ACK: it goes
             # out of any transaction, nobody reads them, and a leg keeps it for the whole call
             # (to ACK a repeated 2xx): a memo there is 360 bytes more per held call.
-            out._cache = {"top_via": stamped, "cseq": CSeq(seq, method)}
-        return Request(method, uri, out, body)
+            out._cache = {"top_via": stamped, "cseq": make_cseq(seq, method)}
+        return make_request(method, uri, out, body, SIP_VERSION)
 
     def _target_and_routes(self) -> tuple[Uri, tuple[NameAddr, ...]]:
         routes = self.route_set

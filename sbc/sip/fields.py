@@ -8,11 +8,12 @@ exercise; the parsers here accept it and the serialisers write the compact canon
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sbc.sip.errors import ParseError
 from sbc.sip.headers import split_outside_quotes
-from sbc.sip.quickinit import quick_init
+from sbc.sip.quickinit import quick_init, quick_maker
 
 Params = tuple[tuple[str, str | None], ...]
 
@@ -251,7 +252,7 @@ class Via:
     def with_param(self, name: str, value: str | None = None) -> Via:
         """Set ``name`` (replacing an existing one in place, else appending)."""
         params = set_param(self.params, name, value)
-        return type(self)(self.transport, self.host, self.port, params)
+        return make_via(self.transport, self.host, self.port, params)
 
     def without_param(self, name: str) -> Via:
         params = drop_param(self.params, name)
@@ -344,7 +345,7 @@ def parse_via(text: str) -> Via:
         if tail is not None:
             branch = param_text[7:end] if end > 0 else param_text[7:]
             if _GEN_VALUE_RE.fullmatch(branch) is not None:
-                return Via(sent[0], sent[1], sent[2], (("branch", branch), *tail))
+                return make_via(sent[0], sent[1], sent[2], (("branch", branch), *tail))
     if semi and _PARAMS_FAST_RE.fullmatch(param_text) is None:
         return _parse_via(text)
     # A known head and parameters in the plain spelling: what _parse_via gives (its fast
@@ -367,7 +368,7 @@ def parse_via(text: str) -> Via:
         rest = param_text[end:] if end > 0 else ""
         if len(rest) <= _VIA_HEAD_MAX:
             _VIA_TAILS[rest] = tuple(params[1:])
-    return Via(sent[0], sent[1], sent[2], tuple(params))
+    return make_via(sent[0], sent[1], sent[2], tuple(params))
 
 
 def _parse_via(text: str) -> Via:
@@ -389,7 +390,7 @@ def _parse_via(text: str) -> Via:
             ):
                 # The head of a Via that needed no stripping parses the same in any Via.
                 _VIA_HEADS[head] = (transport, host, port)
-            return Via(transport, host, port, params)
+            return make_via(transport, host, port, params)
     text = stripped
     if text.startswith("SIP/2.0/"):
         # The ordinary spelling with something unusual (an IPv6 reference, a bad port...).
@@ -418,7 +419,11 @@ def _parse_via(text: str) -> Via:
     host, port = parse_host_port(sent_by.rstrip(_LWS))
     params = parse_params(param_text) if semi else ()
     _check_via_params(params)
-    return Via(transport.upper(), host, port, params)
+    return make_via(transport.upper(), host, port, params)
+
+
+# Via(...) for the Vias parsed and changed on every message (see quick_maker).
+make_via: Callable[[str, str, int | None, Params], Via] = quick_maker(Via)
 
 
 # -- CSeq (RFC 3261 §20.16) -------------------------------------------------------------------
@@ -434,6 +439,15 @@ class CSeq:
         return f"{self.seq} {self.method}"
 
 
+make_cseq: Callable[[int, str], CSeq] = quick_maker(CSeq)
+# CSeq values in the usual spelling, by their text: a peer numbers its requests from the same
+# few values call after call ("1 INVITE", "2 BYE"), and responses repeat them. Bounded: once
+# full it stops adding (emptying it would let a burst's values keep replacing each other and
+# leave objects made during the burst pinned), and the values not in it are parsed as before.
+_CSEQS: dict[str, CSeq] = {}
+_CSEQS_LIMIT = 512
+
+
 # The methods nearly every message names (tokens): a name found here needs no token check.
 COMMON_METHODS = frozenset(
     {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "SUBSCRIBE"}
@@ -443,6 +457,9 @@ COMMON_METHODS = frozenset(
 
 def parse_cseq(text: str) -> CSeq:
     """Parse ``<seq> <method>``; seq must be below 2**31 (RFC 3261 §8.1.1.5)."""
+    cseq = _CSEQS.get(text)
+    if cseq is not None:
+        return cseq
     seq_text, space, method = text.partition(" ")
     if (
         space
@@ -454,7 +471,10 @@ def parse_cseq(text: str) -> CSeq:
         # The usual spelling ("1 INVITE": one space, no LWS, a known method, a short number):
         # what the general code below gives, without its split and regex; nine digits at
         # most are below MAX_CSEQ.
-        return CSeq(int(seq_text), method)
+        cseq = make_cseq(int(seq_text), method)
+        if len(_CSEQS) < _CSEQS_LIMIT:
+            _CSEQS[text] = cseq
+        return cseq
     return _parse_cseq(text)
 
 
@@ -466,4 +486,4 @@ def _parse_cseq(text: str) -> CSeq:
     seq = parse_int_header(parts[0], "CSeq", MAX_CSEQ)
     if _TOKEN_RE.fullmatch(parts[1]) is None:
         raise ParseError(f"bad CSeq method {text!r}")
-    return CSeq(seq, parts[1])
+    return make_cseq(seq, parts[1])

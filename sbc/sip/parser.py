@@ -23,7 +23,7 @@ from functools import lru_cache
 from sbc.sip.errors import LimitExceeded, MessageTooLarge, ParseError
 from sbc.sip.fields import COMMON_METHODS, parse_int_header
 from sbc.sip.headers import Headers, canonical_name
-from sbc.sip.message import SIP_VERSION, Request, Response
+from sbc.sip.message import SIP_VERSION, Request, Response, make_request, make_response
 from sbc.sip.uri import Uri, parse_uri
 
 Message = Request | Response
@@ -267,8 +267,8 @@ class _Head:
     def build(self, body: bytes) -> Message:
         headers = Headers._trusted(self.items, self.keys)
         if self.uri is not None:
-            return Request(self.method, self.uri, headers, body, self.version)
-        return Response(self.status, self.reason, headers, body, self.version)
+            return make_request(self.method, self.uri, headers, body, self.version)
+        return make_response(self.status, self.reason, headers, body, self.version)
 
 
 def _decode(head: bytes | bytearray) -> str:

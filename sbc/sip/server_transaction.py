@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from sbc.sip.headers import _EXACT, Headers, canonical_name
-from sbc.sip.message import Request, Response, parse_address, reason_phrase
+from sbc.sip.message import Request, Response, make_response, parse_address, reason_phrase
 from sbc.sip.serializer import serialize
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
 from sbc.sip.tx_machine import TransactionMachine
@@ -222,7 +222,7 @@ def build_response(
             kept.pop("to", None)
         if kept:
             out._cache = kept
-    return Response(status, reason or reason_phrase(status), out, body, request.version)
+    return make_response(status, reason or reason_phrase(status), out, body, request.version)
 
 
 # What build_response copies as text, by the key of Headers.cached that parses it.
@@ -313,7 +313,8 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
     # -- actions ------------------------------------------------------------------------
     def _send(self, message: Request | Response | None, now: float) -> None:
         assert isinstance(message, Response)
-        self._disarm(Timer.TRYING)
+        # _disarm(Timer.TRYING) inline: every response sent comes through here.
+        self.timers.pop(Timer.TRYING, None)
         self.last_response = message
         self._owner.send(self.source, message)
 
@@ -327,11 +328,15 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         assert self.request is not None
         self._send(build_trying(self.request), now)
 
-    def _send_provisional(self, message: Request | Response | None, now: float) -> None:
-        self._send(message, now)
+    # The table's action for a provisional response is _send itself (a call less each).
+    _send_provisional = _send
 
     def _send_final(self, message: Request | Response | None, now: float) -> None:
-        self._send(message, now)
+        # _send inline (a call less for each final response).
+        assert isinstance(message, Response)
+        self.timers.pop(Timer.TRYING, None)
+        self.last_response = message
+        self._owner.send(self.source, message)
         # The transaction now waits for seconds; no action from here on reads the request.
         self.request = None
 

@@ -25,7 +25,7 @@ import bisect
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from sbc.sip.headers import Headers
 from sbc.sip.ids import BRANCH_COOKIE, make_branch
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
+from sbc.sip.quickinit import quick_maker
 from sbc.sip.server_transaction import (
     INVITE_SERVER_TABLE,
     NON_INVITE_SERVER_TABLE,
@@ -149,6 +150,14 @@ Event = (
     | TransactionTimedOut
     | TransactionTerminated
 )
+
+# The events of every call's messages, made with every field given (see quick_maker).
+_request_received: Callable[[str, Request, object], RequestReceived] = quick_maker(RequestReceived)
+_ack_received: Callable[[Request, object], AckReceived] = quick_maker(AckReceived)
+_response_received: Callable[[str, Response, bool], ResponseReceived] = quick_maker(
+    ResponseReceived
+)
+_terminated: Callable[[str], TransactionTerminated] = quick_maker(TransactionTerminated)
 
 Message = Request | Response
 
@@ -312,7 +321,7 @@ class TransactionLayer:
                 self._record_input(record, ServerInput.REQUEST, message)
                 return
             self._new_server(key, message, source, reliable, now)
-            self._events.append(RequestReceived(key, message, source))
+            self._events.append(_request_received(key, message, source))
 
     def respond(self, server_key: str, response: Response, *, now: float) -> None:
         """Send the TU's ``response`` in server transaction ``server_key``."""
@@ -520,7 +529,7 @@ class TransactionLayer:
 
     def _end_record(self, key: str) -> None:
         del self._done[key]
-        self._events.append(TransactionTerminated(key))
+        self._events.append(_terminated(key))
 
     def _record_input(
         self, record: Record, kind: ClientInput | ServerInput, message: Message
@@ -546,11 +555,11 @@ class TransactionLayer:
         elif action == "_pass_ack":
             # RFC 6026 §7.1: the ACK of the 2xx goes to the TU.
             assert isinstance(message, Request)
-            self._events.append(AckReceived(message, peer))
+            self._events.append(_ack_received(message, peer))
         elif action == "_pass_up":
             # §17.1.1.2 (Completed): a 2xx after a non-2xx final; the TU ACKs and BYEs it.
             assert isinstance(message, Response)
-            self._events.append(ResponseReceived(key, message))
+            self._events.append(_response_received(key, message, False))
         elif action == "_pass_up_2xx":
             # RFC 6026 §8.4: a 2xx with a To tag already seen is a retransmission; another tag
             # is another fork. Either way the TU gets it (it ACKs each).
@@ -561,13 +570,13 @@ class TransactionLayer:
             seen = tag in tags
             if not seen:
                 self._done[key] = (record[0], key, state, peer, (*tags, tag))
-            self._events.append(ResponseReceived(key, message, seen))
+            self._events.append(_response_received(key, message, seen))
         # "_absorb": nothing (a late provisional, a copy the state swallows).
 
     def response_received(
         self, tx: ClientTransaction, response: Response, *, retransmission: bool
     ) -> None:
-        self._events.append(ResponseReceived(tx.key, response, retransmission))
+        self._events.append(_response_received(tx.key, response, retransmission))
 
     def timed_out(self, tx: ClientTransaction | ServerTransaction) -> None:
         self._events.append(TransactionTimedOut(tx.key))
@@ -577,14 +586,14 @@ class TransactionLayer:
         # Transport errors reach the TU only before a final response: the request is there.
         assert tx.request is not None
         synthetic = build_response(tx.request, 503, "Service Unavailable")
-        self._events.append(ResponseReceived(tx.key, synthetic))
+        self._events.append(_response_received(tx.key, synthetic, False))
 
     def terminated(self, tx: ClientTransaction | ServerTransaction) -> None:
         if isinstance(tx, ClientTransaction):
             self._clients.pop(tx.key, None)
         else:
             self._servers.pop(tx.key, None)
-        self._events.append(TransactionTerminated(tx.key))
+        self._events.append(_terminated(tx.key))
 
     # -- matching --------------------------------------------------------------------------
     def _new_server(
@@ -642,7 +651,7 @@ class TransactionLayer:
                 self._record_input(record, ServerInput.ACK, ack)
                 return
         # §17.2.3: the ACK of a 2xx matches no transaction; it belongs to the dialog.
-        self._events.append(AckReceived(ack, source))
+        self._events.append(_ack_received(ack, source))
 
     def _receive_cancel(self, cancel: Request, source: object, reliable: bool, now: float) -> None:
         own_key = server_key(cancel)

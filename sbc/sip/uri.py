@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -28,7 +29,7 @@ from sbc.sip.fields import (
     unquote_string,
 )
 from sbc.sip.headers import split_list
-from sbc.sip.quickinit import quick_init
+from sbc.sip.quickinit import quick_init, quick_maker
 
 # RFC 3261 §25.1 character classes, written as regex classes.
 _UNRESERVED = r"A-Za-z0-9\-_.!~*'()"
@@ -354,7 +355,7 @@ class NameAddr:
         return type(self)(self.uri, self.display, set_param(self.params, name, value))
 
     def without_param(self, name: str) -> NameAddr:
-        return type(self)(self.uri, self.display, drop_param(self.params, name))
+        return make_name_addr(self.uri, self.display, drop_param(self.params, name))
 
     def with_uri(self, uri: Uri) -> NameAddr:
         return type(self)(uri, self.display, self.params)
@@ -370,6 +371,10 @@ class NameAddr:
         if not params:
             return f"{head}<{self.uri}>"
         return f"{head}<{self.uri}>{format_params(params)}"
+
+
+# NameAddr(...) for the From, To and Contact values parsed on every message (see quick_maker).
+make_name_addr: Callable[[Uri, str | None, Params], NameAddr] = quick_maker(NameAddr)
 
 
 def _display_and_rest(text: str) -> tuple[str | None, str]:
@@ -428,7 +433,7 @@ def parse_name_addr(text: str) -> NameAddr:
         if tail and tail[0] != ";":
             raise ParseError(f"junk after '>' in {text!r}")
         params = parse_params(tail)
-        return NameAddr(uri, display, params)
+        return make_name_addr(uri, display, params)
     uri_text, semi, param_text = rest.partition(";")
     uri_text = uri_text.rstrip(" \t")
     if "?" in uri_text or "," in uri_text:
@@ -436,7 +441,7 @@ def parse_name_addr(text: str) -> NameAddr:
         raise ParseError(f"URI with '?' or ',' must be enclosed in <>: {text!r}")
     uri = parse_uri(uri_text)
     params = parse_params(param_text) if semi else ()
-    return NameAddr(uri, None, params)
+    return make_name_addr(uri, None, params)
 
 
 def is_wildcard_contact(value: str) -> bool:
