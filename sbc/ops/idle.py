@@ -66,13 +66,16 @@ async def collect_when_idle(
     calls_seen: Callable[[], float],
     quiet: float,
     every: float = IDLE_CHECK_EVERY,
+    release: Callable[[], None] | None = None,
 ) -> None:
     """Every ``every`` seconds, look at the calls: once none has been up and none has started
     for ``quiet`` seconds after some did (the longest a completed call's transactions wait,
     64*T1, and a margin: nothing of the burst is alive then), run one full collection. It
     empties the interpreter's free lists, so that the arenas the burst took can be given back.
     ``calls_up``: calls up now; ``calls_seen``: any count that grows with every call. Runs
-    until cancelled. A full collection takes a few milliseconds, once per quiet spell."""
+    until cancelled. A full collection takes a few milliseconds, once per quiet spell.
+    ``release``: called just before it, to free what the calls' tables kept (their dicts' tables
+    grown by the burst; see ``SipEngine.release_tables``)."""
     loop = asyncio.get_running_loop()
     # What it remembers between looks, as C doubles: the calls' count last seen, and when
     # calls were last up or started (-1: collected since). Number objects kept here from one
@@ -82,6 +85,8 @@ async def collect_when_idle(
     while True:
         await asyncio.sleep(every)
         if _look(state, calls_up(), calls_seen(), loop.time(), quiet):
+            if release is not None:
+                release()
             found = gc.collect()
             log.debug("idle_collection", unreachable=found)
 
