@@ -432,6 +432,9 @@ async def test_the_engines_tables_let_go_once_empty() -> None:
     assert [sys.getsizeof(table) for table in grown] == [empty] * len(grown)
     assert all(table is now for table, now in zip(grown, grown, strict=True))
     assert engine._source_transactions == {"127.0.0.1": 1}
+    engine.layer._servers["z9hG4bK-live"] = None  # type: ignore[assignment]
+    engine.release_tables()
+    assert engine.layer._servers == {"z9hG4bK-live": None}  # a live one: left as it is
 
 
 def test_the_c_librarys_free_pages_can_be_given_back() -> None:
