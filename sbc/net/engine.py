@@ -272,6 +272,28 @@ class SipEngine:
         # them stay on UDP.
         self._no_tcp_until: dict[tuple[str, int], float] = {}
 
+    def release_tables(self) -> None:
+        """Free the tables of the per-transaction dicts and sets that are empty, and the
+        transaction layer's (:meth:`TransactionLayer.release_tables`): a dict or set keeps the
+        table a burst of calls grew it to, and the first insert after the burst makes a small
+        new one in the burst's allocator arenas, which then stay taken for good. For when
+        the service has gone quiet (sbc/ops/idle.py), not per call."""
+        tables: tuple[dict[Any, Any] | set[Any], ...] = (
+            self._clients,
+            self._finished,
+            self._branch_keys,
+            self._key_branches,
+            self._incoming,
+            self._transport_failed,
+            self._pending,
+            self._source_transactions,
+            self._transaction_sources,
+        )
+        for table in tables:
+            if not table:
+                table.clear()  # an empty one: frees its table, allocates nothing
+        self.layer.release_tables()
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

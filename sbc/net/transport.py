@@ -149,8 +149,11 @@ class StreamConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._pong_deadline: asyncio.TimerHandle | None = None
-        self.last_activity = self._loop.time()
-        self.last_received = self.last_activity
+        # When the connection last carried anything, and last received anything: C doubles in
+        # an array. Float attributes replaced at every message would keep the float of a
+        # burst's last message, made in the arenas the burst took, which Python's allocator
+        # then cannot give back (docs/performance.md, Round 8b: idle).
+        self._times = array("d", (self._loop.time(),) * 2)
         # Why the connection went, once it has: the error when the peer reset it (or the network
         # failed it) while neither side was closing it; None after an orderly close by either
         # side or sbc's own close (idle, limits, stop). The B2BUA ends the calls it carried.
@@ -174,7 +177,8 @@ class StreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_activity = self.last_received = self._loop.time()
+        times = self._times
+        times[0] = times[1] = self._loop.time()
         if self._pong_deadline is not None:
             # RFC 5626 §4.4.1: anything from the peer (its CRLF pong, a message) proves it alive.
             self._pong_deadline.cancel()
@@ -237,6 +241,16 @@ class StreamConnection(asyncio.Protocol):
 
     # -- API --------------------------------------------------------------------------------
     @property
+    def last_activity(self) -> float:
+        """Loop time the connection last received or sent anything."""
+        return self._times[0]
+
+    @property
+    def last_received(self) -> float:
+        """Loop time the connection last received anything (a message, a CRLF pong)."""
+        return self._times[1]
+
+    @property
     def destination(self) -> Destination:
         # One per connection (peer and id are set once it is made), shared by its messages:
         # each would otherwise be kept by the transaction of its message.
@@ -250,7 +264,7 @@ class StreamConnection(asyncio.Protocol):
         if self.closed or self._transport is None or self._transport.is_closing():
             return False
         self._transport.write(data)
-        self.last_activity = self._loop.time()
+        self._times[0] = self._loop.time()
         return True
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ free lists keep such blocks, and this module deals with both:
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 from array import array
 from collections.abc import Callable
@@ -38,6 +39,26 @@ log = structlog.get_logger(__name__)
 # future iterators (FI_FREELIST_MAXLEN): one more than both fills any of them.
 FREE_LIST_SIZE = 256
 IDLE_CHECK_EVERY = 2.0  # seconds between looks at whether the service went quiet
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+# What the burst took outside Python's allocator (message buffers and dict tables over 512
+# bytes, SQLite's, in the loop's and the records writer's malloc arenas) is free once the calls
+# are gone, but glibc gives back only the top of each heap: free pages in the middle stay in
+# RSS. malloc_trim(0) hands them back (madvise) in every arena, about 1.3 MiB after 3,000
+# calls, in 0.2 ms (docs/performance.md, Round 8b: idle). Once per quiet spell, with the
+# collection.
+_MALLOC_TRIM = _find_malloc_trim()
 
 
 def _nothing() -> None:
@@ -66,13 +87,17 @@ async def collect_when_idle(
     calls_seen: Callable[[], float],
     quiet: float,
     every: float = IDLE_CHECK_EVERY,
+    release: Callable[[], None] | None = None,
 ) -> None:
     """Every ``every`` seconds, look at the calls: once none has been up and none has started
     for ``quiet`` seconds after some did (the longest a completed call's transactions wait,
     64*T1, and a margin: nothing of the burst is alive then), run one full collection. It
     empties the interpreter's free lists, so that the arenas the burst took can be given back.
     ``calls_up``: calls up now; ``calls_seen``: any count that grows with every call. Runs
-    until cancelled. A full collection takes a few milliseconds, once per quiet spell."""
+    until cancelled. A full collection takes a few milliseconds, once per quiet spell.
+    ``release``: called just before it, to free what the calls' tables kept (their dicts' tables
+    grown by the burst; see ``SipEngine.release_tables``). After it, the C library's free
+    pages go back to the system (``malloc_trim``, glibc only)."""
     loop = asyncio.get_running_loop()
     # What it remembers between looks, as C doubles: the calls' count last seen, and when
     # calls were last up or started (-1: collected since). Number objects kept here from one
@@ -82,7 +107,11 @@ async def collect_when_idle(
     while True:
         await asyncio.sleep(every)
         if _look(state, calls_up(), calls_seen(), loop.time(), quiet):
+            if release is not None:
+                release()
             found = gc.collect()
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
             log.debug("idle_collection", unreachable=found)
 
 

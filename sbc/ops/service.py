@@ -745,6 +745,7 @@ async def serve(
                 lambda: service.bridge.active,
                 service.metrics.calls_started.value,
                 quiet=64 * settings.sip.t1 + IDLE_CHECK_EVERY,
+                release=service.engine.release_tables,
             )
         )
         if ready is not None:

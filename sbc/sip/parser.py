@@ -433,4 +433,8 @@ class StreamParser:
         msg = self._head.build(body)
         del buf[: self._total]
         self._head = None
+        # Offsets of a message are ints above 256 (a new object each): reset, rather than
+        # kept until the next message on the connection, as the last of a burst would be
+        # (docs/performance.md, Round 8b: idle).
+        self._total = self._head_end = 0
         return msg

@@ -406,6 +406,18 @@ class TransactionLayer:
             return None
         return tx
 
+    def release_tables(self) -> None:
+        """Free the tables of the transaction dicts once no transaction is left in them.
+
+        A dict keeps the table it grew to when its items go, and a burst of calls grows
+        these; the next insert after the burst then remakes a small one, in one of the
+        burst's allocator arenas, which it keeps for good (docs/performance.md, Round 8b:
+        idle). ``clear()`` on an empty dict frees its table and allocates nothing. For when the
+        service has gone quiet (sbc/ops/idle.py), not per call."""
+        for table in (self._clients, self._servers):
+            if not table:
+                table.clear()
+
     # -- output ------------------------------------------------------------------------
     # Both hand over a copy and keep their own list (emptied): a new list in its place would
     # be kept until the next call, the last one made at the end of a burst of calls and alive

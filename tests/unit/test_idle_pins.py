@@ -346,3 +346,142 @@ async def test_one_full_collection_once_the_calls_are_over(monkeypatch: pytest.M
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# -- Round 8b: idle -------------------------------------------------------------------------------
+
+
+def test_the_stream_parser_keeps_no_offset_of_a_message_it_is_done_with() -> None:
+    """A connection's parser lives as long as the connection: the offsets of the message it
+    last framed (ints above 256, a new object each) are not kept until the next one."""
+    from sbc.sip.parser import StreamParser
+
+    parser = StreamParser()
+    sent = iter(range(10**6))
+    framed: list[str] = []
+
+    def feed() -> None:
+        i = next(sent)
+        data = OPTIONS % (i, i, i)
+        half = len(data) // 2  # across two reads: the offsets are kept in between
+        assert parser.feed(data[:half]) == []
+        framed.extend(message.call_id for message in parser.feed(data[half:]))
+
+    feed()
+    assert made_by(parser, feed) == []
+    assert len(framed) == 301 and len(set(framed)) == 301
+    assert parser.buffered == 0 and not parser.in_message
+
+
+class _Written:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_a_connections_activity_times_keep_no_float_per_message() -> None:
+    """What a TCP connection received and sent last is kept as C doubles: no float made by
+    the last message of a burst is kept by the connection."""
+    from sbc.net.transport import StreamConnection
+
+    engine, _ = engine_without_sockets()
+    connection = StreamConnection(engine.transports, "tcp", outbound=True)
+    written = _Written()
+    connection._transport = written  # type: ignore[assignment]
+    loop = asyncio.get_running_loop()
+
+    def traffic() -> None:
+        connection.data_received(b"")  # nothing to frame: only the times change
+        connection.write(b"\r\n\r\n")
+
+    before = loop.time()
+    traffic()
+    assert made_by(connection, traffic, skip=(written,)) == []
+    assert before <= connection.last_received <= connection.last_activity <= loop.time()
+    assert len(written.data) == 301 and not connection.closed
+
+
+async def test_the_engines_tables_let_go_once_empty() -> None:
+    """A dict keeps the table it grew to when emptied; the engine's and the transaction
+    layer's per-transaction tables give theirs back once empty (``release_tables``, called by
+    the idle task), and keep what they hold otherwise."""
+    engine, _ = engine_without_sockets()
+    empty = sys.getsizeof({})
+    grown: list[dict[str, Any]] = [
+        engine._clients,
+        engine._finished,
+        engine._incoming,
+        engine._key_branches,
+        engine._transaction_sources,
+        engine.layer._clients,
+        engine.layer._servers,
+    ]
+    for table in grown:
+        for i in range(2_000):
+            table[f"z9hG4bK{i}"] = None
+        for i in range(2_000):
+            del table[f"z9hG4bK{i}"]
+        assert sys.getsizeof(table) > 10 * empty  # emptied, its table kept
+    engine._source_transactions["127.0.0.1"] = 1  # one still counted: left as it is
+    engine.release_tables()
+    assert [sys.getsizeof(table) for table in grown] == [empty] * len(grown)
+    assert all(table is now for table, now in zip(grown, grown, strict=True))
+    assert engine._source_transactions == {"127.0.0.1": 1}
+    engine.layer._servers["z9hG4bK-live"] = None  # type: ignore[assignment]
+    engine.release_tables()
+    assert engine.layer._servers == {"z9hG4bK-live": None}  # a live one: left as it is
+
+
+def test_the_c_librarys_free_pages_can_be_given_back() -> None:
+    """glibc (this host's C library) has malloc_trim: the idle collection finds it, and
+    calling it (what it does after the collection) gives back free pages without harm."""
+    trim = idle._find_malloc_trim()
+    assert trim is not None and idle._MALLOC_TRIM is not None
+    assert trim(0) in (0, 1)  # 1: some memory was given back
+
+
+async def test_the_idle_collection_lets_the_tables_go_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """collect_when_idle calls ``release`` right before its full collection, once per quiet
+    spell: the tables freed, their blocks' arenas can be given back by that collection; then
+    the C library's free pages (malloc_trim)."""
+    done: list[str] = []
+    collected = asyncio.Event()
+
+    def collect() -> int:
+        done.append("collect")
+        collected.set()
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
+
+    def trim(pad: int) -> int:
+        done.append(f"trim {pad}")
+        return 0
+
+    monkeypatch.setattr(idle, "_MALLOC_TRIM", trim)
+    seen = [1.0]
+    task = asyncio.ensure_future(
+        idle.collect_when_idle(
+            lambda: 0,
+            lambda: seen[0],
+            quiet=0.05,
+            every=0.01,
+            release=lambda: done.append("release"),
+        )
+    )
+    try:
+        await asyncio.sleep(0.05)
+        seen[0] = 2.0  # a call seen: then quiet
+        await asyncio.wait_for(collected.wait(), 10)
+        await asyncio.sleep(0.1)
+        assert done == ["release", "collect", "trim 0"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
