@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 from sbc.b2bua import ladder as ladder_module
 from sbc.b2bua.events import CallRecord
 from sbc.b2bua.ladder import Ladder, _pack_columns
-from sbc.net.addresses import Destination, TransportConfig
-from sbc.net.engine import SipEngine
+from sbc.net.addresses import Destination
 from sbc.net.handles import IncomingRequest, OutgoingRequest
 from sbc.ops.records import COLUMNS, RecordWriter, _counters, row_of
 from sbc.sip.headers import Headers
@@ -34,27 +33,9 @@ from sbc.sip.message import Request
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import SipUri, parse_uri
 from tests.unit.call_harness import a_invite
+from tests.unit.engine_sink import engine_without_sockets
 
 # -- ACKs as they came -------------------------------------------------------------------------
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def sendto(self, data: bytes, address: object) -> None:
-        self.sent.append(data)
-
-    def close(self) -> None:
-        pass
-
-
-def engine_without_sockets() -> tuple[SipEngine, _Sink]:
-    engine = SipEngine(TransportConfig(bind="127.0.0.1", port=5060))
-    engine._loop = asyncio.get_running_loop()
-    sink = _Sink()
-    engine.transports._udp = sink  # type: ignore[assignment]
-    return engine, sink
 
 
 PEER = ("192.0.2.7", 40000)  # the source port differs from the Via's: rport is filled

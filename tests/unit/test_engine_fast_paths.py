@@ -22,6 +22,7 @@ from sbc.sip.errors import SipError
 from sbc.sip.fields import parse_via
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
+from tests.unit.engine_sink import engine_without_sockets
 
 OPTIONS = (
     b"OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n"
@@ -124,25 +125,6 @@ def test_stamping_fast_path_property(
 
 
 # -- the pump ----------------------------------------------------------------------------------
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def sendto(self, data: bytes, address: object) -> None:
-        self.sent.append(data)
-
-    def close(self) -> None:
-        pass
-
-
-def engine_without_sockets() -> tuple[SipEngine, _Sink]:
-    engine = SipEngine(TransportConfig(bind="127.0.0.1", port=5060))
-    engine._loop = asyncio.get_running_loop()
-    sink = _Sink()
-    engine.transports._udp = sink  # type: ignore[assignment]
-    return engine, sink
 
 
 async def test_what_a_handler_or_a_tap_sends_goes_out_in_the_same_pump() -> None:

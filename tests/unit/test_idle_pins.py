@@ -38,7 +38,8 @@ from sbc.ops import idle, records
 from sbc.ops.idle import warm_free_lists
 from sbc.ops.logging import configure_logging
 from sbc.ops.metrics import PlainCounter, PlainGauge, PlainHistogram
-from tests.unit.test_engine_fast_paths import OPTIONS, engine_without_sockets
+from tests.unit.engine_sink import engine_without_sockets
+from tests.unit.test_engine_fast_paths import OPTIONS
 from tests.unit.test_guard import PBX, Clock
 from tests.unit.test_guard import make as make_guard
 from tests.unit.test_logging import _json_line

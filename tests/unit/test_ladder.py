@@ -25,13 +25,14 @@ from sbc.b2bua.ladder import (
     unpacked_ladder,
 )
 from sbc.media.base import PassthroughBackend
-from sbc.net.addresses import Destination, TransportConfig
-from sbc.net.engine import IncomingRequest, SipEngine
+from sbc.net.addresses import Destination
+from sbc.net.engine import IncomingRequest
 from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import parse_uri
 from tests.unit.call_harness import LIMIT, PBX_SOURCE, FakeEngine, a_invite, config
+from tests.unit.engine_sink import engine_without_sockets
 
 SECRET_DIGEST = (
     'Digest username="6001auth", realm="3CXPhoneSystem", nonce="414d535c0d7a1",'
@@ -451,25 +452,6 @@ OPTIONS = (
     b"Max-Forwards: 70\r\n"
     b"Content-Length: 0\r\n\r\n"
 )
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def sendto(self, data: bytes, address: object) -> None:
-        self.sent.append(data)
-
-    def close(self) -> None:
-        pass
-
-
-def engine_without_sockets() -> tuple[SipEngine, _Sink]:
-    engine = SipEngine(TransportConfig(bind="127.0.0.1", port=5060))
-    engine._loop = asyncio.get_running_loop()  # no sockets: datagrams go in by hand
-    sink = _Sink()
-    engine.transports._udp = sink  # type: ignore[assignment]
-    return engine, sink
 
 
 async def test_the_engine_taps_what_it_receives_and_transmits() -> None:

@@ -16,7 +16,8 @@ from sbc.net.engine import SipEngine
 from sbc.ops import sip_trace
 from sbc.sip.server_transaction import build_response
 from sbc.sip.uri import parse_uri
-from tests.unit.test_ladder import OPTIONS, SECRET_DIGEST, bye, engine_without_sockets
+from tests.unit.engine_sink import engine_without_sockets
+from tests.unit.test_ladder import OPTIONS, SECRET_DIGEST, bye
 
 
 def test_the_trace_redacts_credentials_and_keeps_the_rest() -> None:
