@@ -51,7 +51,7 @@ from sbc.net.handles import (
     error_response,
     new_tag,
 )
-from sbc.net.transport import Transports, count_of
+from sbc.net.transport import Transports, count_of, counted
 from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
 from sbc.sip.headers import Headers, split_list
@@ -150,31 +150,11 @@ class EngineStats:
     large_over_tcp: int = 0
     large_tcp_fallbacks: int = 0
 
-    @property
-    def requests_received(self) -> int:
-        return count_of(self.requests)
-
-    @requests_received.setter
-    def requests_received(self, value: int) -> None:
-        self.requests = itertools.count(value)
-
-    @property
-    def responses_received(self) -> int:
-        return count_of(self.responses)
-
-    @responses_received.setter
-    def responses_received(self, value: int) -> None:
-        self.responses = itertools.count(value)
-
-    @property
-    def timer_arms(self) -> int:
-        """Loop timers armed for the transaction layer's next deadline (one engine timer; see
-        SipEngine._arm_timer): what the timer bookkeeping costs the event loop."""
-        return count_of(self.timers)
-
-    @timer_arms.setter
-    def timer_arms(self, value: int) -> None:
-        self.timers = itertools.count(value)
+    requests_received = counted("requests")
+    responses_received = counted("responses")
+    # Loop timers armed for the transaction layer's next deadline (one engine timer; see
+    # SipEngine._arm_timer): what the timer bookkeeping costs the event loop.
+    timer_arms = counted("timers")
 
     @property
     def messages(self) -> dict[tuple[str, str | int, str], int]:

@@ -53,6 +53,20 @@ def count_of(counter: itertools.count[int]) -> int:
     return int(repr(counter)[6:-1])
 
 
+def counted(attribute: str, doc: str | None = None) -> property:
+    """An int property over the ``itertools.count`` in ``attribute`` (read with
+    :func:`count_of`; set: a new count from the value), for the stats classes' per-message
+    counters (see EngineStats and TransportStats)."""
+
+    def read(self: Any) -> int:
+        return count_of(getattr(self, attribute))
+
+    def write(self: Any, value: int) -> None:
+        setattr(self, attribute, itertools.count(value))
+
+    return property(read, write, doc=doc)
+
+
 @dataclass(slots=True)
 class TransportStats:
     """Counters for the metrics endpoint; plain integers, no locking (one event loop).
@@ -87,13 +101,8 @@ class TransportStats:
     def count_limit(self, limit: str) -> None:
         self.limit_exceeded[limit] = self.limit_exceeded.get(limit, 0) + 1
 
-    @property
-    def datagrams_received(self) -> int:
-        return count_of(self.datagrams)
-
-    @datagrams_received.setter
-    def datagrams_received(self, value: int) -> None:
-        self.datagrams = itertools.count(value)
+    datagrams_received = counted("datagrams")
+    messages_sent = counted("sent")
 
     @property
     def stream_messages_received(self) -> int:
@@ -102,14 +111,6 @@ class TransportStats:
     @stream_messages_received.setter
     def stream_messages_received(self, value: int) -> None:
         self.stream[0] = value
-
-    @property
-    def messages_sent(self) -> int:
-        return count_of(self.sent)
-
-    @messages_sent.setter
-    def messages_sent(self, value: int) -> None:
-        self.sent = itertools.count(value)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
