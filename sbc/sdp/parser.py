@@ -171,13 +171,12 @@ _media_kind = lru_cache(maxsize=256)(_parse_media_kind)
 
 
 class _MediaBuilder:
-    """The lines of one media section while it is read (a plain class: one is made per
-    section of every body, and a dataclass with list defaults costs more to make)."""
+    """The lines of one media section after its m= line while they are read (a plain class:
+    a dataclass with list defaults costs more to make)."""
 
-    __slots__ = ("attributes", "bandwidths", "connection", "head", "line", "past_head", "tail")
+    __slots__ = ("attributes", "bandwidths", "connection", "head", "past_head", "tail")
 
-    def __init__(self, line: _MediaLine) -> None:
-        self.line = line
+    def __init__(self) -> None:
         self.connection: Connection | None = None
         self.bandwidths: list[Bandwidth] = []
         self.attributes: list[Attribute] = []
@@ -186,7 +185,7 @@ class _MediaBuilder:
         self.past_head = False
 
     def add(self, kind: str, value: str) -> None:
-        """A line other than ``a=`` (parse_sdp appends those itself)."""
+        """A line other than ``a=`` (_media_parts appends those itself)."""
         if kind == "c":
             if self.connection is not None:
                 raise SdpError("more than one c= line in a media section")
@@ -204,29 +203,8 @@ class _MediaBuilder:
         else:
             self.head.append((kind, value))
 
-    def build(self) -> MediaDescription:
-        media, port, proto, formats, count = self.line
-        return _make_media(
-            media,
-            port,
-            proto,
-            formats,
-            count,
-            self.connection,
-            tuple(self.bandwidths),
-            _shared_tuple(self.attributes),
-            tuple(self.head),
-            tuple(self.tail),
-        )
 
-
-def _lines(body: bytes | str) -> list[str]:
-    if isinstance(body, bytes):
-        try:
-            # RFC 8866 §5: the default character set is UTF-8.
-            body = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SdpError("SDP body is not UTF-8") from exc
+def _lines(body: str) -> list[str]:
     lines = body.split("\r\n")
     n_crlf = len(lines) - 1
     if n_crlf == body.count("\n") and n_crlf == body.count("\r"):
@@ -246,54 +224,45 @@ def _any_lines(body: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def parse_sdp(body: bytes | str) -> SessionDescription:
-    """Parse an SDP body; raise :class:`SdpError` when it is not a valid description."""
-    lines = _lines(body)
-    if len(lines) < 3:
-        raise SdpError("SDP needs at least v=, o= and s= lines")
-    # RFC 8866 §5: v=, o= and s= come first, in that order.
-    kind, value = _split_line(lines[0])
-    if kind != "v" or value != "0":
-        raise SdpError("SDP must start with v=0")
-    kind, value = _split_line(lines[1])
-    if kind != "o":
-        raise SdpError("second SDP line must be o=")
-    origin = _origin(value)
-    kind, session_name = _split_line(lines[2])
+_SessionParts = tuple[
+    str,
+    Connection | None,
+    tuple[Bandwidth, ...],
+    tuple[Timing, ...],
+    tuple[Attribute, ...],
+    tuple[Line, ...],
+    tuple[Line, ...],
+]
+_MediaParts = tuple[
+    Connection | None,
+    tuple[Bandwidth, ...],
+    tuple[Attribute, ...],
+    tuple[Line, ...],
+    tuple[Line, ...],
+]
+
+
+def _session_parts(lines: list[str]) -> _SessionParts:
+    """The session level of a body: ``lines`` from its s= line to the line before its first
+    m= line (RFC 8866 §5: s= is the third line; v= and o= are read by the caller)."""
+    kind, session_name = _split_line(lines[0])
     if kind != "s":
         raise SdpError("third SDP line must be s=")
-
     connection: Connection | None = None
     bandwidths: list[Bandwidth] = []
     timings: list[Timing] = []
     attributes: list[Attribute] = []
     head: list[Line] = []
     tail: list[Line] = []
-    media: list[MediaDescription] = []
-    current: _MediaBuilder | None = None
     past_head = False
-
-    for raw in lines[3:]:
-        # _split_line, inlined for the usual line (a dozen lines per body).
+    for raw in lines[1:]:
+        # _split_line, inlined for the usual line.
         kind = raw[0]
         if raw[1:2] == "=" and kind in _TYPES and "\r" not in raw and "\x00" not in raw:
             value = raw[2:]
         else:
             kind, value = _split_line(raw)  # raises
-        if kind == "a" and current is not None:
-            # Most lines of a body are media-level attributes: the memo (a C-level lookup)
-            # costs about what parsing the line costs, and each text's value is shared by
-            # every held call's session instead of a tuple per line per call.
-            current.attributes.append(
-                _attribute(value) if len(value) <= MEMO_MAX_TEXT else _parse_attribute(value)
-            )
-        elif kind == "m":
-            if current is not None:
-                media.append(current.build())
-            current = _MediaBuilder(_media(value))
-        elif current is not None:
-            current.add(kind, value)
-        elif kind == "c":
+        if kind == "c":
             if connection is not None:
                 raise SdpError("more than one session-level c= line")
             connection = (
@@ -321,22 +290,170 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
             tail.append((kind, value))
         else:
             head.append((kind, value))
-    if current is not None:
-        media.append(current.build())
-
-    # SessionDescription's fields in their order (origin, session_name, connection,
-    # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
-    return _make_session(
-        origin,
+    return (
         session_name,
         connection,
         tuple(bandwidths),
         _shared_tuple(timings),
         tuple(attributes),
-        tuple(media),
-        0,
         tuple(head),
         tuple(tail),
+    )
+
+
+def _media_parts(lines: list[str]) -> _MediaParts:
+    """The lines of a media section after its m= line, read."""
+    section = _MediaBuilder()
+    attributes = section.attributes
+    for raw in lines:
+        kind = raw[0]
+        if raw[1:2] == "=" and kind in _TYPES and "\r" not in raw and "\x00" not in raw:
+            value = raw[2:]
+        else:
+            kind, value = _split_line(raw)  # raises
+        if kind == "a":
+            # Most lines of a body are media-level attributes: the memo (a C-level lookup)
+            # costs about what parsing the line costs, and each text's value is shared by
+            # every held call's session instead of a tuple per line per call.
+            attributes.append(
+                _attribute(value) if len(value) <= MEMO_MAX_TEXT else _parse_attribute(value)
+            )
+        else:
+            section.add(kind, value)
+    return (
+        section.connection,
+        tuple(section.bandwidths),
+        _shared_tuple(attributes),
+        tuple(section.head),
+        tuple(section.tail),
+    )
+
+
+_NO_MEDIA_PARTS: _MediaParts = (None, (), (), (), ())
+
+# A peer writes the same session level and the same media section after its m= line call
+# after call: only the o= line (session id and version) and the m= line (the port) change.
+# The parts read from such a block of text are immutable, so a memo by the block's text gives
+# them with one dict lookup instead of a Python pass over its lines (two bodies a call, a
+# dozen lines each). Bounded by text length and count; emptied when full, so that blocks
+# seen once cannot keep the repeating ones out for long. At most 256 blocks of 512
+# characters each and their (mostly shared) parts.
+_SESSION_BLOCKS: dict[str, _SessionParts] = {}
+_MEDIA_BLOCKS: dict[str, _MediaParts] = {}
+_BLOCKS_MAX = 256
+_BLOCK_MAX_TEXT = 512
+
+
+def _session_block(text: str) -> _SessionParts:
+    found = _SESSION_BLOCKS.get(text)
+    if found is None:
+        found = _session_parts(text.split("\r\n"))
+        if len(text) <= _BLOCK_MAX_TEXT:
+            if len(_SESSION_BLOCKS) >= _BLOCKS_MAX:
+                _SESSION_BLOCKS.clear()
+            _SESSION_BLOCKS[text] = found
+    return found
+
+
+def _media_block(text: str) -> _MediaParts:
+    found = _MEDIA_BLOCKS.get(text)
+    if found is None:
+        found = _media_parts(text.split("\r\n"))
+        if len(text) <= _BLOCK_MAX_TEXT:
+            if len(_MEDIA_BLOCKS) >= _BLOCKS_MAX:
+                _MEDIA_BLOCKS.clear()
+            _MEDIA_BLOCKS[text] = found
+    return found
+
+
+def _decoded(body: bytes | str) -> str:
+    if isinstance(body, bytes):
+        try:
+            # RFC 8866 §5: the default character set is UTF-8.
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SdpError("SDP body is not UTF-8") from exc
+    return body
+
+
+def parse_sdp(body: bytes | str) -> SessionDescription:
+    """Parse an SDP body; raise :class:`SdpError` when it is not a valid description."""
+    whole = _decoded(body)
+    text = whole[:-2] if whole[-2:] == "\r\n" else whole
+    n_crlf = text.count("\r\n")
+    if (
+        n_crlf == text.count("\n")
+        and n_crlf == text.count("\r")
+        and "\r\n\r\n" not in text
+        and text[-2:] != "\r\n"
+        and "\x00" not in text
+    ):
+        # Every line ends in CRLF and none is empty (as RFC 8866 writes bodies: every peer of
+        # the bridge): the body is cut into blocks by text, a media section at each "\r\nm="
+        # (which only a line starting with m= can hold), and the blocks that repeat from
+        # body to body are read from their memos. Whatever this path refuses is read again
+        # by the general path below, which raises the error it meets first.
+        chunks = text.split("\r\nm=")
+        top = chunks[0].split("\r\n", 2)
+        if len(top) == 3 and top[0] == "v=0" and top[1][:2] == "o=" and top[2][:2] == "s=":
+            try:
+                origin = _origin(top[1][2:])
+                session = _session_block(top[2])
+                media = []
+                for chunk in chunks[1:]:
+                    line, _, rest = chunk.partition("\r\n")
+                    kind, port, proto, formats, count = _media(line)
+                    parts = _media_block(rest) if rest else _NO_MEDIA_PARTS
+                    media.append(_make_media(kind, port, proto, formats, count, *parts))
+            except SdpError:
+                pass
+            else:
+                name, connection, bandwidths, timings, attributes, head, tail = session
+                return _make_session(
+                    origin,
+                    name,
+                    connection,
+                    bandwidths,
+                    timings,
+                    attributes,
+                    tuple(media),
+                    0,
+                    head,
+                    tail,
+                )
+    return _parse_lines(_lines(whole))
+
+
+def _parse_lines(lines: list[str]) -> SessionDescription:
+    """The general parse of a body's non-empty lines, each without its line end."""
+    if len(lines) < 3:
+        raise SdpError("SDP needs at least v=, o= and s= lines")
+    # RFC 8866 §5: v=, o= and s= come first, in that order.
+    kind, value = _split_line(lines[0])
+    if kind != "v" or value != "0":
+        raise SdpError("SDP must start with v=0")
+    kind, value = _split_line(lines[1])
+    if kind != "o":
+        raise SdpError("second SDP line must be o=")
+    origin = _origin(value)
+    # The session level runs to the first m= line, each media section to the next.
+    starts = [i for i, raw in enumerate(lines) if raw[:2] == "m=" and i > 2]
+    ends = [*starts, len(lines)]
+    session = _session_parts(lines[2 : ends[0]])
+    media = []
+    for start, end in zip(starts, ends[1:], strict=False):
+        raw = lines[start]
+        if "\r" in raw or "\x00" in raw:
+            _split_line(raw)  # raises
+        kind, port, proto, formats, count = _media(raw[2:])
+        media.append(
+            _make_media(kind, port, proto, formats, count, *_media_parts(lines[start + 1 : end]))
+        )
+    name, connection, bandwidths, timings, attributes, head, tail = session
+    # SessionDescription's fields in their order (origin, session_name, connection,
+    # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
+    return _make_session(
+        origin, name, connection, bandwidths, timings, attributes, tuple(media), 0, head, tail
     )
 
 
