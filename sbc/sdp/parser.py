@@ -335,19 +335,37 @@ _NO_MEDIA_PARTS: _MediaParts = (None, (), (), (), ())
 # after call: only the o= line (session id and version) and the m= line (the port) change.
 # The parts read from such a block of text are immutable, so a memo by the block's text gives
 # them with one dict lookup instead of a Python pass over its lines (two bodies a call, a
-# dozen lines each). Bounded by text length and count; emptied when full, so that blocks
-# seen once cannot keep the repeating ones out for long. At most 256 blocks of 512
-# characters each and their (mostly shared) parts.
+# dozen lines each). What makes a block plain (no empty line, no CR or LF left inside a
+# line) is checked when its text is first read: a text found in a memo was found plain then.
+# Bounded by text length and count; emptied when full, so that blocks seen once cannot keep
+# the repeating ones out for long. At most 256 blocks of 512 characters each and their
+# (mostly shared) parts.
 _SESSION_BLOCKS: dict[str, _SessionParts] = {}
 _MEDIA_BLOCKS: dict[str, _MediaParts] = {}
 _BLOCKS_MAX = 256
 _BLOCK_MAX_TEXT = 512
 
 
-def _session_block(text: str) -> _SessionParts:
+def _plain_lines(text: str) -> list[str] | None:
+    """The lines of ``text`` split at CRLF; None when one is empty or holds a CR or LF (the
+    general parse reads those: it drops empty lines and also splits at a bare LF)."""
+    lines = text.split("\r\n")
+    # The lines joined: "in" finds a character with memchr (str.count would walk the text
+    # a character at a time).
+    joined = "".join(lines)
+    if "\r" in joined or "\n" in joined or "" in lines:
+        return None
+    return lines
+
+
+def _session_block(text: str) -> _SessionParts | None:
+    """The session level from ``text`` (from its s= line), None when it is not plain."""
     found = _SESSION_BLOCKS.get(text)
     if found is None:
-        found = _session_parts(text.split("\r\n"))
+        lines = _plain_lines(text)
+        if lines is None:
+            return None
+        found = _session_parts(lines)
         if len(text) <= _BLOCK_MAX_TEXT:
             if len(_SESSION_BLOCKS) >= _BLOCKS_MAX:
                 _SESSION_BLOCKS.clear()
@@ -355,10 +373,14 @@ def _session_block(text: str) -> _SessionParts:
     return found
 
 
-def _media_block(text: str) -> _MediaParts:
+def _media_block(text: str) -> _MediaParts | None:
+    """A media section's lines after its m= line, None when they are not plain."""
     found = _MEDIA_BLOCKS.get(text)
     if found is None:
-        found = _media_parts(text.split("\r\n"))
+        lines = _plain_lines(text)
+        if lines is None:
+            return None
+        found = _media_parts(lines)
         if len(text) <= _BLOCK_MAX_TEXT:
             if len(_MEDIA_BLOCKS) >= _BLOCKS_MAX:
                 _MEDIA_BLOCKS.clear()
@@ -380,48 +402,54 @@ def parse_sdp(body: bytes | str) -> SessionDescription:
     """Parse an SDP body; raise :class:`SdpError` when it is not a valid description."""
     whole = _decoded(body)
     text = whole[:-2] if whole[-2:] == "\r\n" else whole
-    n_crlf = text.count("\r\n")
-    if (
-        n_crlf == text.count("\n")
-        and n_crlf == text.count("\r")
-        and "\r\n\r\n" not in text
-        and text[-2:] != "\r\n"
-        and "\x00" not in text
-    ):
-        # Every line ends in CRLF and none is empty (as RFC 8866 writes bodies: every peer of
-        # the bridge): the body is cut into blocks by text, a media section at each "\r\nm="
-        # (which only a line starting with m= can hold), and the blocks that repeat from
-        # body to body are read from their memos. Whatever this path refuses is read again
-        # by the general path below, which raises the error it meets first.
-        chunks = text.split("\r\nm=")
-        top = chunks[0].split("\r\n", 2)
-        if len(top) == 3 and top[0] == "v=0" and top[1][:2] == "o=" and top[2][:2] == "s=":
-            try:
-                origin = _origin(top[1][2:])
-                session = _session_block(top[2])
-                media = []
-                for chunk in chunks[1:]:
-                    line, _, rest = chunk.partition("\r\n")
-                    kind, port, proto, formats, count = _media(line)
-                    parts = _media_block(rest) if rest else _NO_MEDIA_PARTS
-                    media.append(_make_media(kind, port, proto, formats, count, *parts))
-            except SdpError:
-                pass
-            else:
-                name, connection, bandwidths, timings, attributes, head, tail = session
-                return _make_session(
-                    origin,
-                    name,
-                    connection,
-                    bandwidths,
-                    timings,
-                    attributes,
-                    tuple(media),
-                    0,
-                    head,
-                    tail,
-                )
+    if text[-2:] != "\r\n" and "\x00" not in text:
+        try:
+            parsed = _parse_blocks(text)
+        except SdpError:
+            parsed = None
+        if parsed is not None:
+            return parsed
+    # Whatever the block path refuses is read again by the general path, which raises the
+    # error it meets first.
     return _parse_lines(_lines(whole))
+
+
+def _parse_blocks(text: str) -> SessionDescription | None:
+    """``text`` (a body without its last CRLF, no NUL) parsed by blocks, or None when its
+    lines are not all plain CRLF-ended ones (as RFC 8866 writes bodies: every peer of the
+    bridge does). A media section starts at each "\r\nm=", which only a line starting with
+    m= can hold; the session level and each section after its m= line are read from the
+    memos above, so that only the o= and m= lines are parsed for each body."""
+    chunks = text.split("\r\nm=")
+    top = chunks[0].split("\r\n", 2)
+    if len(top) != 3 or top[0] != "v=0" or top[2][:2] != "s=":
+        return None
+    o_line = top[1]
+    if o_line[:2] != "o=" or "\r" in o_line or "\n" in o_line:
+        return None
+    origin = _origin(o_line[2:])
+    session = _session_block(top[2])
+    if session is None:
+        return None
+    media = []
+    for chunk in chunks[1:]:
+        line, _, rest = chunk.partition("\r\n")
+        if "\r" in line or "\n" in line:
+            return None
+        kind, port, proto, formats, count = _media(line)
+        if rest:
+            parts = _media_block(rest)
+            if parts is None:
+                return None
+        else:
+            parts = _NO_MEDIA_PARTS
+        media.append(_make_media(kind, port, proto, formats, count, *parts))
+    name, connection, bandwidths, timings, attributes, head, tail = session
+    # SessionDescription's fields in their order (origin, session_name, connection,
+    # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
+    return _make_session(
+        origin, name, connection, bandwidths, timings, attributes, tuple(media), 0, head, tail
+    )
 
 
 def _parse_lines(lines: list[str]) -> SessionDescription:

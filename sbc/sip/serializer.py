@@ -35,11 +35,13 @@ def serialize(msg: Message) -> bytes:
         append(length_line)
     append("")
     append("")
-    text = "\r\n".join(lines)
-    n_breaks = len(lines) - 1
-    if text.count("\n") != n_breaks or text.count("\r") != n_breaks:
+    # A CR or LF inside a line, looked for in the lines joined without separators: the join
+    # is a memcpy and "in" a memchr, several times cheaper than counting the line breaks of
+    # the joined message with str.count (a character at a time).
+    joined = "".join(lines)
+    if "\n" in joined or "\r" in joined:
         raise ValueError("CR or LF inside a start line, header name or header value")
-    return text.encode("utf-8", "surrogateescape") + body
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
 
 
 def serialized_size(msg: Message) -> int:

@@ -4,12 +4,15 @@
   each media section after its m= line) and the blocks that repeat from body to body are read
   from memos: what the line-by-line parser of round 8 (kept here as the reference) gives, the
   same errors included, with the memos cold or warm; the memos stay bounded.
+* The parser and the serializer find a bare CR or LF in the lines joined (memchr) instead of
+  counting line breaks (str.count, a character at a time): the same errors as the counts.
 * A tagged From or To with a quoted display name (3CX's) is split in ``parse_address``
   itself: what ``parse_name_addr`` gives for the whole value, errors included.
 """
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,9 +46,12 @@ from sbc.sdp.parser import (
     _timing,
     parse_sdp,
 )
-from sbc.sip.errors import ParseError
-from sbc.sip.message import parse_address
-from sbc.sip.uri import parse_name_addr
+from sbc.sip.errors import LimitExceeded, ParseError
+from sbc.sip.headers import Headers
+from sbc.sip.message import Request, Response, parse_address
+from sbc.sip.parser import ParseLimits, _Head
+from sbc.sip.serializer import serialize
+from sbc.sip.uri import parse_name_addr, parse_uri
 
 # -- the reference: parse_sdp as round 8 left it (one pass over the lines) ---------------------
 
@@ -233,6 +239,9 @@ _LINES = st.sampled_from(
         "A=b",
         "a=nul\x00",
         "a=cr\r",
+        "a=lf\nb=1",
+        "a=lf\n",
+        "\r",
         "a=" + "y" * 300,
         "c=IN IP4 " + "9" * 300,
     ]
@@ -309,6 +318,31 @@ def test_block_memos_are_bounded() -> None:
     assert not sdp_parser._SESSION_BLOCKS and not sdp_parser._MEDIA_BLOCKS
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A bare LF, a bare CR or an empty line inside a block that is also in the memos
+        # plain: the general parse reads the body (it splits at the LF, drops the empty line).
+        THREE_CX.replace("a=sendrecv", "a=sendrecv\na=ptime:20"),
+        THREE_CX.replace("a=sendrecv", "a=sendrecv\r\n\r\na=ptime:20"),
+        THREE_CX.replace("t=0 0", "t=0 0\na=tool:x"),
+        THREE_CX.replace("t=0 0", "t=0 0\r\n"),
+        THREE_CX.replace("s=3cxPS", "\r\ns=3cxPS"),
+        THREE_CX.replace(" RTP/AVP", "\n RTP/AVP"),
+        THREE_CX.replace("o=3cxPS", "o=3cx\rPS"),
+        THREE_CX.replace("IN IP4 192.168.1.10\r\ns=", "IN IP4\n192.168.1.10\r\ns="),
+        THREE_CX.replace("a=sendrecv", "a=send\rrecv"),
+        THREE_CX + "\r\n",
+        THREE_CX + "m=",
+        THREE_CX.replace("\r\n", "\n"),
+    ],
+)
+def test_bodies_the_blocks_refuse_are_read_by_the_general_parse(body: str) -> None:
+    parse_sdp(THREE_CX)  # the plain blocks in the memos
+    assert _outcome(parse_sdp, body) == _outcome(reference_parse_sdp, body)
+    assert _outcome(parse_sdp, body.encode()) == _outcome(reference_parse_sdp, body.encode())
+
+
 def test_a_media_section_of_its_m_line_alone() -> None:
     body = (
         "v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nm=audio 4000 RTP/AVP 0\r\nm=video 0 RTP/AVP 96"
@@ -349,3 +383,91 @@ def test_three_cx_from_keeps_its_display_name_and_tag() -> None:
     assert address.display == "Alice Smith"
     assert address.tag == "17pbx"
     assert address == parse_name_addr('"Alice Smith" <sip:4155550123@192.0.2.10:5060>;tag=17pbx')
+
+
+# -- bare CR and LF found in the lines joined, not by counting -----------------------------------
+
+
+def _reference_head(text: str, limits: ParseLimits) -> _Head:
+    """The line checks of round 8 (str.count of CR and LF), then the head."""
+    n_lf = text.count("\n")
+    if n_lf > limits.max_headers:
+        n_crlf = text.count("\r\n")
+        if n_lf != n_crlf or text.count("\r") != n_crlf:
+            raise ParseError("bare CR or LF in the header block")
+        raise LimitExceeded(f"{n_crlf} header lines", limit="headers")
+    n_crlf = len(text.split("\r\n")) - 1
+    if n_lf != n_crlf or text.count("\r") != n_crlf:
+        raise ParseError("bare CR or LF in the header block")
+    return _Head(text, limits)
+
+
+def _head_outcome(make: object, text: str, limits: ParseLimits) -> object:
+    try:
+        head = make(text, limits)  # type: ignore[operator]
+    except ParseError as exc:
+        return ("error", type(exc), str(exc), getattr(exc, "limit", None))
+    return head.items, head.keys, head.content_lengths
+
+
+_HEAD_PIECES = st.sampled_from(
+    ["\r\n", "\r\n", "\r\n", "\r", "\n", "Via: SIP/2.0/UDP h;branch=z9hG4bK1", "To: <sip:a@b>", "X"]
+)
+
+
+@given(st.lists(_HEAD_PIECES, max_size=12), st.integers(0, 6))
+def test_head_line_checks_equal_the_counting_checks(pieces: list[str], max_headers: int) -> None:
+    text = "OPTIONS sip:a@b SIP/2.0" + "".join(pieces)
+    limits = ParseLimits(max_headers=max_headers)
+    assert _head_outcome(_Head, text, limits) == _head_outcome(_reference_head, text, limits)
+
+
+def _reference_serialize(msg: Request | Response) -> bytes:
+    """serialize as round 8 left it: the line breaks of the joined message counted."""
+    if isinstance(msg, Request):
+        lines = [f"{msg.method} {msg.uri} {msg.version}"]
+    else:
+        lines = [f"{msg.version} {msg.status:03d} {msg.reason}"]
+    body = msg.body
+    length_line = f"Content-Length: {len(body)}"
+    placed = False
+    for name, value in msg.headers.items():
+        if name == "Content-Length":
+            if not placed:
+                lines.append(length_line)
+                placed = True
+            continue
+        lines.append(f"{name}: {value}")
+    if not placed:
+        lines.append(length_line)
+    lines += ["", ""]
+    text = "\r\n".join(lines)
+    n_breaks = len(lines) - 1
+    if text.count("\n") != n_breaks or text.count("\r") != n_breaks:
+        raise ValueError("CR or LF inside a start line, header name or header value")
+    return text.encode("utf-8", "surrogateescape") + body
+
+
+def _serialized(write: object, msg: Request | Response) -> object:
+    try:
+        return write(msg)  # type: ignore[operator]
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
+_VALUES = st.text(alphabet="ab \r\n:é", max_size=6)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["X-A", "Content-Length", "To", "X-\r"]), _VALUES)),
+    st.sampled_from(["OK", "O\rK", "O\nK", ""]),
+    st.binary(max_size=4),
+)
+def test_serialize_refuses_what_the_counting_check_refused(
+    fields: list[tuple[str, str]], reason: str, body: bytes
+) -> None:
+    headers = Headers(fields)
+    response = Response(200, reason, headers, body)
+    assert _serialized(serialize, response) == _serialized(_reference_serialize, response)
+    request = Request("OPTIONS", parse_uri("sip:a@b"), headers, body)
+    assert _serialized(serialize, request) == _serialized(_reference_serialize, request)
