@@ -337,12 +337,15 @@ _NO_MEDIA_PARTS: _MediaParts = (None, (), (), (), ())
 # them with one dict lookup instead of a Python pass over its lines (two bodies a call, a
 # dozen lines each). What makes a block plain (no empty line, no CR or LF left inside a
 # line) is checked when its text is first read: a text found in a memo was found plain then.
-# Bounded by text length and count; emptied when full, so that blocks seen once cannot keep
-# the repeating ones out for long. At most 256 blocks of 512 characters each and their
-# (mostly shared) parts.
+# Bounded by text length and count; emptied when full, so that blocks seen once (a section
+# with a per-call a=crypto key, say: then every body misses and is read line by line as
+# before) cannot keep the repeating ones out for long. At most 32 blocks of 512 characters
+# in each memo: 52 KiB with both full of 500-character blocks of 18 lines (tracemalloc;
+# their parsed lines are shared with the memos of single lines); the bridge's two peers
+# leave four entries.
 _SESSION_BLOCKS: dict[str, _SessionParts] = {}
 _MEDIA_BLOCKS: dict[str, _MediaParts] = {}
-_BLOCKS_MAX = 256
+_BLOCKS_MAX = 32
 _BLOCK_MAX_TEXT = 512
 
 
