@@ -108,7 +108,10 @@ def _contact_uri(message: Request | Response) -> Uri | None:
 
 
 def _record_route(message: Request | Response) -> tuple[NameAddr, ...]:
-    return tuple(parse_address(v) for v in message.headers.values("Record-Route"))
+    values = message.headers.values("Record-Route")
+    if not values:  # no generator to make for the usual case (a peer that adds none)
+        return ()
+    return tuple(parse_address(v) for v in values)
 
 
 class Dialog:
@@ -249,7 +252,8 @@ class Dialog:
             ("Via", str(stamped)),
             ("Max-Forwards", str(max_forwards)),
         ]
-        items.extend(("Route", str(route)) for route in routes)
+        if routes:  # no generator for the usual empty route set
+            items.extend(("Route", str(route)) for route in routes)
         dialog_id = self.id
         remote = self.remote_uri
         remote_tag = dialog_id.remote_tag
@@ -258,8 +262,10 @@ class Dialog:
         items.append(("To", to))
         items.append(("Call-ID", self.id.call_id))
         items.append(("CSeq", f"{seq} {method}"))
-        # The names above are canonical already; only the caller's need normalising.
-        items.extend((canonical_name(name), value) for name, value in headers)
+        # The names above are canonical already; only the caller's need normalising (a loop:
+        # a generator is a call of its own, every request).
+        for name, value in headers:
+            items.append((canonical_name(name), value))
         out = Headers._trusted(tuple(items))
         if method != "ACK" and method in COMMON_METHODS and stamped.transport.isupper():
             # The Via and CSeq just written, as parsing their text gives them (a Via that

@@ -215,9 +215,11 @@ def build_response(
         # here), so what the request's accessors parsed of them is what the response's would
         # parse: shared, not parsed again when a layer reads the response (the engine's 2xx
         # retransmission reads its CSeq, the server transaction the To tag).
-        kept = {key: memo[key] for key in _SAME_PARSE if key in memo}
-        if not to_copied:
-            kept.pop("to", None)
+        # A loop, not a comprehension: that is a function call of its own (every response).
+        kept = {}
+        for key in _SAME_PARSE if to_copied else _SAME_PARSE_TAGGED:
+            if key in memo:
+                kept[key] = memo[key]
         if kept:
             out._cache = kept
     return make_response(status, reason or reason_phrase(status), out, body, request.version)
@@ -225,6 +227,7 @@ def build_response(
 
 # What build_response copies as text, by the key of Headers.cached that parses it.
 _SAME_PARSE = ("top_via", "from", "to", "cseq")
+_SAME_PARSE_TAGGED = ("top_via", "from", "cseq")  # the To tagged here differs from the request's
 
 
 def build_trying(request: Request) -> Response:

@@ -245,13 +245,7 @@ class TransactionLayer:
     """Client and server transactions of one SIP endpoint, keyed by their §17 identity."""
 
     def __init__(self, *, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0) -> None:
-        self.config = config = TimerConfig(t1=t1, t2=t2, t4=t4)
-        # Every timer's first duration by transport kind (reliable or not), given to each
-        # transaction: read there directly, not through TimerConfig.initial (a call each).
-        self._durations = {
-            reliable: {timer: config.initial(timer, reliable=reliable) for timer in Timer}
-            for reliable in (False, True)
-        }
+        self.config = TimerConfig(t1=t1, t2=t2, t4=t4)
         self._clients: dict[str, ClientTransaction] = {}
         self._servers: dict[str, ServerTransaction] = {}
         self._outbox: list[tuple[object, Message]] = []
@@ -270,6 +264,21 @@ class TransactionLayer:
         # entry behind, skipped when due.
         self._done: dict[str, Record] = {}
         self._expiries: dict[float, deque[Record]] = {}
+
+    @property
+    def config(self) -> TimerConfig:
+        """T1, T2, T4 for the transactions started from now on."""
+        return self._config
+
+    @config.setter
+    def config(self, config: TimerConfig) -> None:
+        self._config = config
+        # Every timer's first duration by transport kind (reliable or not), given to each
+        # transaction: read there directly, not through TimerConfig.initial (a call each).
+        self._durations = {
+            reliable: {timer: config.initial(timer, reliable=reliable) for timer in Timer}
+            for reliable in (False, True)
+        }
 
     # -- client side -------------------------------------------------------------------
     def send_request(self, request: Request, *, dest: object, reliable: bool, now: float) -> str:
@@ -291,7 +300,7 @@ class TransactionLayer:
             request,
             dest=dest,
             reliable=reliable,
-            config=self.config,
+            config=self._config,
             owner=self,
             durations=self._durations[reliable],
             outbox=self._outbox,
@@ -629,7 +638,7 @@ class TransactionLayer:
             request,
             source=source,
             reliable=reliable,
-            config=self.config,
+            config=self._config,
             owner=self,
             durations=self._durations[reliable],
             outbox=self._outbox,
