@@ -242,8 +242,7 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
             schedule(self, retransmit, now + self.config.t1)
         schedule(self, timeout, now + self._durations[timeout])
 
-    def on_response(self, response: Response, now: float) -> None:
-        self._dispatch(response_input(response.status, self.is_invite), response, now)
+    # A response is fed by the layer, as _dispatch(response_input(...)) (one call, not two).
 
     def on_cancel_sent(self, now: float) -> None:
         """A CANCEL for this INVITE was sent (§9.1)."""

@@ -349,7 +349,7 @@ class TransactionLayer:
         """Send the TU's ``response`` in server transaction ``server_key``."""
         tx = self._servers.get(server_key)
         if tx is not None:
-            # tx.on_response(response, now), without its call (every response the TU sends).
+            # tx.on_response(response, now) without its call (every response the TU sends).
             tx._dispatch(tu_response_input(response.status, tx.is_invite), response, now)
             return
         record = self._done.get(server_key)
@@ -674,7 +674,7 @@ class TransactionLayer:
         if tx is None:
             self._events.append(StrayResponse(response, source))
             return
-        # tx.on_response(response, now), without its call (every response received).
+        # Fed to the machine directly (a call less for every response received).
         tx._dispatch(response_input(response.status, tx.is_invite), response, now)
 
     def _receive_ack(self, ack: Request, source: object, now: float) -> None:
