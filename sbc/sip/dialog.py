@@ -118,6 +118,7 @@ class Dialog:
     """One dialog, seen from this user agent (mutable; owned by one call leg)."""
 
     __slots__ = (
+        "_from_to",
         "_invite_seq",
         "id",
         "is_uac",
@@ -158,6 +159,12 @@ class Dialog:
         self.state = state
         self.is_uac = is_uac
         self._invite_seq = invite_seq
+        # The From and To texts of this dialog's requests, written at the first one: the id
+        # and the URIs never change (§12.1), and writing a tagged address is eight Python calls
+        # (its parameters searched, its URI and display name written). None until a request
+        # is made; afterwards the two strings are those of the requests (the ACK a leg keeps
+        # holds them too), so the memo costs a tuple.
+        self._from_to: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Dialog {self.id.call_id} {self.state.value}>"
@@ -255,12 +262,15 @@ class Dialog:
         if routes:  # no generator for the usual empty route set
             items.extend(("Route", str(route)) for route in routes)
         dialog_id = self.id
-        remote = self.remote_uri
-        remote_tag = dialog_id.remote_tag
-        to = str(remote) if remote_tag is None else remote.tagged_text(remote_tag)
-        items.append(("From", self.local_uri.tagged_text(dialog_id.local_tag)))
-        items.append(("To", to))
-        items.append(("Call-ID", self.id.call_id))
+        from_to = self._from_to
+        if from_to is None:
+            remote = self.remote_uri
+            remote_tag = dialog_id.remote_tag
+            to = str(remote) if remote_tag is None else remote.tagged_text(remote_tag)
+            from_to = self._from_to = (self.local_uri.tagged_text(dialog_id.local_tag), to)
+        items.append(("From", from_to[0]))
+        items.append(("To", from_to[1]))
+        items.append(("Call-ID", dialog_id.call_id))
         items.append(("CSeq", f"{seq} {method}"))
         # The names above are canonical already; only the caller's need normalising (a loop:
         # a generator is a call of its own, every request).

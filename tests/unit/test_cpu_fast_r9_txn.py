@@ -36,7 +36,7 @@ from sbc.sip.client_transaction import (
     NON_INVITE_CLIENT_TABLE,
     ClientTransaction,
 )
-from sbc.sip.dialog import DIALOG_TABLE, Dialog, DialogInput, DialogState
+from sbc.sip.dialog import DIALOG_TABLE, Dialog, DialogId, DialogInput, DialogState
 from sbc.sip.message import Request, Response
 from sbc.sip.parser import parse_message
 from sbc.sip.serializer import serialize
@@ -94,8 +94,9 @@ def test_a_udp_call_costs_62_python_calls_in_the_transaction_layer() -> None:
 
 def test_a_dialog_costs_fewer_python_calls() -> None:
     """A UAC dialog from a 200 without Record-Route, its ACK and BYE, the BYE's 200, ended:
-    20 calls in dialog.py before this round (a generator per request and per Record-Route
-    read, a transition method per response and end), 11 now."""
+    42 calls in dialog.py and uri.py before this round (a generator per request and per
+    Record-Route read, a transition method per response and end, From and To written for
+    each request), 23 now."""
     invite = make_request(branch="z9hG4bKd1", call_id="d1")
     ok = parse_message(serialize(reply(invite, 200, "t1")))
     assert isinstance(ok, Response)
@@ -114,7 +115,7 @@ def test_a_dialog_costs_fewer_python_calls() -> None:
         dialog.terminate()
 
     dialog_work()
-    assert _python_calls(dialog_work, ("/sbc/sip/dialog.py",)) <= 11
+    assert _python_calls(dialog_work, ("/sbc/sip/dialog.py", "/sbc/sip/uri.py")) <= 23
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -273,6 +274,28 @@ def test_in_dialog_requests_with_routes_and_extra_headers() -> None:
     assert bye.headers.items()[-2:] == (("x-a", "1"), ("Content-Type", "text/plain"))
     assert bye.headers.get("Via") == "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKg2;rport"
     assert str(bye.uri) == str(dialog.remote_target)
+
+
+@pytest.mark.parametrize("remote_tag", ["t1", None])
+def test_from_and_to_are_written_once_per_dialog(remote_tag: str | None) -> None:
+    """Every request of a dialog carries the From and To its tagged URIs write (the To
+    untagged for an RFC 2543 peer), the same strings from the second request on."""
+    invite = make_request(branch="z9hG4bKf1", call_id="f1")
+    dialog = Dialog(
+        id=DialogId("f1", "1928301774", remote_tag),
+        local_uri=invite.from_,
+        remote_uri=invite.to,
+        remote_target=invite.uri,
+        local_cseq=1,
+    )
+    via = "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK"
+    first = dialog.create_request("INFO", via=via, branch="z9hG4bKf2")
+    second = dialog.create_request("BYE", via=via, branch="z9hG4bKf3")
+    to = str(invite.to) if remote_tag is None else invite.to.tagged_text(remote_tag)
+    for request in (first, second):
+        assert request.headers.get("From") == invite.from_.tagged_text("1928301774")
+        assert request.headers.get("To") == to
+    assert first.headers.get("From") is second.headers.get("From")
 
 
 # -- build_response --------------------------------------------------------------------------
