@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sbc.sip.errors import CallDoesNotExist, ProtocolError, RequestOutOfOrder
-from sbc.sip.fields import COMMON_METHODS, Via, make_cseq, parse_via
+from sbc.sip.fields import (
+    COMMON_METHODS,
+    Params,
+    Via,
+    find_param,
+    format_host_port,
+    format_params,
+    make_cseq,
+    make_via,
+    parse_via,
+)
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import SIP_VERSION, Request, Response, make_request, parse_address
 from sbc.sip.quickinit import quick_maker
@@ -252,11 +262,14 @@ class Dialog:
         else:
             seq = cseq if cseq is not None else (self.local_cseq or 0) + 1
             self.local_cseq = seq
-        top = parse_via(via) if isinstance(via, str) else via
         uri, routes = self._target_and_routes()
-        stamped = top.with_param("branch", branch)
+        if isinstance(via, str):
+            stamped = parse_via(via).with_param("branch", branch)
+            via_text = str(stamped)
+        else:
+            stamped, via_text = _stamp(via, branch)
         items: list[tuple[str, str]] = [
-            ("Via", str(stamped)),
+            ("Via", via_text),
             ("Max-Forwards", str(max_forwards)),
         ]
         if routes:  # no generator for the usual empty route set
@@ -376,6 +389,38 @@ class Dialog:
         # Every state ends in Terminated (DIALOG_TABLE's TERMINATE column); a leg ends its
         # dialog up to twice a call (the BYE, the leg's end).
         self.state = D.TERMINATED
+
+
+# A leg passes the same parsed Via object for each of its requests (the engine's Via for its
+# transport and socket, parsed once): what stamping a branch on it leaves unchanged (the
+# parameters around the branch, the text before and after its value) is kept by the Via's
+# identity (the entry holds the Via: its id is not reused by another object while the
+# entry lives).
+# Bounded: once full, further Vias are stamped the general way.
+_STAMPS: dict[int, tuple[Via, Params, str, Params, str, str]] = {}
+_STAMPS_LIMIT = 64
+
+
+def _stamp(top: Via, branch: str) -> tuple[Via, str]:
+    """``top.with_param("branch", branch)`` and its text, as ``str()`` writes it."""
+    entry = _STAMPS.get(id(top))
+    if entry is None:
+        if len(_STAMPS) >= _STAMPS_LIMIT:
+            stamped = top.with_param("branch", branch)
+            return stamped, str(stamped)
+        params = top.params
+        tail: Params
+        i = find_param(params, "branch")
+        if i < 0:  # with_param appends a parameter that is absent
+            head, name, tail = params, "branch", ()
+        else:  # and replaces one that is there, keeping its spelling
+            head, name, tail = params[:i], params[i][0], params[i + 1 :]
+        sent = f"SIP/2.0/{top.transport} {format_host_port(top.host, top.port)}"
+        entry = (top, head, name, tail, f"{sent}{format_params(head)};{name}=", format_params(tail))
+        _STAMPS[id(top)] = entry
+    _, head, name, tail, before, after = entry
+    stamped = make_via(top.transport, top.host, top.port, (*head, (name, branch), *tail))
+    return stamped, before + branch + after
 
 
 def _creating_state(response: Response) -> DialogState:
