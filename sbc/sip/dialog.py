@@ -263,11 +263,7 @@ class Dialog:
             seq = cseq if cseq is not None else (self.local_cseq or 0) + 1
             self.local_cseq = seq
         uri, routes = self._target_and_routes()
-        if isinstance(via, str):
-            stamped = parse_via(via).with_param("branch", branch)
-            via_text = str(stamped)
-        else:
-            stamped, via_text = _stamp(via, branch)
+        stamped, via_text = _stamp(parse_via(via) if isinstance(via, str) else via, branch)
         items: list[tuple[str, str]] = [
             ("Via", via_text),
             ("Max-Forwards", str(max_forwards)),
@@ -391,35 +387,34 @@ class Dialog:
         self.state = D.TERMINATED
 
 
-# A leg passes the same parsed Via object for each of its requests (the engine's Via for its
-# transport and socket, parsed once): what stamping a branch on it leaves unchanged (the
-# parameters around the branch, the text before and after its value) is kept by the Via's
-# identity (the entry holds the Via: its id is not reused by another object while the
-# entry lives).
-# Bounded: once full, further Vias are stamped the general way.
-_STAMPS: dict[int, tuple[Via, Params, str, Params, str, str]] = {}
+# A leg's requests carry the same Via but for the branch (the engine's Via for its transport
+# and socket): what stamping a branch leaves unchanged (the parameters around the branch, the
+# text before and after its value) is kept by the Via's fields (hashed in C, unlike the Via:
+# its dataclass __hash__ is a Python call). Bounded: once full, further Vias are stamped the
+# general way.
+_STAMPS: dict[tuple[str, str, int | None, Params], tuple[Params, str, Params, str, str]] = {}
 _STAMPS_LIMIT = 64
 
 
 def _stamp(top: Via, branch: str) -> tuple[Via, str]:
     """``top.with_param("branch", branch)`` and its text, as ``str()`` writes it."""
-    entry = _STAMPS.get(id(top))
+    transport, host, port, params = key = (top.transport, top.host, top.port, top.params)
+    entry = _STAMPS.get(key)
     if entry is None:
         if len(_STAMPS) >= _STAMPS_LIMIT:
             stamped = top.with_param("branch", branch)
             return stamped, str(stamped)
-        params = top.params
         tail: Params
         i = find_param(params, "branch")
         if i < 0:  # with_param appends a parameter that is absent
             head, name, tail = params, "branch", ()
         else:  # and replaces one that is there, keeping its spelling
             head, name, tail = params[:i], params[i][0], params[i + 1 :]
-        sent = f"SIP/2.0/{top.transport} {format_host_port(top.host, top.port)}"
-        entry = (top, head, name, tail, f"{sent}{format_params(head)};{name}=", format_params(tail))
-        _STAMPS[id(top)] = entry
-    _, head, name, tail, before, after = entry
-    stamped = make_via(top.transport, top.host, top.port, (*head, (name, branch), *tail))
+        sent = f"SIP/2.0/{transport} {format_host_port(host, port)}"
+        entry = (head, name, tail, f"{sent}{format_params(head)};{name}=", format_params(tail))
+        _STAMPS[key] = entry
+    head, name, tail, before, after = entry
+    stamped = make_via(transport, host, port, (*head, (name, branch), *tail))
     return stamped, before + branch + after
 
 

@@ -322,7 +322,7 @@ def test_stamping_a_via_object_as_with_param_and_str(
     tail: list[tuple[str, str | None]],
     branch: str,
 ) -> None:
-    """The memo by Via object gives what ``with_param("branch", ...)`` and ``str()`` give:
+    """The memo by Via fields gives what ``with_param("branch", ...)`` and ``str()`` give:
     the branch replaced where it stands (its spelling kept) or appended; twice (the second
     from the memo), and the general way once the memo is full."""
     params = (*head, *([(branch_name, "z9hG4bK")] if branch_name else []), *tail)
