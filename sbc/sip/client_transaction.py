@@ -11,6 +11,7 @@ The two tables below are the state machines; an input with no entry raises Proto
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Protocol
 
@@ -18,7 +19,7 @@ from sbc.sip.headers import Headers
 from sbc.sip.message import Request, Response
 from sbc.sip.serializer import serialize
 from sbc.sip.timers import Timer, TimerConfig
-from sbc.sip.tx_machine import TransactionMachine
+from sbc.sip.tx_machine import Step, TransactionMachine, compile_table
 
 __all__ = [
     "INVITE_CLIENT_TABLE",
@@ -134,9 +135,7 @@ _TIMER_INPUTS = {
 class ClientOwner(Protocol):
     """What a client transaction needs from the layer that holds it."""
 
-    def send(self, dest: object, message: Request | Response) -> None: ...
-
-    def schedule(self, tx: ClientTransaction, timer: Timer, deadline: float) -> int: ...
+    def schedule(self, tx: ClientTransaction, timer: Timer, deadline: float) -> None: ...
 
     def response_received(
         self, tx: ClientTransaction, response: Response, *, retransmission: bool
@@ -209,6 +208,8 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         reliable: bool,
         config: TimerConfig,
         owner: ClientOwner,
+        durations: Mapping[Timer, float],
+        outbox: list[tuple[object, Request | Response]],
     ) -> None:
         self.key = key
         # Dropped (None) at the final response: Completed and Accepted only absorb or resend
@@ -218,8 +219,10 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         self.reliable = reliable
         self.config = config
         self._owner = owner
+        self._durations = durations
+        self._outbox = outbox
         self.is_invite = request.method == "INVITE"
-        self._table = INVITE_CLIENT_TABLE if self.is_invite else NON_INVITE_CLIENT_TABLE
+        self._table = _INVITE_STEPS if self.is_invite else _NON_INVITE_STEPS
         self.state = S.CALLING if self.is_invite else S.TRYING
         self.timers: dict[Timer, int] = {}
         self._interval = config.t1
@@ -231,15 +234,15 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     def start(self, now: float) -> None:
         """Send the request and arm the timers of the initial state (§17.1.1.2, §17.1.2.2)."""
         assert self.request is not None
-        self._owner.send(self.dest, self.request)
+        self._outbox.append((self.dest, self.request))
         retransmit, timeout = (Timer.A, Timer.B) if self.is_invite else (Timer.E, Timer.F)
+        schedule = self._owner.schedule  # not _arm: a call less for each request sent
         if not self.reliable:
             # §17.1.1.2 / §17.1.2.2: request retransmissions only over unreliable transports.
-            self._arm(retransmit, self.config.t1, now)
-        self._arm(timeout, self.config.initial(timeout, reliable=self.reliable), now)
+            schedule(self, retransmit, now + self.config.t1)
+        schedule(self, timeout, now + self._durations[timeout])
 
-    def on_response(self, response: Response, now: float) -> None:
-        self._dispatch(response_input(response.status, self.is_invite), response, now)
+    # A response is fed by the layer, as _dispatch(response_input(...)) (one call, not two).
 
     def on_cancel_sent(self, now: float) -> None:
         """A CANCEL for this INVITE was sent (§9.1)."""
@@ -249,14 +252,14 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
     def _retransmit(self, response: Response | None, now: float) -> None:
         # §17.1.1.2 (Timer A doubles) and §17.1.2.2 (Timer E doubles up to T2).
         assert self.request is not None
-        self._owner.send(self.dest, self.request)
+        self._outbox.append((self.dest, self.request))
         timer = Timer.A if self.is_invite else Timer.E
         self._interval = self.config.next_interval(timer, self._interval)
         self._arm(timer, self._interval, now)
 
     def _retransmit_t2(self, response: Response | None, now: float) -> None:
         assert self.request is not None
-        self._owner.send(self.dest, self.request)
+        self._outbox.append((self.dest, self.request))
         self._interval = self.config.t2
         self._arm(Timer.E, self._interval, now)
 
@@ -293,11 +296,10 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         timers.pop(Timer.B, None)
         self.request = None
         self._owner.response_received(self, response, retransmission=False)
-        duration = self.config.initial(Timer.M, reliable=self.reliable)
-        self._retire(Timer.M, duration, response.to_tag, now)
+        self._retire(Timer.M, self._durations[Timer.M], response.to_tag, now)
 
     def _await_cancel(self, response: Response | None, now: float) -> None:
-        self._arm(Timer.B, self.config.initial(Timer.B, reliable=self.reliable), now)
+        self._arm(Timer.B, self._durations[Timer.B], now)
 
     def _complete_invite(self, response: Response | None, now: float) -> None:
         # §17.1.1.3: ACK the non-2xx final ourselves, then wait Timer D for retransmissions.
@@ -307,9 +309,9 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         ack = build_ack(self.request, response)
         self.request = None
         self._owner.response_received(self, response, retransmission=False)
-        self._owner.send(self.dest, ack)
+        self._outbox.append((self.dest, ack))
         # The record keeps the ACK's bytes, resent for each copy of the final response.
-        duration = self.config.initial(Timer.D, reliable=self.reliable)
+        duration = self._durations[Timer.D]
         self._retire(Timer.D, duration, serialize(ack) if duration > 0 else None, now)
 
     def _complete_non_invite(self, response: Response | None, now: float) -> None:
@@ -321,4 +323,13 @@ class ClientTransaction(TransactionMachine[ClientState, ClientInput]):
         assert response is not None
         self._owner.response_received(self, response, retransmission=False)
         # The record keeps nothing: Completed absorbs every response (§17.1.2.2).
-        self._retire(Timer.K, self.config.initial(Timer.K, reliable=self.reliable), None, now)
+        self._retire(Timer.K, self._durations[Timer.K], None, now)
+
+
+# The tables with their actions resolved (what ClientTransaction._dispatch runs).
+_INVITE_STEPS: Mapping[tuple[ClientState, ClientInput], Step] = compile_table(
+    ClientTransaction, INVITE_CLIENT_TABLE
+)
+_NON_INVITE_STEPS: Mapping[tuple[ClientState, ClientInput], Step] = compile_table(
+    ClientTransaction, NON_INVITE_CLIENT_TABLE
+)

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sbc.sip.errors import CallDoesNotExist, ProtocolError, RequestOutOfOrder
-from sbc.sip.fields import COMMON_METHODS, Via, make_cseq, parse_via
+from sbc.sip.fields import (
+    COMMON_METHODS,
+    Params,
+    Via,
+    find_param,
+    format_host_port,
+    format_params,
+    make_cseq,
+    make_via,
+    parse_via,
+)
 from sbc.sip.headers import Headers, canonical_name
 from sbc.sip.message import SIP_VERSION, Request, Response, make_request, parse_address
 from sbc.sip.quickinit import quick_maker
@@ -108,13 +118,17 @@ def _contact_uri(message: Request | Response) -> Uri | None:
 
 
 def _record_route(message: Request | Response) -> tuple[NameAddr, ...]:
-    return tuple(parse_address(v) for v in message.headers.values("Record-Route"))
+    values = message.headers.values("Record-Route")
+    if not values:  # no generator to make for the usual case (a peer that adds none)
+        return ()
+    return tuple(parse_address(v) for v in values)
 
 
 class Dialog:
     """One dialog, seen from this user agent (mutable; owned by one call leg)."""
 
     __slots__ = (
+        "_from_to",
         "_invite_seq",
         "id",
         "is_uac",
@@ -155,6 +169,12 @@ class Dialog:
         self.state = state
         self.is_uac = is_uac
         self._invite_seq = invite_seq
+        # The From and To texts of this dialog's requests, written at the first one: the id
+        # and the URIs never change (§12.1), and writing a tagged address is eight Python calls
+        # (its parameters searched, its URI and display name written). None until a request
+        # is made; afterwards the two strings are those of the requests (the ACK a leg keeps
+        # holds them too), so the memo costs a tuple.
+        self._from_to: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Dialog {self.id.call_id} {self.state.value}>"
@@ -242,24 +262,29 @@ class Dialog:
         else:
             seq = cseq if cseq is not None else (self.local_cseq or 0) + 1
             self.local_cseq = seq
-        top = parse_via(via) if isinstance(via, str) else via
         uri, routes = self._target_and_routes()
-        stamped = top.with_param("branch", branch)
+        stamped, via_text = _stamp(parse_via(via) if isinstance(via, str) else via, branch)
         items: list[tuple[str, str]] = [
-            ("Via", str(stamped)),
+            ("Via", via_text),
             ("Max-Forwards", str(max_forwards)),
         ]
-        items.extend(("Route", str(route)) for route in routes)
+        if routes:  # no generator for the usual empty route set
+            items.extend(("Route", str(route)) for route in routes)
         dialog_id = self.id
-        remote = self.remote_uri
-        remote_tag = dialog_id.remote_tag
-        to = str(remote) if remote_tag is None else remote.tagged_text(remote_tag)
-        items.append(("From", self.local_uri.tagged_text(dialog_id.local_tag)))
-        items.append(("To", to))
-        items.append(("Call-ID", self.id.call_id))
+        from_to = self._from_to
+        if from_to is None:
+            remote = self.remote_uri
+            remote_tag = dialog_id.remote_tag
+            to = str(remote) if remote_tag is None else remote.tagged_text(remote_tag)
+            from_to = self._from_to = (self.local_uri.tagged_text(dialog_id.local_tag), to)
+        items.append(("From", from_to[0]))
+        items.append(("To", from_to[1]))
+        items.append(("Call-ID", dialog_id.call_id))
         items.append(("CSeq", f"{seq} {method}"))
-        # The names above are canonical already; only the caller's need normalising.
-        items.extend((canonical_name(name), value) for name, value in headers)
+        # The names above are canonical already; only the caller's need normalising (a loop:
+        # a generator is a call of its own, every request).
+        for name, value in headers:
+            items.append((canonical_name(name), value))
         out = Headers._trusted(tuple(items))
         if method != "ACK" and method in COMMON_METHODS and stamped.transport.isupper():
             # The Via and CSeq just written, as parsing their text gives them (a Via that
@@ -344,7 +369,8 @@ class Dialog:
         else:
             kind = In.OTHER_FAILURE
         was_early = self.state is D.EARLY
-        self._transition(kind)
+        # The table is total (every state and input, tested): the lookup cannot miss.
+        self.state = DIALOG_TABLE[(self.state, kind)]
         if self.state is D.TERMINATED or status >= 300:
             return
         if kind is In.SUCCESS and was_early and creating and self.is_uac:
@@ -356,13 +382,40 @@ class Dialog:
 
     def terminate(self) -> None:
         """The TU ends the dialog (BYE sent or received, §15)."""
-        self._transition(In.TERMINATE)
+        # Every state ends in Terminated (DIALOG_TABLE's TERMINATE column); a leg ends its
+        # dialog up to twice a call (the BYE, the leg's end).
+        self.state = D.TERMINATED
 
-    def _transition(self, kind: DialogInput) -> None:
-        try:
-            self.state = DIALOG_TABLE[(self.state, kind)]
-        except KeyError:  # pragma: no cover - the table is total; kept for the rule
-            raise ProtocolError(f"dialog: {kind.value} in state {self.state.value}") from None
+
+# A leg's requests carry the same Via but for the branch (the engine's Via for its transport
+# and socket): what stamping a branch leaves unchanged (the parameters around the branch, the
+# text before and after its value) is kept by the Via's fields (hashed in C, unlike the Via:
+# its dataclass __hash__ is a Python call). Bounded: once full, further Vias are stamped the
+# general way.
+_STAMPS: dict[tuple[str, str, int | None, Params], tuple[Params, str, Params, str, str]] = {}
+_STAMPS_LIMIT = 64
+
+
+def _stamp(top: Via, branch: str) -> tuple[Via, str]:
+    """``top.with_param("branch", branch)`` and its text, as ``str()`` writes it."""
+    transport, host, port, params = key = (top.transport, top.host, top.port, top.params)
+    entry = _STAMPS.get(key)
+    if entry is None:
+        if len(_STAMPS) >= _STAMPS_LIMIT:
+            stamped = top.with_param("branch", branch)
+            return stamped, str(stamped)
+        tail: Params
+        i = find_param(params, "branch")
+        if i < 0:  # with_param appends a parameter that is absent
+            head, name, tail = params, "branch", ()
+        else:  # and replaces one that is there, keeping its spelling
+            head, name, tail = params[:i], params[i][0], params[i + 1 :]
+        sent = f"SIP/2.0/{transport} {format_host_port(host, port)}"
+        entry = (head, name, tail, f"{sent}{format_params(head)};{name}=", format_params(tail))
+        _STAMPS[key] = entry
+    head, name, tail, before, after = entry
+    stamped = make_via(transport, host, port, (*head, (name, branch), *tail))
+    return stamped, before + branch + after
 
 
 def _creating_state(response: Response) -> DialogState:

@@ -11,7 +11,7 @@ The two tables below are the state machines; an input with no entry raises Proto
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from functools import lru_cache
 from typing import Protocol
@@ -20,7 +20,7 @@ from sbc.sip.headers import _EXACT, Headers, canonical_name
 from sbc.sip.message import Request, Response, make_response, parse_address, reason_phrase
 from sbc.sip.serializer import serialize
 from sbc.sip.timers import TRYING_DELAY, Timer, TimerConfig
-from sbc.sip.tx_machine import TransactionMachine
+from sbc.sip.tx_machine import Step, TransactionMachine, compile_table
 from sbc.sip.uri import NameAddr
 
 __all__ = [
@@ -129,9 +129,7 @@ _TIMER_INPUTS = {
 class ServerOwner(Protocol):
     """What a server transaction needs from the layer that holds it."""
 
-    def send(self, dest: object, message: Request | Response) -> None: ...
-
-    def schedule(self, tx: ServerTransaction, timer: Timer, deadline: float) -> int: ...
+    def schedule(self, tx: ServerTransaction, timer: Timer, deadline: float) -> None: ...
 
     def timed_out(self, tx: ServerTransaction) -> None: ...
 
@@ -217,9 +215,11 @@ def build_response(
         # here), so what the request's accessors parsed of them is what the response's would
         # parse: shared, not parsed again when a layer reads the response (the engine's 2xx
         # retransmission reads its CSeq, the server transaction the To tag).
-        kept = {key: memo[key] for key in _SAME_PARSE if key in memo}
-        if not to_copied:
-            kept.pop("to", None)
+        # A loop, not a comprehension: that is a function call of its own (every response).
+        kept = {}
+        for key in _SAME_PARSE if to_copied else _SAME_PARSE_TAGGED:
+            if key in memo:
+                kept[key] = memo[key]
         if kept:
             out._cache = kept
     return make_response(status, reason or reason_phrase(status), out, body, request.version)
@@ -227,6 +227,7 @@ def build_response(
 
 # What build_response copies as text, by the key of Headers.cached that parses it.
 _SAME_PARSE = ("top_via", "from", "to", "cseq")
+_SAME_PARSE_TAGGED = ("top_via", "from", "cseq")  # the To tagged here differs from the request's
 
 
 def build_trying(request: Request) -> Response:
@@ -262,6 +263,8 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         reliable: bool,
         config: TimerConfig,
         owner: ServerOwner,
+        durations: Mapping[Timer, float],
+        outbox: list[tuple[object, Request | Response]],
     ) -> None:
         self.key = key
         # Dropped (None) once a final response is sent: nothing after it needs the request,
@@ -271,8 +274,10 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         self.reliable = reliable
         self.config = config
         self._owner = owner
+        self._durations = durations
+        self._outbox = outbox
         self.is_invite = request.method == "INVITE"
-        self._table = INVITE_SERVER_TABLE if self.is_invite else NON_INVITE_SERVER_TABLE
+        self._table = _INVITE_STEPS if self.is_invite else _NON_INVITE_STEPS
         # §17.2.1: an INVITE server transaction starts in Proceeding; Figure 8 in Trying.
         self.state = S.PROCEEDING if self.is_invite else S.TRYING
         self.timers: dict[Timer, int] = {}
@@ -300,7 +305,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
     def start(self, now: float) -> None:
         if self.is_invite:
             # §17.2.1: 100 Trying unless the TU sends a provisional response within 200 ms.
-            self._arm(Timer.TRYING, TRYING_DELAY, now)
+            self._owner.schedule(self, Timer.TRYING, now + TRYING_DELAY)
 
     def on_request(self, request: Request, now: float) -> None:
         kind = In.ACK if request.method == "ACK" else In.REQUEST
@@ -316,11 +321,11 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # _disarm(Timer.TRYING) inline: every response sent comes through here.
         self.timers.pop(Timer.TRYING, None)
         self.last_response = message
-        self._owner.send(self.source, message)
+        self._outbox.append((self.source, message))
 
     def _resend_last(self, message: Request | Response | None, now: float) -> None:
         if self.last_response is not None:
-            self._owner.send(self.source, self.last_response)
+            self._outbox.append((self.source, self.last_response))
 
     def _send_trying(self, message: Request | Response | None, now: float) -> None:
         # Any response from the TU disarms this timer, so nothing was sent yet (and the
@@ -336,7 +341,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         assert isinstance(message, Response)
         self.timers.pop(Timer.TRYING, None)
         self.last_response = message
-        self._owner.send(self.source, message)
+        self._outbox.append((self.source, message))
         # The transaction now waits for seconds; no action from here on reads the request.
         self.request = None
 
@@ -346,8 +351,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # keeps only the To tag of the 2xx (CANCEL answers and RFC 2543 ACK matching read it).
         self._send_final(message, now)
         assert isinstance(message, Response)
-        duration = self.config.initial(Timer.L, reliable=self.reliable)
-        self._retire(Timer.L, duration, message.to_tag, now)
+        self._retire(Timer.L, self._durations[Timer.L], message.to_tag, now)
 
     def _complete_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.1: retransmit the final response (Timer G, unreliable only) until the ACK
@@ -355,7 +359,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         self._send_final(message, now)
         if not self.reliable:
             self._arm(Timer.G, self.config.t1, now)
-        self._arm(Timer.H, self.config.initial(Timer.H, reliable=self.reliable), now)
+        self._arm(Timer.H, self._durations[Timer.H], now)
 
     def _retransmit_final(self, message: Request | Response | None, now: float) -> None:
         self._resend_last(None, now)
@@ -371,8 +375,7 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # §17.2.1: the ACK stops retransmissions; wait Timer I for ACK copies.
         # Confirmed only absorbs: the record keeps the To tag (CANCEL, RFC 2543 ACKs).
         self._disarm(Timer.G, Timer.H)
-        duration = self.config.initial(Timer.I, reliable=self.reliable)
-        self._retire(Timer.I, duration, self.last_to_tag, now)
+        self._retire(Timer.I, self._durations[Timer.I], self.last_to_tag, now)
 
     def _complete_non_invite(self, message: Request | Response | None, now: float) -> None:
         # §17.2.2: Timer J absorbs request copies (0 s over reliable transports).
@@ -380,5 +383,14 @@ class ServerTransaction(TransactionMachine[ServerState, ServerInput]):
         # block instead of the message's dozen (its fields, their strings), for 32 s.
         self._send_final(message, now)
         assert isinstance(message, Response)
-        duration = self.config.initial(Timer.J, reliable=self.reliable)
+        duration = self._durations[Timer.J]
         self._retire(Timer.J, duration, serialize(message) if duration > 0 else None, now)
+
+
+# The tables with their actions resolved (what ServerTransaction._dispatch runs).
+_INVITE_STEPS: Mapping[tuple[ServerState, ServerInput], Step] = compile_table(
+    ServerTransaction, INVITE_SERVER_TABLE
+)
+_NON_INVITE_STEPS: Mapping[tuple[ServerState, ServerInput], Step] = compile_table(
+    ServerTransaction, NON_INVITE_SERVER_TABLE
+)

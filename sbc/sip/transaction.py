@@ -265,6 +265,21 @@ class TransactionLayer:
         self._done: dict[str, Record] = {}
         self._expiries: dict[float, deque[Record]] = {}
 
+    @property
+    def config(self) -> TimerConfig:
+        """T1, T2, T4 for the transactions started from now on."""
+        return self._config
+
+    @config.setter
+    def config(self, config: TimerConfig) -> None:
+        self._config = config
+        # Every timer's first duration by transport kind (reliable or not), given to each
+        # transaction: read there directly, not through TimerConfig.initial (a call each).
+        self._durations = {
+            reliable: {timer: config.initial(timer, reliable=reliable) for timer in Timer}
+            for reliable in (False, True)
+        }
+
     # -- client side -------------------------------------------------------------------
     def send_request(self, request: Request, *, dest: object, reliable: bool, now: float) -> str:
         """Start a client transaction for ``request`` (its top Via carries the branch).
@@ -281,7 +296,14 @@ class TransactionLayer:
         if key in self._clients or key in self._done:
             raise ProtocolError(f"client transaction {key} already exists")
         tx = ClientTransaction(
-            key, request, dest=dest, reliable=reliable, config=self.config, owner=self
+            key,
+            request,
+            dest=dest,
+            reliable=reliable,
+            config=self._config,
+            owner=self,
+            durations=self._durations[reliable],
+            outbox=self._outbox,
         )
         self._clients[key] = tx
         tx.start(now)
@@ -311,7 +333,7 @@ class TransactionLayer:
         elif message.method == "CANCEL":
             self._receive_cancel(message, source, reliable, now)
         else:
-            key = server_key(message)
+            key = _key(message, message.method)  # server_key(message) without its call
             tx = self._servers.get(key)
             if tx is not None:
                 tx.on_request(message, now)
@@ -327,7 +349,8 @@ class TransactionLayer:
         """Send the TU's ``response`` in server transaction ``server_key``."""
         tx = self._servers.get(server_key)
         if tx is not None:
-            tx.on_response(response, now)
+            # tx.on_response(response, now) without its call (every response the TU sends).
+            tx._dispatch(tu_response_input(response.status, tx.is_invite), response, now)
             return
         record = self._done.get(server_key)
         if record is None or server_key.startswith("c|"):
@@ -489,19 +512,18 @@ class TransactionLayer:
         return len(self._heap) + sum(len(queue) for queue in self._expiries.values())
 
     # -- owner callbacks (called by the transactions) ----------------------------------
-    def send(self, dest: object, message: Message) -> None:
-        self._outbox.append((dest, message))
-
+    # (What they send they append to this layer's outbox themselves: the list they are given.)
     def schedule(
         self, tx: ClientTransaction | ServerTransaction, timer: Timer, deadline: float
-    ) -> int:
+    ) -> None:
+        """Arm ``timer`` of ``tx`` (noted in its ``timers`` with the entry's token)."""
         token = next(self._tokens)
         heap = self._heap
         if len(heap) >= self._prune_at:
             self._prune()
         # _value_: the member's value without Enum's Python-level `value` property.
         heapq.heappush(heap, (deadline, token, tx.key, timer._value_))
-        return token
+        tx.timers[timer] = token
 
     def _prune(self) -> None:
         """Rebuild the heap without its disarmed entries, in place (handle_timer may be
@@ -612,7 +634,14 @@ class TransactionLayer:
         self, key: str, request: Request, source: object, reliable: bool, now: float
     ) -> ServerTransaction:
         tx = ServerTransaction(
-            key, request, source=source, reliable=reliable, config=self.config, owner=self
+            key,
+            request,
+            source=source,
+            reliable=reliable,
+            config=self._config,
+            owner=self,
+            durations=self._durations[reliable],
+            outbox=self._outbox,
         )
         self._servers[key] = tx
         tx.start(now)
@@ -645,7 +674,8 @@ class TransactionLayer:
         if tx is None:
             self._events.append(StrayResponse(response, source))
             return
-        tx.on_response(response, now)
+        # Fed to the machine directly (a call less for every response received).
+        tx._dispatch(response_input(response.status, tx.is_invite), response, now)
 
     def _receive_ack(self, ack: Request, source: object, now: float) -> None:
         key = server_key(ack)
