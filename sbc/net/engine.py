@@ -582,7 +582,10 @@ class SipEngine:
             return destinations
         # The Via written per attempt is not there yet: one of the same shape stands in.
         # (counted, not serialised: the transport serialises the request once its Via is set)
-        size = serialized_size(handle.request) + len(self.make_via("udp")) + len("Via: \r\n")
+        # (its length, so a stand-in branch of a real one's length: no random draw, a system
+        # call, for a text only measured)
+        via = self.make_via("udp", branch=_BRANCH_STAND_IN)
+        size = serialized_size(handle.request) + len(via) + len("Via: \r\n")
         if size <= LARGE_REQUEST:
             return destinations
         now = self._now()
@@ -1288,6 +1291,8 @@ _BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
 
 
 _RPORT = ("rport", None)
+# As long as the branch make_via draws (the cookie and 12 random bytes in hex).
+_BRANCH_STAND_IN = BRANCH_COOKIE + "0" * 24
 
 
 def _with_headers(request: Request, headers: Headers) -> Request:

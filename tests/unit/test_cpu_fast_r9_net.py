@@ -28,7 +28,7 @@ from sbc.net.addresses import (
     target_of_uri,
 )
 from sbc.net.dns import Resolver
-from sbc.net.engine import SipEngine, _with_headers, stamp_via
+from sbc.net.engine import _BRANCH_STAND_IN, SipEngine, _with_headers, stamp_via
 from sbc.net.handles import IncomingRequest
 from sbc.sip.fields import Via
 from sbc.sip.message import Request
@@ -217,3 +217,13 @@ def test_stamping_and_the_request_copy_are_the_class_objects() -> None:
     assert type(stamped) is Request and type(stamped.top_via) is Via
     copy = _with_headers(stamped, stamped.headers)
     assert type(copy) is Request and copy == stamped
+
+
+def test_the_large_request_rule_measures_a_via_as_long_as_a_real_one() -> None:
+    # RFC 3261 §18.1.1's size check counts the Via each attempt writes; it measures one with a
+    # stand-in branch (no random draw) that must be exactly as long.
+    engine = SipEngine(TransportConfig(bind="127.0.0.1", port=5060))
+    real = engine.make_via("udp")
+    stand_in = engine.make_via("udp", branch=_BRANCH_STAND_IN)
+    assert len(stand_in) == len(real)
+    assert stand_in.startswith("SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK")
