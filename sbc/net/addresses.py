@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sbc.sip.errors import BadRequest
 from sbc.sip.parser import DEFAULT_LIMITS, ParseLimits
-from sbc.sip.quickinit import quick_init
+from sbc.sip.quickinit import quick_init, quick_maker
 from sbc.sip.uri import SipUri
 
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -65,6 +66,15 @@ class Target:
     transport: str
 
 
+# Every request sbc sends makes a Target (target_of_uri) and, for a literal host, a Destination
+# (Resolver.resolve_cached): three of each a call, made by makers (sbc/sip/quickinit.py: the
+# class's own objects, without the type call and __init__ frame).
+make_target: Callable[[str, int | None, str], Target] = quick_maker(Target)
+make_destination: Callable[[str, str, int, int | None, str | None, str | None], Destination] = (
+    quick_maker(Destination)
+)
+
+
 @functools.lru_cache(maxsize=1024)
 def ip_literal(host: str) -> str | None:
     """The address ``host`` spells (brackets of IPv6 references dropped), or None for names.
@@ -93,7 +103,7 @@ def target_of_uri(uri: SipUri, default_transport: str = "udp") -> Target:
     if transport not in TRANSPORTS:
         raise BadRequest(f"unsupported transport {transport!r} in {uri}")
     host = uri.param("maddr") or uri.host
-    return Target(host, uri.port, transport)
+    return make_target(host, uri.port, transport)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import dns.exception
 import dns.resolver
 import structlog
 
-from sbc.net.addresses import DEFAULT_PORTS, Destination, Target, ip_literal
+from sbc.net.addresses import DEFAULT_PORTS, Destination, Target, ip_literal, make_destination
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +109,7 @@ class Resolver:
         literal = ip_literal(target.host)
         if literal is not None:
             port = target.port or DEFAULT_PORTS[target.transport]
-            return [Destination(target.transport, literal, port)]
+            return [make_destination(target.transport, literal, port, None, None, None)]
         name = target.host.rstrip(".") or target.host
         out: list[Destination] = []
         if target.port is None:

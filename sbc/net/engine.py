@@ -54,9 +54,10 @@ from sbc.net.handles import (
 from sbc.net.transport import Transports, count_of, counted
 from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
+from sbc.sip.fields import make_via as _via_of  # (not SipEngine.make_via: a Via object)
 from sbc.sip.headers import Headers, split_list
 from sbc.sip.ids import BRANCH_COOKIE
-from sbc.sip.message import Request, Response, with_top_via
+from sbc.sip.message import Request, Response, make_request, with_top_via
 from sbc.sip.serializer import serialized_size
 from sbc.sip.server_transaction import ServerState
 from sbc.sip.transaction import (
@@ -277,6 +278,9 @@ class SipEngine:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # The loop's clock itself from now on (read ten times a call): no Python frame of _now
+        # around it. An engine given its loop by hand (tests) keeps the method.
+        self._now = self._loop.time  # type: ignore[method-assign]
         await self.transports.start()
         self._running = True
         log.info(
@@ -363,7 +367,7 @@ class SipEngine:
         text = f"{prefix}{branch};rport"
         if shape is None:
             return text, None
-        return text, Via(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
+        return text, _via_of(shape.transport, shape.host, shape.port, (("branch", branch), _RPORT))
 
     def _via_prefix(self, transport: str, local: str | None = None) -> tuple[str, Via | None]:
         """The Via of ``transport`` up to its branch, and a Via of its shape (None when the
@@ -578,7 +582,10 @@ class SipEngine:
             return destinations
         # The Via written per attempt is not there yet: one of the same shape stands in.
         # (counted, not serialised: the transport serialises the request once its Via is set)
-        size = serialized_size(handle.request) + len(self.make_via("udp")) + len("Via: \r\n")
+        # (its length, so a stand-in branch of a real one's length: no random draw, a system
+        # call, for a text only measured)
+        via = self.make_via("udp", branch=_BRANCH_STAND_IN)
+        size = serialized_size(handle.request) + len(via) + len("Via: \r\n")
         if size <= LARGE_REQUEST:
             return destinations
         now = self._now()
@@ -1030,7 +1037,11 @@ class SipEngine:
                     break
         finally:
             self._pumping = False
-        self._arm_timer()
+        # _arm_timer's first test without its frame: after most messages the earliest deadline
+        # is the one the loop timer is already armed at (nine pumps a call).
+        deadline = layer.next_deadline()
+        if deadline != self._timer_at:
+            self._arm_timer(deadline)
 
     def _transmit(self, dest: object, message: Message) -> None:
         assert type(dest) is Destination  # what the engine gave the layer with each message
@@ -1139,11 +1150,10 @@ class SipEngine:
             handle.local_failure = "timeout"
             self._finish(handle, build_response(handle.request, 408, "Request Timeout"))
 
-    def _arm_timer(self) -> None:
-        deadline = self.layer.next_deadline()
+    def _arm_timer(self, deadline: float | None) -> None:
+        """The loop timer for the layer's earliest ``deadline``, which differs from the one it
+        is armed at (``_pump`` compared them)."""
         armed = self._timer_at
-        if deadline == armed:
-            return
         if self._timer is not None and armed is not None and (deadline is None or deadline > armed):
             # The earliest timer went away (a request answered before its Trying or
             # retransmission timer, a transaction ended): the loop timer stays and fires early,
@@ -1208,7 +1218,7 @@ def stamp_via(request: Request, source: Destination) -> Request:
             # Via here (tests/unit/test_hot_path.py compares them).
             text = f"{first[:-6]};rport={port};received={source.host}"
             stamped = (*params[:-1], ("rport", str(port)), ("received", source.host))
-            return with_top_via(request, text, Via(via.transport, via.host, via.port, stamped))
+            return with_top_via(request, text, _via_of(via.transport, via.host, via.port, stamped))
     return _stamp(request, source, first, via)
 
 
@@ -1262,13 +1272,13 @@ def _stamp(request: Request, source: Destination, first: str, via: Via) -> Reque
             i = [name.lower() for name, _ in params].index("rport")
             params[i] = ("rport", str(source.port))
             params.append(("received", source.host))
-            stamped: Via | None = Via(via.transport, via.host, via.port, tuple(params))
+            stamped: Via | None = _via_of(via.transport, via.host, via.port, tuple(params))
         else:
             stamped = None
     elif host != source.host:
         text = f"{first};received={source.host}"
         appended = (*via.params, ("received", source.host))
-        stamped = Via(via.transport, via.host, via.port, appended) if known else None
+        stamped = _via_of(via.transport, via.host, via.port, appended) if known else None
     else:
         return request
     return with_top_via(request, text, stamped)
@@ -1281,12 +1291,14 @@ _BARE_RPORT = re.compile(r"[ \t]*;[ \t]*rport(?=[ \t]*(?:;|$))", re.IGNORECASE)
 
 
 _RPORT = ("rport", None)
+# As long as the branch make_via draws (the cookie and 12 random bytes in hex).
+_BRANCH_STAND_IN = BRANCH_COOKIE + "0" * 24
 
 
 def _with_headers(request: Request, headers: Headers) -> Request:
     """``request`` with other header fields (dataclasses.replace walks the fields by name and
     costs several times this)."""
-    return Request(request.method, request.uri, headers, request.body, request.version)
+    return make_request(request.method, request.uri, headers, request.body, request.version)
 
 
 def _branch(message: Message) -> str | None:
