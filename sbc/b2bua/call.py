@@ -603,7 +603,7 @@ class Call:
         with contextlib.suppress(SipError):
             if incoming.request.method == "BYE":
                 incoming.respond(200)
-                leg.log.info("bye_received", crossing=True)
+                leg.info("bye_received", crossing=True)
             else:
                 incoming.respond(481)
 
@@ -1071,7 +1071,7 @@ class Call:
     async def _bye_received(self, leg: Leg, incoming: IncomingRequest) -> CallInput | None:
         incoming.respond(200)
         leg.ended()
-        leg.log.info("bye_received")
+        leg.info("bye_received")
         if leg is self.bridge.a:
             return In.A_BYE
         if leg is self.bridge.b:

@@ -30,6 +30,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -145,6 +146,17 @@ class Leg:
     @log.setter
     def log(self, log: FilteringBoundLogger) -> None:
         self._log = log
+
+    def info(self, event: str, **fields: Any) -> None:
+        """``self.log.info(event, **fields)``, without binding the leg's logger for it when
+        it is not bound yet: the call's logger given ``leg`` first writes the same line (the
+        leg's context is the call's followed by ``leg``). For the lines every call writes
+        (its BYEs): two bound loggers fewer a call, each a context dict and its JSON."""
+        log = self._log
+        if log is None:
+            self._parent_log.info(event, leg=self.role._value_, **fields)
+        else:
+            log.info(event, **fields)
 
     def __repr__(self) -> str:
         return f"<Leg {self.role.value} {self.state.value} {self.call_id}>"
@@ -336,7 +348,7 @@ class Leg:
         """BYE, when the dialog is still up; the leg has ended afterwards whatever the answer."""
         if self.up:
             response = await self.request(self.in_dialog("BYE"))
-            self.log.info("bye_sent", status=response.status)
+            self.info("bye_sent", status=response.status)
         self.ended()
 
     def ended(self) -> None:
