@@ -335,8 +335,9 @@ class CallManager:
     def handle_request(self, incoming: IncomingRequest) -> None:
         request = incoming.request
         try:
-            if request.to_tag is not None:
-                self._in_dialog(incoming)
+            to_tag = request.to_tag
+            if to_tag is not None:
+                self._in_dialog(incoming, to_tag)
             elif request.method == "INVITE":
                 self._new_invite(incoming)
             elif request.method == "NOTIFY":
@@ -590,7 +591,7 @@ class CallManager:
 
     def _route(self, call: Call, leg: Leg) -> None:
         """Requests in ``leg``'s dialog go to ``call`` (and 2xx copies to its INVITE)."""
-        self._dialogs[leg.key] = (call, leg)
+        self._dialogs[leg.call_id, leg.local_tag] = (call, leg)  # (leg.key, inline)
         if leg.incoming is None:
             self._uac_call_ids[leg.call_id] = (call, leg)
         ladder = self._ladders.get(call.call_uuid)
@@ -615,7 +616,7 @@ class CallManager:
         if not self.calls:
             self._idle.set()
         for leg in call.all_legs:
-            self._dialogs.pop(leg.key, None)
+            self._dialogs.pop((leg.call_id, leg.local_tag), None)  # (leg.key, inline)
             self._uac_call_ids.pop(leg.call_id, None)
             self._ladder_legs.pop(leg.call_id, None)
         record = record_of(call, self._ladders.pop(call.call_uuid, None))
@@ -703,9 +704,8 @@ class CallManager:
         return self._wall() if self._wall is not None else time.time()
 
     # -- in-dialog traffic ---------------------------------------------------------------------
-    def _in_dialog(self, incoming: IncomingRequest) -> None:
-        request = incoming.request
-        found = self._dialogs.get((request.call_id, request.to_tag or ""))
+    def _in_dialog(self, incoming: IncomingRequest, to_tag: str) -> None:
+        found = self._dialogs.get((incoming.request.call_id, to_tag))
         if found is None:
             incoming.respond(481)  # RFC 3261 §12.2.2: no such dialog
             return

@@ -417,4 +417,5 @@ async def hang_up_all(legs: list[Leg], limit: float) -> None:
         except TimeoutError:
             pass
     for leg in legs:
-        leg.ended()
+        if leg.state is not LegState.ENDED:  # (most are: their BYE went or came)
+            leg.ended()
