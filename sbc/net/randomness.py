@@ -1,11 +1,12 @@
 """Random bytes for identifiers (tags, branches, Call-IDs, call uuids, cnonces), drawn from
 the operating system a block at a time.
 
-A bridged call draws about seven small pieces (its uuid, three tags and Call-IDs, three
-branches): each ``os.urandom`` is a ``getrandom`` system call, about 3 us on this project's
-VM (docs/performance.md, "Round 9: call"), for a dozen bytes. :func:`random_bytes` hands out
-the bytes of one ``os.urandom(POOL_SIZE)`` in turn, each byte once: the same source and the
-same unpredictability, one system call for dozens of calls.
+A bridged call draws seven small pieces (its uuid, leg a's tag, leg b's Call-ID and tag, three
+branches): each ``os.urandom`` is a ``getrandom`` system call that lets go of the GIL and
+takes it back, 0.43 us of CPU for a dozen bytes on this project's VM against 0.12 us from
+here (docs/performance.md, "Round 9: call"). :func:`random_bytes` hands out the bytes of one
+``os.urandom(POOL_SIZE)`` in turn, each byte once: the same source and the same
+unpredictability, one system call for dozens of calls.
 
 Each byte is handed out once, whichever threads draw: ``BytesIO.read`` runs in C under the
 GIL, and a refill is drawn into a buffer of its own, read by the thread that made it before
