@@ -22,7 +22,6 @@ import contextlib
 import functools
 import heapq
 import itertools
-import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -63,6 +62,7 @@ from sbc.b2bua.messages import (
 )
 from sbc.b2bua.transfer import Transfer, TransferRecord
 from sbc.media.base import MediaBackend
+from sbc.net import randomness
 from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.sdp.parser import parse_sdp, serialize_sdp
 from sbc.sip.digest import Credentials
@@ -239,6 +239,17 @@ class FactQueue:
     def get_nowait(self) -> Fact:
         return self._facts.pop(0)  # IndexError when empty, like QueueEmpty
 
+    def take_requests(self) -> list[RequestArrived]:
+        """Take out the queued requests, in order; the other facts stay queued as they were
+        (the flow, the queue's only reader, calls this: nobody is waiting)."""
+        facts = self._facts
+        if not facts:
+            return []  # most calls: nothing queued as they hang up
+        requests = [fact for fact in facts if isinstance(fact, RequestArrived)]
+        if requests:
+            facts[:] = [fact for fact in facts if not isinstance(fact, RequestArrived)]
+        return requests
+
     async def get(self, deadline: float = float("inf")) -> Fact | None:
         """The next fact; None once ``deadline`` (loop time) passes first, or at once when it
         has passed already (even with facts queued: they wait for the next get)."""
@@ -249,11 +260,19 @@ class FactQueue:
             return self._facts.pop(0)
         waiter = self._waiter = loop.create_future()
         if deadline != self._deadline:
-            self.close()
-            if deadline != float("inf"):
+            # The new entry first, then the old one out: the heap is never empty in between,
+            # so the loop timer armed for the old one stays (it fires early at worst) rather
+            # than being cancelled and armed again (each call moves from its answer timeout
+            # to its call limit: a loop timer and a cancel fewer a call).
+            old, self._entry = self._entry, None
+            old_deadlines = self._deadlines
+            if deadline != _INF:
                 deadlines = self._deadlines = _deadlines_of(loop)
                 self._entry = deadlines.arm(deadline, self)
-                self._deadline = deadline
+            self._deadline = deadline
+            if old is not None:
+                assert old_deadlines is not None
+                old_deadlines.disarm(old)
         try:
             await waiter
         finally:
@@ -363,7 +382,7 @@ class Call:
         media: MediaBackend,
         call_uuid: str,
         wall_clock: Callable[[], float] = time.time,
-        random_bytes: Callable[[int], bytes] = os.urandom,
+        random_bytes: Callable[[int], bytes] = randomness.random_bytes,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -421,8 +440,9 @@ class Call:
         )
         assert incoming.local_tag is not None  # an INVITE without To tag always gets one
         transport = incoming.source.transport
-        a = self.new_leg(a_role, self._local(a_role, transport), self.a_invite.call_id)
-        a.local_tag = incoming.local_tag
+        # Leg a's tag is the one its INVITE's responses carry (drawn with the transaction).
+        a_local = self._local(a_role, transport)
+        a = self.new_leg(a_role, a_local, self.a_invite.call_id, incoming.local_tag)
         a.incoming = incoming
         b = self.new_leg(b_role, self._local(b_role), b_call_id)
         self.legs: dict[Role, Leg] = {a_role: a, b_role: b}
@@ -469,13 +489,16 @@ class Call:
         )
 
     # -- the legs ------------------------------------------------------------------------------
-    def new_leg(self, role: Role, local: LocalAddress, call_id: str) -> Leg:
-        """A leg of this call with a fresh tag (the transfer module adds the human's here)."""
+    def new_leg(
+        self, role: Role, local: LocalAddress, call_id: str, local_tag: str | None = None
+    ) -> Leg:
+        """A leg of this call with ``local_tag``, else a fresh tag (the transfer module adds
+        the human's here)."""
         leg = Leg(
             role,
             local=local,
             call_id=call_id,
-            local_tag=new_tag(self._random(8)),
+            local_tag=new_tag(self._random(8)) if local_tag is None else local_tag,
             engine=self.engine,
             random_bytes=self._random,
             user_agent=self.config.user_agent,
@@ -569,15 +592,8 @@ class Call:
         """From now on the flow reads no request: answer those queued (other facts stay for
         whatever still waits on them) and, via :meth:`request_arrived`, those to come."""
         self._closing = True
-        kept: list[Fact] = []
-        while not self.facts.empty():
-            fact = self.facts.get_nowait()
-            if isinstance(fact, RequestArrived):
-                self._answer_closing(fact.leg, fact.incoming)
-            else:
-                kept.append(fact)
-        for fact in kept:
-            self.facts.put_nowait(fact)
+        for fact in self.facts.take_requests():
+            self._answer_closing(fact.leg, fact.incoming)
 
     def _answer_closing(self, leg: Leg, incoming: IncomingRequest) -> None:
         """A request in a dialog of a call that is hanging up: a BYE is answered 200 (both
@@ -587,7 +603,7 @@ class Call:
         with contextlib.suppress(SipError):
             if incoming.request.method == "BYE":
                 incoming.respond(200)
-                leg.log.info("bye_received", crossing=True)
+                leg.info("bye_received", crossing=True)
             else:
                 incoming.respond(481)
 
@@ -1055,7 +1071,7 @@ class Call:
     async def _bye_received(self, leg: Leg, incoming: IncomingRequest) -> CallInput | None:
         incoming.respond(200)
         leg.ended()
-        leg.log.info("bye_received")
+        leg.info("bye_received")
         if leg is self.bridge.a:
             return In.A_BYE
         if leg is self.bridge.b:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,6 +62,7 @@ from sbc.b2bua.reachability import Reachability
 from sbc.b2bua.transfer_rules import TransferRefused, resolve_target
 from sbc.b2bua.trunk_auth import TrunkAuth
 from sbc.media.base import MediaBackend, MediaSession
+from sbc.net import randomness
 from sbc.net.addresses import Destination
 from sbc.net.engine import IncomingRequest, SipEngine
 from sbc.net.transport import StreamConnection
@@ -82,6 +82,7 @@ __all__ = ["CallManager", "hung_up_by", "record_of", "uuid4_text"]
 log = structlog.get_logger(__name__)
 
 STOP_WAIT = 5.0  # seconds calls get to hang up at shutdown
+_TRUSTED_MEMO = 256  # source hosts whose trust is remembered (CallManager._trusted_as)
 
 
 def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
@@ -121,7 +122,7 @@ def record_of(call: Call, ladder: Ladder | None = None) -> CallRecord:
     )
 
 
-def uuid4_text(random_bytes: Callable[[int], bytes] = os.urandom) -> str:
+def uuid4_text(random_bytes: Callable[[int], bytes] = randomness.random_bytes) -> str:
     """``str(uuid.uuid4())``: 16 random bytes with the version (4) and variant (RFC 4122)
     bits set, as lower-case hex in 8-4-4-4-12 groups. Written out: a call's uuid through
     ``uuid.UUID`` (its checks and integer conversions) cost about twice as much."""
@@ -247,6 +248,8 @@ class CallManager:
         self.calls_by_source: dict[str, int] = {}
         self._call_sources: dict[str, str] = {}
         self.refused_per_source = 0
+        # (in trusted, in retell_trusted) by source host (_trusted_as).
+        self._trusted: dict[str, tuple[bool, bool]] = {}
 
     def attach(self) -> None:
         """Take the engine's ACK, CANCEL and late-response hooks (the service sets on_request
@@ -332,8 +335,9 @@ class CallManager:
     def handle_request(self, incoming: IncomingRequest) -> None:
         request = incoming.request
         try:
-            if request.to_tag is not None:
-                self._in_dialog(incoming)
+            to_tag = request.to_tag
+            if to_tag is not None:
+                self._in_dialog(incoming, to_tag)
             elif request.method == "INVITE":
                 self._new_invite(incoming)
             elif request.method == "NOTIFY":
@@ -356,6 +360,7 @@ class CallManager:
         self.config = config
         self._set_routes(config, routes)
         self._call_media.retry_after = config.retry_after
+        self._trusted.clear()
 
     def _set_routes(self, config: BridgeConfig, routes: Sequence[BridgeConfig]) -> None:
         self.routes = tuple(routes) or (config,)
@@ -423,8 +428,7 @@ class CallManager:
     def _new_invite(self, incoming: IncomingRequest) -> None:
         request = incoming.request
         source = incoming.source
-        from_pbx = self._in(self.config.trusted, source)
-        from_retell = self._in(self.config.retell_trusted, source)
+        from_pbx, from_retell = self._trusted_as(source)
         if from_pbx and from_retell:
             # One address in both lists: the PBX calls an extension's registered Contact.
             from_pbx = uri_user(request.uri) in self._by_extension
@@ -587,7 +591,7 @@ class CallManager:
 
     def _route(self, call: Call, leg: Leg) -> None:
         """Requests in ``leg``'s dialog go to ``call`` (and 2xx copies to its INVITE)."""
-        self._dialogs[leg.key] = (call, leg)
+        self._dialogs[leg.call_id, leg.local_tag] = (call, leg)  # (leg.key, inline)
         if leg.incoming is None:
             self._uac_call_ids[leg.call_id] = (call, leg)
         ladder = self._ladders.get(call.call_uuid)
@@ -612,7 +616,7 @@ class CallManager:
         if not self.calls:
             self._idle.set()
         for leg in call.all_legs:
-            self._dialogs.pop(leg.key, None)
+            self._dialogs.pop((leg.call_id, leg.local_tag), None)  # (leg.key, inline)
             self._uac_call_ids.pop(leg.call_id, None)
             self._ladder_legs.pop(leg.call_id, None)
         record = record_of(call, self._ladders.pop(call.call_uuid, None))
@@ -626,6 +630,21 @@ class CallManager:
     def _server(self) -> tuple[tuple[str, str], ...]:
         agent = self.config.user_agent
         return (("Server", agent),) if agent else ()
+
+    def _trusted_as(self, source: Destination) -> tuple[bool, bool]:
+        """Whether ``source`` is in ``trusted`` (the PBX's) and in ``retell_trusted``: by
+        host, remembered (a call's INVITE otherwise tests its address against each network
+        in Python, ``ipaddress``'s ``__contains__``; the sources are a few peers). Bounded:
+        emptied when full (INVITEs from anywhere reach this); emptied by reconfigure."""
+        host = source.host
+        found = self._trusted.get(host)
+        if found is None:
+            config = self.config
+            found = (self._in(config.trusted, source), self._in(config.retell_trusted, source))
+            if len(self._trusted) >= _TRUSTED_MEMO:
+                self._trusted.clear()
+            self._trusted[host] = found
+        return found
 
     @staticmethod
     def _in(networks: tuple[IPv4Network | IPv6Network, ...], source: Destination) -> bool:
@@ -685,9 +704,8 @@ class CallManager:
         return self._wall() if self._wall is not None else time.time()
 
     # -- in-dialog traffic ---------------------------------------------------------------------
-    def _in_dialog(self, incoming: IncomingRequest) -> None:
-        request = incoming.request
-        found = self._dialogs.get((request.call_id, request.to_tag or ""))
+    def _in_dialog(self, incoming: IncomingRequest, to_tag: str) -> None:
+        found = self._dialogs.get((incoming.request.call_id, to_tag))
         if found is None:
             incoming.respond(481)  # RFC 3261 §12.2.2: no such dialog
             return

@@ -25,12 +25,12 @@ serves exactly those methods and answers any other one 405 with that ``Allow``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -146,6 +146,17 @@ class Leg:
     @log.setter
     def log(self, log: FilteringBoundLogger) -> None:
         self._log = log
+
+    def info(self, event: str, **fields: Any) -> None:
+        """``self.log.info(event, **fields)``, without binding the leg's logger for it when
+        it is not bound yet: the call's logger given ``leg`` first writes the same line (the
+        leg's context is the call's followed by ``leg``). For the lines every call writes
+        (its BYEs): two bound loggers fewer a call, each a context dict and its JSON."""
+        log = self._log
+        if log is None:
+            self._parent_log.info(event, leg=self.role._value_, **fields)
+        else:
+            log.info(event, **fields)
 
     def __repr__(self) -> str:
         return f"<Leg {self.role.value} {self.state.value} {self.call_id}>"
@@ -337,7 +348,7 @@ class Leg:
         """BYE, when the dialog is still up; the leg has ended afterwards whatever the answer."""
         if self.up:
             response = await self.request(self.in_dialog("BYE"))
-            self.log.info("bye_sent", status=response.status)
+            self.info("bye_sent", status=response.status)
         self.ended()
 
     def ended(self) -> None:
@@ -397,11 +408,14 @@ async def hang_up_all(legs: list[Leg], limit: float) -> None:
     # gather() would make a task of every coroutine, legs with nothing to send included.
     up = [leg for leg in legs if leg.up]
     if up:
-        with contextlib.suppress(TimeoutError):
+        try:  # (not contextlib.suppress: its three Python calls, every call)
             async with asyncio.timeout(limit):
                 if len(up) == 1:
                     await up[0].hang_up()
                 else:
                     await asyncio.gather(*(leg.hang_up() for leg in up))
+        except TimeoutError:
+            pass
     for leg in legs:
-        leg.ended()
+        if leg.state is not LegState.ENDED:  # (most are: their BYE went or came)
+            leg.ended()

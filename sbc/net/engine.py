@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import os
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -51,6 +50,7 @@ from sbc.net.handles import (
     error_response,
     new_tag,
 )
+from sbc.net.randomness import random_bytes
 from sbc.net.transport import Transports, count_of, counted
 from sbc.sip.errors import BadRequest, Forbidden, MessageTooLarge, ServiceUnavailable, SipError
 from sbc.sip.fields import Via, parse_via
@@ -357,13 +357,13 @@ class SipEngine:
         prefix = self._via_prefix(transport, local)[0]
         if branch is not None:
             return f"{prefix}{branch};rport"
-        return f"{prefix}{BRANCH_COOKIE}{os.urandom(12).hex()};rport"
+        return f"{prefix}{BRANCH_COOKIE}{random_bytes(12).hex()};rport"
 
     def _new_via(self, transport: str, local: str | None = None) -> tuple[str, Via | None]:
         """make_via's text and, when known, what parsing it gives (not parsed per request)."""
         prefix, shape = self._via_prefix(transport, local)
         # make_branch(new_branch(...)) without its two Python frames: the same text.
-        branch = f"{BRANCH_COOKIE}{os.urandom(12).hex()}"
+        branch = f"{BRANCH_COOKIE}{random_bytes(12).hex()}"
         text = f"{prefix}{branch};rport"
         if shape is None:
             return text, None

@@ -15,11 +15,11 @@ engine-side methods (``deliver``, ``mark_sent``).
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Protocol
 
 from sbc.net.addresses import Destination
+from sbc.net.randomness import random_bytes
 from sbc.sip import ids
 from sbc.sip.errors import SipError
 from sbc.sip.message import Request, Response
@@ -37,7 +37,7 @@ def error_response(request: Request, error: SipError, *, to_tag: str | None = No
 
 
 def new_tag() -> str:
-    return ids.new_tag(secrets.token_bytes(8))
+    return ids.new_tag(random_bytes(8))
 
 
 class Responder(Protocol):

@@ -22,7 +22,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sbc.b2bua.leg import Leg, hang_up_all
+from sbc.b2bua.leg import Leg, LegState, hang_up_all
 from sbc.net.addresses import TransportConfig
 from sbc.net.engine import SipEngine
 from sbc.ops import logging as sbc_logging
@@ -36,10 +36,11 @@ from sbc.sip.uri import parse_uri
 
 
 class _Leg:
-    """What hang_up_all uses of a leg: ``up``, ``hang_up()``, ``ended()``."""
+    """What hang_up_all uses of a leg: ``up``, ``state``, ``hang_up()``, ``ended()``."""
 
     def __init__(self, forever: bool = False) -> None:
         self.up = True
+        self.state = LegState.CONFIRMED
         self.forever = forever
         self.ends = 0
 
@@ -51,6 +52,7 @@ class _Leg:
     def ended(self) -> None:
         self.ends += 1
         self.up = False
+        self.state = LegState.ENDED
 
 
 def _legs(*legs: _Leg) -> list[Leg]:
