@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sbc.sip.headers import Headers, canonical_name
+from sbc.sip.quickinit import quick_init
 
 # The variables a template may use, besides ``header[NAME]``.
 VARIABLES: tuple[str, ...] = (
@@ -120,6 +121,8 @@ class Template:
         return tuple(seen)
 
 
+# Made once per call (quick_init: a slot store per field instead of object.__setattr__).
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CallFacts:
     """The per-call values the variables stand for."""
@@ -147,6 +150,7 @@ class Rejected:
     reason: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Rendered:
     headers: tuple[tuple[str, str], ...]
