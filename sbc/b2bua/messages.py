@@ -199,7 +199,7 @@ def caller_of(invite: Request, plan: NumberPlan) -> Caller:
     """
     from_ = invite.from_
     number = uri_user(from_.uri) or ""
-    if not clean(number) or not any(ch.isdigit() for ch in number):
+    if not clean(number) or not any(map(str.isdigit, number)):
         pai = _asserted_identity(invite.headers)
         if pai is not None:
             asserted = uri_user(pai.uri)
