@@ -35,14 +35,18 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
 from sbc.sdp.model import MediaDescription, Origin, SessionDescription
 from sbc.sdp.offer_answer import answer_for_hold, filter_codecs
+
+# The SDP parser's quick makers (what the constructors give, a slot store a field on a plain
+# twin instead of a constructor frame and descriptor calls): for the two SDPs and two origins
+# each call stamps. (media may import sbc.sdp, not sbc.sip.quickinit: tests/unit/test_layers.py)
+from sbc.sdp.parser import _make_origin, _make_session
 from sbc.sip.errors import RequestPending
-from sbc.sip.quickinit import quick_maker
 
 Side = Literal["a", "b"]
 SIDES: tuple[Side, Side] = ("a", "b")
@@ -146,12 +150,6 @@ def _with_origin(sd: SessionDescription, origin: Origin) -> SessionDescription:
         sd.extra_head,
         sd.extra_tail,
     )
-
-
-# What the constructors give, for the two SDPs and two origins each call stamps (quick makers:
-# a slot store a field on a plain twin instead of the constructor's frame and descriptor calls).
-_make_session: Callable[..., SessionDescription] = quick_maker(SessionDescription)
-_make_origin: Callable[[str, str, int, str, str, str], Origin] = quick_maker(Origin)
 
 
 class MediaSession(ABC):
