@@ -430,13 +430,19 @@ class Ladder:
             call_id = leg_call_id
         else:
             call_id = items[keys.index("call-id")][1] if "call-id" in keys else ""
-        cseq = items[keys.index("cseq")][1] if "cseq" in keys else ""
-        via = items[keys.index("via")][1] if "via" in keys else ""
+        # One scan of the keys for each field a message always has (index() alone, not `in`
+        # first: each scan compares the names one by one), the credentials' absence through
+        # the names' hashes: ~1.5k instructions a message fewer.
+        try:
+            cseq = items[keys.index("cseq")][1]
+        except ValueError:
+            cseq = ""
+        try:
+            via = items[keys.index("via")][1]
+        except ValueError:
+            via = ""
         to = items[keys.index("to")][1] if type(message) is Response and "to" in keys else ""
-        if "authorization" not in keys and "proxy-authorization" not in keys:
-            credentials = ""
-        else:
-            credentials = _fields_by_scan(message)[4]
+        credentials = "" if _CREDENTIAL_KEYS.isdisjoint(keys) else _fields_by_scan(message)[4]
         where = (direction, local, leg, peer, credentials)
         where = shared(where) or _shared(where)
         cseq = shared(cseq) or _shared(cseq)
@@ -557,6 +563,8 @@ class Ladder:
         return False
 
 
+# The header names (as Headers keys them) that carry credentials (note()).
+_CREDENTIAL_KEYS = frozenset({"authorization", "proxy-authorization"})
 _RAW_SIZE = 8  # a _Raw's length (a _Summary has 11 items)
 _RAW_FIELDS = 6  # objects per message in Ladder._fields (a _Raw but its time and identity)
 

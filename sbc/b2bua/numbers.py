@@ -53,8 +53,15 @@ def is_e164(number: str) -> bool:
     return _E164_RE.fullmatch(number) is not None
 
 
+# A number clean() leaves as it is (no escape, space, parameter, parenthesis or separator):
+# what a PBX sends in From on most calls, cleaned once per call and once more to normalise.
+_PLAIN_RE = re.compile(r"\+?[0-9]+")
+
+
 def clean(number: str) -> str:
     """The number with %HH escapes decoded, URI parameters cut and visual separators removed."""
+    if _PLAIN_RE.fullmatch(number) is not None:
+        return number  # unquote's, the regex's and translate's work, none of it changing it
     text = unquote(number).strip()
     text = text.split(";", 1)[0]
     match = _TRUNK_IN_PARENS_RE.match(text)

@@ -21,10 +21,11 @@ import fnmatch
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sbc.sip.headers import Headers, canonical_name
+from sbc.sip.quickinit import quick_init
 
 # The variables a template may use, besides ``header[NAME]``.
 VARIABLES: tuple[str, ...] = (
@@ -120,6 +121,8 @@ class Template:
         return tuple(seen)
 
 
+# Made once per call (quick_init: a slot store per field instead of object.__setattr__).
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CallFacts:
     """The per-call values the variables stand for."""
@@ -147,6 +150,7 @@ class Rejected:
     reason: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Rendered:
     headers: tuple[tuple[str, str], ...]
@@ -286,28 +290,35 @@ class HeaderTemplates:
 
     templates: tuple[Template, ...] = ()
     passthrough: tuple[str, ...] = ()
+    # What render() needs of each template, worked out once when the table is loaded rather
+    # than on every call: (header, the CallFacts attribute of a template that is one variable
+    # of the call and nothing else or None, the template, the room for an ASCII value on the
+    # header's line: -1 for a header that is not ASCII); and the headers' lower-case names.
+    _plan: tuple[tuple[str, str | None, Template, int], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _taken: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plan = []
+        for template in self.templates:
+            header, parts = template.header, template.parts
+            plain = len(parts) == 1 and type(parts[0]) is Variable and parts[0].name != "now"
+            room = MAX_LINE_BYTES - len(header) - 2 if header.isascii() else -1
+            plan.append((header, parts[0].name if plain else None, template, room))  # type: ignore[union-attr]
+        object.__setattr__(self, "_plan", tuple(plan))
+        object.__setattr__(self, "_taken", frozenset(t.header.lower() for t in self.templates))
 
     def render(self, facts: CallFacts) -> Rendered:
         headers: list[tuple[str, str]] = []
         rejected: list[Rejected] = []
-        taken: set[str] = set()
-        for template in self.templates:
-            header = template.header
-            taken.add(header.lower())
-            parts = template.parts
-            if len(parts) == 1 and type(parts[0]) is Variable and parts[0].name != "now":
-                # The usual template (one variable of the call, nothing around it): its
-                # value read directly, render_template's and facts.value()'s calls less.
-                value: str = getattr(facts, parts[0].name)
-            else:
-                value = render_template(template, facts)
-            if (
-                value
-                and value.isascii()
-                and value.isprintable()
-                and header.isascii()
-                and len(header) + len(value) + 2 <= MAX_LINE_BYTES
-            ):
+        for header, name, template, room in self._plan:
+            # The usual template (one variable of the call, nothing around it): its value read
+            # directly, render_template's and facts.value()'s calls less.
+            value: str = (
+                getattr(facts, name) if name is not None else render_template(template, facts)
+            )
+            if value and value.isascii() and value.isprintable() and len(value) <= room:
                 # What check_value() finds for it, without its calls: not empty, no control
                 # character, short enough (ASCII: one byte per character).
                 headers.append((header, value))
@@ -320,7 +331,7 @@ class HeaderTemplates:
         if self.passthrough:
             for name, value in facts.headers:
                 key = name.lower()
-                if key in taken or not key.startswith("x-") or not self._passes(key):
+                if key in self._taken or not key.startswith("x-") or not self._passes(key):
                     continue
                 reason = check_value(name, value)
                 if reason is None:
