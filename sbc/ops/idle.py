@@ -27,7 +27,7 @@ import asyncio
 import ctypes
 import gc
 from array import array
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -88,6 +88,7 @@ async def collect_when_idle(
     quiet: float,
     every: float = IDLE_CHECK_EVERY,
     release: Callable[[], None] | None = None,
+    shrink: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Every ``every`` seconds, look at the calls: once none has been up and none has started
     for ``quiet`` seconds after some did (the longest a completed call's transactions wait,
@@ -97,22 +98,43 @@ async def collect_when_idle(
     until cancelled. A full collection takes a few milliseconds, once per quiet spell.
     ``release``: called just before it, to free what the calls' tables kept (their dicts' tables
     grown by the burst; see ``SipEngine.release_tables``). After it, the C library's free
-    pages go back to the system (``malloc_trim``, glibc only)."""
+    pages go back to the system (``malloc_trim``, glibc only). ``shrink``: awaited before
+    them, for what other threads keep (the call records' page cache:
+    ``RecordWriter.release_memory``). The collection and the trim run once more at the next
+    look, if no call was seen meanwhile (see _give_back)."""
     loop = asyncio.get_running_loop()
     # What it remembers between looks, as C doubles: the calls' count last seen, and when
     # calls were last up or started (-1: collected since). Number objects kept here from one
     # look to the next, the count made by the burst's last call, would be just what holds an
     # arena of the burst.
     state = array("d", (calls_seen(), -1.0))
+    again = False  # the second collection of this quiet spell is due at the next look
     while True:
         await asyncio.sleep(every)
         if _look(state, calls_up(), calls_seen(), loop.time(), quiet):
             if release is not None:
                 release()
-            found = gc.collect()
-            if _MALLOC_TRIM is not None:
-                _MALLOC_TRIM(0)
-            log.debug("idle_collection", unreachable=found)
+            if shrink is not None:
+                await shrink()
+            _give_back()
+            again = True
+        elif again:
+            again = False
+            if state[1] < 0.0:  # still no call up or started since the first
+                _give_back()
+
+
+# Why twice, one look apart (docs/performance.md, Round 9: idle): what is alive at the first
+# collection keeps its arena (1 MiB), and the few objects made and dropped right after it (this
+# task's own sleep, the loop's timer for it, the floats and tuples the interpreter then keeps
+# in its free lists) go to the allocator's most recently used pools, often in the burst's last
+# arenas, and stay there: a free list is emptied by a full collection only. A second one, once
+# the first look's objects are all gone, lets those arenas go too. A few ms each, when idle.
+def _give_back() -> None:
+    found = gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    log.debug("idle_collection", unreachable=found)
 
 
 def _look(state: array[float], up: int, seen: float, now: float, quiet: float) -> bool:

@@ -746,6 +746,7 @@ async def serve(
                 service.metrics.calls_started.value,
                 quiet=64 * settings.sip.t1 + IDLE_CHECK_EVERY,
                 release=service.engine.release_tables,
+                shrink=service.records.release_memory if service.records is not None else None,
             )
         )
         if ready is not None:
