@@ -1,7 +1,8 @@
 """Round 9, idle: what a quiet service gives back after a burst of calls (docs/performance.md,
 "Round 9: idle"). The records writer's SQLite page cache (up to WRITER_CACHE_KIB, in the writer
-thread's malloc arena) is freed when the service goes idle, and the idle collection runs twice,
-one look apart, so that what the first one's own look made does not keep the burst's arenas."""
+thread's malloc arena) is freed when the service goes idle, the ladder's remembered texts are
+let go, and the idle collection runs twice, one look apart, so that what the first one's own
+look made does not keep the burst's arenas."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import asyncio
 import ctypes
 import gc
 import sqlite3
+from array import array
 from pathlib import Path
 
 import pytest
 
+from sbc.b2bua import ladder as ladder_module
+from sbc.b2bua.ladder import _pack_columns, forget_texts
+from sbc.net.addresses import Destination
 from sbc.ops import idle
 from sbc.ops.records import RecordWriter
+from sbc.sip.uri import parse_uri
+from tests.unit.test_cpu_fast_r8_call import _columns
 from tests.unit.test_idle_pins import _statements
 from tests.unit.test_records import make_record, started_writer
 
@@ -137,3 +144,20 @@ async def test_no_second_collection_when_a_call_came_in_between(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_the_ladders_remembered_texts_are_let_go_when_idle() -> None:
+    """A peer first seen during a burst (a new source port) left its address and URI texts
+    in the ladder's memo for good; forget_texts() (the idle collection's release) empties it,
+    and the next ladder packs the same text, remembering it again."""
+    uri = parse_uri("sip:4155550123@127.0.0.82")
+    address = Destination("udp", "127.0.0.81", 38197)
+    fields = _columns([uri], [address])
+    times, idents = array("d", [1.0]), array("q", [1])
+    first = _pack_columns(fields, times, idents)
+    assert first is not None and "udp:127.0.0.81:38197" in first
+    assert (address.transport, address.host, address.port) in ladder_module._ADDRESS_TEXTS
+    forget_texts()
+    assert ladder_module._ADDRESS_TEXTS == {} and ladder_module._URI_TEXTS == {}
+    assert _pack_columns(fields, times, idents) == first
+    assert (address.transport, address.host, address.port) in ladder_module._ADDRESS_TEXTS
