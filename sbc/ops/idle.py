@@ -95,13 +95,13 @@ async def collect_when_idle(
     64*T1, and a margin: nothing of the burst is alive then), run one full collection. It
     empties the interpreter's free lists, so that the arenas the burst took can be given back.
     ``calls_up``: calls up now; ``calls_seen``: any count that grows with every call. Runs
-    until cancelled. A full collection takes a few milliseconds, once per quiet spell.
+    until cancelled. A full collection takes a few milliseconds, twice per quiet spell.
     ``release``: called just before it, to free what the calls' tables kept (their dicts' tables
-    grown by the burst; see ``SipEngine.release_tables``). After it, the C library's free
-    pages go back to the system (``malloc_trim``, glibc only). ``shrink``: awaited before
-    them, for what other threads keep (the call records' page cache:
-    ``RecordWriter.release_memory``). The collection and the trim run once more at the next
-    look, if no call was seen meanwhile (see _give_back)."""
+    grown by the burst; see ``SipEngine.release_tables``). ``shrink``: awaited then, for what
+    other tasks and threads keep (the call records' delivery task waiting for its next event:
+    ``EventBus.rest``; their page cache: ``RecordWriter.release_memory``). After the
+    collection, the C library's free pages go back to the system (``malloc_trim``, glibc
+    only). Both run once more at the next look, if no call was seen meanwhile (_give_back)."""
     loop = asyncio.get_running_loop()
     # What it remembers between looks, as C doubles: the calls' count last seen, and when
     # calls were last up or started (-1: collected since). Number objects kept here from one

@@ -746,13 +746,18 @@ async def serve(
             service.engine.release_tables()
             forget_texts()
 
+        async def rest() -> None:  # what the records' task and thread kept (sbc/ops/idle.py)
+            await service.bridge.events.rest()
+            if service.records is not None:
+                await service.records.release_memory()
+
         idle = asyncio.ensure_future(
             collect_when_idle(
                 lambda: service.bridge.active,
                 service.metrics.calls_started.value,
                 quiet=64 * settings.sip.t1 + IDLE_CHECK_EVERY,
                 release=release,
-                shrink=service.records.release_memory if service.records is not None else None,
+                shrink=rest,
             )
         )
         if ready is not None:

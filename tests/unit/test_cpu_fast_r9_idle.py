@@ -1,8 +1,9 @@
 """Round 9, idle: what a quiet service gives back after a burst of calls (docs/performance.md,
 "Round 9: idle"). The records writer's SQLite page cache (up to WRITER_CACHE_KIB, in the writer
 thread's malloc arena) is freed when the service goes idle, the ladder's remembered texts are
-let go, and the idle collection runs twice, one look apart, so that what the first one's own
-look made does not keep the burst's arenas."""
+let go, the records' delivery task stops waiting (EventBus.rest), and the idle collection runs
+twice, one look apart, so that what the first one's own look made does not keep the burst's
+arenas."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from sbc.b2bua import ladder as ladder_module
+from sbc.b2bua.events import CallEvent, CallStarted, EventBus
 from sbc.b2bua.ladder import _pack_columns, forget_texts
 from sbc.net.addresses import Destination
 from sbc.ops import idle
@@ -161,3 +163,57 @@ def test_the_ladders_remembered_texts_are_let_go_when_idle() -> None:
     assert ladder_module._ADDRESS_TEXTS == {} and ladder_module._URI_TEXTS == {}
     assert _pack_columns(fields, times, idents) == first
     assert (address.transport, address.host, address.port) in ladder_module._ADDRESS_TEXTS
+
+
+async def test_a_delivery_task_with_nothing_to_deliver_rests_when_idle() -> None:
+    """EventBus.rest() stops a delivery task waiting for its next event (what that wait made
+    goes with it) and loses nothing: the next event starts a new task, delivered in order."""
+    bus = EventBus()
+    seen: list[str] = []
+
+    async def observer(event: CallEvent) -> None:
+        assert isinstance(event, CallStarted)
+        seen.append(event.call_uuid)
+
+    sub = bus.subscribe(observer, maxsize=10)
+    bus.publish(CallStarted("a"))
+    await bus.flush()
+    waiting = sub.task
+    assert waiting is not None and not waiting.done()
+    await bus.rest()
+    assert sub.task is None and waiting.cancelled()
+    bus.publish(CallStarted("b"))
+    bus.publish(CallStarted("c"))
+    await bus.flush()
+    assert seen == ["a", "b", "c"]
+    assert sub.task is not None and sub.task is not waiting
+    await bus.close()
+
+
+async def test_rest_waits_for_what_is_being_delivered() -> None:
+    """Events queued or being handed over when rest() is called are all delivered, in order;
+    the task is stopped only once it has nothing left."""
+    bus = EventBus()
+    seen: list[str] = []
+    go = asyncio.Event()
+
+    async def slow(event: CallEvent) -> None:
+        assert isinstance(event, CallStarted)
+        await go.wait()
+        seen.append(event.call_uuid)
+
+    sub = bus.subscribe(slow, maxsize=10)
+    for name in "abc":
+        bus.publish(CallStarted(name))
+    resting = asyncio.ensure_future(bus.rest())
+    await asyncio.sleep(0.01)
+    assert not resting.done() and sub.handling
+    bus.publish(CallStarted("d"))
+    go.set()
+    await asyncio.wait_for(resting, 10)
+    assert seen == ["a", "b", "c", "d"]
+    assert sub.task is None
+    bus.publish(CallStarted("e"))
+    await bus.flush()
+    assert seen == ["a", "b", "c", "d", "e"]
+    await bus.close()
