@@ -31,7 +31,13 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-__all__ = ["FREE_LIST_SIZE", "IDLE_CHECK_EVERY", "collect_when_idle", "warm_free_lists"]
+__all__ = [
+    "FREE_LIST_SIZE",
+    "IDLE_CHECK_EVERY",
+    "SETTLE_COLLECTIONS",
+    "collect_when_idle",
+    "warm_free_lists",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -95,20 +101,20 @@ async def collect_when_idle(
     64*T1, and a margin: nothing of the burst is alive then), run one full collection. It
     empties the interpreter's free lists, so that the arenas the burst took can be given back.
     ``calls_up``: calls up now; ``calls_seen``: any count that grows with every call. Runs
-    until cancelled. A full collection takes a few milliseconds, twice per quiet spell.
+    until cancelled. A full collection takes a few milliseconds, five per quiet spell.
     ``release``: called just before it, to free what the calls' tables kept (their dicts' tables
     grown by the burst; see ``SipEngine.release_tables``). ``shrink``: awaited then, for what
     other tasks and threads keep (the call records' delivery task waiting for its next event:
     ``EventBus.rest``; their page cache: ``RecordWriter.release_memory``). After the
     collection, the C library's free pages go back to the system (``malloc_trim``, glibc
-    only). Both run once more at the next look, if no call was seen meanwhile (_give_back)."""
+    only). Both run :data:`SETTLE_COLLECTIONS` more times, ``every / 8`` apart, while no call
+    is seen (see _give_back)."""
     loop = asyncio.get_running_loop()
     # What it remembers between looks, as C doubles: the calls' count last seen, and when
     # calls were last up or started (-1: collected since). Number objects kept here from one
     # look to the next, the count made by the burst's last call, would be just what holds an
     # arena of the burst.
     state = array("d", (calls_seen(), -1.0))
-    again = False  # the second collection of this quiet spell is due at the next look
     while True:
         await asyncio.sleep(every)
         if _look(state, calls_up(), calls_seen(), loop.time(), quiet):
@@ -117,19 +123,25 @@ async def collect_when_idle(
             if shrink is not None:
                 await shrink()
             _give_back()
-            again = True
-        elif again:
-            again = False
-            if state[1] < 0.0:  # still no call up or started since the first
+            for _ in range(SETTLE_COLLECTIONS):
+                await asyncio.sleep(every / 8)
+                if calls_up() or calls_seen() != state[0]:
+                    break  # calls again: the next quiet spell collects
                 _give_back()
 
 
-# Why twice, one look apart (docs/performance.md, Round 9: idle): what is alive at the first
-# collection keeps its arena (1 MiB), and the few objects made and dropped right after it (this
-# task's own sleep, the loop's timer for it, the floats and tuples the interpreter then keeps
-# in its free lists) go to the allocator's most recently used pools, often in the burst's last
-# arenas, and stay there: a free list is emptied by a full collection only. A second one, once
-# the first look's objects are all gone, lets those arenas go too. A few ms each, when idle.
+# Why a few times, a moment apart (docs/performance.md, Round 9: idle): what is alive at a
+# collection keeps its pool, and its pool its arena (1 MiB). The objects this task makes and
+# drops at each look (its sleep's future and timer, the tuple of the callback's arguments, the
+# floats it compares) are taken from the pools the allocator used last, often in the burst's
+# last arenas, and the interpreter's free lists keep the dead tuples and floats there until the
+# next full collection: one such object, made again at every look, can hold an arena for good.
+# Each collection frees them; a pool once empty is never used again from an arena that has
+# fewer pools in use than others (pymalloc takes new pools from its fullest arenas), so each
+# collection can only let more of the burst's arenas go, never take one back. A few ms each.
+SETTLE_COLLECTIONS = 4
+
+
 def _give_back() -> None:
     found = gc.collect()
     if _MALLOC_TRIM is not None:

@@ -2,8 +2,7 @@
 "Round 9: idle"). The records writer's SQLite page cache (up to WRITER_CACHE_KIB, in the writer
 thread's malloc arena) is freed when the service goes idle, the ladder's remembered texts are
 let go, the records' delivery task stops waiting (EventBus.rest), and the idle collection runs
-twice, one look apart, so that what the first one's own look made does not keep the burst's
-arenas."""
+a few times, a moment apart, so that what each look makes does not keep the burst's arenas."""
 
 from __future__ import annotations
 
@@ -117,30 +116,31 @@ async def _run_idle(
     return task
 
 
-async def test_the_idle_collection_runs_twice_one_look_apart(
+async def test_the_idle_collection_runs_a_few_times_a_moment_apart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Once quiet: the tables, the records' cache, the collection and the trim; at the next
-    look the collection and the trim once more; then nothing until calls are seen again."""
+    """Once quiet: the tables, the records' task and cache, the collection and the trim; then
+    the collection and the trim a few more times; then nothing until calls are seen again."""
     done: list[str] = []
     seen = [1.0]
-    task = await _run_idle(monkeypatch, seen, done, until=6, quiet=0.05)
+    more = ["collect", "trim 0"] * idle.SETTLE_COLLECTIONS
+    task = await _run_idle(monkeypatch, seen, done, until=4 + len(more), quiet=0.05)
     try:
         await asyncio.sleep(0.2)  # many looks
-        assert done == ["release", "shrink", "collect", "trim 0", "collect", "trim 0"]
+        assert done == ["release", "shrink", "collect", "trim 0", *more]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_no_second_collection_when_a_call_came_in_between(
+async def test_no_more_collections_when_a_call_came_in_between(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     done: list[str] = []
     seen = [1.0]
     task = await _run_idle(monkeypatch, seen, done, until=4, quiet=2.0)
     try:
-        seen[0] = 3.0  # before the next look (every 10 ms): a call started and ended
+        seen[0] = 3.0  # before the next one: a call started and ended
         await asyncio.sleep(0.2)  # many looks, all within the new quiet spell (2 s)
         assert done == ["release", "shrink", "collect", "trim 0"]
     finally:
