@@ -120,12 +120,14 @@ class Subscription:
         self.dropped = 0
         self.dropping = False
         self.task: asyncio.Task[None] | None = None
+        self.handling = False  # an event taken from the queue and not yet handed over
 
     async def deliver(self) -> None:
         queue = self.queue
         assert queue is not None  # publish() starts no task for an inline observer
         while True:
             event = await queue.get()
+            self.handling = True
             try:
                 result = self.observer(event)
                 if inspect.isawaitable(result):
@@ -133,6 +135,7 @@ class Subscription:
             except Exception:
                 log.exception("call_observer_failed", observer=self.name)
             finally:
+                self.handling = False
                 queue.task_done()
                 # Not kept while waiting for the next one: the last call's record (its ladder,
                 # a few hundred small objects) would stay alive until another call ended, made
@@ -197,6 +200,25 @@ class EventBus:
         await asyncio.gather(
             *(s.queue.join() for s in self._subscriptions if s.task and s.queue is not None)
         )
+
+    async def rest(self) -> None:
+        """Stop the delivery tasks that have nothing left to deliver; publish() starts them
+        again with the next event. The service calls it when idle, before its collection
+        (sbc/ops/idle.py): a task waiting for its next event keeps what that wait made (a
+        future and its callback), made with the last event of a burst of calls and alive until
+        the next call, in the allocator's arenas the burst took, which it then cannot give
+        back (docs/performance.md, Round 9: idle)."""
+        await self.flush()
+        resting: list[asyncio.Task[None]] = []
+        for sub in self._subscriptions:
+            task, queue = sub.task, sub.queue
+            # Nothing queued and nothing being handed over: the task waits in queue.get(),
+            # where a cancellation loses no event.
+            if task is not None and queue is not None and queue.empty() and not sub.handling:
+                task.cancel()
+                sub.task = None
+                resting.append(task)
+        await asyncio.gather(*resting, return_exceptions=True)
 
     async def close(self) -> None:
         """Flush, then stop the delivery tasks."""

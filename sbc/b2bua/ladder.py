@@ -690,6 +690,16 @@ def _uri_text(uri: object) -> str:
     return text
 
 
+def forget_texts() -> None:
+    """Empty the remembered texts; the service calls it when idle, before its collection
+    (sbc/ops/idle.py). What a burst of calls added (the address of a peer first seen then, a
+    new source port say, and its URIs) would stay alive ever after in the allocator's arenas the
+    burst took, which it then cannot give back (docs/performance.md, Round 9: idle). The next
+    calls remember theirs again."""
+    _URI_TEXTS.clear()
+    _ADDRESS_TEXTS.clear()
+
+
 def _address_text(address: Destination) -> str:
     """``str(address)``, remembered (by transport, host and port) for the next ladders."""
     text = str(address)

@@ -611,6 +611,17 @@ class RecordWriter:
             for _ in range(taken):  # the delivery loop marks done the event it handed over
                 queue.task_done()  # type: ignore[union-attr]
 
+    async def release_memory(self) -> None:
+        """Give back the writer connection's page cache (called when the service is idle,
+        before its collection and ``malloc_trim``: sbc/ops/idle.py). SQLite keeps up to
+        :data:`WRITER_CACHE_KIB` of pages once read or written, in the writer thread's own malloc
+        arena, for good: after a burst of calls about 0.6 MiB of RSS that a quiet service does
+        not need (docs/performance.md, Round 9: idle). Nothing when not open; never raises."""
+        if self._executor is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._in_thread(self._release_memory)
+
     async def write(self, record: CallRecord) -> bool:
         """Write ``record``'s row; False (counted in ``failed``, logged) when that failed."""
         return (await self.write_many([record]))[0]
@@ -800,6 +811,17 @@ class RecordWriter:
                 db.rollback()
             raise
         return deleted
+
+    def _release_memory(self) -> None:
+        cursor = self._cursor
+        if cursor is None:
+            return
+        # PRAGMA shrink_memory frees every page of the connection's cache not in use
+        # (sqlite3_db_release_memory). Through executescript(): no statement kept in the
+        # connection's cache, and the cursor keeps no row id (see _open); the next write reads
+        # back the few pages it needs.
+        with contextlib.suppress(sqlite3.Error):
+            cursor.executescript("PRAGMA shrink_memory")
 
     def _close(self) -> None:
         db, self._db, self._cursor = self._db, None, None

@@ -41,6 +41,7 @@ import structlog
 from pydantic import BaseModel
 
 from sbc.b2bua.calls import CallManager
+from sbc.b2bua.ladder import forget_texts
 from sbc.b2bua.messages import BridgeConfig, PbxTarget, RetellTarget
 from sbc.b2bua.numbers import NumberPlan
 from sbc.b2bua.registration import RegistrationDriver, RegistrationObserver
@@ -740,12 +741,23 @@ async def serve(
         # After a burst of calls, the memory back to what it was (sbc/ops/idle.py): the loop's
         # free lists filled before any call, one full collection once the calls are over.
         warm_free_lists(asyncio.get_running_loop())
+
+        def release() -> None:  # what the calls' tables and memos kept (sbc/ops/idle.py)
+            service.engine.release_tables()
+            forget_texts()
+
+        async def rest() -> None:  # what the records' task and thread kept (sbc/ops/idle.py)
+            await service.bridge.events.rest()
+            if service.records is not None:
+                await service.records.release_memory()
+
         idle = asyncio.ensure_future(
             collect_when_idle(
                 lambda: service.bridge.active,
                 service.metrics.calls_started.value,
                 quiet=64 * settings.sip.t1 + IDLE_CHECK_EVERY,
-                release=service.engine.release_tables,
+                release=release,
+                shrink=rest,
             )
         )
         if ready is not None:
