@@ -45,7 +45,7 @@ from sbc.sdp.offer_answer import answer_for_hold, filter_codecs
 # The SDP parser's quick makers (what the constructors give, a slot store a field on a plain
 # twin instead of a constructor frame and descriptor calls): for the two SDPs and two origins
 # each call stamps. (media may import sbc.sdp, not sbc.sip.quickinit: tests/unit/test_layers.py)
-from sbc.sdp.parser import _make_origin, _make_session
+from sbc.sdp.parser import make_origin, make_session
 from sbc.sip.errors import RequestPending
 
 Side = Literal["a", "b"]
@@ -138,7 +138,7 @@ def _with_origin(sd: SessionDescription, origin: Origin) -> SessionDescription:
     """``dataclasses.replace(sd, origin=origin)`` in one maker call: ``replace`` walks
     the fields and builds keyword arguments (about 3 us; twice per call). Every field is
     named here; tests/unit/test_cpu_fast.py checks that against ``fields()``."""
-    return _make_session(
+    return make_session(
         origin,
         sd.session_name,
         sd.connection,
@@ -277,7 +277,7 @@ class MediaSession(ABC):
         if previous is None:
             sess_id = _session_id()
             addrtype = "IP6" if ":" in address else "IP4"
-            origin = _make_origin(ORIGIN_USERNAME, str(sess_id), sess_id, "IN", addrtype, address)
+            origin = make_origin(ORIGIN_USERNAME, str(sess_id), sess_id, "IN", addrtype, address)
         else:
             origin = previous.origin
         stamped = _with_origin(sd, origin)

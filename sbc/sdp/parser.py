@@ -29,9 +29,10 @@ _TYPES = frozenset("abcdefghijklmnopqrstuvwxyz")
 T = TypeVar("T")
 
 # The parts of every body parsed (two a call), made with every field given (see quick_maker).
-_make_origin: Callable[[str, str, int, str, str, str], Origin] = quick_maker(Origin)
+# make_origin and make_session are public: the media seam stamps its SDPs with them.
+make_origin: Callable[[str, str, int, str, str, str], Origin] = quick_maker(Origin)
 _make_media: Callable[..., MediaDescription] = quick_maker(MediaDescription)
-_make_session: Callable[..., SessionDescription] = quick_maker(SessionDescription)
+make_session: Callable[..., SessionDescription] = quick_maker(SessionDescription)
 
 
 def _split_line(raw: str) -> tuple[str, str]:
@@ -58,11 +59,11 @@ def _origin(value: str) -> Origin:
         raise SdpError("o= needs 6 fields")
     version = _int(parts[2], "o= sess-version")
     if len(value) > MEMO_MAX_TEXT:
-        return _make_origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
+        return make_origin(parts[0], parts[1], version, parts[3], parts[4], parts[5])
     # A peer's username, network and address types and address are the same call after
     # call (only the session id and version change): one string each for every held call.
     username, nettype, addrtype, address = _origin_texts(parts[0], parts[3], parts[4], parts[5])
-    return _make_origin(username, parts[1], version, nettype, addrtype, address)
+    return make_origin(username, parts[1], version, nettype, addrtype, address)
 
 
 def _texts(*texts: str) -> tuple[str, ...]:
@@ -450,7 +451,7 @@ def _parse_blocks(text: str) -> SessionDescription | None:
     name, connection, bandwidths, timings, attributes, head, tail = session
     # SessionDescription's fields in their order (origin, session_name, connection,
     # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
-    return _make_session(
+    return make_session(
         origin, name, connection, bandwidths, timings, attributes, tuple(media), 0, head, tail
     )
 
@@ -483,7 +484,7 @@ def _parse_lines(lines: list[str]) -> SessionDescription:
     name, connection, bandwidths, timings, attributes, head, tail = session
     # SessionDescription's fields in their order (origin, session_name, connection,
     # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
-    return _make_session(
+    return make_session(
         origin, name, connection, bandwidths, timings, attributes, tuple(media), 0, head, tail
     )
 

@@ -35,7 +35,6 @@ from sbc.sdp.parser import (
     _connection,
     _lines,
     _make_media,
-    _make_session,
     _media,
     _origin,
     _parse_attribute,
@@ -44,6 +43,7 @@ from sbc.sdp.parser import (
     _shared_tuple,
     _split_line,
     _timing,
+    make_session,
     parse_sdp,
 )
 from sbc.sip.errors import LimitExceeded, ParseError
@@ -174,7 +174,7 @@ def reference_parse_sdp(body: bytes | str) -> SessionDescription:
             head.append((kind, value))
     if current is not None:
         media.append(current.build())
-    return _make_session(
+    return make_session(
         origin,
         session_name,
         connection,
