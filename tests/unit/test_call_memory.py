@@ -111,8 +111,10 @@ async def test_many_queues_share_one_loop_timer_each_woken_at_its_deadline() -> 
     loop = asyncio.get_running_loop()
     start = loop.time()
     queues = [FactQueue() for _ in range(300)]
-    # Deadlines 20-60 ms away, not in order; two queues in three get a fact, then end.
-    offsets = [0.02 + 0.04 * ((7 * i) % 300) / 300 for i in range(300)]
+    # Deadlines 250-500 ms away, not in order; two queues in three get a fact, then end. (Not
+    # tens of ms: on a loaded machine the getters can start after such a deadline has passed,
+    # and a queue asked to wait for a past deadline arms no timer: the counts below would miss.)
+    offsets = [0.25 + 0.25 * ((7 * i) % 300) / 300 for i in range(300)]
     getters = [
         asyncio.ensure_future(q.get(start + offset))
         for q, offset in zip(queues, offsets, strict=True)
