@@ -362,33 +362,22 @@ def _plain_lines(text: str) -> list[str] | None:
     return lines
 
 
-def _session_block(text: str) -> _SessionParts | None:
-    """The session level from ``text`` (from its s= line), None when it is not plain."""
-    found = _SESSION_BLOCKS.get(text)
+P = TypeVar("P", _SessionParts, _MediaParts)
+
+
+def _block(memo: dict[str, P], text: str, read: Callable[[list[str]], P]) -> P | None:
+    """What ``read`` gives for the lines of ``text`` (the session level from its s= line, or
+    a media section's lines after its m= line), through ``memo``; None when it is not plain."""
+    found = memo.get(text)
     if found is None:
         lines = _plain_lines(text)
         if lines is None:
             return None
-        found = _session_parts(lines)
+        found = read(lines)
         if len(text) <= _BLOCK_MAX_TEXT:
-            if len(_SESSION_BLOCKS) >= _BLOCKS_MAX:
-                _SESSION_BLOCKS.clear()
-            _SESSION_BLOCKS[text] = found
-    return found
-
-
-def _media_block(text: str) -> _MediaParts | None:
-    """A media section's lines after its m= line, None when they are not plain."""
-    found = _MEDIA_BLOCKS.get(text)
-    if found is None:
-        lines = _plain_lines(text)
-        if lines is None:
-            return None
-        found = _media_parts(lines)
-        if len(text) <= _BLOCK_MAX_TEXT:
-            if len(_MEDIA_BLOCKS) >= _BLOCKS_MAX:
-                _MEDIA_BLOCKS.clear()
-            _MEDIA_BLOCKS[text] = found
+            if len(memo) >= _BLOCKS_MAX:
+                memo.clear()
+            memo[text] = found
     return found
 
 
@@ -432,7 +421,7 @@ def _parse_blocks(text: str) -> SessionDescription | None:
     if o_line[:2] != "o=" or "\r" in o_line or "\n" in o_line:
         return None
     origin = _origin(o_line[2:])
-    session = _session_block(top[2])
+    session = _block(_SESSION_BLOCKS, top[2], _session_parts)
     if session is None:
         return None
     media = []
@@ -442,12 +431,18 @@ def _parse_blocks(text: str) -> SessionDescription | None:
             return None
         kind, port, proto, formats, count = _media(line)
         if rest:
-            parts = _media_block(rest)
+            parts = _block(_MEDIA_BLOCKS, rest, _media_parts)
             if parts is None:
                 return None
         else:
             parts = _NO_MEDIA_PARTS
         media.append(_make_media(kind, port, proto, formats, count, *parts))
+    return _assembled(origin, session, media)
+
+
+def _assembled(
+    origin: Origin, session: _SessionParts, media: list[MediaDescription]
+) -> SessionDescription:
     name, connection, bandwidths, timings, attributes, head, tail = session
     # SessionDescription's fields in their order (origin, session_name, connection,
     # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
@@ -481,12 +476,7 @@ def _parse_lines(lines: list[str]) -> SessionDescription:
         media.append(
             _make_media(kind, port, proto, formats, count, *_media_parts(lines[start + 1 : end]))
         )
-    name, connection, bandwidths, timings, attributes, head, tail = session
-    # SessionDescription's fields in their order (origin, session_name, connection,
-    # bandwidths, timings, attributes, media, version, extra_head, extra_tail).
-    return make_session(
-        origin, name, connection, bandwidths, timings, attributes, tuple(media), 0, head, tail
-    )
+    return _assembled(origin, session, media)
 
 
 def _connection_line(conn: Connection) -> str:
