@@ -121,8 +121,7 @@ class Template:
         return tuple(seen)
 
 
-# Made once per call (quick_init: a slot store per field instead of object.__setattr__).
-@quick_init
+# Made once per call, by sbc/b2bua/messages.py's maker (call_facts), not by this __init__.
 @dataclass(frozen=True, slots=True)
 class CallFacts:
     """The per-call values the variables stand for."""
