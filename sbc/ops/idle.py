@@ -34,7 +34,6 @@ import structlog
 __all__ = [
     "FREE_LIST_SIZE",
     "IDLE_CHECK_EVERY",
-    "SETTLE_COLLECTIONS",
     "collect_when_idle",
     "warm_free_lists",
 ]
@@ -101,14 +100,13 @@ async def collect_when_idle(
     64*T1, and a margin: nothing of the burst is alive then), run one full collection. It
     empties the interpreter's free lists, so that the arenas the burst took can be given back.
     ``calls_up``: calls up now; ``calls_seen``: any count that grows with every call. Runs
-    until cancelled. A full collection takes a few milliseconds, five per quiet spell.
+    until cancelled. A full collection takes a few milliseconds, once per quiet spell.
     ``release``: called just before it, to free what the calls' tables kept (their dicts' tables
     grown by the burst; see ``SipEngine.release_tables``). ``shrink``: awaited then, for what
     other tasks and threads keep (the call records' delivery task waiting for its next event:
     ``EventBus.rest``; their page cache: ``RecordWriter.release_memory``). After the
     collection, the C library's free pages go back to the system (``malloc_trim``, glibc
-    only). Both run :data:`SETTLE_COLLECTIONS` more times, ``every / 8`` apart, while no call
-    is seen (see _give_back)."""
+    only)."""
     loop = asyncio.get_running_loop()
     # What it remembers between looks, as C doubles: the calls' count last seen, and when
     # calls were last up or started (-1: collected since). Number objects kept here from one
@@ -122,31 +120,10 @@ async def collect_when_idle(
                 release()
             if shrink is not None:
                 await shrink()
-            _give_back()
-            for _ in range(SETTLE_COLLECTIONS):
-                await asyncio.sleep(every / 8)
-                if calls_up() or calls_seen() != state[0]:
-                    break  # calls again: the next quiet spell collects
-                _give_back()
-
-
-# Why a few times, a moment apart (docs/performance.md, Round 9: idle): what is alive at a
-# collection keeps its pool, and its pool its arena (1 MiB). The objects this task makes and
-# drops at each look (its sleep's future and timer, the tuple of the callback's arguments, the
-# floats it compares) are taken from the pools the allocator used last, often in the burst's
-# last arenas, and the interpreter's free lists keep the dead tuples and floats there until the
-# next full collection: one such object, made again at every look, can hold an arena for good.
-# Each collection frees them; a pool once empty is never used again from an arena that has
-# fewer pools in use than others (pymalloc takes new pools from its fullest arenas), so each
-# collection can only let more of the burst's arenas go, never take one back. A few ms each.
-SETTLE_COLLECTIONS = 4
-
-
-def _give_back() -> None:
-    found = gc.collect()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-    log.debug("idle_collection", unreachable=found)
+            found = gc.collect()
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
+            log.debug("idle_collection", unreachable=found)
 
 
 def _look(state: array[float], up: int, seen: float, now: float, quiet: float) -> bool:
